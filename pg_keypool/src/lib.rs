@@ -1,0 +1,4 @@
+pub mod calendar;
+pub mod outcome;
+pub mod secret;
+pub mod window;

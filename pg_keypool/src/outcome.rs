@@ -1,0 +1,157 @@
+//! What a provider's answer means for the key and scope that served it.
+//!
+//! `keypool_settle` receives the HTTP status (0 when no answer came: timeout or connection
+//! failure) and, where the worker could read one, the provider's error code (OpenAI `error.code`
+//! or `error.type`, Gemini `error.status` / `details[].reason` / a `QuotaFailure` quota id,
+//! Anthropic `error.type`). This module turns them into one [`Outcome`]; `settle.rs` applies it.
+//! The rules follow `shared/notes/provider-facts.md`.
+
+/// The class of a provider call's result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: the call worked.
+    Success,
+    /// 429 and similar: the scope is over a per-minute limit; cool it until `retry_after`.
+    RateLimited,
+    /// The scope's daily quota is used up at the provider; cool it until its next daily reset.
+    DailyQuota,
+    /// 401/403, Gemini API_KEY_INVALID: the key is bad; disable it.
+    KeyInvalid,
+    /// Billing (insufficient_quota, 402, free tier unavailable): disable the whole scope.
+    Billing,
+    /// 5xx, 529 overloaded, timeouts: provider trouble; counts towards the key's circuit breaker.
+    ServerError,
+    /// 400/404/413/422: the request was wrong; no penalty for the key.
+    CallerError,
+    /// Anything else (e.g. 403 unsupported region): recorded, no penalty.
+    Other,
+}
+
+impl Outcome {
+    /// The name `keypool_settle` returns and the history records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::DailyQuota => "daily_quota",
+            Outcome::KeyInvalid => "key_invalid",
+            Outcome::Billing => "billing",
+            Outcome::ServerError => "server_error",
+            Outcome::CallerError => "caller_error",
+            Outcome::Other => "other",
+        }
+    }
+
+    /// Whether this call counts as an error in the statistics.
+    pub fn is_error(self) -> bool {
+        self != Outcome::Success
+    }
+}
+
+const BILLING_CODES: &[&str] = &[
+    "insufficient_quota",
+    "billing_hard_limit_reached",
+    "billing_not_active",
+    "credit_balance_exhausted",
+    "credit_balance_too_low",
+    "payment_required",
+    "failed_precondition",
+];
+
+const KEY_INVALID_CODES: &[&str] = &[
+    "api_key_invalid",
+    "invalid_api_key",
+    "incorrect_api_key",
+    "authentication_error",
+    "permission_error",
+    "permission_denied",
+    "unauthenticated",
+    "account_deactivated",
+];
+
+/// Codes that come with a 403 but say nothing bad about the key itself.
+const NOT_THE_KEYS_FAULT: &[&str] = &["unsupported_country_region_territory", "unsupported_region"];
+
+const DAILY_MARKERS: &[&str] = &["perday", "per_day", "daily", "requests_per_day", "tokens_per_day"];
+
+/// Classifies a provider answer. `status` is the HTTP status, or 0 when no answer came.
+pub fn classify(status: i32, error_code: Option<&str>) -> Outcome {
+    let code = error_code.map(|c| c.trim().to_ascii_lowercase()).unwrap_or_default();
+    let code = code.as_str();
+    let is = |list: &[&str]| !code.is_empty() && list.contains(&code);
+
+    if (200..300).contains(&status) {
+        return Outcome::Success;
+    }
+    if status == 402 || is(BILLING_CODES) || code.ends_with("_spend_limit_exceeded") {
+        return Outcome::Billing;
+    }
+    if is(NOT_THE_KEYS_FAULT) {
+        return Outcome::Other;
+    }
+    if status == 401 || status == 403 || is(KEY_INVALID_CODES) {
+        return Outcome::KeyInvalid;
+    }
+    if status == 429 || code == "rate_limit_exceeded" || code == "resource_exhausted" || code == "rate_limit_error" {
+        if DAILY_MARKERS.iter().any(|m| code.contains(m)) {
+            return Outcome::DailyQuota;
+        }
+        return Outcome::RateLimited;
+    }
+    if status == 0 || status == 408 || (500..600).contains(&status) || code == "overloaded_error" {
+        return Outcome::ServerError;
+    }
+    if matches!(status, 400 | 404 | 409 | 413 | 422) {
+        return Outcome::CallerError;
+    }
+    Outcome::Other
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Outcome::*;
+
+    #[test]
+    fn provider_facts_table() {
+        let cases: &[(i32, Option<&str>, Outcome)] = &[
+            (200, None, Success),
+            (201, Some("whatever"), Success),
+            (429, Some("rate_limit_exceeded"), RateLimited),
+            (429, Some("slow_down"), RateLimited),
+            (429, None, RateLimited),
+            (429, Some("insufficient_quota"), Billing),
+            (429, Some("credit_balance_exhausted"), Billing),
+            (429, Some("monthly_spend_limit_exceeded"), Billing),
+            (401, Some("invalid_api_key"), KeyInvalid),
+            (401, None, KeyInvalid),
+            (403, Some("unsupported_country_region_territory"), Other),
+            (403, Some("PERMISSION_DENIED"), KeyInvalid),
+            (503, Some("server_is_overloaded"), ServerError),
+            (500, None, ServerError),
+            // Gemini
+            (429, Some("GenerateRequestsPerMinutePerProjectPerModel-FreeTier"), RateLimited),
+            (429, Some("GenerateRequestsPerDayPerProjectPerModel-FreeTier"), DailyQuota),
+            (400, Some("API_KEY_INVALID"), KeyInvalid),
+            (402, None, Billing),
+            (400, Some("FAILED_PRECONDITION"), Billing),
+            (504, None, ServerError),
+            // Anthropic
+            (429, Some("rate_limit_error"), RateLimited),
+            (529, Some("overloaded_error"), ServerError),
+            (401, Some("authentication_error"), KeyInvalid),
+            (403, Some("permission_error"), KeyInvalid),
+            // caller errors
+            (400, Some("invalid_request_error"), CallerError),
+            (413, None, CallerError),
+            (400, Some("context_length_exceeded"), CallerError),
+            // no answer at all
+            (0, None, ServerError),
+            (408, None, ServerError),
+            (418, None, Other),
+        ];
+        for (status, code, want) in cases {
+            assert_eq!(classify(*status, *code), *want, "status {status} code {code:?}");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Test harness: private PostgreSQL clusters and fresh databases for integration tests.
