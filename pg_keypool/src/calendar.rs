@@ -16,7 +16,10 @@ pub fn day_bounds(tz: Tz, now_ms: i64) -> (i64, i64) {
     };
     let date = utc.with_timezone(&tz).date_naive();
     let start = first_instant(tz, date);
-    let end = date.succ_opt().map(|d| first_instant(tz, d)).unwrap_or(start + 86_400_000);
+    let end = date
+        .succ_opt()
+        .map(|d| first_instant(tz, d))
+        .unwrap_or(start + 86_400_000);
     (start, end)
 }
 
@@ -39,7 +42,9 @@ mod tests {
     use super::*;
 
     fn ms(rfc3339: &str) -> i64 {
-        DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp_millis()
+        DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .timestamp_millis()
     }
 
     #[test]

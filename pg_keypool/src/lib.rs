@@ -1,4 +1,69 @@
+//! pg_keypool: governed pools of LLM and API provider keys inside PostgreSQL.
+//!
+//! The extension decides which key a request may use right now without breaking any provider
+//! limit (`keypool_reserve`), and records what the call did (`keypool_settle`). Rate-window state
+//! lives in shared memory (the library must be in `shared_preload_libraries`); configuration and
+//! history live in tables of the `keypool` schema.
+//!
+//! Modules, by concept:
+//! - `window`, `calendar`: rolling-minute and calendar-day windows (pure)
+//! - `outcome`, `breaker`: what a provider's answer means; a key's circuit breaker
+//! - `shmem`, `registry`, `reservation`: the shared-memory region, slot binding, open reservations
+//! - `config`: each backend's cache of the configuration tables
+//! - `reserve`, `settle`, `admin`, `views`: the SQL functions
+//! - `history`, `persist`, `launcher`: hourly usage history, the state file, background work
+
+use pgrx::prelude::*;
+
+mod admin;
+mod breaker;
 pub mod calendar;
+mod clock;
+mod composite;
+mod config;
+mod errors;
+mod history;
+mod launcher;
 pub mod outcome;
+mod persist;
+mod privilege;
+mod provider;
+mod registry;
+mod reservation;
+mod reserve;
 pub mod secret;
+mod settings;
+mod settle;
+mod shmem;
+mod views;
 pub mod window;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../../sql/api.sql", name = "api", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::define();
+    if unsafe { !pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    shmem::install_hooks();
+    launcher::register();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pg_keypool'"]
+    }
+}

@@ -136,7 +136,14 @@ impl MinuteLog {
 
     /// How long until `requests` and `tokens` more fit under `rpm` / `tpm` (0 = unlimited), or
     /// `None` if they fit now. Call [`MinuteLog::expire`] first.
-    pub fn wait_for(&self, now_ms: i64, requests: u64, tokens: u64, rpm: u64, tpm: u64) -> Option<Wait> {
+    pub fn wait_for(
+        &self,
+        now_ms: i64,
+        requests: u64,
+        tokens: u64,
+        rpm: u64,
+        tpm: u64,
+    ) -> Option<Wait> {
         let mut wait: Option<Wait> = None;
         if rpm > 0 && self.sum_requests + requests > rpm {
             let w = if requests > rpm {
@@ -300,14 +307,29 @@ impl DayWindow {
         }
     }
 
-    pub fn wait_for(&self, now_ms: i64, requests: u64, tokens: u64, rpd: u64, tpd: u64) -> Option<Wait> {
+    pub fn wait_for(
+        &self,
+        now_ms: i64,
+        requests: u64,
+        tokens: u64,
+        rpd: u64,
+        tpd: u64,
+    ) -> Option<Wait> {
         let mut wait = None;
         let until_reset = Wait::Ms((self.end_ms - now_ms).max(1));
         if rpd > 0 && self.requests + requests > rpd {
-            wait = Some(if requests > rpd { Wait::Never } else { until_reset });
+            wait = Some(if requests > rpd {
+                Wait::Never
+            } else {
+                until_reset
+            });
         }
         if tpd > 0 && self.tokens.saturating_add(tokens) > tpd {
-            let w = if tokens > tpd { Wait::Never } else { until_reset };
+            let w = if tokens > tpd {
+                Wait::Never
+            } else {
+                until_reset
+            };
             wait = Some(wait.map_or(w, |x: Wait| x.max(w)));
         }
         wait
@@ -324,6 +346,9 @@ impl DayWindow {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ScopeWindows {
     pub limits: Limits,
+    /// The configuration generation the limits were loaded from; an older cache never
+    /// overwrites newer limits.
+    pub generation: u64,
     pub minute: MinuteLog,
     pub day: DayWindow,
 }
@@ -419,13 +444,25 @@ impl ScopeWindows {
         let l = self.limits;
         let gap = (now_ms - saved_ms).max(0);
         let minutes = (gap / WINDOW_MS + 1) as u64;
-        let extra_requests = if l.rpm > 0 { l.rpm.saturating_mul(minutes) } else { l.rpd };
-        let extra_tokens = if l.tpm > 0 { l.tpm.saturating_mul(minutes) } else { l.tpd };
+        let extra_requests = if l.rpm > 0 {
+            l.rpm.saturating_mul(minutes)
+        } else {
+            l.rpd
+        };
+        let extra_tokens = if l.tpm > 0 {
+            l.tpm.saturating_mul(minutes)
+        } else {
+            l.tpd
+        };
         if self.day.start_ms != 0 && now_ms < self.day.end_ms {
             // Still the saved day: add what the gap may have used, up to the limit.
             let d = &mut self.day;
-            d.requests = d.requests.max(d.requests.saturating_add(extra_requests).min(l.rpd));
-            d.tokens = d.tokens.max(d.tokens.saturating_add(extra_tokens).min(l.tpd));
+            d.requests = d
+                .requests
+                .max(d.requests.saturating_add(extra_requests).min(l.rpd));
+            d.tokens = d
+                .tokens
+                .max(d.tokens.saturating_add(extra_tokens).min(l.tpd));
         } else {
             // The saved day is over (or none was started): the gap may have used part of the
             // day we are in now, which is not known until the window rolls into it.
@@ -434,6 +471,99 @@ impl ScopeWindows {
             self.day.carry_until_ms = now_ms;
         }
         self.minute.fill_to(now_ms, l.rpm, l.tpm);
+    }
+}
+
+/// Little-endian encoding of window state for the state file (persist.rs).
+pub mod codec {
+    use super::*;
+
+    pub fn put_u64(out: &mut Vec<u8>, v: u64) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn put_i64(out: &mut Vec<u8>, v: i64) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn put_u32(out: &mut Vec<u8>, v: u32) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn take<const N: usize>(input: &mut &[u8]) -> Option<[u8; N]> {
+        if input.len() < N {
+            return None;
+        }
+        let (head, rest) = input.split_at(N);
+        *input = rest;
+        head.try_into().ok()
+    }
+
+    pub fn get_u64(input: &mut &[u8]) -> Option<u64> {
+        take::<8>(input).map(u64::from_le_bytes)
+    }
+
+    pub fn get_i64(input: &mut &[u8]) -> Option<i64> {
+        take::<8>(input).map(i64::from_le_bytes)
+    }
+
+    pub fn get_u32(input: &mut &[u8]) -> Option<u32> {
+        take::<4>(input).map(u32::from_le_bytes)
+    }
+
+    impl ScopeWindows {
+        pub fn encode(&self, out: &mut Vec<u8>) {
+            let l = self.limits;
+            for v in [l.rpm, l.rpd, l.tpm, l.tpd, self.generation] {
+                put_u64(out, v);
+            }
+            put_u32(out, self.minute.len);
+            for i in 0..self.minute.len as usize {
+                let e = self.minute.get(i);
+                put_i64(out, e.at_ms);
+                put_u64(out, e.requests);
+                put_u64(out, e.tokens);
+            }
+            let d = self.day;
+            for v in [d.start_ms, d.end_ms] {
+                put_i64(out, v);
+            }
+            for v in [d.requests, d.tokens, d.carry_requests, d.carry_tokens] {
+                put_u64(out, v);
+            }
+            put_i64(out, d.carry_until_ms);
+        }
+
+        pub fn decode(input: &mut &[u8]) -> Option<ScopeWindows> {
+            let mut w = ScopeWindows {
+                limits: Limits {
+                    rpm: get_u64(input)?,
+                    rpd: get_u64(input)?,
+                    tpm: get_u64(input)?,
+                    tpd: get_u64(input)?,
+                },
+                generation: get_u64(input)?,
+                ..Default::default()
+            };
+            let n = get_u32(input)? as usize;
+            if n > LOG_CAPACITY {
+                return None;
+            }
+            for _ in 0..n {
+                let (at, requests, tokens) = (get_i64(input)?, get_u64(input)?, get_u64(input)?);
+                w.minute.charge(at, requests, tokens);
+            }
+            w.day = DayWindow {
+                start_ms: get_i64(input)?,
+                end_ms: get_i64(input)?,
+                requests: get_u64(input)?,
+                tokens: get_u64(input)?,
+                carry_requests: get_u64(input)?,
+                carry_tokens: get_u64(input)?,
+                carry_until_ms: get_i64(input)?,
+            };
+            Some(w)
+        }
     }
 }
 
@@ -462,11 +592,17 @@ mod tests {
         assert!(w.try_charge(T0, 0, fixed_day).is_ok());
         assert!(w.try_charge(T0 + 10_000, 0, fixed_day).is_ok());
         assert!(w.try_charge(T0 + 20_000, 0, fixed_day).is_ok());
-        assert_eq!(w.try_charge(T0 + 30_000, 0, fixed_day), Err(Wait::Ms(30_000)));
+        assert_eq!(
+            w.try_charge(T0 + 30_000, 0, fixed_day),
+            Err(Wait::Ms(30_000))
+        );
         // One millisecond before the first grant leaves the window: still refused.
         assert_eq!(w.try_charge(T0 + 59_999, 0, fixed_day), Err(Wait::Ms(1)));
         assert!(w.try_charge(T0 + 60_000, 0, fixed_day).is_ok());
-        assert_eq!(w.try_charge(T0 + 60_001, 0, fixed_day), Err(Wait::Ms(9_999)));
+        assert_eq!(
+            w.try_charge(T0 + 60_001, 0, fixed_day),
+            Err(Wait::Ms(9_999))
+        );
     }
 
     #[test]
@@ -506,7 +642,10 @@ mod tests {
         let mut w = windows(0, 2, 0, 0);
         assert!(w.try_charge(start + 5, 0, fixed_day).is_ok());
         assert!(w.try_charge(start + 6, 0, fixed_day).is_ok());
-        assert_eq!(w.try_charge(start + 7, 0, fixed_day), Err(Wait::Ms(end - start - 7)));
+        assert_eq!(
+            w.try_charge(start + 7, 0, fixed_day),
+            Err(Wait::Ms(end - start - 7))
+        );
         assert!(w.try_charge(end, 0, fixed_day).is_ok());
     }
 
@@ -537,7 +676,10 @@ mod tests {
         w.try_charge(end - 30_000, 0, fixed_day).unwrap();
         // minute frees in 59 s, but the day frees only at midnight (29 s) - both must hold:
         // the later one wins.
-        assert_eq!(w.try_charge(end - 29_000, 0, fixed_day), Err(Wait::Ms(59_000)));
+        assert_eq!(
+            w.try_charge(end - 29_000, 0, fixed_day),
+            Err(Wait::Ms(59_000))
+        );
     }
 
     #[test]
@@ -594,8 +736,36 @@ mod tests {
                 assert!(k <= tpm, "round {round}: {k} tokens > tpm {tpm}");
             }
             // Conservative merging must stay rare.
-            assert!(refused_while_truly_free * 20 <= grants.len().max(20), "round {round}: {refused_while_truly_free}");
+            assert!(
+                refused_while_truly_free * 20 <= grants.len().max(20),
+                "round {round}: {refused_while_truly_free}"
+            );
         }
+    }
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let mut w = windows(100, 1_000, 50_000, 0);
+        for i in 0..10 {
+            w.try_charge(T0 + i * 1_000, 40 * i as u64, fixed_day)
+                .unwrap();
+        }
+        w.generation = 7;
+        let mut bytes = Vec::new();
+        w.encode(&mut bytes);
+        let mut input = &bytes[..];
+        let back = ScopeWindows::decode(&mut input).unwrap();
+        assert!(input.is_empty());
+        assert_eq!(back.limits, w.limits);
+        assert_eq!(back.generation, 7);
+        assert_eq!(back.usage(T0 + 9_500), w.usage(T0 + 9_500));
+        assert_eq!(
+            back.wait_for(T0 + 9_500, 10_000),
+            w.wait_for(T0 + 9_500, 10_000)
+        );
+        // Truncated input is rejected, not misread.
+        let mut short = &bytes[..bytes.len() - 1];
+        assert!(ScopeWindows::decode(&mut short).is_none());
     }
 
     fn window_sum(grants: &[(i64, u64)], at: i64) -> (u64, u64) {
@@ -612,7 +782,10 @@ mod tests {
         w.try_charge(start + 1_000, 0, fixed_day).unwrap();
         w.assume_worst_since(start + 1_000, start + 3_000);
         // The window is full: the known grant (at +1 s) leaves it first, at +61 s.
-        assert_eq!(w.try_charge(start + 3_001, 0, fixed_day), Err(Wait::Ms(57_999)));
+        assert_eq!(
+            w.try_charge(start + 3_001, 0, fixed_day),
+            Err(Wait::Ms(57_999))
+        );
         assert_eq!(w.minute.requests(), 10);
         assert_eq!(w.day.requests, 11);
         // Without a per-minute limit the rest of the day is assumed used.

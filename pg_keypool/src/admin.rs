@@ -1,0 +1,431 @@
+//! Configuration functions: pools, keys, their scopes, and enabling or disabling them.
+//!
+//! They write the internal tables as the extension's owner (callers get EXECUTE on these
+//! functions, not access to the tables), validate every argument before writing anything, and
+//! record what they changed in `keypool.event`. The trigger on the tables makes every backend
+//! reload its cache when the transaction ends.
+
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
+use pgrx::prelude::*;
+
+use crate::breaker;
+use crate::calendar;
+use crate::clock;
+use crate::config::{self, Config};
+use crate::errors::{self, Code};
+use crate::privilege;
+use crate::provider;
+use crate::secret;
+use crate::shmem;
+
+const MAX_NAME: usize = 200;
+const MAX_SECRET: usize = 8192;
+const MAX_URL: usize = 2048;
+const MAX_REASON: usize = 1000;
+
+fn now_ts() -> TimestampWithTimeZone {
+    clock::to_timestamptz(clock::now_ms())
+}
+
+fn required<'a>(name: &str, v: Option<&'a str>, max: usize) -> &'a str {
+    let Some(v) = v else {
+        errors::null_argument(name).raise()
+    };
+    if v.trim().is_empty() {
+        errors::invalid(format!("{name} must not be empty")).raise();
+    }
+    if v.len() > max {
+        errors::invalid(format!("{name} is longer than {max} bytes")).raise();
+    }
+    v
+}
+
+fn optional<'a>(name: &str, v: Option<&'a str>, max: usize) -> Option<&'a str> {
+    v.map(|s| required(name, Some(s), max))
+}
+
+fn positive<T: Into<i64> + Copy>(name: &str, v: Option<T>) -> Option<i64> {
+    let v = v.map(Into::into);
+    if let Some(n) = v {
+        if n <= 0 {
+            errors::invalid(format!(
+                "{name} must be a positive number, or NULL for no limit; not {n}"
+            ))
+            .raise();
+        }
+    }
+    v
+}
+
+/// Runs `f` inside SPI as the extension's owner.
+fn as_owner<R>(f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> R) -> R {
+    privilege::as_user(config::extension_owner(), || Spi::connect_mut(f))
+}
+
+/// Runs a statement that returns at most one row and returns its first column.
+///
+/// No row limit is passed on purpose: with one, the executor stops an `UPDATE ... RETURNING`
+/// before its statement-level AFTER triggers fire, and those keep every backend's cache fresh.
+fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    sql: &str,
+    args: &[DatumWithOid<'_>],
+) -> Option<T> {
+    let table = errors::spi(client.update(sql, None, args));
+    if table.is_empty() {
+        return None;
+    }
+    errors::spi(table.first().get_one::<T>())
+}
+
+fn record_event(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    kind: &str,
+    pool_id: Option<i64>,
+    key_id: Option<i64>,
+    scope_id: Option<i64>,
+    reason: Option<&str>,
+) {
+    errors::spi(client.update(
+        "INSERT INTO keypool.event (at, kind, pool_id, key_id, scope_id, reason) VALUES ($1, $2, $3, $4, $5, $6)",
+        None,
+        &[now_ts().into(), kind.into(), pool_id.into(), key_id.into(), scope_id.into(), reason.into()],
+    ));
+}
+
+/// `keypool_create_pool`: a named set of keys serving one function (chat, artifact, image...).
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_create_pool(name: Option<&str>, description: default!(Option<&str>, "NULL")) -> i64 {
+    let name = required("name", name, MAX_NAME);
+    let description = optional("description", description, MAX_REASON);
+    as_owner(|client| {
+        let id: Option<i64> = one(
+            client,
+            "INSERT INTO keypool.pool (name, description) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING id",
+            &[name.into(), description.into()],
+        );
+        let Some(id) = id else {
+            errors::error(
+                Code::ERRCODE_DUPLICATE_OBJECT,
+                format!("pool \"{name}\" already exists"),
+            )
+            .hint("Add keys to it with keypool_add_key(), or choose another name.")
+            .raise()
+        };
+        record_event(client, "pool_created", Some(id), None, None, None);
+        id
+    })
+}
+
+/// `keypool_add_key`: adds a key to a pool and returns its id. See the README for the rules on
+/// accounts (shared scopes) and limits.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_add_key(
+    pool: Option<&str>,
+    provider: Option<&str>,
+    secret: Option<&str>,
+    model: default!(Option<&str>, "NULL"),
+    account: default!(Option<&str>, "NULL"),
+    rpm: default!(Option<i32>, "NULL"),
+    rpd: default!(Option<i32>, "NULL"),
+    tpm: default!(Option<i64>, "NULL"),
+    tpd: default!(Option<i64>, "NULL"),
+    base_url: default!(Option<&str>, "NULL"),
+    timezone: default!(Option<&str>, "NULL"),
+) -> i64 {
+    let pool = required("pool", pool, MAX_NAME);
+    let provider_name = required("provider", provider, MAX_NAME);
+    let Some(provider) = provider::find(provider_name) else {
+        errors::invalid(format!("unknown provider \"{provider_name}\""))
+            .hint(format!("Known providers: {}.", provider::names()))
+            .raise()
+    };
+    let secret = required("secret", secret, MAX_SECRET);
+    let model = optional("model", model, MAX_NAME);
+    let account = optional("account", account, MAX_NAME);
+    let (rpm, rpd, tpm, tpd) = (
+        positive("rpm", rpm),
+        positive("rpd", rpd),
+        positive("tpm", tpm),
+        positive("tpd", tpd),
+    );
+    let limits_given = rpm.is_some() || rpd.is_some() || tpm.is_some() || tpd.is_some();
+    let base_url = match optional("base_url", base_url, MAX_URL).or(provider.default_base_url) {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+            url.trim_end_matches('/').to_string()
+        }
+        Some(url) => errors::invalid(format!(
+            "base_url must start with http:// or https://, not \"{url}\""
+        ))
+        .raise(),
+        None => errors::invalid(format!("provider \"{}\" needs a base_url", provider.name))
+            .hint("Pass base_url => 'https://host/v1'.")
+            .raise(),
+    };
+    let zone = optional("timezone", timezone, MAX_NAME);
+    if let Some(z) = zone {
+        if calendar::parse_zone(z).is_none() {
+            errors::invalid(format!("unknown time zone \"{z}\""))
+                .hint("Use an IANA name such as UTC or America/Los_Angeles.")
+                .raise();
+        }
+    }
+    let digest = secret::digest(secret);
+    let label = secret::mask(secret);
+
+    as_owner(|client| {
+        let pool_id: Option<i64> = one(
+            client,
+            "SELECT id FROM keypool.pool WHERE name = $1",
+            &[pool.into()],
+        );
+        let Some(pool_id) = pool_id else {
+            errors::undefined(format!("pool \"{pool}\" does not exist"))
+                .hint("Create it first with keypool_create_pool().")
+                .raise()
+        };
+        let limit_args = |scope_id: i64| -> [DatumWithOid<'static>; 5] {
+            [
+                scope_id.into(),
+                rpm.into(),
+                rpd.into(),
+                tpm.into(),
+                tpd.into(),
+            ]
+        };
+        let set_limits =
+            "UPDATE keypool.scope SET rpm = $2, rpd = $3, tpm = $4, tpd = $5 WHERE id = $1";
+
+        // The same secret in the same pool: the key exists already.
+        let existing: Option<i64> = one(
+            client,
+            "SELECT id FROM keypool.key WHERE pool_id = $1 AND secret_sha256 = $2",
+            &[pool_id.into(), digest.clone().into()],
+        );
+        if let Some(key_id) = existing {
+            if limits_given {
+                let scope_id: Option<i64> = one(
+                    client,
+                    "SELECT scope_id FROM keypool.key WHERE id = $1",
+                    &[key_id.into()],
+                );
+                if let Some(scope_id) = scope_id {
+                    errors::spi(client.update(set_limits, None, &limit_args(scope_id)));
+                }
+            }
+            return key_id;
+        }
+
+        let zone = zone.unwrap_or(provider.day_zone);
+        let insert_scope = "INSERT INTO keypool.scope (provider, account, model, rpm, rpd, tpm, tpd, timezone)
+                            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                            ON CONFLICT (provider, account, (coalesce(model, ''))) WHERE account IS NOT NULL DO NOTHING
+                            RETURNING id";
+        let scope_args = || -> [DatumWithOid<'_>; 8] {
+            [
+                provider.name.into(),
+                account.into(),
+                model.into(),
+                rpm.into(),
+                rpd.into(),
+                tpm.into(),
+                tpd.into(),
+                zone.into(),
+            ]
+        };
+        let scope_id: i64 = match one::<i64>(client, insert_scope, &scope_args()) {
+            Some(id) => id,
+            None => {
+                // The account exists: its limits are replaced by the ones given, if any.
+                let id: Option<i64> = one(
+                    client,
+                    "SELECT id FROM keypool.scope WHERE provider = $1 AND account = $2 AND model IS NOT DISTINCT FROM $3",
+                    &[provider.name.into(), account.into(), model.into()],
+                );
+                let Some(id) = id else {
+                    errors::error(
+                        Code::ERRCODE_INTERNAL_ERROR,
+                        "pg_keypool: scope vanished while adding a key",
+                    )
+                    .raise()
+                };
+                if limits_given {
+                    errors::spi(client.update(set_limits, None, &limit_args(id)));
+                }
+                if timezone.is_some() {
+                    errors::spi(client.update(
+                        "UPDATE keypool.scope SET timezone = $2 WHERE id = $1",
+                        None,
+                        &[id.into(), zone.into()],
+                    ));
+                }
+                id
+            }
+        };
+        let key_id: Option<i64> = one(
+            client,
+            "INSERT INTO keypool.key (pool_id, scope_id, provider, model, base_url, secret, secret_sha256, label)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (pool_id, secret_sha256) DO NOTHING
+             RETURNING id",
+            &[
+                pool_id.into(),
+                scope_id.into(),
+                provider.name.into(),
+                model.into(),
+                base_url.as_str().into(),
+                secret.into(),
+                digest.clone().into(),
+                label.as_str().into(),
+            ],
+        );
+        let key_id = match key_id {
+            Some(id) => id,
+            // Added concurrently by another session.
+            None => one(
+                client,
+                "SELECT id FROM keypool.key WHERE pool_id = $1 AND secret_sha256 = $2",
+                &[pool_id.into(), digest.into()],
+            )
+            .unwrap_or_else(|| {
+                errors::error(
+                    Code::ERRCODE_INTERNAL_ERROR,
+                    "pg_keypool: key vanished while being added",
+                )
+                .raise()
+            }),
+        };
+        record_event(
+            client,
+            "key_added",
+            Some(pool_id),
+            Some(key_id),
+            Some(scope_id),
+            None,
+        );
+        key_id
+    })
+}
+
+fn reason_text(reason: Option<&str>, default: &str) -> String {
+    match reason.map(str::trim).filter(|r| !r.is_empty()) {
+        Some(r) if r.len() > MAX_REASON => {
+            errors::invalid(format!("reason is longer than {MAX_REASON} bytes")).raise()
+        }
+        Some(r) => r.to_string(),
+        None => default.to_string(),
+    }
+}
+
+/// `keypool_disable_key`: takes a key out of rotation until it is enabled again.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_disable_key(key_id: Option<i64>, reason: default!(Option<&str>, "NULL")) {
+    let Some(key_id) = key_id else {
+        errors::null_argument("key_id").raise()
+    };
+    let reason = reason_text(reason, "disabled by an operator");
+    as_owner(|client| {
+        let found: Option<i64> = one(
+            client,
+            "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3 WHERE id = $1 RETURNING pool_id",
+            &[key_id.into(), reason.as_str().into(), now_ts().into()],
+        );
+        let Some(pool_id) = found else {
+            errors::undefined(format!("key {key_id} does not exist")).raise()
+        };
+        record_event(
+            client,
+            "key_disabled",
+            Some(pool_id),
+            Some(key_id),
+            None,
+            Some(&reason),
+        );
+    });
+}
+
+/// `keypool_enable_key`: puts a key back in rotation, with its account if billing disabled it,
+/// and closes its circuit breaker.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_enable_key(key_id: Option<i64>) {
+    let Some(key_id) = key_id else {
+        errors::null_argument("key_id").raise()
+    };
+    let (pool_id, scope_id) = as_owner(|client| {
+        let table = errors::spi(client.update(
+            "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL WHERE id = $1 RETURNING pool_id, scope_id",
+            None,
+            &[key_id.into()],
+        ));
+        if table.is_empty() {
+            errors::undefined(format!("key {key_id} does not exist")).raise();
+        }
+        let (pool_id, scope_id) = errors::spi(table.first().get_two::<i64, i64>());
+        errors::spi(client.update(
+            "UPDATE keypool.scope SET disabled_reason = NULL, disabled_at = NULL WHERE id = $1 AND disabled_reason IS NOT NULL",
+            None,
+            &[scope_id.into()],
+        ));
+        record_event(client, "key_enabled", pool_id, Some(key_id), scope_id, None);
+        (pool_id, scope_id)
+    });
+    let _ = (pool_id, scope_id);
+    if let Some(sh) = shmem::try_shared() {
+        let cfg = config::reload_now();
+        if let Some(key) = cfg.key_by_id(key_id) {
+            let slot = sh.key(key.slot);
+            if slot.tag.is(cfg.owner, key_id) {
+                breaker::reset(slot);
+            }
+        }
+    }
+}
+
+/// Disables a key because its provider rejected it (settle.rs).
+pub fn disable_key_after_error(cfg: &Config, key_id: i64, reason: &str) {
+    privilege::as_user(cfg.extension_owner, || {
+        Spi::connect_mut(|client| {
+            let pool_id: Option<i64> = one(
+                client,
+                "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3
+                  WHERE id = $1 AND disabled_reason IS NULL RETURNING pool_id",
+                &[key_id.into(), reason.into(), now_ts().into()],
+            );
+            if pool_id.is_some() {
+                record_event(
+                    client,
+                    "key_disabled",
+                    pool_id,
+                    Some(key_id),
+                    None,
+                    Some(reason),
+                );
+            }
+        })
+    });
+}
+
+/// Disables a whole scope (account) because of a billing answer (settle.rs).
+pub fn disable_scope_after_error(cfg: &Config, scope_id: i64, reason: &str) {
+    privilege::as_user(cfg.extension_owner, || {
+        Spi::connect_mut(|client| {
+            let changed: Option<i64> = one(
+                client,
+                "UPDATE keypool.scope SET disabled_reason = $2, disabled_at = $3
+                  WHERE id = $1 AND disabled_reason IS NULL RETURNING id",
+                &[scope_id.into(), reason.into(), now_ts().into()],
+            );
+            if changed.is_some() {
+                record_event(
+                    client,
+                    "scope_disabled",
+                    None,
+                    None,
+                    Some(scope_id),
+                    Some(reason),
+                );
+            }
+        })
+    });
+}

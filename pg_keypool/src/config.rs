@@ -1,0 +1,368 @@
+//! Each backend's cache of the configuration tables (pools, keys, scopes), so that the hot path
+//! never queries a table.
+//!
+//! Any change to those tables fires a trigger that marks this backend's cache stale at once and
+//! bumps the shared generation when the transaction ends (commit or abort); every backend
+//! compares that generation on each call and reloads when it moved. A reload reads the tables
+//! with the latest snapshot, whatever the caller's isolation level, as the extension's owner,
+//! binds shared-memory slots to the rows (registry.rs) and writes each scope's limits into its
+//! slot.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::ffi::CStr;
+use std::rc::Rc;
+
+use chrono_tz::Tz;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, register_xact_callback, FromDatum, PgXactCallbackEvent};
+
+use crate::calendar;
+use crate::clock;
+use crate::errors::{self, Code};
+use crate::privilege;
+use crate::registry::{self, Wanted};
+use crate::shmem::{self, Owner, Shared};
+use crate::window::Limits;
+
+pub struct Pool {
+    pub id: i64,
+    pub slot: u32,
+    /// Indexes into `Config::keys`, by key id.
+    pub keys: Vec<usize>,
+}
+
+pub struct Key {
+    pub id: i64,
+    pub scope: usize,
+    pub slot: u32,
+    pub provider: String,
+    pub model: Option<String>,
+    pub base_url: String,
+    pub secret: String,
+    pub label: String,
+    pub disabled: bool,
+}
+
+pub struct Scope {
+    pub id: i64,
+    pub slot: u32,
+    pub tz: Tz,
+    pub disabled: bool,
+}
+
+pub struct Config {
+    pub generation: u64,
+    pub owner: Owner,
+    pub extension_owner: pg_sys::Oid,
+    pub pools: Vec<Pool>,
+    pub pools_by_name: HashMap<String, usize>,
+    pub keys: Vec<Key>,
+    pub keys_by_id: HashMap<i64, usize>,
+    pub scopes: Vec<Scope>,
+    pub scopes_by_id: HashMap<i64, usize>,
+}
+
+impl Config {
+    pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {
+        self.pools_by_name.get(name).map(|&i| &self.pools[i])
+    }
+
+    pub fn key_by_id(&self, id: i64) -> Option<&Key> {
+        self.keys_by_id.get(&id).map(|&i| &self.keys[i])
+    }
+
+    pub fn scope_by_id(&self, id: i64) -> Option<&Scope> {
+        self.scopes_by_id.get(&id).map(|&i| &self.scopes[i])
+    }
+
+    pub fn scope_of(&self, key: &Key) -> &Scope {
+        &self.scopes[key.scope]
+    }
+}
+
+thread_local! {
+    static CACHE: RefCell<Option<Rc<Config>>> = const { RefCell::new(None) };
+    static STALE: Cell<bool> = const { Cell::new(false) };
+    static XACT_HOOKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The current configuration, reloaded if anything changed since it was cached.
+pub fn current() -> Rc<Config> {
+    let sh = shmem::shared();
+    let generation = sh.config_generation();
+    if !STALE.get() {
+        if let Some(cfg) = CACHE.with_borrow(|c| c.clone()) {
+            if cfg.generation == generation {
+                return cfg;
+            }
+        }
+    }
+    reload(sh, generation)
+}
+
+/// Reloads now, for example after a slot was found re-bound.
+pub fn reload_now() -> Rc<Config> {
+    let sh = shmem::shared();
+    reload(sh, sh.config_generation())
+}
+
+fn reload(sh: &Shared, generation: u64) -> Rc<Config> {
+    STALE.set(false);
+    let cfg = Rc::new(load(sh, generation));
+    CACHE.with_borrow_mut(|c| *c = Some(cfg.clone()));
+    cfg
+}
+
+/// Called by the trigger on the configuration tables.
+pub fn note_change() {
+    STALE.set(true);
+    if !XACT_HOOKED.replace(true) {
+        // Whichever way the transaction ends, other backends must reload: after a commit to see
+        // the change, after an abort because this backend may have written uncommitted limits
+        // into shared memory.
+        register_xact_callback(PgXactCallbackEvent::Commit, end_of_change);
+        register_xact_callback(PgXactCallbackEvent::Abort, end_of_change);
+    }
+}
+
+fn end_of_change() {
+    XACT_HOOKED.set(false);
+    STALE.set(true);
+    if let Some(sh) = shmem::try_shared() {
+        sh.bump_config_generation();
+    }
+}
+
+/// The extension's owner, as recorded in pg_extension.
+pub fn extension_owner() -> pg_sys::Oid {
+    let owner = Spi::get_one::<pg_sys::Oid>(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'",
+    );
+    match owner {
+        Ok(Some(oid)) => oid,
+        _ => errors::error(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "extension pg_keypool is not installed in this database",
+        )
+        .hint("CREATE EXTENSION pg_keypool;")
+        .raise(),
+    }
+}
+
+fn load(sh: &Shared, generation: u64) -> Config {
+    let extension_owner = extension_owner();
+    let now = clock::now_ms();
+    privilege::as_user(extension_owner, || {
+        Spi::connect(|_| {
+            let instance: Vec<i64> = fresh_rows(c"SELECT id FROM keypool.instance", |r| r.get(0));
+            let Some(&instance) = instance.first() else {
+                errors::error(
+                    Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "pg_keypool's instance row is missing",
+                )
+                .hint("Re-create the extension.")
+                .raise()
+            };
+            let owner = Owner {
+                dboid: unsafe { pg_sys::MyDatabaseId.to_u32() },
+                instance,
+            };
+            let live_databases: HashSet<u32> =
+                fresh_rows(c"SELECT oid FROM pg_catalog.pg_database", |r| {
+                    r.get::<pg_sys::Oid>(0).to_u32()
+                })
+                .into_iter()
+                .collect();
+            let pools: Vec<(i64, String)> =
+                fresh_rows(c"SELECT id, name FROM keypool.pool ORDER BY id", |r| {
+                    (r.get(0), r.get(1))
+                });
+            let scopes: Vec<(i64, Limits, String, bool)> = fresh_rows(
+                c"SELECT id, rpm::bigint, rpd::bigint, tpm, tpd, timezone, disabled_reason IS NOT NULL
+                    FROM keypool.scope ORDER BY id",
+                |r| {
+                    let limit = |i| r.get_opt::<i64>(i).map(|v| v.max(0) as u64).unwrap_or(0);
+                    (
+                        r.get(0),
+                        Limits { rpm: limit(1), rpd: limit(2), tpm: limit(3), tpd: limit(4) },
+                        r.get(5),
+                        r.get(6),
+                    )
+                },
+            );
+            #[allow(clippy::type_complexity)]
+            let keys: Vec<(i64, i64, i64, String, Option<String>, String, String, String, bool)> = fresh_rows(
+                c"SELECT id, pool_id, scope_id, provider, model, base_url, secret, label, disabled_reason IS NOT NULL
+                    FROM keypool.key ORDER BY id",
+                |r| {
+                    (
+                        r.get(0),
+                        r.get(1),
+                        r.get(2),
+                        r.get(3),
+                        r.get_opt(4),
+                        r.get(5),
+                        r.get(6),
+                        r.get(7),
+                        r.get(8),
+                    )
+                },
+            );
+
+            let scope_ids: Vec<i64> = scopes.iter().map(|s| s.0).collect();
+            let key_ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
+            let pool_ids: Vec<i64> = pools.iter().map(|p| p.0).collect();
+            let bound = registry::bind(
+                sh,
+                owner,
+                Wanted {
+                    scopes: &scope_ids,
+                    keys: &key_ids,
+                    pools: &pool_ids,
+                },
+                &live_databases,
+                now,
+            );
+
+            let mut cfg = Config {
+                generation,
+                owner,
+                extension_owner,
+                pools: Vec::with_capacity(pools.len()),
+                pools_by_name: HashMap::with_capacity(pools.len()),
+                keys: Vec::with_capacity(keys.len()),
+                keys_by_id: HashMap::with_capacity(keys.len()),
+                scopes: Vec::with_capacity(scopes.len()),
+                scopes_by_id: HashMap::with_capacity(scopes.len()),
+            };
+            for (id, limits, tz, disabled) in scopes {
+                let slot = bound.scopes[&id];
+                let tz = calendar::parse_zone(&tz).unwrap_or(Tz::UTC);
+                let s = sh.scope(slot);
+                {
+                    let mut w = s.lock();
+                    if w.tag().is(owner, id) && generation >= w.generation {
+                        w.limits = limits;
+                        w.generation = generation;
+                    }
+                }
+                cfg.scopes_by_id.insert(id, cfg.scopes.len());
+                cfg.scopes.push(Scope {
+                    id,
+                    slot,
+                    tz,
+                    disabled,
+                });
+            }
+            for (id, name) in pools {
+                cfg.pools_by_name.insert(name, cfg.pools.len());
+                cfg.pools.push(Pool {
+                    id,
+                    slot: bound.pools[&id],
+                    keys: Vec::new(),
+                });
+            }
+            let pool_index: HashMap<i64, usize> = cfg
+                .pools
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.id, i))
+                .collect();
+            for (id, pool_id, scope_id, provider, model, base_url, secret, label, disabled) in keys
+            {
+                let (Some(&pool), Some(&scope)) =
+                    (pool_index.get(&pool_id), cfg.scopes_by_id.get(&scope_id))
+                else {
+                    continue;
+                };
+                cfg.keys_by_id.insert(id, cfg.keys.len());
+                cfg.pools[pool].keys.push(cfg.keys.len());
+                cfg.keys.push(Key {
+                    id,
+                    scope,
+                    slot: bound.keys[&id],
+                    provider,
+                    model,
+                    base_url,
+                    secret,
+                    label,
+                    disabled,
+                });
+            }
+            cfg
+        })
+    })
+}
+
+/// One row of a query result, with typed column access.
+pub struct Row {
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+}
+
+impl Row {
+    pub fn get_opt<T: FromDatum>(&self, col: usize) -> Option<T> {
+        unsafe {
+            let mut is_null = false;
+            let datum = pg_sys::SPI_getbinval(self.tuple, self.desc, col as i32 + 1, &mut is_null);
+            T::from_datum(datum, is_null)
+        }
+    }
+
+    pub fn get<T: FromDatum>(&self, col: usize) -> T {
+        match self.get_opt(col) {
+            Some(v) => v,
+            None => errors::error(
+                Code::ERRCODE_INTERNAL_ERROR,
+                format!("pg_keypool: unexpected NULL in column {col}"),
+            )
+            .raise(),
+        }
+    }
+}
+
+/// Runs a read-only query with the latest snapshot (not the transaction's) inside an open SPI
+/// connection, and maps each row.
+pub fn fresh_rows<T>(sql: &CStr, mut f: impl FnMut(&Row) -> T) -> Vec<T> {
+    unsafe {
+        let plan = pg_sys::SPI_prepare(sql.as_ptr(), 0, std::ptr::null_mut());
+        if plan.is_null() {
+            errors::error(
+                Code::ERRCODE_INTERNAL_ERROR,
+                format!("pg_keypool: cannot prepare {sql:?}"),
+            )
+            .raise();
+        }
+        let status = pg_sys::SPI_execute_snapshot(
+            plan,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            pg_sys::GetLatestSnapshot(),
+            std::ptr::null_mut(),
+            true,
+            false,
+            0,
+        );
+        if status != pg_sys::SPI_OK_SELECT as i32 {
+            errors::error(
+                Code::ERRCODE_INTERNAL_ERROR,
+                format!("pg_keypool: query failed ({status}): {sql:?}"),
+            )
+            .raise();
+        }
+        let table = pg_sys::SPI_tuptable;
+        let n = pg_sys::SPI_processed as usize;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let row = Row {
+                tuple: *(*table).vals.add(i),
+                desc: (*table).tupdesc,
+            };
+            out.push(f(&row));
+        }
+        pg_sys::SPI_freetuptable(table);
+        pg_sys::SPI_freeplan(plan);
+        out
+    }
+}

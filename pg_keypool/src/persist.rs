@@ -1,0 +1,263 @@
+//! The state file: rate-window state that survives a restart.
+//!
+//! `pg_keypool.state` in the data directory holds every bound scope slot (limits, minute log,
+//! day counters, cooldown) and key slot (circuit breaker, unflushed usage). The launcher rewrites
+//! it every `pg_keypool.state_save_interval`; the postmaster writes it a last time, marked clean,
+//! when the server shuts down normally.
+//!
+//! When shared memory is created, the postmaster reads it back:
+//! - clean: everything is restored as it was, usage counters included;
+//! - otherwise (a crash, or the machine went down): what happened since the file was written is
+//!   unknown, so each scope is assumed to have used its limits in that time
+//!   (`ScopeWindows::assume_worst_since`), and usage counters are not restored, because some of
+//!   them may already be in the history table.
+//!
+//! Right after restoring, the file is rewritten as not clean, so that a crash soon after start
+//! never restores the older clean state.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::clock;
+use crate::shmem::{self, Owner, Shared, COUNTERS};
+use crate::window::codec::{get_i64, get_u32, get_u64, put_i64, put_u32, put_u64};
+use crate::window::ScopeWindows;
+
+const FILE: &str = "pg_keypool.state";
+const MAGIC: u64 = 0x5354_4154_454b_5031; // "KPSTATE1"
+const VERSION: u32 = 1;
+
+fn path() -> PathBuf {
+    let dir = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
+    PathBuf::from(dir.to_string_lossy().into_owned()).join(FILE)
+}
+
+struct ScopeRecord {
+    owner: Owner,
+    id: i64,
+    cooling_until_ms: i64,
+    cooling_reason: u32,
+    windows: ScopeWindows,
+}
+
+struct KeyRecord {
+    owner: Owner,
+    id: i64,
+    consecutive_failures: u32,
+    breaker_open_until_ms: i64,
+    last_used_ms: i64,
+    counters: [i64; COUNTERS],
+}
+
+/// Encodes the bound slots. `lock` says whether scope locks may (must) be taken: yes in a
+/// backend or the launcher, no in the postmaster, where no other process runs any more.
+fn encode(sh: &Shared, clean: bool, lock: bool, now_ms: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
+    put_u64(&mut out, MAGIC);
+    put_u32(&mut out, VERSION);
+    put_u32(&mut out, clean as u32);
+    put_i64(&mut out, now_ms);
+    let scopes: Vec<_> = sh.scopes.iter().filter(|s| !s.tag.is_free()).collect();
+    put_u32(&mut out, scopes.len() as u32);
+    for s in scopes {
+        let windows = if lock {
+            *s.lock()
+        } else {
+            unsafe { *s.windows_unlocked() }
+        };
+        let owner = s.tag.owner();
+        put_u32(&mut out, owner.dboid);
+        put_i64(&mut out, owner.instance);
+        put_i64(&mut out, s.tag.id());
+        put_i64(&mut out, s.cooling_until_ms.load(Ordering::Acquire));
+        put_u32(&mut out, s.cooling_reason.load(Ordering::Acquire));
+        windows.encode(&mut out);
+    }
+    let keys: Vec<_> = sh.keys.iter().filter(|k| !k.tag.is_free()).collect();
+    put_u32(&mut out, keys.len() as u32);
+    for k in keys {
+        let owner = k.tag.owner();
+        put_u32(&mut out, owner.dboid);
+        put_i64(&mut out, owner.instance);
+        put_i64(&mut out, k.tag.id());
+        put_u32(&mut out, k.consecutive_failures.load(Ordering::Acquire));
+        put_i64(&mut out, k.breaker_open_until_ms.load(Ordering::Acquire));
+        put_i64(&mut out, k.last_used_ms.load(Ordering::Acquire));
+        for c in &k.counters {
+            put_i64(&mut out, c.load(Ordering::Acquire));
+        }
+    }
+    out
+}
+
+struct Decoded {
+    clean: bool,
+    saved_ms: i64,
+    scopes: Vec<ScopeRecord>,
+    keys: Vec<KeyRecord>,
+}
+
+fn decode(mut input: &[u8]) -> Option<Decoded> {
+    let i = &mut input;
+    if get_u64(i)? != MAGIC || get_u32(i)? != VERSION {
+        return None;
+    }
+    let clean = get_u32(i)? == 1;
+    let saved_ms = get_i64(i)?;
+    let n = get_u32(i)? as usize;
+    let mut scopes = Vec::with_capacity(n.min(1 << 20));
+    for _ in 0..n {
+        scopes.push(ScopeRecord {
+            owner: Owner {
+                dboid: get_u32(i)?,
+                instance: get_i64(i)?,
+            },
+            id: get_i64(i)?,
+            cooling_until_ms: get_i64(i)?,
+            cooling_reason: get_u32(i)?,
+            windows: ScopeWindows::decode(i)?,
+        });
+    }
+    let n = get_u32(i)? as usize;
+    let mut keys = Vec::with_capacity(n.min(1 << 20));
+    for _ in 0..n {
+        let mut k = KeyRecord {
+            owner: Owner {
+                dboid: get_u32(i)?,
+                instance: get_i64(i)?,
+            },
+            id: get_i64(i)?,
+            consecutive_failures: get_u32(i)?,
+            breaker_open_until_ms: get_i64(i)?,
+            last_used_ms: get_i64(i)?,
+            counters: [0; COUNTERS],
+        };
+        for c in k.counters.iter_mut() {
+            *c = get_i64(i)?;
+        }
+        keys.push(k);
+    }
+    i.is_empty().then_some(Decoded {
+        clean,
+        saved_ms,
+        scopes,
+        keys,
+    })
+}
+
+fn write_file(bytes: &[u8]) -> std::io::Result<()> {
+    let target = path();
+    let tmp = target.with_extension(format!("tmp.{}", std::process::id()));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &target)?;
+    if let Some(dir) = target.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Saves the current state (launcher, or `keypool_save_state()` in a backend).
+pub fn save(sh: &Shared) -> std::io::Result<()> {
+    let now = clock::real_now_ms();
+    write_file(&encode(sh, false, true, now))?;
+    sh.header.state_saved_ms.store(now, Ordering::Release);
+    Ok(())
+}
+
+/// Saves the final state, marked clean. Runs in the postmaster after every backend exited.
+pub fn save_at_shutdown() {
+    let Some(sh) = shmem::try_shared() else {
+        return;
+    };
+    if let Err(e) = write_file(&encode(sh, true, false, clock::real_now_ms())) {
+        log!("pg_keypool: could not save {FILE} at shutdown: {e}");
+    }
+}
+
+/// Restores the state into a freshly created region. Runs in the postmaster.
+pub fn restore_at_startup() {
+    let Some(sh) = shmem::try_shared() else {
+        return;
+    };
+    let bytes = match fs::read(path()) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            warning!("pg_keypool: could not read {FILE}: {e}; rate windows start empty");
+            return;
+        }
+    };
+    let Some(state) = decode(&bytes) else {
+        warning!("pg_keypool: {FILE} is damaged or from another version; rate windows start empty");
+        return;
+    };
+    let now = clock::real_now_ms();
+    let mut restored = 0;
+    for (slot, r) in sh.scopes.iter().zip(state.scopes.iter()) {
+        let mut windows = r.windows;
+        if !state.clean {
+            windows.assume_worst_since(state.saved_ms, now);
+        }
+        unsafe { *slot.windows_unlocked() = windows };
+        slot.cooling_until_ms
+            .store(r.cooling_until_ms, Ordering::Release);
+        slot.cooling_reason
+            .store(r.cooling_reason, Ordering::Release);
+        slot.tag.set(r.owner, r.id);
+        restored += 1;
+    }
+    for (slot, r) in sh.keys.iter().zip(state.keys.iter()) {
+        slot.consecutive_failures
+            .store(r.consecutive_failures, Ordering::Release);
+        slot.breaker_open_until_ms
+            .store(r.breaker_open_until_ms, Ordering::Release);
+        slot.last_used_ms.store(r.last_used_ms, Ordering::Release);
+        if state.clean {
+            for (c, v) in slot.counters.iter().zip(r.counters.iter()) {
+                c.store(*v, Ordering::Release);
+            }
+        }
+        slot.tag.set(r.owner, r.id);
+    }
+    if state.scopes.len() > sh.scopes.len() || state.keys.len() > sh.keys.len() {
+        warning!("pg_keypool: {FILE} holds more scopes or keys than pg_keypool.max_scopes / max_keys allow; the rest start empty");
+    }
+    sh.header
+        .restored
+        .store(if state.clean { 1 } else { 2 }, Ordering::Release);
+    sh.header.state_saved_ms.store(now, Ordering::Release);
+    log!(
+        "pg_keypool: restored {restored} scopes from {FILE} ({})",
+        if state.clean {
+            "clean shutdown"
+        } else {
+            "after a crash: unknown usage since the last save is assumed"
+        }
+    );
+    if let Err(e) = write_file(&encode(sh, false, false, now)) {
+        warning!("pg_keypool: could not rewrite {FILE}: {e}");
+    }
+}
+
+/// `keypool_save_state()`: writes the state file now.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_save_state() -> pgrx::datum::TimestampWithTimeZone {
+    let sh = shmem::shared();
+    if let Err(e) = save(sh) {
+        crate::errors::error(
+            crate::errors::Code::ERRCODE_IO_ERROR,
+            format!("could not write {FILE}: {e}"),
+        )
+        .raise();
+    }
+    clock::to_timestamptz(sh.header.state_saved_ms.load(Ordering::Acquire))
+}

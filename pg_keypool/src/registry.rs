@@ -1,0 +1,205 @@
+//! Binds shared-memory slots to rows: which scope slot holds scope 17 of this database.
+//!
+//! A backend binds slots when it (re)loads its configuration: one pass over each slot array
+//! under the registry lock finds the slots it already owns and takes free ones for new rows.
+//! A slot is taken back only when that loses nothing:
+//! - its owner is gone (the database was dropped, or the extension re-created in it), or
+//! - it belongs to this owner, its row is no longer in the configuration, and it is idle (no
+//!   charge in its windows, no cooldown, no unflushed counters).
+//!
+//! Every hot-path use re-checks the slot's tag (under the scope lock for scopes), so a backend
+//! with an older cache never writes into a slot that was re-bound; it reloads instead.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+
+use crate::errors::{self, Code};
+use crate::shmem::{KeySlot, Owner, PoolSlot, ScopeSlot, Shared, Tag};
+use crate::window::ScopeWindows;
+
+/// What the registry needs to know about a kind of slot.
+trait Slot {
+    fn tag(&self) -> &Tag;
+    /// True when taking the slot back loses no information.
+    fn is_idle(&self, now_ms: i64) -> bool;
+    /// Clears all state before the slot is bound to a new row.
+    fn reset(&self);
+}
+
+impl Slot for ScopeSlot {
+    fn tag(&self) -> &Tag {
+        &self.tag
+    }
+
+    fn is_idle(&self, now_ms: i64) -> bool {
+        self.cooling(now_ms).is_none() && self.lock().is_idle(now_ms)
+    }
+
+    fn reset(&self) {
+        let mut w = self.lock();
+        *w = ScopeWindows::default();
+        self.cooling_until_ms.store(0, Ordering::Release);
+        self.cooling_reason.store(0, Ordering::Release);
+    }
+}
+
+impl Slot for KeySlot {
+    fn tag(&self) -> &Tag {
+        &self.tag
+    }
+
+    fn is_idle(&self, _now_ms: i64) -> bool {
+        !self.has_pending()
+            && self.breaker_open_until_ms.load(Ordering::Acquire) == 0
+            && self.trial_since_ms.load(Ordering::Acquire) == 0
+    }
+
+    fn reset(&self) {
+        self.consecutive_failures.store(0, Ordering::Release);
+        self.breaker_open_until_ms.store(0, Ordering::Release);
+        self.trial_since_ms.store(0, Ordering::Release);
+        self.last_used_ms.store(0, Ordering::Release);
+        for c in &self.counters {
+            c.store(0, Ordering::Release);
+        }
+    }
+}
+
+impl Slot for PoolSlot {
+    fn tag(&self) -> &Tag {
+        &self.tag
+    }
+
+    fn is_idle(&self, _now_ms: i64) -> bool {
+        true
+    }
+
+    fn reset(&self) {
+        self.cursor.store(0, Ordering::Release);
+    }
+}
+
+/// Slot numbers bound to the rows of one configuration.
+#[derive(Default)]
+pub struct Bindings {
+    pub scopes: HashMap<i64, u32>,
+    pub keys: HashMap<i64, u32>,
+    pub pools: HashMap<i64, u32>,
+}
+
+/// The rows a configuration needs slots for.
+pub struct Wanted<'a> {
+    pub scopes: &'a [i64],
+    pub keys: &'a [i64],
+    pub pools: &'a [i64],
+}
+
+/// Binds a slot to every wanted row. `live_databases` are the OIDs in `pg_database`.
+pub fn bind(
+    sh: &Shared,
+    owner: Owner,
+    wanted: Wanted<'_>,
+    live_databases: &HashSet<u32>,
+    now_ms: i64,
+) -> Bindings {
+    let _registry = sh.header.registry.exclusive();
+    let dead = |o: Owner| {
+        !live_databases.contains(&o.dboid)
+            || (o.dboid == owner.dboid && o.instance != owner.instance)
+    };
+    Bindings {
+        scopes: bind_kind(
+            sh.scopes,
+            owner,
+            wanted.scopes,
+            &dead,
+            now_ms,
+            "scopes",
+            "pg_keypool.max_scopes",
+        ),
+        keys: bind_kind(
+            sh.keys,
+            owner,
+            wanted.keys,
+            &dead,
+            now_ms,
+            "keys",
+            "pg_keypool.max_keys",
+        ),
+        pools: bind_kind(
+            sh.pools,
+            owner,
+            wanted.pools,
+            &dead,
+            now_ms,
+            "pools",
+            "pg_keypool.max_pools",
+        ),
+    }
+}
+
+fn bind_kind<S: Slot>(
+    slots: &[S],
+    owner: Owner,
+    wanted: &[i64],
+    dead: &dyn Fn(Owner) -> bool,
+    now_ms: i64,
+    what: &str,
+    setting: &str,
+) -> HashMap<i64, u32> {
+    let wanted_set: HashSet<i64> = wanted.iter().copied().collect();
+    let newest_wanted = wanted.iter().copied().max().unwrap_or(0);
+    let mut bound: HashMap<i64, u32> = HashMap::with_capacity(wanted.len());
+    let mut free: Vec<u32> = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let id = slot.tag().id();
+        if id == 0 {
+            free.push(i as u32);
+            continue;
+        }
+        let o = slot.tag().owner();
+        if o == owner {
+            // Rows newer than any this configuration knows may belong to a transaction that
+            // committed after our snapshot: never take those back.
+            if wanted_set.contains(&id) {
+                bound.insert(id, i as u32);
+            } else if id <= newest_wanted && slot.is_idle(now_ms) {
+                slot.tag().clear();
+                free.push(i as u32);
+            }
+        } else if dead(o) {
+            slot.tag().clear();
+            free.push(i as u32);
+        }
+    }
+    let missing: Vec<i64> = wanted
+        .iter()
+        .copied()
+        .filter(|id| !bound.contains_key(id))
+        .collect();
+    if missing.len() > free.len() {
+        errors::error(
+            Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!("too many {what} for pg_keypool's shared memory"),
+        )
+        .detail(format!(
+            "{} {what} are configured in this database and {} more slots are needed, but only {} are free ({setting} = {}).",
+            wanted.len(),
+            missing.len(),
+            free.len(),
+            slots.len()
+        ))
+        .hint(format!("Raise {setting} in postgresql.conf and restart the server."))
+        .raise();
+    }
+    // Take the lowest free slots first: a compact region is faster to scan.
+    free.sort_unstable_by(|a, b| b.cmp(a));
+    for id in missing {
+        let Some(i) = free.pop() else { break };
+        let slot = &slots[i as usize];
+        slot.reset();
+        slot.tag().set(owner, id);
+        bound.insert(id, i);
+    }
+    bound
+}

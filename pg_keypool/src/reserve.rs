@@ -1,0 +1,292 @@
+//! `keypool_reserve`: the hot path. Picks a key of the pool whose scope has room right now and
+//! charges one request and the token estimate to it, atomically.
+//!
+//! Selection: the pool's keys in id order, starting where a shared cursor points and moving it
+//! on by one per call (a round-robin over the whole server, not per client), skipping disabled
+//! keys, cooling scopes, open circuit breakers and scopes without room. The first key that fits
+//! is granted. Refusals are rows: `NO_KEYS` when no key is usable at all, `POOL_EXHAUSTED`
+//! with the exact time until the first key frees up otherwise.
+//!
+//! Cost: no table access (configuration is cached, config.rs), one scope lock per key tried, a
+//! few atomics; no WAL, no row locks.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::breaker::{self, Admission};
+use crate::calendar;
+use crate::clock;
+use crate::composite::{self, Value};
+use crate::config::{self, Config};
+use crate::errors::{self, Code};
+use crate::reservation::{self, Record, FLAG_TRIAL};
+use crate::settings;
+use crate::shmem::{self, Counter, Shared};
+use crate::window::Wait;
+
+/// Largest token estimate or count accepted from a caller.
+pub const MAX_TOKENS: i64 = 1_000_000_000;
+/// Longest user id accepted, in bytes.
+pub const MAX_USER_ID: usize = 256;
+
+pub enum Refusal {
+    PoolExhausted,
+    NoKeys,
+}
+
+impl Refusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::PoolExhausted => "POOL_EXHAUSTED",
+            Refusal::NoKeys => "NO_KEYS",
+        }
+    }
+}
+
+pub enum Answer {
+    Granted {
+        key: usize,
+        reservation_id: u64,
+    },
+    Refused {
+        refusal: Refusal,
+        retry_after_ms: Option<i64>,
+    },
+}
+
+/// A slot this backend cached was bound to another row meanwhile: reload and try again.
+struct Rebound;
+
+pub fn check_user_id(user_id: Option<&str>) -> &str {
+    let Some(user) = user_id else {
+        errors::null_argument("user_id").raise()
+    };
+    if user.is_empty() {
+        errors::invalid("user_id must not be empty").raise();
+    }
+    if user.len() > MAX_USER_ID {
+        errors::invalid(format!(
+            "user_id is {} bytes long; the limit is {MAX_USER_ID}",
+            user.len()
+        ))
+        .raise();
+    }
+    user
+}
+
+pub fn check_tokens(name: &str, tokens: Option<i64>) -> i64 {
+    let Some(t) = tokens else {
+        errors::null_argument(name).raise()
+    };
+    if !(0..=MAX_TOKENS).contains(&t) {
+        errors::invalid(format!(
+            "{name} must be between 0 and {MAX_TOKENS}, not {t}"
+        ))
+        .raise();
+    }
+    t
+}
+
+/// Reserves capacity in `pool_name` for one request of about `est_tokens` tokens.
+pub fn reserve(pool_name: &str, est_tokens: i64) -> (Rc<Config>, Answer) {
+    let sh = shmem::shared();
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        errors::error(Code::ERRCODE_READ_ONLY_SQL_TRANSACTION, "keypool_reserve cannot run on a standby")
+            .detail("Rate windows live in the shared memory of the server that grants; a standby would grant the same capacity again.")
+            .hint("Reserve on the primary.")
+            .raise();
+    }
+    let mut cfg = config::current();
+    for _ in 0..3 {
+        match try_reserve(sh, &cfg, pool_name, est_tokens) {
+            Ok(answer) => return (cfg, answer),
+            Err(Rebound) => cfg = config::reload_now(),
+        }
+    }
+    errors::error(
+        Code::ERRCODE_INTERNAL_ERROR,
+        "pg_keypool: shared-memory slots kept moving during a reservation",
+    )
+    .raise()
+}
+
+fn try_reserve(
+    sh: &Shared,
+    cfg: &Config,
+    pool_name: &str,
+    est_tokens: i64,
+) -> Result<Answer, Rebound> {
+    let Some(pool) = cfg.pool_by_name(pool_name) else {
+        errors::undefined(format!("pool \"{pool_name}\" does not exist"))
+            .hint("Create it with keypool_create_pool() and add keys with keypool_add_key().")
+            .raise()
+    };
+    let n = pool.keys.len();
+    if n == 0 {
+        return Ok(Answer::Refused {
+            refusal: Refusal::NoKeys,
+            retry_after_ms: None,
+        });
+    }
+    let now = clock::now_ms();
+    let lease = settings::lease_ms();
+    let tokens = est_tokens as u64;
+    let start = sh.pool(pool.slot).cursor.fetch_add(1, Ordering::Relaxed) as usize;
+    let mut usable = 0;
+    let mut wait: Option<Wait> = None;
+    let mut note = |w: Wait| wait = Some(wait.map_or(w, |x| x.min(w)));
+
+    for i in 0..n {
+        let key_index = pool.keys[(start + i) % n];
+        let key = &cfg.keys[key_index];
+        let scope = cfg.scope_of(key);
+        if key.disabled || scope.disabled {
+            continue;
+        }
+        usable += 1;
+        let scope_slot = sh.scope(scope.slot);
+        if let Some((until, _)) = scope_slot.cooling(now) {
+            note(Wait::Ms(until - now));
+            continue;
+        }
+        let key_slot = sh.key(key.slot);
+        if !key_slot.tag.is(cfg.owner, key.id) {
+            return Err(Rebound);
+        }
+        let trial = match breaker::admit(key_slot, now, lease) {
+            Admission::Closed => false,
+            Admission::Trial => true,
+            Admission::Open(until) => {
+                note(Wait::Ms((until - now).max(1)));
+                continue;
+            }
+        };
+        let charged = {
+            let mut windows = scope_slot.lock();
+            if !windows.tag().is(cfg.owner, scope.id) {
+                drop(windows);
+                if trial {
+                    breaker::abandon_trial(key_slot);
+                }
+                return Err(Rebound);
+            }
+            windows.try_charge(now, tokens, |t| calendar::day_bounds(scope.tz, t))
+        };
+        match charged {
+            Ok(charge) => {
+                let record = Record {
+                    dboid: cfg.owner.dboid,
+                    scope_slot: scope.slot,
+                    key_slot: key.slot,
+                    scope_id: scope.id,
+                    key_id: key.id,
+                    at_ms: charge.at_ms,
+                    day_start_ms: charge.day_start_ms,
+                    est_tokens,
+                    flags: if trial { FLAG_TRIAL } else { 0 },
+                };
+                let reservation_id = reservation::open(sh, &record, now, lease);
+                key_slot.add(Counter::Requests, 1);
+                key_slot.last_used_ms.store(now, Ordering::Relaxed);
+                return Ok(Answer::Granted {
+                    key: key_index,
+                    reservation_id,
+                });
+            }
+            Err(w) => {
+                if trial {
+                    breaker::abandon_trial(key_slot);
+                }
+                note(w);
+            }
+        }
+    }
+    if usable == 0 {
+        return Ok(Answer::Refused {
+            refusal: Refusal::NoKeys,
+            retry_after_ms: None,
+        });
+    }
+    match wait {
+        Some(Wait::Never) => errors::invalid(format!(
+            "est_tokens ({est_tokens}) is more than any usable key of pool \"{pool_name}\" allows"
+        ))
+        .detail("Each key's scope has a tokens-per-minute or tokens-per-day limit below the estimate, so the request could never be granted.")
+        .hint("Split the request, or add a key whose limits allow it.")
+        .raise(),
+        Some(Wait::Ms(ms)) => Ok(Answer::Refused { refusal: Refusal::PoolExhausted, retry_after_ms: Some(ms.max(1)) }),
+        None => Ok(Answer::Refused { refusal: Refusal::PoolExhausted, retry_after_ms: Some(1) }),
+    }
+}
+
+/// The result row, in the column order of the `keypool_reservation` type.
+fn result_row<'a>(cfg: &'a Config, answer: &Answer) -> [Value<'a>; 10] {
+    match answer {
+        Answer::Granted {
+            key,
+            reservation_id,
+        } => {
+            let k = &cfg.keys[*key];
+            [
+                Value::Bool(true),
+                Value::Int8(*reservation_id as i64),
+                Value::Int8(k.id),
+                Value::Text(&k.provider),
+                Value::opt_text(k.model.as_deref()),
+                Value::Text(&k.base_url),
+                Value::Text(&k.secret),
+                Value::Null,
+                Value::Null,
+                Value::Text(&k.label),
+            ]
+        }
+        Answer::Refused {
+            refusal,
+            retry_after_ms,
+        } => [
+            Value::Bool(false),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Text(refusal.code()),
+            retry_after_ms.map_or(Value::Null, Value::Int8),
+            Value::Null,
+        ],
+    }
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_keypool_reserve_c() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `keypool_reserve(user_id text, pool text, est_tokens bigint) RETURNS keypool_reservation`,
+/// written against the function-call interface directly so that the result row costs no type
+/// lookup (see composite.rs).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn keypool_reserve_c(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    unsafe {
+        let user_id = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
+        let pool = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1);
+        let est_tokens = pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 2);
+        let _user = check_user_id(user_id);
+        let Some(pool) = pool else {
+            errors::null_argument("pool").raise()
+        };
+        let est_tokens = check_tokens("est_tokens", est_tokens);
+        let (cfg, answer) = reserve(pool, est_tokens);
+        let row = result_row(&cfg, &answer);
+        composite::form(fcinfo, &row)
+    }
+}

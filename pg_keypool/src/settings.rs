@@ -1,0 +1,130 @@
+//! Settings (GUCs). Sizes are fixed when the server starts; the rest reload on SIGHUP.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+pub static MAX_SCOPES: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static MAX_POOLS: GucSetting<i32> = GucSetting::<i32>::new(256);
+pub static MAX_RESERVATIONS: GucSetting<i32> = GucSetting::<i32>::new(131_072);
+pub static LEASE_MS: GucSetting<i32> = GucSetting::<i32>::new(600_000);
+pub static DEFAULT_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static BREAKER_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+pub static STATE_SAVE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// Registers every setting. Called from `_PG_init`, before shared memory is sized.
+pub fn define() {
+    let postmaster = |name, short, long, setting, min, max| {
+        GucRegistry::define_int_guc(
+            name,
+            short,
+            long,
+            setting,
+            min,
+            max,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        )
+    };
+    postmaster(
+        c"pg_keypool.max_scopes",
+        c"Most quota scopes (accounts per model) kept in shared memory.",
+        c"Each scope holds its rolling minute and day windows (about 1.7 kB). Needs a restart.",
+        &MAX_SCOPES,
+        16,
+        1_000_000,
+    );
+    postmaster(
+        c"pg_keypool.max_keys",
+        c"Most keys kept in shared memory.",
+        c"Each key holds its circuit breaker and unflushed usage counters. Needs a restart.",
+        &MAX_KEYS,
+        16,
+        1_000_000,
+    );
+    postmaster(
+        c"pg_keypool.max_pools",
+        c"Most pools kept in shared memory.",
+        c"Needs a restart.",
+        &MAX_POOLS,
+        4,
+        100_000,
+    );
+    postmaster(
+        c"pg_keypool.max_reservations",
+        c"Size of the ring of open reservations.",
+        c"A reservation still open when the ring wraps around to its slot is expired early (its \
+          estimate stays charged). Size it above requests per second times the longest provider \
+          call. Needs a restart.",
+        &MAX_RESERVATIONS,
+        1_024,
+        16_777_216,
+    );
+    let sighup_ms = |name, short, long, setting, min, max| {
+        GucRegistry::define_int_guc(
+            name,
+            short,
+            long,
+            setting,
+            min,
+            max,
+            GucContext::Sighup,
+            GucFlags::UNIT_MS,
+        )
+    };
+    sighup_ms(
+        c"pg_keypool.lease",
+        c"How long a reservation may stay open before it expires.",
+        c"An expired reservation keeps its estimate charged and can no longer be settled or released.",
+        &LEASE_MS,
+        1_000,
+        86_400_000,
+    );
+    sighup_ms(
+        c"pg_keypool.default_cooldown",
+        c"How long a scope cools down after a rate-limit answer that carried no retry-after.",
+        c"",
+        &DEFAULT_COOLDOWN_MS,
+        1,
+        86_400_000,
+    );
+    sighup_ms(
+        c"pg_keypool.breaker_cooldown",
+        c"How long a key stays out after its circuit breaker opens, before one trial request.",
+        c"",
+        &BREAKER_COOLDOWN_MS,
+        1,
+        86_400_000,
+    );
+    sighup_ms(
+        c"pg_keypool.state_save_interval",
+        c"How often the launcher saves rate-window state to disk.",
+        c"After a crash, state since the last save is assumed to have been used up to the limits.",
+        &STATE_SAVE_INTERVAL_MS,
+        100,
+        3_600_000,
+    );
+    sighup_ms(
+        c"pg_keypool.flush_interval",
+        c"How often usage counters are written to the hourly history.",
+        c"",
+        &FLUSH_INTERVAL_MS,
+        100,
+        3_600_000,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keypool.breaker_threshold",
+        c"Consecutive server errors (5xx, timeouts) that take a key out of rotation.",
+        c"",
+        &BREAKER_THRESHOLD,
+        1,
+        1_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+pub fn lease_ms() -> i64 {
+    LEASE_MS.get() as i64
+}

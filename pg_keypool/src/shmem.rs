@@ -1,0 +1,482 @@
+//! The shared-memory region: where every backend finds the live state of scopes, keys, pools
+//! and open reservations.
+//!
+//! One region, sized from the `pg_keypool.max_*` settings when the server starts:
+//!
+//! ```text
+//! [Header][ScopeSlot; max_scopes][KeySlot; max_keys][PoolSlot; max_pools][ReservationSlot; max_reservations]
+//! ```
+//!
+//! Slots are bound to database rows by a [`Tag`] (database, extension instance, row id); see
+//! `registry.rs`. A scope slot's rate windows are guarded by the slot's own LWLock; everything
+//! else is atomics. The region exists only when the library is in `shared_preload_libraries`;
+//! [`shared`] raises a clean ERROR otherwise.
+
+use std::cell::UnsafeCell;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::errors;
+use crate::settings;
+use crate::window::ScopeWindows;
+
+const MAGIC: u64 = 0x4b45_5950_4f4f_4c01;
+/// Databases that may have their own settable clock at once (tests).
+pub const MAX_CLOCKS: usize = 64;
+/// Index of `AddinShmemInitLock` in `MainLWLockArray` (PostgreSQL 15, lwlocknames.h).
+const ADDIN_SHMEM_INIT_LOCK: usize = 21;
+
+/// Who a slot belongs to: a database and the extension instance created in it (a new id each
+/// time the extension is created, so a dropped and recreated extension never inherits state).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Owner {
+    pub dboid: u32,
+    pub instance: i64,
+}
+
+/// Binds a slot to one row (`id`) of one owner. `id == 0` means the slot is free.
+#[repr(C)]
+#[derive(Default)]
+pub struct Tag {
+    dboid: AtomicU32,
+    instance: AtomicI64,
+    id: AtomicI64,
+}
+
+impl Tag {
+    pub fn id(&self) -> i64 {
+        self.id.load(Ordering::Acquire)
+    }
+
+    pub fn owner(&self) -> Owner {
+        Owner {
+            dboid: self.dboid.load(Ordering::Relaxed),
+            instance: self.instance.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn is(&self, owner: Owner, id: i64) -> bool {
+        self.id() == id && self.owner() == owner
+    }
+
+    pub fn is_free(&self) -> bool {
+        self.id() == 0
+    }
+
+    pub(crate) fn set(&self, owner: Owner, id: i64) {
+        self.dboid.store(owner.dboid, Ordering::Relaxed);
+        self.instance.store(owner.instance, Ordering::Relaxed);
+        self.id.store(id, Ordering::Release);
+    }
+
+    pub(crate) fn clear(&self) {
+        self.id.store(0, Ordering::Release);
+    }
+}
+
+/// A PostgreSQL LWLock living in our region.
+#[repr(C)]
+pub struct Lock(UnsafeCell<pg_sys::LWLock>);
+
+impl Lock {
+    unsafe fn init(&self, tranche: i32) {
+        unsafe { pg_sys::LWLockInitialize(self.0.get(), tranche) };
+    }
+
+    pub fn exclusive(&self) -> LockGuard<'_> {
+        unsafe { pg_sys::LWLockAcquire(self.0.get(), pg_sys::LWLockMode::LW_EXCLUSIVE) };
+        LockGuard(self)
+    }
+}
+
+/// Releases the lock when dropped, including while an ERROR unwinds.
+pub struct LockGuard<'a>(&'a Lock);
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.0 .0.get()) };
+    }
+}
+
+/// Why a scope is cooling down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CoolingReason {
+    None = 0,
+    RateLimited = 1,
+    DailyQuota = 2,
+}
+
+impl CoolingReason {
+    pub fn from_u32(v: u32) -> Self {
+        match v {
+            1 => CoolingReason::RateLimited,
+            2 => CoolingReason::DailyQuota,
+            _ => CoolingReason::None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CoolingReason::None => "",
+            CoolingReason::RateLimited => "rate limited by the provider",
+            CoolingReason::DailyQuota => "daily quota used up at the provider",
+        }
+    }
+}
+
+/// Live state of one quota scope.
+#[repr(C)]
+pub struct ScopeSlot {
+    lock: Lock,
+    pub tag: Tag,
+    pub cooling_until_ms: AtomicI64,
+    pub cooling_reason: AtomicU32,
+    windows: UnsafeCell<ScopeWindows>,
+}
+
+impl ScopeSlot {
+    /// Locks the scope's windows.
+    pub fn lock(&self) -> ScopeGuard<'_> {
+        let guard = self.lock.exclusive();
+        ScopeGuard {
+            _guard: guard,
+            slot: self,
+        }
+    }
+
+    /// Cools the scope until `until_ms`; a cooldown only ever extends.
+    pub fn cool_until(&self, until_ms: i64, reason: CoolingReason) {
+        let before = self.cooling_until_ms.fetch_max(until_ms, Ordering::AcqRel);
+        if until_ms > before {
+            self.cooling_reason.store(reason as u32, Ordering::Release);
+        }
+    }
+
+    pub fn cooling(&self, now_ms: i64) -> Option<(i64, CoolingReason)> {
+        let until = self.cooling_until_ms.load(Ordering::Acquire);
+        (until > now_ms).then(|| {
+            (
+                until,
+                CoolingReason::from_u32(self.cooling_reason.load(Ordering::Acquire)),
+            )
+        })
+    }
+
+    /// Reads the windows without the lock. Only for the postmaster, when no backend runs.
+    pub(crate) unsafe fn windows_unlocked(&self) -> &mut ScopeWindows {
+        unsafe { &mut *self.windows.get() }
+    }
+}
+
+pub struct ScopeGuard<'a> {
+    _guard: LockGuard<'a>,
+    slot: &'a ScopeSlot,
+}
+
+impl Deref for ScopeGuard<'_> {
+    type Target = ScopeWindows;
+    fn deref(&self) -> &ScopeWindows {
+        unsafe { &*self.slot.windows.get() }
+    }
+}
+
+impl DerefMut for ScopeGuard<'_> {
+    fn deref_mut(&mut self) -> &mut ScopeWindows {
+        unsafe { &mut *self.slot.windows.get() }
+    }
+}
+
+impl ScopeGuard<'_> {
+    pub fn tag(&self) -> &Tag {
+        &self.slot.tag
+    }
+}
+
+/// Usage counters a key accumulates until they are flushed to the hourly history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
+    Requests = 0,
+    Released,
+    PromptTokens,
+    CompletionTokens,
+    Success,
+    RateLimited,
+    DailyQuota,
+    KeyInvalid,
+    Billing,
+    ServerError,
+    CallerError,
+    Other,
+}
+
+pub const COUNTERS: usize = 12;
+
+/// Live state of one key: its circuit breaker and unflushed usage.
+#[repr(C)]
+#[derive(Default)]
+pub struct KeySlot {
+    pub tag: Tag,
+    pub consecutive_failures: AtomicU32,
+    /// 0: closed. Otherwise the breaker is open until then, and half-open after.
+    pub breaker_open_until_ms: AtomicI64,
+    /// When the half-open trial request was let through (0: none in flight).
+    pub trial_since_ms: AtomicI64,
+    pub last_used_ms: AtomicI64,
+    pub counters: [AtomicI64; COUNTERS],
+}
+
+impl KeySlot {
+    pub fn add(&self, counter: Counter, n: i64) {
+        self.counters[counter as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.counters.iter().any(|c| c.load(Ordering::Relaxed) != 0)
+    }
+}
+
+/// Live state of one pool: where its round-robin continues.
+#[repr(C)]
+#[derive(Default)]
+pub struct PoolSlot {
+    pub tag: Tag,
+    pub cursor: AtomicU64,
+}
+
+/// One open reservation (see `reservation.rs`).
+#[repr(C)]
+#[derive(Default)]
+pub struct ReservationSlot {
+    pub id: AtomicU64,
+    pub closed_id: AtomicU64,
+    pub closed_how: AtomicU32,
+    pub dboid: AtomicU32,
+    pub scope_slot: AtomicU32,
+    pub key_slot: AtomicU32,
+    pub scope_id: AtomicI64,
+    pub key_id: AtomicI64,
+    pub at_ms: AtomicI64,
+    pub day_start_ms: AtomicI64,
+    pub est_tokens: AtomicI64,
+    pub flags: AtomicU32,
+}
+
+/// A database's settable clock (tests).
+#[repr(C)]
+#[derive(Default)]
+pub struct ClockOverride {
+    pub dboid: AtomicU32,
+    pub now_ms: AtomicI64,
+}
+
+#[repr(C)]
+pub struct Header {
+    magic: u64,
+    pub scope_capacity: u32,
+    pub key_capacity: u32,
+    pub pool_capacity: u32,
+    pub reservation_capacity: u32,
+    pub tranche: i32,
+    /// Guards slot allocation (registry.rs).
+    pub registry: Lock,
+    /// Bumped when any pool, key or scope row changes; backends reload their config cache.
+    pub config_generation: AtomicU64,
+    pub next_reservation: AtomicU64,
+    /// The first reservation id of this server run.
+    pub first_reservation: AtomicU64,
+    pub reservations_evicted: AtomicU64,
+    pub clocks_in_use: AtomicU32,
+    pub clocks: [ClockOverride; MAX_CLOCKS],
+    /// Process flushing usage history right now (0: none), and since when.
+    pub flush_holder: AtomicI32,
+    pub flush_since_ms: AtomicI64,
+    /// When the state file was last written.
+    pub state_saved_ms: AtomicI64,
+    /// How this run's state began: 0 fresh, 1 from a clean shutdown, 2 after a crash.
+    pub restored: AtomicU32,
+    pub launcher_pid: AtomicI32,
+}
+
+/// The whole region, as seen by one process.
+pub struct Shared {
+    pub header: &'static Header,
+    pub scopes: &'static [ScopeSlot],
+    pub keys: &'static [KeySlot],
+    pub pools: &'static [PoolSlot],
+    pub reservations: &'static [ReservationSlot],
+}
+
+static mut SHARED: Option<Shared> = None;
+
+/// The region, or a clean ERROR when the library was not preloaded.
+pub fn shared() -> &'static Shared {
+    match try_shared() {
+        Some(s) => s,
+        None => errors::not_preloaded().raise(),
+    }
+}
+
+pub fn try_shared() -> Option<&'static Shared> {
+    // SAFETY: written once in the postmaster before any backend exists; read-only afterwards.
+    unsafe { (*std::ptr::addr_of!(SHARED)).as_ref() }
+}
+
+struct Capacities {
+    scopes: usize,
+    keys: usize,
+    pools: usize,
+    reservations: usize,
+}
+
+impl Capacities {
+    fn from_settings() -> Self {
+        Capacities {
+            scopes: settings::MAX_SCOPES.get() as usize,
+            keys: settings::MAX_KEYS.get() as usize,
+            pools: settings::MAX_POOLS.get() as usize,
+            reservations: settings::MAX_RESERVATIONS.get() as usize,
+        }
+    }
+
+    /// Byte offsets of the five parts, and the total size.
+    fn layout(&self) -> ([usize; 5], usize) {
+        fn align(n: usize) -> usize {
+            n.div_ceil(64) * 64
+        }
+        let mut at = 0;
+        let mut offsets = [0; 5];
+        let sizes = [
+            std::mem::size_of::<Header>(),
+            std::mem::size_of::<ScopeSlot>() * self.scopes,
+            std::mem::size_of::<KeySlot>() * self.keys,
+            std::mem::size_of::<PoolSlot>() * self.pools,
+            std::mem::size_of::<ReservationSlot>() * self.reservations,
+        ];
+        for (i, size) in sizes.iter().enumerate() {
+            offsets[i] = at;
+            at = align(at + size);
+        }
+        (offsets, at)
+    }
+}
+
+static mut PREV_SHMEM_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+
+/// Installs the hooks that size and create the region. Called from `_PG_init` at preload.
+pub fn install_hooks() {
+    unsafe {
+        PREV_SHMEM_REQUEST_HOOK = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP_HOOK = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST_HOOK {
+            prev();
+        }
+        let (_, size) = Capacities::from_settings().layout();
+        pg_sys::RequestAddinShmemSpace(size);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP_HOOK {
+            prev();
+        }
+        let caps = Capacities::from_settings();
+        let (offsets, size) = caps.layout();
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let base = pg_sys::ShmemInitStruct(c"pg_keypool".as_ptr(), size, &mut found) as *mut u8;
+        if !found {
+            std::ptr::write_bytes(base, 0, size);
+        }
+        let shared = Shared {
+            header: &*(base.add(offsets[0]) as *const Header),
+            scopes: std::slice::from_raw_parts(
+                base.add(offsets[1]) as *const ScopeSlot,
+                caps.scopes,
+            ),
+            keys: std::slice::from_raw_parts(base.add(offsets[2]) as *const KeySlot, caps.keys),
+            pools: std::slice::from_raw_parts(base.add(offsets[3]) as *const PoolSlot, caps.pools),
+            reservations: std::slice::from_raw_parts(
+                base.add(offsets[4]) as *const ReservationSlot,
+                caps.reservations,
+            ),
+        };
+        if !found {
+            let header = &mut *(base.add(offsets[0]) as *mut Header);
+            header.magic = MAGIC;
+            header.scope_capacity = caps.scopes as u32;
+            header.key_capacity = caps.keys as u32;
+            header.pool_capacity = caps.pools as u32;
+            header.reservation_capacity = caps.reservations as u32;
+            header.tranche = pg_sys::LWLockNewTrancheId();
+            header.registry.init(header.tranche);
+            for slot in shared.scopes {
+                slot.lock.init(header.tranche);
+            }
+            // Reservation ids of this run start above any id a previous run can have issued
+            // (fewer than 4096 reservations per millisecond, on average, since the epoch).
+            let first = (crate::clock::real_now_ms() as u64) << 12;
+            header.next_reservation.store(first, Ordering::Relaxed);
+            header.first_reservation.store(first, Ordering::Relaxed);
+        }
+        pg_sys::LWLockRelease(init_lock);
+        pg_sys::LWLockRegisterTranche(shared.header.tranche, c"pg_keypool".as_ptr());
+        let restore = !found;
+        SHARED = Some(shared);
+        if restore {
+            crate::persist::restore_at_startup();
+        }
+        if !pg_sys::IsUnderPostmaster {
+            pg_sys::on_shmem_exit(Some(shmem_exit), pg_sys::Datum::from(0));
+        }
+    }
+}
+
+/// Runs in the postmaster when it exits. On a clean shutdown (code 0) every backend is gone,
+/// so the final state is saved as clean; after a crash the periodic save stays as it is.
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_exit(code: i32, _arg: pg_sys::Datum) {
+    if code == 0 {
+        crate::persist::save_at_shutdown();
+    }
+}
+
+impl Shared {
+    pub fn scope(&self, slot: u32) -> &'static ScopeSlot {
+        &self.scopes[slot as usize]
+    }
+
+    pub fn key(&self, slot: u32) -> &'static KeySlot {
+        &self.keys[slot as usize]
+    }
+
+    pub fn pool(&self, slot: u32) -> &'static PoolSlot {
+        &self.pools[slot as usize]
+    }
+
+    /// Tells every backend to reload its configuration cache.
+    pub fn bump_config_generation(&self) {
+        self.header.config_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn config_generation(&self) -> u64 {
+        self.header.config_generation.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,183 @@
+//! Functions that read shared-memory state for the views in `sql/api.sql`, and the test clock.
+
+use std::sync::atomic::Ordering;
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+
+use crate::clock;
+use crate::errors;
+use crate::shmem;
+
+type Ts = Option<TimestampWithTimeZone>;
+
+/// `keypool_now()`: the time as pg_keypool sees it in this database.
+#[pg_extern(volatile, parallel_safe)]
+fn keypool_now() -> TimestampWithTimeZone {
+    clock::to_timestamptz(clock::now_ms())
+}
+
+/// `keypool_set_clock(at)`: freezes pg_keypool's clock in this database (tests); NULL returns it
+/// to wall time. Superuser only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_set_clock(at: Option<TimestampWithTimeZone>) -> TimestampWithTimeZone {
+    if !unsafe { pgrx::pg_sys::superuser() } {
+        errors::error(
+            errors::Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "only a superuser can set pg_keypool's clock",
+        )
+        .raise();
+    }
+    clock::set(at.map(clock::from_timestamptz));
+    clock::to_timestamptz(clock::now_ms())
+}
+
+/// `keypool_status()`: one row about the shared-memory state of the server.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
+fn keypool_status() -> TableIterator<
+    'static,
+    (
+        name!(scopes_used, i32),
+        name!(scopes_capacity, i32),
+        name!(keys_used, i32),
+        name!(keys_capacity, i32),
+        name!(reservation_capacity, i32),
+        name!(reservations_expired_early, i64),
+        name!(state_saved_at, Ts),
+        name!(started_from, String),
+    ),
+> {
+    let sh = shmem::shared();
+    let h = sh.header;
+    let saved = h.state_saved_ms.load(Ordering::Acquire);
+    let started = match h.restored.load(Ordering::Acquire) {
+        1 => "saved state (clean shutdown)",
+        2 => "saved state (after a crash; unknown usage assumed)",
+        _ => "empty state",
+    };
+    TableIterator::once((
+        sh.scopes.iter().filter(|s| !s.tag.is_free()).count() as i32,
+        h.scope_capacity as i32,
+        sh.keys.iter().filter(|k| !k.tag.is_free()).count() as i32,
+        h.key_capacity as i32,
+        h.reservation_capacity as i32,
+        h.reservations_evicted.load(Ordering::Acquire) as i64,
+        (saved > 0).then(|| clock::to_timestamptz(saved)),
+        started.to_string(),
+    ))
+}
+
+/// Internal functions, in the extension's private schema.
+#[pg_schema]
+mod keypool {
+    use std::sync::atomic::Ordering;
+
+    use pgrx::datum::TimestampWithTimeZone;
+    use pgrx::prelude::*;
+
+    use crate::calendar;
+    use crate::clock;
+    use crate::config;
+    use crate::shmem;
+
+    type Ts = Option<TimestampWithTimeZone>;
+
+    /// Live window usage of every scope of this database.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[allow(clippy::type_complexity)]
+    fn scope_state() -> TableIterator<
+        'static,
+        (
+            name!(scope_id, i64),
+            name!(requests_this_minute, i64),
+            name!(tokens_this_minute, i64),
+            name!(requests_today, i64),
+            name!(tokens_today, i64),
+            name!(day_resets_at, Ts),
+            name!(cooling_until, Ts),
+            name!(cooling_reason, Option<String>),
+        ),
+    > {
+        let sh = shmem::shared();
+        let cfg = config::current();
+        let now = clock::now_ms();
+        let rows: Vec<_> = cfg
+            .scopes
+            .iter()
+            .filter_map(|scope| {
+                let slot = sh.scope(scope.slot);
+                let windows = {
+                    let w = slot.lock();
+                    if !w.tag().is(cfg.owner, scope.id) {
+                        return None;
+                    }
+                    *w
+                };
+                let (mr, mt, dr, dt) = windows.usage(now);
+                let (_, day_end) = calendar::day_bounds(scope.tz, now);
+                let cooling = slot.cooling(now);
+                Some((
+                    scope.id,
+                    mr as i64,
+                    mt as i64,
+                    dr as i64,
+                    dt as i64,
+                    Some(clock::to_timestamptz(day_end)),
+                    cooling.map(|(until, _)| clock::to_timestamptz(until)),
+                    cooling.map(|(_, reason)| reason.as_str().to_string()),
+                ))
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
+    /// Live state of every key of this database: circuit breaker and last use.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[allow(clippy::type_complexity)]
+    fn key_state() -> TableIterator<
+        'static,
+        (
+            name!(key_id, i64),
+            name!(breaker, String),
+            name!(breaker_open_until, Ts),
+            name!(consecutive_failures, i32),
+            name!(last_used_at, Ts),
+        ),
+    > {
+        let sh = shmem::shared();
+        let cfg = config::current();
+        let now = clock::now_ms();
+        let rows: Vec<_> = cfg
+            .keys
+            .iter()
+            .filter_map(|key| {
+                let slot = sh.key(key.slot);
+                if !slot.tag.is(cfg.owner, key.id) {
+                    return None;
+                }
+                let open_until = slot.breaker_open_until_ms.load(Ordering::Acquire);
+                let breaker = match open_until {
+                    0 => "closed",
+                    t if now < t => "open",
+                    _ => "half_open",
+                };
+                let last_used = slot.last_used_ms.load(Ordering::Acquire);
+                Some((
+                    key.id,
+                    breaker.to_string(),
+                    (open_until > now).then(|| clock::to_timestamptz(open_until)),
+                    slot.consecutive_failures.load(Ordering::Acquire) as i32,
+                    (last_used > 0).then(|| clock::to_timestamptz(last_used)),
+                ))
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
+    /// Marks this backend's configuration cache stale; called by the trigger on the tables.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn note_config_change() {
+        config::note_change();
+    }
+}

@@ -1,0 +1,115 @@
+# Shared shell functions for pg_keypool's demo, tests and benchmarks.
+# Source it: `. scripts/lib.sh`. Every step skips what is already done.
+
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_CONFIG="$PG_BIN/pg_config"
+PGRX_VERSION=0.18.0
+# Private clusters live outside the checkout so that the postgres user can reach them wherever
+# the checkout is; one directory per checkout.
+CLUSTER_ROOT="${KEYPOOL_CLUSTER_ROOT:-/tmp/pg_keypool-$(printf '%s' "$REPO" | md5sum | cut -c1-8)}"
+export KEYPOOL_CLUSTER_ROOT="$CLUSTER_ROOT"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# --- machine set-up ---------------------------------------------------------------------------
+
+ensure_packages() {
+    local missing=()
+    for p in postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang pkg-config sudo; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        say "installing Debian packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+ensure_cargo_pgrx() {
+    if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION"; then
+        say "installing cargo-pgrx $PGRX_VERSION (about 6 minutes, once per machine)"
+        cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+    fi
+    if ! grep -q '^pg15' "$HOME/.pgrx/config.toml" 2>/dev/null; then
+        say "cargo pgrx init --pg15"
+        cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+    fi
+}
+
+ensure_setup() {
+    ensure_packages
+    ensure_cargo_pgrx
+    install -d -m 755 "$CLUSTER_ROOT"
+}
+
+# --- building and installing the extension ------------------------------------------------------
+
+# Installs the library and SQL into the system PostgreSQL directories. A running cluster that
+# preloads the library crashes when its file is overwritten, so ours are stopped first.
+install_extension() {
+    local profile="${1:-release}"
+    stop_all_clusters
+    say "building and installing pg_keypool ($profile)"
+    local args=(--pg-config "$PG_CONFIG")
+    [[ "$profile" == release ]] && args+=(--release)
+    (cd "$REPO/pg_keypool" && cargo pgrx install "${args[@]}" >/dev/null)
+}
+
+# --- private clusters ---------------------------------------------------------------------------
+
+cluster_dir() { echo "$CLUSTER_ROOT/$1"; }
+
+as_postgres() { runuser -u postgres -- "$@"; }
+
+# cluster_start NAME PORT [setting=value ...]
+cluster_start() {
+    local name="$1" port="$2"
+    shift 2
+    local dir
+    dir="$(cluster_dir "$name")"
+    install -d -o postgres -g postgres -m 700 "$dir"
+    if [[ ! -f "$dir/data/PG_VERSION" ]]; then
+        as_postgres "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
+    fi
+    install -d -o postgres -g postgres -m 700 "$dir/sock"
+    {
+        echo "port = $port"
+        echo "listen_addresses = '127.0.0.1'"
+        echo "unix_socket_directories = '$dir/sock'"
+        echo "shared_preload_libraries = 'pg_keypool'"
+        echo "max_connections = 200"
+        echo "logging_collector = off"
+        for setting in "$@"; do echo "$setting"; done
+    } | as_postgres tee "$dir/data/postgresql.auto.conf" >/dev/null
+    if ! as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+        as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 start >/dev/null
+    fi
+}
+
+cluster_stop() {
+    local dir
+    dir="$(cluster_dir "$1")"
+    if [[ -f "$dir/data/postmaster.pid" ]]; then
+        as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w -t 60 stop >/dev/null 2>&1 || true
+    fi
+}
+
+stop_all_clusters() {
+    [[ -d "$CLUSTER_ROOT" ]] || return 0
+    local d
+    for d in "$CLUSTER_ROOT"/*/data "$CLUSTER_ROOT"/*/*/data "$CLUSTER_ROOT"/pgrx-test; do
+        [[ -f "$d/postmaster.pid" ]] && as_postgres "$PG_BIN/pg_ctl" -D "$d" -m fast -w -t 60 stop >/dev/null 2>&1 || true
+    done
+    return 0
+}
+
+# cluster_psql NAME PORT [psql args...]
+cluster_psql() {
+    local name="$1" port="$2"
+    shift 2
+    as_postgres psql -X -h "$(cluster_dir "$name")/sock" -p "$port" -U postgres "$@"
+}

@@ -1,0 +1,120 @@
+-- pg_keypool: internal tables.
+--
+-- Everything in schema keypool is private to the extension. Applications and operators use the
+-- keypool_* functions and views; the functions read and write these tables as the extension's
+-- owner. Rate-window state is not here: it lives in shared memory (see README).
+
+CREATE SCHEMA keypool;
+REVOKE ALL ON SCHEMA keypool FROM PUBLIC;
+COMMENT ON SCHEMA keypool IS 'pg_keypool internals: pools, keys, quota scopes, usage history, events';
+
+-- One row: identifies this installation, so that shared-memory state of a dropped and
+-- re-created extension is never mistaken for the new one's.
+CREATE TABLE keypool.instance (
+    one_row    boolean PRIMARY KEY DEFAULT true CHECK (one_row),
+    id         bigint NOT NULL DEFAULT (1 + floor(random() * 9e18))::bigint,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- A named set of keys serving one function (chat, artifact, image ...).
+CREATE TABLE keypool.pool (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL UNIQUE CHECK (name <> ''),
+    description text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- A quota scope: a provider account (project, organization) for one model. Limits belong here,
+-- not to keys: keys that share an account share its limits. A key added without an account
+-- gets a scope of its own (account IS NULL).
+CREATE TABLE keypool.scope (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    provider        text NOT NULL,
+    account         text,
+    model           text,
+    rpm             integer CHECK (rpm > 0),
+    rpd             integer CHECK (rpd > 0),
+    tpm             bigint CHECK (tpm > 0),
+    tpd             bigint CHECK (tpd > 0),
+    timezone        text NOT NULL DEFAULT 'UTC',
+    disabled_reason text,
+    disabled_at     timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX scope_account_model ON keypool.scope (provider, account, (coalesce(model, '')))
+    WHERE account IS NOT NULL;
+
+-- A provider key. The secret is only ever returned by keypool_reserve; everything else shows
+-- the masked label.
+CREATE TABLE keypool.key (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    pool_id         bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    scope_id        bigint NOT NULL REFERENCES keypool.scope (id),
+    provider        text NOT NULL,
+    model           text,
+    base_url        text NOT NULL,
+    secret          text NOT NULL,
+    secret_sha256   bytea NOT NULL,
+    label           text NOT NULL,
+    disabled_reason text,
+    disabled_at     timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (pool_id, secret_sha256)
+);
+CREATE INDEX key_scope ON keypool.key (scope_id);
+
+-- Usage history, one row per key per hour: grows with keys and time, not with requests.
+CREATE TABLE keypool.usage_hourly (
+    key_id            bigint NOT NULL REFERENCES keypool.key (id) ON DELETE CASCADE,
+    hour              timestamptz NOT NULL,
+    requests          bigint NOT NULL DEFAULT 0,
+    released          bigint NOT NULL DEFAULT 0,
+    prompt_tokens     bigint NOT NULL DEFAULT 0,
+    completion_tokens bigint NOT NULL DEFAULT 0,
+    success           bigint NOT NULL DEFAULT 0,
+    rate_limited      bigint NOT NULL DEFAULT 0,
+    daily_quota       bigint NOT NULL DEFAULT 0,
+    key_invalid       bigint NOT NULL DEFAULT 0,
+    billing           bigint NOT NULL DEFAULT 0,
+    server_error      bigint NOT NULL DEFAULT 0,
+    caller_error      bigint NOT NULL DEFAULT 0,
+    other             bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, hour)
+);
+
+-- What changed and why: keys added, disabled, enabled; scopes disabled for billing.
+CREATE TABLE keypool.event (
+    id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at       timestamptz NOT NULL,
+    kind     text NOT NULL,
+    pool_id  bigint,
+    key_id   bigint,
+    scope_id bigint,
+    reason   text
+);
+CREATE INDEX event_at ON keypool.event (at);
+
+-- Any change to the configuration makes every backend reload its cache (see config.rs).
+CREATE FUNCTION keypool.config_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM keypool.note_config_change();
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.instance
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.pool
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.scope
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.key
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+
+-- pg_dump keeps the configuration and history.
+SELECT pg_catalog.pg_extension_config_dump('keypool.pool', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.scope', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.key', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.usage_hourly', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.event', '');
