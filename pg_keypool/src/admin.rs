@@ -218,38 +218,16 @@ fn keypool_add_key(
         }
 
         let zone = zone.unwrap_or(provider.day_zone);
-        let insert_scope = "INSERT INTO keypool.scope (provider, account, model, rpm, rpd, tpm, tpd, timezone)
-                            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                            ON CONFLICT (provider, account, (coalesce(model, ''))) WHERE account IS NOT NULL DO NOTHING
-                            RETURNING id";
-        let scope_args = || -> [DatumWithOid<'_>; 8] {
-            [
-                provider.name.into(),
-                account.into(),
-                model.into(),
-                rpm.into(),
-                rpd.into(),
-                tpm.into(),
-                tpd.into(),
-                zone.into(),
-            ]
+        let find_account = "SELECT id FROM keypool.scope
+                             WHERE provider = $1 AND account = $2 AND model IS NOT DISTINCT FROM $3";
+        let account_args = || -> [DatumWithOid<'_>; 3] { [provider.name.into(), account.into(), model.into()] };
+        let existing_scope: Option<i64> = match account {
+            Some(_) => one(client, find_account, &account_args()),
+            None => None,
         };
-        let scope_id: i64 = match one::<i64>(client, insert_scope, &scope_args()) {
-            Some(id) => id,
-            None => {
+        let scope_id: i64 = match existing_scope {
+            Some(id) => {
                 // The account exists: its limits are replaced by the ones given, if any.
-                let id: Option<i64> = one(
-                    client,
-                    "SELECT id FROM keypool.scope WHERE provider = $1 AND account = $2 AND model IS NOT DISTINCT FROM $3",
-                    &[provider.name.into(), account.into(), model.into()],
-                );
-                let Some(id) = id else {
-                    errors::error(
-                        Code::ERRCODE_INTERNAL_ERROR,
-                        "pg_keypool: scope vanished while adding a key",
-                    )
-                    .raise()
-                };
                 if limits_given {
                     errors::spi(client.update(set_limits, None, &limit_args(id)));
                 }
@@ -261,6 +239,29 @@ fn keypool_add_key(
                     ));
                 }
                 id
+            }
+            None => {
+                let inserted: Option<i64> = one(
+                    client,
+                    "INSERT INTO keypool.scope (provider, account, model, rpm, rpd, tpm, tpd, timezone)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (provider, account, (coalesce(model, ''))) WHERE account IS NOT NULL DO NOTHING
+                     RETURNING id",
+                    &[
+                        provider.name.into(),
+                        account.into(),
+                        model.into(),
+                        rpm.into(),
+                        rpd.into(),
+                        tpm.into(),
+                        tpd.into(),
+                        zone.into(),
+                    ],
+                );
+                // Created concurrently by another session: use theirs.
+                inserted.or_else(|| one(client, find_account, &account_args())).unwrap_or_else(|| {
+                    errors::error(Code::ERRCODE_INTERNAL_ERROR, "pg_keypool: scope vanished while adding a key").raise()
+                })
             }
         };
         let key_id: Option<i64> = one(
