@@ -220,7 +220,8 @@ fn keypool_add_key(
         let zone = zone.unwrap_or(provider.day_zone);
         let find_account = "SELECT id FROM keypool.scope
                              WHERE provider = $1 AND account = $2 AND model IS NOT DISTINCT FROM $3";
-        let account_args = || -> [DatumWithOid<'_>; 3] { [provider.name.into(), account.into(), model.into()] };
+        let account_args =
+            || -> [DatumWithOid<'_>; 3] { [provider.name.into(), account.into(), model.into()] };
         let existing_scope: Option<i64> = match account {
             Some(_) => one(client, find_account, &account_args()),
             None => None,
@@ -259,9 +260,15 @@ fn keypool_add_key(
                     ],
                 );
                 // Created concurrently by another session: use theirs.
-                inserted.or_else(|| one(client, find_account, &account_args())).unwrap_or_else(|| {
-                    errors::error(Code::ERRCODE_INTERNAL_ERROR, "pg_keypool: scope vanished while adding a key").raise()
-                })
+                inserted
+                    .or_else(|| one(client, find_account, &account_args()))
+                    .unwrap_or_else(|| {
+                        errors::error(
+                            Code::ERRCODE_INTERNAL_ERROR,
+                            "pg_keypool: scope vanished while adding a key",
+                        )
+                        .raise()
+                    })
             }
         };
         let key_id: Option<i64> = one(

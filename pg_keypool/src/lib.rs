@@ -54,7 +54,6 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
 mod tests;
 
 /// Required by `cargo pgrx test`.
@@ -64,6 +63,10 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'pg_keypool'"]
+        // A small ring, so that a test can fill it.
+        vec![
+            "shared_preload_libraries = 'pg_keypool'",
+            "pg_keypool.max_reservations = 1024",
+        ]
     }
 }

@@ -126,3 +126,15 @@ SELECT s.tokens_today FROM keypool_scopes s JOIN keypool_keys k USING (scope_id)
 SELECT kind, pool, label, reason FROM keypool_events
  WHERE kind IN ('key_disabled', 'key_enabled', 'scope_disabled') ORDER BY id;
 SELECT abs(extract(epoch FROM keypool_set_clock(NULL) - now())) < 600 AS back_to_wall_time;
+
+-- A half-open breaker's trial is given back when the scope has no room for it, so the key
+-- is not stuck waiting for a trial that never happened.
+SELECT keypool_set_clock('2030-02-02 10:00:00+00');
+SELECT keypool_create_pool('trial');
+SELECT keypool_add_key('trial', 'openai', 'sk-trial-key-00000001', rpm => 5);
+SELECT keypool_settle((keypool_reserve('u', 'trial')).reservation_id, 503) FROM generate_series(1, 5);
+SELECT keypool_set_clock('2030-02-02 10:00:31+00');
+SELECT granted, error, retry_after_ms FROM keypool_reserve('u', 'trial');
+SELECT keypool_set_clock('2030-02-02 10:01:00+00');
+SELECT granted, error FROM keypool_reserve('u', 'trial');
+SELECT abs(extract(epoch FROM keypool_set_clock(NULL) - now())) < 600 AS back_to_wall_time;
