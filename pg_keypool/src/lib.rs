@@ -45,8 +45,9 @@ extension_sql_file!("../../sql/api.sql", name = "api", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    settings::define();
-    if unsafe { !pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
+    settings::define(preloading);
+    if !preloading {
         return;
     }
     shmem::install_hooks();

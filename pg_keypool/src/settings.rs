@@ -13,8 +13,17 @@ pub static BREAKER_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000)
 pub static STATE_SAVE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
-/// Registers every setting. Called from `_PG_init`, before shared memory is sized.
-pub fn define() {
+/// Registers the settings. Called from `_PG_init`. The sizes of shared memory can only be
+/// defined while the server starts (`preloading`); when the library is loaded later they would
+/// have no effect, and PostgreSQL refuses to define them.
+pub fn define(preloading: bool) {
+    if preloading {
+        define_sizes();
+    }
+    define_reloadable();
+}
+
+fn define_sizes() {
     let postmaster = |name, short, long, setting, min, max| {
         GucRegistry::define_int_guc(
             name,
@@ -61,6 +70,9 @@ pub fn define() {
         1_024,
         16_777_216,
     );
+}
+
+fn define_reloadable() {
     let sighup_ms = |name, short, long, setting, min, max| {
         GucRegistry::define_int_guc(
             name,

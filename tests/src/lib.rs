@@ -1,1 +1,314 @@
 //! Test harness: private PostgreSQL clusters and fresh databases for integration tests.
+//!
+//! A [`Cluster`] is a data directory of its own under `$KEYPOOL_CLUSTER_ROOT` (owned by the
+//! postgres user, since PostgreSQL refuses to run as root), listening on a free loopback port,
+//! with pg_keypool preloaded. It is stopped by its data directory when dropped. Most tests share
+//! one cluster ([`shared`]) and get a fresh database each ([`Cluster::fresh_db`]); tests that
+//! restart or crash a server start their own.
+//!
+//! The extension must be installed in the system PostgreSQL directories first (the test command
+//! does that).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub fn cluster_root() -> PathBuf {
+    std::env::var_os("KEYPOOL_CLUSTER_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/pg_keypool-tests"))
+}
+
+fn as_postgres(program: &str, args: &[&str]) -> Output {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--", program])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} as postgres: {e}"));
+    out
+}
+
+fn check(what: &str, out: Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("no free loopback port");
+    listener
+        .local_addr()
+        .expect("bound listener has an address")
+        .port()
+}
+
+/// A private PostgreSQL cluster.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    settings: Vec<String>,
+}
+
+impl Cluster {
+    /// Creates (or reuses) the data directory `name` and starts the server. `settings` are extra
+    /// postgresql.conf lines; pg_keypool is preloaded unless one of them sets
+    /// `shared_preload_libraries` itself.
+    pub fn start(name: &str, settings: &[&str]) -> Cluster {
+        let dir = cluster_root().join(format!("it-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("cannot create the cluster directory");
+        check(
+            "chown",
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .output()
+                .expect("chown"),
+        );
+        let data = dir.join("data");
+        check(
+            "initdb",
+            as_postgres(
+                &format!("{PG_BIN}/initdb"),
+                &[
+                    "-D",
+                    path(&data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                    "--no-sync",
+                ],
+            ),
+        );
+        let cluster = Cluster {
+            dir,
+            port: free_port(),
+            settings: settings.iter().map(|s| s.to_string()).collect(),
+        };
+        cluster.write_config();
+        cluster.pg_ctl(&[
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            path(&cluster.dir.join("log")),
+        ]);
+        cluster
+    }
+
+    fn write_config(&self) {
+        let mut conf = vec![
+            format!("port = {}", self.port),
+            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("unix_socket_directories = '{}'", self.dir.display()),
+            "max_connections = 250".to_string(),
+            "fsync = off".to_string(),
+        ];
+        if !self
+            .settings
+            .iter()
+            .any(|s| s.starts_with("shared_preload_libraries"))
+        {
+            conf.push("shared_preload_libraries = 'pg_keypool'".to_string());
+        }
+        conf.extend(self.settings.iter().cloned());
+        let file = self.dir.join("data").join("postgresql.auto.conf");
+        std::fs::write(&file, conf.join("\n") + "\n").expect("cannot write postgresql.auto.conf");
+        check(
+            "chown",
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&file)
+                .output()
+                .expect("chown"),
+        );
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.join("data");
+        let mut all = vec!["-D", path(&data)];
+        all.extend_from_slice(args);
+        check("pg_ctl", as_postgres(&format!("{PG_BIN}/pg_ctl"), &all));
+    }
+
+    /// A clean restart (fast shutdown, then start).
+    pub fn restart(&self) {
+        self.pg_ctl(&[
+            "restart",
+            "-m",
+            "fast",
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            path(&self.dir.join("log")),
+        ]);
+    }
+
+    pub fn stop(&self) {
+        if self.dir.join("data").join("postmaster.pid").exists() {
+            let data = self.dir.join("data");
+            let _ = as_postgres(
+                &format!("{PG_BIN}/pg_ctl"),
+                &["-D", path(&data), "stop", "-m", "fast", "-w", "-t", "60"],
+            );
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    pub fn conninfo(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10",
+            self.port
+        )
+    }
+
+    pub async fn connect(&self, db: &str) -> Client {
+        connect(&self.conninfo(db))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {db}: {e}"))
+    }
+
+    /// Waits until the server accepts connections again (after a crash and restart).
+    pub async fn wait_ready(&self, db: &str) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(client) = connect(&self.conninfo(db)).await {
+                if client.simple_query("SELECT 1").await.is_ok() {
+                    return client;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not come back within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A new database with the extension created in it, dropped when the handle is dropped.
+    pub async fn fresh_db(&self) -> TestDb<'_> {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = self.connect("postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("CREATE DATABASE");
+        let client = self.connect(&name).await;
+        client
+            .batch_execute("CREATE EXTENSION pg_keypool")
+            .await
+            .expect("CREATE EXTENSION");
+        TestDb {
+            cluster: self,
+            name,
+            client,
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+        // A failed test leaves its cluster (and log) behind for inspection.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("cluster paths are UTF-8")
+}
+
+pub async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A database of its own for one test.
+pub struct TestDb<'c> {
+    pub cluster: &'c Cluster,
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestDb<'_> {
+    pub async fn connect(&self) -> Client {
+        self.cluster.connect(&self.name).await
+    }
+}
+
+impl Drop for TestDb<'_> {
+    fn drop(&mut self) {
+        // Dropping happens outside the test's runtime: use a synchronous psql call.
+        let _ = Command::new(format!("{PG_BIN}/psql"))
+            .args([
+                "-X",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.cluster.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+            ])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .output();
+    }
+}
+
+static SHARED: OnceLock<Mutex<Option<Cluster>>> = OnceLock::new();
+
+extern "C" fn stop_shared_cluster() {
+    if let Some(cell) = SHARED.get() {
+        if let Ok(mut guard) = cell.lock() {
+            guard.take();
+        }
+    }
+}
+
+/// The cluster shared by the tests of one test binary, started on first use and stopped when
+/// the process exits.
+pub fn shared() -> &'static Cluster {
+    let cell = SHARED.get_or_init(|| {
+        let cluster = Cluster::start("shared", &[]);
+        unsafe { libc::atexit(stop_shared_cluster) };
+        Mutex::new(Some(cluster))
+    });
+    let guard = cell.lock().expect("shared cluster lock");
+    let cluster: *const Cluster = guard.as_ref().expect("shared cluster is running");
+    // SAFETY: the cluster lives until the process exits (atexit takes it out then).
+    unsafe { &*cluster }
+}

@@ -1,0 +1,199 @@
+//! Restarts and crashes: after either, no scope grants more than its limits allow.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use keypool_tests::Cluster;
+use tokio_postgres::Client;
+
+async fn exec(client: &Client, sql: &str) {
+    client.batch_execute(sql).await.unwrap_or_else(|e| {
+        panic!(
+            "{sql}: {}",
+            e.as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string())
+        )
+    });
+}
+
+async fn granted_of(client: &Client, pool: &str, attempts: usize) -> usize {
+    let stmt = client
+        .prepare("SELECT granted FROM keypool_reserve($1, $2)")
+        .await
+        .unwrap();
+    let mut granted = 0;
+    for i in 0..attempts {
+        let row = client
+            .query_one(&stmt, &[&format!("u{i}"), &pool])
+            .await
+            .unwrap();
+        granted += row.get::<_, bool>(0) as usize;
+    }
+    granted
+}
+
+async fn started_from(client: &Client) -> String {
+    client
+        .query_one("SELECT started_from FROM keypool_status()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A time zone in which it is about noon now, so that a test never crosses a daily reset.
+fn zone_at_noon() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hour = ((secs / 3600) % 24) as i32;
+    let mut offset = 12 - hour;
+    if offset > 14 {
+        offset -= 24;
+    }
+    if offset < -12 {
+        offset += 24;
+    }
+    // POSIX-style names: Etc/GMT-3 is three hours ahead of UTC.
+    if offset >= 0 {
+        format!("Etc/GMT-{offset}")
+    } else {
+        format!("Etc/GMT+{}", -offset)
+    }
+}
+
+#[tokio::test]
+async fn a_clean_restart_keeps_what_each_scope_used() {
+    let cluster = Cluster::start("clean-restart", &[]);
+    let client = cluster.connect("postgres").await;
+    exec(
+        &client,
+        &format!(
+            "CREATE EXTENSION pg_keypool;
+             SELECT keypool_create_pool('p');
+             SELECT keypool_add_key('p', 'openai', 'sk-restart-key-000001', rpm => 100, rpd => 10, timezone => '{}');",
+            zone_at_noon()
+        ),
+    )
+    .await;
+    assert_eq!(granted_of(&client, "p", 6).await, 6);
+    drop(client);
+    cluster.restart();
+    let client = cluster.connect("postgres").await;
+    assert_eq!(started_from(&client).await, "saved state (clean shutdown)");
+    assert_eq!(
+        granted_of(&client, "p", 10).await,
+        4,
+        "a restart must not refill the day"
+    );
+    let used: i64 = client
+        .query_one("SELECT requests_today FROM keypool_scopes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 10);
+}
+
+#[tokio::test]
+async fn after_a_crash_no_scope_grants_more_than_its_limits_allow() {
+    // Only the state this test saves itself is on disk.
+    let cluster = Cluster::start(
+        "crash",
+        &[
+            "pg_keypool.state_save_interval = '1h'",
+            "restart_after_crash = on",
+        ],
+    );
+    let client = cluster.connect("postgres").await;
+    exec(
+        &client,
+        &format!(
+            "CREATE EXTENSION pg_keypool;
+             SELECT keypool_create_pool('p');
+             SELECT keypool_add_key('p', 'openai', 'sk-crash-key-00000001', rpm => 5, rpd => 50, timezone => '{}');",
+            zone_at_noon()
+        ),
+    )
+    .await;
+    assert_eq!(granted_of(&client, "p", 3).await, 3);
+    exec(&client, "SELECT keypool_save_state()").await;
+    // Two more grants that no saved state knows about: 5 used today in truth.
+    assert_eq!(granted_of(&client, "p", 2).await, 2);
+
+    let victim = cluster.connect("postgres").await;
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGKILL) },
+        0,
+        "kill -9 {pid}"
+    );
+    let client = cluster.wait_ready("postgres").await;
+    assert_eq!(
+        started_from(&client).await,
+        "saved state (after a crash; unknown usage assumed)"
+    );
+
+    // Right after the crash the minute window is assumed full.
+    assert_eq!(granted_of(&client, "p", 5).await, 0);
+    // Minutes later only the day limit binds: 45 remain in truth, and no more may be granted.
+    exec(
+        &client,
+        "SELECT keypool_set_clock(now() + interval '3 minutes')",
+    )
+    .await;
+    let mut granted = 0;
+    for minute in 0..12 {
+        exec(
+            &client,
+            &format!(
+                "SELECT keypool_set_clock(now() + interval '{} minutes')",
+                3 + minute
+            ),
+        )
+        .await;
+        granted += granted_of(&client, "p", 6).await;
+    }
+    assert!(
+        granted <= 45,
+        "{granted} granted after the crash; only 45 were left"
+    );
+    // The assumption costs at most one minute's worth (5) of the day.
+    assert!(
+        granted >= 40,
+        "{granted} granted after the crash: more pessimistic than documented"
+    );
+}
+
+#[tokio::test]
+async fn without_preloading_the_extension_installs_and_reserving_fails_cleanly() {
+    let cluster = Cluster::start("no-preload", &["shared_preload_libraries = ''"]);
+    let client = cluster.connect("postgres").await;
+    exec(
+        &client,
+        "CREATE EXTENSION pg_keypool;
+         SELECT keypool_create_pool('p');
+         SELECT keypool_add_key('p', 'openai', 'sk-no-preload-key-0001');",
+    )
+    .await;
+    let err = client
+        .query_one("SELECT * FROM keypool_reserve('u', 'p')", &[])
+        .await
+        .expect_err("reserve must fail");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "55000");
+    assert_eq!(
+        db.message(),
+        "pg_keypool is not loaded in shared_preload_libraries"
+    );
+    assert!(db
+        .hint()
+        .unwrap_or_default()
+        .contains("shared_preload_libraries"));
+    // The backend is alive and well.
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
