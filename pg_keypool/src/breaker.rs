@@ -19,6 +19,24 @@ pub enum Admission {
     Open(i64),
 }
 
+/// When the key is out of rotation (breaker open, or its single trial in flight), until about
+/// when; `None` when a request may be admitted. Changes nothing.
+pub fn peek(key: &KeySlot, now_ms: i64, lease_ms: i64) -> Option<i64> {
+    let open_until = key.breaker_open_until_ms.load(Acquire);
+    if open_until == 0 {
+        return None;
+    }
+    if now_ms < open_until {
+        return Some(open_until);
+    }
+    let since = key.trial_since_ms.load(Acquire);
+    if since != 0 && now_ms - since <= lease_ms {
+        let cooldown = settings::BREAKER_COOLDOWN_MS.get() as i64;
+        return Some((since + lease_ms).min(now_ms + cooldown));
+    }
+    None
+}
+
 pub fn admit(key: &KeySlot, now_ms: i64, lease_ms: i64) -> Admission {
     let open_until = key.breaker_open_until_ms.load(Acquire);
     if open_until == 0 {

@@ -1,10 +1,11 @@
 //! `keypool_reserve`: the hot path. Picks a key of the pool whose scope has room right now and
 //! charges one request and the token estimate to it, atomically.
 //!
-//! Selection: the pool's keys in id order, starting where a shared cursor points and moving it
-//! on by one per call (a round-robin over the whole server, not per client), skipping disabled
-//! keys, cooling scopes, open circuit breakers and scopes without room. The first key that fits
-//! is granted. Refusals are rows: `NO_KEYS` when no key is usable at all, `POOL_EXHAUSTED`
+//! Selection: among the pool's keys that are ready (not disabled, scope not cooling, circuit
+//! breaker not open), a cursor shared by all sessions picks the next one in turn: a round-robin
+//! over the whole server, not per client, that stays even when keys drop out. If that key's
+//! scope has no room, the next ready key in id order is tried, and so on. The first key that
+//! fits is granted. Refusals are rows: `NO_KEYS` when no key is usable at all, `POOL_EXHAUSTED`
 //! with the exact time until the first key frees up otherwise.
 //!
 //! Cost: no table access (configuration is cached, config.rs), one scope lock per key tried, a
@@ -20,7 +21,7 @@ use crate::breaker::{self, Admission};
 use crate::calendar;
 use crate::clock;
 use crate::composite::{self, Value};
-use crate::config::{self, Config};
+use crate::config::{self, Config, Key};
 use crate::errors::{self, Code};
 use crate::reservation::{self, Record, FLAG_TRIAL};
 use crate::settings;
@@ -113,102 +114,62 @@ pub fn reserve(pool_name: &str, est_tokens: i64) -> (Rc<Config>, Answer) {
     .raise()
 }
 
-fn try_reserve(
-    sh: &Shared,
-    cfg: &Config,
-    pool_name: &str,
-    est_tokens: i64,
-) -> Result<Answer, Rebound> {
+fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64) -> Result<Answer, Rebound> {
     let Some(pool) = cfg.pool_by_name(pool_name) else {
         errors::undefined(format!("pool \"{pool_name}\" does not exist"))
             .hint("Create it with keypool_create_pool() and add keys with keypool_add_key().")
             .raise()
     };
-    let n = pool.keys.len();
-    if n == 0 {
-        return Ok(Answer::Refused {
-            refusal: Refusal::NoKeys,
-            retry_after_ms: None,
-        });
-    }
     let now = clock::now_ms();
     let lease = settings::lease_ms();
     let tokens = est_tokens as u64;
-    let start = sh.pool(pool.slot).cursor.fetch_add(1, Ordering::Relaxed) as usize;
-    let mut usable = 0;
     let mut wait: Option<Wait> = None;
     let mut note = |w: Wait| wait = Some(wait.map_or(w, |x| x.min(w)));
 
-    for i in 0..n {
-        let key_index = pool.keys[(start + i) % n];
-        let key = &cfg.keys[key_index];
-        let scope = cfg.scope_of(key);
-        if key.disabled || scope.disabled {
-            continue;
-        }
-        usable += 1;
-        let scope_slot = sh.scope(scope.slot);
-        if let Some((until, _)) = scope_slot.cooling(now) {
-            note(Wait::Ms(until - now));
-            continue;
-        }
-        let key_slot = sh.key(key.slot);
-        if !key_slot.tag.is(cfg.owner, key.id) {
-            return Err(Rebound);
-        }
-        let trial = match breaker::admit(key_slot, now, lease) {
-            Admission::Closed => false,
-            Admission::Trial => true,
-            Admission::Open(until) => {
-                note(Wait::Ms((until - now).max(1)));
-                continue;
-            }
-        };
-        let charged = {
-            let mut windows = scope_slot.lock();
-            if !windows.tag().is(cfg.owner, scope.id) {
-                drop(windows);
-                if trial {
-                    breaker::abandon_trial(key_slot);
-                }
-                return Err(Rebound);
-            }
-            windows.try_charge(now, tokens, |t| calendar::day_bounds(scope.tz, t))
-        };
-        match charged {
-            Ok(charge) => {
-                let record = Record {
-                    dboid: cfg.owner.dboid,
-                    scope_slot: scope.slot,
-                    key_slot: key.slot,
-                    scope_id: scope.id,
-                    key_id: key.id,
-                    at_ms: charge.at_ms,
-                    day_start_ms: charge.day_start_ms,
-                    est_tokens,
-                    flags: if trial { FLAG_TRIAL } else { 0 },
-                };
-                let reservation_id = reservation::open(sh, &record, now, lease);
-                key_slot.add(Counter::Requests, 1);
-                key_slot.last_used_ms.store(now, Ordering::Relaxed);
-                return Ok(Answer::Granted {
-                    key: key_index,
-                    reservation_id,
-                });
-            }
-            Err(w) => {
-                if trial {
-                    breaker::abandon_trial(key_slot);
-                }
+    // Pass 1: which keys could take a request now? Disabled keys do not count at all; cooling
+    // scopes and open circuit breakers tell when they come back.
+    let mut enabled = 0;
+    let mut ready = 0;
+    for &k in &pool.keys {
+        match readiness(sh, cfg, &cfg.keys[k], now, lease) {
+            Readiness::Disabled => {}
+            Readiness::Later(w) => {
+                enabled += 1;
                 note(w);
+            }
+            Readiness::Ready => {
+                enabled += 1;
+                ready += 1;
             }
         }
     }
-    if usable == 0 {
-        return Ok(Answer::Refused {
-            refusal: Refusal::NoKeys,
-            retry_after_ms: None,
-        });
+    if enabled == 0 {
+        return Ok(Answer::Refused { refusal: Refusal::NoKeys, retry_after_ms: None });
+    }
+
+    // Pass 2: the shared cursor picks one of the ready keys, so load spreads evenly over them
+    // whichever keys are out; from there, each ready key in turn until one has room.
+    if ready > 0 {
+        let turn = (sh.pool(pool.slot).cursor.fetch_add(1, Ordering::Relaxed) % ready as u64) as usize;
+        let n = pool.keys.len();
+        let first = pool
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, &k)| matches!(readiness(sh, cfg, &cfg.keys[k], now, lease), Readiness::Ready))
+            .nth(turn)
+            .map_or(0, |(i, _)| i);
+        for i in 0..n {
+            let key_index = pool.keys[(first + i) % n];
+            let key = &cfg.keys[key_index];
+            if !matches!(readiness(sh, cfg, key, now, lease), Readiness::Ready) {
+                continue;
+            }
+            match try_key(sh, cfg, key, now, lease, est_tokens, tokens)? {
+                Ok(reservation_id) => return Ok(Answer::Granted { key: key_index, reservation_id }),
+                Err(w) => note(w),
+            }
+        }
     }
     match wait {
         Some(Wait::Never) => errors::invalid(format!(
@@ -219,6 +180,88 @@ fn try_reserve(
         .raise(),
         Some(Wait::Ms(ms)) => Ok(Answer::Refused { refusal: Refusal::PoolExhausted, retry_after_ms: Some(ms.max(1)) }),
         None => Ok(Answer::Refused { refusal: Refusal::PoolExhausted, retry_after_ms: Some(1) }),
+    }
+}
+
+enum Readiness {
+    Disabled,
+    /// Out for now (cooling scope, open circuit breaker); back after this wait.
+    Later(Wait),
+    Ready,
+}
+
+/// Whether a key could take a request now, from cheap checks only (no lock).
+fn readiness(sh: &Shared, cfg: &Config, key: &Key, now: i64, lease: i64) -> Readiness {
+    let scope = cfg.scope_of(key);
+    if key.disabled || scope.disabled {
+        return Readiness::Disabled;
+    }
+    if let Some((until, _)) = sh.scope(scope.slot).cooling(now) {
+        return Readiness::Later(Wait::Ms(until - now));
+    }
+    match breaker::peek(sh.key(key.slot), now, lease) {
+        Some(until) => Readiness::Later(Wait::Ms((until - now).max(1))),
+        None => Readiness::Ready,
+    }
+}
+
+/// Tries to charge one request to `key`'s scope and open a reservation: the reservation id, or
+/// how long until the scope has room.
+fn try_key(
+    sh: &Shared,
+    cfg: &Config,
+    key: &Key,
+    now: i64,
+    lease: i64,
+    est_tokens: i64,
+    tokens: u64,
+) -> Result<Result<u64, Wait>, Rebound> {
+    let scope = cfg.scope_of(key);
+    let key_slot = sh.key(key.slot);
+    if !key_slot.tag.is(cfg.owner, key.id) {
+        return Err(Rebound);
+    }
+    let trial = match breaker::admit(key_slot, now, lease) {
+        Admission::Closed => false,
+        Admission::Trial => true,
+        Admission::Open(until) => return Ok(Err(Wait::Ms((until - now).max(1)))),
+    };
+    let scope_slot = sh.scope(scope.slot);
+    let charged = {
+        let mut windows = scope_slot.lock();
+        if !windows.tag().is(cfg.owner, scope.id) {
+            drop(windows);
+            if trial {
+                breaker::abandon_trial(key_slot);
+            }
+            return Err(Rebound);
+        }
+        windows.try_charge(now, tokens, |t| calendar::day_bounds(scope.tz, t))
+    };
+    match charged {
+        Ok(charge) => {
+            let record = Record {
+                dboid: cfg.owner.dboid,
+                scope_slot: scope.slot,
+                key_slot: key.slot,
+                scope_id: scope.id,
+                key_id: key.id,
+                at_ms: charge.at_ms,
+                day_start_ms: charge.day_start_ms,
+                est_tokens,
+                flags: if trial { FLAG_TRIAL } else { 0 },
+            };
+            let reservation_id = reservation::open(sh, &record, now, lease);
+            key_slot.add(Counter::Requests, 1);
+            key_slot.last_used_ms.store(now, Ordering::Relaxed);
+            Ok(Ok(reservation_id))
+        }
+        Err(w) => {
+            if trial {
+                breaker::abandon_trial(key_slot);
+            }
+            Ok(Err(w))
+        }
     }
 }
 

@@ -1,0 +1,70 @@
+-- pg_keypool demo: the three pools of seed 003 (ten Google AI Studio keys, each from its own
+-- project), reservations granted and refused, outcomes, and the state in psql.
+\set ON_ERROR_STOP on
+\set QUIET on
+\pset footer off
+SET timezone = 'UTC';
+
+\echo
+\echo '== 1. Configuration: chat (keys 1-2), artifact (3-6), image (7-10), per-key RPM and RPD'
+SELECT keypool_create_pool(name, description) AS pool_id, name
+  FROM (VALUES ('chat', 'chat: gemini-2.5-flash'),
+               ('artifact', 'generate-artifact and generate-artifact-fix: gemini-2.5-pro'),
+               ('image', 'generate-image: gemini-2.5-flash-image')) v(name, description);
+-- Fake keys shaped like real ones (GOOGLE_KEY_1 .. GOOGLE_KEY_10).
+CREATE TEMP TABLE demo_key AS
+SELECT i, 'AIzaSy' || substr(md5('GOOGLE_KEY_' || i), 1, 33) AS secret FROM generate_series(1, 10) i;
+SELECT count(*) AS keys_added FROM (
+    SELECT keypool_add_key('chat', 'gemini', secret, 'gemini-2.5-flash',
+                           account => 'project-' || i, rpm => 2, rpd => 50) FROM demo_key WHERE i BETWEEN 1 AND 2
+    UNION ALL
+    SELECT keypool_add_key('artifact', 'gemini', secret, 'gemini-2.5-pro',
+                           account => 'project-' || i, rpm => 2, rpd => 50) FROM demo_key WHERE i BETWEEN 3 AND 6
+    UNION ALL
+    SELECT keypool_add_key('image', 'gemini', secret, 'gemini-2.5-flash-image',
+                           account => 'project-' || i, rpm => 15, rpd => 1500) FROM demo_key WHERE i BETWEEN 7 AND 10
+) added;
+SELECT key_id, pool, model, account, label, state FROM keypool_keys ORDER BY key_id;
+
+\echo
+\echo '== 2. chat has 2 keys x 2 RPM: four reservations are granted, the fifth is refused with the exact wait'
+SELECT n, (r).granted, (r).key_id, (r).key_label, (r).error, (r).retry_after_ms
+  FROM (SELECT n, keypool_reserve('user-' || n, 'chat') AS r FROM generate_series(1, 5) n) s ORDER BY n;
+
+\echo
+\echo '== 3. A grant carries what the caller needs to make the call (the secret only ever appears here)'
+SELECT granted, key_id, provider, model, base_url, secret FROM keypool_reserve('user-42', 'image');
+
+\echo
+\echo '== 4. artifact: 4 keys x 2 RPM = 8 per minute, spread round-robin'
+SELECT (r).key_id, count(*) AS granted
+  FROM (SELECT keypool_reserve('user-' || n, 'artifact') AS r FROM generate_series(1, 9) n) s
+ WHERE (r).granted GROUP BY 1 ORDER BY 1;
+SELECT granted, error, retry_after_ms FROM keypool_reserve('user-9', 'artifact');
+
+\echo
+\echo '== 5. Outcomes: a success settles the real token count; a 429 cools that project; a 401 disables the key'
+SELECT reservation_id AS ok_id FROM keypool_reserve('user-1', 'image', 1500) \gset
+SELECT keypool_settle(:ok_id, 200, prompt_tokens => 900, completion_tokens => 250) AS outcome;
+SELECT reservation_id AS limited_id FROM keypool_reserve('user-2', 'image') \gset
+SELECT keypool_settle(:limited_id, 429, retry_after_ms => 26000,
+                      error_code => 'GenerateRequestsPerMinutePerProjectPerModel-FreeTier') AS outcome;
+SELECT reservation_id AS bad_id FROM keypool_reserve('user-3', 'image') \gset
+SELECT keypool_settle(:bad_id, 400, error_code => 'API_KEY_INVALID') AS outcome;
+\echo 'the next eight image requests go to the two keys still usable, evenly:'
+SELECT (r).key_id, (r).key_label, count(*) AS granted
+  FROM (SELECT keypool_reserve('user-' || n, 'image') AS r FROM generate_series(1, 8) n) s
+ WHERE (r).granted GROUP BY 1, 2 ORDER BY 1;
+
+\echo
+\echo '== 6. State: keys, and each project''s windows against its limits'
+SELECT key_id, pool, label, state, reason, cooling_until IS NOT NULL AS cooling FROM keypool_keys ORDER BY key_id;
+SELECT s.account, s.model, s.rpm, s.requests_this_minute AS rpm_used, s.rpd, s.requests_today AS rpd_used,
+       s.tokens_today, s.day_resets_at
+  FROM keypool_scopes s ORDER BY s.scope_id;
+
+\echo
+\echo '== 7. History: usage per key per hour, and what changed'
+SELECT keypool_flush() AS keys_flushed;
+SELECT pool, key_id, label, requests, prompt_tokens, completion_tokens, success, errors FROM keypool_usage ORDER BY key_id;
+SELECT kind, pool, key_id, label, reason FROM keypool_events WHERE kind <> 'key_added' ORDER BY id;

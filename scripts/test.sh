@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting and lints, unit tests and #[pg_test]s, the pg_regress suite,
+# and the integration tests against private clusters. Sets up the machine first if needed.
+. "$(dirname "$0")/lib.sh"
+
+ensure_setup
+cd "$REPO"
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+say "unit tests and #[pg_test]s (cargo pgrx test)"
+stop_all_clusters
+install -d -o postgres -g postgres "$CLUSTER_ROOT/pgrx-test"
+(cd pg_keypool && cargo pgrx test pg15 --runas postgres --pgdata "$CLUSTER_ROOT/pgrx-test")
+
+# cargo pgrx test leaves its test build installed: install the real one.
+install_extension debug
+
+say "pg_regress"
+"$REPO/scripts/regress.sh"
+
+say "integration tests"
+cargo test --workspace --exclude pg_keypool
+
+say "all tests passed"
