@@ -89,7 +89,14 @@ fn record_event(
     errors::spi(client.update(
         "INSERT INTO keypool.event (at, kind, pool_id, key_id, scope_id, reason) VALUES ($1, $2, $3, $4, $5, $6)",
         None,
-        &[now_ts().into(), kind.into(), pool_id.into(), key_id.into(), scope_id.into(), reason.into()],
+        &[
+            now_ts().into(),
+            kind.into(),
+            pool_id.into(),
+            key_id.into(),
+            scope_id.into(),
+            reason.into(),
+        ],
     ));
 }
 
@@ -152,13 +159,8 @@ fn keypool_add_key(
     );
     let limits_given = rpm.is_some() || rpd.is_some() || tpm.is_some() || tpd.is_some();
     let base_url = match optional("base_url", base_url, MAX_URL).or(provider.default_base_url) {
-        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
-            url.trim_end_matches('/').to_string()
-        }
-        Some(url) => errors::invalid(format!(
-            "base_url must start with http:// or https://, not \"{url}\""
-        ))
-        .raise(),
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => url.trim_end_matches('/').to_string(),
+        Some(url) => errors::invalid(format!("base_url must start with http:// or https://, not \"{url}\"")).raise(),
         None => errors::invalid(format!("provider \"{}\" needs a base_url", provider.name))
             .hint("Pass base_url => 'https://host/v1'.")
             .raise(),
@@ -175,27 +177,16 @@ fn keypool_add_key(
     let label = secret::mask(secret);
 
     as_owner(|client| {
-        let pool_id: Option<i64> = one(
-            client,
-            "SELECT id FROM keypool.pool WHERE name = $1",
-            &[pool.into()],
-        );
+        let pool_id: Option<i64> = one(client, "SELECT id FROM keypool.pool WHERE name = $1", &[pool.into()]);
         let Some(pool_id) = pool_id else {
             errors::undefined(format!("pool \"{pool}\" does not exist"))
                 .hint("Create it first with keypool_create_pool().")
                 .raise()
         };
         let limit_args = |scope_id: i64| -> [DatumWithOid<'static>; 5] {
-            [
-                scope_id.into(),
-                rpm.into(),
-                rpd.into(),
-                tpm.into(),
-                tpd.into(),
-            ]
+            [scope_id.into(), rpm.into(), rpd.into(), tpm.into(), tpd.into()]
         };
-        let set_limits =
-            "UPDATE keypool.scope SET rpm = $2, rpd = $3, tpm = $4, tpd = $5 WHERE id = $1";
+        let set_limits = "UPDATE keypool.scope SET rpm = $2, rpd = $3, tpm = $4, tpd = $5 WHERE id = $1";
 
         // The same secret in the same pool: the key exists already.
         let existing: Option<i64> = one(
@@ -220,8 +211,7 @@ fn keypool_add_key(
         let zone = zone.unwrap_or(provider.day_zone);
         let find_account = "SELECT id FROM keypool.scope
                              WHERE provider = $1 AND account = $2 AND model IS NOT DISTINCT FROM $3";
-        let account_args =
-            || -> [DatumWithOid<'_>; 3] { [provider.name.into(), account.into(), model.into()] };
+        let account_args = || -> [DatumWithOid<'_>; 3] { [provider.name.into(), account.into(), model.into()] };
         let existing_scope: Option<i64> = match account {
             Some(_) => one(client, find_account, &account_args()),
             None => None,
@@ -304,23 +294,14 @@ fn keypool_add_key(
                 .raise()
             }),
         };
-        record_event(
-            client,
-            "key_added",
-            Some(pool_id),
-            Some(key_id),
-            Some(scope_id),
-            None,
-        );
+        record_event(client, "key_added", Some(pool_id), Some(key_id), Some(scope_id), None);
         key_id
     })
 }
 
 fn reason_text(reason: Option<&str>, default: &str) -> String {
     match reason.map(str::trim).filter(|r| !r.is_empty()) {
-        Some(r) if r.len() > MAX_REASON => {
-            errors::invalid(format!("reason is longer than {MAX_REASON} bytes")).raise()
-        }
+        Some(r) if r.len() > MAX_REASON => errors::invalid(format!("reason is longer than {MAX_REASON} bytes")).raise(),
         Some(r) => r.to_string(),
         None => default.to_string(),
     }
@@ -342,14 +323,7 @@ fn keypool_disable_key(key_id: Option<i64>, reason: default!(Option<&str>, "NULL
         let Some(pool_id) = found else {
             errors::undefined(format!("key {key_id} does not exist")).raise()
         };
-        record_event(
-            client,
-            "key_disabled",
-            Some(pool_id),
-            Some(key_id),
-            None,
-            Some(&reason),
-        );
+        record_event(client, "key_disabled", Some(pool_id), Some(key_id), None, Some(&reason));
     });
 }
 
@@ -401,14 +375,7 @@ pub fn disable_key_after_error(cfg: &Config, key_id: i64, reason: &str) {
                 &[key_id.into(), reason.into(), now_ts().into()],
             );
             if pool_id.is_some() {
-                record_event(
-                    client,
-                    "key_disabled",
-                    pool_id,
-                    Some(key_id),
-                    None,
-                    Some(reason),
-                );
+                record_event(client, "key_disabled", pool_id, Some(key_id), None, Some(reason));
             }
         })
     });
@@ -425,14 +392,7 @@ pub fn disable_scope_after_error(cfg: &Config, scope_id: i64, reason: &str) {
                 &[scope_id.into(), reason.into(), now_ts().into()],
             );
             if changed.is_some() {
-                record_event(
-                    client,
-                    "scope_disabled",
-                    None,
-                    None,
-                    Some(scope_id),
-                    Some(reason),
-                );
+                record_event(client, "scope_disabled", None, None, Some(scope_id), Some(reason));
             }
         })
     });

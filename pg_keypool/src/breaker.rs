@@ -51,10 +51,7 @@ pub fn admit(key: &KeySlot, now_ms: i64, lease_ms: i64) -> Admission {
         let cooldown = settings::BREAKER_COOLDOWN_MS.get() as i64;
         return Admission::Open((since + lease_ms).min(now_ms + cooldown));
     }
-    match key
-        .trial_since_ms
-        .compare_exchange(since, now_ms, AcqRel, Relaxed)
-    {
+    match key.trial_since_ms.compare_exchange(since, now_ms, AcqRel, Relaxed) {
         Ok(_) => Admission::Trial,
         Err(_) => Admission::Open(now_ms + 1),
     }

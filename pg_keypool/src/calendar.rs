@@ -42,9 +42,7 @@ mod tests {
     use super::*;
 
     fn ms(rfc3339: &str) -> i64 {
-        DateTime::parse_from_rfc3339(rfc3339)
-            .unwrap()
-            .timestamp_millis()
+        DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp_millis()
     }
 
     #[test]

@@ -56,20 +56,11 @@ pub fn set(at_ms: Option<i64>) {
     let sh = shmem::shared();
     let db = my_database();
     let _registry = sh.header.registry.exclusive();
-    let existing = sh
-        .header
-        .clocks
-        .iter()
-        .find(|c| c.dboid.load(Ordering::Acquire) == db);
+    let existing = sh.header.clocks.iter().find(|c| c.dboid.load(Ordering::Acquire) == db);
     match (at_ms, existing) {
         (Some(ms), Some(c)) => c.now_ms.store(ms, Ordering::Release),
         (Some(ms), None) => {
-            let Some(free) = sh
-                .header
-                .clocks
-                .iter()
-                .find(|c| c.dboid.load(Ordering::Acquire) == 0)
-            else {
+            let Some(free) = sh.header.clocks.iter().find(|c| c.dboid.load(Ordering::Acquire) == 0) else {
                 errors::error(
                     Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
                     format!("more than {MAX_CLOCKS} databases have a test clock set"),

@@ -62,10 +62,7 @@ pub unsafe fn form(fcinfo: pg_sys::FunctionCallInfo, values: &[Value<'_>]) -> pg
                 Value::Bool(b) => (pg_sys::Datum::from(*b), false),
                 Value::Int8(i) => (pg_sys::Datum::from(*i), false),
                 Value::Text(s) => (
-                    pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
-                        s.as_ptr() as *const _,
-                        s.len() as i32,
-                    )),
+                    pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(s.as_ptr() as *const _, s.len() as i32)),
                     false,
                 ),
             };

@@ -136,9 +136,8 @@ fn end_of_change() {
 
 /// The extension's owner, as recorded in pg_extension.
 pub fn extension_owner() -> pg_sys::Oid {
-    let owner = Spi::get_one::<pg_sys::Oid>(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'",
-    );
+    let owner =
+        Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'");
     match owner {
         Ok(Some(oid)) => oid,
         _ => errors::error(
@@ -168,16 +167,14 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 dboid: unsafe { pg_sys::MyDatabaseId.to_u32() },
                 instance,
             };
-            let live_databases: HashSet<u32> =
-                fresh_rows(c"SELECT oid FROM pg_catalog.pg_database", |r| {
-                    r.get::<pg_sys::Oid>(0).to_u32()
-                })
-                .into_iter()
-                .collect();
-            let pools: Vec<(i64, String)> =
-                fresh_rows(c"SELECT id, name FROM keypool.pool ORDER BY id", |r| {
-                    (r.get(0), r.get(1))
-                });
+            let live_databases: HashSet<u32> = fresh_rows(c"SELECT oid FROM pg_catalog.pg_database", |r| {
+                r.get::<pg_sys::Oid>(0).to_u32()
+            })
+            .into_iter()
+            .collect();
+            let pools: Vec<(i64, String)> = fresh_rows(c"SELECT id, name FROM keypool.pool ORDER BY id", |r| {
+                (r.get(0), r.get(1))
+            });
             let scopes: Vec<(i64, Limits, String, bool)> = fresh_rows(
                 c"SELECT id, rpm::bigint, rpd::bigint, tpm, tpd, timezone, disabled_reason IS NOT NULL
                     FROM keypool.scope ORDER BY id",
@@ -185,7 +182,12 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     let limit = |i| r.get_opt::<i64>(i).map(|v| v.max(0) as u64).unwrap_or(0);
                     (
                         r.get(0),
-                        Limits { rpm: limit(1), rpd: limit(2), tpm: limit(3), tpd: limit(4) },
+                        Limits {
+                            rpm: limit(1),
+                            rpd: limit(2),
+                            tpm: limit(3),
+                            tpd: limit(4),
+                        },
                         r.get(5),
                         r.get(6),
                     )
@@ -248,12 +250,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     }
                 }
                 cfg.scopes_by_id.insert(id, cfg.scopes.len());
-                cfg.scopes.push(Scope {
-                    id,
-                    slot,
-                    tz,
-                    disabled,
-                });
+                cfg.scopes.push(Scope { id, slot, tz, disabled });
             }
             for (id, name) in pools {
                 cfg.pools_by_name.insert(name, cfg.pools.len());
@@ -263,17 +260,9 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     keys: Vec::new(),
                 });
             }
-            let pool_index: HashMap<i64, usize> = cfg
-                .pools
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p.id, i))
-                .collect();
-            for (id, pool_id, scope_id, provider, model, base_url, secret, label, disabled) in keys
-            {
-                let (Some(&pool), Some(&scope)) =
-                    (pool_index.get(&pool_id), cfg.scopes_by_id.get(&scope_id))
-                else {
+            let pool_index: HashMap<i64, usize> = cfg.pools.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
+            for (id, pool_id, scope_id, provider, model, base_url, secret, label, disabled) in keys {
+                let (Some(&pool), Some(&scope)) = (pool_index.get(&pool_id), cfg.scopes_by_id.get(&scope_id)) else {
                     continue;
                 };
                 cfg.keys_by_id.insert(id, cfg.keys.len());

@@ -41,9 +41,7 @@ fn acquire(sh: &'static Shared) -> bool {
                 .compare_exchange(holder, me, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            sh.header
-                .flush_since_ms
-                .store(clock::real_now_ms(), Ordering::Release);
+            sh.header.flush_since_ms.store(clock::real_now_ms(), Ordering::Release);
             return true;
         }
         if holder == me {
@@ -55,10 +53,10 @@ fn acquire(sh: &'static Shared) -> bool {
 }
 
 fn release(sh: &'static Shared) {
-    let _ =
-        sh.header
-            .flush_holder
-            .compare_exchange(my_pid(), 0, Ordering::AcqRel, Ordering::Relaxed);
+    let _ = sh
+        .header
+        .flush_holder
+        .compare_exchange(my_pid(), 0, Ordering::AcqRel, Ordering::Relaxed);
 }
 
 /// Adds this database's unflushed counters to the hourly history. Returns the number of keys
@@ -76,8 +74,7 @@ pub fn flush(cfg: &Config) -> i64 {
         if !slot.tag.is(cfg.owner, key.id) {
             continue;
         }
-        let values: [i64; COUNTERS] =
-            std::array::from_fn(|i| slot.counters[i].load(Ordering::Acquire));
+        let values: [i64; COUNTERS] = std::array::from_fn(|i| slot.counters[i].load(Ordering::Acquire));
         if values.iter().all(|v| *v == 0) {
             continue;
         }
@@ -90,10 +87,7 @@ pub fn flush(cfg: &Config) -> i64 {
     // Counters of keys that were deleted have nowhere to go.
     let newest = cfg.keys.iter().map(|k| k.id).max().unwrap_or(0);
     for slot in sh.keys.iter() {
-        if slot.tag.owner() == cfg.owner
-            && slot.tag.id() <= newest
-            && cfg.key_by_id(slot.tag.id()).is_none()
-        {
+        if slot.tag.owner() == cfg.owner && slot.tag.id() <= newest && cfg.key_by_id(slot.tag.id()).is_none() {
             for c in &slot.counters {
                 c.store(0, Ordering::Release);
             }
@@ -102,8 +96,7 @@ pub fn flush(cfg: &Config) -> i64 {
     let written = key_ids.len() as i64;
     let hour_ms = clock::now_ms().div_euclid(HOUR_MS) * HOUR_MS;
     if written > 0 {
-        let mut args: Vec<pgrx::datum::DatumWithOid<'_>> =
-            vec![clock::to_timestamptz(hour_ms).into(), key_ids.into()];
+        let mut args: Vec<pgrx::datum::DatumWithOid<'_>> = vec![clock::to_timestamptz(hour_ms).into(), key_ids.into()];
         args.extend(columns.into_iter().map(Into::into));
         privilege::as_user(cfg.extension_owner, || {
             Spi::connect_mut(|client| {

@@ -8,8 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker,
-    SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker, SignalWakeFlags,
 };
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -48,9 +47,9 @@ pub extern "C-unwind" fn pg_keypool_launcher_main(_arg: pg_sys::Datum) {
     loop {
         let save_every = settings::STATE_SAVE_INTERVAL_MS.get() as i64;
         let flush_every = settings::FLUSH_INTERVAL_MS.get() as i64;
-        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(
-            save_every.min(flush_every).min(1000) as u64,
-        ))) {
+        if !BackgroundWorker::wait_latch(Some(
+            Duration::from_millis(save_every.min(flush_every).min(1000) as u64),
+        )) {
             break;
         }
         if BackgroundWorker::sighup_received() {
@@ -71,11 +70,7 @@ pub extern "C-unwind" fn pg_keypool_launcher_main(_arg: pg_sys::Datum) {
         if now - last_flush >= flush_every {
             last_flush = now;
             flushers.retain(|_, w| {
-                w.pid().is_ok()
-                    || matches!(
-                        w.pid(),
-                        Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted)
-                    )
+                w.pid().is_ok() || matches!(w.pid(), Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted))
             });
             let pending: HashSet<u32> = sh
                 .keys
@@ -114,9 +109,8 @@ pub extern "C-unwind" fn pg_keypool_flusher_main(arg: pg_sys::Datum) {
     let dboid = arg.value() as u32;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
     BackgroundWorker::transaction(|| {
-        let installed = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool')",
-        );
+        let installed =
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool')");
         if let Ok(Some(true)) = installed {
             history::flush(&config::current());
         } else if let Some(sh) = shmem::try_shared() {

@@ -72,19 +72,11 @@ const KEY_INVALID_CODES: &[&str] = &[
 /// Codes that come with a 403 but say nothing bad about the key itself.
 const NOT_THE_KEYS_FAULT: &[&str] = &["unsupported_country_region_territory", "unsupported_region"];
 
-const DAILY_MARKERS: &[&str] = &[
-    "perday",
-    "per_day",
-    "daily",
-    "requests_per_day",
-    "tokens_per_day",
-];
+const DAILY_MARKERS: &[&str] = &["perday", "per_day", "daily", "requests_per_day", "tokens_per_day"];
 
 /// Classifies a provider answer. `status` is the HTTP status, or 0 when no answer came.
 pub fn classify(status: i32, error_code: Option<&str>) -> Outcome {
-    let code = error_code
-        .map(|c| c.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    let code = error_code.map(|c| c.trim().to_ascii_lowercase()).unwrap_or_default();
     let code = code.as_str();
     let is = |list: &[&str]| !code.is_empty() && list.contains(&code);
 
@@ -100,11 +92,7 @@ pub fn classify(status: i32, error_code: Option<&str>) -> Outcome {
     if status == 401 || status == 403 || is(KEY_INVALID_CODES) {
         return Outcome::KeyInvalid;
     }
-    if status == 429
-        || code == "rate_limit_exceeded"
-        || code == "resource_exhausted"
-        || code == "rate_limit_error"
-    {
+    if status == 429 || code == "rate_limit_exceeded" || code == "resource_exhausted" || code == "rate_limit_error" {
         if DAILY_MARKERS.iter().any(|m| code.contains(m)) {
             return Outcome::DailyQuota;
         }
@@ -171,11 +159,7 @@ mod tests {
             (418, None, Other),
         ];
         for (status, code, want) in cases {
-            assert_eq!(
-                classify(*status, *code),
-                *want,
-                "status {status} code {code:?}"
-            );
+            assert_eq!(classify(*status, *code), *want, "status {status} code {code:?}");
         }
     }
 }

@@ -208,10 +208,8 @@ pub fn restore_at_startup() {
             windows.assume_worst_since(state.saved_ms, now);
         }
         unsafe { *slot.windows_unlocked() = windows };
-        slot.cooling_until_ms
-            .store(r.cooling_until_ms, Ordering::Release);
-        slot.cooling_reason
-            .store(r.cooling_reason, Ordering::Release);
+        slot.cooling_until_ms.store(r.cooling_until_ms, Ordering::Release);
+        slot.cooling_reason.store(r.cooling_reason, Ordering::Release);
         slot.tag.set(r.owner, r.id);
         restored += 1;
     }

@@ -23,10 +23,7 @@ pub fn as_user<R>(user: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let mut saved_context = 0;
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(
-            user,
-            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
+        pg_sys::SetUserIdAndSecContext(user, saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
     }
     let _restore = Restore {
         user: saved_user,

@@ -50,9 +50,5 @@ pub fn find(name: &str) -> Option<&'static Provider> {
 }
 
 pub fn names() -> String {
-    PROVIDERS
-        .iter()
-        .map(|p| p.name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    PROVIDERS.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
 }

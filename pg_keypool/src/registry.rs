@@ -95,18 +95,10 @@ pub struct Wanted<'a> {
 }
 
 /// Binds a slot to every wanted row. `live_databases` are the OIDs in `pg_database`.
-pub fn bind(
-    sh: &Shared,
-    owner: Owner,
-    wanted: Wanted<'_>,
-    live_databases: &HashSet<u32>,
-    now_ms: i64,
-) -> Bindings {
+pub fn bind(sh: &Shared, owner: Owner, wanted: Wanted<'_>, live_databases: &HashSet<u32>, now_ms: i64) -> Bindings {
     let _registry = sh.header.registry.exclusive();
-    let dead = |o: Owner| {
-        !live_databases.contains(&o.dboid)
-            || (o.dboid == owner.dboid && o.instance != owner.instance)
-    };
+    let dead =
+        |o: Owner| !live_databases.contains(&o.dboid) || (o.dboid == owner.dboid && o.instance != owner.instance);
     Bindings {
         scopes: bind_kind(
             sh.scopes,
@@ -172,11 +164,7 @@ fn bind_kind<S: Slot>(
             free.push(i as u32);
         }
     }
-    let missing: Vec<i64> = wanted
-        .iter()
-        .copied()
-        .filter(|id| !bound.contains_key(id))
-        .collect();
+    let missing: Vec<i64> = wanted.iter().copied().filter(|id| !bound.contains_key(id)).collect();
     if missing.len() > free.len() {
         errors::error(
             Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,

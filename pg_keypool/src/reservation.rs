@@ -120,9 +120,7 @@ pub fn open(sh: &Shared, record: &Record, now_ms: i64, lease_ms: i64) -> u64 {
         } else if current != CLAIMING
             && s.dboid.load(Relaxed) == record.dboid
             && now_ms - s.at_ms.load(Relaxed) > lease_ms
-            && s.id
-                .compare_exchange(current, CLAIMING, AcqRel, Relaxed)
-                .is_ok()
+            && s.id.compare_exchange(current, CLAIMING, AcqRel, Relaxed).is_ok()
         {
             mark_closed(s, current, Closed::Expired);
             write(s, id, record);
@@ -133,11 +131,7 @@ pub fn open(sh: &Shared, record: &Record, now_ms: i64, lease_ms: i64) -> u64 {
     let s = slot(sh, id);
     loop {
         let current = s.id.load(Acquire);
-        if current != CLAIMING
-            && s.id
-                .compare_exchange(current, CLAIMING, AcqRel, Relaxed)
-                .is_ok()
-        {
+        if current != CLAIMING && s.id.compare_exchange(current, CLAIMING, AcqRel, Relaxed).is_ok() {
             if current != 0 {
                 mark_closed(s, current, Closed::Evicted);
                 sh.header.reservations_evicted.fetch_add(1, Relaxed);
@@ -150,14 +144,7 @@ pub fn open(sh: &Shared, record: &Record, now_ms: i64, lease_ms: i64) -> u64 {
 }
 
 /// Closes reservation `id` of database `dboid` and returns what it held.
-pub fn close(
-    sh: &Shared,
-    id: u64,
-    dboid: u32,
-    now_ms: i64,
-    lease_ms: i64,
-    how: Closed,
-) -> Result<Record, NotOpen> {
+pub fn close(sh: &Shared, id: u64, dboid: u32, now_ms: i64, lease_ms: i64, how: Closed) -> Result<Record, NotOpen> {
     for p in 0..PROBES {
         let s = slot(sh, id + p);
         if s.id.load(Acquire) != id {

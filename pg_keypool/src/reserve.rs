@@ -83,10 +83,7 @@ pub fn check_tokens(name: &str, tokens: Option<i64>) -> i64 {
         errors::null_argument(name).raise()
     };
     if !(0..=MAX_TOKENS).contains(&t) {
-        errors::invalid(format!(
-            "{name} must be between 0 and {MAX_TOKENS}, not {t}"
-        ))
-        .raise();
+        errors::invalid(format!("{name} must be between 0 and {MAX_TOKENS}, not {t}")).raise();
     }
     t
 }
@@ -144,7 +141,10 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64) -> R
         }
     }
     if enabled == 0 {
-        return Ok(Answer::Refused { refusal: Refusal::NoKeys, retry_after_ms: None });
+        return Ok(Answer::Refused {
+            refusal: Refusal::NoKeys,
+            retry_after_ms: None,
+        });
     }
 
     // Pass 2: the shared cursor picks one of the ready keys, so load spreads evenly over them
@@ -166,7 +166,12 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64) -> R
                 continue;
             }
             match try_key(sh, cfg, key, now, lease, est_tokens, tokens)? {
-                Ok(reservation_id) => return Ok(Answer::Granted { key: key_index, reservation_id }),
+                Ok(reservation_id) => {
+                    return Ok(Answer::Granted {
+                        key: key_index,
+                        reservation_id,
+                    })
+                }
                 Err(w) => note(w),
             }
         }
@@ -268,10 +273,7 @@ fn try_key(
 /// The result row, in the column order of the `keypool_reservation` type.
 fn result_row<'a>(cfg: &'a Config, answer: &Answer) -> [Value<'a>; 10] {
     match answer {
-        Answer::Granted {
-            key,
-            reservation_id,
-        } => {
+        Answer::Granted { key, reservation_id } => {
             let k = &cfg.keys[*key];
             [
                 Value::Bool(true),
@@ -316,9 +318,7 @@ pub extern "C" fn pg_finfo_keypool_reserve_c() -> &'static pg_sys::Pg_finfo_reco
 /// lookup (see composite.rs).
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn keypool_reserve_c(
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn keypool_reserve_c(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     unsafe {
         let user_id = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
         let pool = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1);

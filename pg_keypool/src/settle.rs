@@ -163,16 +163,12 @@ fn keypool_settle(
                 scope_slot.cool_until(day_end, CoolingReason::DailyQuota);
             }
         }
-        Outcome::KeyInvalid => admin::disable_key_after_error(
-            &cfg,
-            r.key_id,
-            &reason(&cfg, r.key_id, status, error_code),
-        ),
-        Outcome::Billing => admin::disable_scope_after_error(
-            &cfg,
-            r.scope_id,
-            &reason(&cfg, r.key_id, status, error_code),
-        ),
+        Outcome::KeyInvalid => {
+            admin::disable_key_after_error(&cfg, r.key_id, &reason(&cfg, r.key_id, status, error_code))
+        }
+        Outcome::Billing => {
+            admin::disable_scope_after_error(&cfg, r.scope_id, &reason(&cfg, r.key_id, status, error_code))
+        }
         _ => {}
     }
     outcome.as_str().to_string()

@@ -407,16 +407,10 @@ unsafe extern "C-unwind" fn shmem_startup() {
         }
         let shared = Shared {
             header: &*(base.add(offsets[0]) as *const Header),
-            scopes: std::slice::from_raw_parts(
-                base.add(offsets[1]) as *const ScopeSlot,
-                caps.scopes,
-            ),
+            scopes: std::slice::from_raw_parts(base.add(offsets[1]) as *const ScopeSlot, caps.scopes),
             keys: std::slice::from_raw_parts(base.add(offsets[2]) as *const KeySlot, caps.keys),
             pools: std::slice::from_raw_parts(base.add(offsets[3]) as *const PoolSlot, caps.pools),
-            reservations: std::slice::from_raw_parts(
-                base.add(offsets[4]) as *const ReservationSlot,
-                caps.reservations,
-            ),
+            reservations: std::slice::from_raw_parts(base.add(offsets[4]) as *const ReservationSlot, caps.reservations),
         };
         if !found {
             let header = &mut *(base.add(offsets[0]) as *mut Header);

@@ -36,10 +36,7 @@ mod tests {
         run("CREATE TEMP TABLE settled AS SELECT i, pg_temp.settle_outcome(id) AS outcome FROM opened ORDER BY i");
         // The ring holds at most `capacity` open reservations: the others ended early, and say so.
         let still_open = one::<i64>("SELECT count(*) FROM settled WHERE outcome = 'success'");
-        assert!(
-            still_open <= capacity,
-            "{still_open} open in a ring of {capacity}"
-        );
+        assert!(still_open <= capacity, "{still_open} open in a ring of {capacity}");
         let unexpected = one::<String>(
             "SELECT coalesce(string_agg(DISTINCT outcome, '; '), '') FROM settled
               WHERE outcome NOT IN ('success', '55000 reservation N is no longer open')",
@@ -58,12 +55,12 @@ mod tests {
         run("SELECT keypool_create_pool('slots')");
         run("SELECT keypool_add_key('slots', 'openai', 'sk-slot-key-' || i || '-000000', account => 'shared') FROM generate_series(1, 3) i");
         run("SELECT keypool_add_key('slots', 'openai', 'sk-slot-own-key-0000001')");
-        assert!(one::<bool>(
-            "SELECT granted FROM keypool_reserve('u', 'slots')"
-        ));
+        assert!(one::<bool>("SELECT granted FROM keypool_reserve('u', 'slots')"));
         // Every key has a live slot (key_state lists only bound keys) ...
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM keypool.key_state() s JOIN keypool_keys k USING (key_id) WHERE k.pool = 'slots'"),
+            one::<i64>(
+                "SELECT count(*) FROM keypool.key_state() s JOIN keypool_keys k USING (key_id) WHERE k.pool = 'slots'"
+            ),
             4
         );
         // ... and three keys share one account: two scopes, holding the one request.

@@ -136,14 +136,7 @@ impl MinuteLog {
 
     /// How long until `requests` and `tokens` more fit under `rpm` / `tpm` (0 = unlimited), or
     /// `None` if they fit now. Call [`MinuteLog::expire`] first.
-    pub fn wait_for(
-        &self,
-        now_ms: i64,
-        requests: u64,
-        tokens: u64,
-        rpm: u64,
-        tpm: u64,
-    ) -> Option<Wait> {
+    pub fn wait_for(&self, now_ms: i64, requests: u64, tokens: u64, rpm: u64, tpm: u64) -> Option<Wait> {
         let mut wait: Option<Wait> = None;
         if rpm > 0 && self.sum_requests + requests > rpm {
             let w = if requests > rpm {
@@ -307,29 +300,14 @@ impl DayWindow {
         }
     }
 
-    pub fn wait_for(
-        &self,
-        now_ms: i64,
-        requests: u64,
-        tokens: u64,
-        rpd: u64,
-        tpd: u64,
-    ) -> Option<Wait> {
+    pub fn wait_for(&self, now_ms: i64, requests: u64, tokens: u64, rpd: u64, tpd: u64) -> Option<Wait> {
         let mut wait = None;
         let until_reset = Wait::Ms((self.end_ms - now_ms).max(1));
         if rpd > 0 && self.requests + requests > rpd {
-            wait = Some(if requests > rpd {
-                Wait::Never
-            } else {
-                until_reset
-            });
+            wait = Some(if requests > rpd { Wait::Never } else { until_reset });
         }
         if tpd > 0 && self.tokens.saturating_add(tokens) > tpd {
-            let w = if tokens > tpd {
-                Wait::Never
-            } else {
-                until_reset
-            };
+            let w = if tokens > tpd { Wait::Never } else { until_reset };
             wait = Some(wait.map_or(w, |x: Wait| x.max(w)));
         }
         wait
@@ -457,12 +435,8 @@ impl ScopeWindows {
         if self.day.start_ms != 0 && now_ms < self.day.end_ms {
             // Still the saved day: add what the gap may have used, up to the limit.
             let d = &mut self.day;
-            d.requests = d
-                .requests
-                .max(d.requests.saturating_add(extra_requests).min(l.rpd));
-            d.tokens = d
-                .tokens
-                .max(d.tokens.saturating_add(extra_tokens).min(l.tpd));
+            d.requests = d.requests.max(d.requests.saturating_add(extra_requests).min(l.rpd));
+            d.tokens = d.tokens.max(d.tokens.saturating_add(extra_tokens).min(l.tpd));
         } else {
             // The saved day is over (or none was started): the gap may have used part of the
             // day we are in now, which is not known until the window rolls into it.
@@ -592,17 +566,11 @@ mod tests {
         assert!(w.try_charge(T0, 0, fixed_day).is_ok());
         assert!(w.try_charge(T0 + 10_000, 0, fixed_day).is_ok());
         assert!(w.try_charge(T0 + 20_000, 0, fixed_day).is_ok());
-        assert_eq!(
-            w.try_charge(T0 + 30_000, 0, fixed_day),
-            Err(Wait::Ms(30_000))
-        );
+        assert_eq!(w.try_charge(T0 + 30_000, 0, fixed_day), Err(Wait::Ms(30_000)));
         // One millisecond before the first grant leaves the window: still refused.
         assert_eq!(w.try_charge(T0 + 59_999, 0, fixed_day), Err(Wait::Ms(1)));
         assert!(w.try_charge(T0 + 60_000, 0, fixed_day).is_ok());
-        assert_eq!(
-            w.try_charge(T0 + 60_001, 0, fixed_day),
-            Err(Wait::Ms(9_999))
-        );
+        assert_eq!(w.try_charge(T0 + 60_001, 0, fixed_day), Err(Wait::Ms(9_999)));
     }
 
     #[test]
@@ -642,10 +610,7 @@ mod tests {
         let mut w = windows(0, 2, 0, 0);
         assert!(w.try_charge(start + 5, 0, fixed_day).is_ok());
         assert!(w.try_charge(start + 6, 0, fixed_day).is_ok());
-        assert_eq!(
-            w.try_charge(start + 7, 0, fixed_day),
-            Err(Wait::Ms(end - start - 7))
-        );
+        assert_eq!(w.try_charge(start + 7, 0, fixed_day), Err(Wait::Ms(end - start - 7)));
         assert!(w.try_charge(end, 0, fixed_day).is_ok());
     }
 
@@ -676,10 +641,7 @@ mod tests {
         w.try_charge(end - 30_000, 0, fixed_day).unwrap();
         // minute frees in 59 s, but the day frees only at midnight (29 s) - both must hold:
         // the later one wins.
-        assert_eq!(
-            w.try_charge(end - 29_000, 0, fixed_day),
-            Err(Wait::Ms(59_000))
-        );
+        assert_eq!(w.try_charge(end - 29_000, 0, fixed_day), Err(Wait::Ms(59_000)));
     }
 
     #[test]
@@ -747,8 +709,7 @@ mod tests {
     fn encode_decode_round_trip() {
         let mut w = windows(100, 1_000, 50_000, 0);
         for i in 0..10 {
-            w.try_charge(T0 + i * 1_000, 40 * i as u64, fixed_day)
-                .unwrap();
+            w.try_charge(T0 + i * 1_000, 40 * i as u64, fixed_day).unwrap();
         }
         w.generation = 7;
         let mut bytes = Vec::new();
@@ -759,10 +720,7 @@ mod tests {
         assert_eq!(back.limits, w.limits);
         assert_eq!(back.generation, 7);
         assert_eq!(back.usage(T0 + 9_500), w.usage(T0 + 9_500));
-        assert_eq!(
-            back.wait_for(T0 + 9_500, 10_000),
-            w.wait_for(T0 + 9_500, 10_000)
-        );
+        assert_eq!(back.wait_for(T0 + 9_500, 10_000), w.wait_for(T0 + 9_500, 10_000));
         // Truncated input is rejected, not misread.
         let mut short = &bytes[..bytes.len() - 1];
         assert!(ScopeWindows::decode(&mut short).is_none());
@@ -782,10 +740,7 @@ mod tests {
         w.try_charge(start + 1_000, 0, fixed_day).unwrap();
         w.assume_worst_since(start + 1_000, start + 3_000);
         // The window is full: the known grant (at +1 s) leaves it first, at +61 s.
-        assert_eq!(
-            w.try_charge(start + 3_001, 0, fixed_day),
-            Err(Wait::Ms(57_999))
-        );
+        assert_eq!(w.try_charge(start + 3_001, 0, fixed_day), Err(Wait::Ms(57_999)));
         assert_eq!(w.minute.requests(), 10);
         assert_eq!(w.day.requests, 11);
         // Without a per-minute limit the rest of the day is assumed used.

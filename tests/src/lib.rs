@@ -46,10 +46,7 @@ fn check(what: &str, out: Output) {
 
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("no free loopback port");
-    listener
-        .local_addr()
-        .expect("bound listener has an address")
-        .port()
+    listener.local_addr().expect("bound listener has an address").port()
 }
 
 /// A private PostgreSQL cluster.
@@ -99,14 +96,7 @@ impl Cluster {
             settings: settings.iter().map(|s| s.to_string()).collect(),
         };
         cluster.write_config();
-        cluster.pg_ctl(&[
-            "start",
-            "-w",
-            "-t",
-            "60",
-            "-l",
-            path(&cluster.dir.join("log")),
-        ]);
+        cluster.pg_ctl(&["start", "-w", "-t", "60", "-l", path(&cluster.dir.join("log"))]);
         cluster
     }
 
@@ -118,11 +108,7 @@ impl Cluster {
             "max_connections = 250".to_string(),
             "fsync = off".to_string(),
         ];
-        if !self
-            .settings
-            .iter()
-            .any(|s| s.starts_with("shared_preload_libraries"))
-        {
+        if !self.settings.iter().any(|s| s.starts_with("shared_preload_libraries")) {
             conf.push("shared_preload_libraries = 'pg_keypool'".to_string());
         }
         conf.extend(self.settings.iter().cloned());
@@ -195,10 +181,7 @@ impl Cluster {
                     return client;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "server did not come back within 60 s"
-            );
+            assert!(Instant::now() < deadline, "server did not come back within 60 s");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -206,11 +189,7 @@ impl Cluster {
     /// A new database with the extension created in it, dropped when the handle is dropped.
     pub async fn fresh_db(&self) -> TestDb<'_> {
         static NEXT: AtomicU32 = AtomicU32::new(1);
-        let name = format!(
-            "t{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let admin = self.connect("postgres").await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -281,10 +260,7 @@ impl Drop for TestDb<'_> {
                 "postgres",
                 "-c",
             ])
-            .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
             .output();
     }
 }

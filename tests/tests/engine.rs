@@ -91,18 +91,10 @@ async fn sixty_four_sessions_grant_exactly_the_limits() {
         1000 / 30,
         "tokens per minute (30 each)"
     );
-    assert_eq!(
-        sum(&hammer(&db, "daily", 0, 64, 20).await),
-        40,
-        "requests per day"
-    );
+    assert_eq!(sum(&hammer(&db, "daily", 0, 64, 20).await), 40, "requests per day");
     // Three keys of one project share its 30 requests per minute, spread over all three.
     let shared_grants = hammer(&db, "shared", 0, 64, 20).await;
-    assert_eq!(
-        sum(&shared_grants),
-        30,
-        "a shared account's limit counts once"
-    );
+    assert_eq!(sum(&shared_grants), 30, "a shared account's limit counts once");
     assert_eq!(
         shared_grants.len(),
         3,
@@ -122,24 +114,12 @@ async fn every_minute_window_grants_exactly_its_limit_under_concurrency() {
     .await;
     assert_eq!(sum(&hammer(&db, "w", 500, 64, 5).await), 12);
     // Half a minute later nothing has left the window.
-    exec(
-        &db.client,
-        "SELECT keypool_set_clock('2031-03-03 12:00:30+00')",
-    )
-    .await;
+    exec(&db.client, "SELECT keypool_set_clock('2031-03-03 12:00:30+00')").await;
     assert_eq!(sum(&hammer(&db, "w", 0, 64, 5).await), 0);
     // A minute after the first grants, the window holds exactly one limit's worth again.
-    exec(
-        &db.client,
-        "SELECT keypool_set_clock('2031-03-03 12:01:00+00')",
-    )
-    .await;
+    exec(&db.client, "SELECT keypool_set_clock('2031-03-03 12:01:00+00')").await;
     assert_eq!(sum(&hammer(&db, "w", 500, 64, 5).await), 12);
-    exec(
-        &db.client,
-        "SELECT keypool_set_clock('2031-03-03 12:02:00+00')",
-    )
-    .await;
+    exec(&db.client, "SELECT keypool_set_clock('2031-03-03 12:02:00+00')").await;
     assert_eq!(sum(&hammer(&db, "w", 0, 64, 5).await), 12);
 }
 
@@ -155,16 +135,16 @@ async fn rate_limited_key_is_skipped_until_its_retry_after() {
     .await;
     let row = db
         .client
-        .query_one(
-            "SELECT reservation_id, key_id FROM keypool_reserve('u', 'rl')",
-            &[],
-        )
+        .query_one("SELECT reservation_id, key_id FROM keypool_reserve('u', 'rl')", &[])
         .await
         .unwrap();
     let (reservation, limited): (i64, i64) = (row.get(0), row.get(1));
     let outcome: String = db
         .client
-        .query_one("SELECT keypool_settle($1, 429, retry_after_ms => 1500, error_code => 'rate_limit_exceeded')", &[&reservation])
+        .query_one(
+            "SELECT keypool_settle($1, 429, retry_after_ms => 1500, error_code => 'rate_limit_exceeded')",
+            &[&reservation],
+        )
         .await
         .unwrap()
         .get(0);
@@ -203,10 +183,7 @@ async fn unauthorized_key_is_disabled_for_every_session() {
     assert_eq!(before.len(), 2);
     let row = db
         .client
-        .query_one(
-            "SELECT reservation_id, key_id FROM keypool_reserve('u', 'auth')",
-            &[],
-        )
+        .query_one("SELECT reservation_id, key_id FROM keypool_reserve('u', 'auth')", &[])
         .await
         .unwrap();
     let (reservation, bad): (i64, i64) = (row.get(0), row.get(1));
@@ -222,16 +199,10 @@ async fn unauthorized_key_is_disabled_for_every_session() {
     assert_eq!(outcome, "key_invalid");
     let after = hammer(&db, "auth", 0, 8, 10).await;
     assert_eq!(sum(&after), 80);
-    assert!(
-        !after.contains_key(&bad),
-        "a disabled key was handed out: {after:?}"
-    );
+    assert!(!after.contains_key(&bad), "a disabled key was handed out: {after:?}");
     let row = db
         .client
-        .query_one(
-            "SELECT state, reason FROM keypool_keys WHERE key_id = $1",
-            &[&bad],
-        )
+        .query_one("SELECT state, reason FROM keypool_keys WHERE key_id = $1", &[&bad])
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "disabled");
@@ -266,10 +237,7 @@ async fn a_transaction_with_an_old_snapshot_still_reserves_by_the_newest_configu
     .await;
     // The transaction's snapshot predates the change; the key must be out anyway.
     let row = tx
-        .query_one(
-            "SELECT granted, error FROM keypool_reserve('u', 'snap')",
-            &[],
-        )
+        .query_one("SELECT granted, error FROM keypool_reserve('u', 'snap')", &[])
         .await
         .unwrap();
     assert!(!row.get::<_, bool>(0));
@@ -285,16 +253,8 @@ async fn a_recreated_extension_does_not_inherit_rate_windows() {
     exec(&db.client, setup).await;
     let other = db.connect().await;
     let reserve = "SELECT granted FROM keypool_reserve('u', 'again')";
-    assert!(other
-        .query_one(reserve, &[])
-        .await
-        .unwrap()
-        .get::<_, bool>(0));
-    assert!(!other
-        .query_one(reserve, &[])
-        .await
-        .unwrap()
-        .get::<_, bool>(0));
+    assert!(other.query_one(reserve, &[]).await.unwrap().get::<_, bool>(0));
+    assert!(!other.query_one(reserve, &[]).await.unwrap().get::<_, bool>(0));
     exec(
         &db.client,
         "DROP EXTENSION pg_keypool CASCADE; CREATE EXTENSION pg_keypool;",
@@ -303,16 +263,8 @@ async fn a_recreated_extension_does_not_inherit_rate_windows() {
     exec(&db.client, setup).await;
     // The same ids again, but a new installation: its key starts with an empty window, also in
     // a session that had the old configuration cached.
-    assert!(other
-        .query_one(reserve, &[])
-        .await
-        .unwrap()
-        .get::<_, bool>(0));
-    assert!(!other
-        .query_one(reserve, &[])
-        .await
-        .unwrap()
-        .get::<_, bool>(0));
+    assert!(other.query_one(reserve, &[]).await.unwrap().get::<_, bool>(0));
+    assert!(!other.query_one(reserve, &[]).await.unwrap().get::<_, bool>(0));
 }
 
 #[tokio::test]
@@ -335,10 +287,7 @@ async fn secrets_stay_out_of_errors_and_the_server_log() {
     let secret = "sk-proj-TOPSECRET-do-not-log-0042";
     exec(&db.client, "SELECT keypool_create_pool('hush')").await;
     db.client
-        .execute(
-            "SELECT keypool_add_key('hush', 'openai', $1, rpm => 5)",
-            &[&secret],
-        )
+        .execute("SELECT keypool_add_key('hush', 'openai', $1, rpm => 5)", &[&secret])
         .await
         .expect("add key");
     // Errors about that key, with the secret passed as a parameter, never echo it.
@@ -349,21 +298,13 @@ async fn secrets_stay_out_of_errors_and_the_server_log() {
     ] {
         let err = db.client.execute(sql, &[&secret]).await.expect_err(sql);
         let db_err = err.as_db_error().expect("a server error");
-        let text = format!(
-            "{} {:?} {:?}",
-            db_err.message(),
-            db_err.detail(),
-            db_err.hint()
-        );
+        let text = format!("{} {:?} {:?}", db_err.message(), db_err.detail(), db_err.hint());
         assert!(!text.contains("TOPSECRET"), "{text}");
     }
     // A worker passing a provider message that contains the key: the reason shows the label.
     let r: i64 = db
         .client
-        .query_one(
-            "SELECT reservation_id FROM keypool_reserve('u', 'hush')",
-            &[],
-        )
+        .query_one("SELECT reservation_id FROM keypool_reserve('u', 'hush')", &[])
         .await
         .unwrap()
         .get(0);
@@ -384,18 +325,11 @@ async fn secrets_stay_out_of_errors_and_the_server_log() {
         !reason.contains("TOPSECRET") && reason.contains("sk-p…0042"),
         "{reason}"
     );
-    for view in [
-        "keypool_keys",
-        "keypool_scopes",
-        "keypool_events",
-        "keypool_usage",
-    ] {
+    for view in ["keypool_keys", "keypool_scopes", "keypool_events", "keypool_usage"] {
         let n: i64 = db
             .client
             .query_one(
-                &format!(
-                    "SELECT count(*) FROM {view} v WHERE row_to_json(v)::text LIKE '%TOPSECRET%'"
-                ),
+                &format!("SELECT count(*) FROM {view} v WHERE row_to_json(v)::text LIKE '%TOPSECRET%'"),
                 &[],
             )
             .await
@@ -424,17 +358,17 @@ async fn usage_reaches_the_hourly_history_in_the_background() {
     loop {
         let row = db
             .client
-            .query_one("SELECT coalesce(sum(requests), 0)::bigint, coalesce(sum(prompt_tokens), 0)::bigint FROM keypool_usage", &[])
+            .query_one(
+                "SELECT coalesce(sum(requests), 0)::bigint, coalesce(sum(prompt_tokens), 0)::bigint FROM keypool_usage",
+                &[],
+            )
             .await
             .unwrap();
         if row.get::<_, i64>(0) == 7 {
             assert_eq!(row.get::<_, i64>(1), 70);
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "usage was not flushed within 30 s"
-        );
+        assert!(Instant::now() < deadline, "usage was not flushed within 30 s");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -23,10 +23,7 @@ async fn granted_of(client: &Client, pool: &str, attempts: usize) -> usize {
         .unwrap();
     let mut granted = 0;
     for i in 0..attempts {
-        let row = client
-            .query_one(&stmt, &[&format!("u{i}"), &pool])
-            .await
-            .unwrap();
+        let row = client.query_one(&stmt, &[&format!("u{i}"), &pool]).await.unwrap();
         granted += row.get::<_, bool>(0) as usize;
     }
     granted
@@ -42,10 +39,7 @@ async fn started_from(client: &Client) -> String {
 
 /// A time zone in which it is about noon now, so that a test never crosses a daily reset.
 fn zone_at_noon() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let hour = ((secs / 3600) % 24) as i32;
     let mut offset = 12 - hour;
     if offset > 14 {
@@ -99,10 +93,7 @@ async fn after_a_crash_no_scope_grants_more_than_its_limits_allow() {
     // Only the state this test saves itself is on disk.
     let cluster = Cluster::start(
         "crash",
-        &[
-            "pg_keypool.state_save_interval = '1h'",
-            "restart_after_crash = on",
-        ],
+        &["pg_keypool.state_save_interval = '1h'", "restart_after_crash = on"],
     );
     let client = cluster.connect("postgres").await;
     exec(
@@ -121,16 +112,8 @@ async fn after_a_crash_no_scope_grants_more_than_its_limits_allow() {
     assert_eq!(granted_of(&client, "p", 2).await, 2);
 
     let victim = cluster.connect("postgres").await;
-    let pid: i32 = victim
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        unsafe { libc::kill(pid, libc::SIGKILL) },
-        0,
-        "kill -9 {pid}"
-    );
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill -9 {pid}");
     let client = cluster.wait_ready("postgres").await;
     assert_eq!(
         started_from(&client).await,
@@ -140,27 +123,17 @@ async fn after_a_crash_no_scope_grants_more_than_its_limits_allow() {
     // Right after the crash the minute window is assumed full.
     assert_eq!(granted_of(&client, "p", 5).await, 0);
     // Minutes later only the day limit binds: 45 remain in truth, and no more may be granted.
-    exec(
-        &client,
-        "SELECT keypool_set_clock(now() + interval '3 minutes')",
-    )
-    .await;
+    exec(&client, "SELECT keypool_set_clock(now() + interval '3 minutes')").await;
     let mut granted = 0;
     for minute in 0..12 {
         exec(
             &client,
-            &format!(
-                "SELECT keypool_set_clock(now() + interval '{} minutes')",
-                3 + minute
-            ),
+            &format!("SELECT keypool_set_clock(now() + interval '{} minutes')", 3 + minute),
         )
         .await;
         granted += granted_of(&client, "p", 6).await;
     }
-    assert!(
-        granted <= 45,
-        "{granted} granted after the crash; only 45 were left"
-    );
+    assert!(granted <= 45, "{granted} granted after the crash; only 45 were left");
     // The assumption costs at most one minute's worth (5) of the day.
     assert!(
         granted >= 40,
@@ -185,14 +158,8 @@ async fn without_preloading_the_extension_installs_and_reserving_fails_cleanly()
         .expect_err("reserve must fail");
     let db = err.as_db_error().expect("a server error");
     assert_eq!(db.code().code(), "55000");
-    assert_eq!(
-        db.message(),
-        "pg_keypool is not loaded in shared_preload_libraries"
-    );
-    assert!(db
-        .hint()
-        .unwrap_or_default()
-        .contains("shared_preload_libraries"));
+    assert_eq!(db.message(), "pg_keypool is not loaded in shared_preload_libraries");
+    assert!(db.hint().unwrap_or_default().contains("shared_preload_libraries"));
     // The backend is alive and well.
     let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
