@@ -167,9 +167,9 @@ impl ScopeSlot {
         })
     }
 
-    /// Reads the windows without the lock. Only for the postmaster, when no backend runs.
-    pub(crate) unsafe fn windows_unlocked(&self) -> &mut ScopeWindows {
-        unsafe { &mut *self.windows.get() }
+    /// The windows without the lock. Only for the postmaster, when no backend runs.
+    pub(crate) fn windows_unlocked(&self) -> *mut ScopeWindows {
+        self.windows.get()
     }
 }
 

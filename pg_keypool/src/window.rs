@@ -684,7 +684,7 @@ mod tests {
                         assert!(ms >= 1);
                         // A refusal must be real or a conservative merge artifact: count them.
                         let (r, k) = window_sum(&grants, t);
-                        if r + 1 <= rpm && k + tok <= tpm {
+                        if r < rpm && k + tok <= tpm {
                             refused_while_truly_free += 1;
                         }
                     }
