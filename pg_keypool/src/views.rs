@@ -28,7 +28,18 @@ fn keypool_set_clock(at: Option<TimestampWithTimeZone>) -> TimestampWithTimeZone
         )
         .raise();
     }
-    clock::set(at.map(clock::from_timestamptz));
+    let at_ms = at.map(|ts| {
+        if !ts.is_finite() {
+            errors::invalid("the clock cannot be set to infinity").raise();
+        }
+        let ms = clock::from_timestamptz(ts);
+        // 1970-01-01 .. 9999-12-31: far from any overflow in window arithmetic.
+        if !(0..=253_402_300_799_000).contains(&ms) {
+            errors::invalid("the clock must be set between 1970 and 9999").raise();
+        }
+        ms
+    });
+    clock::set(at_ms);
     clock::to_timestamptz(clock::now_ms())
 }
 

@@ -372,3 +372,71 @@ async fn usage_reaches_the_hourly_history_in_the_background() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test]
+async fn roles_granted_only_execute_can_reserve_but_never_read_the_secrets() {
+    let cluster = shared();
+    let db = cluster.fresh_db().await;
+    let suffix = &db.name;
+    exec(
+        &db.client,
+        &format!(
+            "SELECT keypool_create_pool('roles');
+             SELECT keypool_add_key('roles', 'openai', 'sk-roles-key-00000001');
+             CREATE ROLE app_{suffix} LOGIN;
+             GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint),
+                                       keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+                                       keypool_release(bigint) TO app_{suffix};
+             CREATE ROLE ops_{suffix} LOGIN;
+             GRANT SELECT ON keypool_keys, keypool_scopes, keypool_usage, keypool_events TO ops_{suffix};
+             GRANT EXECUTE ON FUNCTION keypool.scope_state(), keypool.key_state() TO ops_{suffix};
+             GRANT USAGE ON SCHEMA keypool TO ops_{suffix};"
+        ),
+    )
+    .await;
+    let as_role = |role: String| {
+        let conninfo = cluster
+            .conninfo(&db.name)
+            .replace("user=postgres", &format!("user={role}"));
+        async move { keypool_tests::connect(&conninfo).await.expect("connect as role") }
+    };
+    let app = as_role(format!("app_{suffix}")).await;
+    let row = app
+        .query_one("SELECT reservation_id, secret FROM keypool_reserve('u', 'roles')", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(1), "sk-roles-key-00000001");
+    let outcome: String = app
+        .query_one("SELECT keypool_settle($1, 200, 3, 4)", &[&row.get::<_, i64>(0)])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outcome, "success");
+    for sql in [
+        "SELECT secret FROM keypool.key",
+        "SELECT * FROM keypool_keys",
+        "SELECT keypool_add_key('roles', 'openai', 'sk-smuggled-000000001')",
+        "SELECT keypool_disable_key(1, 'x')",
+    ] {
+        let err = app.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err:?}");
+    }
+    let ops = as_role(format!("ops_{suffix}")).await;
+    let state: String = ops
+        .query_one("SELECT state FROM keypool_keys", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "active");
+    let used: i64 = ops
+        .query_one("SELECT requests_this_minute FROM keypool_scopes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 1);
+    let err = ops
+        .query("SELECT secret FROM keypool.key", &[])
+        .await
+        .expect_err("ops reads secrets");
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"));
+}

@@ -70,6 +70,13 @@ SELECT keypool_set_clock('2030-01-08 15:00:00+00');  -- midnight in Tokyo: only 
 SELECT granted_of('daily_utc', 2);
 SELECT granted, error, retry_after_ms FROM keypool_reserve('u', 'daily_utc');
 
+-- A request counts even when the provider call failed: settling does not give it back.
+SELECT keypool_create_pool('failed');
+SELECT keypool_add_key('failed', 'openai', 'sk-failed-call-0000001', rpm => 1);
+SELECT keypool_set_clock('2030-01-09 09:00:00+00');
+SELECT keypool_settle((keypool_reserve('u', 'failed')).reservation_id, 500);
+SELECT granted, error, retry_after_ms FROM keypool_reserve('u', 'failed');
+
 -- Releasing gives back the request and its estimate.
 SELECT keypool_create_pool('release');
 SELECT keypool_add_key('release', 'openai', 'sk-release-00000000001', rpm => 1, tpm => 500);
@@ -99,6 +106,10 @@ SELECT try($$SELECT keypool_reserve('u')$$);
 SELECT keypool_create_pool('default');
 SELECT keypool_add_key('default', 'ollama', 'ollama-local-000000001', 'llama3.1');
 SELECT granted, provider, model, base_url, secret, key_label FROM keypool_reserve('u');
+
+-- The test clock refuses what it cannot represent.
+SELECT try($$SELECT keypool_set_clock('infinity')$$);
+SELECT try($$SELECT keypool_set_clock('1900-01-01 00:00:00+00')$$);
 
 -- Bad input: an error with its SQLSTATE, and nothing is charged.
 SELECT try($$SELECT keypool_reserve(NULL, 'rr')$$);
