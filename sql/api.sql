@@ -11,10 +11,13 @@ CREATE TYPE keypool_reservation AS (
     secret         text,
     error          text,
     retry_after_ms bigint,
-    key_label      text
+    key_label      text,
+    remaining_today bigint,
+    allocated_today bigint,
+    warning_level  text
 );
 COMMENT ON TYPE keypool_reservation IS
-    'Result of keypool_reserve: a granted key (with its secret) or a refusal (error, retry_after_ms)';
+    'Result of keypool_reserve: a granted key (with its secret) or a refusal, and the user''s share today';
 
 CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_tokens bigint DEFAULT 0)
 RETURNS keypool_reservation
@@ -43,12 +46,15 @@ SELECT k.id AS key_id,
                 END) AS reason,
        greatest(ss.cooling_until, ks.breaker_open_until) AS cooling_until,
        ks.last_used_at,
-       k.scope_id
+       k.scope_id,
+       k.group_no,
+       ks.users
   FROM keypool.key k
   JOIN keypool.pool p ON p.id = k.pool_id
   JOIN keypool.scope s ON s.id = k.scope_id
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
-  LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id;
+  LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id
+ WHERE k.removed_at IS NULL;
 COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why';
 
 -- Every quota scope with its limits and what its windows hold right now.
@@ -66,7 +72,7 @@ SELECT s.id AS scope_id,
        ss.day_resets_at,
        ss.cooling_until,
        coalesce(s.disabled_reason, ss.cooling_reason) AS reason,
-       (SELECT count(*) FROM keypool.key k WHERE k.scope_id = s.id) AS keys
+       (SELECT count(*) FROM keypool.key k WHERE k.scope_id = s.id AND k.removed_at IS NULL) AS keys
   FROM keypool.scope s
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id;
 COMMENT ON VIEW keypool_scopes IS 'Every quota scope: its limits, requests and tokens this minute and today, cooldown';
@@ -96,11 +102,66 @@ SELECT e.id, e.at, e.kind, p.name AS pool, e.key_id, k.label, e.scope_id, e.reas
   LEFT JOIN keypool.key k ON k.id = e.key_id;
 COMMENT ON VIEW keypool_events IS 'What changed and why: keys added, disabled, enabled; scopes disabled';
 
+-- Users of each pool: their key (and its group number), weight, last active day.
+CREATE VIEW keypool_members AS
+SELECT p.name AS pool, m.user_id, m.key_id, k.group_no, k.label, m.weight, m.last_active, m.assigned_at
+  FROM keypool.member m
+  JOIN keypool.pool p ON p.id = m.pool_id
+  LEFT JOIN keypool.key k ON k.id = m.key_id;
+COMMENT ON VIEW keypool_members IS 'Users of each pool: assigned key and group number, weight, last active day';
+
+-- Every pool: its keys by state, daily capacity and use, users and their share, overcommit.
+CREATE VIEW keypool_pool_stats AS
+SELECT p.id AS pool_id,
+       p.name AS pool,
+       (SELECT count(*) FROM keypool_keys k WHERE k.pool = p.name AND k.state = 'active') AS keys_usable,
+       (SELECT count(*) FROM keypool_keys k WHERE k.pool = p.name AND k.state = 'cooling') AS keys_cooling,
+       (SELECT count(*) FROM keypool_keys k WHERE k.pool = p.name AND k.state = 'disabled') AS keys_disabled,
+       ps.daily_capacity,
+       ps.daily_token_capacity,
+       (SELECT coalesce(sum(sc.requests_today), 0) FROM keypool_scopes sc
+         WHERE sc.scope_id IN (SELECT k.scope_id FROM keypool.key k
+                                WHERE k.pool_id = p.id AND k.removed_at IS NULL)) AS used_today,
+       ps.members,
+       ps.counted_users,
+       ps.active_today,
+       p.min_share,
+       ps.share_per_user,
+       round(ps.overcommit::numeric, 2) AS overcommit,
+       p.borrowing,
+       ps.borrowed_today,
+       p.active_days,
+       ps.timezone,
+       ps.resets_at
+  FROM keypool.pool p
+  LEFT JOIN keypool.pool_state() ps ON ps.pool_id = p.id;
+COMMENT ON VIEW keypool_pool_stats IS
+    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity)';
+
 -- The installation's identity: inserted last, so that its trigger finds every function.
 INSERT INTO keypool.instance DEFAULT VALUES;
 
-COMMENT ON FUNCTION keypool_create_pool(text, text) IS
-    'Creates a pool, a named set of keys serving one function; returns its id';
+COMMENT ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text) IS
+    'Creates a pool (keys serving one function) and how users share its daily capacity; returns its id';
+COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text) IS
+    'Changes a pool''s min_share, active_window, borrowing, timezone or description (NULL: unchanged)';
+COMMENT ON FUNCTION keypool_assign(text, text) IS
+    'The user''s key in the pool; a new user gets the usable key with the fewest users (idempotent)';
+COMMENT ON FUNCTION keypool_on_signup() IS
+    'Trigger: keypool_on_signup(pool, id_column [, group_column]) assigns the new row''s user and writes the key''s group number';
+COMMENT ON FUNCTION keypool_backfill(regclass, text, text, text) IS
+    'Assigns every user of an existing table in batches, balanced and idempotent; returns how many were newly assigned';
+COMMENT ON FUNCTION keypool_rebalance(text) IS
+    'Moves the fewest users needed so that users per usable key differ by at most one; returns how many moved';
+COMMENT ON FUNCTION keypool_remove_key(bigint) IS
+    'Removes a key from its pool (history kept) and reassigns its users; returns how many moved';
+COMMENT ON FUNCTION keypool_set_user_weight(text, text, numeric) IS
+    'Sets the user''s weight in the pool''s fair share (tiers such as free 1, pro 5)';
+COMMENT ON FUNCTION keypool_allocation(text, text) IS
+    'The user''s share of the pool today: allocated, used, remaining, warning level, reset time (changes nothing)';
+COMMENT ON FUNCTION keypool_can_request(text, text) IS
+    'Whether a reservation by the user would now pass the quota check (changes nothing)';
+COMMENT ON FUNCTION keypool.pool_state() IS 'Internal: how every pool shares its capacity (for keypool_pool_stats)';
 COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text) IS
     'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; returns the key id';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint) IS
@@ -131,7 +192,17 @@ COMMENT ON FUNCTION keypool.config_changed() IS 'Internal: trigger on the config
 -- Nothing is open to PUBLIC: grant EXECUTE on the functions and SELECT on the views to the
 -- roles that need them (see README, "Roles").
 REVOKE ALL ON FUNCTION
-    keypool_create_pool(text, text),
+    keypool_create_pool(text, text, integer, interval, boolean, text),
+    keypool_alter_pool(text, integer, interval, boolean, text, text),
+    keypool_assign(text, text),
+    keypool_on_signup(),
+    keypool_backfill(regclass, text, text, text),
+    keypool_rebalance(text),
+    keypool_remove_key(bigint),
+    keypool_set_user_weight(text, text, numeric),
+    keypool_allocation(text, text),
+    keypool_can_request(text, text),
+    keypool.pool_state(),
     keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text),
     keypool_reserve(text, text, bigint),
     keypool_settle(bigint, integer, bigint, bigint, bigint, text),
@@ -148,4 +219,4 @@ REVOKE ALL ON FUNCTION
     keypool.note_config_change(),
     keypool.config_changed()
 FROM PUBLIC;
-REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events FROM PUBLIC;
+REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats FROM PUBLIC;

@@ -16,11 +16,20 @@ CREATE TABLE keypool.instance (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
--- A named set of keys serving one function (chat, artifact, image ...).
+-- A named set of keys serving one function (chat, artifact, image ...), and how its daily
+-- capacity is shared among its users.
 CREATE TABLE keypool.pool (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     name        text NOT NULL UNIQUE CHECK (name <> ''),
     description text,
+    -- A user's daily share never goes below this many requests.
+    min_share   integer NOT NULL DEFAULT 0 CHECK (min_share >= 0),
+    -- When set, only members active within this many days (today included) share the capacity.
+    active_days integer CHECK (active_days BETWEEN 1 AND 90),
+    -- Users past their share may use capacity that no other user's share can still claim.
+    borrowing   boolean NOT NULL DEFAULT false,
+    -- The time zone of users' daily reset; NULL: that of the pool's keys when they agree, else UTC.
+    timezone    text,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
@@ -56,12 +65,32 @@ CREATE TABLE keypool.key (
     secret          text NOT NULL,
     secret_sha256   bytea NOT NULL,
     label           text NOT NULL,
+    -- Stable small number of the key within its pool (1, 2, ...): the "key group" apps store.
+    group_no        integer NOT NULL,
     disabled_reason text,
     disabled_at     timestamptz,
+    -- Removed keys keep their history; they take no traffic and no users.
+    removed_at      timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (pool_id, secret_sha256)
+    UNIQUE (pool_id, secret_sha256),
+    UNIQUE (pool_id, group_no)
 );
 CREATE INDEX key_scope ON keypool.key (scope_id);
+
+-- A user of a pool: assigned to a key (least loaded at assignment), with a weight for its
+-- share of the pool's daily capacity. user_hash identifies the user in shared memory.
+CREATE TABLE keypool.member (
+    pool_id     bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    user_id     text NOT NULL,
+    user_hash   bigint NOT NULL,
+    key_id      bigint REFERENCES keypool.key (id),
+    weight      numeric NOT NULL DEFAULT 1 CHECK (weight > 0),
+    last_active date,
+    assigned_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pool_id, user_id)
+);
+CREATE INDEX member_hash ON keypool.member (pool_id, user_hash);
+CREATE INDEX member_key ON keypool.member (key_id);
 
 -- Usage history, one row per key per hour: grows with keys and time, not with requests.
 CREATE TABLE keypool.usage_hourly (
@@ -116,5 +145,6 @@ CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ke
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.scope', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.key', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.member', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.usage_hourly', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.event', '');

@@ -5,7 +5,7 @@
 //! record what they changed in `keypool.event`. The trigger on the tables makes every backend
 //! reload its cache when the transaction ends.
 
-use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
+use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
 use crate::breaker;
@@ -16,6 +16,7 @@ use crate::errors::{self, Code};
 use crate::privilege;
 use crate::provider;
 use crate::secret;
+use crate::shares::MAX_WINDOW_DAYS;
 use crate::shmem;
 
 const MAX_NAME: usize = 200;
@@ -100,28 +101,129 @@ fn record_event(
     ));
 }
 
-/// `keypool_create_pool`: a named set of keys serving one function (chat, artifact, image...).
+/// An activity window in whole days (1 to 90); a window of 0 means none.
+fn window_days(window: Option<Interval>) -> Option<Option<i32>> {
+    let w = window?.into_inner();
+    if w.month != 0 {
+        errors::invalid("active_window must be given in days or hours, not months")
+            .hint("For example interval '7 days'.")
+            .raise();
+    }
+    let micros = w.day as i64 * 86_400_000_000 + w.time;
+    if micros == 0 {
+        return Some(None);
+    }
+    let days = micros.div_euclid(86_400_000_000) + i64::from(micros.rem_euclid(86_400_000_000) != 0);
+    if !(1..=MAX_WINDOW_DAYS as i64).contains(&days) || micros < 0 {
+        errors::invalid(format!("active_window must be between 1 and {MAX_WINDOW_DAYS} days")).raise();
+    }
+    Some(Some(days as i32))
+}
+
+fn check_min_share(min_share: Option<i32>) -> Option<i32> {
+    if let Some(m) = min_share {
+        if m < 0 {
+            errors::invalid(format!("min_share must be 0 or more, not {m}")).raise();
+        }
+    }
+    min_share
+}
+
+fn check_zone(timezone: Option<&str>) -> Option<&str> {
+    if let Some(z) = timezone.filter(|z| !z.is_empty()) {
+        if calendar::parse_zone(z).is_none() {
+            errors::invalid(format!("unknown time zone \"{z}\""))
+                .hint("Use an IANA name such as UTC or America/Los_Angeles.")
+                .raise();
+        }
+    }
+    timezone
+}
+
+/// `keypool_create_pool`: a named set of keys serving one function (chat, artifact, image...),
+/// and how its daily capacity is shared among its users.
 #[pg_extern(volatile, parallel_unsafe)]
-fn keypool_create_pool(name: Option<&str>, description: default!(Option<&str>, "NULL")) -> i64 {
+fn keypool_create_pool(
+    name: Option<&str>,
+    description: default!(Option<&str>, "NULL"),
+    min_share: default!(Option<i32>, 0),
+    active_window: default!(Option<Interval>, "NULL"),
+    borrowing: default!(Option<bool>, false),
+    timezone: default!(Option<&str>, "NULL"),
+) -> i64 {
     let name = required("name", name, MAX_NAME);
     let description = optional("description", description, MAX_REASON);
+    let min_share = check_min_share(min_share).unwrap_or(0);
+    let active_days = window_days(active_window).flatten();
+    let timezone = check_zone(timezone).filter(|z| !z.is_empty());
     as_owner(|client| {
         let id: Option<i64> = one(
             client,
-            "INSERT INTO keypool.pool (name, description) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING id",
-            &[name.into(), description.into()],
+            "INSERT INTO keypool.pool (name, description, min_share, active_days, borrowing, timezone)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING RETURNING id",
+            &[
+                name.into(),
+                description.into(),
+                min_share.into(),
+                active_days.into(),
+                borrowing.unwrap_or(false).into(),
+                timezone.into(),
+            ],
         );
         let Some(id) = id else {
             errors::error(
                 Code::ERRCODE_DUPLICATE_OBJECT,
                 format!("pool \"{name}\" already exists"),
             )
-            .hint("Add keys to it with keypool_add_key(), or choose another name.")
+            .hint("Add keys to it with keypool_add_key(), or change it with keypool_alter_pool().")
             .raise()
         };
         record_event(client, "pool_created", Some(id), None, None, None);
         id
     })
+}
+
+/// `keypool_alter_pool`: changes a pool's options; NULL leaves an option as it is. An
+/// active_window of 0 removes the window; a timezone of '' returns to the keys' time zone.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_alter_pool(
+    name: Option<&str>,
+    min_share: default!(Option<i32>, "NULL"),
+    active_window: default!(Option<Interval>, "NULL"),
+    borrowing: default!(Option<bool>, "NULL"),
+    timezone: default!(Option<&str>, "NULL"),
+    description: default!(Option<&str>, "NULL"),
+) {
+    let name = required("name", name, MAX_NAME);
+    let min_share = check_min_share(min_share);
+    let window = window_days(active_window);
+    let timezone = check_zone(timezone);
+    let description = optional("description", description, MAX_REASON);
+    as_owner(|client| {
+        let id: Option<i64> = one(
+            client,
+            "UPDATE keypool.pool SET
+                 min_share = coalesce($2, min_share),
+                 active_days = CASE WHEN $3 THEN $4 ELSE active_days END,
+                 borrowing = coalesce($5, borrowing),
+                 timezone = CASE WHEN $6::text IS NULL THEN timezone ELSE nullif($6, '') END,
+                 description = coalesce($7, description)
+              WHERE name = $1 RETURNING id",
+            &[
+                name.into(),
+                min_share.into(),
+                window.is_some().into(),
+                window.flatten().into(),
+                borrowing.into(),
+                timezone.into(),
+                description.into(),
+            ],
+        );
+        let Some(id) = id else {
+            errors::undefined(format!("pool \"{name}\" does not exist")).raise()
+        };
+        record_event(client, "pool_altered", Some(id), None, None, None);
+    });
 }
 
 /// `keypool_add_key`: adds a key to a pool and returns its id. See the README for the rules on
@@ -177,7 +279,12 @@ fn keypool_add_key(
     let label = secret::mask(secret);
 
     as_owner(|client| {
-        let pool_id: Option<i64> = one(client, "SELECT id FROM keypool.pool WHERE name = $1", &[pool.into()]);
+        // Locking the pool row serializes additions to the pool (group numbers).
+        let pool_id: Option<i64> = one(
+            client,
+            "SELECT id FROM keypool.pool WHERE name = $1 FOR UPDATE",
+            &[pool.into()],
+        );
         let Some(pool_id) = pool_id else {
             errors::undefined(format!("pool \"{pool}\" does not exist"))
                 .hint("Create it first with keypool_create_pool().")
@@ -195,6 +302,15 @@ fn keypool_add_key(
             &[pool_id.into(), digest.clone().into()],
         );
         if let Some(key_id) = existing {
+            // A removed key comes back, with its group number and history.
+            let restored: Option<i64> = one(
+                client,
+                "UPDATE keypool.key SET removed_at = NULL WHERE id = $1 AND removed_at IS NOT NULL RETURNING id",
+                &[key_id.into()],
+            );
+            if restored.is_some() {
+                record_event(client, "key_restored", Some(pool_id), Some(key_id), None, None);
+            }
             if limits_given {
                 let scope_id: Option<i64> = one(
                     client,
@@ -263,8 +379,9 @@ fn keypool_add_key(
         };
         let key_id: Option<i64> = one(
             client,
-            "INSERT INTO keypool.key (pool_id, scope_id, provider, model, base_url, secret, secret_sha256, label)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            "INSERT INTO keypool.key (pool_id, scope_id, provider, model, base_url, secret, secret_sha256, label, group_no)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
+                     (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $1))
              ON CONFLICT (pool_id, secret_sha256) DO NOTHING
              RETURNING id",
             &[
@@ -317,7 +434,8 @@ fn keypool_disable_key(key_id: Option<i64>, reason: default!(Option<&str>, "NULL
     as_owner(|client| {
         let found: Option<i64> = one(
             client,
-            "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3 WHERE id = $1 RETURNING pool_id",
+            "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3
+              WHERE id = $1 AND removed_at IS NULL RETURNING pool_id",
             &[key_id.into(), reason.as_str().into(), now_ts().into()],
         );
         let Some(pool_id) = found else {
@@ -336,7 +454,8 @@ fn keypool_enable_key(key_id: Option<i64>) {
     };
     let (pool_id, scope_id) = as_owner(|client| {
         let table = errors::spi(client.update(
-            "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL WHERE id = $1 RETURNING pool_id, scope_id",
+            "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL
+              WHERE id = $1 AND removed_at IS NULL RETURNING pool_id, scope_id",
             None,
             &[key_id.into()],
         ));

@@ -23,6 +23,27 @@ pub fn day_bounds(tz: Tz, now_ms: i64) -> (i64, i64) {
     (start, end)
 }
 
+/// The local calendar day containing `now_ms`: its number (days since 1970-01-01 in that zone)
+/// and its (start, end) in UTC milliseconds.
+pub fn day_of(tz: Tz, now_ms: i64) -> (i32, i64, i64) {
+    let (start, end) = day_bounds(tz, now_ms);
+    let date = DateTime::from_timestamp_millis(now_ms)
+        .map(|utc| utc.with_timezone(&tz).date_naive())
+        .unwrap_or_default();
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date");
+    ((date - epoch).num_days() as i32, start, end)
+}
+
+/// The date of a day number.
+pub fn date_of(day: i32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date") + chrono::Duration::days(day as i64)
+}
+
+/// The day number of a date.
+pub fn day_number(date: NaiveDate) -> i32 {
+    (date - NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date")).num_days() as i32
+}
+
 /// The first instant of a local date. Where midnight does not exist (a DST jump at 00:00),
 /// the day begins at the first local time that does.
 fn first_instant(tz: Tz, date: NaiveDate) -> i64 {
@@ -65,6 +86,19 @@ mod tests {
         // 07:59 UTC is still the previous Pacific day.
         let (s2, _) = day_bounds(tz, ms("2026-03-08T07:59:00Z"));
         assert_eq!(s2, ms("2026-03-07T00:00:00-08:00"));
+    }
+
+    #[test]
+    fn day_numbers_follow_the_zone() {
+        let la = parse_zone("America/Los_Angeles").unwrap();
+        let utc = parse_zone("UTC").unwrap();
+        let t = ms("2026-03-08T07:59:00Z");
+        let (d_la, _, end) = day_of(la, t);
+        let (d_utc, _, _) = day_of(utc, t);
+        assert_eq!(d_utc - d_la, 1);
+        assert_eq!(end, ms("2026-03-08T08:00:00Z"));
+        assert_eq!(date_of(d_utc).to_string(), "2026-03-08");
+        assert_eq!(day_number(date_of(d_la)), d_la);
     }
 
     #[test]

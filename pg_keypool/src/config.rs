@@ -22,14 +22,29 @@ use crate::clock;
 use crate::errors::{self, Code};
 use crate::privilege;
 use crate::registry::{self, Wanted};
+use crate::shares::Policy;
 use crate::shmem::{self, Owner, Shared};
 use crate::window::Limits;
 
 pub struct Pool {
     pub id: i64,
+    pub name: String,
     pub slot: u32,
     /// Indexes into `Config::keys`, by key id.
     pub keys: Vec<usize>,
+    /// How the pool's daily capacity is shared among its users.
+    pub policy: Policy,
+    /// Tokens per day over the usable scopes, when every one of them has that limit.
+    pub token_capacity: Option<u64>,
+    /// The time zone of its users' daily reset.
+    pub tz: Tz,
+}
+
+impl Pool {
+    /// Today for the pool's users: day number, start and end.
+    pub fn day(&self, now_ms: i64) -> (i32, i64, i64) {
+        calendar::day_of(self.tz, now_ms)
+    }
 }
 
 pub struct Key {
@@ -41,6 +56,7 @@ pub struct Key {
     pub base_url: String,
     pub secret: String,
     pub label: String,
+    pub group_no: i32,
     pub disabled: bool,
 }
 
@@ -78,6 +94,11 @@ impl Config {
 
     pub fn scope_of(&self, key: &Key) -> &Scope {
         &self.scopes[key.scope]
+    }
+
+    /// Neither the key nor its account is disabled.
+    pub fn usable(&self, key: &Key) -> bool {
+        !key.disabled && !self.scope_of(key).disabled
     }
 }
 
@@ -172,9 +193,11 @@ fn load(sh: &Shared, generation: u64) -> Config {
             })
             .into_iter()
             .collect();
-            let pools: Vec<(i64, String)> = fresh_rows(c"SELECT id, name FROM keypool.pool ORDER BY id", |r| {
-                (r.get(0), r.get(1))
-            });
+            #[allow(clippy::type_complexity)]
+            let pools: Vec<(i64, String, i32, Option<i32>, bool, Option<String>)> = fresh_rows(
+                c"SELECT id, name, min_share, active_days, borrowing, timezone FROM keypool.pool ORDER BY id",
+                |r| (r.get(0), r.get(1), r.get(2), r.get_opt(3), r.get(4), r.get_opt(5)),
+            );
             let scopes: Vec<(i64, Limits, String, bool)> = fresh_rows(
                 c"SELECT id, rpm::bigint, rpd::bigint, tpm, tpd, timezone, disabled_reason IS NOT NULL
                     FROM keypool.scope ORDER BY id",
@@ -193,28 +216,28 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     )
                 },
             );
-            #[allow(clippy::type_complexity)]
-            let keys: Vec<(i64, i64, i64, String, Option<String>, String, String, String, bool)> = fresh_rows(
-                c"SELECT id, pool_id, scope_id, provider, model, base_url, secret, label, disabled_reason IS NOT NULL
-                    FROM keypool.key ORDER BY id",
-                |r| {
-                    (
-                        r.get(0),
-                        r.get(1),
-                        r.get(2),
-                        r.get(3),
-                        r.get_opt(4),
-                        r.get(5),
-                        r.get(6),
-                        r.get(7),
-                        r.get(8),
-                    )
+            let keys: Vec<KeyRow> = fresh_rows(
+                c"SELECT id, pool_id, scope_id, provider, model, base_url, secret, label, group_no,
+                         disabled_reason IS NOT NULL
+                    FROM keypool.key WHERE removed_at IS NULL ORDER BY id",
+                |r| KeyRow {
+                    id: r.get(0),
+                    pool_id: r.get(1),
+                    scope_id: r.get(2),
+                    provider: r.get(3),
+                    model: r.get_opt(4),
+                    base_url: r.get(5),
+                    secret: r.get(6),
+                    label: r.get(7),
+                    group_no: r.get(8),
+                    disabled: r.get(9),
                 },
             );
 
             let scope_ids: Vec<i64> = scopes.iter().map(|s| s.0).collect();
-            let key_ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
+            let key_ids: Vec<i64> = keys.iter().map(|k| k.id).collect();
             let pool_ids: Vec<i64> = pools.iter().map(|p| p.0).collect();
+            let scope_limits: HashMap<i64, Limits> = scopes.iter().map(|s| (s.0, s.1)).collect();
             let bound = registry::bind(
                 sh,
                 owner,
@@ -252,36 +275,128 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 cfg.scopes_by_id.insert(id, cfg.scopes.len());
                 cfg.scopes.push(Scope { id, slot, tz, disabled });
             }
-            for (id, name) in pools {
-                cfg.pools_by_name.insert(name, cfg.pools.len());
+            let mut pool_options = HashMap::new();
+            for (id, name, min_share, active_days, borrowing, timezone) in pools {
+                cfg.pools_by_name.insert(name.clone(), cfg.pools.len());
+                pool_options.insert(id, (min_share, active_days, borrowing, timezone));
                 cfg.pools.push(Pool {
                     id,
+                    name,
                     slot: bound.pools[&id],
                     keys: Vec::new(),
+                    policy: Policy {
+                        capacity: None,
+                        min_share: 0,
+                        window_days: None,
+                        borrowing: false,
+                    },
+                    token_capacity: None,
+                    tz: Tz::UTC,
                 });
             }
             let pool_index: HashMap<i64, usize> = cfg.pools.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
-            for (id, pool_id, scope_id, provider, model, base_url, secret, label, disabled) in keys {
-                let (Some(&pool), Some(&scope)) = (pool_index.get(&pool_id), cfg.scopes_by_id.get(&scope_id)) else {
+            for k in keys {
+                let (Some(&pool), Some(&scope)) = (pool_index.get(&k.pool_id), cfg.scopes_by_id.get(&k.scope_id))
+                else {
                     continue;
                 };
-                cfg.keys_by_id.insert(id, cfg.keys.len());
+                cfg.keys_by_id.insert(k.id, cfg.keys.len());
                 cfg.pools[pool].keys.push(cfg.keys.len());
                 cfg.keys.push(Key {
-                    id,
+                    id: k.id,
                     scope,
-                    slot: bound.keys[&id],
-                    provider,
-                    model,
-                    base_url,
-                    secret,
-                    label,
-                    disabled,
+                    slot: bound.keys[&k.id],
+                    provider: k.provider,
+                    model: k.model,
+                    base_url: k.base_url,
+                    secret: k.secret,
+                    label: k.label,
+                    group_no: k.group_no,
+                    disabled: k.disabled,
                 });
+            }
+            for i in 0..cfg.pools.len() {
+                let (min_share, active_days, borrowing, timezone) =
+                    pool_options.remove(&cfg.pools[i].id).unwrap_or_default();
+                let policy = pool_policy(&cfg, &cfg.pools[i], &scope_limits, min_share, active_days, borrowing);
+                let pool_tz = pool_zone(&cfg, &cfg.pools[i], timezone.as_deref());
+                let tokens = pool_capacity(&cfg, &cfg.pools[i], &scope_limits, |l| l.tpd);
+                let pool = &mut cfg.pools[i];
+                pool.policy = policy;
+                pool.tz = pool_tz;
+                pool.token_capacity = tokens;
             }
             cfg
         })
     })
+}
+
+struct KeyRow {
+    id: i64,
+    pool_id: i64,
+    scope_id: i64,
+    provider: String,
+    model: Option<String>,
+    base_url: String,
+    secret: String,
+    label: String,
+    group_no: i32,
+    disabled: bool,
+}
+
+/// The sum of one daily limit over the distinct usable scopes of a pool; `None` when one of
+/// them has no such limit.
+fn pool_capacity(
+    cfg: &Config,
+    pool: &Pool,
+    limits: &HashMap<i64, Limits>,
+    daily: impl Fn(&Limits) -> u64,
+) -> Option<u64> {
+    let mut seen = HashSet::new();
+    let mut total = 0u64;
+    for &k in &pool.keys {
+        let key = &cfg.keys[k];
+        if !cfg.usable(key) {
+            continue;
+        }
+        let scope = cfg.scope_of(key);
+        if !seen.insert(scope.id) {
+            continue;
+        }
+        match limits.get(&scope.id).map(&daily) {
+            Some(0) | None => return None,
+            Some(v) => total = total.saturating_add(v),
+        }
+    }
+    Some(total)
+}
+
+fn pool_policy(
+    cfg: &Config,
+    pool: &Pool,
+    limits: &HashMap<i64, Limits>,
+    min_share: i32,
+    active_days: Option<i32>,
+    borrowing: bool,
+) -> Policy {
+    Policy {
+        capacity: pool_capacity(cfg, pool, limits, |l| l.rpd),
+        min_share: min_share.max(0) as u64,
+        window_days: active_days,
+        borrowing,
+    }
+}
+
+/// The pool's own time zone if it has one, else that of its keys when they all agree, else UTC.
+fn pool_zone(cfg: &Config, pool: &Pool, explicit: Option<&str>) -> Tz {
+    if let Some(tz) = explicit.and_then(calendar::parse_zone) {
+        return tz;
+    }
+    let mut zones = pool.keys.iter().map(|&k| cfg.scope_of(&cfg.keys[k]).tz);
+    match zones.next() {
+        Some(first) if zones.all(|z| z == first) => first,
+        _ => Tz::UTC,
+    }
 }
 
 /// One row of a query result, with typed column access.

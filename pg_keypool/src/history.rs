@@ -18,7 +18,10 @@ use crate::clock;
 use crate::config::{self, Config};
 use crate::errors;
 use crate::privilege;
-use crate::shmem::{self, Shared, COUNTERS};
+use std::collections::HashMap;
+
+use crate::members::{self, FLAG_ACTIVE_DIRTY, STRIPES};
+use crate::shmem::{self, Shared, COUNTERS, MEMBERS_READY};
 
 const HOUR_MS: i64 = 3_600_000;
 /// A flush holding the lock longer than this is presumed dead.
@@ -131,10 +134,20 @@ pub fn flush(cfg: &Config) -> i64 {
             })
         });
     }
+    let activity = flush_activity(sh, cfg);
     register_xact_callback(PgXactCallbackEvent::Commit, move || {
         let Some(sh) = shmem::try_shared() else {
             return;
         };
+        for &(index, hash, day) in &activity {
+            let stripe = sh.members.stripe(hash);
+            if let Some(i) = stripe.position_of(index) {
+                let m = stripe.at(i);
+                if m.hash == hash && m.last_active == day {
+                    m.flags &= !FLAG_ACTIVE_DIRTY;
+                }
+            }
+        }
         for (slot, values) in &taken {
             let counters = &sh.key(*slot).counters;
             for (c, v) in counters.iter().zip(values) {
@@ -148,6 +161,53 @@ pub fn flush(cfg: &Config) -> i64 {
             release(sh);
         }
     });
+    written
+}
+
+/// Writes the day each member was last active (needed to rebuild activity windows after a
+/// restart); returns what was written, to mark it clean once the transaction commits.
+fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<(u32, u64, i32)> {
+    let pools: HashMap<u32, (i64, u32)> = cfg
+        .pools
+        .iter()
+        .filter(|p| sh.pool(p.slot).members_state.load(Ordering::Acquire) == MEMBERS_READY)
+        .map(|p| (p.slot, (p.id, sh.pool(p.slot).members_gen.load(Ordering::Acquire))))
+        .collect();
+    if pools.is_empty() {
+        return Vec::new();
+    }
+    let (mut pool_ids, mut hashes, mut days, mut written) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for s in 0..STRIPES {
+        let stripe = sh.members.stripe_at(s);
+        for i in 0..stripe.len() {
+            let m = stripe.at(i);
+            if m.hash == 0 || m.flags & FLAG_ACTIVE_DIRTY == 0 || !m.is_member() {
+                continue;
+            }
+            if let Some(&(pool_id, gen)) = pools.get(&m.pool_slot) {
+                if gen == m.pool_gen {
+                    pool_ids.push(pool_id);
+                    hashes.push(members::hash_to_sql(m.hash));
+                    days.push(m.last_active);
+                    written.push((stripe.index_of(i), m.hash, m.last_active));
+                }
+            }
+        }
+    }
+    if !written.is_empty() {
+        privilege::as_user(cfg.extension_owner, || {
+            Spi::connect_mut(|client| {
+                errors::spi(client.update(
+                    "UPDATE keypool.member m SET last_active = DATE '1970-01-01' + v.d
+                       FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS v(p, h, d)
+                      WHERE m.pool_id = v.p AND m.user_hash = v.h
+                        AND m.last_active IS DISTINCT FROM DATE '1970-01-01' + v.d",
+                    None,
+                    &[pool_ids.into(), hashes.into(), days.into()],
+                ));
+            })
+        });
+    }
     written
 }
 

@@ -16,6 +16,7 @@
 use pgrx::prelude::*;
 
 mod admin;
+mod assign;
 mod breaker;
 pub mod calendar;
 mod clock;
@@ -24,17 +25,22 @@ mod config;
 mod errors;
 mod history;
 mod launcher;
+mod members;
 pub mod outcome;
 mod persist;
 mod privilege;
 mod provider;
+mod quota;
 mod registry;
 mod reservation;
 mod reserve;
 pub mod secret;
 mod settings;
 mod settle;
+pub mod shares;
 mod shmem;
+pub mod tree;
+mod txn;
 mod views;
 pub mod window;
 

@@ -14,7 +14,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use crate::errors::{self, Code};
-use crate::shmem::{KeySlot, Owner, PoolSlot, ScopeSlot, Shared, Tag};
+use crate::shares::PoolShares;
+use crate::shmem::{KeySlot, Owner, PoolSlot, ScopeSlot, Shared, Tag, MEMBERS_UNLOADED};
 use crate::window::ScopeWindows;
 
 /// What the registry needs to know about a kind of slot.
@@ -52,6 +53,7 @@ impl Slot for KeySlot {
         !self.has_pending()
             && self.breaker_open_until_ms.load(Ordering::Acquire) == 0
             && self.trial_since_ms.load(Ordering::Acquire) == 0
+            && self.assigned.load(Ordering::Acquire) == 0
     }
 
     fn reset(&self) {
@@ -62,6 +64,8 @@ impl Slot for KeySlot {
         for c in &self.counters {
             c.store(0, Ordering::Release);
         }
+        self.assigned.store(0, Ordering::Release);
+        self.tree_build.store(0, Ordering::Release);
     }
 }
 
@@ -76,6 +80,11 @@ impl Slot for PoolSlot {
 
     fn reset(&self) {
         self.cursor.store(0, Ordering::Release);
+        let mut shares = self.lock();
+        *shares = PoolShares::default();
+        // Member entries of the previous binding become stale.
+        self.members_gen.fetch_add(1, Ordering::AcqRel);
+        self.members_state.store(MEMBERS_UNLOADED, Ordering::Release);
     }
 }
 

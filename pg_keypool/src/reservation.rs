@@ -20,9 +20,11 @@ const PROBES: u64 = 8;
 
 /// This reservation let a key's half-open circuit breaker try one request.
 pub const FLAG_TRIAL: u32 = 1;
+/// This reservation was borrowed beyond the user's share.
+pub const FLAG_BORROWED: u32 = 2;
 
 /// What a reservation holds.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Record {
     pub dboid: u32,
     pub scope_slot: u32,
@@ -33,6 +35,10 @@ pub struct Record {
     pub day_start_ms: i64,
     pub est_tokens: i64,
     pub flags: u32,
+    pub pool_slot: u32,
+    pub member_index: u32,
+    pub member_hash: u64,
+    pub member_day: i32,
 }
 
 /// How a reservation ended.
@@ -84,6 +90,10 @@ fn write(s: &ReservationSlot, id: u64, r: &Record) {
     s.day_start_ms.store(r.day_start_ms, Relaxed);
     s.est_tokens.store(r.est_tokens, Relaxed);
     s.flags.store(r.flags, Relaxed);
+    s.pool_slot.store(r.pool_slot, Relaxed);
+    s.member_index.store(r.member_index, Relaxed);
+    s.member_hash.store(r.member_hash, Relaxed);
+    s.member_day.store(r.member_day, Relaxed);
     s.id.store(id, Release);
 }
 
@@ -98,6 +108,10 @@ fn read(s: &ReservationSlot) -> Record {
         day_start_ms: s.day_start_ms.load(Relaxed),
         est_tokens: s.est_tokens.load(Relaxed),
         flags: s.flags.load(Relaxed),
+        pool_slot: s.pool_slot.load(Relaxed),
+        member_index: s.member_index.load(Relaxed),
+        member_hash: s.member_hash.load(Relaxed),
+        member_day: s.member_day.load(Relaxed),
     }
 }
 

@@ -17,13 +17,15 @@ use std::sync::atomic::Ordering;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::assign;
 use crate::breaker::{self, Admission};
 use crate::calendar;
 use crate::clock;
 use crate::composite::{self, Value};
 use crate::config::{self, Config, Key};
 use crate::errors::{self, Code};
-use crate::reservation::{self, Record, FLAG_TRIAL};
+use crate::quota::{self, Allocation, Take, Ticket};
+use crate::reservation::{self, Record, FLAG_BORROWED, FLAG_TRIAL};
 use crate::settings;
 use crate::shmem::{self, Counter, Shared};
 use crate::window::Wait;
@@ -36,6 +38,7 @@ pub const MAX_USER_ID: usize = 256;
 pub enum Refusal {
     PoolExhausted,
     NoKeys,
+    QuotaExceeded,
 }
 
 impl Refusal {
@@ -43,6 +46,7 @@ impl Refusal {
         match self {
             Refusal::PoolExhausted => "POOL_EXHAUSTED",
             Refusal::NoKeys => "NO_KEYS",
+            Refusal::QuotaExceeded => "QUOTA_EXCEEDED",
         }
     }
 }
@@ -51,11 +55,20 @@ pub enum Answer {
     Granted {
         key: usize,
         reservation_id: u64,
+        allocation: Allocation,
     },
     Refused {
         refusal: Refusal,
         retry_after_ms: Option<i64>,
+        allocation: Allocation,
     },
+}
+
+/// What a granted reservation takes of the user's share.
+struct Share {
+    pool_slot: u32,
+    ticket: Option<Ticket>,
+    preferred: i64,
 }
 
 /// A slot this backend cached was bound to another row meanwhile: reload and try again.
@@ -88,8 +101,8 @@ pub fn check_tokens(name: &str, tokens: Option<i64>) -> i64 {
     t
 }
 
-/// Reserves capacity in `pool_name` for one request of about `est_tokens` tokens.
-pub fn reserve(pool_name: &str, est_tokens: i64) -> (Rc<Config>, Answer) {
+/// Reserves capacity in `pool_name` for `user`'s request of about `est_tokens` tokens.
+pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Answer) {
     let sh = shmem::shared();
     if unsafe { pg_sys::RecoveryInProgress() } {
         errors::error(Code::ERRCODE_READ_ONLY_SQL_TRANSACTION, "keypool_reserve cannot run on a standby")
@@ -98,11 +111,77 @@ pub fn reserve(pool_name: &str, est_tokens: i64) -> (Rc<Config>, Answer) {
             .raise();
     }
     let mut cfg = config::current();
+    let now = clock::now_ms();
+    let pool = assign::pool_or_error(&cfg, pool_name);
+    assign::ensure_loaded(sh, &cfg, pool);
+    if !pool.keys.iter().any(|&k| cfg.usable(&cfg.keys[k])) {
+        let (allocation, _, _) = quota::view(sh, &cfg, pool, user, now);
+        return (
+            cfg,
+            Answer::Refused {
+                refusal: Refusal::NoKeys,
+                retry_after_ms: None,
+                allocation,
+            },
+        );
+    }
+    let (ticket, preferred, mut allocation) = match quota::take(sh, &cfg, pool, user, now) {
+        Take::Exceeded {
+            allocation,
+            retry_after_ms,
+        } => {
+            let refusal = Refusal::QuotaExceeded;
+            return (
+                cfg,
+                Answer::Refused {
+                    refusal,
+                    retry_after_ms: Some(retry_after_ms),
+                    allocation,
+                },
+            );
+        }
+        Take::Granted {
+            ticket,
+            preferred,
+            allocation,
+        } => (ticket, preferred, allocation),
+    };
+    let share = Share {
+        pool_slot: pool.slot,
+        ticket,
+        preferred,
+    };
     for _ in 0..3 {
-        match try_reserve(sh, &cfg, pool_name, est_tokens) {
-            Ok(answer) => return (cfg, answer),
+        match try_reserve(sh, &cfg, pool_name, est_tokens, &share) {
+            Ok(Ok((key, reservation_id))) => {
+                return (
+                    cfg,
+                    Answer::Granted {
+                        key,
+                        reservation_id,
+                        allocation,
+                    },
+                )
+            }
+            Ok(Err((refusal, retry_after_ms))) => {
+                if let Some(t) = &share.ticket {
+                    quota::give_back(sh, share.pool_slot, t);
+                    allocation.used = allocation.used.saturating_sub(1);
+                }
+                return (
+                    cfg,
+                    Answer::Refused {
+                        refusal,
+                        retry_after_ms,
+                        allocation,
+                    },
+                );
+            }
             Err(Rebound) => cfg = config::reload_now(),
         }
+    }
+    if let Some(t) = &share.ticket {
+        quota::give_back(sh, share.pool_slot, t);
     }
     errors::error(
         Code::ERRCODE_INTERNAL_ERROR,
@@ -111,12 +190,10 @@ pub fn reserve(pool_name: &str, est_tokens: i64) -> (Rc<Config>, Answer) {
     .raise()
 }
 
-fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64) -> Result<Answer, Rebound> {
-    let Some(pool) = cfg.pool_by_name(pool_name) else {
-        errors::undefined(format!("pool \"{pool_name}\" does not exist"))
-            .hint("Create it with keypool_create_pool() and add keys with keypool_add_key().")
-            .raise()
-    };
+type Outcome = Result<(usize, u64), (Refusal, Option<i64>)>;
+
+fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, share: &Share) -> Result<Outcome, Rebound> {
+    let pool = assign::pool_or_error(cfg, pool_name);
     let now = clock::now_ms();
     let lease = settings::lease_ms();
     let tokens = est_tokens as u64;
@@ -141,10 +218,19 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64) -> R
         }
     }
     if enabled == 0 {
-        return Ok(Answer::Refused {
-            refusal: Refusal::NoKeys,
-            retry_after_ms: None,
-        });
+        return Ok(Err((Refusal::NoKeys, None)));
+    }
+
+    // The user's assigned key first, when it is ready.
+    let preferred = (share.preferred != 0)
+        .then(|| pool.keys.iter().copied().find(|&k| cfg.keys[k].id == share.preferred))
+        .flatten()
+        .filter(|&k| matches!(readiness(sh, cfg, &cfg.keys[k], now, lease), Readiness::Ready));
+    if let Some(k) = preferred {
+        match try_key(sh, cfg, &cfg.keys[k], now, lease, est_tokens, tokens, share)? {
+            Ok(reservation_id) => return Ok(Ok((k, reservation_id))),
+            Err(w) => note(w),
+        }
     }
 
     // Pass 2: the shared cursor picks one of the ready keys, so load spreads evenly over them
@@ -162,16 +248,11 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64) -> R
         for i in 0..n {
             let key_index = pool.keys[(first + i) % n];
             let key = &cfg.keys[key_index];
-            if !matches!(readiness(sh, cfg, key, now, lease), Readiness::Ready) {
+            if Some(key_index) == preferred || !matches!(readiness(sh, cfg, key, now, lease), Readiness::Ready) {
                 continue;
             }
-            match try_key(sh, cfg, key, now, lease, est_tokens, tokens)? {
-                Ok(reservation_id) => {
-                    return Ok(Answer::Granted {
-                        key: key_index,
-                        reservation_id,
-                    })
-                }
+            match try_key(sh, cfg, key, now, lease, est_tokens, tokens, share)? {
+                Ok(reservation_id) => return Ok(Ok((key_index, reservation_id))),
                 Err(w) => note(w),
             }
         }
@@ -183,8 +264,8 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64) -> R
         .detail("Each key's scope has a tokens-per-minute or tokens-per-day limit below the estimate, so the request could never be granted.")
         .hint("Split the request, or add a key whose limits allow it.")
         .raise(),
-        Some(Wait::Ms(ms)) => Ok(Answer::Refused { refusal: Refusal::PoolExhausted, retry_after_ms: Some(ms.max(1)) }),
-        None => Ok(Answer::Refused { refusal: Refusal::PoolExhausted, retry_after_ms: Some(1) }),
+        Some(Wait::Ms(ms)) => Ok(Err((Refusal::PoolExhausted, Some(ms.max(1))))),
+        None => Ok(Err((Refusal::PoolExhausted, Some(1)))),
     }
 }
 
@@ -212,6 +293,7 @@ fn readiness(sh: &Shared, cfg: &Config, key: &Key, now: i64, lease: i64) -> Read
 
 /// Tries to charge one request to `key`'s scope and open a reservation: the reservation id, or
 /// how long until the scope has room.
+#[allow(clippy::too_many_arguments)]
 fn try_key(
     sh: &Shared,
     cfg: &Config,
@@ -220,6 +302,7 @@ fn try_key(
     lease: i64,
     est_tokens: i64,
     tokens: u64,
+    share: &Share,
 ) -> Result<Result<u64, Wait>, Rebound> {
     let scope = cfg.scope_of(key);
     let key_slot = sh.key(key.slot);
@@ -254,7 +337,16 @@ fn try_key(
                 at_ms: charge.at_ms,
                 day_start_ms: charge.day_start_ms,
                 est_tokens,
-                flags: if trial { FLAG_TRIAL } else { 0 },
+                flags: if trial { FLAG_TRIAL } else { 0 }
+                    | if share.ticket.is_some_and(|t| t.borrowed) {
+                        FLAG_BORROWED
+                    } else {
+                        0
+                    },
+                pool_slot: share.pool_slot,
+                member_index: share.ticket.map_or(u32::MAX, |t| t.index),
+                member_hash: share.ticket.map_or(0, |t| t.hash),
+                member_day: share.ticket.map_or(0, |t| t.day),
             };
             let reservation_id = reservation::open(sh, &record, now, lease);
             key_slot.add(Counter::Requests, 1);
@@ -271,10 +363,22 @@ fn try_key(
 }
 
 /// The result row, in the column order of the `keypool_reservation` type.
-fn result_row<'a>(cfg: &'a Config, answer: &Answer) -> [Value<'a>; 10] {
+fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 13] {
+    let share = |a: &Allocation| {
+        [
+            a.remaining().map_or(Value::Null, |r| Value::Int8(r as i64)),
+            a.allocated.map_or(Value::Null, |r| Value::Int8(r as i64)),
+            Value::Text(a.warning()),
+        ]
+    };
     match answer {
-        Answer::Granted { key, reservation_id } => {
+        Answer::Granted {
+            key,
+            reservation_id,
+            allocation,
+        } => {
             let k = &cfg.keys[*key];
+            let [remaining, allocated, warning] = share(allocation);
             [
                 Value::Bool(true),
                 Value::Int8(*reservation_id as i64),
@@ -286,23 +390,33 @@ fn result_row<'a>(cfg: &'a Config, answer: &Answer) -> [Value<'a>; 10] {
                 Value::Null,
                 Value::Null,
                 Value::Text(&k.label),
+                remaining,
+                allocated,
+                warning,
             ]
         }
         Answer::Refused {
             refusal,
             retry_after_ms,
-        } => [
-            Value::Bool(false),
-            Value::Null,
-            Value::Null,
-            Value::Null,
-            Value::Null,
-            Value::Null,
-            Value::Null,
-            Value::Text(refusal.code()),
-            retry_after_ms.map_or(Value::Null, Value::Int8),
-            Value::Null,
-        ],
+            allocation,
+        } => {
+            let [remaining, allocated, warning] = share(allocation);
+            [
+                Value::Bool(false),
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                Value::Text(refusal.code()),
+                retry_after_ms.map_or(Value::Null, Value::Int8),
+                Value::Null,
+                remaining,
+                allocated,
+                warning,
+            ]
+        }
     }
 }
 
@@ -323,12 +437,12 @@ pub unsafe extern "C-unwind" fn keypool_reserve_c(fcinfo: pg_sys::FunctionCallIn
         let user_id = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
         let pool = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1);
         let est_tokens = pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 2);
-        let _user = check_user_id(user_id);
+        let user = check_user_id(user_id);
         let Some(pool) = pool else {
             errors::null_argument("pool").raise()
         };
         let est_tokens = check_tokens("est_tokens", est_tokens);
-        let (cfg, answer) = reserve(pool, est_tokens);
+        let (cfg, answer) = reserve(user, pool, est_tokens);
         let row = result_row(&cfg, &answer);
         composite::form(fcinfo, &row)
     }

@@ -14,7 +14,8 @@ use crate::clock;
 use crate::config::{self, Config};
 use crate::errors::{self, Code};
 use crate::outcome::{classify, Outcome};
-use crate::reservation::{self, Closed, NotOpen, Record, FLAG_TRIAL};
+use crate::quota::{self, Ticket};
+use crate::reservation::{self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_TRIAL};
 use crate::reserve::{check_tokens, MAX_TOKENS};
 use crate::settings;
 use crate::shmem::{self, CoolingReason, Counter, Shared};
@@ -199,6 +200,15 @@ fn keypool_release(reservation_id: Option<i64>) {
     let (_, r) = take(sh, &cfg, reservation_id, Closed::Released);
     let now = clock::now_ms();
     correct(sh, &cfg, &r, -1, -r.est_tokens, now);
+    if r.member_index != u32::MAX {
+        let ticket = Ticket {
+            index: r.member_index,
+            hash: r.member_hash,
+            day: r.member_day,
+            borrowed: r.flags & FLAG_BORROWED != 0,
+        };
+        quota::give_back(sh, r.pool_slot, &ticket);
+    }
     let key_slot = sh.key(r.key_slot);
     if key_slot.tag.is(cfg.owner, r.key_id) {
         if r.flags & FLAG_TRIAL != 0 {

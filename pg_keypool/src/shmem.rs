@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! [Header][ScopeSlot; max_scopes][KeySlot; max_keys][PoolSlot; max_pools][ReservationSlot; max_reservations]
+//! [Lock; STRIPES][MemberCell; max_members][TreeCell; 8 * max_keys]
 //! ```
 //!
 //! Slots are bound to database rows by a [`Tag`] (database, extension instance, row id); see
@@ -20,7 +21,9 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors;
+use crate::members::{MemberCell, MemberTable, STRIPES};
 use crate::settings;
+use crate::shares::PoolShares;
 use crate::window::ScopeWindows;
 
 const MAGIC: u64 = 0x4b45_5950_4f4f_4c01;
@@ -229,6 +232,12 @@ pub struct KeySlot {
     pub trial_since_ms: AtomicI64,
     pub last_used_ms: AtomicI64,
     pub counters: [AtomicI64; COUNTERS],
+    /// Users assigned to the key (members of its pool); guarded by the pool slot's lock.
+    pub assigned: AtomicI64,
+    /// The key's leaf in its pool's assignment tree, valid while `tree_build` matches the
+    /// pool's current build (assign.rs).
+    pub tree_pos: AtomicU32,
+    pub tree_build: AtomicU64,
 }
 
 impl KeySlot {
@@ -241,13 +250,59 @@ impl KeySlot {
     }
 }
 
-/// Live state of one pool: where its round-robin continues.
+/// A pool's members are not in shared memory yet (after a start, or a new binding).
+pub const MEMBERS_UNLOADED: u32 = 0;
+/// A backend is loading them.
+pub const MEMBERS_LOADING: u32 = 1;
+pub const MEMBERS_READY: u32 = 2;
+
+/// Live state of one pool: where its round-robin continues, and its members' aggregates.
 #[repr(C)]
-#[derive(Default)]
 pub struct PoolSlot {
     pub tag: Tag,
     pub cursor: AtomicU64,
+    lock: Lock,
+    pub members_state: AtomicU32,
+    pub loader_pid: AtomicI32,
+    /// Bumped whenever the members are reloaded or the slot re-bound: member entries of an older
+    /// generation are stale.
+    pub members_gen: AtomicU32,
+    shares: UnsafeCell<PoolShares>,
 }
+
+impl PoolSlot {
+    /// Locks the pool's aggregates (and its assignment tree). Lock order: pool, then member
+    /// stripe, then scope.
+    pub fn lock(&self) -> PoolGuard<'_> {
+        let guard = self.lock.exclusive();
+        PoolGuard {
+            _guard: guard,
+            slot: self,
+        }
+    }
+}
+
+pub struct PoolGuard<'a> {
+    _guard: LockGuard<'a>,
+    slot: &'a PoolSlot,
+}
+
+impl Deref for PoolGuard<'_> {
+    type Target = PoolShares;
+    fn deref(&self) -> &PoolShares {
+        unsafe { &*self.slot.shares.get() }
+    }
+}
+
+impl DerefMut for PoolGuard<'_> {
+    fn deref_mut(&mut self) -> &mut PoolShares {
+        unsafe { &mut *self.slot.shares.get() }
+    }
+}
+
+/// One cell of the arena that holds the pools' assignment trees.
+#[repr(transparent)]
+pub struct TreeCell(pub UnsafeCell<u64>);
 
 /// One open reservation (see `reservation.rs`).
 #[repr(C)]
@@ -265,6 +320,11 @@ pub struct ReservationSlot {
     pub day_start_ms: AtomicI64,
     pub est_tokens: AtomicI64,
     pub flags: AtomicU32,
+    pub pool_slot: AtomicU32,
+    /// The member entry whose share the request counts against (u32::MAX: none).
+    pub member_index: AtomicU32,
+    pub member_hash: AtomicU64,
+    pub member_day: AtomicI32,
 }
 
 /// A database's settable clock (tests).
@@ -301,6 +361,10 @@ pub struct Header {
     /// How this run's state began: 0 fresh, 1 from a clean shutdown, 2 after a crash.
     pub restored: AtomicU32,
     pub launcher_pid: AtomicI32,
+    /// Next free cell of the tree arena.
+    pub arena_next: AtomicU32,
+    /// Numbers the builds of assignment trees.
+    pub tree_builds: AtomicU64,
 }
 
 /// The whole region, as seen by one process.
@@ -310,6 +374,8 @@ pub struct Shared {
     pub keys: &'static [KeySlot],
     pub pools: &'static [PoolSlot],
     pub reservations: &'static [ReservationSlot],
+    pub members: MemberTable,
+    pub tree_cells: &'static [TreeCell],
 }
 
 static mut SHARED: Option<Shared> = None;
@@ -332,6 +398,7 @@ struct Capacities {
     keys: usize,
     pools: usize,
     reservations: usize,
+    members: usize,
 }
 
 impl Capacities {
@@ -341,22 +408,31 @@ impl Capacities {
             keys: settings::MAX_KEYS.get() as usize,
             pools: settings::MAX_POOLS.get() as usize,
             reservations: settings::MAX_RESERVATIONS.get() as usize,
+            // A whole number of entries per stripe.
+            members: (settings::MAX_MEMBERS.get() as usize).div_ceil(STRIPES) * STRIPES,
         }
     }
 
-    /// Byte offsets of the five parts, and the total size.
-    fn layout(&self) -> ([usize; 5], usize) {
+    fn tree_cells(&self) -> usize {
+        8 * self.keys
+    }
+
+    /// Byte offsets of the parts, and the total size.
+    fn layout(&self) -> ([usize; 8], usize) {
         fn align(n: usize) -> usize {
             n.div_ceil(64) * 64
         }
         let mut at = 0;
-        let mut offsets = [0; 5];
+        let mut offsets = [0; 8];
         let sizes = [
             std::mem::size_of::<Header>(),
             std::mem::size_of::<ScopeSlot>() * self.scopes,
             std::mem::size_of::<KeySlot>() * self.keys,
             std::mem::size_of::<PoolSlot>() * self.pools,
             std::mem::size_of::<ReservationSlot>() * self.reservations,
+            std::mem::size_of::<Lock>() * STRIPES,
+            std::mem::size_of::<MemberCell>() * self.members,
+            std::mem::size_of::<TreeCell>() * self.tree_cells(),
         ];
         for (i, size) in sizes.iter().enumerate() {
             offsets[i] = at;
@@ -411,6 +487,11 @@ unsafe extern "C-unwind" fn shmem_startup() {
             keys: std::slice::from_raw_parts(base.add(offsets[2]) as *const KeySlot, caps.keys),
             pools: std::slice::from_raw_parts(base.add(offsets[3]) as *const PoolSlot, caps.pools),
             reservations: std::slice::from_raw_parts(base.add(offsets[4]) as *const ReservationSlot, caps.reservations),
+            members: MemberTable {
+                locks: std::slice::from_raw_parts(base.add(offsets[5]) as *const Lock, STRIPES),
+                cells: std::slice::from_raw_parts(base.add(offsets[6]) as *const MemberCell, caps.members),
+            },
+            tree_cells: std::slice::from_raw_parts(base.add(offsets[7]) as *const TreeCell, caps.tree_cells()),
         };
         if !found {
             let header = &mut *(base.add(offsets[0]) as *mut Header);
@@ -423,6 +504,13 @@ unsafe extern "C-unwind" fn shmem_startup() {
             header.registry.init(header.tranche);
             for slot in shared.scopes {
                 slot.lock.init(header.tranche);
+            }
+            for slot in shared.pools {
+                slot.lock.init(header.tranche);
+                std::ptr::write(slot.shares.get(), PoolShares::default());
+            }
+            for lock in shared.members.locks {
+                lock.init(header.tranche);
             }
             // Reservation ids of this run start above any id a previous run can have issued
             // (fewer than 4096 reservations per millisecond, on average, since the epoch).

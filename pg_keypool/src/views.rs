@@ -90,6 +90,7 @@ mod keypool {
     use crate::calendar;
     use crate::clock;
     use crate::config;
+    use crate::shares::{PoolShares, WEIGHT_SCALE};
     use crate::shmem;
 
     type Ts = Option<TimestampWithTimeZone>;
@@ -154,10 +155,12 @@ mod keypool {
             name!(breaker_open_until, Ts),
             name!(consecutive_failures, i32),
             name!(last_used_at, Ts),
+            name!(users, i64),
         ),
     > {
         let sh = shmem::shared();
         let cfg = config::current();
+        crate::assign::ensure_all_loaded(sh, &cfg);
         let now = clock::now_ms();
         let rows: Vec<_> = cfg
             .keys
@@ -180,6 +183,7 @@ mod keypool {
                     (open_until > now).then(|| clock::to_timestamptz(open_until)),
                     slot.consecutive_failures.load(Ordering::Acquire) as i32,
                     (last_used > 0).then(|| clock::to_timestamptz(last_used)),
+                    slot.assigned.load(Ordering::Acquire),
                 ))
             })
             .collect();
@@ -190,5 +194,61 @@ mod keypool {
     #[pg_extern(volatile, parallel_unsafe)]
     fn note_config_change() {
         config::note_change();
+    }
+
+    /// How every pool of this database shares its daily capacity right now.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[allow(clippy::type_complexity)]
+    fn pool_state() -> TableIterator<
+        'static,
+        (
+            name!(pool_id, i64),
+            name!(members, i64),
+            name!(counted_users, i64),
+            name!(daily_capacity, Option<i64>),
+            name!(daily_token_capacity, Option<i64>),
+            name!(share_per_user, Option<i64>),
+            name!(overcommit, Option<f64>),
+            name!(active_today, i64),
+            name!(borrowed_today, i64),
+            name!(timezone, String),
+            name!(resets_at, TimestampWithTimeZone),
+        ),
+    > {
+        let sh = shmem::shared();
+        let cfg = config::current();
+        let now = clock::now_ms();
+        let rows: Vec<_> = cfg
+            .pools
+            .iter()
+            .map(|pool| {
+                crate::assign::ensure_loaded(sh, &cfg, pool);
+                let (today, _, day_end) = pool.day(now);
+                let mut shares = *sh.pool(pool.slot).lock();
+                shares.roll(today);
+                let policy = pool.policy;
+                let classes = &shares.classes[..shares.n_classes as usize];
+                let members: i64 = classes.iter().map(|c| c.members).sum();
+                let counted_weight = shares.counted_weight(today, policy.window_days);
+                let counted = crate::shares::counted_users(&shares, today, policy.window_days);
+                let active_today = crate::shares::counted_users(&shares, today, Some(1));
+                // The share of a user of weight 1 who is counted.
+                let share = PoolShares::share(&policy, WEIGHT_SCALE, counted_weight.max(WEIGHT_SCALE));
+                (
+                    pool.id,
+                    members,
+                    counted,
+                    policy.capacity.map(|c| c as i64),
+                    pool.token_capacity.map(|c| c as i64),
+                    share.map(|s| s as i64),
+                    shares.overcommit(&policy, today),
+                    active_today,
+                    shares.borrowed as i64,
+                    pool.tz.name().to_string(),
+                    clock::to_timestamptz(day_end),
+                )
+            })
+            .collect();
+        TableIterator::new(rows)
     }
 }

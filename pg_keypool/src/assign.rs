@@ -1,0 +1,1113 @@
+//! Users of a pool: loading them into shared memory, assigning each to the least-loaded usable
+//! key, and the SQL functions that change membership (`keypool_assign`, the signup trigger,
+//! `keypool_backfill`, `keypool_rebalance`, `keypool_remove_key`, `keypool_set_user_weight`).
+//!
+//! `keypool.member` is the durable record; shared memory holds a copy of every member
+//! (members.rs) and each key's count of assigned users, which change at once (so that
+//! concurrent signups see each other) and are rolled back with the transaction (txn.rs). The
+//! least-loaded key comes from a segment tree per pool (tree.rs) kept in an arena of shared
+//! memory, rebuilt when the pool's usable keys change.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+use std::time::Duration;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, spi, AnyNumeric};
+
+use crate::clock;
+use crate::config::{self, Config, Key, Pool};
+use crate::errors::{self, Code};
+use crate::members::{self, Member, FLAG_MEMBER};
+use crate::privilege;
+use crate::reserve::check_user_id;
+use crate::shares::{PoolShares, TreeMeta, NEVER, WEIGHT_SCALE};
+use crate::shmem::{self, PoolSlot, Shared, MEMBERS_LOADING, MEMBERS_READY, MEMBERS_UNLOADED};
+use crate::tree;
+use crate::txn;
+
+/// Rows handled per step of a backfill.
+const BATCH: i64 = 10_000;
+/// Largest weight a user can get.
+const MAX_WEIGHT: i64 = 1_000_000;
+
+/// The tree was built from a newer configuration than this backend's: reload and retry.
+pub struct Stale;
+
+// ---------------------------------------------------------------------------------------------
+// Loading a pool's members
+
+/// Makes sure the pool's members are in shared memory: loads them once after the server starts
+/// (every other caller waits for the one loading).
+pub fn ensure_loaded(sh: &'static Shared, cfg: &Config, pool: &Pool) {
+    let slot = sh.pool(pool.slot);
+    let me = unsafe { pg_sys::MyProcPid };
+    loop {
+        match slot.members_state.load(Acquire) {
+            MEMBERS_READY => return,
+            MEMBERS_LOADING => {
+                let pid = slot.loader_pid.load(Acquire);
+                if pid == me || (pid != 0 && unsafe { libc::kill(pid, 0) } != 0) {
+                    // Our own failed attempt, or a loader that died: start over.
+                    let _ = slot
+                        .members_state
+                        .compare_exchange(MEMBERS_LOADING, MEMBERS_UNLOADED, AcqRel, Acquire);
+                } else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    pgrx::check_for_interrupts!();
+                }
+            }
+            _ => {
+                if slot
+                    .members_state
+                    .compare_exchange(MEMBERS_UNLOADED, MEMBERS_LOADING, AcqRel, Acquire)
+                    .is_ok()
+                {
+                    slot.loader_pid.store(me, Release);
+                    break;
+                }
+            }
+        }
+    }
+    struct Loading(&'static PoolSlot, bool);
+    impl Drop for Loading {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.members_gen.fetch_add(1, AcqRel);
+                self.0.members_state.store(MEMBERS_UNLOADED, Release);
+            }
+        }
+    }
+    let mut loading = Loading(slot, false);
+    load(sh, cfg, pool, slot);
+    slot.members_state.store(MEMBERS_READY, Release);
+    loading.1 = true;
+}
+
+/// Loads the members of every pool of this database (views show users per key).
+pub fn ensure_all_loaded(sh: &'static Shared, cfg: &Config) {
+    for pool in &cfg.pools {
+        ensure_loaded(sh, cfg, pool);
+    }
+}
+
+fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
+    let today = pool.day(clock::now_ms()).0;
+    let sql = CString::new(format!(
+        "SELECT user_hash, coalesce(key_id, 0), round(weight * {WEIGHT_SCALE})::bigint,
+                coalesce(last_active - DATE '1970-01-01', {NEVER})
+           FROM keypool.member WHERE pool_id = {}",
+        pool.id
+    ))
+    .expect("no NUL in the query");
+    let rows: Vec<(i64, i64, i64, i32)> = privilege::as_user(cfg.extension_owner, || {
+        Spi::connect(|_| config::fresh_rows(&sql, |r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+    });
+    let mut shares = slot.lock();
+    slot.members_gen.fetch_add(1, AcqRel);
+    *shares = PoolShares::default();
+    shares.roll(today);
+    let mut counts: HashMap<i64, i64> = HashMap::new();
+    for (hash, key_id, weight, last_active) in rows {
+        let class = shares
+            .class_of(weight.max(1))
+            .unwrap_or_else(|| too_many_weights(&pool.name));
+        shares.add_member(class, last_active);
+        let hash = members::hash_from_sql(hash);
+        let stripe = sh.members.stripe(hash);
+        let m = stripe.at(stripe.find_or_insert(sh, hash, pool.slot, today));
+        m.key_id = key_id;
+        m.class = class;
+        m.flags = FLAG_MEMBER;
+        m.last_active = last_active;
+        if key_id != 0 {
+            *counts.entry(key_id).or_default() += 1;
+        }
+    }
+    for &k in &pool.keys {
+        let key = &cfg.keys[k];
+        let ks = sh.key(key.slot);
+        if ks.tag.is(cfg.owner, key.id) {
+            ks.assigned.store(counts.get(&key.id).copied().unwrap_or(0), Release);
+            ks.tree_build.store(0, Release);
+        }
+    }
+}
+
+fn too_many_weights(pool: &str) -> ! {
+    errors::error(
+        Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        format!(
+            "pool \"{pool}\" would have more than {} distinct user weights",
+            crate::shares::MAX_CLASSES
+        ),
+    )
+    .hint("Use a few tiers (such as 1 for free and 5 for pro) rather than a weight per user.")
+    .raise()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tree of a pool's keys
+
+/// Keys that take new users: usable and not removed, in id order.
+fn tree_keys<'c>(cfg: &'c Config, pool: &Pool) -> Vec<&'c Key> {
+    pool.keys
+        .iter()
+        .map(|&k| &cfg.keys[k])
+        .filter(|k| cfg.usable(k))
+        .collect()
+}
+
+fn fingerprint(keys: &[&Key]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for k in keys {
+        k.id.hash(&mut h);
+    }
+    h.finish()
+}
+
+#[allow(clippy::mut_from_ref)]
+fn cells<'a>(sh: &'a Shared, meta: &TreeMeta) -> &'a mut [u64] {
+    // SAFETY: the region belongs to one pool and is only touched under that pool's lock.
+    unsafe { std::slice::from_raw_parts_mut(sh.tree_cells[meta.base as usize].0.get(), meta.cap as usize) }
+}
+
+/// Makes sure the pool's tree matches this backend's view of its keys.
+fn ensure_tree(sh: &'static Shared, cfg: &Config, pool: &Pool, shares: &mut PoolShares) -> Result<(), Stale> {
+    let keys = tree_keys(cfg, pool);
+    let fp = fingerprint(&keys);
+    let t = shares.tree;
+    if t.build != 0 {
+        if t.generation > cfg.generation {
+            return Err(Stale);
+        }
+        if t.fingerprint == fp {
+            return Ok(());
+        }
+    }
+    let mut meta = t;
+    let need = tree::cells_for(keys.len()) as u32;
+    if need > meta.cap {
+        let cap = need.next_power_of_two().max(16);
+        let base = sh.header.arena_next.fetch_add(cap, AcqRel);
+        if base as usize + cap as usize > sh.tree_cells.len() {
+            errors::error(
+                Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                "no room left for pg_keypool's key assignment trees",
+            )
+            .hint("Raise pg_keypool.max_keys and restart the server.")
+            .raise();
+        }
+        meta.base = base;
+        meta.cap = cap;
+    }
+    let leaves: Vec<u64> = keys
+        .iter()
+        .map(|k| {
+            if k.id > u32::MAX as i64 {
+                errors::error(
+                    Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                    "key ids above 4294967295 cannot take users",
+                )
+                .raise();
+            }
+            tree::pack(sh.key(k.slot).assigned.load(Acquire), k.id)
+        })
+        .collect();
+    tree::build(cells(sh, &meta), &leaves);
+    meta.n = keys.len() as u32;
+    meta.build = sh.header.tree_builds.fetch_add(1, AcqRel) + 1;
+    meta.generation = cfg.generation;
+    meta.fingerprint = fp;
+    for (pos, k) in keys.iter().enumerate() {
+        let ks = sh.key(k.slot);
+        ks.tree_pos.store(pos as u32, Release);
+        ks.tree_build.store(meta.build, Release);
+    }
+    shares.tree = meta;
+    Ok(())
+}
+
+/// Changes a key's count of assigned users (and its leaf, when the key is in the tree).
+fn add_assigned(sh: &Shared, shares: &PoolShares, key_slot: u32, key_id: i64, delta: i64) {
+    let ks = sh.key(key_slot);
+    let count = (ks.assigned.load(Acquire) + delta).max(0);
+    ks.assigned.store(count, Release);
+    let t = shares.tree;
+    if t.build != 0 && ks.tree_build.load(Acquire) == t.build {
+        tree::update(
+            cells(sh, &t),
+            t.n as usize,
+            ks.tree_pos.load(Acquire) as usize,
+            tree::pack(count, key_id),
+        );
+    }
+}
+
+fn least_loaded(sh: &Shared, shares: &PoolShares) -> Option<i64> {
+    let t = shares.tree;
+    tree::min(cells(sh, &t), t.n as usize).map(tree::key_of)
+}
+
+/// The key's slot, if the key belongs to `pool` in this configuration.
+fn key_slot_in(cfg: &Config, pool: &Pool, key_id: i64) -> Option<u32> {
+    cfg.key_by_id(key_id)
+        .filter(|k| pool.keys.iter().any(|&i| cfg.keys[i].id == k.id))
+        .map(|k| k.slot)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assigning in shared memory
+
+/// A change to one member's entry, enough to take it back.
+#[derive(Clone, Copy)]
+struct Change {
+    hash: u64,
+    before: Member,
+    after_key: i64,
+    after_class: u16,
+    /// Key slots of the key given up and the key taken (u32::MAX: none).
+    from_slot: u32,
+    to_slot: u32,
+}
+
+/// Rolls back `changes` made to `pool_slot`'s members (in generation `gen`) if the transaction
+/// aborts.
+fn undo_on_abort(sh: &'static Shared, pool_slot: u32, gen: u32, changes: Vec<Change>) {
+    if changes.is_empty() {
+        return;
+    }
+    txn::on_abort(move || {
+        let slot = sh.pool(pool_slot);
+        if slot.members_gen.load(Acquire) != gen {
+            return;
+        }
+        let mut shares = slot.lock();
+        for c in changes.iter().rev() {
+            let stripe = sh.members.stripe(c.hash);
+            let Some(i) = stripe.find(sh, c.hash, pool_slot) else {
+                continue;
+            };
+            let m = stripe.at(i);
+            if m.is_member() && !c.before.is_member() {
+                shares.remove_member(c.after_class, m.last_active);
+            } else if m.is_member() && c.before.is_member() && c.before.class != c.after_class {
+                shares.remove_member(c.after_class, m.last_active);
+                shares.add_member(c.before.class, m.last_active);
+            }
+            m.key_id = c.before.key_id;
+            m.class = c.before.class;
+            m.flags = (m.flags & !FLAG_MEMBER) | (c.before.flags & FLAG_MEMBER);
+            if c.to_slot != u32::MAX {
+                add_assigned(sh, &shares, c.to_slot, c.after_key, -1);
+            }
+            if c.from_slot != u32::MAX {
+                add_assigned(sh, &shares, c.from_slot, c.before.key_id, 1);
+            }
+        }
+    });
+}
+
+/// Gives `hash` a key of `pool` unless it has a valid one; returns its key and the change made.
+fn assign_locked(
+    sh: &'static Shared,
+    cfg: &Config,
+    pool: &Pool,
+    shares: &mut PoolShares,
+    hash: u64,
+    today: i32,
+    exclude: Option<i64>,
+) -> Result<(i64, Option<Change>), Stale> {
+    let stripe = sh.members.stripe(hash);
+    let m = stripe.at(stripe.find_or_insert(sh, hash, pool.slot, today));
+    let current = (m.is_member() && m.key_id != 0 && Some(m.key_id) != exclude)
+        .then(|| key_slot_in(cfg, pool, m.key_id))
+        .flatten();
+    if current.is_some() {
+        return Ok((m.key_id, None));
+    }
+    ensure_tree(sh, cfg, pool, shares)?;
+    let Some(key_id) = least_loaded(sh, shares) else {
+        errors::error(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("pool \"{}\" has no usable key to assign users to", pool.name),
+        )
+        .hint("Add a key with keypool_add_key(), or enable one with keypool_enable_key().")
+        .raise()
+    };
+    let before = *m;
+    if !m.is_member() {
+        let class = shares
+            .class_of(WEIGHT_SCALE)
+            .unwrap_or_else(|| too_many_weights(&pool.name));
+        shares.add_member(class, m.last_active);
+        m.class = class;
+        m.flags |= FLAG_MEMBER;
+    }
+    let from_slot = if before.is_member() && before.key_id != 0 {
+        key_slot_in(cfg, pool, before.key_id).unwrap_or(u32::MAX)
+    } else {
+        u32::MAX
+    };
+    let to_slot = key_slot_in(cfg, pool, key_id).unwrap_or(u32::MAX);
+    m.key_id = key_id;
+    if from_slot != u32::MAX {
+        add_assigned(sh, shares, from_slot, before.key_id, -1);
+    }
+    add_assigned(sh, shares, to_slot, key_id, 1);
+    Ok((
+        key_id,
+        Some(Change {
+            hash,
+            before,
+            after_key: key_id,
+            after_class: m.class,
+            from_slot,
+            to_slot,
+        }),
+    ))
+}
+
+/// Runs `f` with the pool locked and its members loaded, reloading the configuration when the
+/// tree is newer than this backend's view.
+fn with_pool<R>(
+    pool_name: &str,
+    mut f: impl FnMut(&Rc<Config>, &Pool, &mut PoolShares) -> Result<R, Stale>,
+) -> (Rc<Config>, R) {
+    let sh = shmem::shared();
+    let mut cfg = config::current();
+    for _ in 0..3 {
+        let pool = pool_or_error(&cfg, pool_name);
+        ensure_loaded(sh, &cfg, pool);
+        let result = {
+            let mut shares = sh.pool(pool.slot).lock();
+            shares.roll(pool.day(clock::now_ms()).0);
+            f(&cfg, pool, &mut shares)
+        };
+        match result {
+            Ok(r) => return (cfg, r),
+            Err(Stale) => cfg = config::reload_now(),
+        }
+    }
+    errors::error(
+        Code::ERRCODE_INTERNAL_ERROR,
+        "pg_keypool: the pool's keys kept changing during an assignment",
+    )
+    .raise()
+}
+
+pub fn pool_or_error<'c>(cfg: &'c Config, pool_name: &str) -> &'c Pool {
+    cfg.pool_by_name(pool_name).unwrap_or_else(|| {
+        errors::undefined(format!("pool \"{pool_name}\" does not exist"))
+            .hint("Create it with keypool_create_pool().")
+            .raise()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQL
+
+fn as_owner<R>(cfg: &Config, f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> R) -> R {
+    privilege::as_user(cfg.extension_owner, || Spi::connect_mut(f))
+}
+
+fn rows<T>(table: pgrx::spi::SpiTupleTable<'_>, mut f: impl FnMut(&pgrx::spi::SpiHeapTupleData<'_>) -> T) -> Vec<T> {
+    table.map(|row| f(&row)).collect()
+}
+
+/// Assigns one user (idempotent) and returns the key.
+pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
+    let sh = shmem::shared();
+    let cfg = config::current();
+    let pool = pool_or_error(&cfg, pool_name);
+    let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+    // The row first: a concurrent assignment of the same user waits here for the other to end.
+    let stored: Option<i64> = as_owner(&cfg, |client| {
+        errors::spi(client.update(
+            "INSERT INTO keypool.member (pool_id, user_id, user_hash) VALUES ($1, $2, $3)
+             ON CONFLICT (pool_id, user_id) DO NOTHING",
+            None,
+            &[pool.id.into(), user.into(), members::hash_to_sql(hash).into()],
+        ));
+        let t = errors::spi(client.select(
+            "SELECT key_id FROM keypool.member WHERE pool_id = $1 AND user_id = $2",
+            None,
+            &[pool.id.into(), user.into()],
+        ));
+        rows(t, |r| r.get::<i64>(1).ok().flatten()).into_iter().next().flatten()
+    });
+    let (cfg, (key_id, gen, change)) = with_pool(pool_name, |cfg, pool, shares| {
+        let today = pool.day(clock::now_ms()).0;
+        let gen = sh.pool(pool.slot).members_gen.load(Acquire);
+        let (key, change) = assign_locked(sh, cfg, pool, shares, hash, today, None)?;
+        Ok((key, gen, change))
+    });
+    let pool = pool_or_error(&cfg, pool_name);
+    if let Some(c) = change {
+        undo_on_abort(sh, pool.slot, gen, vec![c]);
+    }
+    if stored != Some(key_id) {
+        as_owner(&cfg, |client| {
+            errors::spi(client.update(
+                "UPDATE keypool.member SET key_id = $3 WHERE pool_id = $1 AND user_id = $2",
+                None,
+                &[pool.id.into(), user.into(), key_id.into()],
+            ));
+        });
+    }
+    (cfg, key_id)
+}
+
+/// `keypool_assign`: the user's key in the pool; a new user gets the usable key with the fewest
+/// users (ties: lowest id). Idempotent.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_assign(user_id: Option<&str>, pool: default!(Option<&str>, "'default'")) -> i64 {
+    let user = check_user_id(user_id);
+    let Some(pool) = pool else {
+        errors::null_argument("pool").raise()
+    };
+    assign(user, pool).1
+}
+
+/// The group number of a key (stable within its pool).
+fn group_of(cfg: &Config, key_id: i64) -> Option<i32> {
+    cfg.key_by_id(key_id).map(|k| k.group_no)
+}
+
+/// Reads a user id column of a supported type as text.
+fn id_as_text(tuple: &PgHeapTuple<'_, impl pgrx::WhoAllocated>, column: &str, type_oid: pg_sys::Oid) -> Option<String> {
+    let get_err = |e: pgrx::datum::TryFromDatumError| -> ! {
+        errors::error(
+            Code::ERRCODE_DATATYPE_MISMATCH,
+            format!("cannot read column \"{column}\": {e}"),
+        )
+        .raise()
+    };
+    match type_oid {
+        pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => {
+            tuple.get_by_name::<String>(column).unwrap_or_else(|e| get_err(e))
+        }
+        pg_sys::INT4OID => tuple
+            .get_by_name::<i32>(column)
+            .unwrap_or_else(|e| get_err(e))
+            .map(|v| v.to_string()),
+        pg_sys::INT8OID => tuple
+            .get_by_name::<i64>(column)
+            .unwrap_or_else(|e| get_err(e))
+            .map(|v| v.to_string()),
+        pg_sys::INT2OID => tuple
+            .get_by_name::<i16>(column)
+            .unwrap_or_else(|e| get_err(e))
+            .map(|v| v.to_string()),
+        pg_sys::UUIDOID => tuple
+            .get_by_name::<pgrx::Uuid>(column)
+            .unwrap_or_else(|e| get_err(e))
+            .map(|v| uuid_text(&v)),
+        other => unsupported_id_type(column, other),
+    }
+}
+
+fn uuid_text(u: &pgrx::Uuid) -> String {
+    let b = u.as_bytes();
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+fn unsupported_id_type(column: &str, oid: pg_sys::Oid) -> ! {
+    errors::error(
+        Code::ERRCODE_DATATYPE_MISMATCH,
+        format!(
+            "user id column \"{column}\" has an unsupported type (oid {})",
+            oid.to_u32()
+        ),
+    )
+    .hint("User id columns may be text, varchar, uuid, smallint, integer or bigint.")
+    .raise()
+}
+
+fn is_supported_id_type(oid: pg_sys::Oid) -> bool {
+    matches!(
+        oid,
+        pg_sys::TEXTOID
+            | pg_sys::VARCHAROID
+            | pg_sys::BPCHAROID
+            | pg_sys::INT2OID
+            | pg_sys::INT4OID
+            | pg_sys::INT8OID
+            | pg_sys::UUIDOID
+    )
+}
+
+/// `keypool_on_signup(pool, id_column [, group_column])`: a trigger that assigns the new row's
+/// user in the pool and, when a group column is named, writes the key's group number into it.
+#[pg_trigger]
+fn keypool_on_signup<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, impl pgrx::WhoAllocated>>, pgrx::datum::TryFromDatumError> {
+    let args = trigger.extra_args().unwrap_or_default();
+    if !(2..=3).contains(&args.len()) {
+        errors::invalid("keypool_on_signup takes the pool, the user id column and optionally the group column")
+            .hint("CREATE TRIGGER t BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION keypool_on_signup('chat', 'id', 'api_key_group')")
+            .raise();
+    }
+    let (pool, id_column, group_column) = (&args[0], &args[1], args.get(2).filter(|g| !g.is_empty()));
+    if !matches!(trigger.level(), pgrx::PgTriggerLevel::Row) {
+        errors::invalid("keypool_on_signup must be a FOR EACH ROW trigger").raise();
+    }
+    let before = matches!(trigger.when(), Ok(pgrx::PgTriggerWhen::Before));
+    if group_column.is_some() && !before {
+        errors::invalid("keypool_on_signup writes the group column only as a BEFORE trigger")
+            .hint("Use BEFORE INSERT, or leave out the group column.")
+            .raise();
+    }
+    let Some(new) = trigger.new() else {
+        errors::invalid("keypool_on_signup runs on INSERT or UPDATE").raise()
+    };
+    let rel = trigger
+        .relation()
+        .unwrap_or_else(|e| errors::invalid(e.to_string()).raise());
+    let desc = rel.tuple_desc();
+    let type_of = |name: &str| -> Option<pg_sys::Oid> {
+        desc.iter()
+            .find(|a| !a.is_dropped() && a.name() == name)
+            .map(|a| a.type_oid().value())
+    };
+    let Some(id_type) = type_of(id_column) else {
+        errors::error(
+            Code::ERRCODE_UNDEFINED_COLUMN,
+            format!("column \"{id_column}\" does not exist"),
+        )
+        .raise()
+    };
+    if !is_supported_id_type(id_type) {
+        unsupported_id_type(id_column, id_type);
+    }
+    let Some(user) = id_as_text(&new, id_column, id_type) else {
+        errors::error(
+            Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("the new row's \"{id_column}\" is NULL"),
+        )
+        .raise()
+    };
+    let (cfg, key_id) = assign(check_user_id(Some(&user)), pool);
+    let mut new = new.into_owned();
+    if let Some(group_column) = group_column {
+        let group = group_of(&cfg, key_id);
+        match type_of(group_column) {
+            Some(pg_sys::INT4OID) => new.set_by_name(group_column, group)?,
+            Some(pg_sys::INT8OID) => new.set_by_name(group_column, group.map(i64::from))?,
+            Some(pg_sys::INT2OID) => new.set_by_name(group_column, group.map(|g| g as i16))?,
+            Some(_) => errors::error(
+                Code::ERRCODE_DATATYPE_MISMATCH,
+                format!("group column \"{group_column}\" must be an integer column"),
+            )
+            .raise(),
+            None => errors::error(
+                Code::ERRCODE_UNDEFINED_COLUMN,
+                format!("column \"{group_column}\" does not exist"),
+            )
+            .raise(),
+        }
+    }
+    Ok(Some(new))
+}
+
+/// Column type of `table.column`, as (type oid, SQL type name).
+fn column_type(table: pg_sys::Oid, column: &str) -> Option<(pg_sys::Oid, String)> {
+    Spi::connect(|client| {
+        let t = errors::spi(client.select(
+            "SELECT atttypid, format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute
+              WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+            None,
+            &[table.into(), column.into()],
+        ));
+        rows(t, |r| {
+            (
+                r.get::<pg_sys::Oid>(1).ok().flatten(),
+                r.get::<String>(2).ok().flatten(),
+            )
+        })
+        .into_iter()
+        .next()
+        .and_then(|(o, n)| Some((o?, n?)))
+    })
+}
+
+/// `keypool_backfill`: assigns every user of an existing table (seed 004's migration), in
+/// batches, balanced and idempotent; writes group numbers when a group column is named. Returns
+/// how many users were newly assigned.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_backfill(
+    tbl: Option<pgrx::PgRelation>,
+    id_column: Option<&str>,
+    pool: default!(Option<&str>, "'default'"),
+    group_column: default!(Option<&str>, "NULL"),
+) -> i64 {
+    let sh = shmem::shared();
+    let Some(tbl) = tbl.map(|r| r.oid()) else {
+        errors::null_argument("tbl").raise()
+    };
+    let Some(id_column) = id_column else {
+        errors::null_argument("id_column").raise()
+    };
+    let Some(pool_name) = pool else {
+        errors::null_argument("pool").raise()
+    };
+    let table_name: String = Spi::get_one_with_args("SELECT $1::regclass::text", &[tbl.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| errors::undefined(format!("relation {} does not exist", tbl.to_u32())).raise());
+    let Some((id_type, id_type_name)) = column_type(tbl, id_column) else {
+        errors::error(
+            Code::ERRCODE_UNDEFINED_COLUMN,
+            format!("column \"{id_column}\" of {table_name} does not exist"),
+        )
+        .raise()
+    };
+    if !is_supported_id_type(id_type) {
+        unsupported_id_type(id_column, id_type);
+    }
+    let group_column = group_column.filter(|g| !g.is_empty());
+    if let Some(g) = group_column {
+        match column_type(tbl, g) {
+            Some((pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID, _)) => {}
+            Some(_) => errors::error(
+                Code::ERRCODE_DATATYPE_MISMATCH,
+                format!("group column \"{g}\" must be an integer column"),
+            )
+            .raise(),
+            None => errors::error(
+                Code::ERRCODE_UNDEFINED_COLUMN,
+                format!("column \"{g}\" of {table_name} does not exist"),
+            )
+            .raise(),
+        }
+    }
+    let id = spi::quote_identifier(id_column);
+    let total: i64 = Spi::get_one(&format!("SELECT count(*) FROM {table_name}"))
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let cfg = config::current();
+    let pool = pool_or_error(&cfg, pool_name);
+    let pool_id = pool.id;
+    let mut last: Option<String> = None;
+    let (mut seen, mut added) = (0i64, 0i64);
+    loop {
+        // The next batch of user ids, in the id column's own order.
+        let users: Vec<String> = Spi::connect(|client| {
+            // Qualified, so that ORDER BY sorts by the column's own type, not by the text
+            // output column of the same name.
+            let sql =
+                format!(
+                "SELECT t.{id}::text FROM {table_name} AS t WHERE t.{id} IS NOT NULL {} ORDER BY t.{id} LIMIT {BATCH}",
+                if last.is_some() { format!("AND t.{id} > $1::{id_type_name}") } else { String::new() }
+            );
+            let args: Vec<DatumWithOid<'_>> = last.iter().map(|l| l.as_str().into()).collect();
+            let t = errors::spi(client.select(&sql, None, &args));
+            rows(t, |r| r.get::<String>(1).ok().flatten().unwrap_or_default())
+        });
+        let Some(tail) = users.last().cloned() else { break };
+        seen += users.len() as i64;
+        added += assign_batch(sh, pool_name, pool_id, &users);
+        if let Some(g) = group_column {
+            write_groups(
+                pool_name,
+                &table_name,
+                &id,
+                &id_type_name,
+                &spi::quote_identifier(g),
+                &users,
+            );
+        }
+        notice!("keypool_backfill: {seen} of {total} rows of {table_name}, {added} users newly assigned to pool \"{pool_name}\"");
+        last = Some(tail);
+        if (users.len() as i64) < BATCH {
+            break;
+        }
+    }
+    added
+}
+
+/// Assigns the users of one batch that are not members yet; returns how many.
+fn assign_batch(sh: &'static Shared, pool_name: &str, pool_id: i64, users: &[String]) -> i64 {
+    let cfg = config::current();
+    let existing: HashSet<String> = as_owner(&cfg, |client| {
+        let t = errors::spi(client.select(
+            "SELECT user_id FROM keypool.member WHERE pool_id = $1 AND user_id = ANY($2) AND key_id IS NOT NULL",
+            None,
+            &[pool_id.into(), users.to_vec().into()],
+        ));
+        rows(t, |r| r.get::<String>(1).ok().flatten().unwrap_or_default())
+            .into_iter()
+            .collect()
+    });
+    let new: Vec<&String> = users.iter().filter(|u| !existing.contains(*u)).collect();
+    if new.is_empty() {
+        return 0;
+    }
+    let hashes: Vec<u64> = new
+        .iter()
+        .map(|u| members::user_hash(cfg.owner.instance, pool_id, u))
+        .collect();
+    let (cfg, (keys, gen, changes)) = with_pool(pool_name, |cfg, pool, shares| {
+        let today = pool.day(clock::now_ms()).0;
+        let gen = sh.pool(pool.slot).members_gen.load(Acquire);
+        let mut keys = Vec::with_capacity(hashes.len());
+        let mut changes = Vec::new();
+        for &h in &hashes {
+            let (key, change) = assign_locked(sh, cfg, pool, shares, h, today, None)?;
+            keys.push(key);
+            changes.extend(change);
+        }
+        Ok((keys, gen, changes))
+    });
+    let pool = pool_or_error(&cfg, pool_name);
+    undo_on_abort(sh, pool.slot, gen, changes);
+    let names: Vec<String> = new.iter().map(|u| (*u).clone()).collect();
+    let sql_hashes: Vec<i64> = hashes.iter().map(|&h| members::hash_to_sql(h)).collect();
+    as_owner(&cfg, |client| {
+        errors::spi(client.update(
+            "INSERT INTO keypool.member AS m (pool_id, user_id, user_hash, key_id)
+             SELECT $1, u, h, k FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS t(u, h, k)
+             ON CONFLICT (pool_id, user_id) DO UPDATE SET key_id = excluded.key_id WHERE m.key_id IS NULL",
+            None,
+            &[pool_id.into(), names.into(), sql_hashes.into(), keys.into()],
+        ));
+    });
+    new.len() as i64
+}
+
+/// Writes each user's group number into the application's table.
+fn write_groups(pool_name: &str, table: &str, id: &str, id_type: &str, group: &str, users: &[String]) {
+    let cfg = config::current();
+    let pool = pool_or_error(&cfg, pool_name);
+    let assigned: Vec<(String, i64)> = as_owner(&cfg, |client| {
+        let t = errors::spi(client.select(
+            "SELECT user_id, key_id FROM keypool.member WHERE pool_id = $1 AND user_id = ANY($2) AND key_id IS NOT NULL",
+            None,
+            &[pool.id.into(), users.to_vec().into()],
+        ));
+        rows(t, |r| {
+            (
+                r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                r.get::<i64>(2).ok().flatten().unwrap_or(0),
+            )
+        })
+    });
+    let (ids, groups): (Vec<String>, Vec<Option<i32>>) =
+        assigned.into_iter().map(|(u, k)| (u, group_of(&cfg, k))).unzip();
+    // As the caller: the application's table is theirs to write.
+    Spi::connect_mut(|client| {
+        errors::spi(client.update(
+            &format!(
+                "UPDATE {table} AS t SET {group} = v.g FROM unnest($1::text[], $2::int[]) AS v(u, g)
+                  WHERE t.{id} = v.u::{id_type} AND t.{group} IS DISTINCT FROM v.g"
+            ),
+            None,
+            &[ids.into(), groups.into()],
+        ));
+    });
+}
+
+/// Moves users of `pool` from the keys listed in `moves` (user id, hash, from key, to key) in
+/// the table and in shared memory.
+fn apply_moves(sh: &'static Shared, pool_name: &str, moves: &[(String, u64, i64, i64)]) {
+    if moves.is_empty() {
+        return;
+    }
+    let (cfg, (gen, changes)) = with_pool(pool_name, |cfg, pool, shares| {
+        let gen = sh.pool(pool.slot).members_gen.load(Acquire);
+        let today = pool.day(clock::now_ms()).0;
+        let mut changes = Vec::new();
+        for (_, hash, from, to) in moves {
+            let stripe = sh.members.stripe(*hash);
+            let m = stripe.at(stripe.find_or_insert(sh, *hash, pool.slot, today));
+            let before = *m;
+            let from_slot = key_slot_in(cfg, pool, *from).unwrap_or(u32::MAX);
+            let to_slot = key_slot_in(cfg, pool, *to).unwrap_or(u32::MAX);
+            m.key_id = *to;
+            if from_slot != u32::MAX {
+                add_assigned(sh, shares, from_slot, *from, -1);
+            }
+            if to_slot != u32::MAX {
+                add_assigned(sh, shares, to_slot, *to, 1);
+            }
+            changes.push(Change {
+                hash: *hash,
+                before,
+                after_key: *to,
+                after_class: m.class,
+                from_slot,
+                to_slot,
+            });
+        }
+        Ok((gen, changes))
+    });
+    let pool = pool_or_error(&cfg, pool_name);
+    undo_on_abort(sh, pool.slot, gen, changes);
+    let users: Vec<String> = moves.iter().map(|m| m.0.clone()).collect();
+    let keys: Vec<i64> = moves.iter().map(|m| m.3).collect();
+    as_owner(&cfg, |client| {
+        errors::spi(client.update(
+            "UPDATE keypool.member m SET key_id = v.k FROM unnest($2::text[], $3::bigint[]) AS v(u, k)
+              WHERE m.pool_id = $1 AND m.user_id = v.u",
+            None,
+            &[pool.id.into(), users.into(), keys.into()],
+        ));
+    });
+}
+
+/// Users of a key, most recently assigned first.
+fn users_of_key(cfg: &Config, pool_id: i64, key_id: i64, limit: Option<i64>) -> Vec<(String, u64)> {
+    as_owner(cfg, |client| {
+        let t = errors::spi(client.select(
+            "SELECT user_id, user_hash FROM keypool.member WHERE pool_id = $1 AND key_id = $2
+              ORDER BY assigned_at DESC, user_id LIMIT $3",
+            None,
+            &[pool_id.into(), key_id.into(), limit.into()],
+        ));
+        rows(t, |r| {
+            (
+                r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                members::hash_from_sql(r.get::<i64>(2).ok().flatten().unwrap_or(0)),
+            )
+        })
+    })
+}
+
+/// How many users each usable key of the pool should give (positive) or take (negative) so that
+/// the counts differ by at most one, with the fewest moves.
+fn rebalance_plan(counts: &[(i64, i64)]) -> Vec<(i64, i64)> {
+    let k = counts.len() as i64;
+    if k == 0 {
+        return Vec::new();
+    }
+    let total: i64 = counts.iter().map(|c| c.1).sum();
+    let (q, r) = (total / k, total % k);
+    // The r fullest keys keep q + 1.
+    let mut sorted: Vec<(i64, i64)> = counts.to_vec();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    sorted
+        .iter()
+        .enumerate()
+        .map(|(i, &(key, count))| (key, count - if (i as i64) < r { q + 1 } else { q }))
+        .collect()
+}
+
+/// `keypool_rebalance`: after keys were added or removed, moves the fewest users needed so that
+/// the usable keys' user counts differ by at most one. Returns how many moved.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_rebalance(pool: default!(Option<&str>, "'default'")) -> i64 {
+    let sh = shmem::shared();
+    let Some(pool_name) = pool else {
+        errors::null_argument("pool").raise()
+    };
+    let (cfg, counts) = with_pool(pool_name, |cfg, pool, shares| {
+        ensure_tree(sh, cfg, pool, shares)?;
+        Ok(tree_keys(cfg, pool)
+            .iter()
+            .map(|k| (k.id, sh.key(k.slot).assigned.load(Acquire)))
+            .collect::<Vec<_>>())
+    });
+    let pool = pool_or_error(&cfg, pool_name);
+    let plan = rebalance_plan(&counts);
+    let mut takers: Vec<(i64, i64)> = plan.iter().filter(|p| p.1 < 0).map(|&(k, d)| (k, -d)).collect();
+    let mut moves: Vec<(String, u64, i64, i64)> = Vec::new();
+    for &(from, surplus) in plan.iter().filter(|p| p.1 > 0) {
+        for (user, hash) in users_of_key(&cfg, pool.id, from, Some(surplus)) {
+            let Some(taker) = takers.iter_mut().find(|t| t.1 > 0) else {
+                break;
+            };
+            taker.1 -= 1;
+            moves.push((user, hash, from, taker.0));
+        }
+    }
+    apply_moves(sh, pool_name, &moves);
+    if !moves.is_empty() {
+        record_event(
+            &cfg,
+            "rebalanced",
+            Some(pool.id),
+            None,
+            &format!("moved {} users", moves.len()),
+        );
+    }
+    moves.len() as i64
+}
+
+/// `keypool_remove_key`: takes a key out of its pool for good and reassigns its users to the
+/// least-loaded remaining keys. Its history is kept. Returns how many users moved.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_remove_key(key_id: Option<i64>) -> i64 {
+    let sh = shmem::shared();
+    let Some(key_id) = key_id else {
+        errors::null_argument("key_id").raise()
+    };
+    let cfg = config::current();
+    let pool_name: Option<String> = as_owner(&cfg, |client| {
+        let t = errors::spi(client.update(
+            "UPDATE keypool.key k SET removed_at = now() FROM keypool.pool p
+              WHERE k.id = $1 AND k.removed_at IS NULL AND p.id = k.pool_id RETURNING p.name",
+            None,
+            &[key_id.into()],
+        ));
+        rows(t, |r| r.get::<String>(1).ok().flatten())
+            .into_iter()
+            .next()
+            .flatten()
+    });
+    let Some(pool_name) = pool_name else {
+        errors::undefined(format!("key {key_id} does not exist")).raise()
+    };
+    // This transaction now sees the pool without the key.
+    let cfg = config::current();
+    let pool = pool_or_error(&cfg, &pool_name);
+    let users = users_of_key(&cfg, pool.id, key_id, None);
+    let (cfg, targets) = with_pool(&pool_name, |cfg, pool, shares| {
+        ensure_tree(sh, cfg, pool, shares)?;
+        let mut targets = Vec::with_capacity(users.len());
+        for _ in &users {
+            let Some(to) = least_loaded(sh, shares) else {
+                errors::error(
+                    Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("pool \"{pool_name}\" would have no usable key left for its users"),
+                )
+                .hint("Add another key first, or disable this one instead of removing it.")
+                .raise()
+            };
+            let slot = key_slot_in(cfg, pool, to).unwrap_or(u32::MAX);
+            add_assigned(sh, shares, slot, to, 1);
+            targets.push((to, slot));
+        }
+        // Counted again by apply_moves.
+        for &(to, slot) in &targets {
+            add_assigned(sh, shares, slot, to, -1);
+        }
+        Ok(targets.into_iter().map(|t| t.0).collect::<Vec<_>>())
+    });
+    let moves: Vec<(String, u64, i64, i64)> = users
+        .into_iter()
+        .zip(targets)
+        .map(|((u, h), to)| (u, h, key_id, to))
+        .collect();
+    apply_moves(sh, &pool_name, &moves);
+    let pool = pool_or_error(&cfg, &pool_name);
+    record_event(
+        &cfg,
+        "key_removed",
+        Some(pool.id),
+        Some(key_id),
+        &format!("{} users reassigned", moves.len()),
+    );
+    moves.len() as i64
+}
+
+/// `keypool_set_user_weight`: the user's weight in the pool's fair share (tiers: free 1, pro 5
+/// ...). Assigns the user first if needed. A share already fixed today keeps until tomorrow.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_set_user_weight(user_id: Option<&str>, pool: Option<&str>, weight: Option<AnyNumeric>) {
+    let sh = shmem::shared();
+    let user = check_user_id(user_id);
+    let Some(pool_name) = pool else {
+        errors::null_argument("pool").raise()
+    };
+    let Some(weight) = weight else {
+        errors::null_argument("weight").raise()
+    };
+    let w: f64 = weight.clone().try_into().unwrap_or(f64::NAN);
+    if !(w > 0.0 && w <= MAX_WEIGHT as f64) {
+        errors::invalid(format!(
+            "weight must be greater than 0 and at most {MAX_WEIGHT}, not {weight}"
+        ))
+        .raise();
+    }
+    let milli = ((w * WEIGHT_SCALE as f64).round() as i64).max(1);
+    let (cfg, _) = assign(user, pool_name);
+    let pool = pool_or_error(&cfg, pool_name);
+    let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+    let (cfg, (gen, change)) = with_pool(pool_name, |_, pool, shares| {
+        let gen = sh.pool(pool.slot).members_gen.load(Acquire);
+        let today = pool.day(clock::now_ms()).0;
+        let stripe = sh.members.stripe(hash);
+        let m = stripe.at(stripe.find_or_insert(sh, hash, pool.slot, today));
+        let before = *m;
+        let class = shares.class_of(milli).unwrap_or_else(|| too_many_weights(&pool.name));
+        if class != m.class {
+            shares.remove_member(m.class, m.last_active);
+            shares.add_member(class, m.last_active);
+            m.class = class;
+        }
+        Ok((
+            gen,
+            Change {
+                hash,
+                before,
+                after_key: m.key_id,
+                after_class: class,
+                from_slot: u32::MAX,
+                to_slot: u32::MAX,
+            },
+        ))
+    });
+    let pool = pool_or_error(&cfg, pool_name);
+    undo_on_abort(sh, pool.slot, gen, vec![change]);
+    as_owner(&cfg, |client| {
+        errors::spi(client.update(
+            "UPDATE keypool.member SET weight = $3 WHERE pool_id = $1 AND user_id = $2",
+            None,
+            &[pool.id.into(), user.into(), weight.into()],
+        ));
+    });
+}
+
+fn record_event(cfg: &Config, kind: &str, pool_id: Option<i64>, key_id: Option<i64>, reason: &str) {
+    as_owner(cfg, |client| {
+        errors::spi(client.update(
+            "INSERT INTO keypool.event (at, kind, pool_id, key_id, reason) VALUES ($1, $2, $3, $4, $5)",
+            None,
+            &[
+                clock::to_timestamptz(clock::now_ms()).into(),
+                kind.into(),
+                pool_id.into(),
+                key_id.into(),
+                reason.into(),
+            ],
+        ));
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rebalance_plan;
+
+    #[test]
+    fn rebalance_moves_the_fewest_users() {
+        // 31 keys with 33 users each and 2 new empty keys: 1023 users over 33 keys = 31 each.
+        let mut counts: Vec<(i64, i64)> = (1..=31).map(|k| (k, 33)).collect();
+        counts.push((32, 0));
+        counts.push((33, 0));
+        let plan = rebalance_plan(&counts);
+        let give: i64 = plan.iter().filter(|p| p.1 > 0).map(|p| p.1).sum();
+        let take: i64 = plan.iter().filter(|p| p.1 < 0).map(|p| -p.1).sum();
+        assert_eq!(give, 62);
+        assert_eq!(take, 62);
+        // Already balanced: nothing moves.
+        let plan = rebalance_plan(&[(1, 5), (2, 4), (3, 5)]);
+        assert!(plan.iter().all(|p| p.1 == 0), "{plan:?}");
+        // Uneven remainder: the fullest keep the extra user.
+        let plan = rebalance_plan(&[(1, 10), (2, 0), (3, 1)]);
+        assert_eq!(plan.iter().filter(|p| p.1 > 0).map(|p| p.1).sum::<i64>(), 6);
+    }
+}

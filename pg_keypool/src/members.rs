@@ -1,0 +1,227 @@
+//! Pool members in shared memory: who is assigned to which key, their weight class, the day
+//! they were last active, and what they used of their share today. Reservations find a user
+//! here, never in a table.
+//!
+//! The table is split into [`STRIPES`] stripes, each with its own LWLock and an equal share of
+//! the entries; a user lives in the stripe its hash selects, at the first free place from its
+//! home position (linear probing within the stripe). An entry is never emptied, only re-used:
+//! - entries of a pool slot that was reloaded or re-bound (its generation moved on) are stale;
+//! - entries of users who are not members (guests, tracked for their share of a day) are stale
+//!   two days later.
+//!
+//! Users are identified by a 64-bit SipHash of (installation, pool, user id), also stored in
+//! `keypool.member.user_hash` so that background work can find their rows.
+
+use std::cell::UnsafeCell;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+
+use crate::errors::{self, Code};
+use crate::shares::NEVER;
+use crate::shmem::{Lock, LockGuard, Shared};
+
+pub const STRIPES: usize = 1024;
+
+/// The entry is a member of its pool (otherwise a guest tracked for the day).
+pub const FLAG_MEMBER: u16 = 1;
+/// `last_active` changed since it was last written to `keypool.member`.
+pub const FLAG_ACTIVE_DIRTY: u16 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Member {
+    /// 0: never used.
+    pub hash: u64,
+    pub pool_slot: u32,
+    pub pool_gen: u32,
+    /// The assigned key (0: none).
+    pub key_id: i64,
+    pub class: u16,
+    pub flags: u16,
+    /// Day number of the last reservation, or NEVER.
+    pub last_active: i32,
+    /// The day `used` and `share` are for, or NEVER.
+    pub day: i32,
+    pub used: u64,
+    pub share: u64,
+}
+
+impl Member {
+    pub fn is_member(&self) -> bool {
+        self.flags & FLAG_MEMBER != 0
+    }
+}
+
+#[repr(C)]
+pub struct MemberCell(UnsafeCell<Member>);
+
+/// The stripe locks and the entries.
+pub struct MemberTable {
+    pub locks: &'static [Lock],
+    pub cells: &'static [MemberCell],
+}
+
+/// The hash that identifies a user of a pool.
+pub fn user_hash(instance: i64, pool_id: i64, user_id: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    instance.hash(&mut h);
+    pool_id.hash(&mut h);
+    user_id.hash(&mut h);
+    match h.finish() {
+        0 => 1,
+        v => v,
+    }
+}
+
+/// `user_hash` as stored in a bigint column.
+pub fn hash_to_sql(hash: u64) -> i64 {
+    hash as i64
+}
+
+pub fn hash_from_sql(v: i64) -> u64 {
+    v as u64
+}
+
+impl MemberTable {
+    fn per_stripe(&self) -> usize {
+        self.cells.len() / STRIPES
+    }
+
+    /// Locks the stripe of `hash`.
+    pub fn stripe(&self, hash: u64) -> Stripe<'_> {
+        let s = (hash % STRIPES as u64) as usize;
+        let per = self.per_stripe();
+        Stripe {
+            _guard: self.locks[s].exclusive(),
+            cells: &self.cells[s * per..(s + 1) * per],
+            first: s * per,
+        }
+    }
+
+    /// Locks stripe number `s` (for scans).
+    pub fn stripe_at(&self, s: usize) -> Stripe<'_> {
+        let per = self.per_stripe();
+        Stripe {
+            _guard: self.locks[s].exclusive(),
+            cells: &self.cells[s * per..(s + 1) * per],
+            first: s * per,
+        }
+    }
+}
+
+/// A locked stripe.
+pub struct Stripe<'a> {
+    _guard: LockGuard<'a>,
+    cells: &'a [MemberCell],
+    first: usize,
+}
+
+impl<'a> Stripe<'a> {
+    pub fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// The entry at position `i` of the stripe.
+    #[allow(clippy::mut_from_ref)]
+    pub fn at(&self, i: usize) -> &mut Member {
+        // SAFETY: the stripe lock is held for the lifetime of `self`.
+        unsafe { &mut *self.cells[i].0.get() }
+    }
+
+    /// The absolute index of stripe position `i` (what reservations remember).
+    pub fn index_of(&self, i: usize) -> u32 {
+        (self.first + i) as u32
+    }
+
+    /// The stripe position of an absolute index, if it is in this stripe.
+    pub fn position_of(&self, index: u32) -> Option<usize> {
+        let i = (index as usize).checked_sub(self.first)?;
+        (i < self.cells.len()).then_some(i)
+    }
+
+    fn home(&self, hash: u64) -> usize {
+        ((hash / STRIPES as u64) % self.cells.len() as u64) as usize
+    }
+
+    /// Finds the current entry of a user.
+    pub fn find(&self, sh: &Shared, hash: u64, pool_slot: u32) -> Option<usize> {
+        let gen = sh.pool(pool_slot).members_gen.load(Ordering::Acquire);
+        let n = self.cells.len();
+        let home = self.home(hash);
+        for step in 0..n {
+            let i = (home + step) % n;
+            let m = self.at(i);
+            if m.hash == 0 {
+                return None;
+            }
+            if m.hash == hash && m.pool_slot == pool_slot && m.pool_gen == gen {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Finds the entry of a user, or makes one (a guest with nothing used).
+    pub fn find_or_insert(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> usize {
+        if let Some(i) = self.find(sh, hash, pool_slot) {
+            return i;
+        }
+        let gen = sh.pool(pool_slot).members_gen.load(Ordering::Acquire);
+        let n = self.cells.len();
+        let home = self.home(hash);
+        for step in 0..n {
+            let i = (home + step) % n;
+            let m = self.at(i);
+            if m.hash == 0 || is_stale(sh, m, today) {
+                *m = Member {
+                    hash,
+                    pool_slot,
+                    pool_gen: gen,
+                    key_id: 0,
+                    class: 0,
+                    flags: 0,
+                    last_active: NEVER,
+                    day: NEVER,
+                    used: 0,
+                    share: 0,
+                };
+                return i;
+            }
+        }
+        errors::error(
+            Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            "too many pool members for pg_keypool's shared memory",
+        )
+        .detail(format!(
+            "A stripe of {n} entries is full (pg_keypool.max_members = {}).",
+            n * STRIPES
+        ))
+        .hint("Raise pg_keypool.max_members in postgresql.conf and restart the server.")
+        .raise()
+    }
+}
+
+/// An entry that holds nothing worth keeping.
+fn is_stale(sh: &Shared, m: &Member, today: i32) -> bool {
+    if (m.pool_slot as usize) >= sh.pools.len()
+        || sh.pool(m.pool_slot).members_gen.load(Ordering::Acquire) != m.pool_gen
+    {
+        return true;
+    }
+    !m.is_member() && (m.day == NEVER || m.day < today.saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_differ_by_pool_and_installation() {
+        let a = user_hash(1, 1, "user-42");
+        assert_eq!(a, user_hash(1, 1, "user-42"));
+        assert_ne!(a, user_hash(1, 2, "user-42"));
+        assert_ne!(a, user_hash(2, 1, "user-42"));
+        assert_ne!(a, user_hash(1, 1, "user-43"));
+        assert_eq!(hash_from_sql(hash_to_sql(a)), a);
+    }
+}

@@ -1,0 +1,325 @@
+//! A user's daily share on the hot path: taking one request of it, giving it back, and looking
+//! at it without changing anything. The arithmetic is in shares.rs.
+//!
+//! Fast path: the user already reserved today and is within their share: one member-stripe lock.
+//! Slow path (first reservation of the day, or past the share): the pool's lock too, to fix the
+//! day's share from the pool's aggregates or to borrow. Neither depends on the number of users.
+
+use std::rc::Rc;
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+
+use crate::assign;
+use crate::clock;
+use crate::config::{self, Config, Pool};
+use crate::errors;
+use crate::members::{self, Member, FLAG_ACTIVE_DIRTY};
+use crate::reserve::check_user_id;
+use crate::shares::{warning_level, Policy, PoolShares, NEVER, WEIGHT_SCALE};
+use crate::shmem;
+use crate::shmem::Shared;
+
+/// What a granted request holds of the user's share, to give it back if the request is not
+/// made after all.
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket {
+    pub index: u32,
+    pub hash: u64,
+    pub day: i32,
+    pub borrowed: bool,
+}
+
+/// The user's share as a reservation result shows it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Allocation {
+    /// `None`: the pool's daily capacity is unlimited.
+    pub allocated: Option<u64>,
+    pub used: u64,
+}
+
+impl Allocation {
+    pub fn remaining(&self) -> Option<u64> {
+        self.allocated.map(|a| a.saturating_sub(self.used))
+    }
+
+    pub fn warning(&self) -> &'static str {
+        match self.allocated {
+            None => "ok",
+            Some(a) => warning_level(a.saturating_sub(self.used), a),
+        }
+    }
+}
+
+pub enum Take {
+    /// Within the share (or borrowing); `preferred` is the user's assigned key (0: none).
+    Granted {
+        ticket: Option<Ticket>,
+        preferred: i64,
+        allocation: Allocation,
+    },
+    /// The share is used up; the day resets in `retry_after_ms`.
+    Exceeded {
+        allocation: Allocation,
+        retry_after_ms: i64,
+    },
+}
+
+fn assigned_key(m: &Member) -> i64 {
+    if m.is_member() {
+        m.key_id
+    } else {
+        0
+    }
+}
+
+/// Takes one request of `user`'s share in `pool` today.
+pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> Take {
+    let policy = pool.policy;
+    let (today, _, day_end) = pool.day(now_ms);
+    let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+
+    if policy.capacity.is_none() {
+        let stripe = sh.members.stripe(hash);
+        let preferred = stripe
+            .find(sh, hash, pool.slot)
+            .map_or(0, |i| assigned_key(stripe.at(i)));
+        return Take::Granted {
+            ticket: None,
+            preferred,
+            allocation: Allocation::default(),
+        };
+    }
+
+    // Fast path: already active today and within the share.
+    {
+        let stripe = sh.members.stripe(hash);
+        if let Some(i) = stripe.find(sh, hash, pool.slot) {
+            let m = stripe.at(i);
+            if m.day == today && m.used < m.share {
+                m.used += 1;
+                return Take::Granted {
+                    ticket: Some(Ticket {
+                        index: stripe.index_of(i),
+                        hash,
+                        day: today,
+                        borrowed: false,
+                    }),
+                    preferred: assigned_key(m),
+                    allocation: Allocation {
+                        allocated: Some(m.share),
+                        used: m.used,
+                    },
+                };
+            }
+        }
+    }
+
+    // Slow path: fix today's share, or borrow.
+    let mut shares = sh.pool(pool.slot).lock();
+    shares.roll(today);
+    let stripe = sh.members.stripe(hash);
+    let i = stripe.find_or_insert(sh, hash, pool.slot, today);
+    let m = stripe.at(i);
+    if m.day != today {
+        let share = activate(&mut shares, &policy, m, today);
+        shares.active_shares = shares.active_shares.saturating_add(share);
+    }
+    let ticket = |borrowed| {
+        Some(Ticket {
+            index: stripe.index_of(i),
+            hash,
+            day: today,
+            borrowed,
+        })
+    };
+    if m.used < m.share {
+        m.used += 1;
+        return Take::Granted {
+            ticket: ticket(false),
+            preferred: assigned_key(m),
+            allocation: Allocation {
+                allocated: Some(m.share),
+                used: m.used,
+            },
+        };
+    }
+    if policy.borrowing && shares.lendable(&policy, today) >= 1 {
+        m.used += 1;
+        shares.borrowed += 1;
+        return Take::Granted {
+            ticket: ticket(true),
+            preferred: assigned_key(m),
+            allocation: Allocation {
+                allocated: Some(m.share),
+                used: m.used,
+            },
+        };
+    }
+    Take::Exceeded {
+        allocation: Allocation {
+            allocated: Some(m.share),
+            used: m.used,
+        },
+        retry_after_ms: (day_end - now_ms).max(1),
+    }
+}
+
+/// First reservation of the day: the member counts as active today and gets today's share.
+fn activate(shares: &mut PoolShares, policy: &Policy, m: &mut Member, today: i32) -> u64 {
+    let weight = if m.is_member() {
+        shares.touch(m.class, m.last_active, today);
+        if m.last_active != today {
+            m.last_active = today;
+            m.flags |= FLAG_ACTIVE_DIRTY;
+        }
+        shares.classes[m.class as usize].weight_milli
+    } else {
+        WEIGHT_SCALE
+    };
+    let counted = shares.counted_weight(today, policy.window_days);
+    let total = if m.is_member() { counted } else { counted + weight };
+    let share = PoolShares::share(policy, weight, total).unwrap_or(0);
+    m.day = today;
+    m.used = 0;
+    m.share = share;
+    share
+}
+
+/// Gives back what `ticket` took (the request was refused after all, or released).
+pub fn give_back(sh: &Shared, pool_slot: u32, ticket: &Ticket) {
+    let shares = ticket.borrowed.then(|| sh.pool(pool_slot).lock());
+    let stripe = sh.members.stripe(ticket.hash);
+    if let Some(i) = stripe.position_of(ticket.index) {
+        let m = stripe.at(i);
+        if m.hash == ticket.hash && m.pool_slot == pool_slot && m.day == ticket.day && m.used > 0 {
+            m.used -= 1;
+        }
+    }
+    drop(stripe);
+    if let Some(mut shares) = shares {
+        if shares.day == ticket.day && shares.borrowed > 0 {
+            shares.borrowed -= 1;
+        }
+    }
+}
+
+/// The user's share as it stands, without changing anything: `(allocation, may borrow,
+/// resets at)`.
+pub fn view(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> (Allocation, bool, i64) {
+    let policy = pool.policy;
+    let (today, _, day_end) = pool.day(now_ms);
+    let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+    if policy.capacity.is_none() {
+        return (Allocation::default(), false, day_end);
+    }
+    let mut shares = *sh.pool(pool.slot).lock();
+    shares.roll(today);
+    let entry = {
+        let stripe = sh.members.stripe(hash);
+        stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
+    };
+    let allocation = match entry {
+        Some(m) if m.day == today => Allocation {
+            allocated: Some(m.share),
+            used: m.used,
+        },
+        other => {
+            // What the first reservation of today would fix.
+            let mut m = other.unwrap_or(Member {
+                last_active: NEVER,
+                day: NEVER,
+                ..Default::default()
+            });
+            let share = activate(&mut shares, &policy, &mut m, today);
+            Allocation {
+                allocated: Some(share),
+                used: 0,
+            }
+        }
+    };
+    let may_borrow = policy.borrowing && shares.lendable(&policy, today) >= 1;
+    (allocation, may_borrow, day_end)
+}
+
+/// `keypool_allocation`: the user's share of the pool today, without changing anything.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
+fn keypool_allocation(
+    user_id: Option<&str>,
+    pool: default!(Option<&str>, "'default'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(allocated_today, Option<i64>),
+        name!(used_today, i64),
+        name!(remaining_today, Option<i64>),
+        name!(warning_level, String),
+        name!(resets_at, TimestampWithTimeZone),
+        name!(allocated_tokens_today, Option<i64>),
+    ),
+> {
+    let (cfg, pool_name, user) = arguments(user_id, pool);
+    let sh = shmem::shared();
+    let pool = assign::pool_or_error(&cfg, pool_name);
+    assign::ensure_loaded(sh, &cfg, pool);
+    let now = clock::now_ms();
+    let (a, _, resets_at) = view(sh, &cfg, pool, user, now);
+    let tokens = token_share(sh, &cfg, pool, user, now);
+    TableIterator::once((
+        a.allocated.map(|v| v as i64),
+        a.used as i64,
+        a.remaining().map(|v| v as i64),
+        a.warning().to_string(),
+        clock::to_timestamptz(resets_at),
+        tokens.map(|v| v as i64),
+    ))
+}
+
+/// `keypool_can_request`: whether a reservation by this user would now pass the quota check
+/// (within the share, or by borrowing) and the pool has a usable key. Changes nothing.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_can_request(user_id: Option<&str>, pool: default!(Option<&str>, "'default'")) -> bool {
+    let (cfg, pool_name, user) = arguments(user_id, pool);
+    let sh = shmem::shared();
+    let pool = assign::pool_or_error(&cfg, pool_name);
+    if !pool.keys.iter().any(|&k| cfg.usable(&cfg.keys[k])) {
+        return false;
+    }
+    assign::ensure_loaded(sh, &cfg, pool);
+    let (a, may_borrow, _) = view(sh, &cfg, pool, user, clock::now_ms());
+    a.remaining().is_none_or(|r| r > 0) || may_borrow
+}
+
+fn arguments<'a>(user_id: Option<&'a str>, pool: Option<&'a str>) -> (Rc<Config>, &'a str, &'a str) {
+    let user = check_user_id(user_id);
+    let Some(pool) = pool else {
+        errors::null_argument("pool").raise()
+    };
+    (config::current(), pool, user)
+}
+
+/// The user's share of the pool's tokens per day, where every usable scope has such a limit.
+fn token_share(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> Option<u64> {
+    let capacity = pool.token_capacity?;
+    let token_policy = Policy {
+        capacity: Some(capacity),
+        min_share: 0,
+        ..pool.policy
+    };
+    let (today, _, _) = pool.day(now_ms);
+    let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+    let mut shares = *sh.pool(pool.slot).lock();
+    shares.roll(today);
+    let m = {
+        let stripe = sh.members.stripe(hash);
+        stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
+    };
+    let mut m = m.unwrap_or(Member {
+        last_active: NEVER,
+        day: NEVER,
+        ..Default::default()
+    });
+    m.day = NEVER;
+    Some(activate(&mut shares, &token_policy, &mut m, today))
+}

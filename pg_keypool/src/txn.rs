@@ -1,0 +1,80 @@
+//! Shared-memory changes that follow the transaction that made them.
+//!
+//! Assigning a user changes shared memory at once (so that concurrent signups see each other's
+//! choice and the spread stays exact), and the table row in the same transaction. If the
+//! transaction, or the savepoint the change was made in, rolls back, the shared-memory change
+//! must be rolled back too: [`on_abort`] records how.
+
+use std::cell::{Cell, RefCell};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+struct Undo {
+    subxact: pg_sys::SubTransactionId,
+    action: Box<dyn FnOnce()>,
+}
+
+thread_local! {
+    static LOG: RefCell<Vec<Undo>> = const { RefCell::new(Vec::new()) };
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `undo` if the current (sub)transaction aborts.
+pub fn on_abort(undo: impl FnOnce() + 'static) {
+    if !REGISTERED.replace(true) {
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+        }
+    }
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    LOG.with_borrow_mut(|log| {
+        log.push(Undo {
+            subxact,
+            action: Box::new(undo),
+        })
+    });
+}
+
+/// Runs the recorded undos of subtransactions `>= from`, newest first.
+fn run_from(from: pg_sys::SubTransactionId) {
+    let undos: Vec<Undo> = LOG.with_borrow_mut(|log| {
+        let keep = log.iter().position(|u| u.subxact >= from).unwrap_or(log.len());
+        log.split_off(keep)
+    });
+    for undo in undos.into_iter().rev() {
+        // An undo only takes locks and writes shared memory; never let a panic escape into the
+        // abort path.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(undo.action));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => LOG.with_borrow_mut(|log| log.clear()),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => run_from(0),
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    parent_subid: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_ABORT_SUB => run_from(my_subid),
+        SUBXACT_EVENT_COMMIT_SUB => LOG.with_borrow_mut(|log| {
+            for u in log.iter_mut().filter(|u| u.subxact == my_subid) {
+                u.subxact = parent_subid;
+            }
+        }),
+        _ => {}
+    }
+}
