@@ -956,6 +956,8 @@ fn keypool_remove_key(key_id: Option<i64>) -> i64 {
         errors::null_argument("key_id").raise()
     };
     let cfg = config::current();
+    // Known before the removal: afterwards the configuration no longer has the key.
+    let removed_slot = cfg.key_by_id(key_id).map(|k| k.slot);
     let pool_name: Option<String> = as_owner(&cfg, |client| {
         let t = errors::spi(client.update(
             "UPDATE keypool.key k SET removed_at = now() FROM keypool.pool p
@@ -1004,6 +1006,18 @@ fn keypool_remove_key(key_id: Option<i64>) -> i64 {
         .collect();
     apply_moves(sh, &pool_name, &moves);
     let pool = pool_or_error(&cfg, &pool_name);
+    if let Some(slot) = removed_slot {
+        let ks = sh.key(slot);
+        if ks.tag.is(cfg.owner, key_id) {
+            let before = ks.assigned.swap(0, AcqRel);
+            txn::on_abort(move || {
+                let ks = sh.key(slot);
+                if ks.tag.id() == key_id {
+                    ks.assigned.fetch_add(before, AcqRel);
+                }
+            });
+        }
+    }
     record_event(
         &cfg,
         "key_removed",
