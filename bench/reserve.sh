@@ -3,18 +3,22 @@
 # 1, 8 and 32 clients, measured in the same run on a private cluster, and their ratios.
 # Bar (issue 2): reserve TPS >= 0.5 x SELECT 1 TPS at 32 clients.
 #
-# Usage: bench/reserve.sh            (BENCH_SECONDS=15 per measurement by default)
-#        BENCH_USERS=1000000 bench/reserve.sh
+# Usage: bench/reserve.sh                      (BENCH_SECONDS=15 per measurement by default)
+#        BENCH_ASSIGNED=1000000 bench/reserve.sh   (first assigns that many users to the pool's keys
+#                                                   with keypool_backfill; reservations then draw
+#                                                   from those users)
 . "$(dirname "$0")/../scripts/lib.sh"
 
 SECONDS_EACH="${BENCH_SECONDS:-15}"
 PORT="${KEYPOOL_BENCH_PORT:-54340}"
 CLIENTS=(1 8 32)
-USERS="${BENCH_USERS:-100000}"
+ASSIGNED="${BENCH_ASSIGNED:-0}"
+USERS="${BENCH_USERS:-$((ASSIGNED > 0 ? ASSIGNED : 100000))}"
 
 ensure_setup
 install_extension release
-cluster_start bench "$PORT" "max_connections = 200"
+# Every member of a pool is held in shared memory: room for the assigned users and the guests.
+cluster_start bench "$PORT" "max_connections = 200" "pg_keypool.max_members = $((ASSIGNED * 2 + 262144))"
 trap 'cluster_stop bench' EXIT
 dir="$(cluster_dir bench)"
 
@@ -27,6 +31,19 @@ SELECT keypool_add_key('bench', 'openai', 'sk-bench-key-' || i || '-000000000', 
                        rpm => 2000000000, rpd => 2000000000, tpm => 1000000000000, tpd => 1000000000000)
   FROM generate_series(1, 15) i;
 SQL
+
+if ((ASSIGNED > 0)); then
+    say "assigning $ASSIGNED users to the pool's 15 keys (keypool_backfill)"
+    start=$(date +%s.%N)
+    cluster_psql bench "$PORT" -q -d bench -v ON_ERROR_STOP=1 <<SQL >/dev/null
+CREATE TABLE bench_users (id text PRIMARY KEY);
+INSERT INTO bench_users SELECT 'user-' || i FROM generate_series(1, $ASSIGNED) i;
+SET client_min_messages = warning;
+SELECT keypool_backfill('bench_users', 'id', 'bench');
+SQL
+    backfill_s=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    say "assigned in ${backfill_s} s"
+fi
 
 work="$dir/pgbench"
 install -d -o postgres -g postgres "$work"
@@ -56,6 +73,7 @@ for mode in simple prepared; do
 done
 
 evicted=$(cluster_psql bench "$PORT" -d bench -Atc "SELECT reservations_expired_early FROM keypool_status()")
+members=$(cluster_psql bench "$PORT" -d bench -Atc "SELECT members FROM keypool_pool_stats WHERE pool = 'bench'")
 granted=$(cluster_psql bench "$PORT" -d bench -Atc "SELECT sum(requests_today) FROM keypool_scopes")
 
 ratio() { awk -v r="${res[$1,$2]}" -v b="${base[$1,$2]}" 'BEGIN { printf "%.2f", (b > 0 ? r / b : 0) }'; }
@@ -63,7 +81,7 @@ out="$REPO/bench/results"
 mkdir -p "$out"
 report="$out/reserve-$(date -u +%Y%m%dT%H%M%SZ).md"
 {
-    echo "pgbench -j 2, ${SECONDS_EACH} s per run, synchronous_commit on, $(nproc) cores; random users out of $USERS; 15 keys"
+    echo "pgbench -j 2, ${SECONDS_EACH} s per run, synchronous_commit on, $(nproc) cores; random users out of $USERS; 15 keys; $members users assigned${backfill_s:+ (backfill took $backfill_s s)}"
     echo
     echo "| protocol | clients | SELECT 1 TPS | keypool_reserve TPS | ratio |"
     echo "|---|---:|---:|---:|---:|"

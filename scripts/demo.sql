@@ -64,7 +64,23 @@ SELECT s.account, s.model, s.rpm, s.requests_this_minute AS rpm_used, s.rpd, s.r
   FROM keypool_scopes s ORDER BY s.scope_id;
 
 \echo
-\echo '== 7. History: usage per key per hour, and what changed'
+\echo '== 7. Users: each signup is assigned the least-loaded key (seed 004), and the pool''s daily'
+\echo '      capacity is shared among users with a guaranteed minimum (seed 000)'
+SELECT keypool_alter_pool('image', min_share => 500);
+CREATE TABLE user_profiles (id bigint PRIMARY KEY, email text, api_key_group int);
+CREATE TRIGGER assign_key BEFORE INSERT ON user_profiles
+    FOR EACH ROW EXECUTE FUNCTION keypool_on_signup('image', 'id', 'api_key_group');
+INSERT INTO user_profiles (id, email) SELECT i, 'user' || i || '@example.com' FROM generate_series(1, 10) i;
+SELECT id, email, api_key_group FROM user_profiles ORDER BY id;
+SELECT keypool_set_user_weight('10', 'image', 4);
+SELECT u AS user_id, a.allocated_today, a.used_today, a.remaining_today, a.warning_level
+  FROM unnest(ARRAY['1', '10']) u, LATERAL keypool_allocation(u, 'image') a;
+SELECT granted, key_id, remaining_today, allocated_today, warning_level FROM keypool_reserve('1', 'image');
+SELECT pool, keys_usable, keys_cooling, keys_disabled, daily_capacity, used_today, members, share_per_user, overcommit
+  FROM keypool_pool_stats ORDER BY pool_id;
+
+\echo
+\echo '== 8. History: usage per key per hour, and what changed'
 SELECT keypool_flush() AS keys_flushed;
 SELECT pool, key_id, label, requests, prompt_tokens, completion_tokens, success, errors FROM keypool_usage ORDER BY key_id;
 SELECT kind, pool, key_id, label, reason FROM keypool_events WHERE kind <> 'key_added' ORDER BY id;

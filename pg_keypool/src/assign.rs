@@ -10,7 +10,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
-use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
 use std::time::Duration;
@@ -162,14 +161,6 @@ fn tree_keys<'c>(cfg: &'c Config, pool: &Pool) -> Vec<&'c Key> {
         .collect()
 }
 
-fn fingerprint(keys: &[&Key]) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    for k in keys {
-        k.id.hash(&mut h);
-    }
-    h.finish()
-}
-
 #[allow(clippy::mut_from_ref)]
 fn cells<'a>(sh: &'a Shared, meta: &TreeMeta) -> &'a mut [u64] {
     // SAFETY: the region belongs to one pool and is only touched under that pool's lock.
@@ -178,8 +169,7 @@ fn cells<'a>(sh: &'a Shared, meta: &TreeMeta) -> &'a mut [u64] {
 
 /// Makes sure the pool's tree matches this backend's view of its keys.
 fn ensure_tree(sh: &'static Shared, cfg: &Config, pool: &Pool, shares: &mut PoolShares) -> Result<(), Stale> {
-    let keys = tree_keys(cfg, pool);
-    let fp = fingerprint(&keys);
+    let fp = pool.assign_fingerprint;
     let t = shares.tree;
     if t.build != 0 {
         if t.generation > cfg.generation {
@@ -189,6 +179,7 @@ fn ensure_tree(sh: &'static Shared, cfg: &Config, pool: &Pool, shares: &mut Pool
             return Ok(());
         }
     }
+    let keys = tree_keys(cfg, pool);
     let mut meta = t;
     let need = tree::cells_for(keys.len()) as u32;
     if need > meta.cap {
@@ -255,9 +246,7 @@ fn least_loaded(sh: &Shared, shares: &PoolShares) -> Option<i64> {
 
 /// The key's slot, if the key belongs to `pool` in this configuration.
 fn key_slot_in(cfg: &Config, pool: &Pool, key_id: i64) -> Option<u32> {
-    cfg.key_by_id(key_id)
-        .filter(|k| pool.keys.iter().any(|&i| cfg.keys[i].id == k.id))
-        .map(|k| k.slot)
+    cfg.key_by_id(key_id).filter(|k| k.pool_id == pool.id).map(|k| k.slot)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -420,19 +409,47 @@ fn rows<T>(table: pgrx::spi::SpiTupleTable<'_>, mut f: impl FnMut(&pgrx::spi::Sp
 }
 
 /// Assigns one user (idempotent) and returns the key.
+///
+/// The key is chosen in shared memory first (so that concurrent signups see each other), then
+/// written with one INSERT, which also makes a concurrent assignment of the same user wait for
+/// the other transaction to end. If the table already had the user, the table wins.
 pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
     let sh = shmem::shared();
-    let cfg = config::current();
+    let hash_of = |cfg: &Config, pool: &Pool| members::user_hash(cfg.owner.instance, pool.id, user);
+    let (cfg, (key_id, gen, change)) = with_pool(pool_name, |cfg, pool, shares| {
+        let today = pool.day(clock::now_ms()).0;
+        let gen = sh.pool(pool.slot).members_gen.load(Acquire);
+        let (key, change) = assign_locked(sh, cfg, pool, shares, hash_of(cfg, pool), today, None)?;
+        Ok((key, gen, change))
+    });
     let pool = pool_or_error(&cfg, pool_name);
-    let hash = members::user_hash(cfg.owner.instance, pool.id, user);
-    // The row first: a concurrent assignment of the same user waits here for the other to end.
-    let stored: Option<i64> = as_owner(&cfg, |client| {
-        errors::spi(client.update(
-            "INSERT INTO keypool.member (pool_id, user_id, user_hash) VALUES ($1, $2, $3)
-             ON CONFLICT (pool_id, user_id) DO NOTHING",
+    let hash = hash_of(&cfg, pool);
+    let fresh = change.is_some();
+    if let Some(c) = change {
+        undo_on_abort(sh, pool.slot, gen, vec![c]);
+    }
+    let inserted = as_owner(&cfg, |client| {
+        let t = errors::spi(client.update(
+            "INSERT INTO keypool.member (pool_id, user_id, user_hash, key_id) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (pool_id, user_id) DO NOTHING RETURNING 1",
             None,
-            &[pool.id.into(), user.into(), members::hash_to_sql(hash).into()],
+            &[
+                pool.id.into(),
+                user.into(),
+                members::hash_to_sql(hash).into(),
+                key_id.into(),
+            ],
         ));
+        !t.is_empty()
+    });
+    if inserted {
+        if !fresh {
+            // Shared memory had the user from a transaction that has since rolled back.
+            ensure_member(sh, pool_name, hash, key_id);
+        }
+        return (cfg, key_id);
+    }
+    let stored: Option<i64> = as_owner(&cfg, |client| {
         let t = errors::spi(client.select(
             "SELECT key_id FROM keypool.member WHERE pool_id = $1 AND user_id = $2",
             None,
@@ -440,26 +457,74 @@ pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
         ));
         rows(t, |r| r.get::<i64>(1).ok().flatten()).into_iter().next().flatten()
     });
-    let (cfg, (key_id, gen, change)) = with_pool(pool_name, |cfg, pool, shares| {
-        let today = pool.day(clock::now_ms()).0;
+    match stored {
+        Some(k) if k == key_id => (cfg, key_id),
+        Some(k) if key_slot_in(&cfg, pool, k).is_some() => {
+            // The table's key stands: move shared memory over to it.
+            apply_moves(sh, pool_name, &[(user.to_string(), hash, key_id, k)]);
+            (cfg, k)
+        }
+        _ => {
+            // Its key was removed (or never set): the key chosen above replaces it.
+            as_owner(&cfg, |client| {
+                errors::spi(client.update(
+                    "UPDATE keypool.member SET key_id = $3 WHERE pool_id = $1 AND user_id = $2",
+                    None,
+                    &[pool.id.into(), user.into(), key_id.into()],
+                ));
+            });
+            (cfg, key_id)
+        }
+    }
+}
+
+/// Makes sure shared memory has `hash` as a member on `key_id`.
+fn ensure_member(sh: &'static Shared, pool_name: &str, hash: u64, key_id: i64) {
+    let (cfg, (gen, change)) = with_pool(pool_name, |cfg, pool, shares| {
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
-        let (key, change) = assign_locked(sh, cfg, pool, shares, hash, today, None)?;
-        Ok((key, gen, change))
+        let today = pool.day(clock::now_ms()).0;
+        let stripe = sh.members.stripe(hash);
+        let m = stripe.at(stripe.find_or_insert(sh, hash, pool.slot, today));
+        if m.is_member() && m.key_id == key_id {
+            return Ok((gen, None));
+        }
+        let before = *m;
+        if !m.is_member() {
+            let class = shares
+                .class_of(WEIGHT_SCALE)
+                .unwrap_or_else(|| too_many_weights(&pool.name));
+            shares.add_member(class, m.last_active);
+            m.class = class;
+            m.flags |= FLAG_MEMBER;
+        }
+        let from_slot = if before.is_member() {
+            key_slot_in(cfg, pool, before.key_id).unwrap_or(u32::MAX)
+        } else {
+            u32::MAX
+        };
+        let to_slot = key_slot_in(cfg, pool, key_id).unwrap_or(u32::MAX);
+        m.key_id = key_id;
+        if from_slot != u32::MAX {
+            add_assigned(sh, shares, from_slot, before.key_id, -1);
+        }
+        if to_slot != u32::MAX {
+            add_assigned(sh, shares, to_slot, key_id, 1);
+        }
+        Ok((
+            gen,
+            Some(Change {
+                hash,
+                before,
+                after_key: key_id,
+                after_class: m.class,
+                from_slot,
+                to_slot,
+            }),
+        ))
     });
-    let pool = pool_or_error(&cfg, pool_name);
     if let Some(c) = change {
-        undo_on_abort(sh, pool.slot, gen, vec![c]);
+        undo_on_abort(sh, pool_or_error(&cfg, pool_name).slot, gen, vec![c]);
     }
-    if stored != Some(key_id) {
-        as_owner(&cfg, |client| {
-            errors::spi(client.update(
-                "UPDATE keypool.member SET key_id = $3 WHERE pool_id = $1 AND user_id = $2",
-                None,
-                &[pool.id.into(), user.into(), key_id.into()],
-            ));
-        });
-    }
-    (cfg, key_id)
 }
 
 /// `keypool_assign`: the user's key in the pool; a new user gets the usable key with the fewest

@@ -38,6 +38,9 @@ pub struct Pool {
     pub token_capacity: Option<u64>,
     /// The time zone of its users' daily reset.
     pub tz: Tz,
+    /// Identifies the set of keys that take new users (assign.rs rebuilds its tree when it
+    /// changes).
+    pub assign_fingerprint: u64,
 }
 
 impl Pool {
@@ -49,6 +52,7 @@ impl Pool {
 
 pub struct Key {
     pub id: i64,
+    pub pool_id: i64,
     pub scope: usize,
     pub slot: u32,
     pub provider: String,
@@ -292,6 +296,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     },
                     token_capacity: None,
                     tz: Tz::UTC,
+                    assign_fingerprint: 0,
                 });
             }
             let pool_index: HashMap<i64, usize> = cfg.pools.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
@@ -304,6 +309,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 cfg.pools[pool].keys.push(cfg.keys.len());
                 cfg.keys.push(Key {
                     id: k.id,
+                    pool_id: k.pool_id,
                     scope,
                     slot: bound.keys[&k.id],
                     provider: k.provider,
@@ -321,7 +327,17 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 let policy = pool_policy(&cfg, &cfg.pools[i], &scope_limits, min_share, active_days, borrowing);
                 let pool_tz = pool_zone(&cfg, &cfg.pools[i], timezone.as_deref());
                 let tokens = pool_capacity(&cfg, &cfg.pools[i], &scope_limits, |l| l.tpd);
+                let fingerprint = {
+                    let mut h = std::hash::DefaultHasher::new();
+                    for &k in &cfg.pools[i].keys {
+                        if cfg.usable(&cfg.keys[k]) {
+                            std::hash::Hash::hash(&cfg.keys[k].id, &mut h);
+                        }
+                    }
+                    std::hash::Hasher::finish(&h)
+                };
                 let pool = &mut cfg.pools[i];
+                pool.assign_fingerprint = fingerprint;
                 pool.policy = policy;
                 pool.tz = pool_tz;
                 pool.token_capacity = tokens;

@@ -123,7 +123,10 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     let m = stripe.at(i);
     if m.day != today {
         let share = activate(&mut shares, &policy, m, today);
-        shares.active_shares = shares.active_shares.saturating_add(share);
+        // Only members' shares are promised; a guest's share limits only the guest.
+        if m.is_member() {
+            shares.active_shares = shares.active_shares.saturating_add(share);
+        }
     }
     let ticket = |borrowed| {
         Some(Ticket {

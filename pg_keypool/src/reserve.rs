@@ -1,11 +1,11 @@
 //! `keypool_reserve`: the hot path. Picks a key of the pool whose scope has room right now and
 //! charges one request and the token estimate to it, atomically.
 //!
-//! Selection: among the pool's keys that are ready (not disabled, scope not cooling, circuit
-//! breaker not open), a cursor shared by all sessions picks the next one in turn: a round-robin
-//! over the whole server, not per client, that stays even when keys drop out. If that key's
-//! scope has no room, the next ready key in id order is tried, and so on. The first key that
-//! fits is granted. Refusals are rows: `NO_KEYS` when no key is usable at all, `POOL_EXHAUSTED`
+//! Selection: the user's assigned key first (users.rs assigns them); then, among the pool's
+//! keys that are ready (not disabled, scope not cooling, circuit breaker not open), a cursor
+//! shared by all sessions picks the next one in turn: a round-robin over the whole server, not
+//! per client, that stays even when keys drop out. If that key's scope has no room, the next
+//! ready key in id order is tried, and so on. The first key that fits is granted. Refusals are rows: `NO_KEYS` when no key is usable at all, `POOL_EXHAUSTED`
 //! with the exact time until the first key frees up otherwise.
 //!
 //! Cost: no table access (configuration is cached, config.rs), one scope lock per key tried, a
@@ -192,6 +192,11 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
 
 type Outcome = Result<(usize, u64), (Refusal, Option<i64>)>;
 
+/// Pools of up to this many keys spread load exactly evenly over their ready keys (one pass to
+/// count them); larger pools go round the keys from the shared cursor, which stays O(1) while
+/// most keys are ready.
+const EXACT_SPREAD_KEYS: usize = 64;
+
 fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, share: &Share) -> Result<Outcome, Rebound> {
     let pool = assign::pool_or_error(cfg, pool_name);
     let now = clock::now_ms();
@@ -199,12 +204,15 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, shar
     let tokens = est_tokens as u64;
     let mut wait: Option<Wait> = None;
     let mut note = |w: Wait| wait = Some(wait.map_or(w, |x| x.min(w)));
-
-    // Pass 1: which keys could take a request now? Disabled keys do not count at all; cooling
-    // scopes and open circuit breakers tell when they come back.
     let mut enabled = 0;
-    let mut ready = 0;
-    for &k in &pool.keys {
+
+    // The user's assigned key first.
+    let preferred = cfg
+        .keys_by_id
+        .get(&share.preferred)
+        .copied()
+        .filter(|&k| cfg.keys[k].pool_id == pool.id);
+    if let Some(k) = preferred {
         match readiness(sh, cfg, &cfg.keys[k], now, lease) {
             Readiness::Disabled => {}
             Readiness::Later(w) => {
@@ -213,49 +221,62 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, shar
             }
             Readiness::Ready => {
                 enabled += 1;
-                ready += 1;
+                match try_key(sh, cfg, &cfg.keys[k], now, lease, est_tokens, tokens, share)? {
+                    Ok(reservation_id) => return Ok(Ok((k, reservation_id))),
+                    Err(w) => note(w),
+                }
+            }
+        }
+    }
+
+    // Then round the pool from where the shared cursor points: each call moves it on by one, so
+    // load spreads over the whole server, not per client.
+    let n = pool.keys.len();
+    if n == 0 {
+        return Ok(Err((Refusal::NoKeys, None)));
+    }
+    let turn = sh.pool(pool.slot).cursor.fetch_add(1, Ordering::Relaxed) as usize;
+    let first = if n <= EXACT_SPREAD_KEYS {
+        // Start at the turn-th *ready* key, so that keys out of rotation do not hand their share
+        // to their neighbour.
+        let is_ready = |k: usize| matches!(readiness(sh, cfg, &cfg.keys[k], now, lease), Readiness::Ready);
+        let ready = pool.keys.iter().filter(|&&k| is_ready(k)).count();
+        match ready {
+            0 => 0,
+            _ => pool
+                .keys
+                .iter()
+                .enumerate()
+                .filter(|(_, &k)| is_ready(k))
+                .nth(turn % ready)
+                .map_or(0, |(i, _)| i),
+        }
+    } else {
+        turn % n
+    };
+    for i in 0..n {
+        let key_index = pool.keys[(first + i) % n];
+        if Some(key_index) == preferred {
+            continue;
+        }
+        let key = &cfg.keys[key_index];
+        match readiness(sh, cfg, key, now, lease) {
+            Readiness::Disabled => {}
+            Readiness::Later(w) => {
+                enabled += 1;
+                note(w);
+            }
+            Readiness::Ready => {
+                enabled += 1;
+                match try_key(sh, cfg, key, now, lease, est_tokens, tokens, share)? {
+                    Ok(reservation_id) => return Ok(Ok((key_index, reservation_id))),
+                    Err(w) => note(w),
+                }
             }
         }
     }
     if enabled == 0 {
         return Ok(Err((Refusal::NoKeys, None)));
-    }
-
-    // The user's assigned key first, when it is ready.
-    let preferred = (share.preferred != 0)
-        .then(|| pool.keys.iter().copied().find(|&k| cfg.keys[k].id == share.preferred))
-        .flatten()
-        .filter(|&k| matches!(readiness(sh, cfg, &cfg.keys[k], now, lease), Readiness::Ready));
-    if let Some(k) = preferred {
-        match try_key(sh, cfg, &cfg.keys[k], now, lease, est_tokens, tokens, share)? {
-            Ok(reservation_id) => return Ok(Ok((k, reservation_id))),
-            Err(w) => note(w),
-        }
-    }
-
-    // Pass 2: the shared cursor picks one of the ready keys, so load spreads evenly over them
-    // whichever keys are out; from there, each ready key in turn until one has room.
-    if ready > 0 {
-        let turn = (sh.pool(pool.slot).cursor.fetch_add(1, Ordering::Relaxed) % ready as u64) as usize;
-        let n = pool.keys.len();
-        let first = pool
-            .keys
-            .iter()
-            .enumerate()
-            .filter(|(_, &k)| matches!(readiness(sh, cfg, &cfg.keys[k], now, lease), Readiness::Ready))
-            .nth(turn)
-            .map_or(0, |(i, _)| i);
-        for i in 0..n {
-            let key_index = pool.keys[(first + i) % n];
-            let key = &cfg.keys[key_index];
-            if Some(key_index) == preferred || !matches!(readiness(sh, cfg, key, now, lease), Readiness::Ready) {
-                continue;
-            }
-            match try_key(sh, cfg, key, now, lease, est_tokens, tokens, share)? {
-                Ok(reservation_id) => return Ok(Ok((key_index, reservation_id))),
-                Err(w) => note(w),
-            }
-        }
     }
     match wait {
         Some(Wait::Never) => errors::invalid(format!(

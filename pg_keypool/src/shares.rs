@@ -12,6 +12,10 @@
 //! W; if minimum shares add up to more than C, the pool is overcommitted and shares are honoured
 //! until the scopes themselves refuse.
 //!
+//! Users who reserve without being members of the pool (guests) get the share they would have
+//! as one more member, but are not counted: they do not shrink the members' shares, and their
+//! share is not promised to them.
+//!
 //! Borrowing (when the pool allows it): a user past their share may take one more request only
 //! if the pool still has capacity that is neither used nor promised to a counted user's share:
 //! `C - sum over counted users of max(used, share) >= 1`. Users active today contribute their

@@ -389,7 +389,8 @@ async fn roles_granted_only_execute_can_reserve_but_never_read_the_secrets() {
                                        keypool_release(bigint) TO app_{suffix};
              CREATE ROLE ops_{suffix} LOGIN;
              GRANT SELECT ON keypool_keys, keypool_scopes, keypool_usage, keypool_events TO ops_{suffix};
-             GRANT EXECUTE ON FUNCTION keypool.scope_state(), keypool.key_state() TO ops_{suffix};
+             GRANT SELECT ON keypool_pool_stats, keypool_members TO ops_{suffix};
+             GRANT EXECUTE ON FUNCTION keypool.scope_state(), keypool.key_state(), keypool.pool_state() TO ops_{suffix};
              GRANT USAGE ON SCHEMA keypool TO ops_{suffix};"
         ),
     )
