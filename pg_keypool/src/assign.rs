@@ -669,23 +669,30 @@ fn keypool_on_signup<'a>(
     let mut new = new.into_owned();
     if let Some(group_column) = group_column {
         let group = group_of(&cfg, key_id);
-        match type_of(group_column) {
-            Some(pg_sys::INT4OID) => new.set_by_name(group_column, group)?,
-            Some(pg_sys::INT8OID) => new.set_by_name(group_column, group.map(i64::from))?,
-            Some(pg_sys::INT2OID) => new.set_by_name(group_column, group.map(|g| g as i16))?,
-            Some(_) => errors::error(
-                Code::ERRCODE_DATATYPE_MISMATCH,
-                format!("group column \"{group_column}\" must be an integer column"),
-            )
-            .raise(),
-            None => errors::error(
-                Code::ERRCODE_UNDEFINED_COLUMN,
-                format!("column \"{group_column}\" does not exist"),
-            )
-            .raise(),
+        match check_group_column(group_column, type_of(group_column), "the table") {
+            pg_sys::INT8OID => new.set_by_name(group_column, group.map(i64::from))?,
+            pg_sys::INT2OID => new.set_by_name(group_column, group.map(|g| g as i16))?,
+            _ => new.set_by_name(group_column, group)?,
         }
     }
     Ok(Some(new))
+}
+
+/// Checks that a group column exists and holds integers; returns its type.
+fn check_group_column(column: &str, type_oid: Option<pg_sys::Oid>, table: &str) -> pg_sys::Oid {
+    match type_oid {
+        Some(t @ (pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID)) => t,
+        Some(_) => errors::error(
+            Code::ERRCODE_DATATYPE_MISMATCH,
+            format!("group column \"{column}\" must be an integer column"),
+        )
+        .raise(),
+        None => errors::error(
+            Code::ERRCODE_UNDEFINED_COLUMN,
+            format!("column \"{column}\" of {table} does not exist"),
+        )
+        .raise(),
+    }
 }
 
 /// Column type of `table.column`, as (type oid, SQL type name).
@@ -745,19 +752,7 @@ fn keypool_backfill(
     }
     let group_column = group_column.filter(|g| !g.is_empty());
     if let Some(g) = group_column {
-        match column_type(tbl, g) {
-            Some((pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID, _)) => {}
-            Some(_) => errors::error(
-                Code::ERRCODE_DATATYPE_MISMATCH,
-                format!("group column \"{g}\" must be an integer column"),
-            )
-            .raise(),
-            None => errors::error(
-                Code::ERRCODE_UNDEFINED_COLUMN,
-                format!("column \"{g}\" of {table_name} does not exist"),
-            )
-            .raise(),
-        }
+        check_group_column(g, column_type(tbl, g).map(|c| c.0), &table_name);
     }
     let id = spi::quote_identifier(id_column);
     let total: i64 = Spi::get_one(&format!("SELECT count(*) FROM {table_name}"))

@@ -203,8 +203,24 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, shar
     let lease = settings::lease_ms();
     let tokens = est_tokens as u64;
     let mut wait: Option<Wait> = None;
-    let mut note = |w: Wait| wait = Some(wait.map_or(w, |x| x.min(w)));
     let mut enabled = 0;
+    // Tries one key: its reservation id if granted; otherwise notes when it could be.
+    let mut attempt = |key: &Key| -> Result<Option<u64>, Rebound> {
+        let w = match readiness(sh, cfg, key, now, lease) {
+            Readiness::Disabled => return Ok(None),
+            Readiness::Later(w) => w,
+            Readiness::Ready => match try_key(sh, cfg, key, now, lease, est_tokens, tokens, share)? {
+                Ok(reservation_id) => {
+                    enabled += 1;
+                    return Ok(Some(reservation_id));
+                }
+                Err(w) => w,
+            },
+        };
+        enabled += 1;
+        wait = Some(wait.map_or(w, |x| x.min(w)));
+        Ok(None)
+    };
 
     // The user's assigned key first.
     let preferred = cfg
@@ -213,19 +229,8 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, shar
         .copied()
         .filter(|&k| cfg.keys[k].pool_id == pool.id);
     if let Some(k) = preferred {
-        match readiness(sh, cfg, &cfg.keys[k], now, lease) {
-            Readiness::Disabled => {}
-            Readiness::Later(w) => {
-                enabled += 1;
-                note(w);
-            }
-            Readiness::Ready => {
-                enabled += 1;
-                match try_key(sh, cfg, &cfg.keys[k], now, lease, est_tokens, tokens, share)? {
-                    Ok(reservation_id) => return Ok(Ok((k, reservation_id))),
-                    Err(w) => note(w),
-                }
-            }
+        if let Some(reservation_id) = attempt(&cfg.keys[k])? {
+            return Ok(Ok((k, reservation_id)));
         }
     }
 
@@ -259,20 +264,8 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, shar
         if Some(key_index) == preferred {
             continue;
         }
-        let key = &cfg.keys[key_index];
-        match readiness(sh, cfg, key, now, lease) {
-            Readiness::Disabled => {}
-            Readiness::Later(w) => {
-                enabled += 1;
-                note(w);
-            }
-            Readiness::Ready => {
-                enabled += 1;
-                match try_key(sh, cfg, key, now, lease, est_tokens, tokens, share)? {
-                    Ok(reservation_id) => return Ok(Ok((key_index, reservation_id))),
-                    Err(w) => note(w),
-                }
-            }
+        if let Some(reservation_id) = attempt(&cfg.keys[key_index])? {
+            return Ok(Ok((key_index, reservation_id)));
         }
     }
     if enabled == 0 {
