@@ -21,7 +21,7 @@ use pgrx::{pg_sys, spi, AnyNumeric};
 use crate::clock;
 use crate::config::{self, Config, Key, Pool};
 use crate::errors::{self, Code};
-use crate::members::{self, Member, FLAG_MEMBER};
+use crate::members::{self, Member, FLAG_ACTIVE_DIRTY, FLAG_MEMBER};
 use crate::privilege;
 use crate::reserve::check_user_id;
 use crate::shares::{PoolShares, TreeMeta, NEVER, WEIGHT_SCALE};
@@ -107,7 +107,6 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
         Spi::connect(|_| config::fresh_rows(&sql, |r| (r.get(0), r.get(1), r.get(2), r.get(3))))
     });
     let mut shares = slot.lock();
-    slot.members_gen.fetch_add(1, AcqRel);
     *shares = PoolShares::default();
     shares.roll(today);
     let mut counts: HashMap<i64, i64> = HashMap::new();
@@ -115,14 +114,20 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
         let class = shares
             .class_of(weight.max(1))
             .unwrap_or_else(|| too_many_weights(&pool.name));
-        shares.add_member(class, last_active);
         let hash = members::hash_from_sql(hash);
         let stripe = sh.members.stripe(hash);
+        // An entry may already hold today's usage, restored from a clean shutdown (persist.rs).
         let m = stripe.at(stripe.find_or_insert(sh, hash, pool.slot, today));
+        let last_active = last_active.max(m.last_active);
+        shares.add_member(class, last_active);
         m.key_id = key_id;
         m.class = class;
-        m.flags = FLAG_MEMBER;
+        m.flags = FLAG_MEMBER | (m.flags & FLAG_ACTIVE_DIRTY);
         m.last_active = last_active;
+        if m.day == today {
+            shares.active_shares += m.share;
+            shares.borrowed += m.used.saturating_sub(m.share);
+        }
         if key_id != 0 {
             *counts.entry(key_id).or_default() += 1;
         }

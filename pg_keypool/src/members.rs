@@ -92,7 +92,17 @@ impl MemberTable {
         let s = (hash % STRIPES as u64) as usize;
         let per = self.per_stripe();
         Stripe {
-            _guard: self.locks[s].exclusive(),
+            _guard: Some(self.locks[s].exclusive()),
+            cells: &self.cells[s * per..(s + 1) * per],
+            first: s * per,
+        }
+    }
+
+    /// Stripe number `s` without its lock: only for the postmaster, when no backend runs.
+    pub fn stripe_at_unlocked(&self, s: usize) -> Stripe<'_> {
+        let per = self.per_stripe();
+        Stripe {
+            _guard: None,
             cells: &self.cells[s * per..(s + 1) * per],
             first: s * per,
         }
@@ -102,7 +112,7 @@ impl MemberTable {
     pub fn stripe_at(&self, s: usize) -> Stripe<'_> {
         let per = self.per_stripe();
         Stripe {
-            _guard: self.locks[s].exclusive(),
+            _guard: Some(self.locks[s].exclusive()),
             cells: &self.cells[s * per..(s + 1) * per],
             first: s * per,
         }
@@ -111,7 +121,7 @@ impl MemberTable {
 
 /// A locked stripe.
 pub struct Stripe<'a> {
-    _guard: LockGuard<'a>,
+    _guard: Option<LockGuard<'a>>,
     cells: &'a [MemberCell],
     first: usize,
 }
@@ -163,8 +173,25 @@ impl<'a> Stripe<'a> {
 
     /// Finds the entry of a user, or makes one (a guest with nothing used).
     pub fn find_or_insert(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> usize {
+        self.try_insert(sh, hash, pool_slot, today).unwrap_or_else(|| {
+            let n = self.cells.len();
+            errors::error(
+                Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                "too many pool members for pg_keypool's shared memory",
+            )
+            .detail(format!(
+                "A stripe of {n} entries is full (pg_keypool.max_members = {}).",
+                n * STRIPES
+            ))
+            .hint("Raise pg_keypool.max_members in postgresql.conf and restart the server.")
+            .raise()
+        })
+    }
+
+    /// Finds the entry of a user, or makes one; `None` when the stripe is full.
+    pub fn try_insert(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> Option<usize> {
         if let Some(i) = self.find(sh, hash, pool_slot) {
-            return i;
+            return Some(i);
         }
         let gen = sh.pool(pool_slot).members_gen.load(Ordering::Acquire);
         let n = self.cells.len();
@@ -185,19 +212,10 @@ impl<'a> Stripe<'a> {
                     used: 0,
                     share: 0,
                 };
-                return i;
+                return Some(i);
             }
         }
-        errors::error(
-            Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            "too many pool members for pg_keypool's shared memory",
-        )
-        .detail(format!(
-            "A stripe of {n} entries is full (pg_keypool.max_members = {}).",
-            n * STRIPES
-        ))
-        .hint("Raise pg_keypool.max_members in postgresql.conf and restart the server.")
-        .raise()
+        None
     }
 }
 

@@ -14,6 +14,11 @@
 //!
 //! Right after restoring, the file is rewritten as not clean, so that a crash soon after start
 //! never restores the older clean state.
+//!
+//! The clean save also holds what each pool member used of their share today, so that a clean
+//! restart changes nothing for users; periodic saves leave it out (it can be large), so after a
+//! crash users' counts for the day start again. Provider limits are not affected: they are the
+//! scopes', restored as above.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -24,13 +29,15 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::clock;
+use crate::members::STRIPES;
+use crate::shares::NEVER;
 use crate::shmem::{self, Owner, Shared, COUNTERS};
-use crate::window::codec::{get_i64, get_u32, get_u64, put_i64, put_u32, put_u64};
+use crate::window::codec::{get_i32, get_i64, get_u32, get_u64, put_i32, put_i64, put_u32, put_u64};
 use crate::window::ScopeWindows;
 
 const FILE: &str = "pg_keypool.state";
 const MAGIC: u64 = 0x5354_4154_454b_5031; // "KPSTATE1"
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 fn path() -> PathBuf {
     let dir = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
@@ -43,6 +50,18 @@ struct ScopeRecord {
     cooling_until_ms: i64,
     cooling_reason: u32,
     windows: ScopeWindows,
+}
+
+/// A member's use of their share today.
+struct MemberRecord {
+    owner: Owner,
+    pool_id: i64,
+    hash: u64,
+    key_id: i64,
+    last_active: i32,
+    day: i32,
+    used: u64,
+    share: u64,
 }
 
 struct KeyRecord {
@@ -92,6 +111,49 @@ fn encode(sh: &Shared, clean: bool, lock: bool, now_ms: i64) -> Vec<u8> {
             put_i64(&mut out, c.load(Ordering::Acquire));
         }
     }
+    let members = if clean { members_of_today(sh) } else { Vec::new() };
+    put_u32(&mut out, members.len() as u32);
+    for m in members {
+        put_u32(&mut out, m.owner.dboid);
+        put_i64(&mut out, m.owner.instance);
+        put_i64(&mut out, m.pool_id);
+        put_u64(&mut out, m.hash);
+        put_i64(&mut out, m.key_id);
+        put_i32(&mut out, m.last_active);
+        put_i32(&mut out, m.day);
+        put_u64(&mut out, m.used);
+        put_u64(&mut out, m.share);
+    }
+    out
+}
+
+/// Members of loaded pools that reserved on some day (guests are left out). Only called when
+/// no backend runs, so no lock is taken.
+fn members_of_today(sh: &Shared) -> Vec<MemberRecord> {
+    let mut out = Vec::new();
+    for s in 0..STRIPES {
+        let stripe = sh.members.stripe_at_unlocked(s);
+        for i in 0..stripe.len() {
+            let m = stripe.at(i);
+            if m.hash == 0 || !m.is_member() || m.day == NEVER || (m.pool_slot as usize) >= sh.pools.len() {
+                continue;
+            }
+            let pool = sh.pool(m.pool_slot);
+            if pool.tag.is_free() || pool.members_gen.load(Ordering::Acquire) != m.pool_gen {
+                continue;
+            }
+            out.push(MemberRecord {
+                owner: pool.tag.owner(),
+                pool_id: pool.tag.id(),
+                hash: m.hash,
+                key_id: m.key_id,
+                last_active: m.last_active,
+                day: m.day,
+                used: m.used,
+                share: m.share,
+            });
+        }
+    }
     out
 }
 
@@ -100,6 +162,7 @@ struct Decoded {
     saved_ms: i64,
     scopes: Vec<ScopeRecord>,
     keys: Vec<KeyRecord>,
+    members: Vec<MemberRecord>,
 }
 
 fn decode(mut input: &[u8]) -> Option<Decoded> {
@@ -142,11 +205,29 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
         }
         keys.push(k);
     }
+    let n = get_u32(i)? as usize;
+    let mut members = Vec::with_capacity(n.min(1 << 22));
+    for _ in 0..n {
+        members.push(MemberRecord {
+            owner: Owner {
+                dboid: get_u32(i)?,
+                instance: get_i64(i)?,
+            },
+            pool_id: get_i64(i)?,
+            hash: get_u64(i)?,
+            key_id: get_i64(i)?,
+            last_active: get_i32(i)?,
+            day: get_i32(i)?,
+            used: get_u64(i)?,
+            share: get_u64(i)?,
+        });
+    }
     i.is_empty().then_some(Decoded {
         clean,
         saved_ms,
         scopes,
         keys,
+        members,
     })
 }
 
@@ -226,6 +307,9 @@ pub fn restore_at_startup() {
         }
         slot.tag.set(r.owner, r.id);
     }
+    if state.clean {
+        restore_members(sh, &state.members);
+    }
     if state.scopes.len() > sh.scopes.len() || state.keys.len() > sh.keys.len() {
         warning!("pg_keypool: {FILE} holds more scopes or keys than pg_keypool.max_scopes / max_keys allow; the rest start empty");
     }
@@ -243,6 +327,33 @@ pub fn restore_at_startup() {
     );
     if let Err(e) = write_file(&encode(sh, false, false, now)) {
         warning!("pg_keypool: could not rewrite {FILE}: {e}");
+    }
+}
+
+/// Puts members' usage of the day back; their pools' slots are bound to them here, and the rest
+/// of each pool's members come from its table when it is first used (assign.rs keeps this usage).
+fn restore_members(sh: &Shared, records: &[MemberRecord]) {
+    for r in records {
+        let slot = match sh.pools.iter().position(|p| p.tag.is(r.owner, r.pool_id)) {
+            Some(i) => i,
+            None => match sh.pools.iter().position(|p| p.tag.is_free()) {
+                Some(i) => {
+                    sh.pools[i].tag.set(r.owner, r.pool_id);
+                    i
+                }
+                None => continue,
+            },
+        } as u32;
+        let stripe = sh.members.stripe_at_unlocked((r.hash % STRIPES as u64) as usize);
+        let Some(i) = stripe.try_insert(sh, r.hash, slot, r.day) else {
+            continue;
+        };
+        let m = stripe.at(i);
+        m.key_id = r.key_id;
+        m.last_active = r.last_active;
+        m.day = r.day;
+        m.used = r.used;
+        m.share = r.share;
     }
 }
 

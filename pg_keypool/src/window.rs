@@ -464,6 +464,10 @@ pub mod codec {
         out.extend_from_slice(&v.to_le_bytes());
     }
 
+    pub fn put_i32(out: &mut Vec<u8>, v: i32) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+
     fn take<const N: usize>(input: &mut &[u8]) -> Option<[u8; N]> {
         if input.len() < N {
             return None;
@@ -483,6 +487,10 @@ pub mod codec {
 
     pub fn get_u32(input: &mut &[u8]) -> Option<u32> {
         take::<4>(input).map(u32::from_le_bytes)
+    }
+
+    pub fn get_i32(input: &mut &[u8]) -> Option<i32> {
+        take::<4>(input).map(i32::from_le_bytes)
     }
 
     impl ScopeWindows {

@@ -164,3 +164,65 @@ async fn without_preloading_the_extension_installs_and_reserving_fails_cleanly()
     let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 }
+
+#[tokio::test]
+async fn members_their_keys_and_their_activity_survive_a_restart() {
+    let cluster = Cluster::start("members-restart", &[]);
+    let client = cluster.connect("postgres").await;
+    exec(
+        &client,
+        &format!(
+            "CREATE EXTENSION pg_keypool;
+             SELECT keypool_create_pool('p', active_window => '7 days', timezone => '{}');
+             SELECT keypool_add_key('p', 'openai', 'sk-members-key-' || i || '-00000', rpd => 1000) FROM generate_series(1, 3) i;
+             SELECT keypool_assign('user-' || i, 'p') FROM generate_series(1, 10) i;
+             SELECT keypool_set_user_weight('user-1', 'p', 3);",
+            zone_at_noon()
+        ),
+    )
+    .await;
+    // Four members are active today: they, and only they, share the capacity.
+    for u in ["user-1", "user-2", "user-3", "user-4"] {
+        let row = client
+            .query_one("SELECT granted FROM keypool_reserve($1, 'p')", &[&u])
+            .await
+            .unwrap();
+        assert!(row.get::<_, bool>(0));
+    }
+    exec(&client, "SELECT keypool_flush()").await;
+    let before = pool_state(&client).await;
+    assert_eq!(before.1, 4, "counted users before the restart");
+    // user-1 (weight 3) came first: its share was fixed at the whole capacity, and it used one.
+    assert_eq!(before.3, (Some(3000), 1));
+    drop(client);
+    cluster.restart();
+    let client = cluster.connect("postgres").await;
+    assert_eq!(
+        pool_state(&client).await,
+        before,
+        "users per key, counted users and shares after the restart"
+    );
+}
+
+/// (users per key, counted users, share of a new weight-1 user, share and use today of user-1).
+async fn pool_state(client: &Client) -> (Vec<i64>, i64, Option<i64>, (Option<i64>, i64)) {
+    let users: Vec<i64> = client
+        .query("SELECT users FROM keypool_keys ORDER BY key_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let row = client
+        .query_one("SELECT counted_users, share_per_user FROM keypool_pool_stats", &[])
+        .await
+        .unwrap();
+    let user_1 = client
+        .query_one(
+            "SELECT allocated_today, used_today FROM keypool_allocation('user-1', 'p')",
+            &[],
+        )
+        .await
+        .unwrap();
+    (users, row.get(0), row.get(1), (user_1.get(0), user_1.get(1)))
+}

@@ -44,6 +44,11 @@ CREATE TRIGGER signup BEFORE INSERT ON profiles_int
     FOR EACH ROW EXECUTE FUNCTION keypool_on_signup('grok', 'id', 'grp');
 INSERT INTO profiles_int VALUES (42, NULL), (43, 99);
 SELECT * FROM profiles_int ORDER BY id;
+CREATE TABLE profiles_int4 (id integer PRIMARY KEY, grp bigint);
+CREATE TRIGGER signup BEFORE INSERT ON profiles_int4
+    FOR EACH ROW EXECUTE FUNCTION keypool_on_signup('grok', 'id', 'grp');
+INSERT INTO profiles_int4 VALUES (700, NULL);
+SELECT * FROM profiles_int4;
 CREATE TABLE profiles_text (handle text, team int);
 CREATE TRIGGER signup AFTER INSERT ON profiles_text
     FOR EACH ROW EXECUTE FUNCTION keypool_on_signup('grok', 'handle');
