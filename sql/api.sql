@@ -162,12 +162,14 @@ COMMENT ON FUNCTION keypool_allocation(text, text) IS
 COMMENT ON FUNCTION keypool_can_request(text, text) IS
     'Whether a reservation by the user would now pass the quota check (changes nothing)';
 COMMENT ON FUNCTION keypool.pool_state() IS 'Internal: how every pool shares its capacity (for keypool_pool_stats)';
-COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text) IS
+COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer) IS
     'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; returns the key id';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint) IS
     'Reserves one request and est_tokens on a key with room now; refusals are rows (POOL_EXHAUSTED, NO_KEYS)';
 COMMENT ON FUNCTION keypool_settle(bigint, integer, bigint, bigint, bigint, text) IS
     'Records a provider call''s outcome: settles tokens to the actual count, cools, disables or trips keys; returns the outcome class';
+COMMENT ON FUNCTION keypool_classify(integer, text) IS
+    'The outcome class keypool_settle would record for an HTTP status and provider error code (changes nothing)';
 COMMENT ON FUNCTION keypool_release(bigint) IS
     'Gives back a reservation whose call was never sent';
 COMMENT ON FUNCTION keypool_disable_key(bigint, text) IS
@@ -203,10 +205,11 @@ REVOKE ALL ON FUNCTION
     keypool_allocation(text, text),
     keypool_can_request(text, text),
     keypool.pool_state(),
-    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text),
+    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer),
     keypool_reserve(text, text, bigint),
     keypool_settle(bigint, integer, bigint, bigint, bigint, text),
     keypool_release(bigint),
+    keypool_classify(integer, text),
     keypool_disable_key(bigint, text),
     keypool_enable_key(bigint),
     keypool_flush(),

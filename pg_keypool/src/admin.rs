@@ -242,6 +242,7 @@ fn keypool_add_key(
     tpd: default!(Option<i64>, "NULL"),
     base_url: default!(Option<&str>, "NULL"),
     timezone: default!(Option<&str>, "NULL"),
+    group_no: default!(Option<i32>, "NULL"),
 ) -> i64 {
     let pool = required("pool", pool, MAX_NAME);
     let provider_name = required("provider", provider, MAX_NAME);
@@ -273,6 +274,11 @@ fn keypool_add_key(
             errors::invalid(format!("unknown time zone \"{z}\""))
                 .hint("Use an IANA name such as UTC or America/Los_Angeles.")
                 .raise();
+        }
+    }
+    if let Some(g) = group_no {
+        if !(1..=1_000_000).contains(&g) {
+            errors::invalid(format!("group_no must be between 1 and 1000000, not {g}")).raise();
         }
     }
     let digest = secret::digest(secret);
@@ -377,11 +383,27 @@ fn keypool_add_key(
                     })
             }
         };
+        // A group number asked for must be free: apps store it (seed 004's api_key_group).
+        if let Some(g) = group_no {
+            let holder: Option<i64> = one(
+                client,
+                "SELECT id FROM keypool.key WHERE pool_id = $1 AND group_no = $2",
+                &[pool_id.into(), g.into()],
+            );
+            if let Some(holder) = holder {
+                errors::error(
+                    Code::ERRCODE_UNIQUE_VIOLATION,
+                    format!("group {g} of pool \"{pool}\" belongs to key {holder}"),
+                )
+                .hint("Leave group_no NULL to take the next free number.")
+                .raise();
+            }
+        }
         let key_id: Option<i64> = one(
             client,
             "INSERT INTO keypool.key (pool_id, scope_id, provider, model, base_url, secret, secret_sha256, label, group_no)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-                     (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $1))
+                     coalesce($9, (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $1)))
              ON CONFLICT (pool_id, secret_sha256) DO NOTHING
              RETURNING id",
             &[
@@ -393,6 +415,7 @@ fn keypool_add_key(
                 secret.into(),
                 digest.clone().into(),
                 label.as_str().into(),
+                group_no.into(),
             ],
         );
         let key_id = match key_id {

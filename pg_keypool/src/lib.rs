@@ -48,6 +48,7 @@ pub mod window;
 
 extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../../sql/api.sql", name = "api", finalize);
+extension_sql_file!("../../sql/queue.sql", name = "queue", requires = ["schema"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

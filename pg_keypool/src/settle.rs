@@ -175,6 +175,16 @@ fn keypool_settle(
     outcome.as_str().to_string()
 }
 
+/// `keypool_classify`: what `keypool_settle` would make of a provider answer, without settling
+/// anything (the worker's `validate` uses it, so that the rules live only here).
+#[pg_extern(immutable, parallel_safe)]
+fn keypool_classify(status: Option<i32>, error_code: default!(Option<&str>, "NULL")) -> String {
+    let Some(status) = status else {
+        errors::null_argument("status").raise()
+    };
+    classify(status, error_code).as_str().to_string()
+}
+
 /// A human-readable reason such as `HTTP 401 invalid_api_key`, never containing the secret.
 fn reason(cfg: &Config, key_id: i64, status: i32, error_code: Option<&str>) -> String {
     let mut text = if status == 0 {

@@ -1,14 +1,55 @@
-//! keypool-worker: reserves capacity through pg_keypool's SQL API, calls providers, and settles
-//! the outcome. The provider calls, the OpenAI-compatible endpoint and the SQL request queue
-//! arrive with the worker issue; policy never lives here.
+//! keypool-worker's command line; see the library's modules for what each command does.
 
-fn main() {
-    let version = env!("CARGO_PKG_VERSION");
-    match std::env::args().nth(1).as_deref() {
-        Some("--version") | Some("-V") => println!("keypool-worker {version}"),
-        _ => {
-            eprintln!("keypool-worker {version}: no subcommands yet (see README)");
-            std::process::exit(2);
+use std::process::ExitCode;
+
+use clap::Parser;
+use keypool_worker::config::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(cli: &Cli) -> Result<(), String> {
+    let filter = EnvFilter::try_new(&cli.log).map_err(|e| format!("KEYPOOL_LOG / --log \"{}\": {e}", cli.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("keypool-worker: {e}");
+        return ExitCode::from(2);
+    }
+    if let Command::Serve(args) = &cli.command {
+        if let Err(e) = args.validate() {
+            eprintln!("keypool-worker serve: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keypool-worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => keypool_worker::serve::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::ImportEnv(args) => keypool_worker::import_env::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Validate(args) => keypool_worker::validate::run(args).await,
+            Command::MockProvider(args) => keypool_worker::mock::run(args).await.map(|_| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keypool-worker: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,425 @@
+//! The worker's side of pg_keypool's SQL API: a connection pool, `keypool_reserve`,
+//! `keypool_settle` (at once when the worker needs the outcome class, batched in the background
+//! when it does not), `keypool_release`, and the check that the database has the extension
+//! version this worker was built with.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::NoTls;
+use tracing::{debug, warn};
+
+use crate::config::DbArgs;
+use crate::openai::Usage;
+use crate::providers::KeyRef;
+
+/// The pg_keypool version this worker speaks to.
+pub const EXPECTED_EXTENSION_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An error from the database, with its SQLSTATE when the server sent one.
+#[derive(Debug, Clone)]
+pub struct DbError {
+    pub sqlstate: Option<String>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.message)?;
+        if let Some(code) = &self.sqlstate {
+            write!(f, " (SQLSTATE {code})")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for DbError {}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> DbError {
+        match e.as_db_error() {
+            Some(d) => DbError {
+                sqlstate: Some(d.code().code().to_string()),
+                message: d.message().to_string(),
+                hint: d.hint().map(str::to_string),
+            },
+            None => DbError {
+                sqlstate: None,
+                message: format!("database connection: {e}"),
+                hint: None,
+            },
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> DbError {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => DbError {
+                sqlstate: None,
+                message: format!("database pool: {other}"),
+                hint: None,
+            },
+        }
+    }
+}
+
+impl DbError {
+    /// The pool (or another named object) does not exist.
+    pub fn is_undefined(&self) -> bool {
+        self.sqlstate.as_deref() == Some("42704")
+    }
+
+    /// The caller passed something the database refused (22xxx: data exceptions).
+    pub fn is_invalid_input(&self) -> bool {
+        self.sqlstate.as_deref().is_some_and(|c| c.starts_with("22"))
+    }
+}
+
+/// A user's share of the pool today, as a reservation reports it.
+#[derive(Clone, Debug, Default)]
+pub struct Allocation {
+    pub remaining_today: Option<i64>,
+    pub allocated_today: Option<i64>,
+    pub warning_level: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Grant {
+    pub reservation_id: i64,
+    pub key: KeyRef,
+    pub allocation: Allocation,
+}
+
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    /// QUOTA_EXCEEDED, POOL_EXHAUSTED or NO_KEYS.
+    pub code: String,
+    pub retry_after_ms: Option<i64>,
+    pub allocation: Allocation,
+}
+
+#[derive(Debug)]
+pub enum Reserved {
+    Granted(Grant),
+    Refused(Refusal),
+}
+
+/// What a provider call did, for `keypool_settle`.
+#[derive(Clone, Debug)]
+pub struct Settlement {
+    pub reservation_id: i64,
+    /// HTTP status; 0 when no answer came.
+    pub status: i32,
+    pub usage: Usage,
+    pub retry_after_ms: Option<i64>,
+    pub error_code: Option<String>,
+}
+
+enum SettleMsg {
+    Settle(Settlement),
+    Flush(oneshot::Sender<()>),
+}
+
+const RESERVE: &str = "SELECT granted, reservation_id, key_id, provider, model, base_url, secret, error, \
+                       retry_after_ms, key_label, remaining_today, allocated_today, warning_level \
+                       FROM keypool_reserve($1, $2, $3)";
+const SETTLE: &str = "SELECT keypool_settle($1, $2, $3, $4, $5, $6)";
+const SETTLE_MANY: &str = "SELECT keypool_settle(r, s, p, c, ra, e) \
+                           FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[]) \
+                           AS t(r, s, p, c, ra, e)";
+const RELEASE: &str = "SELECT keypool_release($1)";
+/// Most settlements sent in one statement.
+const SETTLE_BATCH: usize = 256;
+
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    config: tokio_postgres::Config,
+    settles: mpsc::UnboundedSender<SettleMsg>,
+}
+
+/// Where the worker connects, without the password.
+pub fn describe(config: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "database {} on {}:{} as {}",
+        config.get_dbname().unwrap_or("(default)"),
+        hosts.join(","),
+        port,
+        config.get_user().unwrap_or("(default)")
+    )
+}
+
+impl Db {
+    /// Connects, checks the extension, and starts the background settler.
+    pub async fn connect(args: &DbArgs) -> anyhow::Result<Db> {
+        let mut config = tokio_postgres::Config::from_str(&args.database_url)
+            .map_err(|e| anyhow::anyhow!("KEYPOOL_DATABASE_URL is not a valid PostgreSQL connection string: {e}"))?;
+        if config.get_application_name().is_none() {
+            config.application_name("keypool-worker");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(args.db_pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(15)))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up the database pool: {e}"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let db = Db {
+            pool,
+            config,
+            settles: tx,
+        };
+        let client = db
+            .client()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to the {}: {e}", describe(&db.config)))?;
+        check_extension(&client, &db.config).await?;
+        drop(client);
+        tokio::spawn(settler(db.pool.clone(), rx));
+        Ok(db)
+    }
+
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    pub async fn client(&self) -> Result<Object, DbError> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub async fn reserve(&self, user: &str, pool: &str, est_tokens: i64) -> Result<Reserved, DbError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(RESERVE).await?;
+        let row = client.query_one(&stmt, &[&user, &pool, &est_tokens]).await?;
+        let allocation = Allocation {
+            remaining_today: row.get(10),
+            allocated_today: row.get(11),
+            warning_level: row.get(12),
+        };
+        let granted: Option<bool> = row.get(0);
+        if granted == Some(true) {
+            let reservation_id: Option<i64> = row.get(1);
+            let key_id: Option<i64> = row.get(2);
+            let (Some(reservation_id), Some(key_id)) = (reservation_id, key_id) else {
+                return Err(DbError {
+                    sqlstate: None,
+                    message: "keypool_reserve granted without a reservation or key id".into(),
+                    hint: None,
+                });
+            };
+            Ok(Reserved::Granted(Grant {
+                reservation_id,
+                key: KeyRef {
+                    id: key_id,
+                    provider: row.get::<_, Option<String>>(3).unwrap_or_default(),
+                    model: row.get(4),
+                    base_url: row.get::<_, Option<String>>(5).unwrap_or_default(),
+                    secret: row.get::<_, Option<String>>(6).unwrap_or_default(),
+                    label: row.get::<_, Option<String>>(9).unwrap_or_default(),
+                },
+                allocation,
+            }))
+        } else {
+            Ok(Reserved::Refused(Refusal {
+                code: row.get::<_, Option<String>>(7).unwrap_or_else(|| "REFUSED".into()),
+                retry_after_ms: row.get(8),
+                allocation,
+            }))
+        }
+    }
+
+    /// Settles now and returns the outcome class (`success`, `rate_limited`, `key_invalid` ...).
+    pub async fn settle(&self, s: &Settlement) -> Result<String, DbError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(SETTLE).await?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &s.reservation_id,
+                    &s.status,
+                    &s.usage.prompt_tokens,
+                    &s.usage.completion_tokens,
+                    &s.retry_after_ms,
+                    &s.error_code,
+                ],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Settles in the background, batched with other settlements; for answers whose outcome
+    /// the worker does not need (successes).
+    pub fn settle_later(&self, s: Settlement) {
+        if let Err(mpsc::error::SendError(SettleMsg::Settle(s))) = self.settles.send(SettleMsg::Settle(s)) {
+            warn!(
+                reservation = s.reservation_id,
+                "settler stopped; reservation stays open until its lease"
+            );
+        }
+    }
+
+    /// Waits until every settlement handed to [`Db::settle_later`] so far has been sent.
+    pub async fn flush_settlements(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.settles.send(SettleMsg::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Gives back a reservation whose call was never sent.
+    pub async fn release(&self, reservation_id: i64) -> Result<(), DbError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(RELEASE).await?;
+        client.execute(&stmt, &[&reservation_id]).await?;
+        Ok(())
+    }
+}
+
+async fn check_extension(client: &Object, config: &tokio_postgres::Config) -> anyhow::Result<()> {
+    let row = client
+        .query_opt("SELECT extversion FROM pg_extension WHERE extname = 'pg_keypool'", &[])
+        .await
+        .map_err(DbError::from)?;
+    let Some(row) = row else {
+        anyhow::bail!(
+            "pg_keypool is not installed in the {}: run CREATE EXTENSION pg_keypool there \
+             (the server must have shared_preload_libraries = 'pg_keypool')",
+            describe(config)
+        );
+    };
+    let version: String = row.get(0);
+    if version != EXPECTED_EXTENSION_VERSION {
+        warn!(
+            database_version = %version,
+            worker_version = EXPECTED_EXTENSION_VERSION,
+            "the database has pg_keypool {version} but this worker was built for {EXPECTED_EXTENSION_VERSION}; \
+             upgrade one of them (ALTER EXTENSION pg_keypool UPDATE, or a matching worker)"
+        );
+    }
+    Ok(())
+}
+
+/// Sends settlements in batches: whatever queued up while the previous batch was in flight
+/// goes in the next statement.
+async fn settler(pool: Pool, mut rx: mpsc::UnboundedReceiver<SettleMsg>) {
+    let mut batch: Vec<Settlement> = Vec::with_capacity(SETTLE_BATCH);
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                SettleMsg::Settle(s) => batch.push(s),
+                SettleMsg::Flush(done) => flushes.push(done),
+            }
+            if batch.len() >= SETTLE_BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !batch.is_empty() {
+            send_batch(&pool, &batch).await;
+            batch.clear();
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn send_batch(pool: &Pool, batch: &[Settlement]) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match try_batch(pool, batch).await {
+            Ok(()) => return,
+            // One settlement the server refused (say, a reservation that expired): the others
+            // before it went through; settle one by one so that each error is reported alone.
+            Err(e) if e.sqlstate.is_some() => {
+                debug!(error = %e, "batched settle failed; settling one by one");
+                for s in batch {
+                    if let Err(e) = settle_one(pool, s).await {
+                        if e.sqlstate.as_deref() == Some("55000") && e.message.contains("already settled") {
+                            continue;
+                        }
+                        warn!(reservation = s.reservation_id, error = %e, "settle failed");
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                warn!(attempt, error = %e, settlements = batch.len(), "cannot reach the database to settle; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    warn!(
+        settlements = batch.len(),
+        "gave up settling; those reservations stay charged at their estimate until pg_keypool.lease"
+    );
+}
+
+async fn try_batch(pool: &Pool, batch: &[Settlement]) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    if batch.len() == 1 {
+        let stmt = client.prepare_cached(SETTLE).await?;
+        let s = &batch[0];
+        client
+            .query_one(
+                &stmt,
+                &[
+                    &s.reservation_id,
+                    &s.status,
+                    &s.usage.prompt_tokens,
+                    &s.usage.completion_tokens,
+                    &s.retry_after_ms,
+                    &s.error_code,
+                ],
+            )
+            .await?;
+        return Ok(());
+    }
+    let stmt = client.prepare_cached(SETTLE_MANY).await?;
+    let ids: Vec<i64> = batch.iter().map(|s| s.reservation_id).collect();
+    let statuses: Vec<i32> = batch.iter().map(|s| s.status).collect();
+    let prompts: Vec<i64> = batch.iter().map(|s| s.usage.prompt_tokens).collect();
+    let completions: Vec<i64> = batch.iter().map(|s| s.usage.completion_tokens).collect();
+    let retries: Vec<Option<i64>> = batch.iter().map(|s| s.retry_after_ms).collect();
+    let codes: Vec<Option<&str>> = batch.iter().map(|s| s.error_code.as_deref()).collect();
+    client
+        .query(&stmt, &[&ids, &statuses, &prompts, &completions, &retries, &codes])
+        .await?;
+    Ok(())
+}
+
+async fn settle_one(pool: &Pool, s: &Settlement) -> Result<(), DbError> {
+    try_batch(pool, std::slice::from_ref(s)).await
+}

@@ -1,0 +1,29 @@
+//! keypool-worker: the hands of pg_keypool. It reserves capacity through the extension's SQL
+//! API, calls the granted key's provider, and settles what happened; the extension decides
+//! everything else (limits, fairness, cooldowns, which errors disable a key).
+//!
+//! Modules, by concept:
+//! - `config`, `duration`: the command line and its environment mirrors
+//! - `db`: the SQL API (reserve, settle, release) over a connection pool
+//! - `openai`, `sse`: OpenAI's chat wire format and server-sent events
+//! - `providers`: one module per provider wire format
+//! - `gateway`: one request's reserve → call → settle → retry
+//! - `server`: the OpenAI-compatible HTTP endpoint; `queue`: the SQL request queue's consumer;
+//!   `serve`: both, with heartbeats and graceful shutdown
+//! - `import_env`, `validate`: key management commands; `mock`: the mock provider
+//! - `secret`: masking
+
+pub mod config;
+pub mod db;
+pub mod duration;
+pub mod gateway;
+pub mod import_env;
+pub mod mock;
+pub mod openai;
+pub mod providers;
+pub mod queue;
+pub mod secret;
+pub mod serve;
+pub mod server;
+pub mod sse;
+pub mod validate;

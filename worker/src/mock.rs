@@ -1,0 +1,752 @@
+//! `keypool-worker mock-provider`: a local stand-in for OpenAI, Gemini, Anthropic and a SERP-like
+//! API, so that the demo, the tests and the benchmarks run without any real provider.
+//!
+//! Answers are deterministic: the reply is the first `min(reply_words, max_tokens)` words of a
+//! fixed text, completion tokens are its word count, prompt tokens are the prompt's characters
+//! divided by four (rounded up). Streams send one event per word.
+//!
+//! Failures, by the key's secret (always on): a secret containing `invalid` is rejected (401, or
+//! Gemini's 400 API_KEY_INVALID), `ratelimited` gets 429 with a retry delay, `daily` a per-day
+//! quota 429, `broke` a billing error, `down` a 503, `hang` no answer at all. And injected at
+//! run time through the control API:
+//!
+//! - `POST /_mock/faults` `{"match": "<part of a secret, or *>", "fault": "429" | "daily" |
+//!   "401" | "billing" | "500" | "503" | "529" | "hang", "times": <n, default unlimited>,
+//!   "retry_after_s": <seconds, default 30>}`
+//! - `DELETE /_mock/faults`, `POST /_mock/reset` (faults and counters)
+//! - `GET /_mock/stats`: requests in total and per key (masked), `GET /_mock/requests`: the last
+//!   100 requests (path, wire, masked key, body)
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::config::MockArgs;
+use crate::secret::mask;
+
+const WORDS: &[&str] = &[
+    "This",
+    "is",
+    "a",
+    "mock",
+    "reply",
+    "from",
+    "the",
+    "pg_keypool",
+    "mock",
+    "provider,",
+    "with",
+    "words",
+    "that",
+    "never",
+    "change",
+    "so",
+    "that",
+    "tests",
+    "can",
+    "count",
+    "every",
+    "token",
+    "they",
+    "settle.",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    OpenAi,
+    Gemini,
+    Anthropic,
+    Serp,
+}
+
+impl Wire {
+    fn name(self) -> &'static str {
+        match self {
+            Wire::OpenAi => "openai",
+            Wire::Gemini => "gemini",
+            Wire::Anthropic => "anthropic",
+            Wire::Serp => "serp",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FaultKind {
+    RateLimited,
+    DailyQuota,
+    InvalidKey,
+    Billing,
+    Status(u16),
+    Hang,
+}
+
+impl FaultKind {
+    fn parse(s: &str) -> Option<FaultKind> {
+        Some(match s {
+            "429" | "rate_limit" | "rate_limited" => FaultKind::RateLimited,
+            "daily" | "daily_quota" => FaultKind::DailyQuota,
+            "401" | "invalid" | "invalid_key" => FaultKind::InvalidKey,
+            "billing" | "402" => FaultKind::Billing,
+            "hang" => FaultKind::Hang,
+            n => match n.parse::<u16>() {
+                Ok(code) if (500..600).contains(&code) => FaultKind::Status(code),
+                _ => return None,
+            },
+        })
+    }
+}
+
+struct Fault {
+    matches: String,
+    kind: FaultKind,
+    remaining: Option<u64>,
+    retry_after_s: f64,
+}
+
+struct Mock {
+    latency: Duration,
+    stream_delay: Duration,
+    reply_words: usize,
+    faults: Mutex<Vec<Fault>>,
+    requests: AtomicU64,
+    by_key: Mutex<HashMap<String, u64>>,
+    recent: Mutex<VecDeque<Value>>,
+}
+
+type Shared = Arc<Mock>;
+
+impl Mock {
+    /// Counts the request and says which failure, if any, it gets.
+    fn admit(&self, wire: Wire, path: &str, secret: &str, body: &Value) -> Option<(FaultKind, f64)> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let label = mask(secret);
+        if let Ok(mut m) = self.by_key.lock() {
+            *m.entry(label.clone()).or_default() += 1;
+        }
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() >= 100 {
+                r.pop_front();
+            }
+            r.push_back(json!({"wire": wire.name(), "path": path, "key": label, "body": body}));
+        }
+        for (pattern, kind) in [
+            ("invalid", FaultKind::InvalidKey),
+            ("ratelimited", FaultKind::RateLimited),
+            ("daily", FaultKind::DailyQuota),
+            ("broke", FaultKind::Billing),
+            ("down", FaultKind::Status(503)),
+            ("hang", FaultKind::Hang),
+        ] {
+            if secret.contains(pattern) {
+                return Some((kind, 30.0));
+            }
+        }
+        let mut faults = self.faults.lock().ok()?;
+        let i = faults
+            .iter()
+            .position(|f| f.remaining != Some(0) && (f.matches == "*" || secret.contains(&f.matches)))?;
+        let f = &mut faults[i];
+        if let Some(n) = f.remaining.as_mut() {
+            *n -= 1;
+        }
+        Some((f.kind, f.retry_after_s))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+fn text_of(v: Option<&Value>) -> String {
+    crate::openai::text_of(v)
+}
+
+fn prompt_tokens(chars: usize) -> i64 {
+    ((chars as i64) + 3) / 4
+}
+
+/// The reply's words for a request allowing `max_tokens`.
+fn reply(words: usize, max_tokens: Option<u64>) -> (Vec<&'static str>, bool) {
+    let n = words
+        .min(max_tokens.unwrap_or(u64::MAX).min(usize::MAX as u64) as usize)
+        .max(1);
+    let out: Vec<&str> = WORDS.iter().cycle().take(n).copied().collect();
+    (out, n < words)
+}
+
+fn piece(words: &[&str], i: usize) -> String {
+    if i + 1 < words.len() {
+        format!("{} ", words[i])
+    } else {
+        words[i].to_string()
+    }
+}
+
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+fn sse_body(events: Vec<String>, delay: Duration) -> Response {
+    let stream = futures_util::stream::unfold((events.into_iter(), delay, true), |(mut it, delay, first)| async move {
+        let next = it.next()?;
+        if !first {
+            pause(delay).await;
+        }
+        Some((Ok::<_, std::io::Error>(Bytes::from(next)), (it, delay, false)))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut()
+        .insert("content-type", "text/event-stream".parse().expect("static header"));
+    resp
+}
+
+fn failure(wire: Wire, kind: FaultKind, retry_after_s: f64, secret: &str) -> Response {
+    let retry = format!("{retry_after_s}");
+    let (status, body, retry_header): (u16, Value, bool) = match (wire, kind) {
+        (_, FaultKind::Hang) => unreachable!("handled by the caller"),
+        (Wire::OpenAi, FaultKind::RateLimited) | (Wire::OpenAi, FaultKind::DailyQuota) => (
+            429,
+            json!({"error": {"message": "Rate limit reached for requests", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}),
+            true,
+        ),
+        (Wire::OpenAi, FaultKind::InvalidKey) => (
+            401,
+            json!({"error": {"message": format!("Incorrect API key provided: {secret}."), "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}),
+            false,
+        ),
+        (Wire::OpenAi, FaultKind::Billing) => (
+            429,
+            json!({"error": {"message": "You exceeded your current quota, please check your plan and billing details.", "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}}),
+            false,
+        ),
+        (Wire::OpenAi, FaultKind::Status(s)) => (
+            s,
+            json!({"error": {"message": "The server is overloaded or not ready yet.", "type": "server_error", "param": null, "code": null}}),
+            false,
+        ),
+        (Wire::Gemini, FaultKind::RateLimited) | (Wire::Gemini, FaultKind::DailyQuota) => {
+            let quota = if kind == FaultKind::DailyQuota {
+                "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+            } else {
+                "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+            };
+            (
+                429,
+                json!({"error": {"code": 429, "message": "You exceeded your current quota.", "status": "RESOURCE_EXHAUSTED",
+                "details": [
+                    {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests", "quotaId": quota}]},
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": format!("{retry}s")}
+                ]}}),
+                false,
+            )
+        }
+        (Wire::Gemini, FaultKind::InvalidKey) => (
+            400,
+            json!({"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT",
+                "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}}),
+            false,
+        ),
+        (Wire::Gemini, FaultKind::Billing) => (
+            400,
+            json!({"error": {"code": 400, "message": "User location is not supported for the API use without a billing account linked.", "status": "FAILED_PRECONDITION"}}),
+            false,
+        ),
+        (Wire::Gemini, FaultKind::Status(s)) => (
+            s,
+            json!({"error": {"code": s, "message": "The model is overloaded. Please try again later.", "status": "UNAVAILABLE"}}),
+            false,
+        ),
+        (Wire::Anthropic, FaultKind::RateLimited) | (Wire::Anthropic, FaultKind::DailyQuota) => (
+            429,
+            json!({"type": "error", "error": {"type": "rate_limit_error", "message": "Number of requests has exceeded your rate limit."}}),
+            true,
+        ),
+        (Wire::Anthropic, FaultKind::InvalidKey) => (
+            401,
+            json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
+            false,
+        ),
+        (Wire::Anthropic, FaultKind::Billing) => (
+            402,
+            json!({"type": "error", "error": {"type": "billing_error", "message": "Your credit balance is too low."}}),
+            false,
+        ),
+        (Wire::Anthropic, FaultKind::Status(s)) => (
+            s,
+            json!({"type": "error", "error": {"type": if s == 529 { "overloaded_error" } else { "api_error" }, "message": "Overloaded"}}),
+            false,
+        ),
+        (Wire::Serp, FaultKind::RateLimited) | (Wire::Serp, FaultKind::DailyQuota) => {
+            (429, json!({"error": "Your account has run out of searches."}), true)
+        }
+        (Wire::Serp, FaultKind::InvalidKey) => (401, json!({"error": "Invalid API key."}), false),
+        (Wire::Serp, FaultKind::Billing) => (402, json!({"error": "Payment required."}), false),
+        (Wire::Serp, FaultKind::Status(s)) => (s, json!({"error": "Internal error."}), false),
+    };
+    let mut resp = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(body),
+    )
+        .into_response();
+    if retry_header {
+        if let Ok(v) = retry.parse() {
+            resp.headers_mut().insert("retry-after", v);
+        }
+        if wire == Wire::OpenAi {
+            if let Ok(v) = format!("{retry}s").parse() {
+                resp.headers_mut().insert("x-ratelimit-reset-requests", v);
+            }
+        }
+    }
+    resp
+}
+
+fn missing_key(wire: Wire) -> Response {
+    failure(wire, FaultKind::InvalidKey, 0.0, "")
+}
+
+/// Common start of every provider call: latency, counting, faults.
+async fn start(mock: &Mock, wire: Wire, path: &str, secret: Option<String>, body: &Value) -> Result<String, Response> {
+    pause(mock.latency).await;
+    let Some(secret) = secret.filter(|s| !s.is_empty()) else {
+        mock.requests.fetch_add(1, Ordering::Relaxed);
+        return Err(missing_key(wire));
+    };
+    if let Some((kind, retry)) = mock.admit(wire, path, &secret, body) {
+        if kind == FaultKind::Hang {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        return Err(failure(wire, kind, retry, &secret));
+    }
+    Ok(secret)
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, Response> {
+    serde_json::from_slice(body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"message": format!("invalid JSON: {e}"), "type": "invalid_request_error", "code": null}})),
+        )
+            .into_response()
+    })
+}
+
+async fn openai_chat(State(mock): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Err(r) = start(&mock, Wire::OpenAi, "/v1/chat/completions", bearer(&headers), &req).await {
+        return r;
+    }
+    let Some(messages) = req.get("messages").and_then(Value::as_array) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"message": "'messages' is a required property", "type": "invalid_request_error", "param": "messages", "code": null}})),
+        )
+            .into_response();
+    };
+    let chars: usize = messages.iter().map(|m| text_of(m.get("content")).chars().count()).sum();
+    let prompt = prompt_tokens(chars);
+    let max = req
+        .get("max_completion_tokens")
+        .or(req.get("max_tokens"))
+        .and_then(Value::as_u64);
+    let (words, cut) = reply(mock.reply_words, max);
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-model")
+        .to_string();
+    let finish = if cut { "length" } else { "stop" };
+    let id = format!("chatcmpl-mock{}", mock.requests.load(Ordering::Relaxed));
+    let usage =
+        json!({"prompt_tokens": prompt, "completion_tokens": words.len(), "total_tokens": prompt + words.len() as i64});
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        let chunk = |delta: Value, finish: Option<&str>| {
+            format!(
+                "data: {}\n\n",
+                json!({"id": id, "object": "chat.completion.chunk", "created": 1, "model": model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            )
+        };
+        let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
+        for i in 0..words.len() {
+            events.push(chunk(json!({"content": piece(&words, i)}), None));
+        }
+        events.push(chunk(json!({}), Some(finish)));
+        let include_usage = req
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true);
+        if include_usage {
+            events.push(format!(
+                "data: {}\n\n",
+                json!({"id": id, "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [], "usage": usage})
+            ));
+        }
+        events.push("data: [DONE]\n\n".into());
+        return sse_body(events, mock.stream_delay);
+    }
+    let text: String = words.join(" ");
+    Json(json!({
+        "id": id, "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": usage,
+    }))
+    .into_response()
+}
+
+async fn models(State(mock): State<Shared>, headers: HeaderMap) -> Response {
+    if let Some(key) = header(&headers, "x-api-key") {
+        if let Err(r) = start(&mock, Wire::Anthropic, "/v1/models", Some(key), &Value::Null).await {
+            return r;
+        }
+        return Json(json!({"data": [{"type": "model", "id": "claude-sonnet-4-5", "display_name": "Claude Sonnet 4.5"}], "has_more": false}))
+            .into_response();
+    }
+    if let Err(r) = start(&mock, Wire::OpenAi, "/v1/models", bearer(&headers), &Value::Null).await {
+        return r;
+    }
+    Json(json!({"object": "list", "data": [
+        {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "mock"},
+        {"id": "grok-3", "object": "model", "created": 0, "owned_by": "mock"}
+    ]}))
+    .into_response()
+}
+
+fn gemini_key(headers: &HeaderMap, query: &HashMap<String, String>) -> Option<String> {
+    header(headers, "x-goog-api-key").or_else(|| query.get("key").cloned())
+}
+
+async fn gemini_models(
+    State(mock): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = start(
+        &mock,
+        Wire::Gemini,
+        "/v1beta/models",
+        gemini_key(&headers, &query),
+        &Value::Null,
+    )
+    .await
+    {
+        return r;
+    }
+    Json(json!({"models": [{"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash"}]})).into_response()
+}
+
+async fn gemini_generate(
+    State(mock): State<Shared>,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let req = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let path = format!("/v1beta/models/{action}");
+    if let Err(r) = start(&mock, Wire::Gemini, &path, gemini_key(&headers, &query), &req).await {
+        return r;
+    }
+    let Some((model, method)) = action.split_once(':') else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})),
+        )
+            .into_response();
+    };
+    let parts_text = |c: &Value| -> usize {
+        c.get("parts")
+            .and_then(Value::as_array)
+            .map(|p| {
+                p.iter()
+                    .filter_map(|x| x.get("text").and_then(Value::as_str))
+                    .map(|t| t.chars().count())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let mut chars: usize = req
+        .get("contents")
+        .and_then(Value::as_array)
+        .map(|cs| cs.iter().map(parts_text).sum())
+        .unwrap_or(0);
+    if let Some(s) = req.get("systemInstruction") {
+        chars += parts_text(s);
+    }
+    let prompt = prompt_tokens(chars);
+    let max = req
+        .get("generationConfig")
+        .and_then(|g| g.get("maxOutputTokens"))
+        .and_then(Value::as_u64);
+    let (words, cut) = reply(mock.reply_words, max);
+    let finish = if cut { "MAX_TOKENS" } else { "STOP" };
+    match method {
+        "generateContent" => Json(json!({
+            "candidates": [{"content": {"parts": [{"text": words.join(" ")}], "role": "model"}, "finishReason": finish, "index": 0}],
+            "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": words.len(), "totalTokenCount": prompt + words.len() as i64},
+            "modelVersion": model,
+        }))
+        .into_response(),
+        "streamGenerateContent" => {
+            let mut events = Vec::new();
+            for i in 0..words.len() {
+                let last = i + 1 == words.len();
+                let mut cand = json!({"content": {"parts": [{"text": piece(&words, i)}], "role": "model"}, "index": 0});
+                if last {
+                    cand["finishReason"] = json!(finish);
+                }
+                let ev = json!({
+                    "candidates": [cand],
+                    "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": i + 1, "totalTokenCount": prompt + i as i64 + 1},
+                    "modelVersion": model,
+                });
+                events.push(format!("data: {ev}\r\n\r\n"));
+            }
+            sse_body(events, mock.stream_delay)
+        }
+        _ => (StatusCode::NOT_FOUND, Json(json!({"error": {"code": 404, "message": "unknown method", "status": "NOT_FOUND"}}))).into_response(),
+    }
+}
+
+async fn anthropic_messages(State(mock): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Err(r) = start(
+        &mock,
+        Wire::Anthropic,
+        "/v1/messages",
+        header(&headers, "x-api-key"),
+        &req,
+    )
+    .await
+    {
+        return r;
+    }
+    if header(&headers, "anthropic-version").is_none() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"type": "error", "error": {"type": "invalid_request_error", "message": "anthropic-version: header is required"}})),
+        )
+            .into_response();
+    }
+    let Some(max) = req.get("max_tokens").and_then(Value::as_u64) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}})),
+        )
+            .into_response();
+    };
+    let mut chars: usize = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(|ms| ms.iter().map(|m| text_of(m.get("content")).chars().count()).sum())
+        .unwrap_or(0);
+    chars += req
+        .get("system")
+        .and_then(Value::as_str)
+        .map(|s| s.chars().count())
+        .unwrap_or(0);
+    let prompt = prompt_tokens(chars);
+    let (words, cut) = reply(mock.reply_words, Some(max));
+    let stop = if cut { "max_tokens" } else { "end_turn" };
+    let model = req.get("model").and_then(Value::as_str).unwrap_or("claude").to_string();
+    let id = format!("msg_mock{}", mock.requests.load(Ordering::Relaxed));
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+        let mut events = vec![
+            ev(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model,
+                        "content": [], "stop_reason": null, "usage": {"input_tokens": prompt, "output_tokens": 1}}}),
+            ),
+            ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+            ev("ping", json!({"type": "ping"})),
+        ];
+        for i in 0..words.len() {
+            events.push(ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece(&words, i)}}),
+            ));
+        }
+        events.push(ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+        events.push(ev(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": words.len()}}),
+        ));
+        events.push(ev("message_stop", json!({"type": "message_stop"})));
+        return sse_body(events, mock.stream_delay);
+    }
+    Json(json!({
+        "id": id, "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": words.join(" ")}],
+        "stop_reason": stop, "stop_sequence": null,
+        "usage": {"input_tokens": prompt, "output_tokens": words.len()},
+    }))
+    .into_response()
+}
+
+async fn serp_search(
+    State(mock): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let key = query
+        .get("api_key")
+        .cloned()
+        .or_else(|| header(&headers, "x-api-key"))
+        .or_else(|| bearer(&headers));
+    let q = query.get("q").cloned().unwrap_or_default();
+    if let Err(r) = start(&mock, Wire::Serp, "/search", key, &json!({"q": q})).await {
+        return r;
+    }
+    Json(json!({
+        "search_parameters": {"q": q},
+        "organic_results": [
+            {"position": 1, "title": format!("Mock result for {q}"), "link": "https://example.com/1"},
+            {"position": 2, "title": "Another mock result", "link": "https://example.com/2"}
+        ]
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct FaultRequest {
+    #[serde(rename = "match")]
+    matches: String,
+    fault: String,
+    times: Option<u64>,
+    retry_after_s: Option<f64>,
+}
+
+async fn add_fault(State(mock): State<Shared>, Json(f): Json<FaultRequest>) -> Response {
+    let Some(kind) = FaultKind::parse(&f.fault) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "fault must be one of 429, daily, 401, billing, 5xx, hang"})),
+        )
+            .into_response();
+    };
+    if let Ok(mut faults) = mock.faults.lock() {
+        faults.push(Fault {
+            matches: f.matches,
+            kind,
+            remaining: f.times,
+            retry_after_s: f.retry_after_s.unwrap_or(30.0).clamp(0.0, 86400.0),
+        });
+    }
+    Json(json!({"ok": true})).into_response()
+}
+
+async fn clear_faults(State(mock): State<Shared>) -> Response {
+    if let Ok(mut f) = mock.faults.lock() {
+        f.clear();
+    }
+    Json(json!({"ok": true})).into_response()
+}
+
+async fn reset(State(mock): State<Shared>) -> Response {
+    if let Ok(mut f) = mock.faults.lock() {
+        f.clear();
+    }
+    if let Ok(mut m) = mock.by_key.lock() {
+        m.clear();
+    }
+    if let Ok(mut r) = mock.recent.lock() {
+        r.clear();
+    }
+    mock.requests.store(0, Ordering::Relaxed);
+    Json(json!({"ok": true})).into_response()
+}
+
+async fn stats(State(mock): State<Shared>) -> Response {
+    let by_key = mock.by_key.lock().map(|m| m.clone()).unwrap_or_default();
+    Json(json!({"requests": mock.requests.load(Ordering::Relaxed), "by_key": by_key})).into_response()
+}
+
+async fn recent(State(mock): State<Shared>) -> Response {
+    let list: Vec<Value> = mock
+        .recent
+        .lock()
+        .map(|r| r.iter().cloned().collect())
+        .unwrap_or_default();
+    Json(Value::Array(list)).into_response()
+}
+
+pub fn router(args: &MockArgs) -> Router {
+    let mock = Arc::new(Mock {
+        latency: args.latency,
+        stream_delay: args.stream_delay,
+        reply_words: args.reply_words.max(1),
+        faults: Mutex::new(Vec::new()),
+        requests: AtomicU64::new(0),
+        by_key: Mutex::new(HashMap::new()),
+        recent: Mutex::new(VecDeque::new()),
+    });
+    Router::new()
+        .route("/v1/chat/completions", post(openai_chat))
+        .route("/v1beta/openai/chat/completions", post(openai_chat))
+        .route("/v1/models", get(models))
+        .route("/v1beta/openai/models", get(models))
+        .route("/v1beta/models", get(gemini_models))
+        .route("/v1beta/models/{action}", post(gemini_generate))
+        .route("/v1/messages", post(anthropic_messages))
+        .route("/search", get(serp_search).post(serp_search))
+        .route("/_mock/faults", post(add_fault).delete(clear_faults))
+        .route("/_mock/reset", post(reset))
+        .route("/_mock/stats", get(stats))
+        .route("/_mock/requests", get(recent))
+        .with_state(mock)
+}
+
+pub async fn run(args: MockArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read this line to learn the port.
+    println!("mock-provider listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+    let app = router(&args);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! Providers: for each wire format, how a chat request is built and authenticated, how usage is
+//! read from the answer, and what an error answer says (its code and retry delay, which
+//! `keypool_settle` turns into an outcome; the worker does not judge errors itself).
+//!
+//! - [`openai_style`]: OpenAI, xAI, Ollama, any OpenAI-compatible base URL, and Gemini's
+//!   OpenAI-compatible endpoint (a Gemini key whose base URL ends in `/openai`)
+//! - [`gemini`]: Gemini's native `generateContent`
+//! - [`anthropic`]: Anthropic's messages API
+//! - [`http`]: plain HTTP APIs (SERP ...) reached through the proxy route, key in a header or
+//!   query parameter
+
+pub mod anthropic;
+pub mod gemini;
+pub mod http;
+pub mod openai_style;
+
+use bytes::Bytes;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+
+use crate::duration;
+use crate::openai::{ChatRequest, Usage};
+use crate::sse;
+
+/// A key granted by `keypool_reserve`, with what is needed to call its provider.
+#[derive(Clone)]
+pub struct KeyRef {
+    pub id: i64,
+    pub provider: String,
+    pub model: Option<String>,
+    pub base_url: String,
+    pub secret: String,
+    pub label: String,
+}
+
+impl std::fmt::Debug for KeyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRef")
+            .field("id", &self.id)
+            .field("provider", &self.provider)
+            .field("model", &self.model)
+            .field("base_url", &self.base_url)
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The wire format a key speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    OpenAi,
+    Gemini,
+    Anthropic,
+    Http,
+}
+
+impl KeyRef {
+    pub fn wire(&self) -> Wire {
+        match self.provider.as_str() {
+            "gemini" if self.base_url.trim_end_matches('/').ends_with("/openai") => Wire::OpenAi,
+            "gemini" => Wire::Gemini,
+            "anthropic" => Wire::Anthropic,
+            "http" => Wire::Http,
+            _ => Wire::OpenAi,
+        }
+    }
+
+    /// The model to ask the provider for: the key's, else the one the app named (unless that
+    /// was a pool name).
+    pub fn model_for<'a>(&'a self, requested: Option<&'a str>) -> Option<&'a str> {
+        self.model.as_deref().or(requested)
+    }
+}
+
+/// What a provider's error answer says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProviderError {
+    /// The provider's error code (OpenAI `error.code`/`type`, Gemini reason / quota id /
+    /// status, Anthropic `error.type`), for `keypool_settle`.
+    pub code: Option<String>,
+    /// When the provider says to try again.
+    pub retry_after_ms: Option<i64>,
+    /// Its message, with the key masked.
+    pub message: String,
+}
+
+/// Builds the provider request for a chat call. The error is the caller's (HTTP 400).
+pub fn chat_request(
+    http: &reqwest::Client,
+    key: &KeyRef,
+    req: &ChatRequest,
+    stream: bool,
+    default_max_tokens: u32,
+) -> Result<reqwest::RequestBuilder, String> {
+    match key.wire() {
+        Wire::OpenAi => Ok(openai_style::chat_request(http, key, req, stream)),
+        Wire::Gemini => gemini::chat_request(http, key, req, stream),
+        Wire::Anthropic => anthropic::chat_request(http, key, req, stream, default_max_tokens),
+        Wire::Http => Err(format!(
+            "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
+            key.id, key.label
+        )),
+    }
+}
+
+/// Reads a provider's error answer.
+pub fn read_error(key: &KeyRef, status: u16, headers: &HeaderMap, body: &[u8]) -> ProviderError {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    let mut e = match (key.wire(), &json) {
+        (Wire::Gemini, Some(v)) => gemini::read_error(v),
+        (Wire::Anthropic, Some(v)) => anthropic::read_error(v),
+        (Wire::OpenAi | Wire::Http, Some(v)) => openai_style::read_error(v),
+        (_, None) => ProviderError {
+            message: String::from_utf8_lossy(&body[..body.len().min(300)]).trim().to_string(),
+            ..Default::default()
+        },
+    };
+    if e.retry_after_ms.is_none() {
+        e.retry_after_ms = retry_after_from_headers(headers);
+    }
+    if e.message.is_empty() {
+        e.message = format!("HTTP {status}");
+    }
+    e.message = crate::secret::scrub(&e.message, &key.secret);
+    e
+}
+
+/// Retry delay from the headers providers send: `retry-after-ms`, `retry-after` (seconds),
+/// OpenAI's `x-ratelimit-reset-requests` / `-tokens` (`1s`, `6m0s`).
+pub fn retry_after_from_headers(headers: &HeaderMap) -> Option<i64> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        return Some(clamp_ms(ms));
+    }
+    if let Some(s) = get("retry-after").and_then(|v| v.parse::<f64>().ok()) {
+        return Some(clamp_ms(s * 1000.0));
+    }
+    ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+        .iter()
+        .filter_map(|h| get(h).and_then(duration::parse_compound))
+        .map(|d| clamp_ms(d.as_secs_f64() * 1000.0))
+        .max()
+}
+
+fn clamp_ms(ms: f64) -> i64 {
+    if ms.is_finite() {
+        (ms.ceil() as i64).clamp(0, 7 * 86_400_000)
+    } else {
+        0
+    }
+}
+
+/// A 2xx chat answer turned into OpenAI's shape, with the usage it reports.
+pub struct Completion {
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+    pub generated_chars: usize,
+}
+
+/// Reads a 2xx chat answer. `shown_model` is the model name the app sees in translated
+/// answers.
+pub fn read_completion(key: &KeyRef, body: Bytes, shown_model: &str) -> Result<Completion, String> {
+    match key.wire() {
+        Wire::OpenAi => openai_style::read_completion(body),
+        Wire::Gemini => gemini::read_completion(&body, shown_model),
+        Wire::Anthropic => anthropic::read_completion(&body, shown_model),
+        Wire::Http => Ok(Completion {
+            body,
+            usage: None,
+            generated_chars: 0,
+        }),
+    }
+}
+
+/// Turns a provider's event stream into OpenAI's, event by event.
+pub trait Translate: Send {
+    /// Handles one upstream event, pushing what the app should receive.
+    fn event(&mut self, ev: sse::Event, out: &mut Vec<Bytes>);
+    /// The upstream stream ended: pushes the closing events.
+    fn finish(&mut self, usage: Usage, out: &mut Vec<Bytes>);
+    /// Usage as the provider reported it, if it did.
+    fn reported_usage(&self) -> Option<Usage>;
+    /// Characters of generated text seen so far (to count usage a provider did not report).
+    fn generated_chars(&self) -> usize;
+    /// Whether the upstream said the answer is complete.
+    fn completed(&self) -> bool;
+}
+
+pub fn stream_translator(key: &KeyRef, shown_model: &str, wants_usage: bool) -> Box<dyn Translate> {
+    match key.wire() {
+        Wire::Gemini => Box::new(gemini::StreamTranslator::new(shown_model, wants_usage)),
+        Wire::Anthropic => Box::new(anthropic::StreamTranslator::new(shown_model, wants_usage)),
+        Wire::OpenAi | Wire::Http => Box::new(openai_style::Passthrough::new(wants_usage)),
+    }
+}
+
+/// The cheap call that tells whether a provider accepts a key: listing models. None when the
+/// provider has no such call (Ollama takes no key, plain HTTP APIs have no standard one).
+pub fn list_models_request(http: &reqwest::Client, key: &KeyRef) -> Option<reqwest::RequestBuilder> {
+    match key.wire() {
+        Wire::OpenAi if key.provider == "ollama" => None,
+        Wire::OpenAi => Some(openai_style::list_models_request(http, key)),
+        Wire::Gemini => Some(gemini::list_models_request(http, key)),
+        Wire::Anthropic => Some(anthropic::list_models_request(http, key)),
+        Wire::Http => None,
+    }
+}
+
+/// The text and parts of a message, for the translating providers.
+pub(crate) fn content_parts(content: Option<&Value>) -> Result<Vec<Part>, String> {
+    match content {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![Part::Text(s.clone())]),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|p| match p.get("type").and_then(Value::as_str) {
+                Some("text") => Ok(Part::Text(
+                    p.get("text").and_then(Value::as_str).unwrap_or("").to_string(),
+                )),
+                Some("image_url") => {
+                    let url = p
+                        .get("image_url")
+                        .and_then(|u| u.get("url").or(Some(u)))
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    parse_data_url(url).ok_or_else(|| {
+                        "only data: URLs (base64) are supported for images with this provider".to_string()
+                    })
+                }
+                other => Err(format!(
+                    "content part type {other:?} is not supported with this provider"
+                )),
+            })
+            .collect(),
+        Some(_) => Err("`content` must be a string or an array of parts".into()),
+    }
+}
+
+pub(crate) enum Part {
+    Text(String),
+    Image { mime: String, data: String },
+}
+
+fn parse_data_url(url: &str) -> Option<Part> {
+    let rest = url.strip_prefix("data:")?;
+    let (meta, data) = rest.split_once(',')?;
+    let mime = meta.strip_suffix(";base64")?;
+    Some(Part::Image {
+        mime: mime.to_string(),
+        data: data.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderName, HeaderValue};
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn retry_after_headers() {
+        assert_eq!(retry_after_from_headers(&headers(&[("retry-after", "2")])), Some(2000));
+        assert_eq!(
+            retry_after_from_headers(&headers(&[("retry-after-ms", "150")])),
+            Some(150)
+        );
+        assert_eq!(
+            retry_after_from_headers(&headers(&[
+                ("x-ratelimit-reset-requests", "6m0s"),
+                ("x-ratelimit-reset-tokens", "1s")
+            ])),
+            Some(360_000)
+        );
+        assert_eq!(
+            retry_after_from_headers(&headers(&[("retry-after", "Wed, 21 Oct 2015")])),
+            None
+        );
+    }
+
+    fn key(provider: &str, base: &str) -> KeyRef {
+        KeyRef {
+            id: 1,
+            provider: provider.into(),
+            model: None,
+            base_url: base.into(),
+            secret: "sk-proj-abcdefghijklmnop9xQa".into(),
+            label: "sk-p…9xQa".into(),
+        }
+    }
+
+    #[test]
+    fn wires() {
+        assert_eq!(key("gemini", "https://g/v1beta/openai").wire(), Wire::OpenAi);
+        assert_eq!(key("gemini", "https://g").wire(), Wire::Gemini);
+        assert_eq!(key("anthropic", "https://a").wire(), Wire::Anthropic);
+        assert_eq!(key("xai", "https://x/v1").wire(), Wire::OpenAi);
+        assert_eq!(key("http", "https://serp").wire(), Wire::Http);
+    }
+
+    #[test]
+    fn errors_never_carry_the_secret() {
+        let k = key("openai", "https://o/v1");
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-proj-abcdefghijklmnop9xQa","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+        let e = read_error(&k, 401, &HeaderMap::new(), body);
+        assert_eq!(e.code.as_deref(), Some("invalid_api_key"));
+        assert!(!e.message.contains(&k.secret), "{}", e.message);
+        assert!(e.message.contains("sk-p…9xQa"));
+        let plain = read_error(&k, 502, &HeaderMap::new(), b"<html>bad gateway</html>");
+        assert_eq!(plain.code, None);
+        assert_eq!(plain.message, "<html>bad gateway</html>");
+    }
+}

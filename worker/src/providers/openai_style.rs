@@ -1,0 +1,230 @@
+//! OpenAI's wire format, spoken by OpenAI, xAI, Ollama (`/v1`), Gemini's `/openai` endpoint and
+//! any OpenAI-compatible server. Requests go through nearly unchanged (the key's model, and a
+//! request for the final usage chunk when streaming); answers pass through byte for byte.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{Completion, KeyRef, ProviderError, Translate};
+use crate::openai::{ChatRequest, Usage, WireUsage};
+use crate::sse;
+
+/// The base URL that `chat/completions` and `models` hang off.
+fn api_base(key: &KeyRef) -> String {
+    let base = key.base_url.trim_end_matches('/');
+    if key.provider == "ollama" && !base.ends_with("/v1") {
+        format!("{base}/v1")
+    } else {
+        base.to_string()
+    }
+}
+
+fn authorized(builder: reqwest::RequestBuilder, key: &KeyRef) -> reqwest::RequestBuilder {
+    if key.provider == "ollama" && key.secret.is_empty() {
+        builder
+    } else {
+        builder.bearer_auth(&key.secret)
+    }
+}
+
+pub fn chat_request(http: &reqwest::Client, key: &KeyRef, req: &ChatRequest, stream: bool) -> reqwest::RequestBuilder {
+    let mut body = req.body.clone();
+    if let Some(model) = &key.model {
+        body.insert("model".into(), Value::String(model.clone()));
+    }
+    if stream {
+        body.insert("stream".into(), Value::Bool(true));
+        let options = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Value::Object(o) = options {
+            o.insert("include_usage".into(), Value::Bool(true));
+        } else {
+            *options = json!({"include_usage": true});
+        }
+    } else {
+        body.remove("stream");
+        body.remove("stream_options");
+    }
+    let url = format!("{}/chat/completions", api_base(key));
+    authorized(http.post(url), key).json(&body)
+}
+
+pub fn list_models_request(http: &reqwest::Client, key: &KeyRef) -> reqwest::RequestBuilder {
+    authorized(http.get(format!("{}/models", api_base(key))), key)
+}
+
+/// `{"error": {"message", "type", "code"}}`; the code is `code`, else `type`.
+pub fn read_error(v: &Value) -> ProviderError {
+    let e = v.get("error").unwrap_or(v);
+    let text = |f: &str| {
+        e.get(f)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let message = match e {
+        Value::String(s) => s.clone(),
+        _ => text("message").unwrap_or_default(),
+    };
+    ProviderError {
+        code: text("code").or_else(|| text("type")),
+        retry_after_ms: None,
+        message,
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    choices: Vec<ChoiceText>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceText {
+    #[serde(default)]
+    message: Option<MessageText>,
+    #[serde(default)]
+    delta: Option<MessageText>,
+}
+
+#[derive(Deserialize)]
+struct MessageText {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// The answer passes through unchanged; only its usage (and length, in case there is none) is
+/// read.
+pub fn read_completion(body: Bytes) -> Result<Completion, String> {
+    let parsed: UsageOnly =
+        serde_json::from_slice(&body).map_err(|e| format!("the provider's answer is not JSON: {e}"))?;
+    let generated_chars = parsed
+        .choices
+        .iter()
+        .filter_map(|c| c.message.as_ref().and_then(|m| m.content.as_ref()))
+        .map(|s| s.chars().count())
+        .sum();
+    Ok(Completion {
+        usage: parsed.usage.and_then(|u| u.usage()),
+        body,
+        generated_chars,
+    })
+}
+
+/// Passes an OpenAI stream through event by event, reading the usage chunk (which the worker
+/// asked for) and dropping it when the app did not ask for it.
+pub struct Passthrough {
+    wants_usage: bool,
+    usage: Option<Usage>,
+    chars: usize,
+    done: bool,
+}
+
+impl Passthrough {
+    pub fn new(wants_usage: bool) -> Passthrough {
+        Passthrough {
+            wants_usage,
+            usage: None,
+            chars: 0,
+            done: false,
+        }
+    }
+}
+
+impl Translate for Passthrough {
+    fn event(&mut self, ev: sse::Event, out: &mut Vec<Bytes>) {
+        if ev.data == "[DONE]" {
+            self.done = true;
+            out.push(ev.raw);
+            return;
+        }
+        if let Ok(chunk) = serde_json::from_str::<UsageOnly>(&ev.data) {
+            self.chars += chunk
+                .choices
+                .iter()
+                .filter_map(|c| c.delta.as_ref().and_then(|d| d.content.as_ref()))
+                .map(|s| s.chars().count())
+                .sum::<usize>();
+            if let Some(u) = chunk.usage.and_then(|u| u.usage()) {
+                self.usage = Some(u);
+                if chunk.choices.is_empty() && !self.wants_usage {
+                    return;
+                }
+            }
+        }
+        out.push(ev.raw);
+    }
+
+    fn finish(&mut self, _usage: Usage, _out: &mut Vec<Bytes>) {}
+
+    fn reported_usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    fn generated_chars(&self) -> usize {
+        self.chars
+    }
+
+    fn completed(&self) -> bool {
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(data: &str) -> sse::Event {
+        sse::Event {
+            name: None,
+            data: data.to_string(),
+            raw: sse::data(data),
+        }
+    }
+
+    #[test]
+    fn usage_chunk_is_read_and_dropped_unless_asked_for() {
+        for wants in [false, true] {
+            let mut p = Passthrough::new(wants);
+            let mut out = Vec::new();
+            p.event(event(r#"{"choices":[{"delta":{"content":"hello"}}]}"#), &mut out);
+            p.event(
+                event(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#),
+                &mut out,
+            );
+            p.event(event("[DONE]"), &mut out);
+            assert_eq!(out.len(), if wants { 3 } else { 2 });
+            assert_eq!(
+                p.reported_usage(),
+                Some(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 2
+                })
+            );
+            assert_eq!(p.generated_chars(), 5);
+            assert!(p.completed());
+        }
+    }
+
+    #[test]
+    fn request_gets_the_keys_model_and_stream_usage() {
+        let http = reqwest::Client::new();
+        let key = KeyRef {
+            id: 1,
+            provider: "ollama".into(),
+            model: Some("llama3".into()),
+            base_url: "http://localhost:11434".into(),
+            secret: String::new(),
+            label: String::new(),
+        };
+        let req = ChatRequest::parse(br#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        let built = chat_request(&http, &key, &req, true).build().unwrap();
+        assert_eq!(built.url().as_str(), "http://localhost:11434/v1/chat/completions");
+        assert!(built.headers().get("authorization").is_none());
+        let body: Value = serde_json::from_slice(built.body().unwrap().as_bytes().unwrap()).unwrap();
+        assert_eq!(body["model"], "llama3");
+        assert_eq!(body["stream_options"]["include_usage"], true);
+    }
+}
