@@ -54,8 +54,9 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '42704', MESSAGE = format('pool "%s" does not exist', pool);
     END IF;
     IF request IS NULL OR jsonb_typeof(request) <> 'object'
-       OR jsonb_typeof(request -> 'messages') IS DISTINCT FROM 'array' THEN
-        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'request must be an object with a "messages" array',
+       OR jsonb_typeof(request -> 'messages') IS DISTINCT FROM 'array'
+       OR request -> 'messages' = '[]'::jsonb THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'request must be an object with a non-empty "messages" array',
             HINT = 'Use the OpenAI chat shape: {"messages": [{"role": "user", "content": "..."}], "max_tokens": 200}';
     END IF;
     IF max_wait IS NULL OR max_wait < interval '0' OR max_wait > interval '7 days' THEN

@@ -44,7 +44,8 @@ fn check(what: &str, out: Output) {
     );
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("no free loopback port");
     listener.local_addr().expect("bound listener has an address").port()
 }

@@ -1,5 +1,6 @@
 //! keypool-worker's command line; see the library's modules for what each command does.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -10,7 +11,8 @@ fn init_logging(cli: &Cli) -> Result<(), String> {
     let filter = EnvFilter::try_new(&cli.log).map_err(|e| format!("KEYPOOL_LOG / --log \"{}\": {e}", cli.log))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

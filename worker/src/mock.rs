@@ -11,7 +11,7 @@
 //! run time through the control API:
 //!
 //! - `POST /_mock/faults` `{"match": "<part of a secret, or *>", "fault": "429" | "daily" |
-//!   "401" | "billing" | "500" | "503" | "529" | "hang", "times": <n, default unlimited>,
+//!   "401" | "billing" | "400" | "500" | "503" | "529" | "hang", "times": <n, default unlimited>,
 //!   "retry_after_s": <seconds, default 30>}`
 //! - `DELETE /_mock/faults`, `POST /_mock/reset` (faults and counters)
 //! - `GET /_mock/stats`: requests in total and per key (masked), `GET /_mock/requests`: the last
@@ -87,6 +87,7 @@ enum FaultKind {
     DailyQuota,
     InvalidKey,
     Billing,
+    CallerError,
     Status(u16),
     Hang,
 }
@@ -98,6 +99,7 @@ impl FaultKind {
             "daily" | "daily_quota" => FaultKind::DailyQuota,
             "401" | "invalid" | "invalid_key" => FaultKind::InvalidKey,
             "billing" | "402" => FaultKind::Billing,
+            "400" | "caller_error" => FaultKind::CallerError,
             "hang" => FaultKind::Hang,
             n => match n.parse::<u16>() {
                 Ok(code) if (500..600).contains(&code) => FaultKind::Status(code),
@@ -240,6 +242,11 @@ fn failure(wire: Wire, kind: FaultKind, retry_after_s: f64, secret: &str) -> Res
             json!({"error": {"message": "You exceeded your current quota, please check your plan and billing details.", "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}}),
             false,
         ),
+        (Wire::OpenAi, FaultKind::CallerError) => (
+            400,
+            json!({"error": {"message": "This model's maximum context length is 128000 tokens.", "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}),
+            false,
+        ),
         (Wire::OpenAi, FaultKind::Status(s)) => (
             s,
             json!({"error": {"message": "The server is overloaded or not ready yet.", "type": "server_error", "param": null, "code": null}}),
@@ -272,6 +279,11 @@ fn failure(wire: Wire, kind: FaultKind, retry_after_s: f64, secret: &str) -> Res
             json!({"error": {"code": 400, "message": "User location is not supported for the API use without a billing account linked.", "status": "FAILED_PRECONDITION"}}),
             false,
         ),
+        (Wire::Gemini, FaultKind::CallerError) => (
+            400,
+            json!({"error": {"code": 400, "message": "Request contains an invalid argument.", "status": "INVALID_ARGUMENT"}}),
+            false,
+        ),
         (Wire::Gemini, FaultKind::Status(s)) => (
             s,
             json!({"error": {"code": s, "message": "The model is overloaded. Please try again later.", "status": "UNAVAILABLE"}}),
@@ -292,6 +304,11 @@ fn failure(wire: Wire, kind: FaultKind, retry_after_s: f64, secret: &str) -> Res
             json!({"type": "error", "error": {"type": "billing_error", "message": "Your credit balance is too low."}}),
             false,
         ),
+        (Wire::Anthropic, FaultKind::CallerError) => (
+            400,
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long"}}),
+            false,
+        ),
         (Wire::Anthropic, FaultKind::Status(s)) => (
             s,
             json!({"type": "error", "error": {"type": if s == 529 { "overloaded_error" } else { "api_error" }, "message": "Overloaded"}}),
@@ -302,6 +319,7 @@ fn failure(wire: Wire, kind: FaultKind, retry_after_s: f64, secret: &str) -> Res
         }
         (Wire::Serp, FaultKind::InvalidKey) => (401, json!({"error": "Invalid API key."}), false),
         (Wire::Serp, FaultKind::Billing) => (402, json!({"error": "Payment required."}), false),
+        (Wire::Serp, FaultKind::CallerError) => (400, json!({"error": "Missing query `q` parameter."}), false),
         (Wire::Serp, FaultKind::Status(s)) => (s, json!({"error": "Internal error."}), false),
     };
     let mut resp = (
@@ -658,7 +676,7 @@ async fn add_fault(State(mock): State<Shared>, Json(f): Json<FaultRequest>) -> R
     let Some(kind) = FaultKind::parse(&f.fault) else {
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": "fault must be one of 429, daily, 401, billing, 5xx, hang"})),
+            Json(json!({"error": "fault must be one of 429, daily, 401, billing, 400, 5xx, hang"})),
         )
             .into_response();
     };

@@ -201,15 +201,17 @@ impl Endpoint {
             match serving.len() {
                 0 => continue,
                 1 => return Ok(serving[0].to_string()),
-                _ => return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    &format!(
+                _ => {
+                    return Err(error(
+                        StatusCode::BAD_REQUEST,
+                        &format!(
                         "model \"{model}\" is served by pools {}: name the pool as the model, or send X-Keypool-Pool",
                         serving.join(", ")
                     ),
-                    "invalid_request_error",
-                    Some("ambiguous_model"),
-                )),
+                        "invalid_request_error",
+                        Some("ambiguous_model"),
+                    ))
+                }
             }
         }
         Err(error(
