@@ -122,6 +122,7 @@ struct Mock {
     reply_words: usize,
     faults: Mutex<Vec<Fault>>,
     requests: AtomicU64,
+    next_id: AtomicU64,
     by_key: Mutex<HashMap<String, u64>>,
     recent: Mutex<VecDeque<Value>>,
 }
@@ -345,13 +346,16 @@ fn missing_key(wire: Wire) -> Response {
 }
 
 /// Common start of every provider call: latency, counting, faults.
+/// Requests are counted when they arrive, before the configured latency.
 async fn start(mock: &Mock, wire: Wire, path: &str, secret: Option<String>, body: &Value) -> Result<String, Response> {
-    pause(mock.latency).await;
     let Some(secret) = secret.filter(|s| !s.is_empty()) else {
         mock.requests.fetch_add(1, Ordering::Relaxed);
+        pause(mock.latency).await;
         return Err(missing_key(wire));
     };
-    if let Some((kind, retry)) = mock.admit(wire, path, &secret, body) {
+    let fault = mock.admit(wire, path, &secret, body);
+    pause(mock.latency).await;
+    if let Some((kind, retry)) = fault {
         if kind == FaultKind::Hang {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
@@ -398,7 +402,7 @@ async fn openai_chat(State(mock): State<Shared>, headers: HeaderMap, body: Bytes
         .unwrap_or("mock-model")
         .to_string();
     let finish = if cut { "length" } else { "stop" };
-    let id = format!("chatcmpl-mock{}", mock.requests.load(Ordering::Relaxed));
+    let id = format!("chatcmpl-mock{}", mock.next_id.fetch_add(1, Ordering::Relaxed));
     let usage =
         json!({"prompt_tokens": prompt, "completion_tokens": words.len(), "total_tokens": prompt + words.len() as i64});
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
@@ -598,7 +602,7 @@ async fn anthropic_messages(State(mock): State<Shared>, headers: HeaderMap, body
     let (words, cut) = reply(mock.reply_words, Some(max));
     let stop = if cut { "max_tokens" } else { "end_turn" };
     let model = req.get("model").and_then(Value::as_str).unwrap_or("claude").to_string();
-    let id = format!("msg_mock{}", mock.requests.load(Ordering::Relaxed));
+    let id = format!("msg_mock{}", mock.next_id.fetch_add(1, Ordering::Relaxed));
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
         let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
         let mut events = vec![
@@ -733,6 +737,7 @@ pub fn router(args: &MockArgs) -> Router {
         reply_words: args.reply_words.max(1),
         faults: Mutex::new(Vec::new()),
         requests: AtomicU64::new(0),
+        next_id: AtomicU64::new(1),
         by_key: Mutex::new(HashMap::new()),
         recent: Mutex::new(VecDeque::new()),
     });
