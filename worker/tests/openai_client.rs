@@ -1,0 +1,79 @@
+//! The endpoint is a drop-in for OpenAI's official client: the `openai` package from PyPI
+//! (pinned in tests/python/requirements.txt; the test command installs it in a virtualenv)
+//! talks to a real worker, streaming included, and sees the errors it expects.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+use keypool_tests::shared;
+use serde_json::Value;
+
+/// The Python with the `openai` package: KEYPOOL_PYTHON, else the test command's virtualenv.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEYPOOL_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/python-venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python with the openai package: run scripts/test.sh (it creates {}), or set KEYPOOL_PYTHON",
+        venv.display()
+    );
+    venv
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_official_openai_python_client_works_against_the_endpoint() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('chat');
+             SELECT keypool_add_key('chat', 'openai', 'sk-python-a-0000000001', 'gpt-4o-mini', base_url => '{u}/v1');
+             SELECT keypool_add_key('chat', 'gemini', 'AIza-python-b-00000002', 'gemini-2.5-flash', base_url => '{u}');
+             SELECT keypool_create_pool('tight');
+             SELECT keypool_add_key('tight', 'anthropic', 'sk-ant-python-000003', 'claude-sonnet-4-5', rpd => 4, base_url => '{u}');
+             SELECT keypool_assign('tight-user', 'tight'), keypool_assign('other-user', 'tight');",
+            u = mock.url
+        ),
+    )
+    .await;
+    let w = Worker::start(&conninfo(&db), "python", &["--no-queue"]).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .args([w.url.as_str(), TOKEN])
+        .output()
+        .expect("run the Python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the OpenAI client failed:\n{stdout}\n{}\nworker log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.log()
+    );
+    let seen: Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+
+    // Whichever key (OpenAI or Gemini, translated) served, the client sees OpenAI's shape.
+    assert_eq!(seen["content"], "This is a mock reply");
+    assert_eq!(seen["raw_content"], "This is a mock reply");
+    assert_eq!(seen["finish_reason"], "length");
+    assert_eq!(seen["usage"], serde_json::json!([2, 5]));
+    assert!(
+        seen["key_id_header"].as_str().is_some_and(|k| k == "1" || k == "2"),
+        "{seen}"
+    );
+    assert_eq!(seen["streamed"], "This is a mock reply");
+    assert_eq!(seen["stream_usage"], serde_json::json!([2, 5]));
+    assert_eq!(
+        seen["models"],
+        serde_json::json!(["chat", "claude-sonnet-4-5", "gemini-2.5-flash", "gpt-4o-mini", "tight"])
+    );
+    assert_eq!(seen["bad_token"], serde_json::json!([401, "invalid_api_key"]));
+    assert_eq!(seen["unknown_model"], serde_json::json!([404, "model_not_found"]));
+    assert_eq!(seen["quota"], serde_json::json!([429, "QUOTA_EXCEEDED", true]));
+}
