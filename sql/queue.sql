@@ -128,6 +128,10 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     r keypool.request;
 BEGIN
+    IF outcome IS NULL OR outcome NOT IN ('done', 'failed', 'retry', 'wait') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('unknown outcome "%s"', outcome),
+            HINT = 'One of done, failed, retry, wait.';
+    END IF;
     SELECT * INTO r FROM keypool.request q
      WHERE q.id = keypool_complete_request.id AND q.claimed_by = worker AND q.status = 'running'
        FOR UPDATE;
@@ -155,9 +159,6 @@ BEGIN
                    not_before = coalesce(retry_at, now()), claimed_by = NULL, lease_until = NULL,
                    attempts = q.attempts - CASE WHEN outcome = 'wait' THEN 1 ELSE 0 END
              WHERE q.id = r.id;
-        ELSE
-            RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('unknown outcome "%s"', outcome),
-                HINT = 'One of done, failed, retry, wait.';
     END CASE;
     IF outcome IN ('done', 'failed') THEN
         PERFORM pg_notify('keypool_results', r.id::text);
