@@ -19,7 +19,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 ensure_packages() {
     local missing=()
-    for p in postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang pkg-config sudo; do
+    for p in postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang pkg-config sudo python3-venv; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
     done
     if ((${#missing[@]})); then
@@ -38,6 +38,22 @@ ensure_cargo_pgrx() {
         say "cargo pgrx init --pg15"
         cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
     fi
+}
+
+# A virtualenv with the official OpenAI client, for the test that drives the worker with it.
+PYTHON_VENV="$REPO/target/python-venv"
+ensure_python_client() {
+    local req="$REPO/worker/tests/python/requirements.txt"
+    if [[ ! -x "$PYTHON_VENV/bin/python" ]]; then
+        say "creating a Python virtualenv for the OpenAI client test"
+        /usr/bin/python3 -m venv "$PYTHON_VENV"
+    fi
+    if ! cmp -s "$req" "$PYTHON_VENV/requirements.installed"; then
+        say "installing $(tr '\n' ' ' <"$req")into $PYTHON_VENV"
+        "$PYTHON_VENV/bin/pip" install -q --disable-pip-version-check -r "$req"
+        cp "$req" "$PYTHON_VENV/requirements.installed"
+    fi
+    export KEYPOOL_PYTHON="$PYTHON_VENV/bin/python"
 }
 
 ensure_setup() {

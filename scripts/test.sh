@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting and lints, unit tests and #[pg_test]s, the pg_regress suite,
-# and the integration tests against private clusters. Sets up the machine first if needed.
+# and the integration tests against private clusters (the extension's, and the worker's against
+# the mock provider and the official OpenAI Python client). Sets up the machine first if needed.
 . "$(dirname "$0")/lib.sh"
 
 ensure_setup
@@ -22,7 +23,8 @@ install_extension debug
 say "pg_regress"
 "$REPO/scripts/regress.sh"
 
-say "integration tests"
+say "integration tests (engine over tokio-postgres; worker against the mock provider)"
+ensure_python_client
 cargo test --workspace --exclude pg_keypool
 
 say "all tests passed"

@@ -6,6 +6,9 @@
 //! from an `X-Keypool-Pool` header); the user is the `X-Keypool-User` header, else the OpenAI
 //! `user` field, else the configured default user.
 
+// Handlers return early with a ready HTTP answer; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,9 @@ use crate::db::Allocation;
 use crate::gateway::{Answer, ChatJob, Failure, Gateway, ProxyJob, Served};
 use crate::openai::{error_body, ChatRequest};
 
+/// (pool, model) pairs; model is empty for pools whose keys name none.
+type PoolModels = Arc<Vec<(String, String)>>;
+
 /// Largest request body accepted (chat requests with images can be large).
 const BODY_LIMIT: usize = 20 * 1024 * 1024;
 /// How long the pool/model list is trusted before it is read again.
@@ -35,7 +41,7 @@ pub struct Endpoint {
     pub request_deadline: Duration,
     pub capacity_wait: Duration,
     pub worker_id: String,
-    models: RwLock<Option<(Instant, Arc<Vec<(String, String)>>)>>,
+    models: RwLock<Option<(Instant, PoolModels)>>,
 }
 
 impl Endpoint {
@@ -151,7 +157,7 @@ fn user_of(ep: &Endpoint, headers: &HeaderMap, field: Option<&str>) -> Result<St
 }
 
 impl Endpoint {
-    async fn pool_models(&self, fresh: bool) -> Result<Arc<Vec<(String, String)>>, Response> {
+    async fn pool_models(&self, fresh: bool) -> Result<PoolModels, Response> {
         if !fresh {
             if let Some((at, list)) = self.models.read().await.as_ref() {
                 if at.elapsed() < MODELS_TTL {
@@ -169,7 +175,7 @@ impl Endpoint {
             .query("SELECT pool, coalesce(model, '') FROM keypool_models()", &[])
             .await
             .map_err(|e| database_unavailable(&crate::db::DbError::from(e).to_string()))?;
-        let all: Arc<Vec<(String, String)>> = Arc::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect());
+        let all: PoolModels = Arc::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect());
         *self.models.write().await = Some((Instant::now(), all.clone()));
         Ok(all)
     }

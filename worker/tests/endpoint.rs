@@ -210,8 +210,7 @@ async fn streams_pass_through_and_settle_the_real_usage() {
         let last: Value = text
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))
-            .filter(|l| *l != "[DONE]")
-            .last()
+            .rfind(|l| *l != "[DONE]")
             .and_then(|l| serde_json::from_str(l).ok())
             .expect("a last chunk");
         assert_eq!(last["usage"]["prompt_tokens"], 3, "{pool}: {last}");
