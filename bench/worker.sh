@@ -114,6 +114,11 @@ done
 sleep 1
 settled=$(cluster_psql benchw "$PORT" -d bench -At -c "SELECT sum(requests_today) FROM keypool_scopes")
 
+out="$REPO/bench/results"
+mkdir -p "$out"
+report="$out/worker-$(date -u +%Y%m%dT%H%M%SZ).md"
+{
+echo "wrk, ${SECONDS_EACH} s per measurement, $(nproc) cores; POST /v1/chat/completions, max_tokens 16, random users out of 100,000; 15 keys on the mock provider; worker with --db-pool-size 16"
 echo
 echo "| connections | mock direct req/s | p50 ms | p99 ms | through worker req/s | p50 ms | p99 ms | ratio | p50 overhead ms | errors |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -124,6 +129,7 @@ for r in "${results[@]}"; do
 done
 echo
 echo "requests sent through the worker: $sent; reserved and settled in the database: $settled"
+} | tee "$report"
 
 best_rps=0
 overhead=""

@@ -1,6 +1,6 @@
 //! The SQL request queue with real workers: results, failures with their reasons, waiting for
 //! capacity without spinning, attempts, two workers sharing the queue, a worker killed with
-//! -9 mid-request, and a graceful shutdown that returns unfinished work.
+//! -9 mid-request, a graceful shutdown that returns unfinished work, and the documented grants.
 
 mod common;
 
@@ -354,4 +354,78 @@ async fn sigterm_finishes_requests_in_flight_or_returns_them() {
     // And another worker finishes it.
     let _w = Worker::start(&conninfo(&db), "finisher", &["--no-http"]).await;
     wait_for_status(&db, "done", 2, Duration::from_secs(20)).await;
+}
+
+/// README's *Roles* grants are all a worker needs: a role with nothing else serves HTTP and the
+/// queue, settles, and reports heartbeats; an app role with keypool_submit and keypool_result
+/// enqueues and reads answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_runs_with_only_the_documented_grants() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    let (worker_role, app_role) = (format!("{}_worker", db.name), format!("{}_app", db.name));
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('chat');
+             SELECT keypool_add_key('chat', 'openai', 'sk-grants-key-00000001', 'gpt-4o-mini', base_url => '{u}/v1');
+             DROP ROLE IF EXISTS {worker_role}; DROP ROLE IF EXISTS {app_role};
+             CREATE ROLE {worker_role} LOGIN; CREATE ROLE {app_role} LOGIN;
+             GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint),
+                 keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+                 keypool_release(bigint), keypool_models(), keypool_claim_requests(text, integer, interval),
+                 keypool_complete_request(bigint, text, text, jsonb, text, timestamptz), keypool_queue_wake_at(),
+                 keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint)
+               TO {worker_role};
+             GRANT EXECUTE ON FUNCTION keypool_submit(text, text, jsonb, interval, integer), keypool_result(bigint)
+               TO {app_role};",
+            u = mock.url
+        ),
+    )
+    .await;
+    let as_worker = conninfo(&db).replace("user=postgres", &format!("user={worker_role}"));
+    let w = Worker::start(&as_worker, "grants", &["--heartbeat-interval", "200ms"]).await;
+
+    let r = w
+        .chat(serde_json::json!({"model": "chat", "user": "u1", "messages": user_message("abcdefgh"), "max_tokens": 4}))
+        .await;
+    assert_eq!(r.status(), 200, "{}", w.log());
+
+    let app = keypool_tests::connect(&conninfo(&db).replace("user=postgres", &format!("user={app_role}")))
+        .await
+        .expect("connect as the app role");
+    let id: i64 = app
+        .query_one("SELECT keypool_submit('u2', 'chat', $1::text::jsonb)", &[&HELLO])
+        .await
+        .expect("keypool_submit as the app role")
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = app
+            .query_one("SELECT status, response FROM keypool_result($1)", &[&id])
+            .await
+            .expect("keypool_result as the app role");
+        if row.get::<_, String>(0) == "done" {
+            let response: Value = row.get(1);
+            assert_eq!(response["choices"][0]["message"]["content"], "This is a mock");
+            break;
+        }
+        assert!(Instant::now() < deadline, "request {id} not done:\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both calls were settled (as the worker role) and the heartbeat was recorded.
+    eventually(&db, "SELECT sum(requests_today) FROM keypool_scopes", "2").await;
+    eventually(
+        &db,
+        "SELECT served || ' served, ' || queue_done || ' from the queue' FROM keypool_workers WHERE id = 'grants'",
+        "2 served, 1 from the queue",
+    )
+    .await;
+    assert!(!w.log().contains("permission denied"), "{}", w.log());
+    drop(w);
+    exec(
+        &db,
+        &format!("DROP OWNED BY {worker_role}, {app_role}; DROP ROLE {worker_role}; DROP ROLE {app_role};"),
+    )
+    .await;
 }
