@@ -1,10 +1,12 @@
 # The two commands README opens with, and a few more.
-.PHONY: demo test bench stop
+.PHONY: demo test bench bench-worker stop
 demo:
 	scripts/demo.sh
 test:
 	scripts/test.sh
 bench:
 	bench/reserve.sh
+bench-worker:
+	bench/worker.sh
 stop:
 	scripts/stop.sh

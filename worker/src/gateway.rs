@@ -324,7 +324,7 @@ impl Gateway {
                         .settle_now(grant.reservation_id, 0, held.usage, None, None)
                         .await
                         .map_err(|e| Failure::from_db(e, &job.pool))?;
-                    warn!(key_id = key.id, key = %key.label, provider = %key.provider, attempt = attempts,
+                    warn!(user = %job.user, pool = %job.pool, key_id = key.id, key = %key.label, provider = %key.provider, attempt = attempts,
                           outcome = %outcome, "{why}; trying another key");
                     last = Some((format!("key {} ({}): {why}", key.id, key.label), None));
                     if attempts >= self.settings.max_attempts {
@@ -447,7 +447,7 @@ impl Gateway {
                     attempts,
                 });
             }
-            warn!(key_id = key.id, key = %key.label, provider = %key.provider, status, code = error.code.as_deref().unwrap_or(""),
+            warn!(user = %job.user, pool = %job.pool, key_id = key.id, key = %key.label, provider = %key.provider, status, code = error.code.as_deref().unwrap_or(""),
                   outcome = %outcome, attempt = attempts, "provider refused; trying another key");
             let retry_after = (outcome == "rate_limited").then_some(error.retry_after_ms).flatten();
             last = Some((
@@ -592,7 +592,7 @@ impl Gateway {
                     served,
                 });
             }
-            warn!(key_id = key.id, key = %key.label, status, outcome = %outcome, attempt = attempts, "provider refused; trying another key");
+            warn!(user = %job.user, pool = %job.pool, key_id = key.id, key = %key.label, status, outcome = %outcome, attempt = attempts, "provider refused; trying another key");
             last = Some((
                 format!("key {} ({}): HTTP {status} ({outcome})", key.id, key.label),
                 None,
