@@ -100,7 +100,8 @@ SELECT e.id, e.at, e.kind, p.name AS pool, e.key_id, k.label, e.scope_id, e.reas
   FROM keypool.event e
   LEFT JOIN keypool.pool p ON p.id = e.pool_id
   LEFT JOIN keypool.key k ON k.id = e.key_id;
-COMMENT ON VIEW keypool_events IS 'What changed and why: keys added, disabled, enabled; scopes disabled';
+COMMENT ON VIEW keypool_events IS
+    'What changed and why: keys added, disabled, enabled, removed; rate limits, daily quotas, breakers; accounts disabled; rebalances, usage resets; alerts raised and cleared';
 
 -- Users of each pool: their key (and its group number), weight, last active day.
 CREATE VIEW keypool_members AS
@@ -137,6 +138,157 @@ SELECT p.id AS pool_id,
   LEFT JOIN keypool.pool_state() ps ON ps.pool_id = p.id;
 COMMENT ON VIEW keypool_pool_stats IS
     'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity)';
+
+-- Every key with its account's use against each limit, its own use and errors today, users.
+-- Limits belong to the account (scope): the *_this_minute / *_today columns and percentages
+-- are the account's, shared by the keys of that account; key_* columns are this key's own.
+-- "Today" is the account's day (its time zone), counted from the hourly history plus what has
+-- not been flushed yet.
+CREATE VIEW keypool_key_stats AS
+SELECT k.key_id, k.pool, k.provider, k.model, k.account, k.label, k.group_no, k.state, k.reason, k.cooling_until,
+       s.requests_this_minute, s.rpm, round(100.0 * s.requests_this_minute / s.rpm, 1) AS rpm_pct,
+       s.tokens_this_minute, s.tpm, round(100.0 * s.tokens_this_minute / s.tpm, 1) AS tpm_pct,
+       s.requests_today, s.rpd, round(100.0 * s.requests_today / s.rpd, 1) AS rpd_pct,
+       s.tokens_today, s.tpd, round(100.0 * s.tokens_today / s.tpd, 1) AS tpd_pct,
+       t.requests AS key_requests_today,
+       t.prompt_tokens AS key_prompt_tokens_today,
+       t.completion_tokens AS key_completion_tokens_today,
+       t.rate_limited + t.daily_quota + t.key_invalid + t.billing + t.server_error + t.caller_error + t.other AS errors_today,
+       t.rate_limited, t.daily_quota, t.key_invalid, t.billing, t.server_error, t.caller_error, t.other,
+       k.last_used_at, k.users
+  FROM keypool_keys k
+  JOIN keypool_scopes s ON s.scope_id = k.scope_id
+  LEFT JOIN keypool.key_state() ks ON ks.key_id = k.key_id
+  CROSS JOIN LATERAL (
+      SELECT coalesce(sum(u.requests), 0) + coalesce(ks.unflushed[1], 0) AS requests,
+             coalesce(sum(u.prompt_tokens), 0) + coalesce(ks.unflushed[3], 0) AS prompt_tokens,
+             coalesce(sum(u.completion_tokens), 0) + coalesce(ks.unflushed[4], 0) AS completion_tokens,
+             coalesce(sum(u.rate_limited), 0) + coalesce(ks.unflushed[6], 0) AS rate_limited,
+             coalesce(sum(u.daily_quota), 0) + coalesce(ks.unflushed[7], 0) AS daily_quota,
+             coalesce(sum(u.key_invalid), 0) + coalesce(ks.unflushed[8], 0) AS key_invalid,
+             coalesce(sum(u.billing), 0) + coalesce(ks.unflushed[9], 0) AS billing,
+             coalesce(sum(u.server_error), 0) + coalesce(ks.unflushed[10], 0) AS server_error,
+             coalesce(sum(u.caller_error), 0) + coalesce(ks.unflushed[11], 0) AS caller_error,
+             coalesce(sum(u.other), 0) + coalesce(ks.unflushed[12], 0) AS other
+        FROM keypool.usage_hourly u
+       WHERE u.key_id = k.key_id
+         AND u.hour >= (date_trunc('day', keypool_now() AT TIME ZONE s.timezone) AT TIME ZONE s.timezone)) t;
+COMMENT ON VIEW keypool_key_stats IS
+    'Per key: state, its account''s use this minute and today against each limit (and %), its own use and errors today by class, users';
+
+-- Prices used by keypool_usage_report (keypool_set_price edits them).
+CREATE VIEW keypool_prices AS
+SELECT provider, nullif(model, '') AS model, input_per_million, output_per_million, per_request, updated_at
+  FROM keypool.price;
+COMMENT ON VIEW keypool_prices IS 'Prices per provider and model (NULL: every model) for cost estimates';
+
+-- What needs attention now. alert_key identifies an alert across checks (keypool_check_alerts).
+CREATE VIEW keypool_alerts AS
+WITH setting AS (
+    SELECT coalesce(nullif(current_setting('pg_keypool.alert_threshold', true), '')::float8, 0.8) AS threshold,
+           coalesce(nullif(current_setting('pg_keypool.worker_silence', true), '')::interval, interval '1 min') AS silence
+), scope_use AS (
+    SELECT s.scope_id, s.provider, s.account, s.model, u.what, u.used, u.lim, u.used::float8 / u.lim AS fraction,
+           row_number() OVER (PARTITION BY s.scope_id ORDER BY u.used::float8 / u.lim DESC, u.what) AS rank
+      FROM keypool_scopes s
+     CROSS JOIN LATERAL (VALUES ('requests per minute', s.requests_this_minute, s.rpm::bigint),
+                                ('tokens per minute', s.tokens_this_minute, s.tpm),
+                                ('requests per day', s.requests_today, s.rpd::bigint),
+                                ('tokens per day', s.tokens_today, s.tpd)) u(what, used, lim)
+     WHERE u.lim IS NOT NULL AND s.keys > 0
+)
+SELECT 'scope:' || su.scope_id AS alert_key,
+       'scope_near_limit' AS kind,
+       CASE WHEN su.fraction >= 1 THEN 'critical' ELSE 'warning' END AS severity,
+       (SELECT min(k.pool) FROM keypool_keys k WHERE k.scope_id = su.scope_id) AS pool,
+       NULL::bigint AS key_id, su.scope_id, NULL::text AS worker,
+       format('account %s (%s%s) is at %s%% of its %s limit (%s of %s)',
+              coalesce(su.account, (SELECT min(k.label) FROM keypool_keys k WHERE k.scope_id = su.scope_id)),
+              su.provider, coalesce(' ' || su.model, ''), floor(100 * su.fraction)::bigint, su.what, su.used, su.lim) AS message
+  FROM scope_use su, setting
+ WHERE su.rank = 1 AND su.fraction >= setting.threshold
+UNION ALL
+SELECT 'key:' || k.key_id,
+       CASE k.state WHEN 'disabled' THEN 'key_disabled' ELSE 'key_cooling' END,
+       CASE k.state WHEN 'disabled' THEN 'critical' ELSE 'warning' END,
+       k.pool, k.key_id, k.scope_id, NULL,
+       format('key %s (%s) is %s%s: %s', k.label, k.pool, k.state,
+              CASE WHEN k.state = 'cooling' THEN ' until ' || to_char(k.cooling_until AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' ELSE '' END,
+              coalesce(k.reason, 'no reason given'))
+  FROM keypool_keys k
+ WHERE k.state <> 'active'
+UNION ALL
+SELECT 'pool:' || p.pool || ':no_usable_key', 'pool_without_usable_key', 'critical', p.pool, NULL, NULL, NULL,
+       format('pool %s has no usable key (%s cooling, %s disabled)', p.pool, p.keys_cooling, p.keys_disabled)
+  FROM keypool_pool_stats p
+ WHERE p.keys_usable = 0 AND p.keys_cooling + p.keys_disabled > 0
+UNION ALL
+SELECT 'pool:' || p.pool || ':overcommitted', 'pool_overcommitted', 'warning', p.pool, NULL, NULL, NULL,
+       format('pool %s is overcommitted: minimum shares add up to %s x its daily capacity of %s', p.pool, p.overcommit,
+              p.daily_capacity)
+  FROM keypool_pool_stats p
+ WHERE p.overcommit > 1
+UNION ALL
+SELECT 'worker:' || w.id, 'worker_silent', 'warning', NULL, NULL, NULL, w.id,
+       format('worker %s (%s, pid %s) last seen %s ago', w.id, coalesce(w.host, '?'), coalesce(w.pid::text, '?'),
+              date_trunc('second', now() - w.last_seen))
+  FROM keypool.worker w, setting
+ WHERE w.stopped_at IS NULL AND w.last_seen < now() - setting.silence;
+COMMENT ON VIEW keypool_alerts IS
+    'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys or overcommitted, silent workers';
+
+-- One row: how the whole installation is doing, and what it can serve.
+CREATE VIEW keypool_health AS
+WITH keys AS (
+    SELECT count(*) AS total,
+           count(*) FILTER (WHERE state = 'active') AS usable,
+           count(*) FILTER (WHERE state = 'cooling') AS cooling,
+           count(*) FILTER (WHERE state = 'disabled') AS disabled
+      FROM keypool_keys
+), pools AS (
+    SELECT count(*) FILTER (WHERE keys_usable = 0 AND keys_cooling + keys_disabled > 0) AS without_usable,
+           count(*) FILTER (WHERE overcommit > 1) AS overcommitted,
+           sum(daily_capacity / min_share) FILTER (WHERE min_share > 0) AS daily_users
+      FROM keypool_pool_stats
+), capacity AS (
+    SELECT CASE WHEN bool_and(rpd IS NOT NULL OR rpm IS NOT NULL)
+                THEN sum(coalesce(least(rpd::bigint, rpm::bigint * 1440), rpd, rpm::bigint * 1440)) END AS requests_per_day,
+           CASE WHEN bool_and(rpm IS NOT NULL) THEN sum(rpm) END AS requests_per_minute
+      FROM keypool_scopes
+     WHERE scope_id IN (SELECT scope_id FROM keypool_keys WHERE state = 'active')
+), alerts AS (
+    SELECT count(*) FILTER (WHERE kind = 'scope_near_limit') AS near_limit FROM keypool_alerts
+), verdict AS (
+    SELECT CASE
+               WHEN keys.total = 0 THEN 'CRITICAL'
+               WHEN keys.usable * 4 < keys.total OR pools.without_usable > 0 THEN 'CRITICAL'
+               WHEN keys.usable * 4 < keys.total * 3 OR keys.disabled > 0 OR pools.overcommitted > 0 THEN 'DEGRADED'
+               WHEN keys.cooling > 0 OR alerts.near_limit > 0 THEN 'GOOD'
+               ELSE 'EXCELLENT'
+           END AS status
+      FROM keys, pools, alerts
+)
+SELECT v.status,
+       CASE v.status
+           WHEN 'EXCELLENT' THEN format('Excellent capacity: all %s keys usable, no account near a limit', keys.total)
+           WHEN 'GOOD' THEN format('Good: %s of %s keys usable; %s cooling, %s accounts near a limit',
+                                   keys.usable, keys.total, keys.cooling, alerts.near_limit)
+           WHEN 'DEGRADED' THEN format('Degraded: %s of %s keys usable, %s disabled, %s pools overcommitted',
+                                       keys.usable, keys.total, keys.disabled, pools.overcommitted)
+           ELSE CASE WHEN keys.total = 0 THEN 'Critical: no keys'
+                     ELSE format('Critical: %s of %s keys usable; %s pools without a usable key',
+                                 keys.usable, keys.total, pools.without_usable) END
+       END AS message,
+       v.status IN ('EXCELLENT', 'GOOD') AS healthy,
+       keys.total AS keys_total, keys.usable AS keys_usable, keys.cooling AS keys_cooling, keys.disabled AS keys_disabled,
+       capacity.requests_per_day,
+       pools.daily_users::bigint AS daily_users,
+       floor(capacity.requests_per_minute
+             / coalesce(nullif(current_setting('pg_keypool.concurrent_user_rpm', true), '')::float8, 0.5))::bigint
+           AS concurrent_users
+  FROM verdict v, keys, pools, capacity, alerts;
+COMMENT ON VIEW keypool_health IS
+    'One row: EXCELLENT, GOOD, DEGRADED or CRITICAL with a message, keys by state, and estimated capacity (requests per day, daily users at the minimum share, concurrent users)';
 
 -- The installation's identity: inserted last, so that its trigger finds every function.
 INSERT INTO keypool.instance DEFAULT VALUES;
@@ -186,6 +338,18 @@ COMMENT ON FUNCTION keypool_set_clock(timestamptz) IS
     'Test aid, superuser only: freezes pg_keypool''s clock in this database; NULL returns to wall time';
 COMMENT ON FUNCTION keypool_status() IS
     'Shared-memory use and how the state was restored at server start';
+COMMENT ON FUNCTION keypool_reset_usage(text) IS
+    'Starts counting again for a pool''s accounts and users (or every pool): minute and day windows, cooldowns, users'' use today; returns accounts reset';
+COMMENT ON FUNCTION keypool_set_price(text, text, numeric, numeric, numeric) IS
+    'Sets the price of a provider''s model (NULL model: every model) per million input and output tokens and per request';
+COMMENT ON FUNCTION keypool_usage_report(date, date) IS
+    'Per key per day: requests, prompt and completion tokens, errors, estimated cost (from keypool_prices)';
+COMMENT ON FUNCTION keypool_enable_keys(text) IS
+    'Re-enables the keys and accounts that provider answers disabled (not those an operator disabled); returns how many';
+COMMENT ON FUNCTION keypool_check_alerts() IS
+    'Records alerts raised and cleared since the last check as events (NOTIFY keypool_events); returns how many were raised';
+COMMENT ON FUNCTION keypool.maintain() IS 'Internal: background upkeep (alerts, event retention)';
+COMMENT ON FUNCTION keypool.notify_event() IS 'Internal: announces every event on channel keypool_events';
 COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of every scope (for keypool_scopes)';
 COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of every key (for keypool_keys)';
 COMMENT ON FUNCTION keypool.note_config_change() IS 'Internal: marks configuration caches stale (trigger helper)';
@@ -220,6 +384,8 @@ REVOKE ALL ON FUNCTION
     keypool.scope_state(),
     keypool.key_state(),
     keypool.note_config_change(),
-    keypool.config_changed()
+    keypool.config_changed(),
+    keypool_reset_usage(text)
 FROM PUBLIC;
-REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats FROM PUBLIC;
+REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats,
+    keypool_key_stats, keypool_prices, keypool_alerts, keypool_health FROM PUBLIC;

@@ -37,7 +37,9 @@ CREATE TABLE keypool.worker (
     last_seen   timestamptz NOT NULL,
     served      bigint NOT NULL DEFAULT 0,
     failed      bigint NOT NULL DEFAULT 0,
-    queue_done  bigint NOT NULL DEFAULT 0
+    queue_done  bigint NOT NULL DEFAULT 0,
+    -- Set by a clean stop; a worker that stopped cleanly is not missing (keypool_alerts).
+    stopped_at  timestamptz
 );
 
 CREATE FUNCTION keypool_submit(user_id text, pool text, request jsonb,
@@ -187,7 +189,14 @@ LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 
     VALUES (worker, version, host, pid, started_at, now(), served, failed, queue_done)
     ON CONFLICT (id) DO UPDATE SET version = excluded.version, host = excluded.host, pid = excluded.pid,
         started_at = excluded.started_at, last_seen = now(), served = excluded.served,
-        failed = excluded.failed, queue_done = excluded.queue_done;
+        failed = excluded.failed, queue_done = excluded.queue_done, stopped_at = NULL;
+$$;
+
+-- For workers: a clean stop.
+CREATE FUNCTION keypool_worker_stopped(worker text)
+RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE keypool.worker w SET stopped_at = now(), last_seen = now() WHERE w.id = $1;
 $$;
 
 -- For workers: every pool and the models its keys serve (GET /v1/models), without any secret.
@@ -220,7 +229,8 @@ SELECT id, user_id, pool, status, attempts, max_attempts, not_before, deadline, 
 COMMENT ON VIEW keypool_requests IS 'The SQL request queue: status, attempts, worker and lease of every request';
 
 CREATE VIEW keypool_workers AS
-SELECT id, version, host, pid, started_at, last_seen, now() - last_seen AS silent_for, served, failed, queue_done
+SELECT id, version, host, pid, started_at, last_seen, now() - last_seen AS silent_for, served, failed, queue_done,
+       stopped_at
   FROM keypool.worker;
 COMMENT ON VIEW keypool_workers IS 'Workers as their heartbeats report them';
 
@@ -236,6 +246,7 @@ COMMENT ON FUNCTION keypool_queue_wake_at() IS
     'For workers: when the next queued request falls due or the next lease runs out';
 COMMENT ON FUNCTION keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint) IS
     'For workers: records a heartbeat';
+COMMENT ON FUNCTION keypool_worker_stopped(text) IS 'For workers: records a clean stop';
 COMMENT ON FUNCTION keypool_models() IS 'Every pool and the models its keys serve (no secrets)';
 COMMENT ON FUNCTION keypool_key_credentials(bigint) IS
     'For the worker''s validate: provider, model, base URL and secret of a key (grant with care)';
@@ -247,6 +258,7 @@ REVOKE ALL ON FUNCTION
     keypool_complete_request(bigint, text, text, jsonb, text, timestamptz),
     keypool_queue_wake_at(),
     keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint),
+    keypool_worker_stopped(text),
     keypool_models(),
     keypool_key_credentials(bigint)
 FROM PUBLIC;

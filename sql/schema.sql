@@ -48,6 +48,8 @@ CREATE TABLE keypool.scope (
     timezone        text NOT NULL DEFAULT 'UTC',
     disabled_reason text,
     disabled_at     timestamptz,
+    -- Who disabled it: the provider's answer (billing), or an operator.
+    disabled_by     text CHECK (disabled_by IN ('provider', 'operator')),
     created_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE UNIQUE INDEX scope_account_model ON keypool.scope (provider, account, (coalesce(model, '')))
@@ -69,6 +71,8 @@ CREATE TABLE keypool.key (
     group_no        integer NOT NULL,
     disabled_reason text,
     disabled_at     timestamptz,
+    -- Who disabled it: the provider's answer (401, API_KEY_INVALID ...), or an operator.
+    disabled_by     text CHECK (disabled_by IN ('provider', 'operator')),
     -- Removed keys keep their history; they take no traffic and no users.
     removed_at      timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),

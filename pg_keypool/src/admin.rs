@@ -457,7 +457,7 @@ fn keypool_disable_key(key_id: Option<i64>, reason: default!(Option<&str>, "NULL
     as_owner(|client| {
         let found: Option<i64> = one(
             client,
-            "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3
+            "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3, disabled_by = 'operator'
               WHERE id = $1 AND removed_at IS NULL RETURNING pool_id",
             &[key_id.into(), reason.as_str().into(), now_ts().into()],
         );
@@ -477,7 +477,7 @@ fn keypool_enable_key(key_id: Option<i64>) {
     };
     let (pool_id, scope_id) = as_owner(|client| {
         let table = errors::spi(client.update(
-            "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL
+            "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL, disabled_by = NULL
               WHERE id = $1 AND removed_at IS NULL RETURNING pool_id, scope_id",
             None,
             &[key_id.into()],
@@ -487,7 +487,8 @@ fn keypool_enable_key(key_id: Option<i64>) {
         }
         let (pool_id, scope_id) = errors::spi(table.first().get_two::<i64, i64>());
         errors::spi(client.update(
-            "UPDATE keypool.scope SET disabled_reason = NULL, disabled_at = NULL WHERE id = $1 AND disabled_reason IS NOT NULL",
+            "UPDATE keypool.scope SET disabled_reason = NULL, disabled_at = NULL, disabled_by = NULL
+              WHERE id = $1 AND disabled_reason IS NOT NULL",
             None,
             &[scope_id.into()],
         ));
@@ -506,13 +507,32 @@ fn keypool_enable_key(key_id: Option<i64>) {
     }
 }
 
+/// The role calling (before any switch to the extension's owner), for event reasons.
+pub fn current_role() -> String {
+    errors::spi(Spi::get_one::<String>("SELECT current_user::text")).unwrap_or_default()
+}
+
+/// Records an operator's action that concerns a pool (or every pool) rather than a key.
+pub fn record_admin_event(kind: &str, pool_id: Option<i64>, reason: &str) {
+    as_owner(|client| record_event(client, kind, pool_id, None, None, Some(reason)));
+}
+
+/// Records what a provider answer did to a key or its account: rate-limit hits, daily quotas,
+/// circuit breakers opening (settle.rs).
+pub fn record_outcome_event(cfg: &Config, kind: &str, key_id: i64, scope_id: Option<i64>, reason: &str) {
+    let pool_id = cfg.key_by_id(key_id).map(|k| k.pool_id);
+    privilege::as_user(cfg.extension_owner, || {
+        Spi::connect_mut(|client| record_event(client, kind, pool_id, Some(key_id), scope_id, Some(reason)))
+    });
+}
+
 /// Disables a key because its provider rejected it (settle.rs).
 pub fn disable_key_after_error(cfg: &Config, key_id: i64, reason: &str) {
     privilege::as_user(cfg.extension_owner, || {
         Spi::connect_mut(|client| {
             let pool_id: Option<i64> = one(
                 client,
-                "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3
+                "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3, disabled_by = 'provider'
                   WHERE id = $1 AND disabled_reason IS NULL RETURNING pool_id",
                 &[key_id.into(), reason.into(), now_ts().into()],
             );
@@ -529,7 +549,7 @@ pub fn disable_scope_after_error(cfg: &Config, scope_id: i64, reason: &str) {
         Spi::connect_mut(|client| {
             let changed: Option<i64> = one(
                 client,
-                "UPDATE keypool.scope SET disabled_reason = $2, disabled_at = $3
+                "UPDATE keypool.scope SET disabled_reason = $2, disabled_at = $3, disabled_by = 'provider'
                   WHERE id = $1 AND disabled_reason IS NULL RETURNING id",
                 &[scope_id.into(), reason.into(), now_ts().into()],
             );

@@ -62,19 +62,23 @@ pub fn abandon_trial(key: &KeySlot) {
     key.trial_since_ms.store(0, Release);
 }
 
-/// Records the outcome of a call made with this key.
-pub fn record(key: &KeySlot, outcome: Outcome, was_trial: bool, now_ms: i64) {
+/// Records the outcome of a call made with this key. Returns the consecutive failures when
+/// this outcome opened the breaker.
+pub fn record(key: &KeySlot, outcome: Outcome, was_trial: bool, now_ms: i64) -> Option<u32> {
     if outcome == Outcome::ServerError {
         let failures = key.consecutive_failures.fetch_add(1, AcqRel) + 1;
         if was_trial || failures >= settings::BREAKER_THRESHOLD.get() as u32 {
             let cooldown = settings::BREAKER_COOLDOWN_MS.get() as i64;
-            key.breaker_open_until_ms.store(now_ms + cooldown, Release);
+            let before = key.breaker_open_until_ms.swap(now_ms + cooldown, AcqRel);
             key.trial_since_ms.store(0, Release);
+            return (before <= now_ms).then_some(failures);
         }
+        None
     } else {
         key.consecutive_failures.store(0, Release);
         key.breaker_open_until_ms.store(0, Release);
         key.trial_since_ms.store(0, Release);
+        None
     }
 }
 

@@ -25,6 +25,14 @@ pub fn from_timestamptz(ts: TimestampWithTimeZone) -> i64 {
     (i64::from(ts) + PG_EPOCH_US).div_euclid(1000)
 }
 
+/// `2026-11-23 14:05:09 UTC`: times in event reasons, independent of the session's settings.
+pub fn format_ms(ms: i64) -> String {
+    match chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        None => format!("{ms} ms after 1970"),
+    }
+}
+
 pub fn real_now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

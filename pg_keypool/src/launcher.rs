@@ -1,6 +1,6 @@
 //! Background work: the launcher saves rate-window state to disk every
 //! `pg_keypool.state_save_interval` and, every `pg_keypool.flush_interval`, starts a short-lived
-//! flusher in each database whose keys have unflushed usage. The launcher itself needs no
+//! flusher in each database with keys (usage history, alerts, event retention). The launcher itself needs no
 //! database connection; a flusher connects to its database, writes the hourly history, exits.
 
 use std::collections::{HashMap, HashSet};
@@ -72,10 +72,11 @@ pub extern "C-unwind" fn pg_keypool_launcher_main(_arg: pg_sys::Datum) {
             flushers.retain(|_, w| {
                 w.pid().is_ok() || matches!(w.pid(), Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted))
             });
+            // Every database with keys: usage to flush, alerts to check, old events to drop.
             let pending: HashSet<u32> = sh
                 .keys
                 .iter()
-                .filter(|k| !k.tag.is_free() && k.has_pending())
+                .filter(|k| !k.tag.is_free())
                 .map(|k| k.tag.owner().dboid)
                 .collect();
             for dboid in pending {
@@ -101,18 +102,20 @@ pub extern "C-unwind" fn pg_keypool_launcher_main(_arg: pg_sys::Datum) {
     let _ = persist::save(sh);
 }
 
-/// Writes one database's unflushed usage to its hourly history, then exits.
+/// Writes one database's unflushed usage to its hourly history, checks its alerts and drops
+/// events past their retention, then exits.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_keypool_flusher_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
     let dboid = arg.value() as u32;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
-    BackgroundWorker::transaction(|| {
+    let installed_here = BackgroundWorker::transaction(|| {
         let installed =
             Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool')");
         if let Ok(Some(true)) = installed {
             history::flush(&config::current());
+            return true;
         } else if let Some(sh) = shmem::try_shared() {
             // The extension is gone from this database: its counters have nowhere to go.
             for k in sh.keys.iter().filter(|k| k.tag.owner().dboid == dboid) {
@@ -121,5 +124,14 @@ pub extern "C-unwind" fn pg_keypool_flusher_main(arg: pg_sys::Datum) {
                 }
             }
         }
+        false
     });
+    // Separately, so that a failure here never holds up the history.
+    if installed_here {
+        BackgroundWorker::transaction(|| {
+            if let Err(e) = Spi::run("SELECT keypool.maintain()") {
+                warning!("pg_keypool: background upkeep failed: {e}");
+            }
+        });
+    }
 }

@@ -34,6 +34,7 @@ mod quota;
 mod registry;
 mod reservation;
 mod reserve;
+mod reset;
 pub mod secret;
 mod settings;
 mod settle;
@@ -49,6 +50,7 @@ pub mod window;
 extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../../sql/api.sql", name = "api", finalize);
 extension_sql_file!("../../sql/queue.sql", name = "queue", requires = ["schema"]);
+extension_sql_file!("../../sql/operations.sql", name = "operations", requires = ["queue"]);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

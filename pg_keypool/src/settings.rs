@@ -13,6 +13,10 @@ pub static BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static BREAKER_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 pub static STATE_SAVE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static EVENT_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 60);
+pub static WORKER_SILENCE_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static ALERT_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.8);
+pub static CONCURRENT_USER_RPM: GucSetting<f64> = GucSetting::<f64>::new(0.5);
 
 /// Registers the settings. Called from `_PG_init`. The sizes of shared memory can only be
 /// defined while the server starts (`preloading`); when the library is loaded later they would
@@ -135,6 +139,44 @@ fn define_reloadable() {
         &FLUSH_INTERVAL_MS,
         100,
         3_600_000,
+    );
+    sighup_ms(
+        c"pg_keypool.worker_silence",
+        c"A worker whose last heartbeat is older than this is reported in keypool_alerts.",
+        c"",
+        &WORKER_SILENCE_MS,
+        1_000,
+        86_400_000,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keypool.event_retention",
+        c"How long keypool_events keeps events; older ones are deleted in the background.",
+        c"",
+        &EVENT_RETENTION_MIN,
+        1,
+        100 * 365 * 24 * 60,
+        GucContext::Sighup,
+        GucFlags::UNIT_MIN,
+    );
+    GucRegistry::define_float_guc(
+        c"pg_keypool.alert_threshold",
+        c"Fraction of a limit at which a scope is reported in keypool_alerts.",
+        c"",
+        &ALERT_THRESHOLD,
+        0.01,
+        1.0,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"pg_keypool.concurrent_user_rpm",
+        c"Requests per minute one concurrently active user sends (keypool_health's estimate).",
+        c"",
+        &CONCURRENT_USER_RPM,
+        0.001,
+        1_000_000.0,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"pg_keypool.breaker_threshold",

@@ -5,6 +5,8 @@
 //! counted, and the outcome acts on the key and scope (outcome.rs). Releasing gives back the
 //! whole reservation because the call was never sent.
 
+use std::sync::atomic::Ordering;
+
 use pgrx::prelude::*;
 
 use crate::admin;
@@ -142,8 +144,9 @@ fn keypool_settle(
     correct(sh, &cfg, &r, 0, actual - r.est_tokens, now);
 
     let key_slot = sh.key(r.key_slot);
+    let mut breaker_opened = None;
     if key_slot.tag.is(cfg.owner, r.key_id) {
-        breaker::record(key_slot, outcome, r.flags & FLAG_TRIAL != 0, now);
+        breaker_opened = breaker::record(key_slot, outcome, r.flags & FLAG_TRIAL != 0, now);
         key_slot.add(Counter::PromptTokens, prompt);
         key_slot.add(Counter::CompletionTokens, completion);
         key_slot.add(outcome_counter(outcome), 1);
@@ -157,11 +160,34 @@ fn keypool_settle(
                 .unwrap_or(settings::DEFAULT_COOLDOWN_MS.get() as i64)
                 .max(1);
             scope_slot.cool_until(now + ms, CoolingReason::RateLimited);
+            let until = scope_slot.cooling_until_ms.load(Ordering::Acquire);
+            admin::record_outcome_event(
+                &cfg,
+                "rate_limited",
+                r.key_id,
+                Some(r.scope_id),
+                &format!(
+                    "{}; account cooling until {}",
+                    reason(&cfg, r.key_id, status, error_code),
+                    clock::format_ms(until)
+                ),
+            );
         }
         Outcome::DailyQuota if scope_is_ours => {
             if let Some(scope) = cfg.scope_by_id(r.scope_id) {
                 let (_, day_end) = calendar::day_bounds(scope.tz, now);
                 scope_slot.cool_until(day_end, CoolingReason::DailyQuota);
+                admin::record_outcome_event(
+                    &cfg,
+                    "daily_quota",
+                    r.key_id,
+                    Some(r.scope_id),
+                    &format!(
+                        "{}; account cooling until its daily reset at {}",
+                        reason(&cfg, r.key_id, status, error_code),
+                        clock::format_ms(day_end)
+                    ),
+                );
             }
         }
         Outcome::KeyInvalid => {
@@ -171,6 +197,20 @@ fn keypool_settle(
             admin::disable_scope_after_error(&cfg, r.scope_id, &reason(&cfg, r.key_id, status, error_code))
         }
         _ => {}
+    }
+    if let Some(failures) = breaker_opened {
+        admin::record_outcome_event(
+            &cfg,
+            "breaker_open",
+            r.key_id,
+            None,
+            &format!(
+                "{} server errors in a row (last: {}); out until {}",
+                failures,
+                reason(&cfg, r.key_id, status, error_code),
+                clock::format_ms(now + settings::BREAKER_COOLDOWN_MS.get() as i64)
+            ),
+        );
     }
     outcome.as_str().to_string()
 }

@@ -144,7 +144,9 @@ mod keypool {
         TableIterator::new(rows)
     }
 
-    /// Live state of every key of this database: circuit breaker and last use.
+    /// Live state of every key of this database: circuit breaker, last use, users, and the usage
+    /// counters not yet flushed to the hourly history (in `Counter` order: requests, released,
+    /// prompt and completion tokens, success, then the error classes).
     #[pg_extern(volatile, parallel_unsafe)]
     #[allow(clippy::type_complexity)]
     fn key_state() -> TableIterator<
@@ -156,6 +158,7 @@ mod keypool {
             name!(consecutive_failures, i32),
             name!(last_used_at, Ts),
             name!(users, i64),
+            name!(unflushed, Vec<i64>),
         ),
     > {
         let sh = shmem::shared();
@@ -184,6 +187,7 @@ mod keypool {
                     slot.consecutive_failures.load(Ordering::Acquire) as i32,
                     (last_used > 0).then(|| clock::to_timestamptz(last_used)),
                     slot.assigned.load(Ordering::Acquire),
+                    slot.counters.iter().map(|c| c.load(Ordering::Acquire)).collect(),
                 ))
             })
             .collect();

@@ -15,6 +15,15 @@ use crate::gateway::{self, Gateway, Stats};
 use crate::queue;
 use crate::server::{self, Endpoint};
 
+/// Records a clean stop, so that the worker is not reported missing (keypool_alerts).
+async fn stopped(db: &Db, worker_id: &str) -> Result<(), crate::db::DbError> {
+    let client = db.client().await?;
+    client
+        .execute("SELECT keypool_worker_stopped($1)", &[&worker_id])
+        .await?;
+    Ok(())
+}
+
 async fn heartbeat(db: &Db, worker_id: &str, started: SystemTime, stats: &Stats) -> Result<(), crate::db::DbError> {
     let client = db.client().await?;
     let stmt = client
@@ -168,6 +177,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Err(e) = heartbeat(&db, &worker_id, started, &gateway.stats).await {
         warn!(error = %e, "last heartbeat failed");
+    }
+    if let Err(e) = stopped(&db, &worker_id).await {
+        warn!(error = %e, "could not record the clean stop");
     }
     info!(
         served = gateway.stats.served.load(Ordering::Relaxed),

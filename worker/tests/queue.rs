@@ -375,7 +375,8 @@ async fn a_worker_runs_with_only_the_documented_grants() {
                  keypool_settle(bigint, integer, bigint, bigint, bigint, text),
                  keypool_release(bigint), keypool_models(), keypool_claim_requests(text, integer, interval),
                  keypool_complete_request(bigint, text, text, jsonb, text, timestamptz), keypool_queue_wake_at(),
-                 keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint)
+                 keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint),
+                 keypool_worker_stopped(text)
                TO {worker_role};
              GRANT EXECUTE ON FUNCTION keypool_submit(text, text, jsonb, interval, integer), keypool_result(bigint)
                TO {app_role};",
@@ -421,6 +422,18 @@ async fn a_worker_runs_with_only_the_documented_grants() {
         "2 served, 1 from the queue",
     )
     .await;
+    // A clean stop is recorded, so the worker is not reported missing.
+    let mut w = w;
+    assert!(w.terminate(Duration::from_secs(30)).await.success());
+    assert_eq!(
+        value(
+            &db,
+            "SELECT stopped_at IS NOT NULL FROM keypool_workers WHERE id = 'grants'"
+        )
+        .await
+        .as_deref(),
+        Some("t")
+    );
     assert!(!w.log().contains("permission denied"), "{}", w.log());
     drop(w);
     exec(

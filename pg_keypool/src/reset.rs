@@ -1,0 +1,95 @@
+//! `keypool_reset_usage`: starts the counting over, for when the provider's own counters were
+//! reset (a new billing period, a raised quota, a support ticket) or a test day is over (seed
+//! 001's reset).
+//!
+//! For every account (scope) of the pool's keys, or of every pool: the rolling minute and
+//! today's requests and tokens go back to zero and a rate-limit cooldown ends. For the pool's
+//! users: what they used of today's share goes back to zero (their shares stay fixed), and so
+//! does what was lent beyond shares. Disabled keys stay disabled (`keypool_enable_key`,
+//! `keypool_enable_keys`). Hourly history is not touched. The reset acts on shared memory at
+//! once; it is recorded as a `usage_reset` event.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use pgrx::prelude::*;
+
+use crate::admin;
+use crate::config;
+use crate::members::STRIPES;
+use crate::shmem::{self, CoolingReason};
+use crate::window::MinuteLog;
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_reset_usage(pool: default!(Option<&str>, "NULL")) -> i64 {
+    let sh = shmem::shared();
+    let cfg = config::current();
+    let pools: Vec<&config::Pool> = match pool {
+        Some(name) => match cfg.pool_by_name(name) {
+            Some(p) => vec![p],
+            None => crate::errors::undefined(format!("pool \"{name}\" does not exist")).raise(),
+        },
+        None => cfg.pools.iter().collect(),
+    };
+    let scopes: BTreeSet<usize> = match pool {
+        Some(_) => pools
+            .iter()
+            .flat_map(|p| p.keys.iter().map(|&k| cfg.keys[k].scope))
+            .collect(),
+        None => (0..cfg.scopes.len()).collect(),
+    };
+    let mut reset_scopes = 0i64;
+    for &s in &scopes {
+        let scope = &cfg.scopes[s];
+        let slot = sh.scope(scope.slot);
+        let mut w = slot.lock();
+        if !w.tag().is(cfg.owner, scope.id) {
+            continue;
+        }
+        w.minute = MinuteLog::default();
+        w.day.requests = 0;
+        w.day.tokens = 0;
+        w.day.carry_requests = 0;
+        w.day.carry_tokens = 0;
+        w.day.carry_until_ms = 0;
+        slot.cooling_until_ms.store(0, Ordering::Release);
+        slot.cooling_reason.store(CoolingReason::None as u32, Ordering::Release);
+        drop(w);
+        reset_scopes += 1;
+    }
+    let mut reset_users = 0i64;
+    for p in &pools {
+        let pslot = sh.pool(p.slot);
+        if !pslot.tag.is(cfg.owner, p.id) {
+            continue;
+        }
+        let mut shares = pslot.lock();
+        shares.borrowed = 0;
+        let gen = pslot.members_gen.load(Ordering::Acquire);
+        for s in 0..STRIPES {
+            let stripe = sh.members.stripe_at(s);
+            for i in 0..stripe.len() {
+                let m = stripe.at(i);
+                if m.hash != 0 && m.pool_slot == p.slot && m.pool_gen == gen && m.used > 0 {
+                    m.used = 0;
+                    reset_users += 1;
+                }
+            }
+        }
+        drop(shares);
+    }
+    let pool_id = pool.and_then(|n| cfg.pool_by_name(n)).map(|p| p.id);
+    admin::record_admin_event(
+        "usage_reset",
+        pool_id,
+        &format!(
+            "by {}: {} account(s) and {} user(s) of {} start counting again",
+            admin::current_role(),
+            reset_scopes,
+            reset_users,
+            pool.map(|n| format!("pool \"{n}\""))
+                .unwrap_or_else(|| "every pool".into()),
+        ),
+    );
+    reset_scopes
+}
