@@ -291,7 +291,7 @@ pub fn restore_at_startup() {
         unsafe { *slot.windows_unlocked() = windows };
         slot.cooling_until_ms.store(r.cooling_until_ms, Ordering::Release);
         slot.cooling_reason.store(r.cooling_reason, Ordering::Release);
-        slot.tag.set(r.owner, r.id);
+        slot.tag.set(r.owner, r.id, now);
         restored += 1;
     }
     for (slot, r) in sh.keys.iter().zip(state.keys.iter()) {
@@ -305,7 +305,7 @@ pub fn restore_at_startup() {
                 c.store(*v, Ordering::Release);
             }
         }
-        slot.tag.set(r.owner, r.id);
+        slot.tag.set(r.owner, r.id, now);
     }
     if state.clean {
         restore_members(sh, &state.members);
@@ -338,7 +338,7 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
             Some(i) => i,
             None => match sh.pools.iter().position(|p| p.tag.is_free()) {
                 Some(i) => {
-                    sh.pools[i].tag.set(r.owner, r.pool_id);
+                    sh.pools[i].tag.set(r.owner, r.pool_id, clock::real_now_ms());
                     i
                 }
                 None => continue,

@@ -4,8 +4,11 @@
 //! under the registry lock finds the slots it already owns and takes free ones for new rows.
 //! A slot is taken back only when that loses nothing:
 //! - its owner is gone (the database was dropped, or the extension re-created in it), or
-//! - it belongs to this owner, its row is no longer in the configuration, and it is idle (no
-//!   charge in its windows, no cooldown, no unflushed counters).
+//! - it belongs to this owner, its row is no longer in the configuration, it is idle (no
+//!   charge in its windows, no cooldown, no unflushed counters), and no backend has bound or
+//!   confirmed it for `RECLAIM_GRACE_MS`. A row missing from our snapshot may be another
+//!   transaction's uncommitted insert: without the grace, two open transactions that each add
+//!   keys and reserve would take each other's slots back in turn.
 //!
 //! Every hot-path use re-checks the slot's tag (under the scope lock for scopes), so a backend
 //! with an older cache never writes into a slot that was re-bound; it reloads instead.
@@ -88,6 +91,9 @@ impl Slot for PoolSlot {
     }
 }
 
+/// How long a slot stays bound after the last backend that wanted it bound or confirmed it.
+const RECLAIM_GRACE_MS: i64 = 10_000;
+
 /// Slot numbers bound to the rows of one configuration.
 #[derive(Default)]
 pub struct Bindings {
@@ -152,6 +158,8 @@ fn bind_kind<S: Slot>(
     let newest_wanted = wanted.iter().copied().max().unwrap_or(0);
     let mut bound: HashMap<i64, u32> = HashMap::with_capacity(wanted.len());
     let mut free: Vec<u32> = Vec::new();
+    // Real time, not keypool_now(): a frozen test clock must not pin slots forever.
+    let wall = crate::clock::real_now_ms();
     for (i, slot) in slots.iter().enumerate() {
         let id = slot.tag().id();
         if id == 0 {
@@ -163,8 +171,12 @@ fn bind_kind<S: Slot>(
             // Rows newer than any this configuration knows may belong to a transaction that
             // committed after our snapshot: never take those back.
             if wanted_set.contains(&id) {
+                slot.tag().confirm(wall);
                 bound.insert(id, i as u32);
-            } else if id <= newest_wanted && slot.is_idle(now_ms) {
+            } else if id <= newest_wanted
+                && wall - slot.tag().confirmed_ms() >= RECLAIM_GRACE_MS
+                && slot.is_idle(now_ms)
+            {
                 slot.tag().clear();
                 free.push(i as u32);
             }
@@ -195,7 +207,7 @@ fn bind_kind<S: Slot>(
         let Some(i) = free.pop() else { break };
         let slot = &slots[i as usize];
         slot.reset();
-        slot.tag().set(owner, id);
+        slot.tag().set(owner, id, wall);
         bound.insert(id, i);
     }
     bound

@@ -111,6 +111,14 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
             .raise();
     }
     let mut cfg = config::current();
+    let rebound = {
+        let pool = assign::pool_or_error(&cfg, pool_name);
+        !sh.pool(pool.slot).tag.is(cfg.owner, pool.id)
+    };
+    if rebound {
+        // The pool's slot was taken back from an older configuration of ours: bind again.
+        cfg = config::reload_now();
+    }
     let now = clock::now_ms();
     let pool = assign::pool_or_error(&cfg, pool_name);
     assign::ensure_loaded(sh, &cfg, pool);
@@ -187,6 +195,10 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
         Code::ERRCODE_INTERNAL_ERROR,
         "pg_keypool: shared-memory slots kept moving during a reservation",
     )
+    .detail(format!(
+        "The slots of pool \"{pool_name}\"'s keys or accounts were bound to other rows three times while this call reserved."
+    ))
+    .hint("Retry the call; if it keeps happening, report it with the server log.")
     .raise()
 }
 

@@ -48,6 +48,8 @@ pub struct Tag {
     dboid: AtomicU32,
     instance: AtomicI64,
     id: AtomicI64,
+    /// Wall-clock ms when a backend last bound or confirmed this slot (registry.rs).
+    confirmed_ms: AtomicI64,
 }
 
 impl Tag {
@@ -70,10 +72,21 @@ impl Tag {
         self.id() == 0
     }
 
-    pub(crate) fn set(&self, owner: Owner, id: i64) {
+    pub(crate) fn set(&self, owner: Owner, id: i64, now_wall_ms: i64) {
         self.dboid.store(owner.dboid, Ordering::Relaxed);
         self.instance.store(owner.instance, Ordering::Relaxed);
+        self.confirmed_ms.store(now_wall_ms, Ordering::Relaxed);
         self.id.store(id, Ordering::Release);
+    }
+
+    /// Notes that a backend's configuration still wants this slot's row.
+    pub(crate) fn confirm(&self, now_wall_ms: i64) {
+        self.confirmed_ms.store(now_wall_ms, Ordering::Relaxed);
+    }
+
+    /// Wall-clock ms of the last bind or confirmation.
+    pub(crate) fn confirmed_ms(&self) -> i64 {
+        self.confirmed_ms.load(Ordering::Relaxed)
     }
 
     pub(crate) fn clear(&self) {

@@ -245,6 +245,58 @@ async fn a_transaction_with_an_old_snapshot_still_reserves_by_the_newest_configu
     tx.commit().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_transactions_adding_keys_do_not_take_each_others_slots() {
+    // Two transactions add pools and keys (their ids interleaved) and reserve at the same time
+    // before committing. Neither sees the other's rows, so to each the other's unused slots look
+    // like rows that are gone; taking them back makes the other reload and take back in turn.
+    let db = shared().fresh_db().await;
+    let mut first = db.connect().await;
+    let mut second = db.connect().await;
+    let a = first.transaction().await.unwrap();
+    let b = second.transaction().await.unwrap();
+    for i in 0..40 {
+        for (tx, pool) in [(&a, "first"), (&b, "second")] {
+            if i == 0 {
+                tx.batch_execute(&format!("SELECT keypool_create_pool('{pool}')"))
+                    .await
+                    .unwrap();
+            }
+            tx.batch_execute(&format!(
+                "SELECT keypool_add_key('{pool}', 'openai', 'sk-open-{pool}-{i}-000000', account => '{pool}-{}')",
+                i % 20
+            ))
+            .await
+            .unwrap();
+        }
+    }
+    // A third session's changes make both reload their configuration again and again.
+    let churn = async {
+        for _ in 0..100 {
+            exec(&db.client, "BEGIN; SELECT keypool_create_pool('churn'); ROLLBACK").await;
+        }
+    };
+    let (a, b, ()) = tokio::join!(reserve_in(a, "first", 200), reserve_in(b, "second", 200), churn);
+    assert_eq!((a, b), (200, 200));
+}
+
+/// Reserves `n` times in `pool` inside `tx`, for a new user each time; commits; returns grants.
+async fn reserve_in(tx: tokio_postgres::Transaction<'_>, pool: &str, n: usize) -> usize {
+    let mut granted = 0;
+    for i in 0..n {
+        let row = tx
+            .query_one(
+                "SELECT granted FROM keypool_reserve($1, $2)",
+                &[&format!("u{i}"), &pool],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("reserve {i} in {pool}: {e:?}"));
+        granted += row.get::<_, bool>(0) as usize;
+    }
+    tx.commit().await.unwrap();
+    granted
+}
+
 #[tokio::test]
 async fn a_recreated_extension_does_not_inherit_rate_windows() {
     let db = shared().fresh_db().await;
