@@ -24,6 +24,12 @@ RETURNS keypool_reservation
 AS 'MODULE_PATHNAME', 'keypool_reserve_c'
 LANGUAGE c VOLATILE PARALLEL UNSAFE;
 
+-- The state functions return a row per scope, key or pool. The default estimate (1000 rows)
+-- makes the stats views look expensive enough for JIT, which costs more than they do.
+ALTER FUNCTION keypool.scope_state() ROWS 100;
+ALTER FUNCTION keypool.key_state() ROWS 100;
+ALTER FUNCTION keypool.pool_state() ROWS 10;
+
 -- Every key with its state. Never shows the secret.
 CREATE VIEW keypool_keys AS
 SELECT k.id AS key_id,
@@ -238,7 +244,14 @@ COMMENT ON VIEW keypool_alerts IS
     'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys or overcommitted, silent workers';
 
 -- One row: how the whole installation is doing, and what it can serve.
-CREATE VIEW keypool_health AS
+-- The health verdict reads every other stats view; planned as one query its estimated cost on
+-- small, never-analysed tables passes jit_above_cost, and JIT compilation would take longer
+-- (hundreds of ms) than the query. Planned inside a function, with JIT off.
+CREATE FUNCTION keypool.health(
+    OUT status text, OUT message text, OUT healthy boolean, OUT keys_total bigint, OUT keys_usable bigint,
+    OUT keys_cooling bigint, OUT keys_disabled bigint, OUT requests_per_day numeric, OUT daily_users bigint,
+    OUT concurrent_users bigint)
+RETURNS SETOF record LANGUAGE sql STABLE SET jit = off SET search_path = @extschema@, pg_catalog, pg_temp AS $fn$
 WITH keys AS (
     SELECT count(*) AS total,
            count(*) FILTER (WHERE state = 'active') AS usable,
@@ -287,6 +300,9 @@ SELECT v.status,
              / coalesce(nullif(current_setting('pg_keypool.concurrent_user_rpm', true), '')::float8, 0.5))::bigint
            AS concurrent_users
   FROM verdict v, keys, pools, capacity, alerts;
+$fn$;
+COMMENT ON FUNCTION keypool.health() IS 'Internal: the row of keypool_health (planned without JIT)';
+CREATE VIEW keypool_health AS SELECT * FROM keypool.health();
 COMMENT ON VIEW keypool_health IS
     'One row: EXCELLENT, GOOD, DEGRADED or CRITICAL with a message, keys by state, and estimated capacity (requests per day, daily users at the minimum share, concurrent users)';
 
@@ -383,6 +399,7 @@ REVOKE ALL ON FUNCTION
     keypool_status(),
     keypool.scope_state(),
     keypool.key_state(),
+    keypool.health(),
     keypool.note_config_change(),
     keypool.config_changed(),
     keypool_reset_usage(text)

@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// API tokens apps present as `Authorization: Bearer TOKEN` (comma-separated).
     #[arg(long, env = "KEYPOOL_API_TOKENS", hide_env_values = true)]
     pub api_tokens: Option<String>,
+    /// Tokens for the admin API, `/dashboard` and its actions (comma-separated; none: admin
+    /// routes answer 401).
+    #[arg(long, env = "KEYPOOL_ADMIN_TOKENS", hide_env_values = true)]
+    pub admin_tokens: Option<String>,
     /// Serves HTTP without any token check (local experiments only).
     #[arg(long, env = "KEYPOOL_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
@@ -112,16 +116,22 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
 }
 
+fn token_list(list: Option<&str>) -> Vec<String> {
+    list.unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 impl ServeArgs {
     pub fn tokens(&self) -> Vec<String> {
-        self.api_tokens
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_string)
-            .collect()
+        token_list(self.api_tokens.as_deref())
+    }
+
+    pub fn admin_tokens(&self) -> Vec<String> {
+        token_list(self.admin_tokens.as_deref())
     }
 
     /// Checks the combination of settings; the error says what to change.
@@ -145,6 +155,20 @@ impl ServeArgs {
                     short.len()
                 ));
             }
+        }
+        let admin = self.admin_tokens();
+        if let Some(short) = admin.iter().find(|t| t.len() < 16) {
+            return Err(format!(
+                "admin token {} is {} characters long; use at least 16 (e.g. `openssl rand -hex 24`)",
+                crate::secret::mask(short),
+                short.len()
+            ));
+        }
+        if let Some(shared) = admin.iter().find(|t| self.tokens().contains(t)) {
+            return Err(format!(
+                "token {} is both an API token and an admin token; apps must not hold admin rights",
+                crate::secret::mask(shared)
+            ));
         }
         if !(1..=20).contains(&self.max_attempts) {
             return Err(format!(

@@ -19,6 +19,7 @@ use futures_util::stream::{BoxStream, Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use tracing::{info, warn};
 
+use crate::metrics::Metrics;
 use crate::db::{Allocation, Db, DbError, Refusal, Reserved, Settlement};
 use crate::openai::{self, ChatRequest, Usage};
 use crate::providers::{self, KeyRef, ProviderError, Translate, Wire};
@@ -159,6 +160,7 @@ pub struct Gateway {
     pub http: reqwest::Client,
     pub settings: Settings,
     pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A reservation whose call went out; settled as "the caller went away" (HTTP 499, no penalty
@@ -208,6 +210,7 @@ impl Gateway {
             http,
             settings,
             stats: Arc::new(Stats::default()),
+            metrics: Arc::new(Metrics::default()),
         })
     }
 
@@ -235,6 +238,7 @@ impl Gateway {
                             }
                         }
                     }
+                    self.metrics.refusal(pool, &r.code);
                     return Ok(Err(r));
                 }
                 Err(e) => return Err(Failure::from_db(e, pool)),
@@ -310,10 +314,13 @@ impl Gateway {
                 armed: true,
             };
             let call_timeout = self.settings.provider_timeout.min(remaining(job.deadline));
+            let sent_at = Instant::now();
             let sent = tokio::time::timeout(call_timeout, builder.send()).await;
+            let took = sent_at.elapsed();
             let response = match sent {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) | Err(_) => {
+                    let class = if sent.is_err() { "timeout" } else { "unreachable" };
                     let why = match sent {
                         Err(_) => format!("no answer within {} ms", call_timeout.as_millis()),
                         Ok(Err(e)) => format!("connection failed: {}", without_url(&e)),
@@ -324,6 +331,7 @@ impl Gateway {
                         .settle_now(grant.reservation_id, 0, held.usage, None, None)
                         .await
                         .map_err(|e| Failure::from_db(e, &job.pool))?;
+                    self.metrics.provider_call(&job.pool, &key.provider, class, took);
                     warn!(user = %job.user, pool = %job.pool, key_id = key.id, key = %key.label, provider = %key.provider, attempt = attempts,
                           outcome = %outcome, "{why}; trying another key");
                     last = Some((format!("key {} ({}): {why}", key.id, key.label), None));
@@ -335,6 +343,7 @@ impl Gateway {
             };
             let status = response.status().as_u16();
             if response.status().is_success() {
+                self.metrics.provider_call(&job.pool, &key.provider, "success", took);
                 let served = Served {
                     key_id: key.id,
                     key_label: key.label.clone(),
@@ -437,6 +446,7 @@ impl Gateway {
                 )
                 .await
                 .map_err(|e| Failure::from_db(e, &job.pool))?;
+            self.metrics.provider_call(&job.pool, &key.provider, &outcome, took);
             if !worth_another_key(&outcome) {
                 return Err(Failure::Provider {
                     status,
@@ -529,6 +539,7 @@ impl Gateway {
                 armed: true,
             };
             let call_timeout = self.settings.provider_timeout.min(remaining(job.deadline));
+            let sent_at = Instant::now();
             let answer = match tokio::time::timeout(call_timeout, async {
                 let r = builder.send().await?;
                 let status = r.status().as_u16();
@@ -540,6 +551,7 @@ impl Gateway {
             {
                 Ok(Ok(a)) => a,
                 failed => {
+                    let class = if failed.is_err() { "timeout" } else { "unreachable" };
                     let why = match failed {
                         Err(_) => format!("no answer within {} ms", call_timeout.as_millis()),
                         Ok(Err(e)) => format!("connection failed: {}", without_url(&e)),
@@ -549,6 +561,7 @@ impl Gateway {
                     self.settle_now(grant.reservation_id, 0, Usage::default(), None, None)
                         .await
                         .map_err(|e| Failure::from_db(e, &job.pool))?;
+                    self.metrics.provider_call(&job.pool, &key.provider, class, sent_at.elapsed());
                     last = Some((format!("key {} ({}): {why}", key.id, key.label), None));
                     if !idempotent || attempts >= self.settings.max_attempts {
                         return Err(exhausted(last, attempts));
@@ -570,6 +583,7 @@ impl Gateway {
                 )
                 .await
                 .map_err(|e| Failure::from_db(e, &job.pool))?;
+            self.metrics.provider_call(&job.pool, &key.provider, &outcome, sent_at.elapsed());
             let served = Served {
                 key_id: key.id,
                 key_label: key.label.clone(),

@@ -13,11 +13,14 @@
 //! - `import_env`, `validate`: key management commands; `mock`: the mock provider
 //! - `secret`: masking
 
+pub mod admin;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 pub mod duration;
 pub mod gateway;
 pub mod import_env;
+pub mod metrics;
 pub mod mock;
 pub mod openai;
 pub mod providers;

@@ -110,7 +110,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
         let addr = listener.local_addr()?;
-        let endpoint = Arc::new(Endpoint::new(
+        let mut endpoint = Endpoint::new(
             gateway.clone(),
             args.tokens(),
             args.insecure_no_auth,
@@ -118,7 +118,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.request_deadline,
             args.capacity_wait,
             worker_id.clone(),
-        ));
+        );
+        endpoint.admin_tokens = args.admin_tokens();
+        let endpoint = Arc::new(endpoint);
         if args.insecure_no_auth {
             warn!("the HTTP endpoint accepts requests without a token (--insecure-no-auth)");
         }

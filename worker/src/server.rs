@@ -36,6 +36,8 @@ const MODELS_TTL: Duration = Duration::from_secs(5);
 pub struct Endpoint {
     pub gateway: Arc<Gateway>,
     pub tokens: Vec<String>,
+    /// Tokens of the admin API and the dashboard.
+    pub admin_tokens: Vec<String>,
     pub insecure_no_auth: bool,
     pub default_user: Option<String>,
     pub request_deadline: Duration,
@@ -58,6 +60,7 @@ impl Endpoint {
         Endpoint {
             gateway,
             tokens,
+            admin_tokens: Vec::new(),
             insecure_no_auth,
             default_user,
             request_deadline,
@@ -74,6 +77,9 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/proxy/{pool}/{*path}", any(proxy))
+        .route("/dashboard", get(crate::dashboard::page))
+        .merge(crate::admin::router())
+        .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), count_request))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(endpoint)
@@ -81,6 +87,24 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
 
 fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
     (status, axum::Json(error_body(message, kind, code))).into_response()
+}
+
+/// Counts every routed request by its route pattern (never the raw path) for /metrics.
+async fn count_request(
+    State(ep): State<Arc<Endpoint>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "other".to_string(), |m| m.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    ep.gateway
+        .metrics
+        .http_request(&route, response.status().as_u16(), started.elapsed());
+    response
 }
 
 async fn not_found(uri: Uri) -> Response {
@@ -100,16 +124,29 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The bearer token of a request, if it sent one.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+}
+
+/// Whether `token` is one of `tokens` (every comparison takes the same time).
+pub(crate) fn one_of(tokens: &[String], token: &str) -> bool {
+    let mut ok = false;
+    for t in tokens {
+        ok |= same(t.as_bytes(), token.as_bytes());
+    }
+    ok
+}
+
 fn authorize(ep: &Endpoint, headers: &HeaderMap) -> Result<(), Response> {
     if ep.insecure_no_auth {
         return Ok(());
     }
-    let presented = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
-    let Some(token) = presented else {
+    let Some(token) = bearer(headers) else {
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "missing API token: send `Authorization: Bearer <token>` with one of the worker's KEYPOOL_API_TOKENS",
@@ -117,11 +154,7 @@ fn authorize(ep: &Endpoint, headers: &HeaderMap) -> Result<(), Response> {
             Some("invalid_api_key"),
         ));
     };
-    let mut ok = false;
-    for t in &ep.tokens {
-        ok |= same(t.as_bytes(), token.as_bytes());
-    }
-    if ok {
+    if one_of(&ep.tokens, token) {
         Ok(())
     } else {
         Err(error(
@@ -141,7 +174,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-fn user_of(ep: &Endpoint, headers: &HeaderMap, field: Option<&str>) -> Result<String, Response> {
+pub(crate) fn user_of(ep: &Endpoint, headers: &HeaderMap, field: Option<&str>) -> Result<String, Response> {
     header_str(headers, "x-keypool-user")
         .or(field)
         .or(ep.default_user.as_deref())
@@ -181,7 +214,7 @@ impl Endpoint {
     }
 
     /// The pool a request goes to.
-    async fn resolve_pool(&self, headers: &HeaderMap, model: Option<&str>) -> Result<String, Response> {
+    pub(crate) async fn resolve_pool(&self, headers: &HeaderMap, model: Option<&str>) -> Result<String, Response> {
         if let Some(pool) = header_str(headers, "x-keypool-pool") {
             return Ok(pool.to_string());
         }
