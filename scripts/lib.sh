@@ -29,6 +29,15 @@ ensure_packages() {
     fi
 }
 
+# Headless Chromium, for the test that drives /dashboard in a real browser.
+ensure_browser() {
+    if ! dpkg -s chromium >/dev/null 2>&1; then
+        say "installing Debian package: chromium (for the dashboard test)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+}
+
 ensure_cargo_pgrx() {
     if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION"; then
         say "installing cargo-pgrx $PGRX_VERSION (about 6 minutes, once per machine)"

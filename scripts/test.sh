@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting and lints, unit tests and #[pg_test]s, the pg_regress suite,
 # and the integration tests against private clusters (the extension's, and the worker's against
-# the mock provider and the official OpenAI Python client). Sets up the machine first if needed.
+# the mock provider, the official OpenAI Python client and headless Chromium for the dashboard).
+# Sets up the machine first if needed.
 . "$(dirname "$0")/lib.sh"
 
 ensure_setup
@@ -25,6 +26,7 @@ say "pg_regress"
 
 say "integration tests (engine over tokio-postgres; worker against the mock provider)"
 ensure_python_client
+ensure_browser
 cargo test --workspace --exclude pg_keypool
 
 say "all tests passed"

@@ -441,8 +441,10 @@ async fn roles_granted_only_execute_can_reserve_but_never_read_the_secrets() {
                                        keypool_release(bigint) TO app_{suffix};
              CREATE ROLE ops_{suffix} LOGIN;
              GRANT SELECT ON keypool_keys, keypool_scopes, keypool_usage, keypool_events TO ops_{suffix};
-             GRANT SELECT ON keypool_pool_stats, keypool_members TO ops_{suffix};
-             GRANT EXECUTE ON FUNCTION keypool.scope_state(), keypool.key_state(), keypool.pool_state() TO ops_{suffix};
+             GRANT SELECT ON keypool_pool_stats, keypool_members, keypool_key_stats, keypool_alerts, keypool_health,
+                             keypool_prices TO ops_{suffix};
+             GRANT EXECUTE ON FUNCTION keypool.scope_state(), keypool.key_state(), keypool.pool_state(), keypool.health(),
+                                       keypool_now(), keypool_usage_report(date, date) TO ops_{suffix};
              GRANT USAGE ON SCHEMA keypool TO ops_{suffix};"
         ),
     )
@@ -487,6 +489,31 @@ async fn roles_granted_only_execute_can_reserve_but_never_read_the_secrets() {
         .unwrap()
         .get(0);
     assert_eq!(used, 1);
+    // README's ops grants open every stats view and the usage report.
+    for sql in [
+        "SELECT count(*) FROM keypool_key_stats",
+        "SELECT count(*) FROM keypool_pool_stats",
+        "SELECT count(*) FROM keypool_alerts",
+        "SELECT count(*) FROM keypool_health",
+        "SELECT count(*) FROM keypool_events",
+        "SELECT count(*) FROM keypool_members",
+        "SELECT count(*) FROM keypool_usage",
+        "SELECT count(*) FROM keypool_prices",
+        "SELECT count(*) FROM keypool_usage_report(current_date - 1, current_date)",
+    ] {
+        let n: i64 = ops
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql} as ops: {e:?}"))
+            .get(0);
+        assert!(n >= 0);
+    }
+    let status: String = ops
+        .query_one("SELECT status FROM keypool_health", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "EXCELLENT");
     let err = ops
         .query("SELECT secret FROM keypool.key", &[])
         .await

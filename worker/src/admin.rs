@@ -6,6 +6,9 @@
 //! Every figure comes from the extension's views and functions, read when asked; admin answers
 //! use the views' column names, the two user routes the field names of seed 000.
 
+// Handlers return early with a ready HTTP answer; boxing it would only add noise (as in server.rs).
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -75,7 +78,7 @@ pub(crate) fn authorize_admin(ep: &Endpoint, headers: &HeaderMap) -> Result<(), 
         Some(t) if server::one_of(&ep.admin_tokens, t) => Ok(()),
         Some(_) => Err(problem(
             StatusCode::UNAUTHORIZED,
-            "the token is not one of this worker's KEYPOOL_ADMIN_TOKENS",
+            "the token is not an admin token (one of the worker's KEYPOOL_ADMIN_TOKENS)",
             "invalid_admin_token",
         )),
     }
@@ -109,8 +112,13 @@ async fn rows_json(ep: &Endpoint, sql: &str, params: &[&(dyn ToSql + Sync)], one
         .await
         .map_err(|e| from_db(e.into()))?;
     let text: String = row.get(0);
-    serde_json::from_str(&text)
-        .map_err(|e| problem(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the database's JSON: {e}"), "database_error"))
+    serde_json::from_str(&text).map_err(|e| {
+        problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot read the database's JSON: {e}"),
+            "database_error",
+        )
+    })
 }
 
 fn ok(v: Value) -> Response {
@@ -173,7 +181,11 @@ async fn daily(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Query(q): Qu
 
 /// `GET /allocation/can-request?model=...`: whether a request by the calling user would now be
 /// granted a share (and the pool has a usable key). Reserves nothing.
-async fn can_request(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Query(q): Query<AllocationQuery>) -> Response {
+async fn can_request(
+    State(ep): State<Arc<Endpoint>>,
+    headers: HeaderMap,
+    Query(q): Query<AllocationQuery>,
+) -> Response {
     if let Err(r) = authorize_user(&ep, &headers) {
         return r;
     }
@@ -239,7 +251,12 @@ async fn health(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response
 }
 
 async fn alerts(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {
-    admin(ep, headers, |ep| async move { rows_json(&ep, ALERTS, &[], false).await }).await
+    admin(
+        ep,
+        headers,
+        |ep| async move { rows_json(&ep, ALERTS, &[], false).await },
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -262,7 +279,10 @@ struct PoolQuery {
 
 /// `GET /allocation/key-pool/stats[?pool=]`: every key's use against its limits.
 async fn key_stats(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Query(q): Query<PoolQuery>) -> Response {
-    admin(ep, headers, |ep| async move { rows_json(&ep, KEY_STATS, &[&q.pool], false).await }).await
+    admin(ep, headers, |ep| async move {
+        rows_json(&ep, KEY_STATS, &[&q.pool], false).await
+    })
+    .await
 }
 
 /// `GET /allocation/key-pool/available[?pool=]`: keys that can take a request now.
@@ -334,8 +354,13 @@ async fn disable_key(
         let body: DisableBody = if body.is_empty() {
             DisableBody::default()
         } else {
-            serde_json::from_slice(&body)
-                .map_err(|e| problem(StatusCode::BAD_REQUEST, &format!("the body must be {{\"reason\": \"...\"}}: {e}"), "invalid_input"))?
+            serde_json::from_slice(&body).map_err(|e| {
+                problem(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the body must be {{\"reason\": \"...\"}}: {e}"),
+                    "invalid_input",
+                )
+            })?
         };
         let reason = body.reason.unwrap_or_else(|| "disabled from the dashboard".into());
         act(&ep, "SELECT keypool_disable_key($1, $2)", &[&key_id, &reason]).await?;
@@ -357,7 +382,13 @@ async fn enable_key(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Path(ke
 /// `POST /allocation/pools/{pool}/reset`: keypool_reset_usage(pool).
 async fn reset_pool(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Path(pool): Path<String>) -> Response {
     admin(ep, headers, |ep| async move {
-        rows_json(&ep, "SELECT $1::text AS pool, keypool_reset_usage($1) AS reset", &[&pool], true).await
+        rows_json(
+            &ep,
+            "SELECT $1::text AS pool, keypool_reset_usage($1) AS reset",
+            &[&pool],
+            true,
+        )
+        .await
     })
     .await
 }

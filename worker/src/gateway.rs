@@ -19,8 +19,8 @@ use futures_util::stream::{BoxStream, Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
 use crate::db::{Allocation, Db, DbError, Refusal, Reserved, Settlement};
+use crate::metrics::Metrics;
 use crate::openai::{self, ChatRequest, Usage};
 use crate::providers::{self, KeyRef, ProviderError, Translate, Wire};
 use crate::sse;
@@ -561,7 +561,8 @@ impl Gateway {
                     self.settle_now(grant.reservation_id, 0, Usage::default(), None, None)
                         .await
                         .map_err(|e| Failure::from_db(e, &job.pool))?;
-                    self.metrics.provider_call(&job.pool, &key.provider, class, sent_at.elapsed());
+                    self.metrics
+                        .provider_call(&job.pool, &key.provider, class, sent_at.elapsed());
                     last = Some((format!("key {} ({}): {why}", key.id, key.label), None));
                     if !idempotent || attempts >= self.settings.max_attempts {
                         return Err(exhausted(last, attempts));
@@ -583,7 +584,8 @@ impl Gateway {
                 )
                 .await
                 .map_err(|e| Failure::from_db(e, &job.pool))?;
-            self.metrics.provider_call(&job.pool, &key.provider, &outcome, sent_at.elapsed());
+            self.metrics
+                .provider_call(&job.pool, &key.provider, &outcome, sent_at.elapsed());
             let served = Served {
                 key_id: key.id,
                 key_label: key.label.clone(),

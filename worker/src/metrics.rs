@@ -78,7 +78,9 @@ impl Metrics {
 
     /// One HTTP request to the worker, by route pattern (never the raw path).
     pub fn http_request(&self, route: &str, status: u16, took: Duration) {
-        *lock(&self.http_requests).entry((route.to_string(), status)).or_default() += 1;
+        *lock(&self.http_requests)
+            .entry((route.to_string(), status))
+            .or_default() += 1;
         lock(&self.http_latency)
             .entry(route.to_string())
             .or_default()
@@ -87,25 +89,75 @@ impl Metrics {
 
     /// The worker's own counters in the text format.
     pub fn render_own(&self, out: &mut String) {
-        header(out, "keypool_worker_provider_calls_total", "counter", "Calls to providers by pool, provider and outcome class.");
+        header(
+            out,
+            "keypool_worker_provider_calls_total",
+            "counter",
+            "Calls to providers by pool, provider and outcome class.",
+        );
         for ((pool, provider, outcome), n) in lock(&self.calls).iter() {
-            sample(out, "keypool_worker_provider_calls_total", &[("pool", pool), ("provider", provider), ("outcome", outcome)], *n as f64);
+            sample(
+                out,
+                "keypool_worker_provider_calls_total",
+                &[("pool", pool), ("provider", provider), ("outcome", outcome)],
+                *n as f64,
+            );
         }
-        header(out, "keypool_worker_provider_latency_seconds", "histogram", "Time until a provider answered (headers), by pool and provider.");
+        header(
+            out,
+            "keypool_worker_provider_latency_seconds",
+            "histogram",
+            "Time until a provider answered (headers), by pool and provider.",
+        );
         for ((pool, provider), h) in lock(&self.provider_latency).iter() {
-            histogram(out, "keypool_worker_provider_latency_seconds", &[("pool", pool), ("provider", provider)], h);
+            histogram(
+                out,
+                "keypool_worker_provider_latency_seconds",
+                &[("pool", pool), ("provider", provider)],
+                h,
+            );
         }
-        header(out, "keypool_worker_refusals_total", "counter", "Reservations the extension refused, by pool and reason.");
+        header(
+            out,
+            "keypool_worker_refusals_total",
+            "counter",
+            "Reservations the extension refused, by pool and reason.",
+        );
         for ((pool, reason), n) in lock(&self.refusals).iter() {
-            sample(out, "keypool_worker_refusals_total", &[("pool", pool), ("reason", reason)], *n as f64);
+            sample(
+                out,
+                "keypool_worker_refusals_total",
+                &[("pool", pool), ("reason", reason)],
+                *n as f64,
+            );
         }
-        header(out, "keypool_worker_http_requests_total", "counter", "HTTP requests to this worker by route and status.");
+        header(
+            out,
+            "keypool_worker_http_requests_total",
+            "counter",
+            "HTTP requests to this worker by route and status.",
+        );
         for ((route, status), n) in lock(&self.http_requests).iter() {
-            sample(out, "keypool_worker_http_requests_total", &[("route", route), ("status", &status.to_string())], *n as f64);
+            sample(
+                out,
+                "keypool_worker_http_requests_total",
+                &[("route", route), ("status", &status.to_string())],
+                *n as f64,
+            );
         }
-        header(out, "keypool_worker_http_request_duration_seconds", "histogram", "Time until this worker answered (streams: the first byte), by route.");
+        header(
+            out,
+            "keypool_worker_http_request_duration_seconds",
+            "histogram",
+            "Time until this worker answered (streams: the first byte), by route.",
+        );
         for (route, h) in lock(&self.http_latency).iter() {
-            histogram(out, "keypool_worker_http_request_duration_seconds", &[("route", route)], h);
+            histogram(
+                out,
+                "keypool_worker_http_request_duration_seconds",
+                &[("route", route)],
+                h,
+            );
         }
     }
 }
@@ -149,13 +201,23 @@ fn histogram(out: &mut String, name: &str, pairs: &[(&str, &str)], h: &Histogram
 pub async fn render_database(db: &Db, out: &mut String) {
     match database_figures(db).await {
         Ok(text) => {
-            header(out, "keypool_database_up", "gauge", "1 when the database part of this scrape succeeded.");
+            header(
+                out,
+                "keypool_database_up",
+                "gauge",
+                "1 when the database part of this scrape succeeded.",
+            );
             sample(out, "keypool_database_up", &[], 1.0);
             out.push_str(&text);
         }
         Err(e) => {
             tracing::warn!(error = %e, "metrics: cannot read the pool figures (does the worker's role have the ops grants?)");
-            header(out, "keypool_database_up", "gauge", "1 when the database part of this scrape succeeded.");
+            header(
+                out,
+                "keypool_database_up",
+                "gauge",
+                "1 when the database part of this scrape succeeded.",
+            );
             sample(out, "keypool_database_up", &[], 0.0);
         }
     }
@@ -165,16 +227,34 @@ async fn database_figures(db: &Db) -> Result<String, crate::db::DbError> {
     let client = db.client().await?;
     let mut out = String::new();
 
-    header(&mut out, "keypool_keys", "gauge", "Keys by pool and state (active, cooling, disabled).");
+    header(
+        &mut out,
+        "keypool_keys",
+        "gauge",
+        "Keys by pool and state (active, cooling, disabled).",
+    );
     for r in client
-        .query("SELECT pool, state, count(*) FROM keypool_keys GROUP BY 1, 2 ORDER BY 1, 2", &[])
+        .query(
+            "SELECT pool, state, count(*) FROM keypool_keys GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
         .await?
     {
         let (pool, state, n): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
-        sample(&mut out, "keypool_keys", &[("pool", &pool), ("state", &state)], n as f64);
+        sample(
+            &mut out,
+            "keypool_keys",
+            &[("pool", &pool), ("state", &state)],
+            n as f64,
+        );
     }
 
-    header(&mut out, "keypool_queue_depth", "gauge", "Requests in the SQL queue by pool and status (queued, running).");
+    header(
+        &mut out,
+        "keypool_queue_depth",
+        "gauge",
+        "Requests in the SQL queue by pool and status (queued, running).",
+    );
     for r in client
         .query(
             "SELECT pool, status, count(*) FROM keypool_requests WHERE status IN ('queued', 'running')
@@ -184,7 +264,12 @@ async fn database_figures(db: &Db) -> Result<String, crate::db::DbError> {
         .await?
     {
         let (pool, status, n): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
-        sample(&mut out, "keypool_queue_depth", &[("pool", &pool), ("status", &status)], n as f64);
+        sample(
+            &mut out,
+            "keypool_queue_depth",
+            &[("pool", &pool), ("status", &status)],
+            n as f64,
+        );
     }
 
     let pools = client
@@ -193,35 +278,83 @@ async fn database_figures(db: &Db) -> Result<String, crate::db::DbError> {
             &[],
         )
         .await?;
-    header(&mut out, "keypool_pool_daily_capacity", "gauge", "Requests per day the pool's keys allow (absent when unlimited).");
+    header(
+        &mut out,
+        "keypool_pool_daily_capacity",
+        "gauge",
+        "Requests per day the pool's keys allow (absent when unlimited).",
+    );
     for r in &pools {
         if let Some(c) = r.get::<_, Option<i64>>(1) {
-            sample(&mut out, "keypool_pool_daily_capacity", &[("pool", &r.get::<_, String>(0))], c as f64);
+            sample(
+                &mut out,
+                "keypool_pool_daily_capacity",
+                &[("pool", &r.get::<_, String>(0))],
+                c as f64,
+            );
         }
     }
-    header(&mut out, "keypool_pool_used_today", "gauge", "Requests granted in the pool today.");
+    header(
+        &mut out,
+        "keypool_pool_used_today",
+        "gauge",
+        "Requests granted in the pool today.",
+    );
     for r in &pools {
-        sample(&mut out, "keypool_pool_used_today", &[("pool", &r.get::<_, String>(0))], r.get::<_, i64>(2) as f64);
+        sample(
+            &mut out,
+            "keypool_pool_used_today",
+            &[("pool", &r.get::<_, String>(0))],
+            r.get::<_, i64>(2) as f64,
+        );
     }
-    header(&mut out, "keypool_pool_active_users_today", "gauge", "Users who reserved in the pool today.");
+    header(
+        &mut out,
+        "keypool_pool_active_users_today",
+        "gauge",
+        "Users who reserved in the pool today.",
+    );
     for r in &pools {
-        sample(&mut out, "keypool_pool_active_users_today", &[("pool", &r.get::<_, String>(0))], r.get::<_, i64>(3) as f64);
+        sample(
+            &mut out,
+            "keypool_pool_active_users_today",
+            &[("pool", &r.get::<_, String>(0))],
+            r.get::<_, i64>(3) as f64,
+        );
     }
 
     header(&mut out, "keypool_alerts", "gauge", "Open alerts by kind and severity.");
     for r in client
-        .query("SELECT kind, severity, count(*) FROM keypool_alerts GROUP BY 1, 2 ORDER BY 1, 2", &[])
+        .query(
+            "SELECT kind, severity, count(*) FROM keypool_alerts GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
         .await?
     {
         let (kind, severity, n): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
-        sample(&mut out, "keypool_alerts", &[("kind", &kind), ("severity", &severity)], n as f64);
+        sample(
+            &mut out,
+            "keypool_alerts",
+            &[("kind", &kind), ("severity", &severity)],
+            n as f64,
+        );
     }
 
-    header(&mut out, "keypool_health", "gauge", "1 for the current keypool_health status (EXCELLENT, GOOD, DEGRADED, CRITICAL).");
+    header(
+        &mut out,
+        "keypool_health",
+        "gauge",
+        "1 for the current keypool_health status (EXCELLENT, GOOD, DEGRADED, CRITICAL).",
+    );
     let health = client.query_one("SELECT status FROM keypool_health", &[]).await?;
     let status: String = health.get(0);
     for s in ["EXCELLENT", "GOOD", "DEGRADED", "CRITICAL"] {
-        sample(&mut out, "keypool_health", &[("status", s)], if s == status { 1.0 } else { 0.0 });
+        sample(
+            &mut out,
+            "keypool_health",
+            &[("status", s)],
+            if s == status { 1.0 } else { 0.0 },
+        );
     }
     Ok(out)
 }
