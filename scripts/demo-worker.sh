@@ -49,7 +49,8 @@ echo "-- and again: nothing is added twice"
 section "10. keypool-worker serve: an OpenAI-compatible endpoint (apps present a token)"
 worker_port=$(free_port)
 TOKEN="demo-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-KEYPOOL_API_TOKENS="$TOKEN" KEYPOOL_LOG=info "$WORKER" serve --listen "127.0.0.1:$worker_port" \
+ADMIN_TOKEN="admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+KEYPOOL_API_TOKENS="$TOKEN" KEYPOOL_ADMIN_TOKENS="$ADMIN_TOKEN" KEYPOOL_LOG=info "$WORKER" serve --listen "127.0.0.1:$worker_port" \
     --worker-id demo-worker --heartbeat-interval 1s >"$dir/demo-worker.log" 2>&1 &
 worker_pid=$!
 pids+=("$worker_pid")
@@ -115,7 +116,20 @@ psql_demo -c "SELECT id, version, served, failed, queue_done, silent_for < inter
 psql_demo -c "SELECT account, model, rpm, requests_this_minute, rpd, requests_today, tokens_today
                 FROM keypool_scopes s WHERE model = 'grok-3-mini' ORDER BY scope_id"
 
-section "14. SIGTERM: the worker finishes what is in flight and exits"
+section "14. Operations over HTTP: metrics, the admin API, the user API, the dashboard"
+echo "GET /metrics (some lines):"
+curl -s "$URL/metrics" | grep -E '^keypool_(worker_provider_calls_total|worker_refusals_total|keys|health|pool_used_today)' \
+    | grep -v ' 0$' | sed 's/^/  /'
+echo "GET /allocation/system-overview without the admin token: HTTP $(curl -s -o /dev/null -w '%{http_code}' \
+    -H "Authorization: Bearer $TOKEN" "$URL/allocation/system-overview")"
+echo "GET /allocation/system-overview (health):"
+curl -s -H "Authorization: Bearer $ADMIN_TOKEN" "$URL/allocation/system-overview" |
+    python3 -c 'import json,sys; h=json.load(sys.stdin)["health"]; print("  " + h["status"] + ": " + h["message"] + "; " + str(h["requests_per_day"]) + " requests/day")'
+echo "GET /allocation/daily?model=xai as alice: $(curl -s -H "Authorization: Bearer $TOKEN" \
+    -H 'X-Keypool-User: alice' "$URL/allocation/daily?model=xai")"
+echo "The operators' page: $URL/dashboard (asks for the admin token)"
+
+section "15. SIGTERM: the worker finishes what is in flight and exits"
 kill -TERM "$worker_pid"
 wait "$worker_pid" && echo "keypool-worker exited with status 0"
 tail -n 2 "$dir/demo-worker.log" | sed -E 's/^[^ ]+ +//' | cut -c1-200
