@@ -18,8 +18,9 @@ fn chat_body(model: &str, user: &str) -> Value {
     json!({"model": model, "user": user, "messages": user_message("hello"), "max_tokens": 20})
 }
 
-async fn get(w: &Worker, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut r = http().get(format!("{}{path}", w.url));
+/// Sends `method path` to the worker, with a bearer token if given: status and body.
+async fn send(w: &Worker, method: reqwest::Method, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut r = http().request(method, format!("{}{path}", w.url));
     if let Some(t) = token {
         r = r.bearer_auth(t);
     }
@@ -28,14 +29,12 @@ async fn get(w: &Worker, path: &str, token: Option<&str>) -> (u16, String) {
     (status, r.text().await.unwrap_or_default())
 }
 
+async fn get(w: &Worker, path: &str, token: Option<&str>) -> (u16, String) {
+    send(w, reqwest::Method::GET, path, token).await
+}
+
 async fn post(w: &Worker, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut r = http().post(format!("{}{path}", w.url));
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    let r = r.send().await.expect("request to the worker");
-    let status = r.status().as_u16();
-    (status, r.text().await.unwrap_or_default())
+    send(w, reqwest::Method::POST, path, token).await
 }
 
 async fn i64_of(db: &TestDb<'_>, sql: &str) -> i64 {
