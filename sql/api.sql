@@ -1,5 +1,9 @@
 -- pg_keypool: the public SQL surface that reads best as SQL: the reservation type and the
 -- hot-path function declared against it, the views, the comments psql's \df+ shows, and grants.
+--
+-- Every view shows a role only the pools it may read (keypool_grant(pool, role, 'read'), or
+-- 'admin'): the rows are filtered with keypool.allowed() as the querying role, and the views
+-- are security barriers, so that no function in a caller's query sees the rows filtered out.
 
 CREATE TYPE keypool_reservation AS (
     granted        boolean,
@@ -31,7 +35,7 @@ ALTER FUNCTION keypool.key_state() ROWS 100;
 ALTER FUNCTION keypool.pool_state() ROWS 10;
 
 -- Every key with its state. Never shows the secret.
-CREATE VIEW keypool_keys AS
+CREATE VIEW keypool_keys WITH (security_barrier) AS
 SELECT k.id AS key_id,
        p.name AS pool,
        k.provider,
@@ -60,11 +64,11 @@ SELECT k.id AS key_id,
   JOIN keypool.scope s ON s.id = k.scope_id
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
   LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id
- WHERE k.removed_at IS NULL;
+ WHERE k.removed_at IS NULL AND keypool.allowed(k.pool_id, 'read');
 COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why';
 
 -- Every quota scope with its limits and what its windows hold right now.
-CREATE VIEW keypool_scopes AS
+CREATE VIEW keypool_scopes WITH (security_barrier) AS
 SELECT s.id AS scope_id,
        s.provider,
        s.account,
@@ -80,11 +84,12 @@ SELECT s.id AS scope_id,
        coalesce(s.disabled_reason, ss.cooling_reason) AS reason,
        (SELECT count(*) FROM keypool.key k WHERE k.scope_id = s.id AND k.removed_at IS NULL) AS keys
   FROM keypool.scope s
-  LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id;
+  LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
+ WHERE keypool.scope_readable(s.id);
 COMMENT ON VIEW keypool_scopes IS 'Every quota scope: its limits, requests and tokens this minute and today, cooldown';
 
 -- Hourly usage history per key (flushed every pg_keypool.flush_interval).
-CREATE VIEW keypool_usage AS
+CREATE VIEW keypool_usage WITH (security_barrier) AS
 SELECT u.hour,
        p.name AS pool,
        u.key_id,
@@ -98,27 +103,34 @@ SELECT u.hour,
        u.rate_limited, u.daily_quota, u.key_invalid, u.billing, u.server_error, u.caller_error, u.other
   FROM keypool.usage_hourly u
   JOIN keypool.key k ON k.id = u.key_id
-  JOIN keypool.pool p ON p.id = k.pool_id;
+  JOIN keypool.pool p ON p.id = k.pool_id
+ WHERE keypool.allowed(k.pool_id, 'read');
 COMMENT ON VIEW keypool_usage IS 'Usage per key per hour: requests, tokens, outcomes';
 
-CREATE VIEW keypool_events AS
+-- Events of a pool need `read` on it; events of an account, `read` on a pool it serves; events
+-- of no pool (master keys, alerts about workers), `read` on every pool.
+CREATE VIEW keypool_events WITH (security_barrier) AS
 SELECT e.id, e.at, e.kind, p.name AS pool, e.key_id, k.label, e.scope_id, e.reason
   FROM keypool.event e
   LEFT JOIN keypool.pool p ON p.id = e.pool_id
-  LEFT JOIN keypool.key k ON k.id = e.key_id;
+  LEFT JOIN keypool.key k ON k.id = e.key_id
+ WHERE CASE WHEN e.pool_id IS NOT NULL THEN keypool.allowed(e.pool_id, 'read')
+            WHEN e.scope_id IS NOT NULL THEN keypool.scope_readable(e.scope_id)
+            ELSE keypool.allowed(NULL, 'read') END;
 COMMENT ON VIEW keypool_events IS
     'What changed and why: keys added, disabled, enabled, removed; rate limits, daily quotas, breakers; accounts disabled; rebalances, usage resets; alerts raised and cleared';
 
 -- Users of each pool: their key (and its group number), weight, last active day.
-CREATE VIEW keypool_members AS
+CREATE VIEW keypool_members WITH (security_barrier) AS
 SELECT p.name AS pool, m.user_id, m.key_id, k.group_no, k.label, m.weight, m.last_active, m.assigned_at
   FROM keypool.member m
   JOIN keypool.pool p ON p.id = m.pool_id
-  LEFT JOIN keypool.key k ON k.id = m.key_id;
+  LEFT JOIN keypool.key k ON k.id = m.key_id
+ WHERE keypool.allowed(m.pool_id, 'read');
 COMMENT ON VIEW keypool_members IS 'Users of each pool: assigned key and group number, weight, last active day';
 
 -- Every pool: its keys by state, daily capacity and use, users and their share, overcommit.
-CREATE VIEW keypool_pool_stats AS
+CREATE VIEW keypool_pool_stats WITH (security_barrier) AS
 SELECT p.id AS pool_id,
        p.name AS pool,
        (SELECT count(*) FROM keypool_keys k WHERE k.pool = p.name AND k.state = 'active') AS keys_usable,
@@ -141,7 +153,8 @@ SELECT p.id AS pool_id,
        ps.timezone,
        ps.resets_at
   FROM keypool.pool p
-  LEFT JOIN keypool.pool_state() ps ON ps.pool_id = p.id;
+  LEFT JOIN keypool.pool_state() ps ON ps.pool_id = p.id
+ WHERE keypool.allowed(p.id, 'read');
 COMMENT ON VIEW keypool_pool_stats IS
     'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity)';
 
@@ -150,7 +163,7 @@ COMMENT ON VIEW keypool_pool_stats IS
 -- are the account's, shared by the keys of that account; key_* columns are this key's own.
 -- "Today" is the account's day (its time zone), counted from the hourly history plus what has
 -- not been flushed yet.
-CREATE VIEW keypool_key_stats AS
+CREATE VIEW keypool_key_stats WITH (security_barrier) AS
 SELECT k.key_id, k.pool, k.provider, k.model, k.account, k.label, k.group_no, k.state, k.reason, k.cooling_until,
        s.requests_this_minute, s.rpm, round(100.0 * s.requests_this_minute / s.rpm, 1) AS rpm_pct,
        s.tokens_this_minute, s.tpm, round(100.0 * s.tokens_this_minute / s.tpm, 1) AS tpm_pct,
@@ -188,8 +201,37 @@ SELECT provider, nullif(model, '') AS model, input_per_million, output_per_milli
   FROM keypool.price;
 COMMENT ON VIEW keypool_prices IS 'Prices per provider and model (NULL: every model) for cost estimates';
 
+-- The requests a role sees: those it submitted (or a role it acts for did), and every request
+-- of the pools it administers. The request bodies and answers are only in keypool_result.
+CREATE VIEW keypool_requests WITH (security_barrier) AS
+SELECT r.id, r.user_id, r.pool, r.status, r.attempts, r.max_attempts, r.not_before, r.deadline, r.claimed_by,
+       r.lease_until, r.error, r.submitted_at, r.finished_at, r.submitted_by
+  FROM keypool.request r
+ WHERE keypool.acts_for(r.submitted_by)
+    OR keypool.allowed((SELECT p.id FROM keypool.pool p WHERE p.name = r.pool), 'admin');
+COMMENT ON VIEW keypool_requests IS
+    'The SQL request queue: the requests this role submitted (every request of the pools it administers)';
+
+-- How many requests wait and run, per pool the role may read: counts only, nobody's requests.
+CREATE VIEW keypool_queue_depth WITH (security_barrier) AS
+SELECT r.pool, r.status, count(*) AS requests, min(r.not_before) AS oldest_due
+  FROM keypool.request r
+  LEFT JOIN keypool.pool p ON p.name = r.pool
+ WHERE r.status IN ('queued', 'running') AND keypool.allowed(p.id, 'read')
+ GROUP BY r.pool, r.status;
+COMMENT ON VIEW keypool_queue_depth IS 'Requests queued and running per pool (counts only), for the pools this role may read';
+
+-- Workers as their heartbeats report them: a role sees its own workers; readers of every pool
+-- see all.
+CREATE VIEW keypool_workers WITH (security_barrier) AS
+SELECT w.id, w.version, w.host, w.pid, w.started_at, w.last_seen, now() - w.last_seen AS silent_for, w.served,
+       w.failed, w.queue_done, w.stopped_at, w.role
+  FROM keypool.worker w
+ WHERE keypool.acts_for(w.role) OR keypool.allowed(NULL, 'read');
+COMMENT ON VIEW keypool_workers IS 'Workers as their heartbeats report them (this role''s, or all for readers of every pool)';
+
 -- What needs attention now. alert_key identifies an alert across checks (keypool_check_alerts).
-CREATE VIEW keypool_alerts AS
+CREATE VIEW keypool_alerts WITH (security_barrier) AS
 WITH setting AS (
     SELECT coalesce(nullif(current_setting('pg_keypool.alert_threshold', true), '')::float8, 0.8) AS threshold,
            coalesce(nullif(current_setting('pg_keypool.worker_silence', true), '')::interval, interval '1 min') AS silence
@@ -238,10 +280,30 @@ UNION ALL
 SELECT 'worker:' || w.id, 'worker_silent', 'warning', NULL, NULL, NULL, w.id,
        format('worker %s (%s, pid %s) last seen %s ago', w.id, coalesce(w.host, '?'), coalesce(w.pid::text, '?'),
               date_trunc('second', now() - w.last_seen))
-  FROM keypool.worker w, setting
+  FROM @extschema@.keypool_workers w, setting
  WHERE w.stopped_at IS NULL AND w.last_seen < now() - setting.silence;
 COMMENT ON VIEW keypool_alerts IS
     'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys or overcommitted, silent workers';
+
+
+-- Who may use, read or administer which pool: the grants on the pools this role administers,
+-- and this role's own.
+CREATE VIEW keypool_grants WITH (security_barrier) AS
+SELECT coalesce(p.name, '*') AS pool, g.grantee, g.privilege, g.granted_by, g.granted_at
+  FROM keypool.pool_grant g
+  LEFT JOIN keypool.pool p ON p.id = g.pool_id
+ WHERE keypool.allowed(g.pool_id, 'admin') OR keypool.acts_for(g.grantee);
+COMMENT ON VIEW keypool_grants IS
+    'Privileges on pools (use, read, admin; pool * = every pool): those of the pools this role administers, and its own';
+
+-- The master keys this database's secrets are sealed with (administrators of every pool).
+CREATE VIEW keypool_master_keys WITH (security_barrier) AS
+SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerprint, m.created_at,
+       (SELECT count(*) FROM keypool.key k WHERE k.sealed_with = m.key_no) AS secrets
+  FROM keypool.master_key m
+ WHERE keypool.allowed(NULL, 'admin');
+COMMENT ON VIEW keypool_master_keys IS
+    'Master keys of the keyring this database recorded: number, fingerprint (first 8 bytes), how many secrets each seals';
 
 -- One row: how the whole installation is doing, and what it can serve.
 -- The health verdict reads every other stats view; planned as one query its estimated cost on
@@ -251,26 +313,26 @@ CREATE FUNCTION keypool.health(
     OUT status text, OUT message text, OUT healthy boolean, OUT keys_total bigint, OUT keys_usable bigint,
     OUT keys_cooling bigint, OUT keys_disabled bigint, OUT requests_per_day numeric, OUT daily_users bigint,
     OUT concurrent_users bigint)
-RETURNS SETOF record LANGUAGE sql STABLE SET jit = off SET search_path = @extschema@, pg_catalog, pg_temp AS $fn$
+RETURNS SETOF record LANGUAGE sql STABLE SET jit = off SET search_path = pg_catalog, keypool, pg_temp AS $fn$
 WITH keys AS (
     SELECT count(*) AS total,
            count(*) FILTER (WHERE state = 'active') AS usable,
            count(*) FILTER (WHERE state = 'cooling') AS cooling,
            count(*) FILTER (WHERE state = 'disabled') AS disabled
-      FROM keypool_keys
+      FROM @extschema@.keypool_keys
 ), pools AS (
     SELECT count(*) FILTER (WHERE keys_usable = 0 AND keys_cooling + keys_disabled > 0) AS without_usable,
            count(*) FILTER (WHERE overcommit > 1) AS overcommitted,
            sum(daily_capacity / min_share) FILTER (WHERE min_share > 0) AS daily_users
-      FROM keypool_pool_stats
+      FROM @extschema@.keypool_pool_stats
 ), capacity AS (
     SELECT CASE WHEN bool_and(rpd IS NOT NULL OR rpm IS NOT NULL)
                 THEN sum(coalesce(least(rpd::bigint, rpm::bigint * 1440), rpd, rpm::bigint * 1440)) END AS requests_per_day,
            CASE WHEN bool_and(rpm IS NOT NULL) THEN sum(rpm) END AS requests_per_minute
-      FROM keypool_scopes
-     WHERE scope_id IN (SELECT scope_id FROM keypool_keys WHERE state = 'active')
+      FROM @extschema@.keypool_scopes
+     WHERE scope_id IN (SELECT scope_id FROM @extschema@.keypool_keys WHERE state = 'active')
 ), alerts AS (
-    SELECT count(*) FILTER (WHERE kind = 'scope_near_limit') AS near_limit FROM keypool_alerts
+    SELECT count(*) FILTER (WHERE kind = 'scope_near_limit') AS near_limit FROM @extschema@.keypool_alerts
 ), verdict AS (
     SELECT CASE
                WHEN keys.total = 0 THEN 'CRITICAL'
@@ -356,23 +418,50 @@ COMMENT ON FUNCTION keypool_status() IS
     'Shared-memory use and how the state was restored at server start';
 COMMENT ON FUNCTION keypool_reset_usage(text) IS
     'Starts counting again for a pool''s accounts and users (or every pool): minute and day windows, cooldowns, users'' use today; returns accounts reset';
+COMMENT ON FUNCTION keypool_grant(text, regrole, text) IS
+    'Grants a role use, read or admin on a pool (* = every pool, present and future); needs admin on it';
+COMMENT ON FUNCTION keypool_revoke(text, regrole, text) IS
+    'Takes back a privilege keypool_grant gave; needs admin on the pool (* = every pool)';
+COMMENT ON FUNCTION keypool_rotate_master_key() IS
+    'Adds a master key to the keyring and reseals every secret of this database with it; returns its number';
+COMMENT ON FUNCTION keypool.allowed(bigint, text) IS
+    'Internal: whether the calling role holds a privilege on a pool (NULL: on every pool), for the views';
+COMMENT ON FUNCTION keypool.scope_readable(bigint) IS
+    'Internal: whether the calling role may read an account (it serves a pool the role may read), for the views';
+COMMENT ON FUNCTION keypool.acts_for(oid) IS
+    'Internal: whether the calling role has the privileges of a role, for the views';
+COMMENT ON FUNCTION keypool_submit(text, text, jsonb, interval, integer) IS
+    'Enqueues a chat request (OpenAI shape) for the workers; returns its id';
+COMMENT ON FUNCTION keypool_result(bigint) IS
+    'Status (queued, running, done, failed), response and error of a request this role submitted';
+COMMENT ON FUNCTION keypool_claim_requests(text, integer, interval) IS
+    'For workers: claims due requests of the pools this role may use, under a lease (FOR UPDATE SKIP LOCKED)';
+COMMENT ON FUNCTION keypool_complete_request(bigint, text, text, jsonb, text, timestamptz) IS
+    'For workers: records how a request this role claimed ended (done, failed, retry, wait)';
+COMMENT ON FUNCTION keypool_queue_wake_at() IS
+    'For workers: when the next request of the pools this role may use falls due or the next lease runs out';
+COMMENT ON FUNCTION keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint) IS
+    'For workers: records a heartbeat';
+COMMENT ON FUNCTION keypool_worker_stopped(text) IS 'For workers: records a clean stop';
+COMMENT ON FUNCTION keypool_models() IS 'Every pool this role may use or read and the models its keys serve (no secrets)';
+COMMENT ON FUNCTION keypool_key_credentials(bigint) IS
+    'For the worker''s validate: provider, model, base URL and secret of a key; needs admin on its pool';
 COMMENT ON FUNCTION keypool_set_price(text, text, numeric, numeric, numeric) IS
     'Sets the price of a provider''s model (NULL model: every model) per million input and output tokens and per request';
 COMMENT ON FUNCTION keypool_usage_report(date, date) IS
-    'Per key per day: requests, prompt and completion tokens, errors, estimated cost (from keypool_prices)';
+    'Per key per day of the pools this role may read: requests, prompt and completion tokens, errors, estimated cost';
 COMMENT ON FUNCTION keypool_enable_keys(text) IS
-    'Re-enables the keys and accounts that provider answers disabled (not those an operator disabled); returns how many';
+    'Re-enables the keys and accounts that provider answers disabled (not those an operator disabled) in a pool, or every pool this role administers; returns how many';
 COMMENT ON FUNCTION keypool_check_alerts() IS
     'Records alerts raised and cleared since the last check as events (NOTIFY keypool_events); returns how many were raised';
-COMMENT ON FUNCTION keypool.maintain() IS 'Internal: background upkeep (alerts, event retention)';
-COMMENT ON FUNCTION keypool.notify_event() IS 'Internal: announces every event on channel keypool_events';
-COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of every scope (for keypool_scopes)';
-COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of every key (for keypool_keys)';
+COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of the scopes this role may read (for keypool_scopes)';
+COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of the keys this role may read (for keypool_keys)';
 COMMENT ON FUNCTION keypool.note_config_change() IS 'Internal: marks configuration caches stale (trigger helper)';
 COMMENT ON FUNCTION keypool.config_changed() IS 'Internal: trigger on the configuration tables';
 
 -- Nothing is open to PUBLIC: grant EXECUTE on the functions and SELECT on the views to the
--- roles that need them (see README, "Roles").
+-- roles that need them, and privileges on pools with keypool_grant (see README, "Roles"). The
+-- views' filter functions are open: they answer only about the calling role.
 REVOKE ALL ON FUNCTION
     keypool_create_pool(text, text, integer, interval, boolean, text),
     keypool_alter_pool(text, integer, interval, boolean, text, text),
@@ -402,7 +491,25 @@ REVOKE ALL ON FUNCTION
     keypool.health(),
     keypool.note_config_change(),
     keypool.config_changed(),
-    keypool_reset_usage(text)
+    keypool_reset_usage(text),
+    keypool_grant(text, regrole, text),
+    keypool_revoke(text, regrole, text),
+    keypool_rotate_master_key(),
+    keypool_submit(text, text, jsonb, interval, integer),
+    keypool_result(bigint),
+    keypool_claim_requests(text, integer, interval),
+    keypool_complete_request(bigint, text, text, jsonb, text, timestamptz),
+    keypool_queue_wake_at(),
+    keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint),
+    keypool_worker_stopped(text),
+    keypool_models(),
+    keypool_key_credentials(bigint),
+    keypool_set_price(text, text, numeric, numeric, numeric),
+    keypool_usage_report(date, date),
+    keypool_enable_keys(text),
+    keypool_check_alerts()
 FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
 REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats,
-    keypool_key_stats, keypool_prices, keypool_alerts, keypool_health FROM PUBLIC;
+    keypool_key_stats, keypool_prices, keypool_alerts, keypool_health, keypool_requests, keypool_workers,
+    keypool_queue_depth, keypool_grants, keypool_master_keys FROM PUBLIC;

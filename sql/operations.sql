@@ -1,10 +1,11 @@
 -- pg_keypool: operations in SQL. Prices for cost estimates, the usage report, alerts and their
--- notifications, bulk re-enabling, and the background upkeep of events. The views built on
--- these (keypool_key_stats, keypool_alerts, keypool_health, keypool_prices) are in api.sql.
+-- notifications, and the background upkeep of events and finished queue requests. The public
+-- functions are in operations.rs (they check the caller's rights and call the internal ones
+-- below as the extension's owner); the views built on these (keypool_key_stats, keypool_alerts,
+-- keypool_health, keypool_prices) are in api.sql.
 --
--- Every row of keypool.event is announced with NOTIFY on channel keypool_events (payload: the
--- event as JSON): state changes (keys disabled, enabled, cooling after a rate limit, breakers
--- opening, accounts disabled, usage resets, rebalances) and alerts raised or cleared.
+-- Every row of keypool.event is announced with NOTIFY on channel keypool_events. The payload is
+-- the event's id only: reading the event (keypool_events) needs `read` on its pool.
 
 -- Prices per provider and model (model '' = every model of the provider without its own row),
 -- for the usage report's cost estimate. Editable: keypool_set_price().
@@ -19,55 +20,33 @@ CREATE TABLE keypool.price (
 );
 SELECT pg_catalog.pg_extension_config_dump('keypool.price', '');
 
--- Alerts raised and not yet cleared (keypool_check_alerts compares keypool_alerts with this).
+-- Alerts raised and not yet cleared (keypool.check_alerts compares keypool_alerts with this).
 CREATE TABLE keypool.alert (
     alert_key  text PRIMARY KEY,
     kind       text NOT NULL,
     severity   text NOT NULL,
     message    text NOT NULL,
-    raised_at  timestamptz NOT NULL
+    raised_at  timestamptz NOT NULL,
+    -- The pool the alert is about (NULL: none, such as a silent worker).
+    pool_id    bigint
 );
 
 CREATE FUNCTION keypool.notify_event() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, keypool, pg_temp AS $$
 BEGIN
-    PERFORM pg_notify('keypool_events', json_build_object(
-        'id', new.id, 'at', new.at, 'kind', new.kind,
-        'pool', (SELECT p.name FROM keypool.pool p WHERE p.id = new.pool_id),
-        'key_id', new.key_id, 'scope_id', new.scope_id, 'reason', left(new.reason, 2000))::text);
+    PERFORM pg_catalog.pg_notify('keypool_events', new.id::text);
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER notify_event AFTER INSERT ON keypool.event
     FOR EACH ROW EXECUTE FUNCTION keypool.notify_event();
 
-CREATE FUNCTION keypool_set_price(provider text, model text, input_per_million numeric, output_per_million numeric,
-                                  per_request numeric DEFAULT 0)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF provider IS NULL OR input_per_million IS NULL OR output_per_million IS NULL OR per_request IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'provider, input_per_million, output_per_million and per_request must not be NULL',
-            HINT = 'Use model => NULL (or '''') for the price of every model of the provider.';
-    END IF;
-    IF input_per_million < 0 OR output_per_million < 0 OR per_request < 0 THEN
-        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'prices must not be negative';
-    END IF;
-    INSERT INTO keypool.price AS p (provider, model, input_per_million, output_per_million, per_request, updated_at)
-    VALUES (provider, coalesce(model, ''), input_per_million, output_per_million, per_request, now())
-    ON CONFLICT ON CONSTRAINT price_pkey DO UPDATE
-       SET input_per_million = excluded.input_per_million, output_per_million = excluded.output_per_million,
-           per_request = excluded.per_request, updated_at = now();
-END
-$$;
-
 -- Per key per day (in the time zone of the key's account, as providers count days): calls,
--- tokens, errors and the estimated cost, from the hourly history.
-CREATE FUNCTION keypool_usage_report(from_day date, to_day date)
+-- tokens, errors and the estimated cost, from the hourly history, for the pools listed.
+CREATE FUNCTION keypool.usage_report(pools bigint[], from_day date, to_day date)
 RETURNS TABLE (day date, pool text, key_id bigint, label text, provider text, model text, requests bigint,
                prompt_tokens bigint, completion_tokens bigint, errors bigint, estimated_cost numeric)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, keypool, pg_temp AS $$
 BEGIN
     IF from_day IS NULL OR to_day IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'from_day and to_day must not be NULL';
@@ -96,68 +75,43 @@ BEGIN
                           ORDER BY x.model DESC LIMIT 1) pr ON true
      WHERE u.hour >= (from_day - 1)::timestamptz AND u.hour < (to_day + 2)::timestamptz
        AND d.day BETWEEN from_day AND to_day
+       AND p.id = ANY (pools)
      GROUP BY d.day, p.name, k.id, k.label, k.provider, k.model, pr.input_per_million, pr.output_per_million, pr.per_request
      ORDER BY d.day, p.name, k.id;
 END
 $$;
 
--- Re-enables the keys (and accounts) that provider answers disabled (401, API_KEY_INVALID,
--- billing), in one pool or all; keys an operator disabled stay disabled. Returns how many.
-CREATE FUNCTION keypool_enable_keys(pool text DEFAULT NULL)
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    k record;
-    n bigint := 0;
-BEGIN
-    IF pool IS NOT NULL AND NOT EXISTS (SELECT 1 FROM keypool.pool p WHERE p.name = keypool_enable_keys.pool) THEN
-        RAISE EXCEPTION USING ERRCODE = '42704', MESSAGE = format('pool "%s" does not exist', pool);
-    END IF;
-    FOR k IN
-        SELECT key.id
-          FROM keypool.key key
-          JOIN keypool.pool p ON p.id = key.pool_id
-          JOIN keypool.scope s ON s.id = key.scope_id
-         WHERE key.removed_at IS NULL
-           AND (keypool_enable_keys.pool IS NULL OR p.name = keypool_enable_keys.pool)
-           AND (key.disabled_by = 'provider' OR (s.disabled_by = 'provider' AND key.disabled_reason IS NULL))
-         ORDER BY key.id
-    LOOP
-        PERFORM @extschema@.keypool_enable_key(k.id);
-        n := n + 1;
-    END LOOP;
-    RETURN n;
-END
-$$;
-
 -- Compares keypool_alerts with the alerts raised before: new ones are recorded as 'alert'
 -- events, gone ones as 'alert_cleared' (both announced on keypool_events). Returns how many
--- alerts were raised. Runs in the background every pg_keypool.flush_interval.
-CREATE FUNCTION keypool_check_alerts()
+-- alerts were raised. Runs as the extension's owner (keypool_check_alerts, the background),
+-- which sees every pool's alerts.
+CREATE FUNCTION keypool.check_alerts()
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
 DECLARE
     raised bigint;
 BEGIN
     -- One checker at a time (the background and a caller may overlap).
     PERFORM pg_advisory_xact_lock(hashtext('pg_keypool.check_alerts'));
     WITH cur AS (
-        SELECT a.alert_key, a.kind, a.severity, a.message FROM @extschema@.keypool_alerts a),
+        SELECT a.alert_key, a.kind, a.severity, a.message, p.id AS pool_id
+          FROM @extschema@.keypool_alerts a LEFT JOIN keypool.pool p ON p.name = a.pool),
     gone AS (
         DELETE FROM keypool.alert a
          WHERE NOT EXISTS (SELECT 1 FROM cur c WHERE c.alert_key = a.alert_key)
         RETURNING a.*),
     new AS (
-        INSERT INTO keypool.alert
-        SELECT c.alert_key, c.kind, c.severity, c.message, @extschema@.keypool_now() FROM cur c
+        INSERT INTO keypool.alert (alert_key, kind, severity, message, raised_at, pool_id)
+        SELECT c.alert_key, c.kind, c.severity, c.message, @extschema@.keypool_now(), c.pool_id FROM cur c
          WHERE NOT EXISTS (SELECT 1 FROM keypool.alert a WHERE a.alert_key = c.alert_key)
         RETURNING *),
     events AS (
-        INSERT INTO keypool.event (at, kind, reason)
-        SELECT @extschema@.keypool_now(), e.kind, e.reason
-          FROM (SELECT 1 AS o, g.alert_key, 'alert_cleared' AS kind, g.kind || ': ' || g.message AS reason FROM gone g
+        INSERT INTO keypool.event (at, kind, pool_id, reason)
+        SELECT @extschema@.keypool_now(), e.kind, e.pool_id, e.reason
+          FROM (SELECT 1 AS o, g.alert_key, 'alert_cleared' AS kind, g.pool_id, g.kind || ': ' || g.message AS reason
+                  FROM gone g
                 UNION ALL
-                SELECT 2, n.alert_key, 'alert', n.severity || ' ' || n.kind || ': ' || n.message FROM new n) e
+                SELECT 2, n.alert_key, 'alert', n.pool_id, n.severity || ' ' || n.kind || ': ' || n.message FROM new n) e
          ORDER BY e.o, e.alert_key
         RETURNING kind)
     SELECT count(*) FILTER (WHERE kind = 'alert') INTO raised FROM events;
@@ -165,24 +119,32 @@ BEGIN
 END
 $$;
 
--- Background upkeep (the flusher, every pg_keypool.flush_interval): alerts, and events older
--- than pg_keypool.event_retention.
+-- Background upkeep (the flusher, every pg_keypool.flush_interval): alerts, events older than
+-- pg_keypool.event_retention, finished queue requests older than pg_keypool.request_retention.
 CREATE FUNCTION keypool.maintain()
 RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
 BEGIN
-    PERFORM @extschema@.keypool_check_alerts();
+    PERFORM keypool.check_alerts();
     DELETE FROM keypool.event e
      WHERE e.at < @extschema@.keypool_now() - coalesce(nullif(current_setting('pg_keypool.event_retention', true), '')::interval,
-                                   interval '30 days');
+                                                        interval '30 days');
+    DELETE FROM keypool.request r
+     WHERE r.status IN ('done', 'failed')
+       AND r.finished_at < now() - coalesce(nullif(current_setting('pg_keypool.request_retention', true), '')::interval,
+                                            interval '7 days');
 END
 $$;
 
+COMMENT ON FUNCTION keypool.usage_report(bigint[], date, date) IS 'Internal: keypool_usage_report for the pools given';
+COMMENT ON FUNCTION keypool.check_alerts() IS 'Internal: keypool_check_alerts, as the extension''s owner';
+COMMENT ON FUNCTION keypool.maintain() IS
+    'Internal: background upkeep (alerts, event retention, finished queue requests)';
+COMMENT ON FUNCTION keypool.notify_event() IS 'Internal: announces every event''s id on channel keypool_events';
+
 REVOKE ALL ON FUNCTION
-    keypool_set_price(text, text, numeric, numeric, numeric),
-    keypool_usage_report(date, date),
-    keypool_enable_keys(text),
-    keypool_check_alerts(),
+    keypool.usage_report(bigint[], date, date),
+    keypool.check_alerts(),
     keypool.maintain(),
     keypool.notify_event()
 FROM PUBLIC;

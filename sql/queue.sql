@@ -7,6 +7,12 @@
 -- died is claimed again when its lease runs out. Each request is tried at most max_attempts
 -- times, then ends 'failed' with its last error. Waiting for capacity (POOL_EXHAUSTED) does not
 -- count as an attempt: the request sleeps until the pool frees up, up to its deadline.
+--
+-- Every request records the role that submitted it: only that role (and the pool's
+-- administrators) sees it and its result. A worker claims only requests of pools its role may
+-- use, and only the role holding a request's lease completes it. The public functions
+-- (queue.rs) check the caller and call the internal functions below as the extension's owner;
+-- nobody else may call those.
 
 CREATE TABLE keypool.request (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -23,9 +29,14 @@ CREATE TABLE keypool.request (
     response     jsonb,
     error        text,
     submitted_at timestamptz NOT NULL DEFAULT now(),
-    finished_at  timestamptz
+    finished_at  timestamptz,
+    -- The role that submitted the request, and the role of the worker holding its lease.
+    submitted_by regrole NOT NULL,
+    claimed_role regrole
 );
 CREATE INDEX request_pending ON keypool.request (not_before, id) WHERE status IN ('queued', 'running');
+-- Finished requests are deleted after pg_keypool.request_retention (keypool.maintain).
+CREATE INDEX request_finished ON keypool.request (finished_at) WHERE status IN ('done', 'failed');
 
 -- The workers, as their heartbeats report them.
 CREATE TABLE keypool.worker (
@@ -39,22 +50,20 @@ CREATE TABLE keypool.worker (
     failed      bigint NOT NULL DEFAULT 0,
     queue_done  bigint NOT NULL DEFAULT 0,
     -- Set by a clean stop; a worker that stopped cleanly is not missing (keypool_alerts).
-    stopped_at  timestamptz
+    stopped_at  timestamptz,
+    -- The role whose heartbeats these are: only it reports for this worker id.
+    role        regrole NOT NULL
 );
 
-CREATE FUNCTION keypool_submit(user_id text, pool text, request jsonb,
-                               max_wait interval DEFAULT '10 minutes', max_attempts integer DEFAULT 3)
+-- Enqueues a request of role submitted_by (keypool_submit checked its right to the pool and the
+-- request's size).
+CREATE FUNCTION keypool.enqueue(submitted_by regrole, user_id text, pool text, request jsonb, max_wait interval,
+                                max_attempts integer)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
 DECLARE
     new_id bigint;
 BEGIN
-    IF user_id IS NULL OR user_id = '' THEN
-        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'user_id must not be empty or NULL';
-    END IF;
-    IF pool IS NULL OR NOT EXISTS (SELECT 1 FROM keypool.pool p WHERE p.name = keypool_submit.pool) THEN
-        RAISE EXCEPTION USING ERRCODE = '42704', MESSAGE = format('pool "%s" does not exist', pool);
-    END IF;
     IF request IS NULL OR jsonb_typeof(request) <> 'object'
        OR jsonb_typeof(request -> 'messages') IS DISTINCT FROM 'array'
        OR request -> 'messages' = '[]'::jsonb THEN
@@ -67,39 +76,29 @@ BEGIN
     IF max_attempts IS NULL OR max_attempts NOT BETWEEN 1 AND 100 THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'max_attempts must be between 1 and 100';
     END IF;
-    INSERT INTO keypool.request (user_id, pool, request, max_attempts, deadline)
-    VALUES (user_id, pool, request, max_attempts, now() + max_wait)
+    INSERT INTO keypool.request (user_id, pool, request, max_attempts, deadline, submitted_by)
+    VALUES (user_id, pool, request, max_attempts, now() + max_wait, submitted_by)
     RETURNING id INTO new_id;
     PERFORM pg_notify('keypool_requests', new_id::text);
     RETURN new_id;
 END
 $$;
 
-CREATE FUNCTION keypool_result(id bigint, OUT status text, OUT response jsonb, OUT error text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    SELECT r.status, r.response, r.error INTO status, response, error
-      FROM keypool.request r WHERE r.id = keypool_result.id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = '42704', MESSAGE = format('request %s does not exist', id);
-    END IF;
-END
-$$;
-
--- For workers: claims up to max_n requests that are due, under a lease. Requests whose lease ran
--- out after their last attempt end 'failed' here.
-CREATE FUNCTION keypool_claim_requests(worker text, max_n integer, lease interval)
+-- Claims up to max_n due requests of the pools named, under a lease, for role claimer. Requests
+-- whose lease ran out after their last attempt end 'failed' here.
+CREATE FUNCTION keypool.claim_requests(claimer regrole, pools text[], worker text, max_n integer, lease interval)
 RETURNS TABLE (id bigint, user_id text, pool text, request jsonb, attempts integer)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     gave_up integer;
 BEGIN
     WITH g AS (
         UPDATE keypool.request r
-           SET status = 'failed', finished_at = now(), claimed_by = NULL, lease_until = NULL,
+           SET status = 'failed', finished_at = now(), claimed_by = NULL, claimed_role = NULL, lease_until = NULL,
                error = concat_ws('; ', r.error, format('its worker stopped answering after %s attempts', r.attempts))
          WHERE r.status = 'running' AND r.lease_until < now() AND r.attempts >= r.max_attempts
+           AND r.pool = ANY (pools)
         RETURNING r.id
     )
     SELECT count(pg_notify('keypool_results', g.id::text)) INTO gave_up FROM g;
@@ -108,25 +107,25 @@ BEGIN
         SELECT r.id FROM keypool.request r
          WHERE (r.status = 'queued' OR (r.status = 'running' AND r.lease_until < now()))
            AND r.not_before <= now()
+           AND r.pool = ANY (pools)
          ORDER BY r.not_before, r.id
          LIMIT greatest(max_n, 0)
          FOR UPDATE SKIP LOCKED
     )
     UPDATE keypool.request r
-       SET status = 'running', claimed_by = worker, lease_until = now() + lease, attempts = r.attempts + 1
+       SET status = 'running', claimed_by = worker, claimed_role = claimer, lease_until = now() + lease,
+           attempts = r.attempts + 1
       FROM due WHERE r.id = due.id
     RETURNING r.id, r.user_id, r.pool, r.request, r.attempts;
 END
 $$;
 
--- For workers: how a claimed request ended. outcome is 'done' (with the response), 'failed'
--- (final, with the error), 'retry' (try again after retry_at; counts as an attempt) or 'wait'
--- (no capacity until retry_at; does not count). Returns false when the request is no longer this
--- worker's (its lease ran out and another worker took it).
-CREATE FUNCTION keypool_complete_request(id bigint, worker text, outcome text, response jsonb DEFAULT NULL,
-                                         error text DEFAULT NULL, retry_at timestamptz DEFAULT NULL)
+-- How a claimed request ended (see keypool_complete_request). Only the role that holds the
+-- lease completes it; false when the request is no longer this worker's.
+CREATE FUNCTION keypool.complete_request(claimer regrole, id bigint, worker text, outcome text, response jsonb,
+                                         error text, retry_at timestamptz)
 RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
 DECLARE
     r keypool.request;
 BEGIN
@@ -135,7 +134,7 @@ BEGIN
             HINT = 'One of done, failed, retry, wait.';
     END IF;
     SELECT * INTO r FROM keypool.request q
-     WHERE q.id = keypool_complete_request.id AND q.claimed_by = worker AND q.status = 'running'
+     WHERE q.id = complete_request.id AND q.claimed_by = worker AND q.claimed_role = claimer AND q.status = 'running'
        FOR UPDATE;
     IF NOT FOUND THEN
         RETURN false;
@@ -149,16 +148,16 @@ BEGIN
     END IF;
     CASE outcome
         WHEN 'done' THEN
-            UPDATE keypool.request q SET status = 'done', response = keypool_complete_request.response,
-                   error = NULL, finished_at = now(), claimed_by = NULL, lease_until = NULL
+            UPDATE keypool.request q SET status = 'done', response = complete_request.response,
+                   error = NULL, finished_at = now(), claimed_by = NULL, claimed_role = NULL, lease_until = NULL
              WHERE q.id = r.id;
         WHEN 'failed' THEN
-            UPDATE keypool.request q SET status = 'failed', error = keypool_complete_request.error,
-                   finished_at = now(), claimed_by = NULL, lease_until = NULL
+            UPDATE keypool.request q SET status = 'failed', error = complete_request.error,
+                   finished_at = now(), claimed_by = NULL, claimed_role = NULL, lease_until = NULL
              WHERE q.id = r.id;
         WHEN 'retry', 'wait' THEN
-            UPDATE keypool.request q SET status = 'queued', error = keypool_complete_request.error,
-                   not_before = coalesce(retry_at, now()), claimed_by = NULL, lease_until = NULL,
+            UPDATE keypool.request q SET status = 'queued', error = complete_request.error,
+                   not_before = coalesce(retry_at, now()), claimed_by = NULL, claimed_role = NULL, lease_until = NULL,
                    attempts = q.attempts - CASE WHEN outcome = 'wait' THEN 1 ELSE 0 END
              WHERE q.id = r.id;
     END CASE;
@@ -171,95 +170,39 @@ BEGIN
 END
 $$;
 
--- For workers: when the next queued request falls due or the next lease runs out (NULL: nothing
--- pending), so that an idle worker sleeps until then instead of polling.
-CREATE FUNCTION keypool_queue_wake_at()
+-- When the next queued request of the pools named falls due or the next lease runs out.
+CREATE FUNCTION keypool.queue_wake_at(pools text[])
 RETURNS timestamptz
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT least((SELECT min(r.not_before) FROM keypool.request r WHERE r.status = 'queued'),
-                 (SELECT min(r.lease_until) FROM keypool.request r WHERE r.status = 'running'));
+LANGUAGE sql STABLE SET search_path = pg_catalog, keypool, pg_temp AS $$
+    SELECT least((SELECT min(r.not_before) FROM keypool.request r WHERE r.status = 'queued' AND r.pool = ANY (pools)),
+                 (SELECT min(r.lease_until) FROM keypool.request r WHERE r.status = 'running' AND r.pool = ANY (pools)));
 $$;
 
--- For workers: a heartbeat, with counts since the worker started.
-CREATE FUNCTION keypool_worker_heartbeat(worker text, version text, host text, pid integer, started_at timestamptz,
-                                         served bigint, failed bigint, queue_done bigint)
-RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    INSERT INTO keypool.worker AS w (id, version, host, pid, started_at, last_seen, served, failed, queue_done)
-    VALUES (worker, version, host, pid, started_at, now(), served, failed, queue_done)
-    ON CONFLICT (id) DO UPDATE SET version = excluded.version, host = excluded.host, pid = excluded.pid,
-        started_at = excluded.started_at, last_seen = now(), served = excluded.served,
-        failed = excluded.failed, queue_done = excluded.queue_done, stopped_at = NULL;
-$$;
+-- Written against the function-call interface (queue.rs): they size the jsonb argument from its
+-- header, before anything reads it.
+CREATE FUNCTION keypool_submit(user_id text, pool text, request jsonb, max_wait interval DEFAULT '10 minutes',
+                               max_attempts integer DEFAULT 3)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'keypool_submit_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
 
--- For workers: a clean stop.
-CREATE FUNCTION keypool_worker_stopped(worker text)
-RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    UPDATE keypool.worker w SET stopped_at = now(), last_seen = now() WHERE w.id = $1;
-$$;
+CREATE FUNCTION keypool_complete_request(id bigint, worker text, outcome text, response jsonb DEFAULT NULL,
+                                         error text DEFAULT NULL, retry_at timestamptz DEFAULT NULL)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'keypool_complete_request_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
 
--- For workers: every pool and the models its keys serve (GET /v1/models), without any secret.
--- A pool without keys, or with keys that name no model, has a row with model NULL.
-CREATE FUNCTION keypool_models()
-RETURNS TABLE (pool text, model text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT DISTINCT p.name, k.model
-      FROM keypool.pool p LEFT JOIN keypool.key k ON k.pool_id = p.id AND k.removed_at IS NULL
-     ORDER BY 1, 2;
-$$;
-
--- For the worker's `validate`: what it takes to call a key's provider, secret included.
-CREATE FUNCTION keypool_key_credentials(key_id bigint, OUT provider text, OUT model text, OUT base_url text,
-                                        OUT secret text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    SELECT k.provider, k.model, k.base_url, k.secret INTO provider, model, base_url, secret
-      FROM keypool.key k WHERE k.id = key_id AND k.removed_at IS NULL;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = '42704', MESSAGE = format('key %s does not exist', key_id);
-    END IF;
-END
-$$;
-
-CREATE VIEW keypool_requests AS
-SELECT id, user_id, pool, status, attempts, max_attempts, not_before, deadline, claimed_by, lease_until,
-       error, submitted_at, finished_at
-  FROM keypool.request;
-COMMENT ON VIEW keypool_requests IS 'The SQL request queue: status, attempts, worker and lease of every request';
-
-CREATE VIEW keypool_workers AS
-SELECT id, version, host, pid, started_at, last_seen, now() - last_seen AS silent_for, served, failed, queue_done,
-       stopped_at
-  FROM keypool.worker;
-COMMENT ON VIEW keypool_workers IS 'Workers as their heartbeats report them';
-
-COMMENT ON FUNCTION keypool_submit(text, text, jsonb, interval, integer) IS
-    'Enqueues a chat request (OpenAI shape) for the workers; returns its id';
-COMMENT ON FUNCTION keypool_result(bigint) IS
-    'Status (queued, running, done, failed), response and error of a submitted request';
-COMMENT ON FUNCTION keypool_claim_requests(text, integer, interval) IS
-    'For workers: claims due requests under a lease (FOR UPDATE SKIP LOCKED)';
-COMMENT ON FUNCTION keypool_complete_request(bigint, text, text, jsonb, text, timestamptz) IS
-    'For workers: records how a claimed request ended (done, failed, retry, wait)';
-COMMENT ON FUNCTION keypool_queue_wake_at() IS
-    'For workers: when the next queued request falls due or the next lease runs out';
-COMMENT ON FUNCTION keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint) IS
-    'For workers: records a heartbeat';
-COMMENT ON FUNCTION keypool_worker_stopped(text) IS 'For workers: records a clean stop';
-COMMENT ON FUNCTION keypool_models() IS 'Every pool and the models its keys serve (no secrets)';
-COMMENT ON FUNCTION keypool_key_credentials(bigint) IS
-    'For the worker''s validate: provider, model, base URL and secret of a key (grant with care)';
+COMMENT ON FUNCTION keypool.enqueue(regrole, text, text, jsonb, interval, integer) IS
+    'Internal: enqueues a request for keypool_submit';
+COMMENT ON FUNCTION keypool.claim_requests(regrole, text[], text, integer, interval) IS
+    'Internal: claims due requests of the given pools for keypool_claim_requests';
+COMMENT ON FUNCTION keypool.complete_request(regrole, bigint, text, text, jsonb, text, timestamptz) IS
+    'Internal: records how a claimed request ended for keypool_complete_request';
+COMMENT ON FUNCTION keypool.queue_wake_at(text[]) IS 'Internal: when the given pools'' queue next needs a worker';
 
 REVOKE ALL ON FUNCTION
-    keypool_submit(text, text, jsonb, interval, integer),
-    keypool_result(bigint),
-    keypool_claim_requests(text, integer, interval),
-    keypool_complete_request(bigint, text, text, jsonb, text, timestamptz),
-    keypool_queue_wake_at(),
-    keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint),
-    keypool_worker_stopped(text),
-    keypool_models(),
-    keypool_key_credentials(bigint)
+    keypool.enqueue(regrole, text, text, jsonb, interval, integer),
+    keypool.claim_requests(regrole, text[], text, integer, interval),
+    keypool.complete_request(regrole, bigint, text, text, jsonb, text, timestamptz),
+    keypool.queue_wake_at(text[])
 FROM PUBLIC;
-REVOKE ALL ON keypool_requests, keypool_workers FROM PUBLIC;

@@ -1,8 +1,10 @@
 -- pg_keypool: internal tables.
 --
 -- Everything in schema keypool is private to the extension. Applications and operators use the
--- keypool_* functions and views; the functions read and write these tables as the extension's
--- owner. Rate-window state is not here: it lives in shared memory (see README).
+-- keypool_* functions and views; the functions check the caller's privileges on the pool
+-- (keypool.pool_grant) and read and write these tables as the extension's owner, with the search
+-- path pinned to pg_catalog, keypool, pg_temp. Rate-window state is not here: it lives in shared
+-- memory (see README). Provider secrets are here only sealed (keypool.key.secret_sealed).
 
 CREATE SCHEMA keypool;
 REVOKE ALL ON SCHEMA keypool FROM PUBLIC;
@@ -55,8 +57,17 @@ CREATE TABLE keypool.scope (
 CREATE UNIQUE INDEX scope_account_model ON keypool.scope (provider, account, (coalesce(model, '')))
     WHERE account IS NOT NULL;
 
--- A provider key. The secret is only ever returned by keypool_reserve; everything else shows
--- the masked label.
+-- The master keys of the keyring (pg_keypool.master_key_file) this database sealed secrets
+-- with: their fingerprints, so that a missing or different keyring is refused, never replaced.
+CREATE TABLE keypool.master_key (
+    key_no      integer PRIMARY KEY CHECK (key_no > 0),
+    fingerprint bytea NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- A provider key. The secret is stored sealed (XChaCha20-Poly1305 under a master key, with the
+-- key's id as associated data) and only ever returned in plaintext by keypool_reserve (and, to
+-- a pool's administrators, keypool_key_credentials); everything else shows the masked label.
 CREATE TABLE keypool.key (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     pool_id         bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
@@ -64,8 +75,6 @@ CREATE TABLE keypool.key (
     provider        text NOT NULL,
     model           text,
     base_url        text NOT NULL,
-    secret          text NOT NULL,
-    secret_sha256   bytea NOT NULL,
     label           text NOT NULL,
     -- Stable small number of the key within its pool (1, 2, ...): the "key group" apps store.
     group_no        integer NOT NULL,
@@ -76,7 +85,12 @@ CREATE TABLE keypool.key (
     -- Removed keys keep their history; they take no traffic and no users.
     removed_at      timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (pool_id, secret_sha256),
+    -- The secret, sealed; the master key it is sealed with; its keyed digest (HMAC-SHA256 under
+    -- the newest master key), which finds a secret already in the pool.
+    secret_sealed   bytea NOT NULL,
+    sealed_with     integer NOT NULL REFERENCES keypool.master_key (key_no),
+    secret_hmac     bytea NOT NULL,
+    UNIQUE (pool_id, secret_hmac),
     UNIQUE (pool_id, group_no)
 );
 CREATE INDEX key_scope ON keypool.key (scope_id);
@@ -127,9 +141,19 @@ CREATE TABLE keypool.event (
 );
 CREATE INDEX event_at ON keypool.event (at);
 
+-- Who may use, read or administer which pool (keypool_grant); pool_id NULL: every pool ('*').
+CREATE TABLE keypool.pool_grant (
+    pool_id    bigint REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    grantee    regrole NOT NULL,
+    privilege  text NOT NULL CHECK (privilege IN ('use', 'read', 'admin')),
+    granted_by regrole NOT NULL,
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE NULLS NOT DISTINCT (pool_id, grantee, privilege)
+);
+
 -- Any change to the configuration makes every backend reload its cache (see config.rs).
 CREATE FUNCTION keypool.config_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, keypool, pg_temp AS $$
 BEGIN
     PERFORM keypool.note_config_change();
     RETURN NULL;
@@ -144,8 +168,14 @@ CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ke
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.key
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.pool_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.master_key
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 
--- pg_dump keeps the configuration and history.
+-- pg_dump keeps the configuration and history (secrets sealed: a restore needs the keyring).
+SELECT pg_catalog.pg_extension_config_dump('keypool.master_key', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.pool_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.scope', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.key', '');

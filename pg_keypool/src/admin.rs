@@ -8,6 +8,7 @@
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
+use crate::access::{self, Privilege};
 use crate::breaker;
 use crate::calendar;
 use crate::clock;
@@ -15,9 +16,10 @@ use crate::config::{self, Config};
 use crate::errors::{self, Code};
 use crate::privilege;
 use crate::provider;
-use crate::secret;
+use crate::seal;
 use crate::shares::MAX_WINDOW_DAYS;
 use crate::shmem;
+use crate::vault;
 
 const MAX_NAME: usize = 200;
 const MAX_SECRET: usize = 8192;
@@ -59,8 +61,8 @@ fn positive<T: Into<i64> + Copy>(name: &str, v: Option<T>) -> Option<i64> {
 }
 
 /// Runs `f` inside SPI as the extension's owner.
-fn as_owner<R>(f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> R) -> R {
-    privilege::as_user(config::extension_owner(), || Spi::connect_mut(f))
+fn as_owner<R>(owner: pgrx::pg_sys::Oid, f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> R) -> R {
+    privilege::spi_as_owner(owner, f)
 }
 
 /// Runs a statement that returns at most one row and returns its first column.
@@ -151,12 +153,15 @@ fn keypool_create_pool(
     borrowing: default!(Option<bool>, false),
     timezone: default!(Option<&str>, "NULL"),
 ) -> i64 {
+    let _path = privilege::pin_search_path();
     let name = required("name", name, MAX_NAME);
     let description = optional("description", description, MAX_REASON);
     let min_share = check_min_share(min_share).unwrap_or(0);
     let active_days = window_days(active_window).flatten();
     let timezone = check_zone(timezone).filter(|z| !z.is_empty());
-    as_owner(|client| {
+    let grants = access::grants();
+    access::require_every_pool(&grants, "create pools", Privilege::Admin);
+    as_owner(grants.owner, |client| {
         let id: Option<i64> = one(
             client,
             "INSERT INTO keypool.pool (name, description, min_share, active_days, borrowing, timezone)
@@ -194,12 +199,15 @@ fn keypool_alter_pool(
     timezone: default!(Option<&str>, "NULL"),
     description: default!(Option<&str>, "NULL"),
 ) {
+    let _path = privilege::pin_search_path();
     let name = required("name", name, MAX_NAME);
     let min_share = check_min_share(min_share);
     let window = window_days(active_window);
     let timezone = check_zone(timezone);
     let description = optional("description", description, MAX_REASON);
-    as_owner(|client| {
+    let grants = access::grants();
+    access::pool_id(&grants, name, Privilege::Admin);
+    as_owner(grants.owner, |client| {
         let id: Option<i64> = one(
             client,
             "UPDATE keypool.pool SET
@@ -244,6 +252,7 @@ fn keypool_add_key(
     timezone: default!(Option<&str>, "NULL"),
     group_no: default!(Option<i32>, "NULL"),
 ) -> i64 {
+    let _path = privilege::pin_search_path();
     let pool = required("pool", pool, MAX_NAME);
     let provider_name = required("provider", provider, MAX_NAME);
     let Some(provider) = provider::find(provider_name) else {
@@ -281,21 +290,23 @@ fn keypool_add_key(
             errors::invalid(format!("group_no must be between 1 and 1000000, not {g}")).raise();
         }
     }
-    let digest = secret::digest(secret);
-    let label = secret::mask(secret);
+    let label = keypool_mask::mask(secret);
+    let grants = access::grants();
+    let pool_id = access::pool_id(&grants, pool, Privilege::Admin);
 
-    as_owner(|client| {
+    as_owner(grants.owner, |client| {
         // Locking the pool row serializes additions to the pool (group numbers).
-        let pool_id: Option<i64> = one(
+        let locked: Option<i64> = one(
             client,
-            "SELECT id FROM keypool.pool WHERE name = $1 FOR UPDATE",
-            &[pool.into()],
+            "SELECT id FROM keypool.pool WHERE id = $1 FOR UPDATE",
+            &[pool_id.into()],
         );
-        let Some(pool_id) = pool_id else {
-            errors::undefined(format!("pool \"{pool}\" does not exist"))
-                .hint("Create it first with keypool_create_pool().")
-                .raise()
-        };
+        if locked.is_none() {
+            errors::undefined(format!("pool \"{pool}\" does not exist")).raise();
+        }
+        // The master key to seal with; rotations wait until this transaction ends.
+        let master = vault::sealing_key(client);
+        let digest = seal::digest(&master, secret);
         let limit_args = |scope_id: i64| -> [DatumWithOid<'static>; 5] {
             [scope_id.into(), rpm.into(), rpd.into(), tpm.into(), tpd.into()]
         };
@@ -304,7 +315,7 @@ fn keypool_add_key(
         // The same secret in the same pool: the key exists already.
         let existing: Option<i64> = one(
             client,
-            "SELECT id FROM keypool.key WHERE pool_id = $1 AND secret_sha256 = $2",
+            "SELECT id FROM keypool.key WHERE pool_id = $1 AND secret_hmac = $2",
             &[pool_id.into(), digest.clone().into()],
         );
         if let Some(key_id) = existing {
@@ -399,31 +410,43 @@ fn keypool_add_key(
                 .raise();
             }
         }
-        let key_id: Option<i64> = one(
+        // The row id is the sealed secret's associated data: take it before sealing.
+        let key_id: i64 = one(
             client,
-            "INSERT INTO keypool.key (pool_id, scope_id, provider, model, base_url, secret, secret_sha256, label, group_no)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-                     coalesce($9, (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $1)))
-             ON CONFLICT (pool_id, secret_sha256) DO NOTHING
+            "SELECT nextval(pg_get_serial_sequence('keypool.key', 'id'))",
+            &[],
+        )
+        .unwrap_or_else(|| errors::error(Code::ERRCODE_INTERNAL_ERROR, "pg_keypool: no key id").raise());
+        let sealed = vault::seal_secret(&master, key_id, secret);
+        let inserted: Option<i64> = one(
+            client,
+            "INSERT INTO keypool.key (id, pool_id, scope_id, provider, model, base_url, secret_sealed, sealed_with,
+                                      secret_hmac, label, group_no)
+             OVERRIDING SYSTEM VALUE
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                     coalesce($11, (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $2)))
+             ON CONFLICT (pool_id, secret_hmac) DO NOTHING
              RETURNING id",
             &[
+                key_id.into(),
                 pool_id.into(),
                 scope_id.into(),
                 provider.name.into(),
                 model.into(),
                 base_url.as_str().into(),
-                secret.into(),
-                digest.clone().into(),
+                sealed.sealed.into(),
+                sealed.master.into(),
+                sealed.digest.into(),
                 label.as_str().into(),
                 group_no.into(),
             ],
         );
-        let key_id = match key_id {
+        let key_id = match inserted {
             Some(id) => id,
             // Added concurrently by another session.
             None => one(
                 client,
-                "SELECT id FROM keypool.key WHERE pool_id = $1 AND secret_sha256 = $2",
+                "SELECT id FROM keypool.key WHERE pool_id = $1 AND secret_hmac = $2",
                 &[pool_id.into(), digest.into()],
             )
             .unwrap_or_else(|| {
@@ -450,11 +473,14 @@ fn reason_text(reason: Option<&str>, default: &str) -> String {
 /// `keypool_disable_key`: takes a key out of rotation until it is enabled again.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_disable_key(key_id: Option<i64>, reason: default!(Option<&str>, "NULL")) {
+    let _path = privilege::pin_search_path();
     let Some(key_id) = key_id else {
         errors::null_argument("key_id").raise()
     };
     let reason = reason_text(reason, "disabled by an operator");
-    as_owner(|client| {
+    let grants = access::grants();
+    access::key_pool(&grants, key_id, Privilege::Admin);
+    as_owner(grants.owner, |client| {
         let found: Option<i64> = one(
             client,
             "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3, disabled_by = 'operator'
@@ -472,10 +498,18 @@ fn keypool_disable_key(key_id: Option<i64>, reason: default!(Option<&str>, "NULL
 /// and closes its circuit breaker.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_enable_key(key_id: Option<i64>) {
+    let _path = privilege::pin_search_path();
     let Some(key_id) = key_id else {
         errors::null_argument("key_id").raise()
     };
-    let (pool_id, scope_id) = as_owner(|client| {
+    let grants = access::grants();
+    access::key_pool(&grants, key_id, Privilege::Admin);
+    enable_key(grants.owner, key_id);
+}
+
+/// Enables a key (and its account) and closes its breaker; the caller's right was checked.
+pub fn enable_key(owner: pgrx::pg_sys::Oid, key_id: i64) {
+    let (pool_id, scope_id) = as_owner(owner, |client| {
         let table = errors::spi(client.update(
             "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL, disabled_by = NULL
               WHERE id = $1 AND removed_at IS NULL RETURNING pool_id, scope_id",
@@ -509,53 +543,51 @@ fn keypool_enable_key(key_id: Option<i64>) {
 
 /// The role calling (before any switch to the extension's owner), for event reasons.
 pub fn current_role() -> String {
-    errors::spi(Spi::get_one::<String>("SELECT current_user::text")).unwrap_or_default()
+    access::role_name(privilege::caller())
 }
 
 /// Records an operator's action that concerns a pool (or every pool) rather than a key.
-pub fn record_admin_event(kind: &str, pool_id: Option<i64>, reason: &str) {
-    as_owner(|client| record_event(client, kind, pool_id, None, None, Some(reason)));
+pub fn record_admin_event(cfg: &Config, kind: &str, pool_id: Option<i64>, reason: &str) {
+    as_owner(cfg.extension_owner, |client| {
+        record_event(client, kind, pool_id, None, None, Some(reason))
+    });
 }
 
 /// Records what a provider answer did to a key or its account: rate-limit hits, daily quotas,
 /// circuit breakers opening (settle.rs).
 pub fn record_outcome_event(cfg: &Config, kind: &str, key_id: i64, scope_id: Option<i64>, reason: &str) {
     let pool_id = cfg.key_by_id(key_id).map(|k| k.pool_id);
-    privilege::as_user(cfg.extension_owner, || {
-        Spi::connect_mut(|client| record_event(client, kind, pool_id, Some(key_id), scope_id, Some(reason)))
+    as_owner(cfg.extension_owner, |client| {
+        record_event(client, kind, pool_id, Some(key_id), scope_id, Some(reason))
     });
 }
 
 /// Disables a key because its provider rejected it (settle.rs).
 pub fn disable_key_after_error(cfg: &Config, key_id: i64, reason: &str) {
-    privilege::as_user(cfg.extension_owner, || {
-        Spi::connect_mut(|client| {
-            let pool_id: Option<i64> = one(
-                client,
-                "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3, disabled_by = 'provider'
+    as_owner(cfg.extension_owner, |client| {
+        let pool_id: Option<i64> = one(
+            client,
+            "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3, disabled_by = 'provider'
                   WHERE id = $1 AND disabled_reason IS NULL RETURNING pool_id",
-                &[key_id.into(), reason.into(), now_ts().into()],
-            );
-            if pool_id.is_some() {
-                record_event(client, "key_disabled", pool_id, Some(key_id), None, Some(reason));
-            }
-        })
+            &[key_id.into(), reason.into(), now_ts().into()],
+        );
+        if pool_id.is_some() {
+            record_event(client, "key_disabled", pool_id, Some(key_id), None, Some(reason));
+        }
     });
 }
 
 /// Disables a whole scope (account) because of a billing answer (settle.rs).
 pub fn disable_scope_after_error(cfg: &Config, scope_id: i64, reason: &str) {
-    privilege::as_user(cfg.extension_owner, || {
-        Spi::connect_mut(|client| {
-            let changed: Option<i64> = one(
-                client,
-                "UPDATE keypool.scope SET disabled_reason = $2, disabled_at = $3, disabled_by = 'provider'
+    as_owner(cfg.extension_owner, |client| {
+        let changed: Option<i64> = one(
+            client,
+            "UPDATE keypool.scope SET disabled_reason = $2, disabled_at = $3, disabled_by = 'provider'
                   WHERE id = $1 AND disabled_reason IS NULL RETURNING id",
-                &[scope_id.into(), reason.into(), now_ts().into()],
-            );
-            if changed.is_some() {
-                record_event(client, "scope_disabled", None, None, Some(scope_id), Some(reason));
-            }
-        })
+            &[scope_id.into(), reason.into(), now_ts().into()],
+        );
+        if changed.is_some() {
+            record_event(client, "scope_disabled", None, None, Some(scope_id), Some(reason));
+        }
     });
 }

@@ -18,6 +18,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, spi, AnyNumeric};
 
+use crate::access::{self, Privilege};
 use crate::clock;
 use crate::config::{self, Config, Key, Pool};
 use crate::errors::{self, Code};
@@ -103,7 +104,7 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
         pool.id
     ))
     .expect("no NUL in the query");
-    let rows: Vec<(i64, i64, i64, i32)> = privilege::as_user(cfg.extension_owner, || {
+    let rows: Vec<(i64, i64, i64, i32)> = privilege::as_owner(cfg.extension_owner, || {
         Spi::connect(|_| config::fresh_rows(&sql, |r| (r.get(0), r.get(1), r.get(2), r.get(3))))
     });
     let mut shares = slot.lock();
@@ -406,7 +407,7 @@ pub fn pool_or_error<'c>(cfg: &'c Config, pool_name: &str) -> &'c Pool {
 // SQL
 
 fn as_owner<R>(cfg: &Config, f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> R) -> R {
-    privilege::as_user(cfg.extension_owner, || Spi::connect_mut(f))
+    privilege::spi_as_owner(cfg.extension_owner, f)
 }
 
 fn rows<T>(table: pgrx::spi::SpiTupleTable<'_>, mut f: impl FnMut(&pgrx::spi::SpiHeapTupleData<'_>) -> T) -> Vec<T> {
@@ -536,10 +537,12 @@ fn ensure_member(sh: &'static Shared, pool_name: &str, hash: u64, key_id: i64) {
 /// users (ties: lowest id). Idempotent.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_assign(user_id: Option<&str>, pool: default!(Option<&str>, "'default'")) -> i64 {
+    let _path = privilege::pin_search_path();
     let user = check_user_id(user_id);
     let Some(pool) = pool else {
         errors::null_argument("pool").raise()
     };
+    access::pool(&config::current(), pool, Privilege::Use);
     assign(user, pool).1
 }
 
@@ -625,6 +628,7 @@ fn is_supported_id_type(oid: pg_sys::Oid) -> bool {
 fn keypool_on_signup<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, impl pgrx::WhoAllocated>>, pgrx::datum::TryFromDatumError> {
+    let _path = privilege::pin_search_path();
     let args = trigger.extra_args().unwrap_or_default();
     if !(2..=3).contains(&args.len()) {
         errors::invalid("keypool_on_signup takes the pool, the user id column and optionally the group column")
@@ -670,6 +674,8 @@ fn keypool_on_signup<'a>(
         )
         .raise()
     };
+    // The role inserting the row (current_user) must hold `use` on the pool.
+    access::pool(&config::current(), pool, Privilege::Use);
     let (cfg, key_id) = assign(check_user_id(Some(&user)), pool);
     let mut new = new.into_owned();
     if let Some(group_column) = group_column {
@@ -731,6 +737,7 @@ fn keypool_backfill(
     pool: default!(Option<&str>, "'default'"),
     group_column: default!(Option<&str>, "NULL"),
 ) -> i64 {
+    let _path = privilege::pin_search_path();
     let sh = shmem::shared();
     let Some(tbl) = tbl.map(|r| r.oid()) else {
         errors::null_argument("tbl").raise()
@@ -741,6 +748,7 @@ fn keypool_backfill(
     let Some(pool_name) = pool else {
         errors::null_argument("pool").raise()
     };
+    access::pool(&config::current(), pool_name, Privilege::Use);
     let table_name: String = Spi::get_one_with_args("SELECT $1::regclass::text", &[tbl.into()])
         .ok()
         .flatten()
@@ -975,10 +983,12 @@ fn rebalance_plan(counts: &[(i64, i64)]) -> Vec<(i64, i64)> {
 /// the usable keys' user counts differ by at most one. Returns how many moved.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_rebalance(pool: default!(Option<&str>, "'default'")) -> i64 {
+    let _path = privilege::pin_search_path();
     let sh = shmem::shared();
     let Some(pool_name) = pool else {
         errors::null_argument("pool").raise()
     };
+    access::pool(&config::current(), pool_name, Privilege::Admin);
     let (cfg, counts) = with_pool(pool_name, |cfg, pool, shares| {
         ensure_tree(sh, cfg, pool, shares)?;
         Ok(tree_keys(cfg, pool)
@@ -1016,11 +1026,13 @@ fn keypool_rebalance(pool: default!(Option<&str>, "'default'")) -> i64 {
 /// least-loaded remaining keys. Its history is kept. Returns how many users moved.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_remove_key(key_id: Option<i64>) -> i64 {
+    let _path = privilege::pin_search_path();
     let sh = shmem::shared();
     let Some(key_id) = key_id else {
         errors::null_argument("key_id").raise()
     };
     let cfg = config::current();
+    access::key(&cfg, key_id, Privilege::Admin);
     // Known before the removal: afterwards the configuration no longer has the key.
     let removed_slot = cfg.key_by_id(key_id).map(|k| k.slot);
     let pool_name: Option<String> = as_owner(&cfg, |client| {
@@ -1097,11 +1109,13 @@ fn keypool_remove_key(key_id: Option<i64>) -> i64 {
 /// ...). Assigns the user first if needed. A share already fixed today keeps until tomorrow.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_set_user_weight(user_id: Option<&str>, pool: Option<&str>, weight: Option<AnyNumeric>) {
+    let _path = privilege::pin_search_path();
     let sh = shmem::shared();
     let user = check_user_id(user_id);
     let Some(pool_name) = pool else {
         errors::null_argument("pool").raise()
     };
+    access::pool(&config::current(), pool_name, Privilege::Use);
     let Some(weight) = weight else {
         errors::null_argument("weight").raise()
     };

@@ -16,7 +16,9 @@ use std::rc::Rc;
 use chrono_tz::Tz;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, register_xact_callback, FromDatum, PgXactCallbackEvent};
+use zeroize::Zeroizing;
 
+use crate::access::Grants;
 use crate::calendar;
 use crate::clock;
 use crate::errors::{self, Code};
@@ -24,6 +26,7 @@ use crate::privilege;
 use crate::registry::{self, Wanted};
 use crate::shares::Policy;
 use crate::shmem::{self, Owner, Shared};
+use crate::vault;
 use crate::window::Limits;
 
 pub struct Pool {
@@ -58,7 +61,9 @@ pub struct Key {
     pub provider: String,
     pub model: Option<String>,
     pub base_url: String,
-    pub secret: String,
+    /// The plaintext secret, opened from its sealed form when the cache was loaded; wiped from
+    /// memory when the cache is dropped.
+    pub secret: Zeroizing<String>,
     pub label: String,
     pub group_no: i32,
     pub disabled: bool,
@@ -75,6 +80,10 @@ pub struct Config {
     pub generation: u64,
     pub owner: Owner,
     pub extension_owner: pg_sys::Oid,
+    /// Who may use, read and administer which pool (access.rs).
+    pub grants: Rc<Grants>,
+    /// The pools each scope serves (through keys that are not removed).
+    pub scope_pools: HashMap<i64, Vec<i64>>,
     pub pools: Vec<Pool>,
     pub pools_by_name: HashMap<String, usize>,
     pub keys: Vec<Key>,
@@ -159,12 +168,29 @@ fn end_of_change() {
     }
 }
 
-/// The extension's owner, as recorded in pg_extension.
+/// The version of the library; the SQL objects must be of the same version.
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The extension's owner, as recorded in pg_extension. Refuses when the extension is not
+/// installed here, or its SQL objects are of another version than the library (an upgrade whose
+/// `ALTER EXTENSION pg_keypool UPDATE` has not run yet).
 pub fn extension_owner() -> pg_sys::Oid {
-    let owner =
-        Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'");
-    match owner {
-        Ok(Some(oid)) => oid,
+    // Read as the caller, but never through a caller's look-alike of `=`.
+    let _path = privilege::pin_search_path();
+    let row = Spi::get_two::<pg_sys::Oid, String>(
+        "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'",
+    );
+    match row {
+        Ok((Some(oid), Some(version))) if version == LIBRARY_VERSION => oid,
+        Ok((Some(_), Some(version))) => errors::error(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pg_keypool's SQL objects in this database are version {version}, its library is {LIBRARY_VERSION}"
+            ),
+        )
+        .detail("The library was upgraded; the database's objects were not.")
+        .hint("ALTER EXTENSION pg_keypool UPDATE;")
+        .raise(),
         _ => errors::error(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "extension pg_keypool is not installed in this database",
@@ -177,7 +203,7 @@ pub fn extension_owner() -> pg_sys::Oid {
 fn load(sh: &Shared, generation: u64) -> Config {
     let extension_owner = extension_owner();
     let now = clock::now_ms();
-    privilege::as_user(extension_owner, || {
+    privilege::as_owner(extension_owner, || {
         Spi::connect(|_| {
             let instance: Vec<i64> = fresh_rows(c"SELECT id FROM keypool.instance", |r| r.get(0));
             let Some(&instance) = instance.first() else {
@@ -221,7 +247,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 },
             );
             let keys: Vec<KeyRow> = fresh_rows(
-                c"SELECT id, pool_id, scope_id, provider, model, base_url, secret, label, group_no,
+                c"SELECT id, pool_id, scope_id, provider, model, base_url, secret_sealed, label, group_no,
                          disabled_reason IS NOT NULL
                     FROM keypool.key WHERE removed_at IS NULL ORDER BY id",
                 |r| KeyRow {
@@ -231,11 +257,22 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     provider: r.get(3),
                     model: r.get_opt(4),
                     base_url: r.get(5),
-                    secret: r.get(6),
+                    sealed: r.get(6),
                     label: r.get(7),
                     group_no: r.get(8),
                     disabled: r.get(9),
                 },
+            );
+
+            let grant_rows = fresh_rows(
+                c"SELECT pool_id, grantee::oid, privilege FROM keypool.pool_grant",
+                |r| (r.get_opt::<i64>(0), r.get::<pg_sys::Oid>(1), r.get::<String>(2)),
+            );
+            let grants = Rc::new(Grants::from_rows(extension_owner, grant_rows));
+
+            let master_keys: vault::Recorded = fresh_rows(
+                c"SELECT key_no, fingerprint FROM keypool.master_key ORDER BY key_no",
+                |r| (r.get::<i32>(0) as u32, r.get::<Vec<u8>>(1)),
             );
 
             let scope_ids: Vec<i64> = scopes.iter().map(|s| s.0).collect();
@@ -258,6 +295,8 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 generation,
                 owner,
                 extension_owner,
+                grants,
+                scope_pools: HashMap::new(),
                 pools: Vec::with_capacity(pools.len()),
                 pools_by_name: HashMap::with_capacity(pools.len()),
                 keys: Vec::with_capacity(keys.len()),
@@ -307,6 +346,10 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 };
                 cfg.keys_by_id.insert(k.id, cfg.keys.len());
                 cfg.pools[pool].keys.push(cfg.keys.len());
+                let serves = cfg.scope_pools.entry(k.scope_id).or_default();
+                if !serves.contains(&k.pool_id) {
+                    serves.push(k.pool_id);
+                }
                 cfg.keys.push(Key {
                     id: k.id,
                     pool_id: k.pool_id,
@@ -315,7 +358,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     provider: k.provider,
                     model: k.model,
                     base_url: k.base_url,
-                    secret: k.secret,
+                    secret: vault::open(&master_keys, k.id, &k.sealed),
                     label: k.label,
                     group_no: k.group_no,
                     disabled: k.disabled,
@@ -354,7 +397,7 @@ struct KeyRow {
     provider: String,
     model: Option<String>,
     base_url: String,
-    secret: String,
+    sealed: Vec<u8>,
     label: String,
     group_no: i32,
     disabled: bool,

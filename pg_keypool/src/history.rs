@@ -101,7 +101,7 @@ pub fn flush(cfg: &Config) -> i64 {
     if written > 0 {
         let mut args: Vec<pgrx::datum::DatumWithOid<'_>> = vec![clock::to_timestamptz(hour_ms).into(), key_ids.into()];
         args.extend(columns.into_iter().map(Into::into));
-        privilege::as_user(cfg.extension_owner, || {
+        privilege::as_owner(cfg.extension_owner, || {
             Spi::connect_mut(|client| {
                 errors::spi(client.update(
                     "INSERT INTO keypool.usage_hourly AS u
@@ -195,7 +195,7 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<(u32, u64, i32)> {
         }
     }
     if !written.is_empty() {
-        privilege::as_user(cfg.extension_owner, || {
+        privilege::as_owner(cfg.extension_owner, || {
             Spi::connect_mut(|client| {
                 errors::spi(client.update(
                     "UPDATE keypool.member m SET last_active = DATE '1970-01-01' + v.d
@@ -211,8 +211,12 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<(u32, u64, i32)> {
     written
 }
 
-/// `keypool_flush()`: writes the usage counters to the hourly history now.
+/// `keypool_flush()`: writes the usage counters to the hourly history now. Needs `admin` on
+/// every pool (it writes every pool's history).
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_flush() -> i64 {
-    flush(&config::current())
+    let _path = privilege::pin_search_path();
+    let cfg = config::current();
+    crate::access::require_every_pool(&cfg.grants, "flush usage history", crate::access::Privilege::Admin);
+    flush(&cfg)
 }

@@ -111,24 +111,37 @@ pub extern "C-unwind" fn pg_keypool_flusher_main(arg: pg_sys::Datum) {
     let dboid = arg.value() as u32;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
     let installed_here = BackgroundWorker::transaction(|| {
-        let installed =
-            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool')");
-        if let Ok(Some(true)) = installed {
-            history::flush(&config::current());
-            return true;
-        } else if let Some(sh) = shmem::try_shared() {
-            // The extension is gone from this database: its counters have nowhere to go.
-            for k in sh.keys.iter().filter(|k| k.tag.owner().dboid == dboid) {
-                for c in &k.counters {
-                    c.store(0, Ordering::Release);
+        // The flusher runs as a superuser: never through a look-alike the database's settings
+        // could put first on its search path.
+        let _path = crate::privilege::pin_search_path();
+        let version = Spi::get_one::<String>(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_keypool'",
+        );
+        match version {
+            Ok(Some(v)) if v == config::LIBRARY_VERSION => {
+                history::flush(&config::current());
+                true
+            }
+            // Installed, but its SQL objects wait for ALTER EXTENSION ... UPDATE: keep the
+            // counters for later.
+            Ok(Some(_)) => false,
+            _ => {
+                if let Some(sh) = shmem::try_shared() {
+                    // The extension is gone from this database: its counters have nowhere to go.
+                    for k in sh.keys.iter().filter(|k| k.tag.owner().dboid == dboid) {
+                        for c in &k.counters {
+                            c.store(0, Ordering::Release);
+                        }
+                    }
                 }
+                false
             }
         }
-        false
     });
     // Separately, so that a failure here never holds up the history.
     if installed_here {
         BackgroundWorker::transaction(|| {
+            let _path = crate::privilege::pin_search_path();
             if let Err(e) = Spi::run("SELECT keypool.maintain()") {
                 warning!("pg_keypool: background upkeep failed: {e}");
             }

@@ -15,6 +15,7 @@
 
 use pgrx::prelude::*;
 
+mod access;
 mod admin;
 mod assign;
 mod breaker;
@@ -24,24 +25,28 @@ mod composite;
 mod config;
 mod errors;
 mod history;
+pub mod keyring;
 mod launcher;
 mod members;
+mod operations;
 pub mod outcome;
 mod persist;
 mod privilege;
 mod provider;
+mod queue;
 mod quota;
 mod registry;
 mod reservation;
 mod reserve;
 mod reset;
-pub mod secret;
+pub mod seal;
 mod settings;
 mod settle;
 pub mod shares;
 mod shmem;
 pub mod tree;
 mod txn;
+mod vault;
 mod views;
 pub mod window;
 

@@ -360,7 +360,10 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
 /// `keypool_save_state()`: writes the state file now.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_save_state() -> pgrx::datum::TimestampWithTimeZone {
+    let _path = crate::privilege::pin_search_path();
     let sh = shmem::shared();
+    let cfg = crate::config::current();
+    crate::access::require_every_pool(&cfg.grants, "save pg_keypool's state", crate::access::Privilege::Admin);
     if let Err(e) = save(sh) {
         crate::errors::error(
             crate::errors::Code::ERRCODE_IO_ERROR,

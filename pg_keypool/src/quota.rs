@@ -10,6 +10,7 @@ use std::rc::Rc;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 
+use crate::access::{self, Privilege};
 use crate::assign;
 use crate::clock;
 use crate::config::{self, Config, Pool};
@@ -262,9 +263,10 @@ fn keypool_allocation(
         name!(allocated_tokens_today, Option<i64>),
     ),
 > {
+    let _path = crate::privilege::pin_search_path();
     let (cfg, pool_name, user) = arguments(user_id, pool);
     let sh = shmem::shared();
-    let pool = assign::pool_or_error(&cfg, pool_name);
+    let pool = access::pool(&cfg, pool_name, Privilege::Use);
     assign::ensure_loaded(sh, &cfg, pool);
     let now = clock::now_ms();
     let (a, _, resets_at) = view(sh, &cfg, pool, user, now);
@@ -283,9 +285,10 @@ fn keypool_allocation(
 /// (within the share, or by borrowing) and the pool has a usable key. Changes nothing.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_can_request(user_id: Option<&str>, pool: default!(Option<&str>, "'default'")) -> bool {
+    let _path = crate::privilege::pin_search_path();
     let (cfg, pool_name, user) = arguments(user_id, pool);
     let sh = shmem::shared();
-    let pool = assign::pool_or_error(&cfg, pool_name);
+    let pool = access::pool(&cfg, pool_name, Privilege::Use);
     if !pool.keys.iter().any(|&k| cfg.usable(&cfg.keys[k])) {
         return false;
     }

@@ -39,6 +39,8 @@ pub struct Record {
     pub member_index: u32,
     pub member_hash: u64,
     pub member_day: i32,
+    /// The role that reserved (its oid).
+    pub role: u32,
 }
 
 /// How a reservation ended.
@@ -74,6 +76,8 @@ pub enum NotOpen {
     Expired,
     /// Issued, but its slot was reused long ago: it expired or ended.
     Gone,
+    /// Another role's, and the caller may not close it.
+    Forbidden,
 }
 
 fn slot(sh: &Shared, n: u64) -> &ReservationSlot {
@@ -94,6 +98,7 @@ fn write(s: &ReservationSlot, id: u64, r: &Record) {
     s.member_index.store(r.member_index, Relaxed);
     s.member_hash.store(r.member_hash, Relaxed);
     s.member_day.store(r.member_day, Relaxed);
+    s.role.store(r.role, Relaxed);
     s.id.store(id, Release);
 }
 
@@ -112,6 +117,7 @@ fn read(s: &ReservationSlot) -> Record {
         member_index: s.member_index.load(Relaxed),
         member_hash: s.member_hash.load(Relaxed),
         member_day: s.member_day.load(Relaxed),
+        role: s.role.load(Relaxed),
     }
 }
 
@@ -157,8 +163,17 @@ pub fn open(sh: &Shared, record: &Record, now_ms: i64, lease_ms: i64) -> u64 {
     }
 }
 
-/// Closes reservation `id` of database `dboid` and returns what it held.
-pub fn close(sh: &Shared, id: u64, dboid: u32, now_ms: i64, lease_ms: i64, how: Closed) -> Result<Record, NotOpen> {
+/// Closes reservation `id` of database `dboid` and returns what it held, if `may_close` allows
+/// the caller to (it is asked before anything changes or is told about the reservation).
+pub fn close(
+    sh: &Shared,
+    id: u64,
+    dboid: u32,
+    now_ms: i64,
+    lease_ms: i64,
+    how: Closed,
+    may_close: impl Fn(&Record) -> bool,
+) -> Result<Record, NotOpen> {
     for p in 0..PROBES {
         let s = slot(sh, id + p);
         if s.id.load(Acquire) != id {
@@ -167,6 +182,9 @@ pub fn close(sh: &Shared, id: u64, dboid: u32, now_ms: i64, lease_ms: i64, how: 
         let record = read(s);
         if record.dboid != dboid {
             return Err(NotOpen::Unknown);
+        }
+        if !may_close(&record) {
+            return Err(NotOpen::Forbidden);
         }
         let expired = now_ms - record.at_ms > lease_ms;
         if s.id.compare_exchange(id, 0, AcqRel, Relaxed).is_ok() {
@@ -182,6 +200,14 @@ pub fn close(sh: &Shared, id: u64, dboid: u32, now_ms: i64, lease_ms: i64, how: 
     for p in 0..PROBES {
         let s = slot(sh, id + p);
         if s.closed_id.load(Acquire) == id {
+            // The slot still holds the closed reservation's fields until it is reused.
+            let record = read(s);
+            if record.dboid != dboid {
+                return Err(NotOpen::Unknown);
+            }
+            if !may_close(&record) {
+                return Err(NotOpen::Forbidden);
+            }
             return Err(match Closed::from_u32(s.closed_how.load(Relaxed)) {
                 Some(Closed::Expired) => NotOpen::Expired,
                 Some(how) => NotOpen::Closed(how),

@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::access::{self, Privilege};
 use crate::assign;
 use crate::breaker::{self, Admission};
 use crate::calendar;
@@ -24,6 +25,7 @@ use crate::clock;
 use crate::composite::{self, Value};
 use crate::config::{self, Config, Key};
 use crate::errors::{self, Code};
+use crate::privilege;
 use crate::quota::{self, Allocation, Take, Ticket};
 use crate::reservation::{self, Record, FLAG_BORROWED, FLAG_TRIAL};
 use crate::settings;
@@ -69,6 +71,8 @@ struct Share {
     pool_slot: u32,
     ticket: Option<Ticket>,
     preferred: i64,
+    /// The role reserving: only it (or an administrator of the pool) may settle or release.
+    role: pg_sys::Oid,
 }
 
 /// A slot this backend cached was bound to another row meanwhile: reload and try again.
@@ -101,7 +105,8 @@ pub fn check_tokens(name: &str, tokens: Option<i64>) -> i64 {
     t
 }
 
-/// Reserves capacity in `pool_name` for `user`'s request of about `est_tokens` tokens.
+/// Reserves capacity in `pool_name` for `user`'s request of about `est_tokens` tokens, for the
+/// calling role, which must hold `use` on the pool.
 pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Answer) {
     let sh = shmem::shared();
     if unsafe { pg_sys::RecoveryInProgress() } {
@@ -111,8 +116,9 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
             .raise();
     }
     let mut cfg = config::current();
+    let role = privilege::caller();
     let rebound = {
-        let pool = assign::pool_or_error(&cfg, pool_name);
+        let pool = access::pool(&cfg, pool_name, Privilege::Use);
         !sh.pool(pool.slot).tag.is(cfg.owner, pool.id)
     };
     if rebound {
@@ -158,6 +164,7 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
         pool_slot: pool.slot,
         ticket,
         preferred,
+        role,
     };
     for _ in 0..3 {
         match try_reserve(sh, &cfg, pool_name, est_tokens, &share) {
@@ -373,6 +380,7 @@ fn try_key(
                 member_index: share.ticket.map_or(u32::MAX, |t| t.index),
                 member_hash: share.ticket.map_or(0, |t| t.hash),
                 member_day: share.ticket.map_or(0, |t| t.day),
+                role: share.role.to_u32(),
             };
             let reservation_id = reservation::open(sh, &record, now, lease);
             key_slot.add(Counter::Requests, 1);

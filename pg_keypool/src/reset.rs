@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
 
+use crate::access::{self, Privilege};
 use crate::admin;
 use crate::config;
 use crate::members::STRIPES;
@@ -22,14 +23,15 @@ use crate::window::MinuteLog;
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_reset_usage(pool: default!(Option<&str>, "NULL")) -> i64 {
+    let _path = crate::privilege::pin_search_path();
     let sh = shmem::shared();
     let cfg = config::current();
     let pools: Vec<&config::Pool> = match pool {
-        Some(name) => match cfg.pool_by_name(name) {
-            Some(p) => vec![p],
-            None => crate::errors::undefined(format!("pool \"{name}\" does not exist")).raise(),
-        },
-        None => cfg.pools.iter().collect(),
+        Some(name) => vec![access::pool(&cfg, name, Privilege::Admin)],
+        None => {
+            access::require_every_pool(&cfg.grants, "reset every pool", Privilege::Admin);
+            cfg.pools.iter().collect()
+        }
     };
     let scopes: BTreeSet<usize> = match pool {
         Some(_) => pools
@@ -80,6 +82,7 @@ fn keypool_reset_usage(pool: default!(Option<&str>, "NULL")) -> i64 {
     }
     let pool_id = pool.and_then(|n| cfg.pool_by_name(n)).map(|p| p.id);
     admin::record_admin_event(
+        &cfg,
         "usage_reset",
         pool_id,
         &format!(

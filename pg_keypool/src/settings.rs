@@ -1,5 +1,7 @@
 //! Settings (GUCs). Sizes are fixed when the server starts; the rest reload on SIGHUP.
 
+use std::ffi::CString;
+
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 pub static MAX_SCOPES: GucSetting<i32> = GucSetting::<i32>::new(4096);
@@ -17,6 +19,13 @@ pub static EVENT_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(30 * 24
 pub static WORKER_SILENCE_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static ALERT_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.8);
 pub static CONCURRENT_USER_RPM: GucSetting<f64> = GucSetting::<f64>::new(0.5);
+/// Where the master keys live (keyring.rs); relative paths are in the data directory.
+pub const DEFAULT_MASTER_KEY_FILE: &str = "pg_keypool.keyring";
+pub static MASTER_KEY_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"pg_keypool.keyring"));
+pub static MAX_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(86_400_000);
+pub static MAX_REQUEST_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
+pub static REQUEST_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
 
 /// Registers the settings. Called from `_PG_init`. The sizes of shared memory can only be
 /// defined while the server starts (`preloading`); when the library is loaded later they would
@@ -148,6 +157,43 @@ fn define_reloadable() {
         1_000,
         86_400_000,
     );
+    GucRegistry::define_string_guc(
+        c"pg_keypool.master_key_file",
+        c"The keyring file holding the master keys that seal provider secrets.",
+        c"Relative paths are in the data directory. Mode 0600; standbys and restores need it too. \
+          Only the server's configuration can set it.",
+        &MASTER_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    sighup_ms(
+        c"pg_keypool.max_cooldown",
+        c"Longest cooldown a settled rate-limit answer can put on an account.",
+        c"A retry_after_ms above it is cut to it, so that no report takes an account out for long.",
+        &MAX_COOLDOWN_MS,
+        1_000,
+        604_800_000,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keypool.max_request_bytes",
+        c"Largest request keypool_submit accepts, in bytes.",
+        c"Larger requests are refused with SQLSTATE 54000 before anything is stored.",
+        &MAX_REQUEST_BYTES,
+        1_024,
+        1 << 30,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keypool.request_retention",
+        c"How long finished queue requests are kept; older ones are deleted in the background.",
+        c"",
+        &REQUEST_RETENTION_MIN,
+        1,
+        100 * 365 * 24 * 60,
+        GucContext::Sighup,
+        GucFlags::UNIT_MIN,
+    );
     GucRegistry::define_int_guc(
         c"pg_keypool.event_retention",
         c"How long keypool_events keeps events; older ones are deleted in the background.",
@@ -192,4 +238,8 @@ fn define_reloadable() {
 
 pub fn lease_ms() -> i64 {
     LEASE_MS.get() as i64
+}
+
+pub fn max_cooldown_ms() -> i64 {
+    MAX_COOLDOWN_MS.get() as i64
 }

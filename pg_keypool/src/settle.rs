@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use pgrx::prelude::*;
 
+use crate::access::Privilege;
 use crate::admin;
 use crate::breaker;
 use crate::calendar;
@@ -16,6 +17,7 @@ use crate::clock;
 use crate::config::{self, Config};
 use crate::errors::{self, Code};
 use crate::outcome::{classify, Outcome};
+use crate::privilege;
 use crate::quota::{self, Ticket};
 use crate::reservation::{self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_TRIAL};
 use crate::reserve::{check_tokens, MAX_TOKENS};
@@ -49,8 +51,25 @@ fn not_open(id: i64, why: NotOpen) -> ! {
         .detail("It expired, or so many reservations were opened after it that its slot was reused; its estimate stays charged.")
         .hint("Raise pg_keypool.max_reservations above requests per second times the longest provider call.")
         .raise(),
+        NotOpen::Forbidden => errors::error(
+            Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied for reservation {id}"),
+        )
+        .detail("Another role made this reservation.")
+        .hint("Settle or release a reservation as the role that made it, or as an administrator of its pool.")
+        .raise(),
         NotOpen::Closed(Closed::Expired) => unreachable!("reported as NotOpen::Expired"),
     }
+}
+
+/// Whether the calling role may close reservation `r`: it made it (or has the privileges of the
+/// role that did), or it administers the reservation's pool.
+fn may_close(cfg: &Config, caller: pgrx::pg_sys::Oid, r: &Record) -> bool {
+    if unsafe { pgrx::pg_sys::has_privs_of_role(caller, pgrx::pg_sys::Oid::from(r.role)) } {
+        return true;
+    }
+    let pool = cfg.key_by_id(r.key_id).map(|k| k.pool_id);
+    cfg.grants.allows(caller, pool, Privilege::Admin)
 }
 
 fn take(sh: &Shared, cfg: &Config, id: Option<i64>, how: Closed) -> (i64, Record) {
@@ -60,6 +79,7 @@ fn take(sh: &Shared, cfg: &Config, id: Option<i64>, how: Closed) -> (i64, Record
     if id <= 0 {
         not_open(id, NotOpen::Unknown);
     }
+    let caller = privilege::caller();
     match reservation::close(
         sh,
         id as u64,
@@ -67,6 +87,7 @@ fn take(sh: &Shared, cfg: &Config, id: Option<i64>, how: Closed) -> (i64, Record
         clock::now_ms(),
         settings::lease_ms(),
         how,
+        |r| may_close(cfg, caller, r),
     ) {
         Ok(record) => (id, record),
         Err(why) => not_open(id, why),
@@ -156,9 +177,10 @@ fn keypool_settle(
     let scope_is_ours = scope_slot.tag.is(cfg.owner, r.scope_id);
     match outcome {
         Outcome::RateLimited if scope_is_ours => {
+            // What a caller asks for is capped: a report cannot take an account out for long.
             let ms = retry_after_ms
                 .unwrap_or(settings::DEFAULT_COOLDOWN_MS.get() as i64)
-                .max(1);
+                .clamp(1, settings::max_cooldown_ms());
             scope_slot.cool_until(now + ms, CoolingReason::RateLimited);
             let until = scope_slot.cooling_until_ms.load(Ordering::Acquire);
             admin::record_outcome_event(
@@ -237,7 +259,7 @@ fn reason(cfg: &Config, key_id: i64, status: i32, error_code: Option<&str>) -> S
         text.push_str(code);
     }
     match cfg.key_by_id(key_id) {
-        Some(k) if !k.secret.is_empty() => text.replace(&k.secret, &k.label),
+        Some(k) if !k.secret.is_empty() => text.replace(k.secret.as_str(), &k.label),
         _ => text,
     }
 }

@@ -338,6 +338,8 @@ pub struct ReservationSlot {
     pub member_index: AtomicU32,
     pub member_hash: AtomicU64,
     pub member_day: AtomicI32,
+    /// The role that reserved.
+    pub role: AtomicU32,
 }
 
 /// A database's settable clock (tests).

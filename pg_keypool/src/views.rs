@@ -87,6 +87,7 @@ mod keypool {
     use pgrx::datum::TimestampWithTimeZone;
     use pgrx::prelude::*;
 
+    use crate::access::Privilege;
     use crate::calendar;
     use crate::clock;
     use crate::config;
@@ -111,12 +112,15 @@ mod keypool {
             name!(cooling_reason, Option<String>),
         ),
     > {
+        let _path = crate::privilege::pin_search_path();
         let sh = shmem::shared();
         let cfg = config::current();
+        let caller = crate::privilege::caller();
         let now = clock::now_ms();
         let rows: Vec<_> = cfg
             .scopes
             .iter()
+            .filter(|scope| crate::access::may_read_scope(&cfg, caller, scope.id))
             .filter_map(|scope| {
                 let slot = sh.scope(scope.slot);
                 let windows = {
@@ -161,13 +165,16 @@ mod keypool {
             name!(unflushed, Vec<i64>),
         ),
     > {
+        let _path = crate::privilege::pin_search_path();
         let sh = shmem::shared();
         let cfg = config::current();
         crate::assign::ensure_all_loaded(sh, &cfg);
+        let caller = crate::privilege::caller();
         let now = clock::now_ms();
         let rows: Vec<_> = cfg
             .keys
             .iter()
+            .filter(|key| cfg.grants.allows(caller, Some(key.pool_id), Privilege::Read))
             .filter_map(|key| {
                 let slot = sh.key(key.slot);
                 if !slot.tag.is(cfg.owner, key.id) {
@@ -219,12 +226,15 @@ mod keypool {
             name!(resets_at, TimestampWithTimeZone),
         ),
     > {
+        let _path = crate::privilege::pin_search_path();
         let sh = shmem::shared();
         let cfg = config::current();
+        let caller = crate::privilege::caller();
         let now = clock::now_ms();
         let rows: Vec<_> = cfg
             .pools
             .iter()
+            .filter(|pool| cfg.grants.allows(caller, Some(pool.id), Privilege::Read))
             .map(|pool| {
                 crate::assign::ensure_loaded(sh, &cfg, pool);
                 let (today, _, day_end) = pool.day(now);

@@ -151,7 +151,7 @@ impl ServeArgs {
             if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
                 return Err(format!(
                     "API token {} is {} characters long; use at least 16 (e.g. `openssl rand -hex 24`)",
-                    crate::secret::mask(short),
+                    keypool_mask::mask(short),
                     short.len()
                 ));
             }
@@ -160,14 +160,14 @@ impl ServeArgs {
         if let Some(short) = admin.iter().find(|t| t.len() < 16) {
             return Err(format!(
                 "admin token {} is {} characters long; use at least 16 (e.g. `openssl rand -hex 24`)",
-                crate::secret::mask(short),
+                keypool_mask::mask(short),
                 short.len()
             ));
         }
         if let Some(shared) = admin.iter().find(|t| self.tokens().contains(t)) {
             return Err(format!(
                 "token {} is both an API token and an admin token; apps must not hold admin rights",
-                crate::secret::mask(shared)
+                keypool_mask::mask(shared)
             ));
         }
         if !(1..=20).contains(&self.max_attempts) {

@@ -604,7 +604,7 @@ impl Gateway {
                 return Ok(ProxyAnswer {
                     status,
                     headers,
-                    body: Bytes::from(crate::secret::scrub(&String::from_utf8_lossy(&body), &key.secret).into_bytes()),
+                    body: Bytes::from(keypool_mask::scrub(&String::from_utf8_lossy(&body), &key.secret).into_bytes()),
                     served,
                 });
             }

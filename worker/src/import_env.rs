@@ -22,7 +22,7 @@ use std::path::Path;
 
 use crate::config::ImportArgs;
 use crate::db::{Db, DbError};
-use crate::secret::mask;
+use keypool_mask::mask;
 
 /// One key to import.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@
 //! - `server`: the OpenAI-compatible HTTP endpoint; `queue`: the SQL request queue's consumer;
 //!   `serve`: both, with heartbeats and graceful shutdown
 //! - `import_env`, `validate`: key management commands; `mock`: the mock provider
-//! - `secret`: masking
+//! - key labels come from the `keypool-mask` crate, shared with the extension
 
 pub mod admin;
 pub mod config;
@@ -25,7 +25,6 @@ pub mod mock;
 pub mod openai;
 pub mod providers;
 pub mod queue;
-pub mod secret;
 pub mod serve;
 pub mod server;
 pub mod sse;

@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::MockArgs;
-use crate::secret::mask;
+use keypool_mask::mask;
 
 const WORDS: &[&str] = &[
     "This",

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use crate::config::ValidateArgs;
 use crate::db::{Db, DbError};
 use crate::providers::{self, KeyRef};
-use crate::secret::mask;
+use keypool_mask::mask;
 
 #[derive(Debug)]
 enum Verdict {

@@ -121,7 +121,7 @@ pub fn read_error(key: &KeyRef, status: u16, headers: &HeaderMap, body: &[u8]) -
     if e.message.is_empty() {
         e.message = format!("HTTP {status}");
     }
-    e.message = crate::secret::scrub(&e.message, &key.secret);
+    e.message = keypool_mask::scrub(&e.message, &key.secret);
     e
 }
 
