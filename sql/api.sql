@@ -305,6 +305,12 @@ SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerp
 COMMENT ON VIEW keypool_master_keys IS
     'Master keys of the keyring this database recorded: number, fingerprint (first 8 bytes), how many secrets each seals';
 
+-- The server's shared-memory member table (pg_keypool.max_members): members, guests of the day,
+-- free entries, and what floods of unknown user ids cost.
+CREATE VIEW keypool_member_memory AS SELECT * FROM keypool.member_memory();
+COMMENT ON VIEW keypool_member_memory IS
+    'The shared-memory member table: entries, members, guests of the day, free, full stripes, guest entries members took over, requests served from shared guest allowances';
+
 -- One row: how the whole installation is doing, and what it can serve.
 -- The health verdict reads every other stats view; planned as one query its estimated cost on
 -- small, never-analysed tables passes jit_above_cost, and JIT compilation would take longer
@@ -458,6 +464,7 @@ COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of the
 COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of the keys this role may read (for keypool_keys)';
 COMMENT ON FUNCTION keypool.note_config_change() IS 'Internal: marks configuration caches stale (trigger helper)';
 COMMENT ON FUNCTION keypool.config_changed() IS 'Internal: trigger on the configuration tables';
+COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory member table (for keypool_member_memory)';
 
 -- Nothing is open to PUBLIC: grant EXECUTE on the functions and SELECT on the views to the
 -- roles that need them, and privileges on pools with keypool_grant (see README, "Roles"). The
@@ -489,6 +496,7 @@ REVOKE ALL ON FUNCTION
     keypool.scope_state(),
     keypool.key_state(),
     keypool.health(),
+    keypool.member_memory(),
     keypool.note_config_change(),
     keypool.config_changed(),
     keypool_reset_usage(text),
@@ -512,4 +520,4 @@ FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
 REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats,
     keypool_key_stats, keypool_prices, keypool_alerts, keypool_health, keypool_requests, keypool_workers,
-    keypool_queue_depth, keypool_grants, keypool_master_keys FROM PUBLIC;
+    keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory FROM PUBLIC;

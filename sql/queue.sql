@@ -178,12 +178,24 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, keypool, pg_temp AS $$
                  (SELECT min(r.lease_until) FROM keypool.request r WHERE r.status = 'running' AND r.pool = ANY (pools)));
 $$;
 
--- Written against the function-call interface (queue.rs): they size the jsonb argument from its
--- header, before anything reads it.
+-- Written against the function-call interface (queue.rs, operations.rs): submit and complete
+-- size their jsonb argument from its header before anything reads it; result and credentials
+-- return a record.
 CREATE FUNCTION keypool_submit(user_id text, pool text, request jsonb, max_wait interval DEFAULT '10 minutes',
                                max_attempts integer DEFAULT 3)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'keypool_submit_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
+
+CREATE FUNCTION keypool_result(id bigint, OUT status text, OUT response jsonb, OUT error text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'keypool_result_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
+
+CREATE FUNCTION keypool_key_credentials(key_id bigint, OUT provider text, OUT model text, OUT base_url text,
+                                        OUT secret text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'keypool_key_credentials_c'
 LANGUAGE c VOLATILE PARALLEL UNSAFE;
 
 CREATE FUNCTION keypool_complete_request(id bigint, worker text, outcome text, response jsonb DEFAULT NULL,

@@ -118,7 +118,7 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
         let hash = members::hash_from_sql(hash);
         let stripe = sh.members.stripe(hash);
         // An entry may already hold today's usage, restored from a clean shutdown (persist.rs).
-        let m = stripe.at(stripe.find_or_insert(sh, hash, pool.slot, today));
+        let m = stripe.at(stripe.find_or_insert_member(sh, hash, pool.slot, today));
         let last_active = last_active.max(m.last_active);
         shares.add_member(class, last_active);
         m.key_id = key_id;
@@ -318,7 +318,7 @@ fn assign_locked(
     exclude: Option<i64>,
 ) -> Result<(i64, Option<Change>), Stale> {
     let stripe = sh.members.stripe(hash);
-    let m = stripe.at(stripe.find_or_insert(sh, hash, pool.slot, today));
+    let m = stripe.at(stripe.find_or_insert_member(sh, hash, pool.slot, today));
     let current = (m.is_member() && m.key_id != 0 && Some(m.key_id) != exclude)
         .then(|| key_slot_in(cfg, pool, m.key_id))
         .flatten();
@@ -490,7 +490,7 @@ fn ensure_member(sh: &'static Shared, pool_name: &str, hash: u64, key_id: i64) {
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
         let today = pool.day(clock::now_ms()).0;
         let stripe = sh.members.stripe(hash);
-        let m = stripe.at(stripe.find_or_insert(sh, hash, pool.slot, today));
+        let m = stripe.at(stripe.find_or_insert_member(sh, hash, pool.slot, today));
         if m.is_member() && m.key_id == key_id {
             return Ok((gen, None));
         }
@@ -906,7 +906,7 @@ fn apply_moves(sh: &'static Shared, pool_name: &str, moves: &[(String, u64, i64,
         let mut changes = Vec::new();
         for (_, hash, from, to) in moves {
             let stripe = sh.members.stripe(*hash);
-            let m = stripe.at(stripe.find_or_insert(sh, *hash, pool.slot, today));
+            let m = stripe.at(stripe.find_or_insert_member(sh, *hash, pool.slot, today));
             let before = *m;
             let from_slot = key_slot_in(cfg, pool, *from).unwrap_or(u32::MAX);
             let to_slot = key_slot_in(cfg, pool, *to).unwrap_or(u32::MAX);
@@ -1134,7 +1134,7 @@ fn keypool_set_user_weight(user_id: Option<&str>, pool: Option<&str>, weight: Op
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
         let today = pool.day(clock::now_ms()).0;
         let stripe = sh.members.stripe(hash);
-        let m = stripe.at(stripe.find_or_insert(sh, hash, pool.slot, today));
+        let m = stripe.at(stripe.find_or_insert_member(sh, hash, pool.slot, today));
         let before = *m;
         let class = shares.class_of(milli).unwrap_or_else(|| too_many_weights(&pool.name));
         if class != m.class {

@@ -12,6 +12,8 @@ pub enum Value<'a> {
     Bool(bool),
     Int8(i64),
     Text(&'a str),
+    /// A datum of the column's own type, already made (for example a jsonb).
+    Datum(pg_sys::Datum),
 }
 
 impl Value<'_> {
@@ -65,6 +67,7 @@ pub unsafe fn form(fcinfo: pg_sys::FunctionCallInfo, values: &[Value<'_>]) -> pg
                     pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(s.as_ptr() as *const _, s.len() as i32)),
                     false,
                 ),
+                Value::Datum(d) => (*d, false),
             };
             datums.push(d);
             nulls.push(n);

@@ -9,6 +9,12 @@
 //! - entries of users who are not members (guests, tracked for their share of a day) are stale
 //!   two days later.
 //!
+//! Members come first. A guest gets an entry of its own only while a quarter of its stripe
+//! stays free ([`Stripe::guest_room`]); a member that finds its stripe full takes over a guest's
+//! entry (the guest's use of the day moves to its pool's shared guest allowance, quota.rs). So
+//! no number of distinct guest ids can take the room members need: guests that cannot be
+//! tracked one by one share one allowance per pool.
+//!
 //! Users are identified by a 64-bit SipHash of (installation, pool, user id), also stored in
 //! `keypool.member.user_hash` so that background work can find their rows.
 
@@ -171,16 +177,17 @@ impl<'a> Stripe<'a> {
         None
     }
 
-    /// Finds the entry of a user, or makes one (a guest with nothing used).
-    pub fn find_or_insert(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> usize {
-        self.try_insert(sh, hash, pool_slot, today).unwrap_or_else(|| {
+    /// Finds the entry of a member, or makes one (with nothing used yet), taking over a guest's
+    /// entry when the stripe has no free one; raises 53400 when the stripe holds only members.
+    pub fn find_or_insert_member(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> usize {
+        self.try_insert_member(sh, hash, pool_slot, today).unwrap_or_else(|| {
             let n = self.cells.len();
             errors::error(
                 Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
                 "too many pool members for pg_keypool's shared memory",
             )
             .detail(format!(
-                "A stripe of {n} entries is full (pg_keypool.max_members = {}).",
+                "A stripe of {n} entries is full of members (pg_keypool.max_members = {}).",
                 n * STRIPES
             ))
             .hint("Raise pg_keypool.max_members in postgresql.conf and restart the server.")
@@ -188,34 +195,104 @@ impl<'a> Stripe<'a> {
         })
     }
 
-    /// Finds the entry of a user, or makes one; `None` when the stripe is full.
-    pub fn try_insert(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> Option<usize> {
+    /// Finds the entry of a member, or makes one; `None` when every entry of the stripe holds
+    /// a member.
+    pub fn try_insert_member(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> Option<usize> {
         if let Some(i) = self.find(sh, hash, pool_slot) {
             return Some(i);
         }
-        let gen = sh.pool(pool_slot).members_gen.load(Ordering::Acquire);
-        let n = self.cells.len();
-        let home = self.home(hash);
-        for step in 0..n {
-            let i = (home + step) % n;
+        let i = self.free_cell(sh, hash, today).or_else(|| self.evict_guest(sh, hash))?;
+        self.init(sh, i, hash, pool_slot);
+        Some(i)
+    }
+
+    /// Finds the entry of a guest, or makes one while the stripe keeps room for members
+    /// (a quarter of it free); `None` otherwise: the guest cannot be tracked one by one.
+    pub fn find_or_insert_guest(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> Option<usize> {
+        if let Some(i) = self.find(sh, hash, pool_slot) {
+            return Some(i);
+        }
+        if !self.guest_room(sh, today) {
+            return None;
+        }
+        let i = self.free_cell(sh, hash, today)?;
+        self.init(sh, i, hash, pool_slot);
+        Some(i)
+    }
+
+    /// Entries holding members and live guests.
+    pub fn counts(&self, sh: &Shared, today: i32) -> (usize, usize) {
+        let (mut members, mut guests) = (0, 0);
+        for i in 0..self.cells.len() {
             let m = self.at(i);
             if m.hash == 0 || is_stale(sh, m, today) {
-                *m = Member {
-                    hash,
-                    pool_slot,
-                    pool_gen: gen,
-                    key_id: 0,
-                    class: 0,
-                    flags: 0,
-                    last_active: NEVER,
-                    day: NEVER,
-                    used: 0,
-                    share: 0,
-                };
-                return Some(i);
+                continue;
+            }
+            if m.is_member() {
+                members += 1;
+            } else {
+                guests += 1;
             }
         }
-        None
+        (members, guests)
+    }
+
+    /// Whether a guest may take an entry: more than a quarter of the stripe is free.
+    pub fn guest_room(&self, sh: &Shared, today: i32) -> bool {
+        let reserve = (self.cells.len() / 4).max(1);
+        let mut free = 0;
+        for i in 0..self.cells.len() {
+            let m = self.at(i);
+            if m.hash == 0 || is_stale(sh, m, today) {
+                free += 1;
+                if free > reserve {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// The first free (or stale) entry from the home position of `hash`.
+    fn free_cell(&self, sh: &Shared, hash: u64, today: i32) -> Option<usize> {
+        let n = self.cells.len();
+        let home = self.home(hash);
+        (0..n).map(|step| (home + step) % n).find(|&i| {
+            let m = self.at(i);
+            m.hash == 0 || is_stale(sh, m, today)
+        })
+    }
+
+    /// Takes over the entry of a guest nearest to the home position of `hash`: what the guest
+    /// used today moves to its pool's shared guest allowance, so that it still counts.
+    fn evict_guest(&self, sh: &Shared, hash: u64) -> Option<usize> {
+        let n = self.cells.len();
+        let home = self.home(hash);
+        let i = (0..n)
+            .map(|step| (home + step) % n)
+            .find(|&i| !self.at(i).is_member())?;
+        let m = self.at(i);
+        if (m.pool_slot as usize) < sh.pools.len() && m.day != NEVER && m.used > 0 {
+            sh.pool(m.pool_slot).guests_add(m.day, m.used);
+        }
+        sh.header.guests_evicted.fetch_add(1, Ordering::Relaxed);
+        Some(i)
+    }
+
+    fn init(&self, sh: &Shared, i: usize, hash: u64, pool_slot: u32) {
+        let gen = sh.pool(pool_slot).members_gen.load(Ordering::Acquire);
+        *self.at(i) = Member {
+            hash,
+            pool_slot,
+            pool_gen: gen,
+            key_id: 0,
+            class: 0,
+            flags: 0,
+            last_active: NEVER,
+            day: NEVER,
+            used: 0,
+            share: 0,
+        };
     }
 }
 

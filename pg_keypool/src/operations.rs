@@ -4,11 +4,13 @@
 //! (the internal SQL is in `sql/operations.sql`).
 
 use pgrx::datum::Date;
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 
 use crate::access::{self, Privilege};
 use crate::admin;
+use crate::composite::{self, Value};
 use crate::errors::{self, Code};
 use crate::privilege;
 use crate::vault;
@@ -42,47 +44,55 @@ fn keypool_models() -> TableIterator<'static, (name!(pool, String), name!(model,
     TableIterator::new(rows)
 }
 
-/// `keypool_key_credentials(key_id)`: what it takes to call a key's provider, secret included
-/// (the worker's `validate`). Needs `admin` on the key's pool.
-#[pg_extern(volatile, parallel_unsafe)]
-#[allow(clippy::type_complexity)]
-fn keypool_key_credentials(
-    key_id: Option<i64>,
-) -> TableIterator<
-    'static,
-    (
-        name!(provider, String),
-        name!(model, Option<String>),
-        name!(base_url, String),
-        name!(secret, String),
-    ),
-> {
-    let _path = privilege::pin_search_path();
-    let Some(key_id) = key_id else {
-        errors::null_argument("key_id").raise()
-    };
-    let grants = access::grants();
-    access::key_pool(&grants, key_id, Privilege::Admin);
-    let row = privilege::spi_as_owner(grants.owner, |client| {
-        let master_keys = vault::recorded(client, false);
-        let t = errors::spi(client.select(
-            "SELECT provider, model, base_url, secret_sealed FROM keypool.key WHERE id = $1 AND removed_at IS NULL",
-            None,
-            &[key_id.into()],
-        ));
-        t.into_iter().next().map(|r| {
-            let sealed = r.get::<Vec<u8>>(4).ok().flatten().unwrap_or_default();
-            (
-                r.get::<String>(1).ok().flatten().unwrap_or_default(),
-                r.get::<String>(2).ok().flatten(),
-                r.get::<String>(3).ok().flatten().unwrap_or_default(),
-                vault::open(&master_keys, key_id, &sealed).to_string(),
-            )
-        })
-    });
-    match row {
-        Some(r) => TableIterator::once(r),
-        None => errors::undefined(format!("key {key_id} does not exist")).raise(),
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_keypool_key_credentials_c() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `keypool_key_credentials(key_id, OUT provider, OUT model, OUT base_url, OUT secret)`: what it
+/// takes to call a key's provider, secret included (the worker's `validate`). Needs `admin` on
+/// the key's pool.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn keypool_key_credentials_c(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let _path = privilege::pin_search_path();
+        let Some(key_id) = pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 0) else {
+            errors::null_argument("key_id").raise()
+        };
+        let grants = access::grants();
+        access::key_pool(&grants, key_id, Privilege::Admin);
+        let row = privilege::spi_as_owner(grants.owner, |client| {
+            let master_keys = vault::recorded(client, false);
+            let t = errors::spi(client.select(
+                "SELECT provider, model, base_url, secret_sealed FROM keypool.key WHERE id = $1 AND removed_at IS NULL",
+                None,
+                &[key_id.into()],
+            ));
+            t.into_iter().next().map(|r| {
+                let sealed = r.get::<Vec<u8>>(4).ok().flatten().unwrap_or_default();
+                (
+                    r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                    r.get::<String>(2).ok().flatten(),
+                    r.get::<String>(3).ok().flatten().unwrap_or_default(),
+                    vault::open(&master_keys, key_id, &sealed),
+                )
+            })
+        });
+        match row {
+            Some((provider, model, base_url, secret)) => composite::form(
+                fcinfo,
+                &[
+                    Value::Text(&provider),
+                    Value::opt_text(model.as_deref()),
+                    Value::Text(&base_url),
+                    Value::Text(&secret),
+                ],
+            ),
+            None => errors::undefined(format!("key {key_id} does not exist")).raise(),
+        }
     }
 }
 

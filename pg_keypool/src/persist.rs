@@ -345,7 +345,7 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
             },
         } as u32;
         let stripe = sh.members.stripe_at_unlocked((r.hash % STRIPES as u64) as usize);
-        let Some(i) = stripe.try_insert(sh, r.hash, slot, r.day) else {
+        let Some(i) = stripe.try_insert_member(sh, r.hash, slot, r.day) else {
             continue;
         };
         let m = stripe.at(i);

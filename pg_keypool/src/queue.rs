@@ -16,6 +16,7 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 
 use crate::access::{self, Grants, Privilege};
+use crate::composite::{self, Value};
 use crate::errors::{self, Code};
 use crate::privilege;
 use crate::reserve::check_user_id;
@@ -120,54 +121,69 @@ pub unsafe extern "C-unwind" fn keypool_submit_c(fcinfo: pg_sys::FunctionCallInf
     }
 }
 
-/// `keypool_result(id)`: status ('queued', 'running', 'done', 'failed'), response and error of a
-/// request the caller submitted (or of any request of a pool it administers).
-#[pg_extern(volatile, parallel_unsafe)]
-#[allow(clippy::type_complexity)]
-fn keypool_result(
-    id: Option<i64>,
-) -> TableIterator<
-    'static,
-    (
-        name!(status, String),
-        name!(response, Option<JsonB>),
-        name!(error, Option<String>),
-    ),
-> {
-    let _path = privilege::pin_search_path();
-    let Some(id) = id else {
-        errors::null_argument("id").raise()
-    };
-    let grants = access::grants();
-    let caller = privilege::caller();
-    let row = privilege::spi_as_owner(grants.owner, |client| {
-        let t = errors::spi(client.select(
-            "SELECT r.status, r.response, r.error, r.submitted_by::oid, p.id
-               FROM keypool.request r LEFT JOIN keypool.pool p ON p.name = r.pool
-              WHERE r.id = $1",
-            None,
-            &[id.into()],
-        ));
-        t.into_iter().next().map(|r| {
-            (
-                r.get::<String>(1).ok().flatten().unwrap_or_default(),
-                r.get::<JsonB>(2).ok().flatten(),
-                r.get::<String>(3).ok().flatten(),
-                r.get::<pg_sys::Oid>(4).ok().flatten().unwrap_or(pg_sys::Oid::INVALID),
-                r.get::<i64>(5).ok().flatten(),
-            )
-        })
-    });
-    match row {
-        Some((status, response, error, submitter, pool))
-            if unsafe { pg_sys::has_privs_of_role(caller, submitter) }
-                || grants.allows(caller, pool, Privilege::Admin) =>
-        {
-            TableIterator::once((status, response, error))
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_keypool_result_c() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `keypool_result(id, OUT status, OUT response, OUT error)`: status ('queued', 'running',
+/// 'done', 'failed'), response and error of a request the caller submitted (or of any request of
+/// a pool it administers). Other requests do not exist for the caller.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn keypool_result_c(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    unsafe {
+        let _path = privilege::pin_search_path();
+        let Some(id) = pgrx::fcinfo::pg_getarg::<i64>(fcinfo, 0) else {
+            errors::null_argument("id").raise()
+        };
+        let grants = access::grants();
+        let caller = privilege::caller();
+        // The response is copied out of SPI's memory as a datum, never parsed.
+        let row = privilege::spi_as_owner(grants.owner, |client| {
+            let t = errors::spi(client.select(
+                "SELECT r.status, r.response, r.error, r.submitted_by::oid, p.id
+                   FROM keypool.request r LEFT JOIN keypool.pool p ON p.name = r.pool
+                  WHERE r.id = $1",
+                None,
+                &[id.into()],
+            ));
+            if t.is_empty() {
+                return None;
+            }
+            let t = t.first();
+            let response = t
+                .get_datum_by_ordinal(2)
+                .ok()
+                .flatten()
+                .map(|d| pg_sys::SPI_datumTransfer(d, false, -1));
+            Some((
+                t.get::<String>(1).ok().flatten().unwrap_or_default(),
+                response,
+                t.get::<String>(3).ok().flatten(),
+                t.get::<pg_sys::Oid>(4).ok().flatten().unwrap_or(pg_sys::Oid::INVALID),
+                t.get::<i64>(5).ok().flatten(),
+            ))
+        });
+        match row {
+            Some((status, response, error, submitter, pool))
+                if pg_sys::has_privs_of_role(caller, submitter) || grants.allows(caller, pool, Privilege::Admin) =>
+            {
+                composite::form(
+                    fcinfo,
+                    &[
+                        Value::Text(&status),
+                        response.map_or(Value::Null, Value::Datum),
+                        Value::opt_text(error.as_deref()),
+                    ],
+                )
+            }
+            _ => errors::undefined(format!("request {id} does not exist"))
+                .hint("keypool_result answers about the requests this role submitted.")
+                .raise(),
         }
-        _ => errors::undefined(format!("request {id} does not exist"))
-            .hint("keypool_result answers about the requests this role submitted.")
-            .raise(),
     }
 }
 

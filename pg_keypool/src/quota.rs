@@ -21,6 +21,9 @@ use crate::shares::{warning_level, Policy, PoolShares, NEVER, WEIGHT_SCALE};
 use crate::shmem;
 use crate::shmem::Shared;
 
+/// The ticket index of a request taken from the pool's shared guest allowance.
+pub const UNTRACKED: u32 = u32::MAX - 1;
+
 /// What a granted request holds of the user's share, to give it back if the request is not
 /// made after all.
 #[derive(Clone, Copy, Debug)]
@@ -120,7 +123,11 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     let mut shares = sh.pool(pool.slot).lock();
     shares.roll(today);
     let stripe = sh.members.stripe(hash);
-    let i = stripe.find_or_insert(sh, hash, pool.slot, today);
+    let Some(i) = stripe.find_or_insert_guest(sh, hash, pool.slot, today) else {
+        // A guest the member table has no room for: the pool's guests share one allowance.
+        drop(stripe);
+        return untracked_guest(sh, pool, &shares, today, now_ms, day_end);
+    };
     let m = stripe.at(i);
     if m.day != today {
         let share = activate(&mut shares, &policy, m, today);
@@ -169,6 +176,46 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     }
 }
 
+/// The shared allowance of the guests that cannot be tracked one by one: the share one more
+/// guest would get.
+fn guest_allowance(policy: &Policy, shares: &PoolShares, today: i32) -> u64 {
+    let counted = shares.counted_weight(today, policy.window_days);
+    PoolShares::share(policy, WEIGHT_SCALE, counted + WEIGHT_SCALE).unwrap_or(0)
+}
+
+/// Takes one request of the pool's shared guest allowance.
+fn untracked_guest(sh: &Shared, pool: &Pool, shares: &PoolShares, today: i32, now_ms: i64, day_end: i64) -> Take {
+    let allowance = guest_allowance(&pool.policy, shares, today);
+    let slot = sh.pool(pool.slot);
+    match slot.guests_take(today, allowance) {
+        Some(used) => {
+            sh.header
+                .guests_untracked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Take::Granted {
+                ticket: Some(Ticket {
+                    index: UNTRACKED,
+                    hash: 0,
+                    day: today,
+                    borrowed: false,
+                }),
+                preferred: 0,
+                allocation: Allocation {
+                    allocated: Some(allowance),
+                    used,
+                },
+            }
+        }
+        None => Take::Exceeded {
+            allocation: Allocation {
+                allocated: Some(allowance),
+                used: slot.guests_used(today),
+            },
+            retry_after_ms: (day_end - now_ms).max(1),
+        },
+    }
+}
+
 /// First reservation of the day: the member counts as active today and gets today's share.
 fn activate(shares: &mut PoolShares, policy: &Policy, m: &mut Member, today: i32) -> u64 {
     let weight = if m.is_member() {
@@ -192,6 +239,10 @@ fn activate(shares: &mut PoolShares, policy: &Policy, m: &mut Member, today: i32
 
 /// Gives back what `ticket` took (the request was refused after all, or released).
 pub fn give_back(sh: &Shared, pool_slot: u32, ticket: &Ticket) {
+    if ticket.index == UNTRACKED {
+        sh.pool(pool_slot).guests_give_back(ticket.day);
+        return;
+    }
     let shares = ticket.borrowed.then(|| sh.pool(pool_slot).lock());
     let stripe = sh.members.stripe(ticket.hash);
     if let Some(i) = stripe.position_of(ticket.index) {
@@ -219,14 +270,21 @@ pub fn view(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     }
     let mut shares = *sh.pool(pool.slot).lock();
     shares.roll(today);
-    let entry = {
+    let (entry, room) = {
         let stripe = sh.members.stripe(hash);
-        stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
+        let entry = stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i));
+        let room = entry.is_some() || stripe.guest_room(sh, today);
+        (entry, room)
     };
     let allocation = match entry {
         Some(m) if m.day == today => Allocation {
             allocated: Some(m.share),
             used: m.used,
+        },
+        // No room to track this guest: it shares the pool's guest allowance.
+        None if !room => Allocation {
+            allocated: Some(guest_allowance(&policy, &shares, today)),
+            used: sh.pool(pool.slot).guests_used(today),
         },
         other => {
             // What the first reservation of today would fix.

@@ -83,6 +83,7 @@ impl Slot for PoolSlot {
 
     fn reset(&self) {
         self.cursor.store(0, Ordering::Release);
+        self.guests_reset();
         let mut shares = self.lock();
         *shares = PoolShares::default();
         // Member entries of the previous binding become stale.

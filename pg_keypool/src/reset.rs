@@ -67,6 +67,7 @@ fn keypool_reset_usage(pool: default!(Option<&str>, "NULL")) -> i64 {
         }
         let mut shares = pslot.lock();
         shares.borrowed = 0;
+        pslot.guests_reset();
         let gen = pslot.members_gen.load(Ordering::Acquire);
         for s in 0..STRIPES {
             let stripe = sh.members.stripe_at(s);

@@ -280,10 +280,72 @@ pub struct PoolSlot {
     /// Bumped whenever the members are reloaded or the slot re-bound: member entries of an older
     /// generation are stale.
     pub members_gen: AtomicU32,
+    /// Guests that cannot be tracked one by one share one allowance a day: the day (high 32
+    /// bits) and the requests they took (low 32 bits), changed with compare-and-swap.
+    guests: AtomicU64,
     shares: UnsafeCell<PoolShares>,
 }
 
+fn pack_guests(day: i32, used: u64) -> u64 {
+    ((day as u32 as u64) << 32) | used.min(u32::MAX as u64)
+}
+
+fn unpack_guests(v: u64) -> (i32, u64) {
+    ((v >> 32) as u32 as i32, v & u32::MAX as u64)
+}
+
 impl PoolSlot {
+    /// What the untracked guests used on `day`.
+    pub fn guests_used(&self, day: i32) -> u64 {
+        match unpack_guests(self.guests.load(Ordering::Acquire)) {
+            (d, used) if d == day => used,
+            _ => 0,
+        }
+    }
+
+    fn guests_update(&self, f: impl Fn(i32, u64) -> Option<(i32, u64)>) -> Option<u64> {
+        let mut current = self.guests.load(Ordering::Acquire);
+        loop {
+            let (d, used) = unpack_guests(current);
+            let (nd, nu) = f(d, used)?;
+            match self
+                .guests
+                .compare_exchange_weak(current, pack_guests(nd, nu), Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(nu),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Takes one request of the shared guest allowance of `day` (`allowance` a day); the use
+    /// after taking it, or `None` when it is used up.
+    pub fn guests_take(&self, day: i32, allowance: u64) -> Option<u64> {
+        self.guests_update(|d, used| {
+            let used = if d == day { used } else { 0 };
+            (used < allowance).then_some((day, used + 1))
+        })
+    }
+
+    /// Gives back one request taken on `day`.
+    pub fn guests_give_back(&self, day: i32) {
+        self.guests_update(|d, used| (d == day && used > 0).then_some((d, used - 1)));
+    }
+
+    /// Adds what a guest used on `day` (its entry was taken over by a member).
+    pub fn guests_add(&self, day: i32, n: u64) {
+        self.guests_update(|d, used| match d.cmp(&day) {
+            std::cmp::Ordering::Equal => Some((d, used.saturating_add(n))),
+            std::cmp::Ordering::Less => Some((day, n)),
+            std::cmp::Ordering::Greater => None,
+        });
+    }
+
+    /// Starts the shared guest allowance over (keypool_reset_usage).
+    pub fn guests_reset(&self) {
+        self.guests.store(0, Ordering::Release);
+    }
+
     /// Locks the pool's aggregates (and its assignment tree). Lock order: pool, then member
     /// stripe, then scope.
     pub fn lock(&self) -> PoolGuard<'_> {
@@ -380,6 +442,10 @@ pub struct Header {
     pub arena_next: AtomicU32,
     /// Numbers the builds of assignment trees.
     pub tree_builds: AtomicU64,
+    /// Guest entries members took over, and requests granted from pools' shared guest
+    /// allowances (keypool_status).
+    pub guests_evicted: AtomicU64,
+    pub guests_untracked: AtomicU64,
 }
 
 /// The whole region, as seen by one process.

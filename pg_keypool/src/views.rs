@@ -201,6 +201,47 @@ mod keypool {
         TableIterator::new(rows)
     }
 
+    /// The shared-memory member table of the whole server: its entries, how many hold members
+    /// and guests of the day, how many are free, and what guest floods cost (entries members
+    /// took over from guests, requests served from pools' shared guest allowances).
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[allow(clippy::type_complexity)]
+    fn member_memory() -> TableIterator<
+        'static,
+        (
+            name!(entries, i64),
+            name!(members, i64),
+            name!(guests, i64),
+            name!(free, i64),
+            name!(full_stripes, i64),
+            name!(guest_entries_taken_over, i64),
+            name!(guest_requests_shared, i64),
+        ),
+    > {
+        let sh = shmem::shared();
+        let today = (clock::now_ms().div_euclid(86_400_000)) as i32;
+        let (mut members, mut guests, mut full) = (0i64, 0i64, 0i64);
+        for s in 0..crate::members::STRIPES {
+            let stripe = sh.members.stripe_at(s);
+            let (m, g) = stripe.counts(sh, today);
+            members += m as i64;
+            guests += g as i64;
+            if m + g == stripe.len() {
+                full += 1;
+            }
+        }
+        let entries = sh.members.cells.len() as i64;
+        TableIterator::once((
+            entries,
+            members,
+            guests,
+            entries - members - guests,
+            full,
+            sh.header.guests_evicted.load(Ordering::Acquire) as i64,
+            sh.header.guests_untracked.load(Ordering::Acquire) as i64,
+        ))
+    }
+
     /// Marks this backend's configuration cache stale; called by the trigger on the tables.
     #[pg_extern(volatile, parallel_unsafe)]
     fn note_config_change() {

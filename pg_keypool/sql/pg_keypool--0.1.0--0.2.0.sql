@@ -1,0 +1,807 @@
+-- pg_keypool 0.1.0 -> 0.2.0: trust boundaries (issue 11). Frozen once released: never edit.
+--
+-- - every statement run with the owner's rights has its search path pinned; every plpgsql
+--   function carries SET search_path;
+-- - privileges per pool (keypool_grant / keypool_revoke, keypool_grants): use, read, admin;
+-- - reservations and queue requests have owners; heartbeats belong to a role;
+-- - provider secrets sealed at rest under a keyring (pg_keypool.master_key_file), plaintext and
+--   plain SHA-256 columns dropped; labels show the provider prefix and at most 4 characters;
+-- - views show each role only the pools it may read;
+-- - NOTIFY keypool_events carries the event id only.
+--
+-- After the update the old plaintext still lies in dead tuples of keypool.key and in WAL until
+-- they are recycled: run VACUUM FULL keypool.key and CHECKPOINT (README, "Secrets at rest").
+
+-- Master keys and grants.
+CREATE TABLE keypool.master_key (
+    key_no      integer PRIMARY KEY CHECK (key_no > 0),
+    fingerprint bytea NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE keypool.pool_grant (
+    pool_id    bigint REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    grantee    regrole NOT NULL,
+    privilege  text NOT NULL CHECK (privilege IN ('use', 'read', 'admin')),
+    granted_by regrole NOT NULL,
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE NULLS NOT DISTINCT (pool_id, grantee, privilege)
+);
+
+CREATE OR REPLACE FUNCTION keypool.config_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, keypool, pg_temp AS $$
+BEGIN
+    PERFORM keypool.note_config_change();
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.pool_grant
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.master_key
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+SELECT pg_catalog.pg_extension_config_dump('keypool.master_key', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.pool_grant', '');
+
+-- Secrets: sealed under the keyring (created now if the cluster has none), new labels, keyed
+-- digests; then the plaintext and its plain hash go.
+ALTER TABLE keypool.key
+    ADD COLUMN secret_sealed bytea,
+    ADD COLUMN sealed_with integer REFERENCES keypool.master_key (key_no),
+    ADD COLUMN secret_hmac bytea;
+CREATE FUNCTION keypool.seal_plaintext_secrets() RETURNS bigint
+LANGUAGE c AS 'MODULE_PATHNAME', 'keypool_seal_plaintext_secrets_wrapper';
+SELECT keypool.seal_plaintext_secrets();
+DROP FUNCTION keypool.seal_plaintext_secrets();
+ALTER TABLE keypool.key
+    DROP COLUMN secret,
+    DROP COLUMN secret_sha256,
+    ALTER COLUMN secret_sealed SET NOT NULL,
+    ALTER COLUMN sealed_with SET NOT NULL,
+    ALTER COLUMN secret_hmac SET NOT NULL,
+    ADD UNIQUE (pool_id, secret_hmac);
+
+-- Owners of queue requests and worker heartbeats: what exists now belongs to the extension's
+-- owner (its administrators see it).
+ALTER TABLE keypool.request ADD COLUMN submitted_by regrole, ADD COLUMN claimed_role regrole;
+UPDATE keypool.request
+   SET submitted_by = (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_keypool')::regrole,
+       claimed_role = CASE WHEN claimed_by IS NOT NULL
+                           THEN (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_keypool')::regrole
+                      END;
+ALTER TABLE keypool.request ALTER COLUMN submitted_by SET NOT NULL;
+CREATE INDEX request_finished ON keypool.request (finished_at) WHERE status IN ('done', 'failed');
+ALTER TABLE keypool.worker ADD COLUMN role regrole;
+UPDATE keypool.worker SET role = (SELECT e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_keypool')::regrole;
+ALTER TABLE keypool.worker ALTER COLUMN role SET NOT NULL;
+ALTER TABLE keypool.alert ADD COLUMN pool_id bigint;
+
+-- Functions of the library (new, or replacing the SQL ones of 0.1.0 with the same signatures).
+CREATE FUNCTION keypool_grant(pool text, grantee regrole, privilege text DEFAULT 'use') RETURNS void
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'keypool_grant_wrapper';
+CREATE FUNCTION keypool_revoke(pool text, grantee regrole, privilege text DEFAULT 'use') RETURNS void
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'keypool_revoke_wrapper';
+CREATE  FUNCTION "keypool_rotate_master_key"() RETURNS INT /* i32 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_rotate_master_key_wrapper';
+CREATE  FUNCTION keypool."allowed"(
+	"pool_id" bigint, /* Option < i64 > */
+	"privilege" TEXT /* Option < & str > */
+) RETURNS bool /* bool */
+STABLE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'allowed_wrapper';
+CREATE  FUNCTION keypool."scope_readable"(
+	"scope_id" bigint /* Option < i64 > */
+) RETURNS bool /* bool */
+STABLE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'scope_readable_wrapper';
+CREATE  FUNCTION keypool."acts_for"(
+	"role" oid /* Option < pg_sys :: Oid > */
+) RETURNS bool /* bool */
+STABLE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'acts_for_wrapper';
+CREATE  FUNCTION keypool."member_memory"() RETURNS TABLE (
+	"entries" bigint,  /* i64 */
+	"members" bigint,  /* i64 */
+	"guests" bigint,  /* i64 */
+	"free" bigint,  /* i64 */
+	"full_stripes" bigint,  /* i64 */
+	"guest_entries_taken_over" bigint,  /* i64 */
+	"guest_requests_shared" bigint  /* i64 */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'member_memory_wrapper';
+CREATE OR REPLACE FUNCTION "keypool_claim_requests"(
+	"worker" TEXT, /* Option < & str > */
+	"max_n" INT, /* Option < i32 > */
+	"lease" interval /* Option < Interval > */
+) RETURNS TABLE (
+	"id" bigint,  /* i64 */
+	"user_id" TEXT,  /* String */
+	"pool" TEXT,  /* String */
+	"request" jsonb,  /* JsonB */
+	"attempts" INT  /* i32 */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_claim_requests_wrapper';
+CREATE OR REPLACE FUNCTION "keypool_queue_wake_at"() RETURNS timestamp with time zone /* Option < TimestampWithTimeZone > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_queue_wake_at_wrapper';
+CREATE OR REPLACE FUNCTION "keypool_worker_heartbeat"(
+	"worker" TEXT, /* Option < & str > */
+	"version" TEXT, /* Option < & str > */
+	"host" TEXT, /* Option < & str > */
+	"pid" INT, /* Option < i32 > */
+	"started_at" timestamp with time zone, /* Option < TimestampWithTimeZone > */
+	"served" bigint, /* Option < i64 > */
+	"failed" bigint, /* Option < i64 > */
+	"queue_done" bigint /* Option < i64 > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_worker_heartbeat_wrapper';
+CREATE OR REPLACE FUNCTION "keypool_worker_stopped"(
+	"worker" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_worker_stopped_wrapper';
+CREATE OR REPLACE FUNCTION "keypool_models"() RETURNS TABLE (
+	"pool" TEXT,  /* String */
+	"model" TEXT  /* Option < String > */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_models_wrapper';
+CREATE OR REPLACE FUNCTION "keypool_set_price"(
+	"provider" TEXT, /* Option < & str > */
+	"model" TEXT, /* Option < & str > */
+	"input_per_million" NUMERIC, /* Option < AnyNumeric > */
+	"output_per_million" NUMERIC, /* Option < AnyNumeric > */
+	"per_request" NUMERIC DEFAULT 0 /* Option < AnyNumeric > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_set_price_wrapper';
+CREATE OR REPLACE FUNCTION "keypool_usage_report"(
+	"from_day" date, /* Option < Date > */
+	"to_day" date /* Option < Date > */
+) RETURNS TABLE (
+	"day" date,  /* Date */
+	"pool" TEXT,  /* String */
+	"key_id" bigint,  /* i64 */
+	"label" TEXT,  /* String */
+	"provider" TEXT,  /* String */
+	"model" TEXT,  /* Option < String > */
+	"requests" bigint,  /* i64 */
+	"prompt_tokens" bigint,  /* i64 */
+	"completion_tokens" bigint,  /* i64 */
+	"errors" bigint,  /* i64 */
+	"estimated_cost" NUMERIC  /* Option < AnyNumeric > */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_usage_report_wrapper';
+CREATE OR REPLACE FUNCTION "keypool_enable_keys"(
+	"pool" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS bigint /* i64 */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_enable_keys_wrapper';
+CREATE OR REPLACE FUNCTION "keypool_check_alerts"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_check_alerts_wrapper';
+CREATE OR REPLACE FUNCTION keypool_submit(user_id text, pool text, request jsonb, max_wait interval DEFAULT '10 minutes',
+                               max_attempts integer DEFAULT 3)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'keypool_submit_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
+
+CREATE OR REPLACE FUNCTION keypool_result(id bigint, OUT status text, OUT response jsonb, OUT error text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'keypool_result_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
+
+CREATE OR REPLACE FUNCTION keypool_key_credentials(key_id bigint, OUT provider text, OUT model text, OUT base_url text,
+                                        OUT secret text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'keypool_key_credentials_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
+
+CREATE OR REPLACE FUNCTION keypool_complete_request(id bigint, worker text, outcome text, response jsonb DEFAULT NULL,
+                                         error text DEFAULT NULL, retry_at timestamptz DEFAULT NULL)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'keypool_complete_request_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
+
+-- Internal SQL functions.
+CREATE FUNCTION keypool.enqueue(submitted_by regrole, user_id text, pool text, request jsonb, max_wait interval,
+                                max_attempts integer)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    IF request IS NULL OR jsonb_typeof(request) <> 'object'
+       OR jsonb_typeof(request -> 'messages') IS DISTINCT FROM 'array'
+       OR request -> 'messages' = '[]'::jsonb THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'request must be an object with a non-empty "messages" array',
+            HINT = 'Use the OpenAI chat shape: {"messages": [{"role": "user", "content": "..."}], "max_tokens": 200}';
+    END IF;
+    IF max_wait IS NULL OR max_wait < interval '0' OR max_wait > interval '7 days' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'max_wait must be between 0 and 7 days';
+    END IF;
+    IF max_attempts IS NULL OR max_attempts NOT BETWEEN 1 AND 100 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'max_attempts must be between 1 and 100';
+    END IF;
+    INSERT INTO keypool.request (user_id, pool, request, max_attempts, deadline, submitted_by)
+    VALUES (user_id, pool, request, max_attempts, now() + max_wait, submitted_by)
+    RETURNING id INTO new_id;
+    PERFORM pg_notify('keypool_requests', new_id::text);
+    RETURN new_id;
+END
+$$;
+
+CREATE FUNCTION keypool.claim_requests(claimer regrole, pools text[], worker text, max_n integer, lease interval)
+RETURNS TABLE (id bigint, user_id text, pool text, request jsonb, attempts integer)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    gave_up integer;
+BEGIN
+    WITH g AS (
+        UPDATE keypool.request r
+           SET status = 'failed', finished_at = now(), claimed_by = NULL, claimed_role = NULL, lease_until = NULL,
+               error = concat_ws('; ', r.error, format('its worker stopped answering after %s attempts', r.attempts))
+         WHERE r.status = 'running' AND r.lease_until < now() AND r.attempts >= r.max_attempts
+           AND r.pool = ANY (pools)
+        RETURNING r.id
+    )
+    SELECT count(pg_notify('keypool_results', g.id::text)) INTO gave_up FROM g;
+    RETURN QUERY
+    WITH due AS (
+        SELECT r.id FROM keypool.request r
+         WHERE (r.status = 'queued' OR (r.status = 'running' AND r.lease_until < now()))
+           AND r.not_before <= now()
+           AND r.pool = ANY (pools)
+         ORDER BY r.not_before, r.id
+         LIMIT greatest(max_n, 0)
+         FOR UPDATE SKIP LOCKED
+    )
+    UPDATE keypool.request r
+       SET status = 'running', claimed_by = worker, claimed_role = claimer, lease_until = now() + lease,
+           attempts = r.attempts + 1
+      FROM due WHERE r.id = due.id
+    RETURNING r.id, r.user_id, r.pool, r.request, r.attempts;
+END
+$$;
+
+CREATE FUNCTION keypool.complete_request(claimer regrole, id bigint, worker text, outcome text, response jsonb,
+                                         error text, retry_at timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
+DECLARE
+    r keypool.request;
+BEGIN
+    IF outcome IS NULL OR outcome NOT IN ('done', 'failed', 'retry', 'wait') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('unknown outcome "%s"', outcome),
+            HINT = 'One of done, failed, retry, wait.';
+    END IF;
+    SELECT * INTO r FROM keypool.request q
+     WHERE q.id = complete_request.id AND q.claimed_by = worker AND q.claimed_role = claimer AND q.status = 'running'
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF outcome = 'retry' AND r.attempts >= r.max_attempts THEN
+        outcome := 'failed';
+        error := format('%s (after %s attempts)', error, r.attempts);
+    ELSIF outcome = 'wait' AND retry_at > r.deadline THEN
+        outcome := 'failed';
+        error := format('%s: no capacity before the deadline (%s)', error, r.deadline);
+    END IF;
+    CASE outcome
+        WHEN 'done' THEN
+            UPDATE keypool.request q SET status = 'done', response = complete_request.response,
+                   error = NULL, finished_at = now(), claimed_by = NULL, claimed_role = NULL, lease_until = NULL
+             WHERE q.id = r.id;
+        WHEN 'failed' THEN
+            UPDATE keypool.request q SET status = 'failed', error = complete_request.error,
+                   finished_at = now(), claimed_by = NULL, claimed_role = NULL, lease_until = NULL
+             WHERE q.id = r.id;
+        WHEN 'retry', 'wait' THEN
+            UPDATE keypool.request q SET status = 'queued', error = complete_request.error,
+                   not_before = coalesce(retry_at, now()), claimed_by = NULL, claimed_role = NULL, lease_until = NULL,
+                   attempts = q.attempts - CASE WHEN outcome = 'wait' THEN 1 ELSE 0 END
+             WHERE q.id = r.id;
+    END CASE;
+    IF outcome IN ('done', 'failed') THEN
+        PERFORM pg_notify('keypool_results', r.id::text);
+    ELSE
+        PERFORM pg_notify('keypool_requests', r.id::text);
+    END IF;
+    RETURN true;
+END
+$$;
+
+CREATE FUNCTION keypool.queue_wake_at(pools text[])
+RETURNS timestamptz
+LANGUAGE sql STABLE SET search_path = pg_catalog, keypool, pg_temp AS $$
+    SELECT least((SELECT min(r.not_before) FROM keypool.request r WHERE r.status = 'queued' AND r.pool = ANY (pools)),
+                 (SELECT min(r.lease_until) FROM keypool.request r WHERE r.status = 'running' AND r.pool = ANY (pools)));
+$$;
+
+CREATE OR REPLACE FUNCTION keypool.notify_event() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, keypool, pg_temp AS $$
+BEGIN
+    PERFORM pg_catalog.pg_notify('keypool_events', new.id::text);
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION keypool.usage_report(pools bigint[], from_day date, to_day date)
+RETURNS TABLE (day date, pool text, key_id bigint, label text, provider text, model text, requests bigint,
+               prompt_tokens bigint, completion_tokens bigint, errors bigint, estimated_cost numeric)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, keypool, pg_temp AS $$
+BEGIN
+    IF from_day IS NULL OR to_day IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'from_day and to_day must not be NULL';
+    END IF;
+    IF from_day > to_day THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('from_day (%s) is after to_day (%s)', from_day, to_day);
+    END IF;
+    IF to_day - from_day > 3660 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'the report spans more than ten years';
+    END IF;
+    RETURN QUERY
+    SELECT d.day, p.name, k.id, k.label, k.provider, k.model,
+           sum(u.requests)::bigint, sum(u.prompt_tokens)::bigint, sum(u.completion_tokens)::bigint,
+           sum(u.rate_limited + u.daily_quota + u.key_invalid + u.billing + u.server_error + u.caller_error + u.other)::bigint,
+           round(sum(u.prompt_tokens) * pr.input_per_million / 1e6 + sum(u.completion_tokens) * pr.output_per_million / 1e6
+                 + sum(u.requests - u.released) * pr.per_request, 6)
+      FROM keypool.usage_hourly u
+      JOIN keypool.key k ON k.id = u.key_id
+      JOIN keypool.pool p ON p.id = k.pool_id
+      JOIN keypool.scope s ON s.id = k.scope_id
+      CROSS JOIN LATERAL (SELECT (u.hour AT TIME ZONE s.timezone)::date AS day) d
+      LEFT JOIN LATERAL (SELECT x.input_per_million, x.output_per_million, x.per_request
+                           FROM keypool.price x
+                          WHERE x.provider = k.provider AND x.model IN (coalesce(k.model, ''), '')
+                          ORDER BY x.model DESC LIMIT 1) pr ON true
+     WHERE u.hour >= (from_day - 1)::timestamptz AND u.hour < (to_day + 2)::timestamptz
+       AND d.day BETWEEN from_day AND to_day
+       AND p.id = ANY (pools)
+     GROUP BY d.day, p.name, k.id, k.label, k.provider, k.model, pr.input_per_million, pr.output_per_million, pr.per_request
+     ORDER BY d.day, p.name, k.id;
+END
+$$;
+
+CREATE FUNCTION keypool.check_alerts()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
+DECLARE
+    raised bigint;
+BEGIN
+    -- One checker at a time (the background and a caller may overlap).
+    PERFORM pg_advisory_xact_lock(hashtext('pg_keypool.check_alerts'));
+    WITH cur AS (
+        SELECT a.alert_key, a.kind, a.severity, a.message, p.id AS pool_id
+          FROM @extschema@.keypool_alerts a LEFT JOIN keypool.pool p ON p.name = a.pool),
+    gone AS (
+        DELETE FROM keypool.alert a
+         WHERE NOT EXISTS (SELECT 1 FROM cur c WHERE c.alert_key = a.alert_key)
+        RETURNING a.*),
+    new AS (
+        INSERT INTO keypool.alert (alert_key, kind, severity, message, raised_at, pool_id)
+        SELECT c.alert_key, c.kind, c.severity, c.message, @extschema@.keypool_now(), c.pool_id FROM cur c
+         WHERE NOT EXISTS (SELECT 1 FROM keypool.alert a WHERE a.alert_key = c.alert_key)
+        RETURNING *),
+    events AS (
+        INSERT INTO keypool.event (at, kind, pool_id, reason)
+        SELECT @extschema@.keypool_now(), e.kind, e.pool_id, e.reason
+          FROM (SELECT 1 AS o, g.alert_key, 'alert_cleared' AS kind, g.pool_id, g.kind || ': ' || g.message AS reason
+                  FROM gone g
+                UNION ALL
+                SELECT 2, n.alert_key, 'alert', n.pool_id, n.severity || ' ' || n.kind || ': ' || n.message FROM new n) e
+         ORDER BY e.o, e.alert_key
+        RETURNING kind)
+    SELECT count(*) FILTER (WHERE kind = 'alert') INTO raised FROM events;
+    RETURN raised;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION keypool.maintain()
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
+BEGIN
+    PERFORM keypool.check_alerts();
+    DELETE FROM keypool.event e
+     WHERE e.at < @extschema@.keypool_now() - coalesce(nullif(current_setting('pg_keypool.event_retention', true), '')::interval,
+                                                        interval '30 days');
+    DELETE FROM keypool.request r
+     WHERE r.status IN ('done', 'failed')
+       AND r.finished_at < now() - coalesce(nullif(current_setting('pg_keypool.request_retention', true), '')::interval,
+                                            interval '7 days');
+END
+$$;
+
+-- Views: each role sees the pools it may read.
+CREATE OR REPLACE VIEW keypool_keys WITH (security_barrier) AS
+SELECT k.id AS key_id,
+       p.name AS pool,
+       k.provider,
+       k.model,
+       s.account,
+       k.label,
+       CASE
+           WHEN k.disabled_reason IS NOT NULL OR s.disabled_reason IS NOT NULL THEN 'disabled'
+           WHEN ss.cooling_until IS NOT NULL OR ks.breaker = 'open' THEN 'cooling'
+           ELSE 'active'
+       END AS state,
+       coalesce(k.disabled_reason,
+                s.disabled_reason,
+                ss.cooling_reason,
+                CASE ks.breaker
+                    WHEN 'open' THEN 'circuit breaker open after ' || ks.consecutive_failures || ' server errors'
+                    WHEN 'half_open' THEN 'circuit breaker half-open: the next request is a trial'
+                END) AS reason,
+       greatest(ss.cooling_until, ks.breaker_open_until) AS cooling_until,
+       ks.last_used_at,
+       k.scope_id,
+       k.group_no,
+       ks.users
+  FROM keypool.key k
+  JOIN keypool.pool p ON p.id = k.pool_id
+  JOIN keypool.scope s ON s.id = k.scope_id
+  LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
+  LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id
+ WHERE k.removed_at IS NULL AND keypool.allowed(k.pool_id, 'read');
+COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why';
+
+CREATE OR REPLACE VIEW keypool_scopes WITH (security_barrier) AS
+SELECT s.id AS scope_id,
+       s.provider,
+       s.account,
+       s.model,
+       s.timezone,
+       s.rpm, s.rpd, s.tpm, s.tpd,
+       ss.requests_this_minute,
+       ss.tokens_this_minute,
+       ss.requests_today,
+       ss.tokens_today,
+       ss.day_resets_at,
+       ss.cooling_until,
+       coalesce(s.disabled_reason, ss.cooling_reason) AS reason,
+       (SELECT count(*) FROM keypool.key k WHERE k.scope_id = s.id AND k.removed_at IS NULL) AS keys
+  FROM keypool.scope s
+  LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
+ WHERE keypool.scope_readable(s.id);
+COMMENT ON VIEW keypool_scopes IS 'Every quota scope: its limits, requests and tokens this minute and today, cooldown';
+
+CREATE OR REPLACE VIEW keypool_usage WITH (security_barrier) AS
+SELECT u.hour,
+       p.name AS pool,
+       u.key_id,
+       k.label,
+       u.requests,
+       u.released,
+       u.prompt_tokens,
+       u.completion_tokens,
+       u.success,
+       u.rate_limited + u.daily_quota + u.key_invalid + u.billing + u.server_error + u.caller_error + u.other AS errors,
+       u.rate_limited, u.daily_quota, u.key_invalid, u.billing, u.server_error, u.caller_error, u.other
+  FROM keypool.usage_hourly u
+  JOIN keypool.key k ON k.id = u.key_id
+  JOIN keypool.pool p ON p.id = k.pool_id
+ WHERE keypool.allowed(k.pool_id, 'read');
+COMMENT ON VIEW keypool_usage IS 'Usage per key per hour: requests, tokens, outcomes';
+
+CREATE OR REPLACE VIEW keypool_events WITH (security_barrier) AS
+SELECT e.id, e.at, e.kind, p.name AS pool, e.key_id, k.label, e.scope_id, e.reason
+  FROM keypool.event e
+  LEFT JOIN keypool.pool p ON p.id = e.pool_id
+  LEFT JOIN keypool.key k ON k.id = e.key_id
+ WHERE CASE WHEN e.pool_id IS NOT NULL THEN keypool.allowed(e.pool_id, 'read')
+            WHEN e.scope_id IS NOT NULL THEN keypool.scope_readable(e.scope_id)
+            ELSE keypool.allowed(NULL, 'read') END;
+COMMENT ON VIEW keypool_events IS
+    'What changed and why: keys added, disabled, enabled, removed; rate limits, daily quotas, breakers; accounts disabled; rebalances, usage resets; alerts raised and cleared';
+
+CREATE OR REPLACE VIEW keypool_members WITH (security_barrier) AS
+SELECT p.name AS pool, m.user_id, m.key_id, k.group_no, k.label, m.weight, m.last_active, m.assigned_at
+  FROM keypool.member m
+  JOIN keypool.pool p ON p.id = m.pool_id
+  LEFT JOIN keypool.key k ON k.id = m.key_id
+ WHERE keypool.allowed(m.pool_id, 'read');
+COMMENT ON VIEW keypool_members IS 'Users of each pool: assigned key and group number, weight, last active day';
+
+CREATE OR REPLACE VIEW keypool_pool_stats WITH (security_barrier) AS
+SELECT p.id AS pool_id,
+       p.name AS pool,
+       (SELECT count(*) FROM keypool_keys k WHERE k.pool = p.name AND k.state = 'active') AS keys_usable,
+       (SELECT count(*) FROM keypool_keys k WHERE k.pool = p.name AND k.state = 'cooling') AS keys_cooling,
+       (SELECT count(*) FROM keypool_keys k WHERE k.pool = p.name AND k.state = 'disabled') AS keys_disabled,
+       ps.daily_capacity,
+       ps.daily_token_capacity,
+       (SELECT coalesce(sum(sc.requests_today), 0) FROM keypool_scopes sc
+         WHERE sc.scope_id IN (SELECT k.scope_id FROM keypool.key k
+                                WHERE k.pool_id = p.id AND k.removed_at IS NULL)) AS used_today,
+       ps.members,
+       ps.counted_users,
+       ps.active_today,
+       p.min_share,
+       ps.share_per_user,
+       round(ps.overcommit::numeric, 2) AS overcommit,
+       p.borrowing,
+       ps.borrowed_today,
+       p.active_days,
+       ps.timezone,
+       ps.resets_at
+  FROM keypool.pool p
+  LEFT JOIN keypool.pool_state() ps ON ps.pool_id = p.id
+ WHERE keypool.allowed(p.id, 'read');
+COMMENT ON VIEW keypool_pool_stats IS
+    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity)';
+
+CREATE OR REPLACE VIEW keypool_key_stats WITH (security_barrier) AS
+SELECT k.key_id, k.pool, k.provider, k.model, k.account, k.label, k.group_no, k.state, k.reason, k.cooling_until,
+       s.requests_this_minute, s.rpm, round(100.0 * s.requests_this_minute / s.rpm, 1) AS rpm_pct,
+       s.tokens_this_minute, s.tpm, round(100.0 * s.tokens_this_minute / s.tpm, 1) AS tpm_pct,
+       s.requests_today, s.rpd, round(100.0 * s.requests_today / s.rpd, 1) AS rpd_pct,
+       s.tokens_today, s.tpd, round(100.0 * s.tokens_today / s.tpd, 1) AS tpd_pct,
+       t.requests AS key_requests_today,
+       t.prompt_tokens AS key_prompt_tokens_today,
+       t.completion_tokens AS key_completion_tokens_today,
+       t.rate_limited + t.daily_quota + t.key_invalid + t.billing + t.server_error + t.caller_error + t.other AS errors_today,
+       t.rate_limited, t.daily_quota, t.key_invalid, t.billing, t.server_error, t.caller_error, t.other,
+       k.last_used_at, k.users
+  FROM keypool_keys k
+  JOIN keypool_scopes s ON s.scope_id = k.scope_id
+  LEFT JOIN keypool.key_state() ks ON ks.key_id = k.key_id
+  CROSS JOIN LATERAL (
+      SELECT coalesce(sum(u.requests), 0) + coalesce(ks.unflushed[1], 0) AS requests,
+             coalesce(sum(u.prompt_tokens), 0) + coalesce(ks.unflushed[3], 0) AS prompt_tokens,
+             coalesce(sum(u.completion_tokens), 0) + coalesce(ks.unflushed[4], 0) AS completion_tokens,
+             coalesce(sum(u.rate_limited), 0) + coalesce(ks.unflushed[6], 0) AS rate_limited,
+             coalesce(sum(u.daily_quota), 0) + coalesce(ks.unflushed[7], 0) AS daily_quota,
+             coalesce(sum(u.key_invalid), 0) + coalesce(ks.unflushed[8], 0) AS key_invalid,
+             coalesce(sum(u.billing), 0) + coalesce(ks.unflushed[9], 0) AS billing,
+             coalesce(sum(u.server_error), 0) + coalesce(ks.unflushed[10], 0) AS server_error,
+             coalesce(sum(u.caller_error), 0) + coalesce(ks.unflushed[11], 0) AS caller_error,
+             coalesce(sum(u.other), 0) + coalesce(ks.unflushed[12], 0) AS other
+        FROM keypool.usage_hourly u
+       WHERE u.key_id = k.key_id
+         AND u.hour >= (date_trunc('day', keypool_now() AT TIME ZONE s.timezone) AT TIME ZONE s.timezone)) t;
+COMMENT ON VIEW keypool_key_stats IS
+    'Per key: state, its account''s use this minute and today against each limit (and %), its own use and errors today by class, users';
+
+CREATE OR REPLACE VIEW keypool_requests WITH (security_barrier) AS
+SELECT r.id, r.user_id, r.pool, r.status, r.attempts, r.max_attempts, r.not_before, r.deadline, r.claimed_by,
+       r.lease_until, r.error, r.submitted_at, r.finished_at, r.submitted_by
+  FROM keypool.request r
+ WHERE keypool.acts_for(r.submitted_by)
+    OR keypool.allowed((SELECT p.id FROM keypool.pool p WHERE p.name = r.pool), 'admin');
+COMMENT ON VIEW keypool_requests IS
+    'The SQL request queue: the requests this role submitted (every request of the pools it administers)';
+
+CREATE OR REPLACE VIEW keypool_workers WITH (security_barrier) AS
+SELECT w.id, w.version, w.host, w.pid, w.started_at, w.last_seen, now() - w.last_seen AS silent_for, w.served,
+       w.failed, w.queue_done, w.stopped_at, w.role
+  FROM keypool.worker w
+ WHERE keypool.acts_for(w.role) OR keypool.allowed(NULL, 'read');
+COMMENT ON VIEW keypool_workers IS 'Workers as their heartbeats report them (this role''s, or all for readers of every pool)';
+
+CREATE OR REPLACE VIEW keypool_alerts WITH (security_barrier) AS
+WITH setting AS (
+    SELECT coalesce(nullif(current_setting('pg_keypool.alert_threshold', true), '')::float8, 0.8) AS threshold,
+           coalesce(nullif(current_setting('pg_keypool.worker_silence', true), '')::interval, interval '1 min') AS silence
+), scope_use AS (
+    SELECT s.scope_id, s.provider, s.account, s.model, u.what, u.used, u.lim, u.used::float8 / u.lim AS fraction,
+           row_number() OVER (PARTITION BY s.scope_id ORDER BY u.used::float8 / u.lim DESC, u.what) AS rank
+      FROM keypool_scopes s
+     CROSS JOIN LATERAL (VALUES ('requests per minute', s.requests_this_minute, s.rpm::bigint),
+                                ('tokens per minute', s.tokens_this_minute, s.tpm),
+                                ('requests per day', s.requests_today, s.rpd::bigint),
+                                ('tokens per day', s.tokens_today, s.tpd)) u(what, used, lim)
+     WHERE u.lim IS NOT NULL AND s.keys > 0
+)
+SELECT 'scope:' || su.scope_id AS alert_key,
+       'scope_near_limit' AS kind,
+       CASE WHEN su.fraction >= 1 THEN 'critical' ELSE 'warning' END AS severity,
+       (SELECT min(k.pool) FROM keypool_keys k WHERE k.scope_id = su.scope_id) AS pool,
+       NULL::bigint AS key_id, su.scope_id, NULL::text AS worker,
+       format('account %s (%s%s) is at %s%% of its %s limit (%s of %s)',
+              coalesce(su.account, (SELECT min(k.label) FROM keypool_keys k WHERE k.scope_id = su.scope_id)),
+              su.provider, coalesce(' ' || su.model, ''), floor(100 * su.fraction)::bigint, su.what, su.used, su.lim) AS message
+  FROM scope_use su, setting
+ WHERE su.rank = 1 AND su.fraction >= setting.threshold
+UNION ALL
+SELECT 'key:' || k.key_id,
+       CASE k.state WHEN 'disabled' THEN 'key_disabled' ELSE 'key_cooling' END,
+       CASE k.state WHEN 'disabled' THEN 'critical' ELSE 'warning' END,
+       k.pool, k.key_id, k.scope_id, NULL,
+       format('key %s (%s) is %s%s: %s', k.label, k.pool, k.state,
+              CASE WHEN k.state = 'cooling' THEN ' until ' || to_char(k.cooling_until AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' ELSE '' END,
+              coalesce(k.reason, 'no reason given'))
+  FROM keypool_keys k
+ WHERE k.state <> 'active'
+UNION ALL
+SELECT 'pool:' || p.pool || ':no_usable_key', 'pool_without_usable_key', 'critical', p.pool, NULL, NULL, NULL,
+       format('pool %s has no usable key (%s cooling, %s disabled)', p.pool, p.keys_cooling, p.keys_disabled)
+  FROM keypool_pool_stats p
+ WHERE p.keys_usable = 0 AND p.keys_cooling + p.keys_disabled > 0
+UNION ALL
+SELECT 'pool:' || p.pool || ':overcommitted', 'pool_overcommitted', 'warning', p.pool, NULL, NULL, NULL,
+       format('pool %s is overcommitted: minimum shares add up to %s x its daily capacity of %s', p.pool, p.overcommit,
+              p.daily_capacity)
+  FROM keypool_pool_stats p
+ WHERE p.overcommit > 1
+UNION ALL
+SELECT 'worker:' || w.id, 'worker_silent', 'warning', NULL, NULL, NULL, w.id,
+       format('worker %s (%s, pid %s) last seen %s ago', w.id, coalesce(w.host, '?'), coalesce(w.pid::text, '?'),
+              date_trunc('second', now() - w.last_seen))
+  FROM @extschema@.keypool_workers w, setting
+ WHERE w.stopped_at IS NULL AND w.last_seen < now() - setting.silence;
+COMMENT ON VIEW keypool_alerts IS
+    'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys or overcommitted, silent workers';
+
+CREATE VIEW keypool_queue_depth WITH (security_barrier) AS
+SELECT r.pool, r.status, count(*) AS requests, min(r.not_before) AS oldest_due
+  FROM keypool.request r
+  LEFT JOIN keypool.pool p ON p.name = r.pool
+ WHERE r.status IN ('queued', 'running') AND keypool.allowed(p.id, 'read')
+ GROUP BY r.pool, r.status;
+COMMENT ON VIEW keypool_queue_depth IS 'Requests queued and running per pool (counts only), for the pools this role may read';
+
+CREATE VIEW keypool_grants WITH (security_barrier) AS
+SELECT coalesce(p.name, '*') AS pool, g.grantee, g.privilege, g.granted_by, g.granted_at
+  FROM keypool.pool_grant g
+  LEFT JOIN keypool.pool p ON p.id = g.pool_id
+ WHERE keypool.allowed(g.pool_id, 'admin') OR keypool.acts_for(g.grantee);
+COMMENT ON VIEW keypool_grants IS
+    'Privileges on pools (use, read, admin; pool * = every pool): those of the pools this role administers, and its own';
+
+CREATE VIEW keypool_master_keys WITH (security_barrier) AS
+SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerprint, m.created_at,
+       (SELECT count(*) FROM keypool.key k WHERE k.sealed_with = m.key_no) AS secrets
+  FROM keypool.master_key m
+ WHERE keypool.allowed(NULL, 'admin');
+COMMENT ON VIEW keypool_master_keys IS
+    'Master keys of the keyring this database recorded: number, fingerprint (first 8 bytes), how many secrets each seals';
+
+CREATE VIEW keypool_member_memory AS SELECT * FROM keypool.member_memory();
+COMMENT ON VIEW keypool_member_memory IS
+    'The shared-memory member table: entries, members, guests of the day, free, full stripes, guest entries members took over, requests served from shared guest allowances';
+
+CREATE OR REPLACE FUNCTION keypool.health(
+    OUT status text, OUT message text, OUT healthy boolean, OUT keys_total bigint, OUT keys_usable bigint,
+    OUT keys_cooling bigint, OUT keys_disabled bigint, OUT requests_per_day numeric, OUT daily_users bigint,
+    OUT concurrent_users bigint)
+RETURNS SETOF record LANGUAGE sql STABLE SET jit = off SET search_path = pg_catalog, keypool, pg_temp AS $fn$
+WITH keys AS (
+    SELECT count(*) AS total,
+           count(*) FILTER (WHERE state = 'active') AS usable,
+           count(*) FILTER (WHERE state = 'cooling') AS cooling,
+           count(*) FILTER (WHERE state = 'disabled') AS disabled
+      FROM @extschema@.keypool_keys
+), pools AS (
+    SELECT count(*) FILTER (WHERE keys_usable = 0 AND keys_cooling + keys_disabled > 0) AS without_usable,
+           count(*) FILTER (WHERE overcommit > 1) AS overcommitted,
+           sum(daily_capacity / min_share) FILTER (WHERE min_share > 0) AS daily_users
+      FROM @extschema@.keypool_pool_stats
+), capacity AS (
+    SELECT CASE WHEN bool_and(rpd IS NOT NULL OR rpm IS NOT NULL)
+                THEN sum(coalesce(least(rpd::bigint, rpm::bigint * 1440), rpd, rpm::bigint * 1440)) END AS requests_per_day,
+           CASE WHEN bool_and(rpm IS NOT NULL) THEN sum(rpm) END AS requests_per_minute
+      FROM @extschema@.keypool_scopes
+     WHERE scope_id IN (SELECT scope_id FROM @extschema@.keypool_keys WHERE state = 'active')
+), alerts AS (
+    SELECT count(*) FILTER (WHERE kind = 'scope_near_limit') AS near_limit FROM @extschema@.keypool_alerts
+), verdict AS (
+    SELECT CASE
+               WHEN keys.total = 0 THEN 'CRITICAL'
+               WHEN keys.usable * 4 < keys.total OR pools.without_usable > 0 THEN 'CRITICAL'
+               WHEN keys.usable * 4 < keys.total * 3 OR keys.disabled > 0 OR pools.overcommitted > 0 THEN 'DEGRADED'
+               WHEN keys.cooling > 0 OR alerts.near_limit > 0 THEN 'GOOD'
+               ELSE 'EXCELLENT'
+           END AS status
+      FROM keys, pools, alerts
+)
+SELECT v.status,
+       CASE v.status
+           WHEN 'EXCELLENT' THEN format('Excellent capacity: all %s keys usable, no account near a limit', keys.total)
+           WHEN 'GOOD' THEN format('Good: %s of %s keys usable; %s cooling, %s accounts near a limit',
+                                   keys.usable, keys.total, keys.cooling, alerts.near_limit)
+           WHEN 'DEGRADED' THEN format('Degraded: %s of %s keys usable, %s disabled, %s pools overcommitted',
+                                       keys.usable, keys.total, keys.disabled, pools.overcommitted)
+           ELSE CASE WHEN keys.total = 0 THEN 'Critical: no keys'
+                     ELSE format('Critical: %s of %s keys usable; %s pools without a usable key',
+                                 keys.usable, keys.total, pools.without_usable) END
+       END AS message,
+       v.status IN ('EXCELLENT', 'GOOD') AS healthy,
+       keys.total AS keys_total, keys.usable AS keys_usable, keys.cooling AS keys_cooling, keys.disabled AS keys_disabled,
+       capacity.requests_per_day,
+       pools.daily_users::bigint AS daily_users,
+       floor(capacity.requests_per_minute
+             / coalesce(nullif(current_setting('pg_keypool.concurrent_user_rpm', true), '')::float8, 0.5))::bigint
+           AS concurrent_users
+  FROM verdict v, keys, pools, capacity, alerts;
+$fn$;
+
+-- Comments (\df+).
+COMMENT ON FUNCTION keypool_grant(text, regrole, text) IS
+    'Grants a role use, read or admin on a pool (* = every pool, present and future); needs admin on it';
+COMMENT ON FUNCTION keypool_revoke(text, regrole, text) IS
+    'Takes back a privilege keypool_grant gave; needs admin on the pool (* = every pool)';
+COMMENT ON FUNCTION keypool_rotate_master_key() IS
+    'Adds a master key to the keyring and reseals every secret of this database with it; returns its number';
+COMMENT ON FUNCTION keypool.allowed(bigint, text) IS
+    'Internal: whether the calling role holds a privilege on a pool (NULL: on every pool), for the views';
+COMMENT ON FUNCTION keypool.scope_readable(bigint) IS
+    'Internal: whether the calling role may read an account (it serves a pool the role may read), for the views';
+COMMENT ON FUNCTION keypool.acts_for(oid) IS
+    'Internal: whether the calling role has the privileges of a role, for the views';
+COMMENT ON FUNCTION keypool_submit(text, text, jsonb, interval, integer) IS
+    'Enqueues a chat request (OpenAI shape) for the workers; returns its id';
+COMMENT ON FUNCTION keypool_result(bigint) IS
+    'Status (queued, running, done, failed), response and error of a request this role submitted';
+COMMENT ON FUNCTION keypool_claim_requests(text, integer, interval) IS
+    'For workers: claims due requests of the pools this role may use, under a lease (FOR UPDATE SKIP LOCKED)';
+COMMENT ON FUNCTION keypool_complete_request(bigint, text, text, jsonb, text, timestamptz) IS
+    'For workers: records how a request this role claimed ended (done, failed, retry, wait)';
+COMMENT ON FUNCTION keypool_queue_wake_at() IS
+    'For workers: when the next request of the pools this role may use falls due or the next lease runs out';
+COMMENT ON FUNCTION keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint) IS
+    'For workers: records a heartbeat';
+COMMENT ON FUNCTION keypool_worker_stopped(text) IS 'For workers: records a clean stop';
+COMMENT ON FUNCTION keypool_models() IS 'Every pool this role may use or read and the models its keys serve (no secrets)';
+COMMENT ON FUNCTION keypool_key_credentials(bigint) IS
+    'For the worker''s validate: provider, model, base URL and secret of a key; needs admin on its pool';
+COMMENT ON FUNCTION keypool_set_price(text, text, numeric, numeric, numeric) IS
+    'Sets the price of a provider''s model (NULL model: every model) per million input and output tokens and per request';
+COMMENT ON FUNCTION keypool_usage_report(date, date) IS
+    'Per key per day of the pools this role may read: requests, prompt and completion tokens, errors, estimated cost';
+COMMENT ON FUNCTION keypool_enable_keys(text) IS
+    'Re-enables the keys and accounts that provider answers disabled (not those an operator disabled) in a pool, or every pool this role administers; returns how many';
+COMMENT ON FUNCTION keypool_check_alerts() IS
+    'Records alerts raised and cleared since the last check as events (NOTIFY keypool_events); returns how many were raised';
+COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of the scopes this role may read (for keypool_scopes)';
+COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of the keys this role may read (for keypool_keys)';
+COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory member table (for keypool_member_memory)';
+COMMENT ON FUNCTION keypool.enqueue(regrole, text, text, jsonb, interval, integer) IS
+    'Internal: enqueues a request for keypool_submit';
+COMMENT ON FUNCTION keypool.claim_requests(regrole, text[], text, integer, interval) IS
+    'Internal: claims due requests of the given pools for keypool_claim_requests';
+COMMENT ON FUNCTION keypool.complete_request(regrole, bigint, text, text, jsonb, text, timestamptz) IS
+    'Internal: records how a claimed request ended for keypool_complete_request';
+COMMENT ON FUNCTION keypool.queue_wake_at(text[]) IS 'Internal: when the given pools'' queue next needs a worker';
+COMMENT ON FUNCTION keypool.usage_report(bigint[], date, date) IS 'Internal: keypool_usage_report for the pools given';
+COMMENT ON FUNCTION keypool.check_alerts() IS 'Internal: keypool_check_alerts, as the extension''s owner';
+COMMENT ON FUNCTION keypool.maintain() IS
+    'Internal: background upkeep (alerts, event retention, finished queue requests)';
+COMMENT ON FUNCTION keypool.notify_event() IS 'Internal: announces every event''s id on channel keypool_events';
+
+-- Privileges: the new functions and views are closed like the rest; the filters the views use
+-- answer only about the calling role.
+REVOKE ALL ON FUNCTION
+    keypool_grant(text, regrole, text),
+    keypool_revoke(text, regrole, text),
+    keypool_rotate_master_key(),
+    keypool.member_memory(),
+    keypool.enqueue(regrole, text, text, jsonb, interval, integer),
+    keypool.claim_requests(regrole, text[], text, integer, interval),
+    keypool.complete_request(regrole, bigint, text, text, jsonb, text, timestamptz),
+    keypool.queue_wake_at(text[]),
+    keypool.usage_report(bigint[], date, date),
+    keypool.check_alerts()
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
+REVOKE ALL ON keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory FROM PUBLIC;
