@@ -12,12 +12,14 @@ SELECT pg_describe_object(d.classid, d.objid, 0) AS missing_comment
          AND (SELECT relkind FROM pg_class WHERE oid = d.objid) = 'v'
          AND obj_description(d.objid, 'pg_class') IS NULL));
 
--- Nothing is open to PUBLIC: neither functions, nor views, nor the tables holding secrets.
-SELECT count(*) AS functions_open_to_public
+-- Nothing is open to PUBLIC: neither functions, nor views, nor the tables holding secrets; only
+-- the three filters the views apply, which answer about the calling role alone.
+SELECT d.objid::regprocedure AS function_open_to_public
   FROM pg_depend d
  WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_keypool')
    AND d.classid = 'pg_proc'::regclass AND d.deptype = 'e'
-   AND has_function_privilege('public', d.objid, 'EXECUTE');
+   AND has_function_privilege('public', d.objid, 'EXECUTE')
+ ORDER BY 1::text;
 SELECT count(*) AS relations_open_to_public
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE (n.nspname = 'keypool' OR c.relname LIKE 'keypool%')
