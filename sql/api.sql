@@ -298,10 +298,11 @@ COMMENT ON VIEW keypool_grants IS
 
 -- The master keys this database's secrets are sealed with (administrators of every pool).
 CREATE VIEW keypool_master_keys WITH (security_barrier) AS
-SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerprint, m.created_at,
+SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerprint, min(m.created_at) AS created_at,
        (SELECT count(*) FROM keypool.key k WHERE k.sealed_with = m.key_no) AS secrets
   FROM keypool.master_key m
- WHERE keypool.allowed(NULL, 'admin');
+ WHERE keypool.allowed(NULL, 'admin')
+ GROUP BY m.key_no, m.fingerprint;
 COMMENT ON VIEW keypool_master_keys IS
     'Master keys of the keyring this database recorded: number, fingerprint (first 8 bytes), how many secrets each seals';
 

@@ -59,8 +59,10 @@ CREATE UNIQUE INDEX scope_account_model ON keypool.scope (provider, account, (co
 
 -- The master keys of the keyring (pg_keypool.master_key_file) this database sealed secrets
 -- with: their fingerprints, so that a missing or different keyring is refused, never replaced.
+-- No unique constraint: two transactions sealing a database's first secrets at once each record
+-- the key (the same row twice) instead of one waiting for the other.
 CREATE TABLE keypool.master_key (
-    key_no      integer PRIMARY KEY CHECK (key_no > 0),
+    key_no      integer NOT NULL CHECK (key_no > 0),
     fingerprint bytea NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
@@ -88,7 +90,7 @@ CREATE TABLE keypool.key (
     -- The secret, sealed; the master key it is sealed with; its keyed digest (HMAC-SHA256 under
     -- the newest master key), which finds a secret already in the pool.
     secret_sealed   bytea NOT NULL,
-    sealed_with     integer NOT NULL REFERENCES keypool.master_key (key_no),
+    sealed_with     integer NOT NULL,
     secret_hmac     bytea NOT NULL,
     UNIQUE (pool_id, secret_hmac),
     UNIQUE (pool_id, group_no)

@@ -14,7 +14,7 @@
 
 -- Master keys and grants.
 CREATE TABLE keypool.master_key (
-    key_no      integer PRIMARY KEY CHECK (key_no > 0),
+    key_no      integer NOT NULL CHECK (key_no > 0),
     fingerprint bytea NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
@@ -46,7 +46,7 @@ SELECT pg_catalog.pg_extension_config_dump('keypool.pool_grant', '');
 -- digests; then the plaintext and its plain hash go.
 ALTER TABLE keypool.key
     ADD COLUMN secret_sealed bytea,
-    ADD COLUMN sealed_with integer REFERENCES keypool.master_key (key_no),
+    ADD COLUMN sealed_with integer,
     ADD COLUMN secret_hmac bytea;
 CREATE FUNCTION keypool.seal_plaintext_secrets() RETURNS bigint
 LANGUAGE c AS 'MODULE_PATHNAME', 'keypool_seal_plaintext_secrets_wrapper';
@@ -670,10 +670,11 @@ COMMENT ON VIEW keypool_grants IS
     'Privileges on pools (use, read, admin; pool * = every pool): those of the pools this role administers, and its own';
 
 CREATE VIEW keypool_master_keys WITH (security_barrier) AS
-SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerprint, m.created_at,
+SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerprint, min(m.created_at) AS created_at,
        (SELECT count(*) FROM keypool.key k WHERE k.sealed_with = m.key_no) AS secrets
   FROM keypool.master_key m
- WHERE keypool.allowed(NULL, 'admin');
+ WHERE keypool.allowed(NULL, 'admin')
+ GROUP BY m.key_no, m.fingerprint;
 COMMENT ON VIEW keypool_master_keys IS
     'Master keys of the keyring this database recorded: number, fingerprint (first 8 bytes), how many secrets each seals';
 

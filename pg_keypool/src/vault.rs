@@ -51,14 +51,15 @@ fn setting_hint() -> String {
 
 /// Master key `number`, checked against the fingerprint this database recorded for it.
 pub fn verified(recorded: &Recorded, number: u32) -> MasterKey {
-    let Some((_, fingerprint)) = recorded.iter().find(|(n, _)| *n == number) else {
+    let fingerprints: Vec<&Vec<u8>> = recorded.iter().filter(|(n, _)| *n == number).map(|(_, f)| f).collect();
+    if fingerprints.is_empty() {
         errors::error(
             Code::ERRCODE_DATA_CORRUPTED,
             format!("a secret is sealed with master key {number}, which this database never recorded"),
         )
         .hint("keypool.master_key and keypool.key do not belong together; restore them from the same dump.")
-        .raise()
-    };
+        .raise();
+    }
     let key = match keyring::key(number) {
         Ok(k) => k,
         Err(Missing::File(path)) => errors::error(
@@ -86,7 +87,7 @@ pub fn verified(recorded: &Recorded, number: u32) -> MasterKey {
         .hint(setting_hint())
         .raise(),
     };
-    if key.fingerprint().as_slice() != fingerprint.as_slice() {
+    if !fingerprints.iter().any(|f| f.as_slice() == key.fingerprint().as_slice()) {
         errors::error(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
@@ -132,6 +133,25 @@ pub fn sealing_key(client: &mut pgrx::spi::SpiClient<'_>) -> MasterKey {
     if let Some(&(newest, _)) = rec.last() {
         return verified(&rec, newest);
     }
+    // Nothing recorded: only right while nothing is sealed either.
+    let sealed = errors::spi(client.select(
+        "SELECT EXISTS (SELECT 1 FROM keypool.key WHERE secret_sealed IS NOT NULL)",
+        None,
+        &[],
+    ))
+    .first()
+    .get_one::<bool>()
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if sealed {
+        errors::error(
+            Code::ERRCODE_DATA_CORRUPTED,
+            "this database has sealed secrets but records no master key",
+        )
+        .hint("keypool.master_key and keypool.key do not belong together; restore them from the same dump.")
+        .raise();
+    }
     let key = keyring::newest_or_first();
     record(client, &key);
     let rec = recorded(client, true);
@@ -140,7 +160,7 @@ pub fn sealing_key(client: &mut pgrx::spi::SpiClient<'_>) -> MasterKey {
 
 fn record(client: &mut pgrx::spi::SpiClient<'_>, key: &MasterKey) {
     errors::spi(client.update(
-        "INSERT INTO keypool.master_key (key_no, fingerprint) VALUES ($1, $2) ON CONFLICT (key_no) DO NOTHING",
+        "INSERT INTO keypool.master_key (key_no, fingerprint) VALUES ($1, $2)",
         None,
         &[(key.number as i32).into(), key.fingerprint().to_vec().into()],
     ));
@@ -215,12 +235,18 @@ fn keypool_rotate_master_key() -> i32 {
             None,
             &[ids.into(), sealed.into(), digests.into(), (new.number as i32).into()],
         ));
-        // Keys none of this database's secrets need any more: forgotten here, kept in the file.
+        // Keys none of this database's secrets need any more are forgotten here (the file keeps
+        // them), and so are fingerprints that no longer match the keyring.
         errors::spi(client.update(
             "DELETE FROM keypool.master_key m
               WHERE m.key_no <> $1 AND NOT EXISTS (SELECT 1 FROM keypool.key k WHERE k.sealed_with = m.key_no)",
             None,
             &[(new.number as i32).into()],
+        ));
+        errors::spi(client.update(
+            "DELETE FROM keypool.master_key m WHERE m.key_no = $1 AND m.fingerprint <> $2",
+            None,
+            &[(new.number as i32).into(), new.fingerprint().to_vec().into()],
         ));
         errors::spi(client.update(
             "INSERT INTO keypool.event (at, kind, reason) VALUES ($1, 'master_key_rotated', $2)",

@@ -374,7 +374,7 @@ async fn secrets_stay_out_of_errors_and_the_server_log() {
         .unwrap()
         .get(0);
     assert!(
-        !reason.contains("TOPSECRET") && reason.contains("sk-p…0042"),
+        !reason.contains("TOPSECRET") && reason.contains("sk-proj-…0042"),
         "{reason}"
     );
     for view in ["keypool_keys", "keypool_scopes", "keypool_events", "keypool_usage"] {
@@ -426,7 +426,7 @@ async fn usage_reaches_the_hourly_history_in_the_background() {
 }
 
 #[tokio::test]
-async fn roles_granted_only_execute_can_reserve_but_never_read_the_secrets() {
+async fn roles_with_readme_grants_can_reserve_but_never_read_the_secrets() {
     let cluster = shared();
     let db = cluster.fresh_db().await;
     let suffix = &db.name;
@@ -445,7 +445,9 @@ async fn roles_granted_only_execute_can_reserve_but_never_read_the_secrets() {
                              keypool_prices TO ops_{suffix};
              GRANT EXECUTE ON FUNCTION keypool.scope_state(), keypool.key_state(), keypool.pool_state(), keypool.health(),
                                        keypool_now(), keypool_usage_report(date, date) TO ops_{suffix};
-             GRANT USAGE ON SCHEMA keypool TO ops_{suffix};"
+             GRANT USAGE ON SCHEMA keypool TO ops_{suffix};
+             SELECT keypool_grant('roles', 'app_{suffix}', 'use');
+             SELECT keypool_grant('roles', 'ops_{suffix}', 'read');"
         ),
     )
     .await;
@@ -468,7 +470,7 @@ async fn roles_granted_only_execute_can_reserve_but_never_read_the_secrets() {
         .get(0);
     assert_eq!(outcome, "success");
     for sql in [
-        "SELECT secret FROM keypool.key",
+        "SELECT secret_sealed FROM keypool.key",
         "SELECT * FROM keypool_keys",
         "SELECT keypool_add_key('roles', 'openai', 'sk-smuggled-000000001')",
         "SELECT keypool_disable_key(1, 'x')",
@@ -515,7 +517,7 @@ async fn roles_granted_only_execute_can_reserve_but_never_read_the_secrets() {
         .get(0);
     assert_eq!(status, "EXCELLENT");
     let err = ops
-        .query("SELECT secret FROM keypool.key", &[])
+        .query("SELECT secret_sealed FROM keypool.key", &[])
         .await
         .expect_err("ops reads secrets");
     assert_eq!(err.code().map(|c| c.code()), Some("42501"));

@@ -257,8 +257,7 @@ async fn database_figures(db: &Db) -> Result<String, crate::db::DbError> {
     );
     for r in client
         .query(
-            "SELECT pool, status, count(*) FROM keypool_requests WHERE status IN ('queued', 'running')
-              GROUP BY 1, 2 ORDER BY 1, 2",
+            "SELECT pool, status, requests FROM keypool_queue_depth ORDER BY 1, 2",
             &[],
         )
         .await?

@@ -609,9 +609,12 @@ async fn the_admin_api_runs_with_only_the_documented_grants() {
                  keypool_worker_stopped(text)
                TO {worker};
              GRANT {ops} TO {worker};
-             GRANT SELECT ON keypool_requests, keypool_workers TO {worker};
+             GRANT SELECT ON keypool_requests, keypool_workers, keypool_queue_depth TO {worker};
              GRANT EXECUTE ON FUNCTION keypool_allocation(text, text), keypool_can_request(text, text),
-                 keypool_disable_key(bigint, text), keypool_enable_key(bigint), keypool_reset_usage(text) TO {worker};"
+                 keypool_disable_key(bigint, text), keypool_enable_key(bigint), keypool_reset_usage(text) TO {worker};
+             SELECT keypool_grant('chat', '{worker}', 'use');
+             SELECT keypool_grant('chat', '{worker}', 'read');
+             SELECT keypool_grant('chat', '{worker}', 'admin');"
         ),
     )
     .await;

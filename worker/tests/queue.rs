@@ -379,7 +379,9 @@ async fn a_worker_runs_with_only_the_documented_grants() {
                  keypool_worker_stopped(text)
                TO {worker_role};
              GRANT EXECUTE ON FUNCTION keypool_submit(text, text, jsonb, interval, integer), keypool_result(bigint)
-               TO {app_role};",
+               TO {app_role};
+             SELECT keypool_grant('chat', '{worker_role}', 'use');
+             SELECT keypool_grant('chat', '{app_role}', 'use');",
             u = mock.url
         ),
     )
