@@ -146,6 +146,47 @@ impl Cluster {
         ]);
     }
 
+    /// Starts the server again after [`Cluster::stop`].
+    pub fn start_again(&self) {
+        self.pg_ctl(&["start", "-w", "-t", "60", "-l", path(&self.dir.join("log"))]);
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// `pg_dump` of database `db` (plain SQL), as the postgres user.
+    pub fn pg_dump(&self, db: &str) -> String {
+        let out = as_postgres(
+            &format!("{PG_BIN}/pg_dump"),
+            &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", db],
+        );
+        let dump = String::from_utf8_lossy(&out.stdout).into_owned();
+        check("pg_dump", out);
+        dump
+    }
+
+    /// Runs `sql` (a script such as a dump) with psql in database `db`, stopping at the first
+    /// error.
+    pub fn psql_script(&self, db: &str, sql: &str) {
+        let file = self.dir.join(format!("script-{}.sql", std::process::id()));
+        std::fs::write(&file, sql).expect("write the script");
+        check(
+            "chown",
+            Command::new("chown").args(["postgres:postgres"]).arg(&file).output().expect("chown"),
+        );
+        let out = as_postgres(
+            &format!("{PG_BIN}/psql"),
+            &[
+                "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres",
+                "-d", db, "-f", path(&file),
+            ],
+        );
+        let _ = std::fs::remove_file(&file);
+        check("psql", out);
+    }
+
     pub fn stop(&self) {
         if self.dir.join("data").join("postmaster.pid").exists() {
             let data = self.dir.join("data");

@@ -236,13 +236,25 @@ async fn the_worker_warns_about_a_version_mismatch_and_refuses_a_database_withou
         "UPDATE pg_extension SET extversion = '0.0.1' WHERE extname = 'pg_keypool'",
     )
     .await;
-    let mut w = Worker::start(&conninfo(&db), "old-db", &["--no-queue"]).await;
-    let log = w.log();
+    // The worker says which versions differ; the extension's library itself refuses to work
+    // with SQL objects of another version, and says what to run.
+    let dir = temp_dir("olddb");
+    let url = conninfo(&db);
+    let out = run(
+        &["serve", "--insecure-no-auth", "--no-queue", "--listen", "127.0.0.1:0"],
+        &[("KEYPOOL_DATABASE_URL", url.as_str())],
+        &dir,
+    );
+    let log = text(&out);
     assert!(
-        log.contains("the database has pg_keypool 0.0.1 but this worker was built for 0.1.0"),
+        log.contains("the database has pg_keypool 0.0.1 but this worker was built for 0.2.0"),
         "{log}"
     );
-    assert!(w.terminate(Duration::from_secs(20)).await.success());
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("SQL objects in this database are version 0.0.1") && log.contains("ALTER EXTENSION pg_keypool UPDATE"),
+        "{log}"
+    );
 
     let admin = db.cluster.connect("postgres").await;
     admin

@@ -65,7 +65,7 @@ fn header(r: &reqwest::Response, name: &str) -> Option<String> {
 async fn a_429_fails_over_to_another_key_and_the_client_sees_no_error() {
     let db = shared().fresh_db().await;
     let mock = Mock::start(&[]);
-    let (first, second) = ("sk-first-key-000000000", "sk-second-key-00000000");
+    let (first, second) = ("sk-first-key-000001113", "sk-second-key-00001169");
     exec(
         &db,
         &format!(
@@ -100,7 +100,7 @@ async fn a_429_fails_over_to_another_key_and_the_client_sees_no_error() {
 
     // The log names the keys by label, never by secret.
     let log = w.log();
-    assert!(log.contains("key=sk-f…0000") && log.contains("rate_limited"), "{log}");
+    assert!(log.contains("key=sk-…1113") && log.contains("rate_limited"), "{log}");
     assert!(!log.contains(first) && !log.contains(second));
 }
 
@@ -108,9 +108,9 @@ async fn a_429_fails_over_to_another_key_and_the_client_sees_no_error() {
 async fn keys_the_provider_rejects_are_disabled_and_the_request_still_succeeds() {
     let db = shared().fresh_db().await;
     let mock = Mock::start(&[]);
-    let bad_openai = "sk-invalid-openai-000000";
-    let bad_gemini = "AIza-invalid-gemini-0000";
-    let good = "sk-good-key-00000000000";
+    let bad_openai = "sk-invalid-openai-001134";
+    let bad_gemini = "AIza-invalid-gemini-1001";
+    let good = "sk-good-key-00000001120";
     exec(
         &db,
         &format!(
@@ -150,13 +150,13 @@ async fn streams_pass_through_and_settle_the_real_usage() {
         &db,
         &format!(
             "SELECT keypool_create_pool('oa');
-             SELECT keypool_add_key('oa', 'openai', 'sk-stream-openai-0000000', 'gpt-4o-mini', base_url => '{u}/v1');
+             SELECT keypool_add_key('oa', 'openai', 'sk-stream-openai-0001183', 'gpt-4o-mini', base_url => '{u}/v1');
              SELECT keypool_create_pool('gem');
-             SELECT keypool_add_key('gem', 'gemini', 'AIza-stream-gemini-00000', 'gemini-2.5-flash', base_url => '{u}');
+             SELECT keypool_add_key('gem', 'gemini', 'AIza-stream-gemini-01022', 'gemini-2.5-flash', base_url => '{u}');
              SELECT keypool_create_pool('gemcompat');
-             SELECT keypool_add_key('gemcompat', 'gemini', 'AIza-stream-compat-00000', 'gemini-2.5-flash', base_url => '{u}/v1beta/openai');
+             SELECT keypool_add_key('gemcompat', 'gemini', 'AIza-stream-compat-01015', 'gemini-2.5-flash', base_url => '{u}/v1beta/openai');
              SELECT keypool_create_pool('ant');
-             SELECT keypool_add_key('ant', 'anthropic', 'sk-ant-stream-000000000', 'claude-sonnet-4-5', base_url => '{u}');",
+             SELECT keypool_add_key('ant', 'anthropic', 'sk-ant-stream-000001057', 'claude-sonnet-4-5', base_url => '{u}');",
             u = mock.url
         ),
     )
@@ -227,9 +227,9 @@ async fn non_streamed_answers_are_translated_and_settled() {
         &db,
         &format!(
             "SELECT keypool_create_pool('gem');
-             SELECT keypool_add_key('gem', 'gemini', 'AIza-plain-gemini-00000', 'gemini-2.5-flash', base_url => '{u}');
+             SELECT keypool_add_key('gem', 'gemini', 'AIza-plain-gemini-01008', 'gemini-2.5-flash', base_url => '{u}');
              SELECT keypool_create_pool('ant');
-             SELECT keypool_add_key('ant', 'anthropic', 'sk-ant-plain-0000000000', 'claude-sonnet-4-5', base_url => '{u}');",
+             SELECT keypool_add_key('ant', 'anthropic', 'sk-ant-plain-0000001050', 'claude-sonnet-4-5', base_url => '{u}');",
             u = mock.url
         ),
     )
@@ -268,8 +268,8 @@ async fn caller_errors_are_returned_untouched_and_never_retried() {
         &db,
         &format!(
             "SELECT keypool_create_pool('chat');
-             SELECT keypool_add_key('chat', 'openai', 'sk-caller-a-00000000000', base_url => '{u}/v1');
-             SELECT keypool_add_key('chat', 'openai', 'sk-caller-b-00000000000', base_url => '{u}/v1');",
+             SELECT keypool_add_key('chat', 'openai', 'sk-caller-a-00000001078', base_url => '{u}/v1');
+             SELECT keypool_add_key('chat', 'openai', 'sk-caller-b-00000001085', base_url => '{u}/v1');",
             u = mock.url
         ),
     )
@@ -293,13 +293,13 @@ async fn caller_errors_are_returned_untouched_and_never_retried() {
 async fn a_provider_that_does_not_answer_times_out_and_another_key_serves() {
     let db = shared().fresh_db().await;
     let mock = Mock::start(&[]);
-    let hanging = "sk-hang-forever-0000000";
+    let hanging = "sk-hang-forever-0001127";
     exec(
         &db,
         &format!(
             "SELECT keypool_create_pool('chat');
              SELECT keypool_add_key('chat', 'openai', '{hanging}', base_url => '{u}/v1');
-             SELECT keypool_add_key('chat', 'openai', 'sk-answers-0000000000', base_url => '{u}/v1');",
+             SELECT keypool_add_key('chat', 'openai', 'sk-answers-0000001043', base_url => '{u}/v1');",
             u = mock.url
         ),
     )
@@ -328,10 +328,10 @@ async fn refusals_become_429_with_retry_after_and_allocation_headers() {
         &db,
         &format!(
             "SELECT keypool_create_pool('tight');
-             SELECT keypool_add_key('tight', 'openai', 'sk-tight-00000000000000', rpd => 10, base_url => '{u}/v1');
+             SELECT keypool_add_key('tight', 'openai', 'sk-tight-00000000001197', rpd => 10, base_url => '{u}/v1');
              SELECT keypool_assign('user-' || i, 'tight') FROM generate_series(1, 5) i;
              SELECT keypool_create_pool('slow');
-             SELECT keypool_add_key('slow', 'openai', 'sk-slow-000000000000000', rpm => 1, base_url => '{u}/v1');
+             SELECT keypool_add_key('slow', 'openai', 'sk-slow-000000000001176', rpm => 1, base_url => '{u}/v1');
              SELECT keypool_create_pool('empty');",
             u = mock.url
         ),
@@ -390,7 +390,7 @@ async fn a_short_capacity_wait_turns_a_busy_pool_into_a_slower_answer() {
         &db,
         &format!(
             "SELECT keypool_create_pool('burst');
-             SELECT keypool_add_key('burst', 'openai', 'sk-burst-a-000000000000', base_url => '{u}/v1');",
+             SELECT keypool_add_key('burst', 'openai', 'sk-burst-a-000000001071', base_url => '{u}/v1');",
             u = mock.url
         ),
     )
@@ -413,11 +413,11 @@ async fn pools_are_found_by_name_model_or_header_and_listed() {
         &db,
         &format!(
             "SELECT keypool_create_pool('chat');
-             SELECT keypool_add_key('chat', 'openai', 'sk-route-a-000000000000', 'gpt-4o-mini', base_url => '{u}/v1');
+             SELECT keypool_add_key('chat', 'openai', 'sk-route-a-000000001162', 'gpt-4o-mini', base_url => '{u}/v1');
              SELECT keypool_create_pool('grok');
-             SELECT keypool_add_key('grok', 'xai', 'xai-route-b-00000000000', 'grok-3', base_url => '{u}/v1');
+             SELECT keypool_add_key('grok', 'xai', 'xai-route-b-00000001204', 'grok-3', base_url => '{u}/v1');
              SELECT keypool_create_pool('grok2');
-             SELECT keypool_add_key('grok2', 'xai', 'xai-route-c-00000000000', 'grok-3', base_url => '{u}/v1');",
+             SELECT keypool_add_key('grok2', 'xai', 'xai-route-c-00000001211', 'grok-3', base_url => '{u}/v1');",
             u = mock.url
         ),
     )
@@ -470,7 +470,7 @@ async fn the_endpoint_needs_a_token_a_user_and_a_valid_body() {
         &db,
         &format!(
             "SELECT keypool_create_pool('chat');
-             SELECT keypool_add_key('chat', 'openai', 'sk-auth-0000000000000', base_url => '{u}/v1');",
+             SELECT keypool_add_key('chat', 'openai', 'sk-auth-0000000001064', base_url => '{u}/v1');",
             u = mock.url
         ),
     )
@@ -576,7 +576,7 @@ async fn sigterm_lets_requests_in_flight_finish() {
         &db,
         &format!(
             "SELECT keypool_create_pool('chat');
-             SELECT keypool_add_key('chat', 'openai', 'sk-term-0000000000000', base_url => '{u}/v1');",
+             SELECT keypool_add_key('chat', 'openai', 'sk-term-0000000001190', base_url => '{u}/v1');",
             u = mock.url
         ),
     )

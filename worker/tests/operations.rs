@@ -74,7 +74,7 @@ async fn metrics_count_calls_outcomes_refusals_keys_and_the_queue() {
         &db,
         &mock,
         "chat",
-        &["sk-metrics-one-000000", "sk-metrics-two-000000"],
+        &["sk-metrics-one-001141", "sk-metrics-two-001155"],
         ", min_share => 3",
     )
     .await;
@@ -90,7 +90,7 @@ async fn metrics_count_calls_outcomes_refusals_keys_and_the_queue() {
     exec(
         &db,
         &format!(
-            "SELECT keypool_add_key('small', 'openai', 'sk-metrics-small-0000', 'gpt-4o-mini', base_url => '{}/v1', rpd => 1)",
+            "SELECT keypool_add_key('small', 'openai', 'sk-metrics-small-1148', 'gpt-4o-mini', base_url => '{}/v1', rpd => 1)",
             mock.url
         ),
     )
@@ -176,7 +176,7 @@ async fn metrics_count_calls_outcomes_refusals_keys_and_the_queue() {
         Some(1.0)
     );
     // No secret and no user id reaches the metrics.
-    for secret in ["sk-metrics-one-000000", "sk-metrics-two-000000", "user-1"] {
+    for secret in ["sk-metrics-one-001141", "sk-metrics-two-001155", "user-1"] {
         assert!(!text.contains(secret), "{secret} in /metrics");
     }
 }
@@ -251,7 +251,7 @@ async fn the_admin_api_reports_what_the_database_holds_and_acts() {
         &db,
         &mock,
         "chat",
-        &["sk-admin-one-0000000", "sk-admin-two-0000000"],
+        &["sk-admin-one-0001029", "sk-admin-two-0001036"],
         ", min_share => 10",
     )
     .await;
@@ -276,7 +276,7 @@ async fn the_admin_api_reports_what_the_database_holds_and_acts() {
     assert!(v["recent_events"]
         .as_array()
         .is_some_and(|e| e.iter().any(|e| e["kind"] == "key_added")));
-    for secret in ["sk-admin-one-0000000", "sk-admin-two-0000000"] {
+    for secret in ["sk-admin-one-0001029", "sk-admin-two-0001036"] {
         assert!(!body.contains(secret));
     }
 
@@ -398,7 +398,7 @@ async fn the_dashboard_shows_the_databases_figures_in_chromium_and_its_buttons_a
         &db,
         &mock,
         "chat",
-        &["sk-dash-one-00000000", "sk-dash-two-00000000", "sk-dash-three-000000"],
+        &["sk-dash-one-00001092", "sk-dash-two-00001106", "sk-dash-three-001099"],
         ", min_share => 20",
     )
     .await;
@@ -576,7 +576,7 @@ async fn the_dashboard_shows_the_databases_figures_in_chromium_and_its_buttons_a
         .await;
     // No secret anywhere in the page.
     let html = browser.eval("document.documentElement.outerHTML").await;
-    for secret in ["sk-dash-one-00000000", "sk-dash-two-00000000", "sk-dash-three-000000"] {
+    for secret in ["sk-dash-one-00001092", "sk-dash-two-00001106", "sk-dash-three-001099"] {
         assert!(!html.as_str().unwrap().contains(secret));
     }
 }

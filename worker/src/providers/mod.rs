@@ -314,7 +314,7 @@ mod tests {
         let e = read_error(&k, 401, &HeaderMap::new(), body);
         assert_eq!(e.code.as_deref(), Some("invalid_api_key"));
         assert!(!e.message.contains(&k.secret), "{}", e.message);
-        assert!(e.message.contains("sk-p…9xQa"));
+        assert!(e.message.contains("sk-proj-…9xQa"));
         let plain = read_error(&k, 502, &HeaderMap::new(), b"<html>bad gateway</html>");
         assert_eq!(plain.code, None);
         assert_eq!(plain.message, "<html>bad gateway</html>");

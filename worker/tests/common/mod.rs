@@ -81,7 +81,7 @@ impl Mock {
 
     /// Requests the mock received with this secret.
     pub async fn calls_with(&self, secret: &str) -> u64 {
-        self.stats().await["by_key"][keypool_worker::secret::mask(secret)]
+        self.stats().await["by_key"][keypool_mask::mask(secret)]
             .as_u64()
             .unwrap_or(0)
     }
