@@ -82,6 +82,13 @@ install_extension() {
     local args=(--pg-config "$PG_CONFIG")
     [[ "$profile" == release ]] && args+=(--release)
     (cd "$REPO/pg_keypool" && cargo pgrx install "${args[@]}" >/dev/null)
+    # cargo pgrx installs the current install script and the upgrade scripts; the frozen install
+    # scripts of earlier releases are for CREATE EXTENSION ... VERSION (the upgrade tests).
+    local f
+    for f in "$REPO"/pg_keypool/sql/pg_keypool--*.sql; do
+        [[ "$(basename "$f")" == *--*--* ]] && continue
+        install -m 644 "$f" "$("$PG_CONFIG" --sharedir)/extension/"
+    done
 }
 
 # --- private clusters ---------------------------------------------------------------------------

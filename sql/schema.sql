@@ -18,10 +18,14 @@ CREATE TABLE keypool.instance (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Row ids of the tables pg_dump keeps come from sequences pg_dump keeps too (registered at the
+-- end), so that a restored database goes on numbering where the dumped one stopped.
+
 -- A named set of keys serving one function (chat, artifact, image ...), and how its daily
 -- capacity is shared among its users.
+CREATE SEQUENCE keypool.pool_id_seq;
 CREATE TABLE keypool.pool (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          bigint PRIMARY KEY DEFAULT nextval('keypool.pool_id_seq'),
     name        text NOT NULL UNIQUE CHECK (name <> ''),
     description text,
     -- A user's daily share never goes below this many requests.
@@ -34,12 +38,14 @@ CREATE TABLE keypool.pool (
     timezone    text,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+ALTER SEQUENCE keypool.pool_id_seq OWNED BY keypool.pool.id;
 
 -- A quota scope: a provider account (project, organization) for one model. Limits belong here,
 -- not to keys: keys that share an account share its limits. A key added without an account
 -- gets a scope of its own (account IS NULL).
+CREATE SEQUENCE keypool.scope_id_seq;
 CREATE TABLE keypool.scope (
-    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id              bigint PRIMARY KEY DEFAULT nextval('keypool.scope_id_seq'),
     provider        text NOT NULL,
     account         text,
     model           text,
@@ -54,6 +60,7 @@ CREATE TABLE keypool.scope (
     disabled_by     text CHECK (disabled_by IN ('provider', 'operator')),
     created_at      timestamptz NOT NULL DEFAULT now()
 );
+ALTER SEQUENCE keypool.scope_id_seq OWNED BY keypool.scope.id;
 CREATE UNIQUE INDEX scope_account_model ON keypool.scope (provider, account, (coalesce(model, '')))
     WHERE account IS NOT NULL;
 
@@ -70,8 +77,9 @@ CREATE TABLE keypool.master_key (
 -- A provider key. The secret is stored sealed (XChaCha20-Poly1305 under a master key, with the
 -- key's id as associated data) and only ever returned in plaintext by keypool_reserve (and, to
 -- a pool's administrators, keypool_key_credentials); everything else shows the masked label.
+CREATE SEQUENCE keypool.key_id_seq;
 CREATE TABLE keypool.key (
-    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id              bigint PRIMARY KEY DEFAULT nextval('keypool.key_id_seq'),
     pool_id         bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
     scope_id        bigint NOT NULL REFERENCES keypool.scope (id),
     provider        text NOT NULL,
@@ -95,6 +103,7 @@ CREATE TABLE keypool.key (
     UNIQUE (pool_id, secret_hmac),
     UNIQUE (pool_id, group_no)
 );
+ALTER SEQUENCE keypool.key_id_seq OWNED BY keypool.key.id;
 CREATE INDEX key_scope ON keypool.key (scope_id);
 
 -- A user of a pool: assigned to a key (least loaded at assignment), with a weight for its
@@ -132,8 +141,9 @@ CREATE TABLE keypool.usage_hourly (
 );
 
 -- What changed and why: keys added, disabled, enabled; scopes disabled for billing.
+CREATE SEQUENCE keypool.event_id_seq;
 CREATE TABLE keypool.event (
-    id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id       bigint PRIMARY KEY DEFAULT nextval('keypool.event_id_seq'),
     at       timestamptz NOT NULL,
     kind     text NOT NULL,
     pool_id  bigint,
@@ -141,6 +151,7 @@ CREATE TABLE keypool.event (
     scope_id bigint,
     reason   text
 );
+ALTER SEQUENCE keypool.event_id_seq OWNED BY keypool.event.id;
 CREATE INDEX event_at ON keypool.event (at);
 
 -- Who may use, read or administer which pool (keypool_grant); pool_id NULL: every pool ('*').
@@ -176,6 +187,10 @@ CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ke
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 
 -- pg_dump keeps the configuration and history (secrets sealed: a restore needs the keyring).
+SELECT pg_catalog.pg_extension_config_dump('keypool.pool_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.scope_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.key_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.event_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.master_key', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool', '');

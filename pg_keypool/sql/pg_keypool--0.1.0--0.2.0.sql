@@ -12,6 +12,25 @@
 -- After the update the old plaintext still lies in dead tuples of keypool.key and in WAL until
 -- they are recycled: run VACUUM FULL keypool.key and CHECKPOINT (README, "Secrets at rest").
 
+-- Row ids from sequences pg_dump keeps: identity columns lost their position in a restore.
+DO $$
+DECLARE
+    t text;
+    last bigint;
+    called boolean;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['pool', 'scope', 'key', 'event'] LOOP
+        EXECUTE format('SELECT last_value, is_called FROM keypool.%I', t || '_id_seq') INTO last, called;
+        EXECUTE format('ALTER TABLE keypool.%I ALTER COLUMN id DROP IDENTITY', t);
+        EXECUTE format('CREATE SEQUENCE keypool.%I OWNED BY keypool.%I.id', t || '_id_seq', t);
+        PERFORM pg_catalog.setval(format('keypool.%I', t || '_id_seq')::regclass, last, called);
+        EXECUTE format('ALTER TABLE keypool.%I ALTER COLUMN id SET DEFAULT nextval(%L::regclass)', t,
+                       'keypool.' || t || '_id_seq');
+        PERFORM pg_catalog.pg_extension_config_dump(format('keypool.%I', t || '_id_seq')::regclass, '');
+    END LOOP;
+END
+$$;
+
 -- Master keys and grants.
 CREATE TABLE keypool.master_key (
     key_no      integer NOT NULL CHECK (key_no > 0),

@@ -411,18 +411,13 @@ fn keypool_add_key(
             }
         }
         // The row id is the sealed secret's associated data: take it before sealing.
-        let key_id: i64 = one(
-            client,
-            "SELECT nextval(pg_get_serial_sequence('keypool.key', 'id'))",
-            &[],
-        )
-        .unwrap_or_else(|| errors::error(Code::ERRCODE_INTERNAL_ERROR, "pg_keypool: no key id").raise());
+        let key_id: i64 = one(client, "SELECT nextval('keypool.key_id_seq')", &[])
+            .unwrap_or_else(|| errors::error(Code::ERRCODE_INTERNAL_ERROR, "pg_keypool: no key id").raise());
         let sealed = vault::seal_secret(&master, key_id, secret);
         let inserted: Option<i64> = one(
             client,
             "INSERT INTO keypool.key (id, pool_id, scope_id, provider, model, base_url, secret_sealed, sealed_with,
                                       secret_hmac, label, group_no)
-             OVERRIDING SYSTEM VALUE
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
                      coalesce($11, (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $2)))
              ON CONFLICT (pool_id, secret_hmac) DO NOTHING

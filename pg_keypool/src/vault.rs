@@ -87,7 +87,10 @@ pub fn verified(recorded: &Recorded, number: u32) -> MasterKey {
         .hint(setting_hint())
         .raise(),
     };
-    if !fingerprints.iter().any(|f| f.as_slice() == key.fingerprint().as_slice()) {
+    if !fingerprints
+        .iter()
+        .any(|f| f.as_slice() == key.fingerprint().as_slice())
+    {
         errors::error(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(

@@ -54,6 +54,13 @@ SELECT line FROM (
     UNION ALL
     SELECT 'privileges ' || kind || ' ' || name || ' ' || coalesce(acl, '') FROM acl
     UNION ALL
+    SELECT 'sequence ' || c.oid::regclass::text || coalesce(' owned by ' || d.refobjid::regclass::text || '.' || a.attname, '')
+      FROM pg_catalog.pg_class c JOIN member m ON m.classid = 'pg_catalog.pg_class'::regclass AND m.objid = c.oid
+      LEFT JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
+                                     AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.deptype = 'a'
+      LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+     WHERE c.relkind = 'S'
+    UNION ALL
     SELECT 'dumped ' || cfg::regclass::text FROM ext, unnest(ext.extconfig) cfg
     UNION ALL
     SELECT 'type ' || t.oid::regtype::text FROM pg_catalog.pg_type t

@@ -160,7 +160,16 @@ impl Cluster {
     pub fn pg_dump(&self, db: &str) -> String {
         let out = as_postgres(
             &format!("{PG_BIN}/pg_dump"),
-            &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", db],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+            ],
         );
         let dump = String::from_utf8_lossy(&out.stdout).into_owned();
         check("pg_dump", out);
@@ -174,13 +183,29 @@ impl Cluster {
         std::fs::write(&file, sql).expect("write the script");
         check(
             "chown",
-            Command::new("chown").args(["postgres:postgres"]).arg(&file).output().expect("chown"),
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&file)
+                .output()
+                .expect("chown"),
         );
         let out = as_postgres(
             &format!("{PG_BIN}/psql"),
             &[
-                "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres",
-                "-d", db, "-f", path(&file),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-f",
+                path(&file),
             ],
         );
         let _ = std::fs::remove_file(&file);

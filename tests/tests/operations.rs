@@ -55,7 +55,10 @@ async fn events_and_background_alerts_are_announced_on_keypool_events() {
             .unwrap_or_else(|_| panic!("a notification that is not an event id: {payload}"));
         let row = db
             .client
-            .query_one("SELECT kind, coalesce(reason, '') FROM keypool_events WHERE id = $1", &[&id])
+            .query_one(
+                "SELECT kind, coalesce(reason, '') FROM keypool_events WHERE id = $1",
+                &[&id],
+            )
             .await
             .expect("the announced event");
         let (kind, reason): (String, String) = (row.get(0), row.get(1));

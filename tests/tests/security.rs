@@ -99,7 +99,12 @@ const PLANTED_OPERATORS: &[(&str, &str, &str)] = &[
 fn planting(schema: &str) -> String {
     let functions = PLANTED_FUNCTIONS
         .iter()
-        .map(|(name, args)| format!("('{name}', ARRAY[{}]::text[])", args.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(", ")))
+        .map(|(name, args)| {
+            format!(
+                "('{name}', ARRAY[{}]::text[])",
+                args.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(", ")
+            )
+        })
         .collect::<Vec<_>>()
         .join(",\n");
     let operators = PLANTED_OPERATORS
@@ -124,11 +129,17 @@ BEGIN
                coalesce(string_agg(format('a%s', i), ', ' ORDER BY i), '')
           INTO params, call
           FROM unnest(f.args) WITH ORDINALITY AS a(t, i);
-        EXECUTE format('SELECT pg_typeof(pg_catalog.%I(%s))', f.name,
-                       (SELECT coalesce(string_agg(format('NULL::%s', t), ', '), '') FROM unnest(f.args) t)) INTO rt;
+        SELECT p.prorettype::regtype INTO rt FROM pg_proc p
+         WHERE p.oid = to_regprocedure(format('pg_catalog.%I(%s)', f.name, array_to_string(f.args, ',')));
+        IF rt IS NULL THEN
+            EXECUTE format('SELECT pg_typeof(pg_catalog.%I(%s))', f.name,
+                           (SELECT coalesce(string_agg(format('NULL::%s', t), ', '), '') FROM unnest(f.args) t)) INTO rt;
+        END IF;
         EXECUTE format($f$CREATE FUNCTION {schema}.%I(%s) RETURNS %s LANGUAGE plpgsql AS $body$
-                         BEGIN INSERT INTO s.hits VALUES (current_user, %L); RETURN pg_catalog.%I(%s); END $body$$f$,
-                       f.name, params, rt, '{schema}.' || f.name, f.name, call);
+                         BEGIN INSERT INTO s.hits VALUES (current_user, %L); %s pg_catalog.%I(%s); %s END $body$$f$,
+                       f.name, params, rt, '{schema}.' || f.name,
+                       CASE WHEN rt = 'void'::regtype THEN 'PERFORM' ELSE 'RETURN' END, f.name, call,
+                       CASE WHEN rt = 'void'::regtype THEN 'RETURN;' ELSE '' END);
     END LOOP;
     FOR o IN SELECT * FROM (VALUES {operators}) v(op, l, r) LOOP
         n := n + 1;
@@ -240,7 +251,9 @@ async fn look_alikes_planted_by_a_caller_never_run_with_the_owners_rights() {
     let conninfo = cluster
         .conninfo(&db.name)
         .replace("user=postgres", &format!("user={attacker}"));
-    let att = keypool_tests::connect(&conninfo).await.expect("connect as the attacker");
+    let att = keypool_tests::connect(&conninfo)
+        .await
+        .expect("connect as the attacker");
     exec(
         &att,
         "CREATE TABLE s.hits (who text, what text);
@@ -294,7 +307,10 @@ async fn look_alikes_planted_by_a_caller_never_run_with_the_owners_rights() {
         if alerts > before && flushed > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "no background flush and alert check within 40 s");
+        assert!(
+            Instant::now() < deadline,
+            "no background flush and alert check within 40 s"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
@@ -309,7 +325,10 @@ async fn look_alikes_planted_by_a_caller_never_run_with_the_owners_rights() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(escalated.is_empty(), "planted objects ran with other rights: {escalated:?}");
+    assert!(
+        escalated.is_empty(),
+        "planted objects ran with other rights: {escalated:?}"
+    );
     let superuser: bool = db
         .client
         .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&attacker])
@@ -320,7 +339,10 @@ async fn look_alikes_planted_by_a_caller_never_run_with_the_owners_rights() {
     drop(att);
     exec(
         &db.client,
-        &format!("ALTER DATABASE {} RESET search_path; DROP OWNED BY {attacker}; DROP ROLE {attacker};", db.name),
+        &format!(
+            "ALTER DATABASE {} RESET search_path; DROP OWNED BY {attacker}; DROP ROLE {attacker};",
+            db.name
+        ),
     )
     .await;
 }
@@ -345,7 +367,9 @@ async fn a_role_with_use_on_one_pool_reaches_nothing_else() {
     )
     .await;
     let connect = |role: &str| {
-        let conninfo = cluster.conninfo(&db.name).replace("user=postgres", &format!("user={role}"));
+        let conninfo = cluster
+            .conninfo(&db.name)
+            .replace("user=postgres", &format!("user={role}"));
         async move { keypool_tests::connect(&conninfo).await.expect("connect") }
     };
     let a = connect(&app).await;
@@ -370,7 +394,10 @@ async fn a_role_with_use_on_one_pool_reaches_nothing_else() {
         .unwrap();
     let id: i64 = row.get(0);
     assert_eq!(row.get::<_, String>(1), "sk-pool-a-secret-0000000001");
-    for sql in ["SELECT keypool_settle($1, 429, retry_after_ms => 600000)", "SELECT keypool_release($1)"] {
+    for sql in [
+        "SELECT keypool_settle($1, 429, retry_after_ms => 600000)",
+        "SELECT keypool_release($1)",
+    ] {
         let err = o.query_one(sql, &[&id]).await.expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err:?}");
     }
@@ -392,7 +419,11 @@ async fn a_role_with_use_on_one_pool_reaches_nothing_else() {
         .get(0);
     assert_eq!(outcome, "success");
     assert_eq!(
-        one_i64(&db.client, "SELECT count(*) FROM keypool_scopes WHERE cooling_until IS NOT NULL").await,
+        one_i64(
+            &db.client,
+            "SELECT count(*) FROM keypool_scopes WHERE cooling_until IS NOT NULL"
+        )
+        .await,
         0
     );
     drop((a, o));
@@ -436,7 +467,7 @@ async fn secrets_are_ciphertext_in_dumps_and_in_every_file_of_the_data_directory
         .unwrap()
         .get(0);
     assert_eq!(back, secret);
-    let sealed: i64 = one_i64(&db.client, "SELECT length(secret_sealed) FROM keypool.key").await;
+    let sealed: i64 = one_i64(&db.client, "SELECT length(secret_sealed)::bigint FROM keypool.key").await;
     assert!(sealed > secret.len() as i64, "the sealed secret is {sealed} bytes");
 
     let dump = cluster.pg_dump(&db.name);

@@ -252,7 +252,8 @@ async fn the_worker_warns_about_a_version_mismatch_and_refuses_a_database_withou
     );
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(
-        log.contains("SQL objects in this database are version 0.0.1") && log.contains("ALTER EXTENSION pg_keypool UPDATE"),
+        log.contains("SQL objects in this database are version 0.0.1")
+            && log.contains("ALTER EXTENSION pg_keypool UPDATE"),
         "{log}"
     );
 
