@@ -261,7 +261,7 @@ pub fn key_pool(grants: &Grants, key_id: i64, p: Privilege) -> i64 {
 }
 
 /// The cached key `key_id` if the caller holds `p` on its pool.
-pub fn key<'c>(cfg: &'c Config, key_id: i64, p: Privilege) -> &'c Key {
+pub fn key(cfg: &Config, key_id: i64, p: Privilege) -> &Key {
     let caller = privilege::caller();
     match cfg.key_by_id(key_id) {
         Some(k) if cfg.grants.allows(caller, Some(k.pool_id), p) => k,

@@ -181,7 +181,7 @@ pub fn newest_or_first() -> MasterKey {
     }
     let first = MasterKey::generate(1);
     let tmp = temporary(&path);
-    write_new(&tmp, &[first.clone()]);
+    write_new(&tmp, std::slice::from_ref(&first));
     // link() fails if another backend created the keyring meanwhile: then theirs stands.
     let linked = fs::hard_link(&tmp, &path);
     let _ = fs::remove_file(&tmp);

@@ -643,3 +643,48 @@ impl Shared {
         self.header.config_generation.load(Ordering::Acquire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_slot() -> PoolSlot {
+        // A slot as the zeroed region holds it; the guest allowance needs no lock.
+        unsafe { std::mem::zeroed() }
+    }
+
+    #[test]
+    fn the_shared_guest_allowance_never_grants_more_than_it_holds() {
+        let p = pool_slot();
+        let day = 20_000;
+        for used in 1..=3 {
+            assert_eq!(p.guests_take(day, 3), Some(used));
+        }
+        assert_eq!(p.guests_take(day, 3), None);
+        assert_eq!(p.guests_used(day), 3);
+        // A release gives one back; a new day starts over.
+        p.guests_give_back(day);
+        assert_eq!(p.guests_take(day, 3), Some(3));
+        assert_eq!(p.guests_used(day + 1), 0);
+        assert_eq!(p.guests_take(day + 1, 3), Some(1));
+        // A give-back for a day that is over changes nothing.
+        p.guests_give_back(day);
+        assert_eq!(p.guests_used(day + 1), 1);
+    }
+
+    #[test]
+    fn what_evicted_guests_used_counts_against_the_allowance() {
+        let p = pool_slot();
+        let day = 20_000;
+        p.guests_add(day, 5);
+        assert_eq!(p.guests_take(day, 5), None);
+        assert_eq!(p.guests_take(day, 7), Some(6));
+        // Use of an older day is not carried into today; a newer day replaces an older one.
+        p.guests_add(day - 1, 100);
+        assert_eq!(p.guests_used(day), 6);
+        p.guests_add(day + 1, 2);
+        assert_eq!(p.guests_used(day + 1), 2);
+        p.guests_reset();
+        assert_eq!(p.guests_used(day + 1), 0);
+    }
+}

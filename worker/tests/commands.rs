@@ -5,7 +5,6 @@
 mod common;
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use common::*;
 use keypool_tests::{shared, TestDb};
