@@ -41,12 +41,12 @@ export XAI_API_KEY_2="xai-demo-second-Hc5bYd3JfQ6uE0aM2vX"
 export XAI_API_KEY_3="xai-demo-third-Pn8rWs4KgT1zL7yB3cD"
 export XAI_BASE_URL="$MOCK/v1"
 
-section "9. import-env: seed 004's XAI_API_KEY, XAI_API_KEY_2, XAI_API_KEY_3 become pool 'xai' (groups 1-3)"
+section "10. import-env: seed 004's XAI_API_KEY, XAI_API_KEY_2, XAI_API_KEY_3 become pool 'xai' (groups 1-3)"
 "$WORKER" import-env --no-env-file --model grok-3-mini --rpm 60 --rpd 1000 --log warn
 echo "-- and again: nothing is added twice"
 "$WORKER" import-env --no-env-file --model grok-3-mini --rpm 60 --rpd 1000 --log warn | tail -n 1
 
-section "10. keypool-worker serve: an OpenAI-compatible endpoint (apps present a token)"
+section "11. keypool-worker serve: an OpenAI-compatible endpoint (apps present a token)"
 worker_port=$(free_port)
 TOKEN="demo-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 ADMIN_TOKEN="admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
@@ -86,7 +86,7 @@ grep '^data:' <<<"$body" | head -n 3 | cut -c1-150
 echo "  ..."
 grep '^data:' <<<"$body" | tail -n 3 | cut -c1-150
 
-section "11. The provider answers 429 for key 1: requests fail over, no error reaches the client"
+section "12. The provider answers 429 for key 1: requests fail over, no error reaches the client"
 curl -s -X POST "$MOCK/_mock/faults" -H 'Content-Type: application/json' \
     -d '{"match": "xai-demo-first", "fault": "429", "retry_after_s": 45}' >/dev/null
 for u in bob carol dave erin; do
@@ -98,7 +98,7 @@ psql_demo -c "SELECT key_id, group_no, label, state, reason, cooling_until IS NO
 echo "The worker's log names the key of every attempt (id and masked label, never the secret):"
 grep -E 'user=(carol|dave) ' "$dir/demo-worker.log" | sed -E 's/^[^ ]+ +//' | cut -c1-230
 
-section "12. The SQL request queue: keypool_submit, a worker carries it out, keypool_result"
+section "13. The SQL request queue: keypool_submit, a worker carries it out, keypool_result"
 id=$(psql_demo -At -c "SELECT keypool_submit('frank', 'xai',
         '{\"messages\": [{\"role\": \"user\", \"content\": \"Queued hello\"}], \"max_tokens\": 6}')")
 echo "SELECT keypool_submit('frank', 'xai', '{\"messages\": [...], \"max_tokens\": 6}') -> $id"
@@ -110,13 +110,13 @@ psql_demo -c "SELECT status, response -> 'choices' -> 0 -> 'message' ->> 'conten
                      response -> 'usage' AS usage, error FROM keypool_result($id)"
 psql_demo -c "SELECT id, user_id, pool, status, attempts, submitted_at < finished_at AS finished FROM keypool_requests ORDER BY id"
 
-section "13. Heartbeats, and what the pool saw"
+section "14. Heartbeats, and what the pool saw"
 sleep 1.2
 psql_demo -c "SELECT id, version, served, failed, queue_done, silent_for < interval '5 s' AS alive FROM keypool_workers"
 psql_demo -c "SELECT account, model, rpm, requests_this_minute, rpd, requests_today, tokens_today
                 FROM keypool_scopes s WHERE model = 'grok-3-mini' ORDER BY scope_id"
 
-section "14. Operations over HTTP: metrics, the admin API, the user API, the dashboard"
+section "15. Operations over HTTP: metrics, the admin API, the user API, the dashboard"
 echo "GET /metrics (some lines):"
 curl -s "$URL/metrics" | grep -E '^keypool_(worker_provider_calls_total|worker_refusals_total|keys|health|pool_used_today)' \
     | grep -v ' 0$' | sed 's/^/  /'
@@ -129,7 +129,7 @@ echo "GET /allocation/daily?model=xai as alice: $(curl -s -H "Authorization: Bea
     -H 'X-Keypool-User: alice' "$URL/allocation/daily?model=xai")"
 echo "The operators' page: $URL/dashboard (asks for the admin token)"
 
-section "15. SIGTERM: the worker finishes what is in flight and exits"
+section "16. SIGTERM: the worker finishes what is in flight and exits"
 kill -TERM "$worker_pid"
 wait "$worker_pid" && echo "keypool-worker exited with status 0"
 tail -n 2 "$dir/demo-worker.log" | sed -E 's/^[^ ]+ +//' | cut -c1-200

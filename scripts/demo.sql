@@ -84,3 +84,28 @@ SELECT pool, keys_usable, keys_cooling, keys_disabled, daily_capacity, used_toda
 SELECT keypool_flush() AS keys_flushed;
 SELECT pool, key_id, label, requests, prompt_tokens, completion_tokens, success, errors FROM keypool_usage ORDER BY key_id;
 SELECT kind, pool, key_id, label, reason FROM keypool_events WHERE kind <> 'key_added' ORDER BY id;
+
+\echo
+\echo '== 9. Trust: an application role may use the image pool only, and sees no secret at rest'
+SET client_min_messages = warning;
+DROP ROLE IF EXISTS demo_app;
+RESET client_min_messages;
+CREATE ROLE demo_app;
+GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint), keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+    keypool_release(bigint) TO demo_app;
+SELECT keypool_grant('image', 'demo_app', 'use');
+SELECT pool, grantee, privilege, granted_by FROM keypool_grants;
+SET ROLE demo_app;
+SELECT granted, key_id, key_label FROM keypool_reserve('user-7', 'image');
+\echo 'another pool, or one that does not exist: the same refusal (SQLSTATE 42501)'
+DO $$ BEGIN PERFORM keypool_reserve('user-7', 'artifact');
+   EXCEPTION WHEN insufficient_privilege THEN RAISE NOTICE '%', SQLERRM; END $$;
+DO $$ BEGIN PERFORM keypool_reserve('user-7', 'no-such-pool');
+   EXCEPTION WHEN insufficient_privilege THEN RAISE NOTICE '%', SQLERRM; END $$;
+RESET ROLE;
+\echo 'the table holds sealed secrets only (XChaCha20-Poly1305 under the keyring''s master key):'
+SELECT id AS key_id, label, sealed_with AS master_key, length(secret_sealed) AS sealed_bytes,
+       encode(substring(secret_sealed FROM 30 FOR 12), 'hex') || '…' AS ciphertext
+  FROM keypool.key ORDER BY id LIMIT 3;
+SELECT key_no, fingerprint, secrets FROM keypool_master_keys;
+SELECT current_setting('pg_keypool.master_key_file') AS keyring_file;
