@@ -1,5 +1,5 @@
 # The two commands README opens with, and a few more.
-.PHONY: demo test bench bench-worker stop
+.PHONY: demo test bench bench-worker bench-trust stop
 demo:
 	scripts/demo.sh
 test:
@@ -8,5 +8,7 @@ bench:
 	bench/reserve.sh
 bench-worker:
 	bench/worker.sh
+bench-trust:
+	bench/trust.sh
 stop:
 	scripts/stop.sh

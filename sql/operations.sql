@@ -120,7 +120,8 @@ END
 $$;
 
 -- Background upkeep (the flusher, every pg_keypool.flush_interval): alerts, events older than
--- pg_keypool.event_retention, finished queue requests older than pg_keypool.request_retention.
+-- pg_keypool.event_retention, finished queue requests older than pg_keypool.request_retention,
+-- and grants to roles that were dropped (so that a later role given the same oid inherits none).
 CREATE FUNCTION keypool.maintain()
 RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, keypool, pg_temp AS $$
@@ -133,13 +134,15 @@ BEGIN
      WHERE r.status IN ('done', 'failed')
        AND r.finished_at < now() - coalesce(nullif(current_setting('pg_keypool.request_retention', true), '')::interval,
                                             interval '7 days');
+    DELETE FROM keypool.pool_grant g
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = g.grantee::oid);
 END
 $$;
 
 COMMENT ON FUNCTION keypool.usage_report(bigint[], date, date) IS 'Internal: keypool_usage_report for the pools given';
 COMMENT ON FUNCTION keypool.check_alerts() IS 'Internal: keypool_check_alerts, as the extension''s owner';
 COMMENT ON FUNCTION keypool.maintain() IS
-    'Internal: background upkeep (alerts, event retention, finished queue requests)';
+    'Internal: background upkeep (alerts, event retention, finished queue requests, grants of dropped roles)';
 COMMENT ON FUNCTION keypool.notify_event() IS 'Internal: announces every event''s id on channel keypool_events';
 
 REVOKE ALL ON FUNCTION

@@ -449,6 +449,8 @@ BEGIN
      WHERE r.status IN ('done', 'failed')
        AND r.finished_at < now() - coalesce(nullif(current_setting('pg_keypool.request_retention', true), '')::interval,
                                             interval '7 days');
+    DELETE FROM keypool.pool_grant g
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = g.grantee::oid);
 END
 $$;
 
@@ -806,7 +808,7 @@ COMMENT ON FUNCTION keypool.queue_wake_at(text[]) IS 'Internal: when the given p
 COMMENT ON FUNCTION keypool.usage_report(bigint[], date, date) IS 'Internal: keypool_usage_report for the pools given';
 COMMENT ON FUNCTION keypool.check_alerts() IS 'Internal: keypool_check_alerts, as the extension''s owner';
 COMMENT ON FUNCTION keypool.maintain() IS
-    'Internal: background upkeep (alerts, event retention, finished queue requests)';
+    'Internal: background upkeep (alerts, event retention, finished queue requests, grants of dropped roles)';
 COMMENT ON FUNCTION keypool.notify_event() IS 'Internal: announces every event''s id on channel keypool_events';
 
 -- Privileges: the new functions and views are closed like the rest; the filters the views use

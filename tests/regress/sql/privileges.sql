@@ -165,6 +165,19 @@ SELECT keypool_complete_request(:qid, 'w-app', 'done', '{"ok": true}') AS comple
 SELECT status, response FROM keypool_result(:qid);
 RESET ROLE;
 
+-- The upkeep deletes finished requests older than pg_keypool.request_retention (7 days), and
+-- grants to roles that were dropped.
+INSERT INTO keypool.request (user_id, pool, request, max_attempts, deadline, status, finished_at, submitted_by)
+VALUES ('old', 'priv_a', '{"messages": [{}]}', 1, now(), 'done', now() - interval '8 days', 'regress_kp_app'),
+       ('recent', 'priv_a', '{"messages": [{}]}', 1, now(), 'failed', now() - interval '6 days', 'regress_kp_app');
+CREATE ROLE regress_kp_gone;
+SELECT keypool_grant('priv_a', 'regress_kp_gone', 'read');
+DROP ROLE regress_kp_gone;
+SELECT keypool.maintain();
+SELECT user_id FROM keypool.request WHERE pool = 'priv_a' AND user_id IN ('old', 'recent') ORDER BY 1;
+SELECT count(*) AS grants_of_dropped_roles FROM keypool.pool_grant g
+ WHERE NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = g.grantee::oid);
+
 -- Clean up: pools and roles.
 DELETE FROM keypool.request WHERE pool LIKE 'priv_%';
 DELETE FROM keypool.pool_grant WHERE grantee::text LIKE 'regress_kp%';

@@ -19,7 +19,7 @@ SELECT d.objid::regprocedure AS function_open_to_public
  WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_keypool')
    AND d.classid = 'pg_proc'::regclass AND d.deptype = 'e'
    AND has_function_privilege('public', d.objid, 'EXECUTE')
- ORDER BY 1::text;
+ ORDER BY d.objid::regprocedure::text COLLATE "C";
 SELECT count(*) AS relations_open_to_public
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE (n.nspname = 'keypool' OR c.relname LIKE 'keypool%')
