@@ -339,6 +339,61 @@ pub fn role_name(oid: pg_sys::Oid) -> String {
     }
 }
 
+/// A change to the grants: giving a privilege, or taking it back.
+#[derive(Clone, Copy)]
+enum GrantChange {
+    Grant,
+    Revoke,
+}
+
+/// Grants or revokes `privilege` on `pool` for `grantee`, after checking that the caller
+/// administers the pool; records an event when something changed.
+fn change_grant(change: GrantChange, pool: Option<&str>, grantee: Option<pg_sys::Oid>, privilege: Option<&str>) {
+    let _path = privilege::pin_search_path();
+    let p = privilege_arg(privilege);
+    let grantee = grantee_arg(grantee);
+    let grants = grants();
+    let target = grant_target(&grants, pool);
+    let caller = privilege::caller();
+    let sql = match change {
+        GrantChange::Grant => {
+            "INSERT INTO keypool.pool_grant (pool_id, grantee, privilege, granted_by)
+             VALUES ($1, $2::oid::regrole, $3, $4::oid::regrole)
+             ON CONFLICT (pool_id, grantee, privilege) DO NOTHING RETURNING 1"
+        }
+        GrantChange::Revoke => {
+            "DELETE FROM keypool.pool_grant
+              WHERE pool_id IS NOT DISTINCT FROM $1 AND grantee = $2::oid::regrole AND privilege = $3
+              RETURNING 1"
+        }
+    };
+    let mut args: Vec<pgrx::datum::DatumWithOid<'_>> = vec![target.into(), grantee.into(), p.as_str().into()];
+    if matches!(change, GrantChange::Grant) {
+        args.push(caller.into());
+    }
+    let changed = privilege::spi_as_owner(grants.owner, |client| {
+        !errors::spi(client.update(sql, None, &args)).is_empty()
+    });
+    if changed {
+        let (kind, preposition) = match change {
+            GrantChange::Grant => ("granted", "to"),
+            GrantChange::Revoke => ("revoked", "from"),
+        };
+        record_grant_event(
+            &grants,
+            kind,
+            target,
+            &format!(
+                "{} on {} {preposition} {} by {}",
+                p.as_str(),
+                pool.unwrap_or("*"),
+                role_name(grantee),
+                role_name(caller)
+            ),
+        );
+    }
+}
+
 /// `keypool_grant(pool, grantee, privilege)`: lets `grantee` (and the roles that have its
 /// privileges) use, read or administer a pool, or every pool with `'*'`. Needs `admin` on the
 /// pool (on every pool for `'*'`). Granting what is granted already changes nothing.
@@ -349,40 +404,7 @@ pub fn role_name(oid: pg_sys::Oid) -> String {
            LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'keypool_grant_wrapper';"
 )]
 fn keypool_grant(pool: Option<&str>, grantee: Option<pg_sys::Oid>, privilege: default!(Option<&str>, "'use'")) {
-    let _path = privilege::pin_search_path();
-    let p = privilege_arg(privilege);
-    let grantee = grantee_arg(grantee);
-    let grants = grants();
-    let target = grant_target(&grants, pool);
-    let added = privilege::spi_as_owner(grants.owner, |client| {
-        let t = errors::spi(client.update(
-            "INSERT INTO keypool.pool_grant (pool_id, grantee, privilege, granted_by)
-             VALUES ($1, $2::oid::regrole, $3, $4::oid::regrole)
-             ON CONFLICT (pool_id, grantee, privilege) DO NOTHING RETURNING 1",
-            None,
-            &[
-                target.into(),
-                grantee.into(),
-                p.as_str().into(),
-                privilege::caller().into(),
-            ],
-        ));
-        !t.is_empty()
-    });
-    if added {
-        record_grant_event(
-            &grants,
-            "granted",
-            target,
-            &format!(
-                "{} on {} to {} by {}",
-                p.as_str(),
-                pool.unwrap_or("*"),
-                role_name(grantee),
-                role_name(privilege::caller())
-            ),
-        );
-    }
+    change_grant(GrantChange::Grant, pool, grantee, privilege);
 }
 
 /// `keypool_revoke(pool, grantee, privilege)`: takes back what `keypool_grant` gave. Needs the
@@ -394,35 +416,7 @@ fn keypool_grant(pool: Option<&str>, grantee: Option<pg_sys::Oid>, privilege: de
            LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'keypool_revoke_wrapper';"
 )]
 fn keypool_revoke(pool: Option<&str>, grantee: Option<pg_sys::Oid>, privilege: default!(Option<&str>, "'use'")) {
-    let _path = privilege::pin_search_path();
-    let p = privilege_arg(privilege);
-    let grantee = grantee_arg(grantee);
-    let grants = grants();
-    let target = grant_target(&grants, pool);
-    let removed = privilege::spi_as_owner(grants.owner, |client| {
-        let t = errors::spi(client.update(
-            "DELETE FROM keypool.pool_grant
-              WHERE pool_id IS NOT DISTINCT FROM $1 AND grantee = $2::oid::regrole AND privilege = $3
-              RETURNING 1",
-            None,
-            &[target.into(), grantee.into(), p.as_str().into()],
-        ));
-        !t.is_empty()
-    });
-    if removed {
-        record_grant_event(
-            &grants,
-            "revoked",
-            target,
-            &format!(
-                "{} on {} from {} by {}",
-                p.as_str(),
-                pool.unwrap_or("*"),
-                role_name(grantee),
-                role_name(privilege::caller())
-            ),
-        );
-    }
+    change_grant(GrantChange::Revoke, pool, grantee, privilege);
 }
 
 /// Internal functions the views use to show each role only what it may see.

@@ -1,6 +1,22 @@
-//! Building a composite result quickly: the result type's descriptor is looked up once per call
-//! site and kept in `fn_extra`, the way C extensions do it. Used by the hot path, where
-//! looking the type up by name on every call would cost more than the reservation itself.
+//! Functions written against PostgreSQL's function-call interface directly (the hot path, and
+//! functions that must see an argument's size before reading it): the version-1 info record
+//! they declare, and building a composite result quickly (the result type's descriptor is looked
+//! up once per call site and kept in `fn_extra`, the way C extensions do it; looking the type up
+//! by name on every call would cost more than the reservation itself).
+
+/// Declares the `pg_finfo_<function>` record that tells PostgreSQL a C function uses the
+/// version-1 calling convention.
+#[macro_export]
+macro_rules! pg_finfo_v1 {
+    ($finfo:ident) => {
+        #[unsafe(no_mangle)]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static pgrx::pg_sys::Pg_finfo_record {
+            const V1: pgrx::pg_sys::Pg_finfo_record = pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
 
 use pgrx::pg_sys;
 

@@ -44,12 +44,7 @@ fn keypool_models() -> TableIterator<'static, (name!(pool, String), name!(model,
     TableIterator::new(rows)
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_keypool_key_credentials_c() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg_finfo_v1!(pg_finfo_keypool_key_credentials_c);
 
 /// `keypool_key_credentials(key_id, OUT provider, OUT model, OUT base_url, OUT secret)`: what it
 /// takes to call a key's provider, secret included (the worker's `validate`). Needs `admin` on
@@ -122,8 +117,12 @@ fn keypool_set_price(
         errors::invalid("provider and model must be 1 to 200 bytes long").raise();
     }
     let zero = AnyNumeric::from(0);
+    let not_a_number = |n: &AnyNumeric| n.to_string() == "NaN";
     if input < zero || output < zero || per_request < zero {
         errors::invalid("prices must not be negative").raise();
+    }
+    if not_a_number(&input) || not_a_number(&output) || not_a_number(&per_request) {
+        errors::invalid("prices must be numbers, not NaN").raise();
     }
     let grants = access::grants();
     access::require_every_pool(&grants, "set prices", Privilege::Admin);

@@ -66,12 +66,7 @@ fn role_arg(role: pg_sys::Oid) -> DatumWithOid<'static> {
     unsafe { DatumWithOid::new(pg_sys::Datum::from(role), pg_sys::REGROLEOID) }
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_keypool_submit_c() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg_finfo_v1!(pg_finfo_keypool_submit_c);
 
 /// `keypool_submit(user_id, pool, request jsonb, max_wait, max_attempts) RETURNS bigint`:
 /// enqueues a chat request for the workers. Needs `use` on the pool.
@@ -121,12 +116,7 @@ pub unsafe extern "C-unwind" fn keypool_submit_c(fcinfo: pg_sys::FunctionCallInf
     }
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_keypool_result_c() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg_finfo_v1!(pg_finfo_keypool_result_c);
 
 /// `keypool_result(id, OUT status, OUT response, OUT error)`: status ('queued', 'running',
 /// 'done', 'failed'), response and error of a request the caller submitted (or of any request of
@@ -248,12 +238,7 @@ fn keypool_claim_requests(
     TableIterator::new(rows)
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_keypool_complete_request_c() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg_finfo_v1!(pg_finfo_keypool_complete_request_c);
 
 /// `keypool_complete_request(id, worker, outcome, response, error, retry_at) RETURNS boolean`:
 /// for workers: records how a request this role claimed ended. An answer larger than

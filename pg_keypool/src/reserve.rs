@@ -454,12 +454,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 13] {
     }
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_keypool_reserve_c() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg_finfo_v1!(pg_finfo_keypool_reserve_c);
 
 /// `keypool_reserve(user_id text, pool text, est_tokens bigint) RETURNS keypool_reservation`,
 /// written against the function-call interface directly so that the result row costs no type

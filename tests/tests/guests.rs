@@ -3,23 +3,7 @@
 //! reservation; guests that cannot be tracked share one allowance per pool, and are refused
 //! with a reason, never an error.
 
-use keypool_tests::Cluster;
-use tokio_postgres::Client;
-
-async fn exec(client: &Client, sql: &str) {
-    client
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-}
-
-async fn one_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-        .get(0)
-}
+use keypool_tests::{exec, one, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_a_million_guests_leave_room_for_every_signup_and_member() {
@@ -97,11 +81,11 @@ async fn half_a_million_guests_leave_room_for_every_signup_and_member() {
     )
     .await;
     assert_eq!(
-        one_i64(c, "SELECT count(*) FROM users WHERE grp IS NOT NULL").await,
+        one::<i64>(c, "SELECT count(*) FROM users WHERE grp IS NOT NULL").await,
         1_100
     );
     assert_eq!(
-        one_i64(
+        one::<i64>(
             c,
             "SELECT count(*) FILTER (WHERE (r).granted)
                FROM (SELECT keypool_reserve(CASE WHEN i <= 50 THEN 'member-' || i ELSE 'after-' || i END, 'flood') r
@@ -118,12 +102,12 @@ async fn half_a_million_guests_leave_room_for_every_signup_and_member() {
     )
     .await;
     assert_eq!(
-        one_i64(c, "SELECT count(*) FROM users WHERE grp IS NOT NULL").await,
+        one::<i64>(c, "SELECT count(*) FROM users WHERE grp IS NOT NULL").await,
         3_100
     );
-    assert!(one_i64(c, "SELECT guest_entries_taken_over FROM keypool_member_memory").await > 0);
+    assert!(one::<i64>(c, "SELECT guest_entries_taken_over FROM keypool_member_memory").await > 0);
     assert_eq!(
-        one_i64(
+        one::<i64>(
             c,
             "SELECT count(*) FILTER (WHERE (r).granted)
                FROM (SELECT keypool_reserve('wave-' || i, 'flood') r FROM generate_series(1, 2000) i) s"
@@ -138,8 +122,8 @@ async fn half_a_million_guests_leave_room_for_every_signup_and_member() {
     )
     .await;
     assert_eq!(
-        one_i64(c, "SELECT keypool_backfill('legacy', 'id', 'flood')").await,
+        one::<i64>(c, "SELECT keypool_backfill('legacy', 'id', 'flood')").await,
         300
     );
-    assert_eq!(one_i64(c, "SELECT members FROM keypool_member_memory").await, 3_400);
+    assert_eq!(one::<i64>(c, "SELECT members FROM keypool_member_memory").await, 3_400);
 }

@@ -6,15 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use keypool_tests::Cluster;
+use keypool_tests::{exec, Cluster};
 use tokio_postgres::Client;
-
-async fn exec(client: &Client, sql: &str) {
-    client
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-}
 
 async fn secret_of(client: &Client, user: &str) -> Result<String, tokio_postgres::Error> {
     client

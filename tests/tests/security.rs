@@ -6,23 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keypool_tests::shared;
-use tokio_postgres::Client;
-
-async fn exec(client: &Client, sql: &str) {
-    client
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-}
-
-async fn one_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-        .get(0)
-}
+use keypool_tests::{exec, one, shared};
 
 /// Functions the extension's SQL uses (or might), planted with the same names and argument
 /// types: (name, argument types). Each records who ran it, then does what the real one does.
@@ -269,7 +253,7 @@ async fn look_alikes_planted_by_a_caller_never_run_with_the_owners_rights() {
     exec(&att, "SET search_path = s, public, pg_catalog").await;
     // The planted objects are live: the attacker's own statements run them (as itself).
     exec(&att, "SELECT left('abc', 1), 1::bigint = 1::bigint, now()").await;
-    let own = one_i64(&att, "SELECT count(*) FROM s.hits").await;
+    let own = one::<i64>(&att, "SELECT count(*) FROM s.hits").await;
     assert!(own >= 3, "the planted look-alikes did not take effect ({own} hits)");
 
     // Two keys, added with the secret as a parameter.
@@ -294,7 +278,7 @@ async fn look_alikes_planted_by_a_caller_never_run_with_the_owners_rights() {
         &format!("ALTER DATABASE {} SET search_path = s, public, pg_catalog", db.name),
     )
     .await;
-    let before = one_i64(&db.client, "SELECT count(*) FROM keypool.event WHERE kind = 'alert'").await;
+    let before = one::<i64>(&db.client, "SELECT count(*) FROM keypool.event WHERE kind = 'alert'").await;
     exec(
         &att,
         "SELECT keypool_settle((keypool_reserve('u7', 'attack')).reservation_id, 401, error_code => 'invalid_api_key')",
@@ -302,8 +286,8 @@ async fn look_alikes_planted_by_a_caller_never_run_with_the_owners_rights() {
     .await;
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        let alerts = one_i64(&db.client, "SELECT count(*) FROM keypool.event WHERE kind = 'alert'").await;
-        let flushed = one_i64(&db.client, "SELECT count(*) FROM keypool.usage_hourly").await;
+        let alerts = one::<i64>(&db.client, "SELECT count(*) FROM keypool.event WHERE kind = 'alert'").await;
+        let flushed = one::<i64>(&db.client, "SELECT count(*) FROM keypool.usage_hourly").await;
         if alerts > before && flushed > 0 {
             break;
         }
@@ -419,7 +403,7 @@ async fn a_role_with_use_on_one_pool_reaches_nothing_else() {
         .get(0);
     assert_eq!(outcome, "success");
     assert_eq!(
-        one_i64(
+        one::<i64>(
             &db.client,
             "SELECT count(*) FROM keypool_scopes WHERE cooling_until IS NOT NULL"
         )
@@ -467,7 +451,7 @@ async fn secrets_are_ciphertext_in_dumps_and_in_every_file_of_the_data_directory
         .unwrap()
         .get(0);
     assert_eq!(back, secret);
-    let sealed: i64 = one_i64(&db.client, "SELECT length(secret_sealed)::bigint FROM keypool.key").await;
+    let sealed: i64 = one::<i64>(&db.client, "SELECT length(secret_sealed)::bigint FROM keypool.key").await;
     assert!(sealed > secret.len() as i64, "the sealed secret is {sealed} bytes");
 
     let dump = cluster.pg_dump(&db.name);

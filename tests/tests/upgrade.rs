@@ -2,18 +2,11 @@
 //! becomes the current version with `ALTER EXTENSION pg_keypool UPDATE`: its objects are then
 //! exactly those of a fresh install, its data is all there, and its plaintext secrets are sealed.
 
-use keypool_tests::shared;
+use keypool_tests::{exec, one, shared};
 use tokio_postgres::Client;
 
 /// Lines describing every object of the extension (see the file).
 const CATALOG: &str = include_str!("../sql/extension_catalog.sql");
-
-async fn exec(client: &Client, sql: &str) {
-    client
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-}
 
 async fn catalog(client: &Client) -> Vec<String> {
     client
@@ -23,14 +16,6 @@ async fn catalog(client: &Client) -> Vec<String> {
         .iter()
         .map(|r| r.get(0))
         .collect()
-}
-
-async fn one<T: for<'a> tokio_postgres::types::FromSql<'a>>(client: &Client, sql: &str) -> T {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-        .get(0)
 }
 
 /// What 0.1.0 stored: pools, an account shared by two keys, a key of its own, members, hourly
