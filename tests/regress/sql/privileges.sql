@@ -21,7 +21,7 @@ GRANT EXECUTE ON FUNCTION keypool_create_pool(text, text, integer, interval, boo
     keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer),
     keypool_disable_key(bigint, text), keypool_enable_key(bigint), keypool_reset_usage(text),
     keypool_grant(text, regrole, text), keypool_revoke(text, regrole, text), keypool_key_credentials(bigint),
-    keypool_usage_report(date, date), keypool_rotate_master_key(), keypool_check_alerts()
+    keypool_usage_report(date, date), keypool_rotate_master_key(), keypool_check_alerts(), keypool_enable_keys(text)
     TO regress_kp_app, regress_kp_ops, regress_kp_admin, regress_kp_star;
 GRANT SELECT ON keypool_keys, keypool_scopes, keypool_pool_stats, keypool_events, keypool_members, keypool_requests,
     keypool_grants, keypool_key_stats, keypool_queue_depth, keypool_master_keys
@@ -65,6 +65,10 @@ SELECT try($$SELECT keypool_reset_usage('priv_a')$$);
 SELECT try($$SELECT keypool_reset_usage()$$);
 SELECT try($$SELECT keypool_grant('priv_a', 'regress_kp_app2', 'admin')$$);
 SELECT try($$SELECT keypool_rotate_master_key()$$);
+SELECT try(format('SELECT * FROM keypool_key_credentials(%s)', :b_key)) LIKE '42501 permission denied for key%' AS credentials_refused;
+SELECT try($$SELECT keypool_enable_keys('priv_a')$$);
+-- Without admin anywhere, "every pool it administers" is none.
+SELECT keypool_enable_keys() AS enabled_without_admin;
 -- A role that inherits regress_kp_app's privileges holds them too.
 SET ROLE regress_kp_member;
 SELECT granted FROM keypool_reserve('u2', 'priv_a');
@@ -97,6 +101,7 @@ SELECT keypool_reset_usage('priv_a');
 SELECT keypool_set_clock(NULL) IS NOT NULL AS wall_time;
 
 -- read: the pool's rows, and no others; no reservations.
+SELECT keypool_flush() > 0 AS history_written;
 SET ROLE regress_kp_ops;
 SELECT pool, label FROM keypool_keys ORDER BY key_id;
 SELECT pool FROM keypool_pool_stats ORDER BY 1;
@@ -104,6 +109,7 @@ SELECT count(*) AS scopes_seen FROM keypool_scopes;
 SELECT DISTINCT pool FROM keypool_events WHERE pool IS NOT NULL ORDER BY 1;
 SELECT try($$SELECT keypool_reserve('u1', 'priv_a')$$);
 SELECT count(*) AS grants_seen FROM keypool_grants;
+SELECT DISTINCT pool FROM keypool_usage_report(current_date - 1, current_date + 1);
 RESET ROLE;
 
 -- admin: its pool's keys and settings, grants on it; nothing of other pools.
@@ -163,7 +169,21 @@ SELECT keypool_complete_request(:qid, 'w-app', 'done', '{"ok": true}') AS comple
 SET ROLE regress_kp_app;
 SELECT keypool_complete_request(:qid, 'w-app', 'done', '{"ok": true}') AS completed;
 SELECT status, response FROM keypool_result(:qid);
+-- Heartbeats of a worker id belong to the role that reported them first.
 RESET ROLE;
+GRANT EXECUTE ON FUNCTION keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint),
+    keypool_worker_stopped(text) TO regress_kp_app, regress_kp_admin;
+GRANT SELECT ON keypool_workers TO regress_kp_app, regress_kp_admin;
+SET ROLE regress_kp_app;
+SELECT keypool_worker_heartbeat('w-app', '0.2.0', 'host-a', 1, now(), 1, 0, 1);
+SELECT id, host FROM keypool_workers;
+SET ROLE regress_kp_admin;
+SELECT try($$SELECT keypool_worker_heartbeat('w-app', '0.2.0', 'host-b', 2, now(), 0, 0, 0)$$);
+SELECT try($$SELECT keypool_worker_stopped('w-app')$$);
+SELECT count(*) AS others_workers_seen FROM keypool_workers;
+RESET ROLE;
+SELECT id, host, role, stopped_at IS NULL AS running FROM keypool_workers WHERE id = 'w-app';
+DELETE FROM keypool.worker WHERE id = 'w-app';
 
 -- The upkeep deletes finished requests older than pg_keypool.request_retention (7 days), and
 -- grants to roles that were dropped.
