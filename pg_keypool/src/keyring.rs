@@ -107,13 +107,14 @@ fn read(path: &Path) -> Option<Vec<MasterKey>> {
         Err(e) => io_error("open", path, e),
     };
     let meta = file.metadata().unwrap_or_else(|e| io_error("inspect", path, e));
-    if meta.permissions().mode() & 0o077 != 0 {
+    // Like the data directory's own files: readable by the group only in a cluster initialised
+    // with group access (initdb --allow-group-access; pg_basebackup then copies files 0640).
+    let group_may_read = unsafe { pg_sys::data_directory_mode } & 0o040 != 0;
+    let forbidden = if group_may_read { 0o027 } else { 0o077 };
+    if meta.permissions().mode() & forbidden != 0 {
         errors::error(
             Code::ERRCODE_CONFIG_FILE_ERROR,
-            format!(
-                "pg_keypool's keyring file \"{}\" has group or world access",
-                shown(path)
-            ),
+            format!("pg_keypool's keyring file \"{}\" is open to other users", shown(path)),
         )
         .detail("The keyring holds the master keys of every sealed provider secret.")
         .hint(format!("chmod 0600 {}", shown(path)))

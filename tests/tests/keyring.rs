@@ -108,6 +108,18 @@ async fn a_missing_or_different_keyring_is_refused_and_rotation_reseals_every_se
             .get::<_, i64>(0)
     );
 
+    // A keyring others may read is refused (a new session reads the file again).
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let c = cluster.connect(&db.name).await;
+    let why = refusal(&c).await;
+    assert!(
+        why.starts_with("F0000: pg_keypool's keyring file") && why.contains("open to other users"),
+        "{why}"
+    );
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let c = cluster.connect(&db.name).await;
+    assert!(secret_of(&c, "u5").await.unwrap().starts_with("sk-proj-vault-secret-"));
+
     // A different keyring (keys of the same numbers, other bytes): refused, saying which key.
     cluster.stop();
     let forged: String = rotated
