@@ -354,6 +354,9 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
         m.day = r.day;
         m.used = r.used;
         m.share = r.share;
+        // A member (the clean save leaves guests out): no guest flood may take its entry before
+        // its pool is loaded.
+        m.flags |= crate::members::FLAG_MEMBER;
     }
 }
 
