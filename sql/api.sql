@@ -296,6 +296,21 @@ SELECT coalesce(p.name, '*') AS pool, g.grantee, g.privilege, g.granted_by, g.gr
 COMMENT ON VIEW keypool_grants IS
     'Privileges on pools (use, read, admin; pool * = every pool): those of the pools this role administers, and its own';
 
+-- API tokens of keypool-worker's callers (never the token or its hash): those this role made,
+-- and those of the pools it administers (every pool, for tokens bound to none).
+CREATE VIEW keypool_api_tokens WITH (security_barrier) AS
+SELECT t.id, t.label, t.user_id,
+       CASE WHEN t.pool_ids IS NOT NULL THEN
+           (SELECT array_agg(p.name ORDER BY p.name) FROM keypool.pool p WHERE p.id = ANY (t.pool_ids))
+       END AS pools,
+       t.created_by, t.created_at, t.last_used_at, t.expires_at, t.revoked_at
+  FROM keypool.api_token t
+ WHERE keypool.acts_for(t.created_by)
+    OR CASE WHEN t.pool_ids IS NULL THEN keypool.allowed(NULL, 'admin')
+            ELSE NOT EXISTS (SELECT 1 FROM unnest(t.pool_ids) AS i(id) WHERE NOT keypool.allowed(i.id, 'admin')) END;
+COMMENT ON VIEW keypool_api_tokens IS
+    'API tokens of the worker''s callers: label, user, pools, use, expiry, revocation (never the token); those this role made or administers';
+
 -- The master keys this database's secrets are sealed with (administrators of every pool).
 CREATE VIEW keypool_master_keys WITH (security_barrier) AS
 SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerprint, min(m.created_at) AS created_at,
@@ -431,6 +446,12 @@ COMMENT ON FUNCTION keypool_revoke(text, regrole, text) IS
     'Takes back a privilege keypool_grant gave; needs admin on the pool (* = every pool)';
 COMMENT ON FUNCTION keypool_rotate_master_key() IS
     'Adds a master key to the keyring and reseals every secret of this database with it; returns its number';
+COMMENT ON FUNCTION keypool_create_api_token(text, text, text[], timestamptz) IS
+    'Makes an API token for the worker (bound to a user and to pools, or not), returned once; only its hash is kept';
+COMMENT ON FUNCTION keypool_revoke_api_token(bigint) IS
+    'Revokes an API token (every worker refuses it within seconds)';
+COMMENT ON FUNCTION keypool_authenticate_api_token(text) IS
+    'For the worker: the user and pools of a valid API token (no row for an unknown, revoked or expired one)';
 COMMENT ON FUNCTION keypool.allowed(bigint, text) IS
     'Internal: whether the calling role holds a privilege on a pool (NULL: on every pool), for the views';
 COMMENT ON FUNCTION keypool.scope_readable(bigint) IS
@@ -504,6 +525,9 @@ REVOKE ALL ON FUNCTION
     keypool_grant(text, regrole, text),
     keypool_revoke(text, regrole, text),
     keypool_rotate_master_key(),
+    keypool_create_api_token(text, text, text[], timestamptz),
+    keypool_revoke_api_token(bigint),
+    keypool_authenticate_api_token(text),
     keypool_submit(text, text, jsonb, interval, integer),
     keypool_result(bigint),
     keypool_claim_requests(text, integer, interval),
@@ -521,4 +545,4 @@ FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
 REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats,
     keypool_key_stats, keypool_prices, keypool_alerts, keypool_health, keypool_requests, keypool_workers,
-    keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory FROM PUBLIC;
+    keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

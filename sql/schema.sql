@@ -164,6 +164,24 @@ CREATE TABLE keypool.pool_grant (
     UNIQUE NULLS NOT DISTINCT (pool_id, grantee, privilege)
 );
 
+-- API tokens of keypool-worker's callers (tokens.rs): only each token's SHA-256 is kept. A
+-- token may be bound to a user (it always acts as that user) and to pools (it reaches no other;
+-- NULL: every pool the worker serves).
+CREATE SEQUENCE keypool.api_token_id_seq;
+CREATE TABLE keypool.api_token (
+    id           bigint PRIMARY KEY DEFAULT nextval('keypool.api_token_id_seq'),
+    label        text NOT NULL CHECK (label <> ''),
+    user_id      text,
+    pool_ids     bigint[],
+    token_sha256 bytea NOT NULL UNIQUE,
+    created_by   regrole NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz,
+    expires_at   timestamptz,
+    revoked_at   timestamptz
+);
+ALTER SEQUENCE keypool.api_token_id_seq OWNED BY keypool.api_token.id;
+
 -- Any change to the configuration makes every backend reload its cache (see config.rs).
 CREATE FUNCTION keypool.config_changed() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, keypool, pg_temp AS $$
@@ -191,6 +209,8 @@ SELECT pg_catalog.pg_extension_config_dump('keypool.pool_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.scope_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.key_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.event_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.api_token_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.api_token', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.master_key', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool', '');

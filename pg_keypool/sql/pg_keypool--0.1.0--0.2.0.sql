@@ -7,7 +7,8 @@
 -- - provider secrets sealed at rest under a keyring (pg_keypool.master_key_file), plaintext and
 --   plain SHA-256 columns dropped; labels show the provider prefix and at most 4 characters;
 -- - views show each role only the pools it may read;
--- - NOTIFY keypool_events carries the event id only.
+-- - NOTIFY keypool_events carries the event id only;
+-- - API tokens for keypool-worker's callers (issue 12), stored as SHA-256 only.
 --
 -- After the update the old plaintext still lies in dead tuples of keypool.key and in WAL until
 -- they are recycled: run VACUUM FULL keypool.key and CHECKPOINT (README, "Secrets at rest").
@@ -47,6 +48,21 @@ CREATE TABLE keypool.pool_grant (
     UNIQUE NULLS NOT DISTINCT (pool_id, grantee, privilege)
 );
 
+CREATE SEQUENCE keypool.api_token_id_seq;
+CREATE TABLE keypool.api_token (
+    id           bigint PRIMARY KEY DEFAULT nextval('keypool.api_token_id_seq'),
+    label        text NOT NULL CHECK (label <> ''),
+    user_id      text,
+    pool_ids     bigint[],
+    token_sha256 bytea NOT NULL UNIQUE,
+    created_by   regrole NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz,
+    expires_at   timestamptz,
+    revoked_at   timestamptz
+);
+ALTER SEQUENCE keypool.api_token_id_seq OWNED BY keypool.api_token.id;
+
 CREATE OR REPLACE FUNCTION keypool.config_changed() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, keypool, pg_temp AS $$
 BEGIN
@@ -58,6 +74,8 @@ CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ke
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.master_key
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+SELECT pg_catalog.pg_extension_config_dump('keypool.api_token_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.api_token', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.master_key', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool_grant', '');
 
@@ -134,6 +152,32 @@ CREATE  FUNCTION keypool."member_memory"() RETURNS TABLE (
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'member_memory_wrapper';
+CREATE  FUNCTION "keypool_create_api_token"(
+	"label" TEXT, /* Option < & str > */
+	"user_id" TEXT DEFAULT NULL, /* Option < & str > */
+	"pools" TEXT[] DEFAULT NULL, /* :: std :: option :: Option < Vec < Option < String > > > */
+	"expires_at" timestamp with time zone DEFAULT NULL /* Option < TimestampWithTimeZone > */
+) RETURNS TEXT /* String */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_create_api_token_wrapper';
+CREATE  FUNCTION "keypool_revoke_api_token"(
+	"id" bigint /* Option < i64 > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_revoke_api_token_wrapper';
+CREATE  FUNCTION "keypool_authenticate_api_token"(
+	"token" TEXT /* Option < & str > */
+) RETURNS TABLE (
+	"token_id" bigint,  /* i64 */
+	"user_id" TEXT,  /* Option < String > */
+	"pools" TEXT[],  /* :: std :: option :: Option < Vec < String > > */
+	"expires_at" timestamp with time zone  /* Option < TimestampWithTimeZone > */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_authenticate_api_token_wrapper';
 CREATE OR REPLACE FUNCTION "keypool_claim_requests"(
 	"worker" TEXT, /* Option < & str > */
 	"max_n" INT, /* Option < i32 > */
@@ -690,6 +734,19 @@ SELECT coalesce(p.name, '*') AS pool, g.grantee, g.privilege, g.granted_by, g.gr
 COMMENT ON VIEW keypool_grants IS
     'Privileges on pools (use, read, admin; pool * = every pool): those of the pools this role administers, and its own';
 
+CREATE VIEW keypool_api_tokens WITH (security_barrier) AS
+SELECT t.id, t.label, t.user_id,
+       CASE WHEN t.pool_ids IS NOT NULL THEN
+           (SELECT array_agg(p.name ORDER BY p.name) FROM keypool.pool p WHERE p.id = ANY (t.pool_ids))
+       END AS pools,
+       t.created_by, t.created_at, t.last_used_at, t.expires_at, t.revoked_at
+  FROM keypool.api_token t
+ WHERE keypool.acts_for(t.created_by)
+    OR CASE WHEN t.pool_ids IS NULL THEN keypool.allowed(NULL, 'admin')
+            ELSE NOT EXISTS (SELECT 1 FROM unnest(t.pool_ids) AS i(id) WHERE NOT keypool.allowed(i.id, 'admin')) END;
+COMMENT ON VIEW keypool_api_tokens IS
+    'API tokens of the worker''s callers: label, user, pools, use, expiry, revocation (never the token); those this role made or administers';
+
 CREATE VIEW keypool_master_keys WITH (security_barrier) AS
 SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerprint, min(m.created_at) AS created_at,
        (SELECT count(*) FROM keypool.key k WHERE k.sealed_with = m.key_no) AS secrets
@@ -765,6 +822,12 @@ COMMENT ON FUNCTION keypool_revoke(text, regrole, text) IS
     'Takes back a privilege keypool_grant gave; needs admin on the pool (* = every pool)';
 COMMENT ON FUNCTION keypool_rotate_master_key() IS
     'Adds a master key to the keyring and reseals every secret of this database with it; returns its number';
+COMMENT ON FUNCTION keypool_create_api_token(text, text, text[], timestamptz) IS
+    'Makes an API token for the worker (bound to a user and to pools, or not), returned once; only its hash is kept';
+COMMENT ON FUNCTION keypool_revoke_api_token(bigint) IS
+    'Revokes an API token (every worker refuses it within seconds)';
+COMMENT ON FUNCTION keypool_authenticate_api_token(text) IS
+    'For the worker: the user and pools of a valid API token (no row for an unknown, revoked or expired one)';
 COMMENT ON FUNCTION keypool.allowed(bigint, text) IS
     'Internal: whether the calling role holds a privilege on a pool (NULL: on every pool), for the views';
 COMMENT ON FUNCTION keypool.scope_readable(bigint) IS
@@ -817,6 +880,9 @@ REVOKE ALL ON FUNCTION
     keypool_grant(text, regrole, text),
     keypool_revoke(text, regrole, text),
     keypool_rotate_master_key(),
+    keypool_create_api_token(text, text, text[], timestamptz),
+    keypool_revoke_api_token(bigint),
+    keypool_authenticate_api_token(text),
     keypool.member_memory(),
     keypool.enqueue(regrole, text, text, jsonb, interval, integer),
     keypool.claim_requests(regrole, text[], text, integer, interval),
@@ -826,4 +892,4 @@ REVOKE ALL ON FUNCTION
     keypool.check_alerts()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
-REVOKE ALL ON keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory FROM PUBLIC;
+REVOKE ALL ON keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

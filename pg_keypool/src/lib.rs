@@ -44,6 +44,7 @@ mod settings;
 mod settle;
 pub mod shares;
 mod shmem;
+mod tokens;
 pub mod tree;
 mod txn;
 mod vault;
