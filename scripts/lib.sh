@@ -19,7 +19,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 ensure_packages() {
     local missing=()
-    for p in postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang pkg-config sudo python3-venv; do
+    for p in postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang pkg-config sudo python3-venv openssl; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
     done
     if ((${#missing[@]})); then

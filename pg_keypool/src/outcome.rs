@@ -74,9 +74,23 @@ const NOT_THE_KEYS_FAULT: &[&str] = &["unsupported_country_region_territory", "u
 
 const DAILY_MARKERS: &[&str] = &["perday", "per_day", "daily", "requests_per_day", "tokens_per_day"];
 
+/// Error codes of calls to a path the caller chose (the worker's `/v1/proxy` route) start with
+/// this: such an answer may cool a scope for a bounded time (429, capped by
+/// `pg_keypool.max_cooldown`) or trip a breaker (5xx), never disable a key or an account, nor
+/// take it out for the rest of the day (the 401, 403 or quota answer may well be the path's,
+/// not the key's).
+pub const CALLER_PATH: &str = "proxy:";
+
 /// Classifies a provider answer. `status` is the HTTP status, or 0 when no answer came.
 pub fn classify(status: i32, error_code: Option<&str>) -> Outcome {
     let code = error_code.map(|c| c.trim().to_ascii_lowercase()).unwrap_or_default();
+    if let Some(code) = code.strip_prefix(CALLER_PATH) {
+        return match classify(status, Some(code).filter(|c| !c.is_empty())) {
+            Outcome::KeyInvalid | Outcome::Billing => Outcome::Other,
+            Outcome::DailyQuota => Outcome::RateLimited,
+            outcome => outcome,
+        };
+    }
     let code = code.as_str();
     let is = |list: &[&str]| !code.is_empty() && list.contains(&code);
 
@@ -157,6 +171,16 @@ mod tests {
             (0, None, ServerError),
             (408, None, ServerError),
             (418, None, Other),
+            // a path the caller chose: may cool or trip, never disable
+            (401, Some("proxy:"), Other),
+            (403, Some("proxy:invalid_api_key"), Other),
+            (402, Some("proxy:"), Other),
+            (429, Some("proxy:insufficient_quota"), Other),
+            (429, Some("proxy:rate_limit_exceeded"), RateLimited),
+            (429, Some("proxy:GenerateRequestsPerDayPerProjectPerModel"), RateLimited),
+            (503, Some("proxy:"), ServerError),
+            (200, Some("proxy:"), Success),
+            (404, Some("proxy:not_found"), CallerError),
         ];
         for (status, code, want) in cases {
             assert_eq!(classify(*status, *code), *want, "status {status} code {code:?}");

@@ -1,8 +1,10 @@
 //! The JSON admin and user APIs (seed 000's `/allocation/...` routes) and `GET /metrics`.
 //!
-//! Admin routes need `Authorization: Bearer <admin token>` (KEYPOOL_ADMIN_TOKENS); without one
-//! the answer is 401 and nothing is read. User routes accept an API token (or an admin token)
-//! and report on the calling user (`X-Keypool-User`, else `?user=`, else the default user).
+//! Admin routes need `Authorization: Bearer <admin token>` (KEYPOOL_ADMIN_TOKENS), checked by
+//! `auth::admin` before anything is read, even with `--insecure-no-auth`. User routes accept an
+//! API token (or an admin token) and report on the calling user: a token's own user, else
+//! `X-Keypool-User`, else `?user=`, else the default user. `/metrics` needs
+//! KEYPOOL_METRICS_TOKEN when it is set, and reads the database at most once a second.
 //! Every figure comes from the extension's views and functions, read when asked; admin answers
 //! use the views' column names, the two user routes the field names of seed 000.
 
@@ -10,9 +12,10 @@
 #![allow(clippy::result_large_err)]
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,14 +24,20 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_postgres::types::ToSql;
 
+use crate::auth::{self, Principal};
 use crate::db::DbError;
 use crate::server::{self, Endpoint};
 
-pub fn router() -> Router<Arc<Endpoint>> {
+/// The user API: the calling user's own share.
+pub fn user_router() -> Router<Arc<Endpoint>> {
     Router::new()
-        .route("/metrics", get(metrics))
         .route("/allocation/daily", get(daily))
         .route("/allocation/can-request", get(can_request))
+}
+
+/// The admin API (the caller's admin token is checked by the layer `server::router` puts on it).
+pub fn admin_router() -> Router<Arc<Endpoint>> {
+    Router::new()
         .route("/allocation/system-overview", get(overview))
         .route("/allocation/health", get(health))
         .route("/allocation/alerts", get(alerts))
@@ -41,7 +50,7 @@ pub fn router() -> Router<Arc<Endpoint>> {
         .route("/allocation/pools/{pool}/reset", post(reset_pool))
 }
 
-fn problem(status: StatusCode, message: &str, code: &str) -> Response {
+pub(crate) fn problem(status: StatusCode, message: &str, code: &str) -> Response {
     (status, axum::Json(json!({"error": {"message": message, "code": code}}))).into_response()
 }
 
@@ -62,41 +71,6 @@ fn from_db(e: DbError) -> Response {
         message.push_str(" (the worker's role needs the grants README's Roles section lists for the admin API)");
     }
     problem(status, &message, code)
-}
-
-/// Answers 401 unless an admin token was presented.
-pub(crate) fn authorize_admin(ep: &Endpoint, headers: &HeaderMap) -> Result<(), Response> {
-    if ep.insecure_no_auth {
-        return Ok(());
-    }
-    match server::bearer(headers) {
-        None => Err(problem(
-            StatusCode::UNAUTHORIZED,
-            "missing admin token: send `Authorization: Bearer <token>` with one of the worker's KEYPOOL_ADMIN_TOKENS",
-            "invalid_admin_token",
-        )),
-        Some(t) if server::one_of(&ep.admin_tokens, t) => Ok(()),
-        Some(_) => Err(problem(
-            StatusCode::UNAUTHORIZED,
-            "the token is not an admin token (one of the worker's KEYPOOL_ADMIN_TOKENS)",
-            "invalid_admin_token",
-        )),
-    }
-}
-
-/// Answers 401 unless an API token or an admin token was presented.
-fn authorize_user(ep: &Endpoint, headers: &HeaderMap) -> Result<(), Response> {
-    if ep.insecure_no_auth {
-        return Ok(());
-    }
-    match server::bearer(headers) {
-        Some(t) if server::one_of(&ep.tokens, t) || server::one_of(&ep.admin_tokens, t) => Ok(()),
-        _ => Err(problem(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown token: send `Authorization: Bearer <token>` with one of the worker's KEYPOOL_API_TOKENS",
-            "invalid_api_key",
-        )),
-    }
 }
 
 /// Runs `sql` and answers with its rows as a JSON array (or the first row as an object).
@@ -125,10 +99,39 @@ fn ok(v: Value) -> Response {
     (StatusCode::OK, axum::Json(v)).into_response()
 }
 
-async fn metrics(State(ep): State<Arc<Endpoint>>) -> Response {
+/// How long the database part of a scrape is reused.
+const METRICS_DB_TTL: Duration = Duration::from_secs(1);
+
+/// `GET /metrics`: the worker's own counters, and the pools' figures from the database (computed
+/// at most once per [`METRICS_DB_TTL`], however many scrape).
+pub async fn metrics(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {
+    if let Some(token) = &ep.metrics_token {
+        let presented = auth::bearer(&headers);
+        if !presented.is_some_and(|t| auth::one_of(std::slice::from_ref(token), t) || auth::one_of(&ep.admin_tokens, t))
+        {
+            return problem(
+                StatusCode::UNAUTHORIZED,
+                "scrapes need `Authorization: Bearer <KEYPOOL_METRICS_TOKEN>`",
+                "invalid_metrics_token",
+            );
+        }
+    }
     let mut text = String::new();
     ep.gateway.metrics.render_own(&mut text);
-    crate::metrics::render_database(&ep.gateway.db, &mut text).await;
+    {
+        // Scrapes that arrive while one reads the database wait for it and share its answer.
+        let mut cached = ep.metrics_cache.lock().await;
+        let fresh = cached.as_ref().is_some_and(|(at, _)| at.elapsed() < METRICS_DB_TTL);
+        if !fresh {
+            tracing::debug!("metrics: read the database");
+            let mut db_part = String::new();
+            crate::metrics::render_database(&ep.gateway.db, &mut db_part).await;
+            *cached = Some((Instant::now(), db_part));
+        }
+        if let Some((_, db_part)) = cached.as_ref() {
+            text.push_str(db_part);
+        }
+    }
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
@@ -143,22 +146,28 @@ struct AllocationQuery {
     user: Option<String>,
 }
 
-/// The user and pool a user route reports on.
-async fn user_and_pool(ep: &Endpoint, headers: &HeaderMap, q: &AllocationQuery) -> Result<(String, String), Response> {
-    let user = server::user_of(ep, headers, q.user.as_deref())?;
-    let pool = match &q.pool {
-        Some(p) if !p.is_empty() => p.clone(),
-        _ => ep.resolve_pool(headers, q.model.as_deref()).await?,
-    };
+/// The user and pool a user route reports on: a token bound to a user reports on that user
+/// only, a token bound to pools on those pools only.
+async fn user_and_pool(
+    ep: &Endpoint,
+    principal: &Principal,
+    headers: &HeaderMap,
+    q: &AllocationQuery,
+) -> Result<(String, String), Response> {
+    let user = server::user_of(ep, principal, headers, q.user.as_deref())?;
+    let model = q.pool.as_deref().filter(|p| !p.is_empty()).or(q.model.as_deref());
+    let pool = ep.resolve_pool(principal, headers, model).await?;
     Ok((user, pool))
 }
 
 /// `GET /allocation/daily?model=...`: the calling user's share of the pool today.
-async fn daily(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Query(q): Query<AllocationQuery>) -> Response {
-    if let Err(r) = authorize_user(&ep, &headers) {
-        return r;
-    }
-    let (user, pool) = match user_and_pool(&ep, &headers, &q).await {
+async fn daily(
+    State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    Query(q): Query<AllocationQuery>,
+) -> Response {
+    let (user, pool) = match user_and_pool(&ep, &principal, &headers, &q).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -183,13 +192,11 @@ async fn daily(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Query(q): Qu
 /// granted a share (and the pool has a usable key). Reserves nothing.
 async fn can_request(
     State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     Query(q): Query<AllocationQuery>,
 ) -> Response {
-    if let Err(r) = authorize_user(&ep, &headers) {
-        return r;
-    }
-    let (user, pool) = match user_and_pool(&ep, &headers, &q).await {
+    let (user, pool) = match user_and_pool(&ep, &principal, &headers, &q).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -209,15 +216,12 @@ async fn can_request(
     }
 }
 
-/// Admin route: answers `build`'s JSON, or 401 before anything is read.
-async fn admin<F, Fut>(ep: Arc<Endpoint>, headers: HeaderMap, build: F) -> Response
+/// Admin route: answers `build`'s JSON (the admin token was checked by `auth::admin`).
+async fn admin<F, Fut>(ep: Arc<Endpoint>, build: F) -> Response
 where
     F: FnOnce(Arc<Endpoint>) -> Fut,
     Fut: std::future::Future<Output = Result<Value, Response>>,
 {
-    if let Err(r) = authorize_admin(&ep, &headers) {
-        return r;
-    }
     match build(ep).await {
         Ok(v) => ok(v),
         Err(r) => r,
@@ -232,8 +236,8 @@ const EVENTS: &str = "SELECT * FROM keypool_events ORDER BY id DESC LIMIT $1";
 const KEY_STATS: &str = "SELECT * FROM keypool_key_stats WHERE $1::text IS NULL OR pool = $1 ORDER BY pool, key_id";
 
 /// `GET /allocation/system-overview`: health, pools, alerts, workers and the latest events.
-async fn overview(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {
-    admin(ep, headers, |ep| async move {
+async fn overview(State(ep): State<Arc<Endpoint>>) -> Response {
+    admin(ep, |ep| async move {
         let limit: i64 = 20;
         Ok(json!({
             "health": rows_json(&ep, HEALTH, &[], true).await?,
@@ -246,17 +250,12 @@ async fn overview(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Respon
     .await
 }
 
-async fn health(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {
-    admin(ep, headers, |ep| async move { rows_json(&ep, HEALTH, &[], true).await }).await
+async fn health(State(ep): State<Arc<Endpoint>>) -> Response {
+    admin(ep, |ep| async move { rows_json(&ep, HEALTH, &[], true).await }).await
 }
 
-async fn alerts(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {
-    admin(
-        ep,
-        headers,
-        |ep| async move { rows_json(&ep, ALERTS, &[], false).await },
-    )
-    .await
+async fn alerts(State(ep): State<Arc<Endpoint>>) -> Response {
+    admin(ep, |ep| async move { rows_json(&ep, ALERTS, &[], false).await }).await
 }
 
 #[derive(Deserialize)]
@@ -264,8 +263,8 @@ struct EventsQuery {
     limit: Option<i64>,
 }
 
-async fn events(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Query(q): Query<EventsQuery>) -> Response {
-    admin(ep, headers, |ep| async move {
+async fn events(State(ep): State<Arc<Endpoint>>, Query(q): Query<EventsQuery>) -> Response {
+    admin(ep, |ep| async move {
         let limit = q.limit.unwrap_or(50).clamp(1, 1000);
         rows_json(&ep, EVENTS, &[&limit], false).await
     })
@@ -278,16 +277,17 @@ struct PoolQuery {
 }
 
 /// `GET /allocation/key-pool/stats[?pool=]`: every key's use against its limits.
-async fn key_stats(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Query(q): Query<PoolQuery>) -> Response {
-    admin(ep, headers, |ep| async move {
-        rows_json(&ep, KEY_STATS, &[&q.pool], false).await
-    })
+async fn key_stats(State(ep): State<Arc<Endpoint>>, Query(q): Query<PoolQuery>) -> Response {
+    admin(
+        ep,
+        |ep| async move { rows_json(&ep, KEY_STATS, &[&q.pool], false).await },
+    )
     .await
 }
 
 /// `GET /allocation/key-pool/available[?pool=]`: keys that can take a request now.
-async fn available(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Query(q): Query<PoolQuery>) -> Response {
-    admin(ep, headers, |ep| async move {
+async fn available(State(ep): State<Arc<Endpoint>>, Query(q): Query<PoolQuery>) -> Response {
+    admin(ep, |ep| async move {
         rows_json(
             &ep,
             "SELECT key_id, pool, provider, model, account, label, group_no, users, last_used_at
@@ -320,8 +320,8 @@ fn day(name: &str, v: Option<&str>) -> Result<Option<String>, Response> {
 
 /// `GET /allocation/usage-report?from=&to=`: per key per day, with estimated cost (default:
 /// the last 7 days).
-async fn usage_report(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Query(q): Query<ReportQuery>) -> Response {
-    admin(ep, headers, |ep| async move {
+async fn usage_report(State(ep): State<Arc<Endpoint>>, Query(q): Query<ReportQuery>) -> Response {
+    admin(ep, |ep| async move {
         let from = day("from", q.from.as_deref())?;
         let to = day("to", q.to.as_deref())?;
         rows_json(
@@ -343,13 +343,8 @@ struct DisableBody {
 }
 
 /// `POST /allocation/keys/{key_id}/disable` with an optional `{"reason": "..."}`.
-async fn disable_key(
-    State(ep): State<Arc<Endpoint>>,
-    headers: HeaderMap,
-    Path(key_id): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    admin(ep, headers, |ep| async move {
+async fn disable_key(State(ep): State<Arc<Endpoint>>, Path(key_id): Path<String>, body: axum::body::Bytes) -> Response {
+    admin(ep, |ep| async move {
         let key_id = key_number(&key_id)?;
         let body: DisableBody = if body.is_empty() {
             DisableBody::default()
@@ -370,8 +365,8 @@ async fn disable_key(
 }
 
 /// `POST /allocation/keys/{key_id}/enable`.
-async fn enable_key(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Path(key_id): Path<String>) -> Response {
-    admin(ep, headers, |ep| async move {
+async fn enable_key(State(ep): State<Arc<Endpoint>>, Path(key_id): Path<String>) -> Response {
+    admin(ep, |ep| async move {
         let key_id = key_number(&key_id)?;
         act(&ep, "SELECT keypool_enable_key($1)", &[&key_id]).await?;
         rows_json(&ep, KEY_AFTER, &[&key_id], true).await
@@ -380,8 +375,8 @@ async fn enable_key(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Path(ke
 }
 
 /// `POST /allocation/pools/{pool}/reset`: keypool_reset_usage(pool).
-async fn reset_pool(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, Path(pool): Path<String>) -> Response {
-    admin(ep, headers, |ep| async move {
+async fn reset_pool(State(ep): State<Arc<Endpoint>>, Path(pool): Path<String>) -> Response {
+    admin(ep, |ep| async move {
         rows_json(
             &ep,
             "SELECT $1::text AS pool, keypool_reset_usage($1) AS reset",

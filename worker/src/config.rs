@@ -61,16 +61,37 @@ pub struct ServeArgs {
     /// Address of the HTTP endpoint.
     #[arg(long, env = "KEYPOOL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// API tokens apps present as `Authorization: Bearer TOKEN` (comma-separated).
+    /// Service tokens the operator's own apps present as `Authorization: Bearer TOKEN`
+    /// (comma-separated); they may act as any user. End users get API tokens from
+    /// keypool_create_api_token instead, which the worker accepts as well.
     #[arg(long, env = "KEYPOOL_API_TOKENS", hide_env_values = true)]
     pub api_tokens: Option<String>,
     /// Tokens for the admin API, `/dashboard` and its actions (comma-separated; none: admin
     /// routes answer 401).
     #[arg(long, env = "KEYPOOL_ADMIN_TOKENS", hide_env_values = true)]
     pub admin_tokens: Option<String>,
-    /// Serves HTTP without any token check (local experiments only).
+    /// Token Prometheus presents to scrape /metrics (none: /metrics is open).
+    #[arg(long, env = "KEYPOOL_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// Serves the API routes without any token check (local experiments only; the admin API
+    /// and the dashboard still need an admin token).
     #[arg(long, env = "KEYPOOL_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Largest request body, e.g. 4MiB (larger: 413, without reading it whole).
+    #[arg(long, env = "KEYPOOL_MAX_BODY", default_value = "4MiB", value_parser = parse_size)]
+    pub max_body: usize,
+    /// Largest provider answer read; a stream over it is cut and settled.
+    #[arg(long, env = "KEYPOOL_MAX_RESPONSE", default_value = "32MiB", value_parser = parse_size)]
+    pub max_response: usize,
+    /// HTTP requests handled at once (more: 503 at once).
+    #[arg(long, env = "KEYPOOL_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Longest wait for a request's head, and for the next request on an idle connection.
+    #[arg(long, env = "KEYPOOL_HEADER_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
+    pub header_timeout: Duration,
+    /// Longest pause while a request body arrives (longer: 408).
+    #[arg(long, env = "KEYPOOL_IDLE_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
+    pub idle_timeout: Duration,
     /// Turns the HTTP endpoint off (queue consumer only).
     #[arg(long, env = "KEYPOOL_NO_HTTP")]
     pub no_http: bool,
@@ -116,6 +137,33 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
 }
 
+/// A size in bytes: `4194304`, `512KiB`, `4MiB`, `1GiB` (also kB, MB, GB as powers of 1000).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; write e.g. 4MiB, 512KiB or 1048576"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?}; use B, KiB, MiB or GiB"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 fn token_list(list: Option<&str>) -> Vec<String> {
     list.unwrap_or("")
         .split(',')
@@ -139,22 +187,42 @@ impl ServeArgs {
         if self.no_http && self.no_queue {
             return Err("--no-http and --no-queue together leave nothing to do".into());
         }
-        if !self.no_http && !self.insecure_no_auth {
-            let tokens = self.tokens();
-            if tokens.is_empty() {
-                return Err(
-                    "the HTTP endpoint needs API tokens: set KEYPOOL_API_TOKENS=token1,token2 \
-                            (or --api-tokens), or pass --insecure-no-auth for a local experiment"
-                        .into(),
-                );
-            }
-            if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
+        if let Some(short) = self.tokens().iter().find(|t| t.len() < 16) {
+            return Err(format!(
+                "API token {} is {} characters long; use at least 16 (e.g. `openssl rand -hex 24`)",
+                keypool_mask::mask(short),
+                short.len()
+            ));
+        }
+        if let Some(t) = &self.metrics_token {
+            if t.len() < 16 {
                 return Err(format!(
-                    "API token {} is {} characters long; use at least 16 (e.g. `openssl rand -hex 24`)",
-                    keypool_mask::mask(short),
-                    short.len()
+                    "the metrics token {} is {} characters long; use at least 16",
+                    keypool_mask::mask(t),
+                    t.len()
                 ));
             }
+            if self.tokens().contains(t) {
+                return Err("the metrics token must not be an API token".into());
+            }
+        }
+        if self.max_body < 1024 || self.max_body > 1 << 30 {
+            return Err(format!(
+                "--max-body must be between 1KiB and 1GiB, not {} bytes",
+                self.max_body
+            ));
+        }
+        if self.max_response < 1024 || self.max_response > 1 << 32 {
+            return Err(format!(
+                "--max-response must be between 1KiB and 4GiB, not {} bytes",
+                self.max_response
+            ));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
+            return Err("--max-in-flight must be between 1 and 1000000".into());
+        }
+        if self.header_timeout < Duration::from_millis(100) || self.idle_timeout < Duration::from_millis(100) {
+            return Err("--header-timeout and --idle-timeout must be at least 100ms".into());
         }
         let admin = self.admin_tokens();
         if let Some(short) = admin.iter().find(|t| t.len() < 16) {
@@ -341,15 +409,35 @@ mod tests {
     }
 
     #[test]
-    fn http_needs_tokens() {
-        let err = serve(&[]).unwrap_err();
-        assert!(err.contains("KEYPOOL_API_TOKENS"), "{err}");
+    fn service_tokens_are_optional_but_long() {
+        // Without service tokens, API tokens from the database are the way in.
+        assert!(serve(&[]).is_ok());
         assert!(serve(&["--insecure-no-auth"]).is_ok());
         assert!(serve(&["--no-http"]).is_ok());
         let ok = serve(&["--api-tokens", " 0123456789abcdef0123 , fedcba9876543210fedc"]).unwrap();
         assert_eq!(ok.tokens().len(), 2);
         let short = serve(&["--api-tokens", "secret"]).unwrap_err();
         assert!(short.contains("at least 16") && !short.contains("secret"), "{short}");
+        let metrics = serve(&["--metrics-token", "scrape"]).unwrap_err();
+        assert!(
+            metrics.contains("at least 16") && !metrics.contains("scrape"),
+            "{metrics}"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("2MB"), Ok(2_000_000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("4XB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+        let s = serve(&["--max-body", "1MiB", "--max-response", "8MiB"]).unwrap();
+        assert_eq!((s.max_body, s.max_response), (1 << 20, 8 << 20));
+        assert!(serve(&["--max-body", "10"]).is_err());
+        assert!(serve(&["--max-in-flight", "0"]).is_err());
     }
 
     #[test]

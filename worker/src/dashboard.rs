@@ -3,13 +3,27 @@
 //! sessionStorage, or passed as `#token=...`, which never reaches a server log) and refreshes
 //! itself. Disable, enable and reset go through the same API.
 
+use std::sync::Arc;
+
 use axum::body::Body;
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::server::Endpoint;
+
 const PAGE: &str = include_str!("dashboard.html");
 
-pub async fn page() -> Response {
+/// The page, when the worker has admin tokens (without them, nor with `--insecure-no-auth`
+/// alone, is there a dashboard).
+pub async fn page(State(ep): State<Arc<Endpoint>>) -> Response {
+    if ep.admin_tokens.is_empty() {
+        return crate::admin::problem(
+            StatusCode::NOT_FOUND,
+            "the dashboard is off: start the worker with KEYPOOL_ADMIN_TOKENS",
+            "dashboard_off",
+        );
+    }
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/html; charset=utf-8")

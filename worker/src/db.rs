@@ -3,12 +3,10 @@
 //! when it does not), `keypool_release`, and the check that the database has the extension
 //! version this worker was built with.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::NoTls;
 use tracing::{debug, warn};
 
 use crate::config::DbArgs;
@@ -49,11 +47,20 @@ impl From<tokio_postgres::Error> for DbError {
                 message: d.message().to_string(),
                 hint: d.hint().map(str::to_string),
             },
-            None => DbError {
-                sqlstate: None,
-                message: format!("database connection: {e}"),
-                hint: None,
-            },
+            None => {
+                // tokio-postgres names the kind of failure; its causes say what happened.
+                let mut message = format!("database connection: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    message.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                DbError {
+                    sqlstate: None,
+                    message,
+                    hint: None,
+                }
+            }
         }
     }
 }
@@ -136,6 +143,10 @@ const SETTLE_MANY: &str = "SELECT keypool_settle(r, s, p, c, ra, e) \
                            FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[]) \
                            AS t(r, s, p, c, ra, e)";
 const RELEASE: &str = "SELECT keypool_release($1)";
+const AUTHENTICATE: &str = "SELECT token_id, user_id, pools, expires_at FROM keypool_authenticate_api_token($1)";
+/// Settlements waiting for the background settler at most; beyond, senders wait for room
+/// (back-pressure: nothing is dropped).
+const SETTLE_QUEUE: usize = 4096;
 /// Most settlements sent in one statement.
 const SETTLE_BATCH: usize = 256;
 
@@ -143,7 +154,9 @@ const SETTLE_BATCH: usize = 256;
 pub struct Db {
     pool: Pool,
     config: tokio_postgres::Config,
-    settles: mpsc::UnboundedSender<SettleMsg>,
+    /// TLS as the connection string's sslmode asks (pgtls.rs), for connections outside the pool.
+    tls: crate::pgtls::Tls,
+    settles: mpsc::Sender<SettleMsg>,
 }
 
 /// Where the worker connects, without the password.
@@ -169,8 +182,8 @@ pub fn describe(config: &tokio_postgres::Config) -> String {
 impl Db {
     /// Connects, checks the extension, and starts the background settler.
     pub async fn connect(args: &DbArgs) -> anyhow::Result<Db> {
-        let mut config = tokio_postgres::Config::from_str(&args.database_url)
-            .map_err(|e| anyhow::anyhow!("KEYPOOL_DATABASE_URL is not a valid PostgreSQL connection string: {e}"))?;
+        let (mut config, tls, ssl_mode) =
+            crate::pgtls::configure(&args.database_url).map_err(|e| anyhow::anyhow!(e))?;
         if config.get_application_name().is_none() {
             config.application_name("keypool-worker");
         }
@@ -179,7 +192,7 @@ impl Db {
         }
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -191,20 +204,33 @@ impl Db {
             .create_timeout(Some(Duration::from_secs(15)))
             .build()
             .map_err(|e| anyhow::anyhow!("cannot set up the database pool: {e}"))?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(SETTLE_QUEUE);
         let db = Db {
             pool,
             config,
+            tls,
             settles: tx,
         };
-        let client = db
-            .client()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to the {}: {e}", describe(&db.config)))?;
+        let client = db.client().await.map_err(|e| {
+            let mut message = format!("cannot connect to the {}: {e}", describe(&db.config));
+            if e.message.contains("TLS") || e.message.contains("certificate") {
+                message.push_str(&format!(
+                    " (sslmode={}: verify-ca checks that the server's certificate chains to sslrootcert, \
+                     verify-full also that it names the host)",
+                    crate::pgtls::mode_name(ssl_mode)
+                ));
+            }
+            anyhow::anyhow!(message)
+        })?;
         check_extension(&client, &db.config).await?;
         drop(client);
         tokio::spawn(settler(db.pool.clone(), rx));
         Ok(db)
+    }
+
+    /// A connection of its own (LISTEN), made as the pool's are.
+    pub async fn dedicated(&self) -> Result<(tokio_postgres::Client, crate::pgtls::Connection), tokio_postgres::Error> {
+        self.config.connect(self.tls.clone()).await
     }
 
     pub fn config(&self) -> &tokio_postgres::Config {
@@ -277,9 +303,9 @@ impl Db {
     }
 
     /// Settles in the background, batched with other settlements; for answers whose outcome
-    /// the worker does not need (successes).
-    pub fn settle_later(&self, s: Settlement) {
-        if let Err(mpsc::error::SendError(SettleMsg::Settle(s))) = self.settles.send(SettleMsg::Settle(s)) {
+    /// the worker does not need (successes). Waits while the settler's queue is full.
+    pub async fn settle_later(&self, s: Settlement) {
+        if let Err(mpsc::error::SendError(SettleMsg::Settle(s))) = self.settles.send(SettleMsg::Settle(s)).await {
             warn!(
                 reservation = s.reservation_id,
                 "settler stopped; reservation stays open until its lease"
@@ -287,12 +313,49 @@ impl Db {
         }
     }
 
+    /// [`Db::settle_later`] from where nothing can wait (a request dropped mid-call): queued
+    /// at once when there is room, else by a task that waits for it.
+    pub fn settle_soon(&self, s: Settlement) {
+        match self.settles.try_send(SettleMsg::Settle(s)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(SettleMsg::Settle(s))) => {
+                let db = self.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move { db.settle_later(s).await });
+                    }
+                    Err(_) => warn!(
+                        reservation = s.reservation_id,
+                        "no runtime to settle; reservation stays open until its lease"
+                    ),
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                warn!("settler stopped; a reservation stays open until its lease")
+            }
+        }
+    }
+
     /// Waits until every settlement handed to [`Db::settle_later`] so far has been sent.
     pub async fn flush_settlements(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.settles.send(SettleMsg::Flush(tx)).is_ok() {
+        if self.settles.send(SettleMsg::Flush(tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// What a database API token allows (`keypool_authenticate_api_token`), if it is valid.
+    pub async fn authenticate_token(&self, token: &str) -> Result<Option<crate::auth::TokenGrant>, DbError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(AUTHENTICATE).await?;
+        let row = client.query_opt(&stmt, &[&token]).await?;
+        Ok(row.map(|r| crate::auth::TokenGrant {
+            id: r.get(0),
+            user: r.get(1),
+            pools: r.get(2),
+            expires_at: r.get(3),
+        }))
     }
 
     /// Gives back a reservation whose call was never sent.
@@ -330,7 +393,7 @@ async fn check_extension(client: &Object, config: &tokio_postgres::Config) -> an
 
 /// Sends settlements in batches: whatever queued up while the previous batch was in flight
 /// goes in the next statement.
-async fn settler(pool: Pool, mut rx: mpsc::UnboundedReceiver<SettleMsg>) {
+async fn settler(pool: Pool, mut rx: mpsc::Receiver<SettleMsg>) {
     let mut batch: Vec<Settlement> = Vec::with_capacity(SETTLE_BATCH);
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {

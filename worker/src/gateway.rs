@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::db::{Allocation, Db, DbError, Refusal, Reserved, Settlement};
 use crate::metrics::Metrics;
-use crate::openai::{self, ChatRequest, Usage};
+use crate::openai::{self, ChatRequest, EmbeddingsRequest, Usage};
 use crate::providers::{self, KeyRef, ProviderError, Translate, Wire};
 use crate::sse;
 
@@ -38,6 +38,36 @@ pub struct Settings {
     pub provider_timeout: Duration,
     pub max_attempts: u32,
     pub default_max_tokens: u32,
+    /// Largest provider answer the worker reads (streams: passes on) before cutting it.
+    pub max_response: usize,
+}
+
+/// Error answers are read up to this much (their message and code are near the start).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Why an answer's body could not be read whole.
+enum BodyError {
+    /// Larger than the limit: the rest was never read.
+    TooLarge,
+    /// The connection broke off.
+    Broken,
+}
+
+/// Reads an answer's body, holding at most `limit` bytes of it.
+async fn read_capped(response: reqwest::Response, limit: usize) -> Result<Bytes, BodyError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = bytes::BytesMut::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|_| BodyError::Broken)?;
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// A chat request on its way.
@@ -50,6 +80,43 @@ pub struct ChatJob {
     /// How long to wait for capacity when the pool is exhausted before answering with the
     /// refusal.
     pub capacity_wait: Duration,
+}
+
+/// An embeddings request on its way.
+pub struct EmbedJob {
+    pub user: String,
+    pub pool: String,
+    pub request: EmbeddingsRequest,
+    pub deadline: Instant,
+    pub capacity_wait: Duration,
+}
+
+/// What every attempt of one request needs.
+struct Plan<'a> {
+    user: &'a str,
+    pool: &'a str,
+    /// Tokens reserved per attempt, and the prompt's part of them (settled when a call's usage
+    /// is not known).
+    est: i64,
+    prompt_est: i64,
+    deadline: Instant,
+    capacity_wait: Duration,
+    started: Instant,
+}
+
+/// A provider's 2xx answer, still to be read and settled.
+struct Accepted {
+    response: reqwest::Response,
+    key: KeyRef,
+    held: Held,
+    served: Served,
+    status: u16,
+}
+
+/// A whole answer in OpenAI's shape.
+pub struct Complete {
+    pub body: Bytes,
+    pub served: Served,
 }
 
 /// Which key served a request, and the user's share afterwards.
@@ -181,7 +248,7 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         if self.armed {
-            self.db.settle_later(Settlement {
+            self.db.settle_soon(Settlement {
                 reservation_id: self.reservation_id,
                 status: 499,
                 usage: self.usage,
@@ -199,6 +266,9 @@ fn remaining(deadline: Instant) -> Duration {
 impl Gateway {
     pub fn new(db: Db, settings: Settings) -> anyhow::Result<Gateway> {
         let http = reqwest::Client::builder()
+            // A redirect would take the key (in a header reqwest does not strip, or in the
+            // query) to wherever the provider points: never follow one.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
@@ -248,22 +318,136 @@ impl Gateway {
 
     /// Carries out a chat request.
     pub async fn chat(&self, job: ChatJob) -> Result<Answer, Failure> {
-        let started = Instant::now();
-        let result = self.chat_inner(&job, started).await;
+        let plan = Plan {
+            user: &job.user,
+            pool: &job.pool,
+            est: job.request.estimate_tokens(self.settings.default_max_tokens),
+            prompt_est: job.request.estimate_prompt_tokens(),
+            deadline: job.deadline,
+            capacity_wait: job.capacity_wait,
+            started: Instant::now(),
+        };
+        let default_max_tokens = self.settings.default_max_tokens;
+        let result = self
+            .attempts(
+                &plan,
+                |key| providers::chat_request(&self.http, key, &job.request, job.stream, default_max_tokens),
+                |accepted| self.chat_answer(&plan, &job, accepted),
+            )
+            .await;
         if result.is_err() {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
 
-    async fn chat_inner(&self, job: &ChatJob, started: Instant) -> Result<Answer, Failure> {
-        let est = job.request.estimate_tokens(self.settings.default_max_tokens);
-        let prompt_est = job.request.estimate_prompt_tokens();
+    /// Reads (or starts relaying) a provider's 2xx answer to a chat request.
+    async fn chat_answer(&self, plan: &Plan<'_>, job: &ChatJob, accepted: Accepted) -> Result<Answer, Failure> {
+        let shown_model = accepted
+            .key
+            .model
+            .clone()
+            .or_else(|| job.request.model().map(str::to_string))
+            .unwrap_or_else(|| job.pool.clone());
+        if job.stream {
+            let Accepted {
+                response,
+                key,
+                held,
+                served,
+                ..
+            } = accepted;
+            let translator = providers::stream_translator(&key, &shown_model, job.request.wants_stream_usage());
+            let events = relay(
+                response,
+                translator,
+                held,
+                (self.settings.provider_timeout, self.settings.max_response),
+                StreamLog {
+                    user: job.user.clone(),
+                    pool: job.pool.clone(),
+                    key_id: key.id,
+                    key_label: key.label.clone(),
+                    provider: key.provider.clone(),
+                    attempts: served.attempts,
+                    started: plan.started,
+                    stats: self.stats.clone(),
+                },
+            );
+            return Ok(Answer::Stream { events, served });
+        }
+        let prompt_est = plan.prompt_est;
+        let (body, served) = self
+            .read_answer(plan, accepted, |key, body| {
+                let c = providers::read_completion(key, body, &shown_model)?;
+                let usage = c.usage.unwrap_or(Usage {
+                    prompt_tokens: prompt_est,
+                    completion_tokens: openai::count_tokens(c.generated_chars),
+                });
+                Ok((c.body, usage))
+            })
+            .await?;
+        Ok(Answer::Complete { body, served })
+    }
+
+    /// Carries out an embeddings request (OpenAI's `/v1/embeddings` shape in and out).
+    pub async fn embed(&self, job: EmbedJob) -> Result<Complete, Failure> {
+        let plan = Plan {
+            user: &job.user,
+            pool: &job.pool,
+            est: job.request.estimate_tokens(),
+            prompt_est: job.request.estimate_tokens(),
+            deadline: job.deadline,
+            capacity_wait: job.capacity_wait,
+            started: Instant::now(),
+        };
+        let result = self
+            .attempts(
+                &plan,
+                |key| providers::embeddings_request(&self.http, key, &job.request),
+                |accepted| async {
+                    let shown_model = accepted
+                        .key
+                        .model
+                        .clone()
+                        .or_else(|| job.request.model().map(str::to_string))
+                        .unwrap_or_else(|| job.pool.clone());
+                    let counted = plan.prompt_est;
+                    let (body, served) = self
+                        .read_answer(&plan, accepted, |key, body| {
+                            let e = providers::read_embeddings(key, body, &job.request, &shown_model)?;
+                            let usage = e.usage.unwrap_or(Usage {
+                                prompt_tokens: counted,
+                                completion_tokens: 0,
+                            });
+                            Ok((e.body, usage))
+                        })
+                        .await?;
+                    Ok(Complete { body, served })
+                },
+            )
+            .await;
+        if result.is_err() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Reserve → call → settle, trying another key while the extension's outcome class says the
+    /// key (not the request) was the problem. `build` makes the provider request for a granted
+    /// key (an error is the caller's, and gives the capacity back); `accept` reads a 2xx answer
+    /// and settles it.
+    async fn attempts<T, B, A, F>(&self, plan: &Plan<'_>, build: B, accept: A) -> Result<T, Failure>
+    where
+        B: Fn(&KeyRef) -> Result<reqwest::RequestBuilder, String>,
+        A: FnOnce(Accepted) -> F,
+        F: std::future::Future<Output = Result<T, Failure>>,
+    {
         let mut attempts = 0u32;
         let mut waited = Duration::ZERO;
         let mut last: Option<(String, Option<i64>)> = None;
         loop {
-            if Instant::now() >= job.deadline {
+            if Instant::now() >= plan.deadline {
                 return Err(Failure::Exhausted {
                     last: last
                         .map(|l| l.0)
@@ -274,7 +458,14 @@ impl Gateway {
                 });
             }
             let grant = match self
-                .reserve(&job.user, &job.pool, est, job.deadline, job.capacity_wait, &mut waited)
+                .reserve(
+                    plan.user,
+                    plan.pool,
+                    plan.est,
+                    plan.deadline,
+                    plan.capacity_wait,
+                    &mut waited,
+                )
                 .await?
             {
                 Ok(g) => g,
@@ -288,13 +479,7 @@ impl Gateway {
             };
             attempts += 1;
             let key = grant.key;
-            let builder = match providers::chat_request(
-                &self.http,
-                &key,
-                &job.request,
-                job.stream,
-                self.settings.default_max_tokens,
-            ) {
+            let builder = match build(&key) {
                 Ok(b) => b,
                 Err(msg) => {
                     // Never sent: give the capacity back.
@@ -308,12 +493,12 @@ impl Gateway {
                 db: self.db.clone(),
                 reservation_id: grant.reservation_id,
                 usage: Usage {
-                    prompt_tokens: prompt_est,
+                    prompt_tokens: plan.prompt_est,
                     completion_tokens: 0,
                 },
                 armed: true,
             };
-            let call_timeout = self.settings.provider_timeout.min(remaining(job.deadline));
+            let call_timeout = self.settings.provider_timeout.min(remaining(plan.deadline));
             let sent_at = Instant::now();
             let sent = tokio::time::timeout(call_timeout, builder.send()).await;
             let took = sent_at.elapsed();
@@ -330,9 +515,9 @@ impl Gateway {
                     let outcome = self
                         .settle_now(grant.reservation_id, 0, held.usage, None, None)
                         .await
-                        .map_err(|e| Failure::from_db(e, &job.pool))?;
-                    self.metrics.provider_call(&job.pool, &key.provider, class, took);
-                    warn!(user = %job.user, pool = %job.pool, key_id = key.id, key = %key.label, provider = %key.provider, attempt = attempts,
+                        .map_err(|e| Failure::from_db(e, plan.pool))?;
+                    self.metrics.provider_call(plan.pool, &key.provider, class, took);
+                    warn!(user = ?plan.user, pool = ?plan.pool, key_id = key.id, key = %key.label, provider = %key.provider, attempt = attempts,
                           outcome = %outcome, "{why}; trying another key");
                     last = Some((format!("key {} ({}): {why}", key.id, key.label), None));
                     if attempts >= self.settings.max_attempts {
@@ -343,7 +528,7 @@ impl Gateway {
             };
             let status = response.status().as_u16();
             if response.status().is_success() {
-                self.metrics.provider_call(&job.pool, &key.provider, "success", took);
+                self.metrics.provider_call(plan.pool, &key.provider, "success", took);
                 let served = Served {
                     key_id: key.id,
                     key_label: key.label.clone(),
@@ -351,89 +536,26 @@ impl Gateway {
                     attempts,
                     allocation: grant.allocation,
                 };
-                let shown_model = key
-                    .model
-                    .clone()
-                    .or_else(|| job.request.model().map(str::to_string))
-                    .unwrap_or_else(|| job.pool.clone());
-                if job.stream {
-                    let translator = providers::stream_translator(&key, &shown_model, job.request.wants_stream_usage());
-                    let events = relay(
-                        response,
-                        translator,
-                        held,
-                        self.settings.provider_timeout,
-                        StreamLog {
-                            user: job.user.clone(),
-                            pool: job.pool.clone(),
-                            key_id: key.id,
-                            key_label: key.label.clone(),
-                            provider: key.provider.clone(),
-                            attempts,
-                            started,
-                            stats: self.stats.clone(),
-                        },
-                    );
-                    return Ok(Answer::Stream { events, served });
-                }
-                let body = match tokio::time::timeout(remaining(job.deadline), response.bytes()).await {
-                    Ok(Ok(b)) => b,
-                    _ => {
-                        held.disarm();
-                        self.db.settle_later(Settlement {
-                            reservation_id: grant.reservation_id,
-                            status: status as i32,
-                            usage: held.usage,
-                            retry_after_ms: None,
-                            error_code: None,
-                        });
-                        return Err(Failure::Exhausted {
-                            last: format!("key {} ({}): the answer broke off", key.id, key.label),
-                            attempts,
-                            retry_after_ms: None,
-                            timed_out: false,
-                        });
-                    }
-                };
-                held.disarm();
-                let completion = providers::read_completion(&key, body, &shown_model);
-                let usage = match &completion {
-                    Ok(c) => c.usage.unwrap_or(Usage {
-                        prompt_tokens: prompt_est,
-                        completion_tokens: openai::count_tokens(c.generated_chars),
-                    }),
-                    Err(_) => held.usage,
-                };
-                self.db.settle_later(Settlement {
-                    reservation_id: grant.reservation_id,
-                    status: status as i32,
-                    usage,
-                    retry_after_ms: None,
-                    error_code: None,
-                });
-                let completion = completion.map_err(|msg| Failure::Exhausted {
-                    last: format!("key {} ({}): {msg}", key.id, key.label),
-                    attempts,
-                    retry_after_ms: None,
-                    timed_out: false,
-                })?;
-                self.stats.served.fetch_add(1, Ordering::Relaxed);
-                info!(user = %job.user, pool = %job.pool, key_id = key.id, key = %key.label, provider = %key.provider,
-                      status, attempts, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens,
-                      ms = started.elapsed().as_millis() as u64, "served");
-                return Ok(Answer::Complete {
-                    body: completion.body,
+                return accept(Accepted {
+                    response,
+                    key,
+                    held,
                     served,
-                });
+                    status,
+                })
+                .await;
             }
 
             // An error answer: the extension says what it means.
             let headers = response.headers().clone();
-            let body = tokio::time::timeout(Duration::from_secs(5).min(remaining(job.deadline)), response.bytes())
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
+            let body = tokio::time::timeout(
+                Duration::from_secs(5).min(remaining(plan.deadline)),
+                read_capped(response, MAX_ERROR_BODY),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
             let error = providers::read_error(&key, status, &headers, &body);
             held.disarm();
             let outcome = self
@@ -445,8 +567,8 @@ impl Gateway {
                     error.code.clone(),
                 )
                 .await
-                .map_err(|e| Failure::from_db(e, &job.pool))?;
-            self.metrics.provider_call(&job.pool, &key.provider, &outcome, took);
+                .map_err(|e| Failure::from_db(e, plan.pool))?;
+            self.metrics.provider_call(plan.pool, &key.provider, &outcome, took);
             if !worth_another_key(&outcome) {
                 return Err(Failure::Provider {
                     status,
@@ -457,7 +579,7 @@ impl Gateway {
                     attempts,
                 });
             }
-            warn!(user = %job.user, pool = %job.pool, key_id = key.id, key = %key.label, provider = %key.provider, status, code = error.code.as_deref().unwrap_or(""),
+            warn!(user = ?plan.user, pool = ?plan.pool, key_id = key.id, key = %key.label, provider = %key.provider, status, code = error.code.as_deref().unwrap_or(""),
                   outcome = %outcome, attempt = attempts, "provider refused; trying another key");
             let retry_after = (outcome == "rate_limited").then_some(error.retry_after_ms).flatten();
             last = Some((
@@ -475,10 +597,82 @@ impl Gateway {
             }
             if outcome == "server_error" {
                 // Provider trouble: a short pause before the next key.
-                let pause = Duration::from_millis(50 << attempts.min(5)).min(remaining(job.deadline));
+                let pause = Duration::from_millis(50 << attempts.min(5)).min(remaining(plan.deadline));
                 tokio::time::sleep(pause).await;
             }
         }
+    }
+
+    /// Reads a 2xx answer whole (at most KEYPOOL_MAX_RESPONSE), turns it into what the app gets
+    /// with `parse` (which also says the usage), and settles it.
+    async fn read_answer(
+        &self,
+        plan: &Plan<'_>,
+        accepted: Accepted,
+        parse: impl FnOnce(&KeyRef, Bytes) -> Result<(Bytes, Usage), String>,
+    ) -> Result<(Bytes, Served), Failure> {
+        let Accepted {
+            response,
+            key,
+            mut held,
+            served,
+            status,
+        } = accepted;
+        let read = tokio::time::timeout(
+            remaining(plan.deadline),
+            read_capped(response, self.settings.max_response),
+        )
+        .await;
+        held.disarm();
+        let body = match read {
+            Ok(Ok(b)) => b,
+            failed => {
+                self.db
+                    .settle_later(Settlement {
+                        reservation_id: held.reservation_id,
+                        status: status as i32,
+                        usage: held.usage,
+                        retry_after_ms: None,
+                        error_code: None,
+                    })
+                    .await;
+                let why = match failed {
+                    Ok(Err(BodyError::TooLarge)) => format!(
+                        "the answer is larger than KEYPOOL_MAX_RESPONSE ({} bytes)",
+                        self.settings.max_response
+                    ),
+                    _ => "the answer broke off".to_string(),
+                };
+                return Err(Failure::Exhausted {
+                    last: format!("key {} ({}): {why}", key.id, key.label),
+                    attempts: served.attempts,
+                    retry_after_ms: None,
+                    timed_out: false,
+                });
+            }
+        };
+        let parsed = parse(&key, body);
+        let usage = parsed.as_ref().map_or(held.usage, |(_, u)| *u);
+        self.db
+            .settle_later(Settlement {
+                reservation_id: held.reservation_id,
+                status: status as i32,
+                usage,
+                retry_after_ms: None,
+                error_code: None,
+            })
+            .await;
+        let (body, _) = parsed.map_err(|msg| Failure::Exhausted {
+            last: format!("key {} ({}): {msg}", key.id, key.label),
+            attempts: served.attempts,
+            retry_after_ms: None,
+            timed_out: false,
+        })?;
+        self.stats.served.fetch_add(1, Ordering::Relaxed);
+        info!(user = ?plan.user, pool = ?plan.pool, key_id = key.id, key = %key.label, provider = %key.provider,
+              status, attempts = served.attempts, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens,
+              ms = plan.started.elapsed().as_millis() as u64, "served");
+        Ok((body, served))
     }
 
     async fn settle_now(
@@ -540,12 +734,26 @@ impl Gateway {
             };
             let call_timeout = self.settings.provider_timeout.min(remaining(job.deadline));
             let sent_at = Instant::now();
+            let max_response = self.settings.max_response;
             let answer = match tokio::time::timeout(call_timeout, async {
-                let r = builder.send().await?;
+                let r = builder
+                    .send()
+                    .await
+                    .map_err(|e| format!("connection failed: {}", without_url(&e)))?;
                 let status = r.status().as_u16();
                 let headers = r.headers().clone();
-                let body = r.bytes().await?;
-                Ok::<_, reqwest::Error>((status, headers, body))
+                let limit = if r.status().is_success() {
+                    max_response
+                } else {
+                    MAX_ERROR_BODY
+                };
+                let body = read_capped(r, limit).await.map_err(|e| match e {
+                    BodyError::TooLarge => {
+                        format!("the answer is larger than KEYPOOL_MAX_RESPONSE ({max_response} bytes)")
+                    }
+                    BodyError::Broken => "the answer broke off".to_string(),
+                })?;
+                Ok::<_, String>((status, headers, body))
             })
             .await
             {
@@ -554,7 +762,7 @@ impl Gateway {
                     let class = if failed.is_err() { "timeout" } else { "unreachable" };
                     let why = match failed {
                         Err(_) => format!("no answer within {} ms", call_timeout.as_millis()),
-                        Ok(Err(e)) => format!("connection failed: {}", without_url(&e)),
+                        Ok(Err(e)) => e,
                         Ok(Ok(_)) => unreachable!(),
                     };
                     held.disarm();
@@ -574,13 +782,16 @@ impl Gateway {
             let (status, headers, body) = answer;
             let usage = usage_in(&body);
             let error = (!(200..300).contains(&status)).then(|| providers::read_error(&key, status, &headers, &body));
+            // The caller chose the path: the extension may cool or trip the key on this answer,
+            // never disable it (outcome.rs, CALLER_PATH).
+            let code = format!("proxy:{}", error.as_ref().and_then(|e| e.code.as_deref()).unwrap_or(""));
             let outcome = self
                 .settle_now(
                     grant.reservation_id,
                     status as i32,
                     usage,
                     error.as_ref().and_then(|e| e.retry_after_ms),
-                    error.as_ref().and_then(|e| e.code.clone()),
+                    Some(code),
                 )
                 .await
                 .map_err(|e| Failure::from_db(e, &job.pool))?;
@@ -594,7 +805,7 @@ impl Gateway {
                 allocation: grant.allocation,
             };
             if error.is_none() || !worth_another_key(&outcome) || attempts >= self.settings.max_attempts {
-                info!(user = %job.user, pool = %job.pool, key_id = key.id, key = %key.label, provider = %key.provider,
+                info!(user = ?job.user, pool = ?job.pool, key_id = key.id, key = %key.label, provider = %key.provider,
                       status, attempts, outcome = %outcome, "proxied");
                 if error.is_none() {
                     self.stats.served.fetch_add(1, Ordering::Relaxed);
@@ -608,7 +819,7 @@ impl Gateway {
                     served,
                 });
             }
-            warn!(user = %job.user, pool = %job.pool, key_id = key.id, key = %key.label, status, outcome = %outcome, attempt = attempts, "provider refused; trying another key");
+            warn!(user = ?job.user, pool = ?job.pool, key_id = key.id, key = %key.label, status, outcome = %outcome, attempt = attempts, "provider refused; trying another key");
             last = Some((
                 format!("key {} ({}): HTTP {status} ({outcome})", key.id, key.label),
                 None,
@@ -670,29 +881,14 @@ pub struct ProxyAnswer {
 }
 
 fn proxy_request(http: &reqwest::Client, key: &KeyRef, job: &ProxyJob) -> Result<reqwest::RequestBuilder, String> {
-    let mut builder = match key.wire() {
-        Wire::Http => providers::http::proxy_request(http, key, job.method.clone(), &job.path, job.query.as_deref())?,
-        wire => {
-            let mut url = format!(
-                "{}/{}",
-                key.base_url.trim_end_matches('/'),
-                job.path.trim_start_matches('/')
-            );
-            if let Some(q) = job.query.as_deref().filter(|q| !q.is_empty()) {
-                url.push('?');
-                url.push_str(q);
-            }
-            let b = http.request(job.method.clone(), url);
-            match wire {
-                Wire::Gemini => b.header("x-goog-api-key", &key.secret),
-                Wire::Anthropic => b
-                    .header("x-api-key", &key.secret)
-                    .header("anthropic-version", providers::anthropic::VERSION),
-                _ if key.secret.is_empty() => b,
-                _ => b.bearer_auth(&key.secret),
-            }
-        }
-    };
+    if key.wire() != Wire::Http {
+        return Err(format!(
+            "pool \"{}\" serves a chat provider ({}): use /v1/chat/completions or /v1/embeddings; \
+             /v1/proxy/<pool>/<path> is for pools of plain HTTP APIs (provider http)",
+            job.pool, key.provider
+        ));
+    }
+    let mut builder = providers::http::proxy_request(http, key, job.method.clone(), &job.path, job.query.as_deref())?;
     if let Some(ct) = &job.content_type {
         builder = builder.header(reqwest::header::CONTENT_TYPE, ct);
     }
@@ -744,6 +940,9 @@ struct Relay {
     pending: VecDeque<Bytes>,
     held: Held,
     idle_timeout: Duration,
+    /// Bytes read from the provider so far, and the most that are passed on.
+    read: usize,
+    max_response: usize,
     ended: bool,
     log: StreamLog,
 }
@@ -768,7 +967,7 @@ impl Relay {
     fn settle(&mut self, status: i32, note: &str) {
         let usage = self.usage();
         self.held.disarm();
-        self.held.db.settle_later(Settlement {
+        self.held.db.settle_soon(Settlement {
             reservation_id: self.held.reservation_id,
             status,
             usage,
@@ -779,7 +978,7 @@ impl Relay {
             self.log.stats.served.fetch_add(1, Ordering::Relaxed);
         }
         let l = &self.log;
-        info!(user = %l.user, pool = %l.pool, key_id = l.key_id, key = %l.key_label, provider = %l.provider,
+        info!(user = ?l.user, pool = ?l.pool, key_id = l.key_id, key = %l.key_label, provider = %l.provider,
               status, attempts = l.attempts, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens,
               ms = l.started.elapsed().as_millis() as u64, stream = true, "{note}");
     }
@@ -799,9 +998,10 @@ fn relay(
     response: reqwest::Response,
     translator: Box<dyn Translate>,
     held: Held,
-    idle_timeout: Duration,
+    limits: (Duration, usize),
     log: StreamLog,
 ) -> BoxStream<'static, Result<Bytes, std::io::Error>> {
+    let (idle_timeout, max_response) = limits;
     let state = Relay {
         upstream: Box::pin(response.bytes_stream()),
         parser: sse::Parser::default(),
@@ -809,6 +1009,8 @@ fn relay(
         pending: VecDeque::new(),
         held,
         idle_timeout,
+        read: 0,
+        max_response,
         ended: false,
         log,
     };
@@ -822,18 +1024,29 @@ fn relay(
             }
             let mut out = Vec::new();
             match tokio::time::timeout(st.idle_timeout, st.upstream.next()).await {
-                Ok(Some(Ok(chunk))) => match st.parser.feed(&chunk) {
-                    Ok(events) => {
-                        for ev in events {
-                            st.translator.event(ev, &mut out);
+                Ok(Some(Ok(chunk))) if st.read + chunk.len() > st.max_response => {
+                    out.push(stream_error(&format!(
+                        "the answer is larger than KEYPOOL_MAX_RESPONSE ({} bytes); cut here",
+                        st.max_response
+                    )));
+                    st.settle(200, "stream cut: larger than KEYPOOL_MAX_RESPONSE");
+                    st.ended = true;
+                }
+                Ok(Some(Ok(chunk))) => {
+                    st.read += chunk.len();
+                    match st.parser.feed(&chunk) {
+                        Ok(events) => {
+                            for ev in events {
+                                st.translator.event(ev, &mut out);
+                            }
+                        }
+                        Err(why) => {
+                            out.push(stream_error(&format!("the provider's stream is broken: {why}")));
+                            st.settle(200, "stream broken");
+                            st.ended = true;
                         }
                     }
-                    Err(why) => {
-                        out.push(stream_error(&format!("the provider's stream is broken: {why}")));
-                        st.settle(200, "stream broken");
-                        st.ended = true;
-                    }
-                },
+                }
                 Ok(None) => {
                     if let Some(ev) = st.parser.finish() {
                         st.translator.event(ev, &mut out);

@@ -4,25 +4,32 @@
 //!
 //! Modules, by concept:
 //! - `config`, `duration`: the command line and its environment mirrors
-//! - `db`: the SQL API (reserve, settle, release) over a connection pool
+//! - `db`: the SQL API (reserve, settle, release) over a connection pool; `pgtls`: TLS to
+//!   PostgreSQL as libpq's sslmode and sslrootcert say
 //! - `openai`, `sse`: OpenAI's chat wire format and server-sent events
 //! - `providers`: one module per provider wire format
 //! - `gateway`: one request's reserve → call → settle → retry
-//! - `server`: the OpenAI-compatible HTTP endpoint; `queue`: the SQL request queue's consumer;
-//!   `serve`: both, with heartbeats and graceful shutdown
+//! - `auth`: who is calling (service, API and admin tokens), decided before a body is read
+//! - `server`: the OpenAI-compatible HTTP endpoint; `admin`, `dashboard`, `metrics`: the admin
+//!   and user APIs, the operators' page, Prometheus; `queue`: the SQL request queue's consumer;
+//!   `serve`: both, with heartbeats and graceful shutdown; `listener`: the connection loop and
+//!   its timeouts
 //! - `import_env`, `validate`: key management commands; `mock`: the mock provider
 //! - key labels come from the `keypool-mask` crate, shared with the extension
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod dashboard;
 pub mod db;
 pub mod duration;
 pub mod gateway;
 pub mod import_env;
+pub mod listener;
 pub mod metrics;
 pub mod mock;
 pub mod openai;
+pub mod pgtls;
 pub mod providers;
 pub mod queue;
 pub mod serve;

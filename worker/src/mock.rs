@@ -1,6 +1,9 @@
 //! `keypool-worker mock-provider`: a local stand-in for OpenAI, Gemini, Anthropic and a SERP-like
 //! API, so that the demo, the tests and the benchmarks run without any real provider.
 //!
+//! Embeddings (`/v1/embeddings`, Gemini's `:batchEmbedContents`) are 8 numbers (or
+//! `dimensions`) derived from each input's text; OpenAI-style answers report prompt tokens.
+//!
 //! Answers are deterministic: the reply is the first `min(reply_words, max_tokens)` words of a
 //! fixed text, completion tokens are its word count, prompt tokens are the prompt's characters
 //! divided by four (rounded up). Streams send one event per word.
@@ -11,8 +14,9 @@
 //! run time through the control API:
 //!
 //! - `POST /_mock/faults` `{"match": "<part of a secret, or *>", "fault": "429" | "daily" |
-//!   "401" | "billing" | "400" | "500" | "503" | "529" | "hang", "times": <n, default unlimited>,
-//!   "retry_after_s": <seconds, default 30>}`
+//!   "401" | "403" | "billing" | "400" | "500" | "503" | "529" | "hang" | "redirect",
+//!   "times": <n, default unlimited>, "retry_after_s": <seconds, default 30>,
+//!   "location": "<URL a redirect points to>"}`
 //! - `DELETE /_mock/faults`, `POST /_mock/reset` (faults and counters)
 //! - `GET /_mock/stats`: requests in total and per key (masked), `GET /_mock/requests`: the last
 //!   100 requests (path, wire, masked key, body)
@@ -89,10 +93,13 @@ enum FaultKind {
     RateLimited,
     DailyQuota,
     InvalidKey,
+    Forbidden,
     Billing,
     CallerError,
     Status(u16),
     Hang,
+    /// 307 to the fault's `location`.
+    Redirect,
 }
 
 impl FaultKind {
@@ -101,6 +108,8 @@ impl FaultKind {
             "429" | "rate_limit" | "rate_limited" => FaultKind::RateLimited,
             "daily" | "daily_quota" => FaultKind::DailyQuota,
             "401" | "invalid" | "invalid_key" => FaultKind::InvalidKey,
+            "403" | "forbidden" => FaultKind::Forbidden,
+            "redirect" | "307" => FaultKind::Redirect,
             "billing" | "402" => FaultKind::Billing,
             "400" | "caller_error" => FaultKind::CallerError,
             "hang" => FaultKind::Hang,
@@ -117,6 +126,14 @@ struct Fault {
     kind: FaultKind,
     remaining: Option<u64>,
     retry_after_s: f64,
+    location: Option<String>,
+}
+
+/// The failure a request gets.
+struct Injected {
+    kind: FaultKind,
+    retry_after_s: f64,
+    location: Option<String>,
 }
 
 struct Mock {
@@ -134,7 +151,7 @@ type Shared = Arc<Mock>;
 
 impl Mock {
     /// Counts the request and says which failure, if any, it gets.
-    fn admit(&self, wire: Wire, path: &str, secret: &str, body: &Value) -> Option<(FaultKind, f64)> {
+    fn admit(&self, wire: Wire, path: &str, secret: &str, body: &Value) -> Option<Injected> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let label = mask(secret);
         if let Ok(mut m) = self.by_key.lock() {
@@ -155,7 +172,11 @@ impl Mock {
             ("hang", FaultKind::Hang),
         ] {
             if secret.contains(pattern) {
-                return Some((kind, 30.0));
+                return Some(Injected {
+                    kind,
+                    retry_after_s: 30.0,
+                    location: None,
+                });
             }
         }
         let mut faults = self.faults.lock().ok()?;
@@ -166,7 +187,11 @@ impl Mock {
         if let Some(n) = f.remaining.as_mut() {
             *n -= 1;
         }
-        Some((f.kind, f.retry_after_s))
+        Some(Injected {
+            kind: f.kind,
+            retry_after_s: f.retry_after_s,
+            location: f.location.clone(),
+        })
     }
 }
 
@@ -230,7 +255,23 @@ fn sse_body(events: Vec<String>, delay: Duration) -> Response {
 fn failure(wire: Wire, kind: FaultKind, retry_after_s: f64, secret: &str) -> Response {
     let retry = format!("{retry_after_s}");
     let (status, body, retry_header): (u16, Value, bool) = match (wire, kind) {
-        (_, FaultKind::Hang) => unreachable!("handled by the caller"),
+        (_, FaultKind::Hang | FaultKind::Redirect) => unreachable!("handled by the caller"),
+        (Wire::OpenAi, FaultKind::Forbidden) => (
+            403,
+            json!({"error": {"message": "Project does not have access to this endpoint.", "type": "invalid_request_error", "param": null, "code": "model_not_found"}}),
+            false,
+        ),
+        (Wire::Gemini, FaultKind::Forbidden) => (
+            403,
+            json!({"error": {"code": 403, "message": "Method doesn't allow unregistered callers.", "status": "PERMISSION_DENIED"}}),
+            false,
+        ),
+        (Wire::Anthropic, FaultKind::Forbidden) => (
+            403,
+            json!({"type": "error", "error": {"type": "permission_error", "message": "Your API key does not have permission to use the specified resource."}}),
+            false,
+        ),
+        (Wire::Serp, FaultKind::Forbidden) => (403, json!({"error": "Forbidden."}), false),
         (Wire::OpenAi, FaultKind::RateLimited) | (Wire::OpenAi, FaultKind::DailyQuota) => (
             429,
             json!({"error": {"message": "Rate limit reached for requests", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}),
@@ -358,11 +399,19 @@ async fn start(mock: &Mock, wire: Wire, path: &str, secret: Option<String>, body
     };
     let fault = mock.admit(wire, path, &secret, body);
     pause(mock.latency).await;
-    if let Some((kind, retry)) = fault {
-        if kind == FaultKind::Hang {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
+    if let Some(f) = fault {
+        match f.kind {
+            FaultKind::Hang => tokio::time::sleep(Duration::from_secs(3600)).await,
+            FaultKind::Redirect => {
+                let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
+                if let Some(v) = f.location.and_then(|l| l.parse().ok()) {
+                    resp.headers_mut().insert("location", v);
+                }
+                return Err(resp);
+            }
+            _ => {}
         }
-        return Err(failure(wire, kind, retry, &secret));
+        return Err(failure(wire, f.kind, f.retry_after_s, &secret));
     }
     Ok(secret)
 }
@@ -444,6 +493,76 @@ async fn openai_chat(State(mock): State<Shared>, headers: HeaderMap, body: Bytes
     .into_response()
 }
 
+/// A deterministic embedding of `text`: `dims` numbers in [-1, 1].
+fn embedding_of(text: &str, dims: usize) -> Vec<f64> {
+    (0..dims)
+        .map(|i| {
+            // FNV-1a over the text and the position.
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in text.bytes().chain((i as u64).to_le_bytes()) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            ((h % 20_001) as f64 - 10_000.0) / 10_000.0
+        })
+        .collect()
+}
+
+fn mock_dims(req: &Value, field: &str) -> usize {
+    req.get(field)
+        .and_then(Value::as_u64)
+        .map_or(8, |d| d.clamp(1, 4096) as usize)
+}
+
+async fn openai_embeddings(State(mock): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Err(r) = start(&mock, Wire::OpenAi, "/v1/embeddings", bearer(&headers), &req).await {
+        return r;
+    }
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+            .collect(),
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": {"message": "'input' is a required property", "type": "invalid_request_error", "param": "input", "code": null}})),
+            )
+                .into_response()
+        }
+    };
+    let dims = mock_dims(&req, "dimensions");
+    let base64 = req.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let v = embedding_of(t, dims);
+            let embedding = if base64 {
+                use base64::Engine;
+                let raw: Vec<u8> = v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(raw))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let tokens: i64 = inputs.iter().map(|t| prompt_tokens(t.chars().count())).sum();
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("text-embedding-3-small");
+    Json(json!({"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
+    .into_response()
+}
+
 async fn models(State(mock): State<Shared>, headers: HeaderMap) -> Response {
     if let Some(key) = header(&headers, "x-api-key") {
         if let Err(r) = start(&mock, Wire::Anthropic, "/v1/models", Some(key), &Value::Null).await {
@@ -507,6 +626,30 @@ async fn gemini_generate(
         )
             .into_response();
     };
+    if method == "batchEmbedContents" {
+        let requests = req
+            .get("requests")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let embeddings: Vec<Value> = requests
+            .iter()
+            .map(|r| {
+                let text = r
+                    .get("content")
+                    .and_then(|c| c.get("parts"))
+                    .and_then(Value::as_array)
+                    .map(|p| {
+                        p.iter()
+                            .filter_map(|x| x.get("text").and_then(Value::as_str))
+                            .collect::<String>()
+                    })
+                    .unwrap_or_default();
+                json!({"values": embedding_of(&text, mock_dims(r, "outputDimensionality"))})
+            })
+            .collect();
+        return Json(json!({"embeddings": embeddings})).into_response();
+    }
     let parts_text = |c: &Value| -> usize {
         c.get("parts")
             .and_then(Value::as_array)
@@ -677,22 +820,31 @@ struct FaultRequest {
     fault: String,
     times: Option<u64>,
     retry_after_s: Option<f64>,
+    location: Option<String>,
 }
 
 async fn add_fault(State(mock): State<Shared>, Json(f): Json<FaultRequest>) -> Response {
     let Some(kind) = FaultKind::parse(&f.fault) else {
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": "fault must be one of 429, daily, 401, billing, 400, 5xx, hang"})),
+            Json(json!({"error": "fault must be one of 429, daily, 401, 403, billing, 400, 5xx, hang, redirect"})),
         )
             .into_response();
     };
+    if kind == FaultKind::Redirect && f.location.is_none() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "a redirect needs a `location`"})),
+        )
+            .into_response();
+    }
     if let Ok(mut faults) = mock.faults.lock() {
         faults.push(Fault {
             matches: f.matches,
             kind,
             remaining: f.times,
             retry_after_s: f.retry_after_s.unwrap_or(30.0).clamp(0.0, 86400.0),
+            location: f.location,
         });
     }
     Json(json!({"ok": true})).into_response()
@@ -747,6 +899,8 @@ pub fn router(args: &MockArgs) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v1beta/openai/chat/completions", post(openai_chat))
+        .route("/v1/embeddings", post(openai_embeddings))
+        .route("/v1beta/openai/embeddings", post(openai_embeddings))
         .route("/v1/models", get(models))
         .route("/v1beta/openai/models", get(models))
         .route("/v1beta/models", get(gemini_models))

@@ -1,6 +1,6 @@
-//! OpenAI's chat wire format, the worker's lingua franca: what a request asks for, the token
-//! estimate a reservation is made with, and the responses, stream chunks and error bodies the
-//! endpoint answers with whichever provider served.
+//! OpenAI's wire format, the worker's lingua franca: what a chat or embeddings request asks for,
+//! the token estimate a reservation is made with, and the responses, stream chunks and error
+//! bodies the endpoint answers with whichever provider served.
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -121,6 +121,111 @@ impl ChatRequest {
     pub fn estimate_tokens(&self, default_max_tokens: u32) -> i64 {
         let completion = self.max_tokens().unwrap_or(default_max_tokens as u64).min(1_000_000) as i64;
         self.estimate_prompt_tokens() + completion
+    }
+}
+
+/// Inputs one embeddings request may carry (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// An embeddings request as an app sent it (an OpenAI `/v1/embeddings` body).
+#[derive(Debug)]
+pub struct EmbeddingsRequest {
+    pub body: Map<String, Value>,
+}
+
+/// What an embeddings request embeds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EmbeddingInput<'a> {
+    Texts(Vec<&'a str>),
+    /// Token ids (one list per input); only OpenAI-style providers take them.
+    Tokens(usize),
+}
+
+impl EmbeddingsRequest {
+    /// Checks the shape; the error is for the caller (HTTP 400).
+    pub fn parse(bytes: &[u8]) -> Result<EmbeddingsRequest, String> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+        let Value::Object(body) = value else {
+            return Err("the body must be a JSON object".into());
+        };
+        let request = EmbeddingsRequest { body };
+        request.input()?;
+        if let Some(m) = request.body.get("model") {
+            if !m.is_string() {
+                return Err("`model` must be a string".into());
+            }
+        }
+        match request.body.get("encoding_format") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(f)) if f == "float" || f == "base64" => {}
+            Some(_) => return Err("`encoding_format` must be \"float\" or \"base64\"".into()),
+        }
+        match request.body.get("dimensions") {
+            None | Some(Value::Null) => {}
+            Some(d) if d.as_u64().is_some_and(|n| (1..=65_536).contains(&n)) => {}
+            Some(_) => return Err("`dimensions` must be a positive integer".into()),
+        }
+        Ok(request)
+    }
+
+    /// The inputs: a string, an array of strings, an array of token ids, or an array of arrays
+    /// of token ids.
+    pub fn input(&self) -> Result<EmbeddingInput<'_>, String> {
+        const SHAPE: &str = "`input` must be a string, an array of strings, or an array of token arrays";
+        let items = match self.body.get("input") {
+            Some(Value::String(s)) => return Ok(EmbeddingInput::Texts(vec![s.as_str()])),
+            Some(Value::Array(items)) if items.is_empty() => return Err("`input` must not be empty".into()),
+            Some(Value::Array(items)) => items,
+            Some(_) => return Err(SHAPE.into()),
+            None => return Err("`input` is required".into()),
+        };
+        if items.len() > MAX_EMBEDDING_INPUTS {
+            return Err(format!(
+                "`input` holds {} items; at most {MAX_EMBEDDING_INPUTS} are allowed",
+                items.len()
+            ));
+        }
+        if let Some(texts) = items.iter().map(Value::as_str).collect::<Option<Vec<&str>>>() {
+            return Ok(EmbeddingInput::Texts(texts));
+        }
+        let token = |v: &Value| v.as_u64().is_some();
+        if items.iter().all(token) {
+            return Ok(EmbeddingInput::Tokens(items.len()));
+        }
+        let lists: Option<Vec<&Vec<Value>>> = items.iter().map(Value::as_array).collect();
+        match lists {
+            Some(lists) if lists.iter().all(|l| !l.is_empty() && l.iter().all(token)) => {
+                Ok(EmbeddingInput::Tokens(lists.iter().map(|l| l.len()).sum()))
+            }
+            _ => Err(SHAPE.into()),
+        }
+    }
+
+    pub fn model(&self) -> Option<&str> {
+        self.body.get("model").and_then(Value::as_str)
+    }
+
+    pub fn user(&self) -> Option<&str> {
+        self.body.get("user").and_then(Value::as_str).filter(|u| !u.is_empty())
+    }
+
+    /// Whether the app wants each embedding as base64 of little-endian float32s.
+    pub fn wants_base64(&self) -> bool {
+        self.body.get("encoding_format").and_then(Value::as_str) == Some("base64")
+    }
+
+    pub fn dimensions(&self) -> Option<u64> {
+        self.body.get("dimensions").and_then(Value::as_u64)
+    }
+
+    /// Input tokens: counted for token ids, about four characters per token for text. Settled
+    /// when the provider reports none.
+    pub fn estimate_tokens(&self) -> i64 {
+        match self.input() {
+            Ok(EmbeddingInput::Texts(texts)) => texts.iter().map(|t| (t.chars().count() as i64 + 3) / 4).sum(),
+            Ok(EmbeddingInput::Tokens(n)) => n as i64,
+            Err(_) => 0,
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tracing::{debug, info, warn};
 
 use crate::db::DbError;
@@ -53,13 +53,13 @@ struct Completion {
 
 /// Keeps a LISTEN connection open (reconnecting when it drops) and wakes the consumer on every
 /// notification.
-async fn listen(config: tokio_postgres::Config, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+async fn listen(db: crate::db::Db, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
     let mut delay = Duration::from_millis(200);
     loop {
         if *shutdown.borrow() {
             return;
         }
-        match config.connect(NoTls).await {
+        match db.dedicated().await {
             Ok((client, mut connection)) => {
                 let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 let listening = async {
@@ -113,7 +113,7 @@ async fn listen(config: tokio_postgres::Config, wake: Arc<Notify>, mut shutdown:
 /// Runs the consumer until `shutdown` turns true, then finishes or returns its requests.
 pub async fn run(gateway: Arc<Gateway>, settings: Settings, mut shutdown: watch::Receiver<bool>) {
     let wake = Arc::new(Notify::new());
-    let listener = tokio::spawn(listen(gateway.db.config().clone(), wake.clone(), shutdown.clone()));
+    let listener = tokio::spawn(listen(gateway.db.clone(), wake.clone(), shutdown.clone()));
     let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
     let mut tasks: JoinSet<()> = JoinSet::new();
     info!(worker = %settings.worker_id, concurrency = settings.concurrency, "queue consumer started");
@@ -326,7 +326,7 @@ async fn carry_out(gateway: &Gateway, settings: &Settings, c: Claimed) {
             if outcome == "done" {
                 gateway.stats.queue_done.fetch_add(1, Ordering::Relaxed);
             }
-            info!(request = c.id, user = %c.user_id, pool = %c.pool, outcome, attempt = c.attempts,
+            info!(request = c.id, user = ?c.user_id, pool = ?c.pool, outcome, attempt = c.attempts,
                   ms = started.elapsed().as_millis() as u64, "queued request");
         }
         Ok(false) => warn!(

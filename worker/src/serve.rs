@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use crate::config::{hostname, ServeArgs};
 use crate::db::Db;
 use crate::gateway::{self, Gateway, Stats};
-use crate::queue;
 use crate::server::{self, Endpoint};
+use crate::{listener, queue};
 
 /// Records a clean stop, so that the worker is not reported missing (keypool_alerts).
 async fn stopped(db: &Db, worker_id: &str) -> Result<(), crate::db::DbError> {
@@ -78,6 +78,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             provider_timeout: args.provider_timeout,
             max_attempts: args.max_attempts,
             default_max_tokens: args.default_max_tokens,
+            max_response: args.max_response,
         },
     )?);
     let started = SystemTime::now();
@@ -120,20 +121,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             worker_id.clone(),
         );
         endpoint.admin_tokens = args.admin_tokens();
-        let endpoint = Arc::new(endpoint);
+        endpoint.metrics_token = args.metrics_token.clone();
+        endpoint.max_body = args.max_body;
+        endpoint.idle_timeout = args.idle_timeout;
+        let endpoint = Arc::new(endpoint.with_max_in_flight(args.max_in_flight));
         if args.insecure_no_auth {
-            warn!("the HTTP endpoint accepts requests without a token (--insecure-no-auth)");
+            warn!("the API routes accept requests without a token (--insecure-no-auth); the admin API still needs an admin token");
         }
         let app = server::router(endpoint);
         let mut stop = stop_rx.clone();
+        let header_timeout = args.header_timeout;
         info!(%addr, "HTTP endpoint listening");
         Some(tokio::spawn(async move {
-            let graceful = async move {
+            let stopping = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(graceful).await {
-                warn!(error = %e, "HTTP server stopped");
-            }
+            listener::serve(listener, app, header_timeout, stopping).await;
         }))
     };
 

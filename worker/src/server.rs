@@ -1,10 +1,14 @@
 //! The OpenAI-compatible HTTP endpoint: `POST /v1/chat/completions` (streaming included),
-//! `GET /v1/models`, the plain-HTTP proxy `/v1/proxy/<pool>/<path>`, and `GET /healthz`.
+//! `POST /v1/embeddings`, `GET /v1/models`, the proxy `/v1/proxy/<pool>/<path>` for pools of
+//! plain HTTP APIs, and `GET /healthz`.
 //!
-//! Apps authenticate with `Authorization: Bearer <token>` (one of KEYPOOL_API_TOKENS). A
-//! request's `model` names a pool, or a model that exactly one pool serves (or the pool comes
-//! from an `X-Keypool-Pool` header); the user is the `X-Keypool-User` header, else the OpenAI
-//! `user` field, else the configured default user.
+//! Callers authenticate with `Authorization: Bearer <token>` (auth.rs: a service token, or an
+//! API token from the database, which may bind the user and the pools), before the body is
+//! read. A request's `model` names a pool, or a model that exactly one pool serves (or the pool
+//! comes from an `X-Keypool-Pool` header); the user is the token's, else the `X-Keypool-User`
+//! header, else the OpenAI `user` field, else the configured default user. Bodies larger than
+//! `KEYPOOL_MAX_BODY` are refused (413) without being read whole; at most
+//! `KEYPOOL_MAX_IN_FLIGHT` requests are handled at once (503 beyond).
 
 // Handlers return early with a ready HTTP answer; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
@@ -13,23 +17,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use serde_json::{json, Value};
-use tokio::sync::RwLock;
+use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
+use crate::auth::{self, Principal, TokenCache};
 use crate::db::Allocation;
-use crate::gateway::{Answer, ChatJob, Failure, Gateway, ProxyJob, Served};
-use crate::openai::{error_body, ChatRequest};
+use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, Gateway, ProxyJob, Served};
+use crate::openai::{error_body, ChatRequest, EmbeddingsRequest};
 
 /// (pool, model) pairs; model is empty for pools whose keys name none.
 type PoolModels = Arc<Vec<(String, String)>>;
 
-/// Largest request body accepted (chat requests with images can be large).
-const BODY_LIMIT: usize = 20 * 1024 * 1024;
 /// How long the pool/model list is trusted before it is read again.
 const MODELS_TTL: Duration = Duration::from_secs(5);
 
@@ -43,10 +48,34 @@ pub struct Endpoint {
     pub request_deadline: Duration,
     pub capacity_wait: Duration,
     pub worker_id: String,
+    /// Largest request body read (KEYPOOL_MAX_BODY).
+    pub max_body: usize,
+    /// Longest pause in a request body (KEYPOOL_IDLE_TIMEOUT).
+    pub idle_timeout: Duration,
+    /// Requests handled at once (KEYPOOL_MAX_IN_FLIGHT), and their permits.
+    pub max_in_flight: usize,
+    in_flight: Arc<Semaphore>,
+    /// Token /metrics scrapes must present, if set (KEYPOOL_METRICS_TOKEN).
+    pub metrics_token: Option<String>,
+    /// Answers about database API tokens.
+    pub token_cache: TokenCache,
     models: RwLock<Option<(Instant, PoolModels)>>,
+    /// The database part of the last /metrics answer, and when it was read.
+    pub(crate) metrics_cache: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
 
+pub const DEFAULT_MAX_BODY: usize = 4 << 20;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Endpoint {
+    /// Sets KEYPOOL_MAX_IN_FLIGHT.
+    pub fn with_max_in_flight(mut self, n: usize) -> Endpoint {
+        self.max_in_flight = n;
+        self.in_flight = Arc::new(Semaphore::new(n));
+        self
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gateway: Arc<Gateway>,
@@ -66,23 +95,145 @@ impl Endpoint {
             request_deadline,
             capacity_wait,
             worker_id,
+            max_body: DEFAULT_MAX_BODY,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
+            metrics_token: None,
+            token_cache: TokenCache::default(),
             models: RwLock::new(None),
+            metrics_cache: tokio::sync::Mutex::new(None),
         }
     }
 }
 
 pub fn router(endpoint: Arc<Endpoint>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
+    // Callers are known before any body is read: the auth layers run before the handlers'
+    // extractors.
+    let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/proxy/{pool}/{*path}", any(proxy))
+        .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::api));
+    let user =
+        crate::admin::user_router().route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::user_api));
+    let admin =
+        crate::admin::admin_router().route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::admin));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(crate::admin::metrics))
         .route("/dashboard", get(crate::dashboard::page))
-        .merge(crate::admin::router())
+        .merge(api)
+        .merge(user)
+        .merge(admin)
         .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), count_request))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(DefaultBodyLimit::max(endpoint.max_body))
+        .layer(RequestBodyTimeoutLayer::new(endpoint.idle_timeout))
+        .layer(axum::middleware::from_fn_with_state(endpoint.clone(), in_flight))
         .with_state(endpoint)
+}
+
+/// At most KEYPOOL_MAX_IN_FLIGHT requests at once; a request counts until its answer's body
+/// (a stream, too) is sent or dropped. Beyond: 503, before anything else is done.
+async fn in_flight(
+    State(ep): State<Arc<Endpoint>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(permit) = ep.in_flight.clone().try_acquire_owned() else {
+        return overloaded(ep.max_in_flight);
+    };
+    let (parts, body) = next.run(request).await.into_parts();
+    Response::from_parts(
+        parts,
+        Body::new(Counted {
+            inner: body,
+            _permit: permit,
+        }),
+    )
+}
+
+/// A response body that holds its request's in-flight permit until it is done.
+struct Counted {
+    inner: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The answer when KEYPOOL_MAX_IN_FLIGHT requests are running already.
+fn overloaded(max_in_flight: usize) -> Response {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("the worker is handling {max_in_flight} requests (KEYPOOL_MAX_IN_FLIGHT); try again shortly"),
+        "server_error",
+        Some("overloaded"),
+    );
+    r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+    r
+}
+
+/// The body of a request, or the answer to give when it could not be read: 413 when it is
+/// larger than KEYPOOL_MAX_BODY (only that much was read), 408 when it stopped arriving for
+/// KEYPOOL_IDLE_TIMEOUT.
+pub(crate) fn body_or_error(body: Result<Bytes, BytesRejection>, max_body: usize) -> Result<Bytes, Response> {
+    body.map_err(|e| {
+        tracing::debug!(error = %e, "cannot read a request body");
+        if timed_out(&e) {
+            error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body stopped arriving (KEYPOOL_IDLE_TIMEOUT)",
+                "invalid_request_error",
+                Some("request_timeout"),
+            )
+        } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the request body is larger than {max_body} bytes (KEYPOOL_MAX_BODY)"),
+                "invalid_request_error",
+                Some("request_too_large"),
+            )
+        } else {
+            error(
+                e.status(),
+                &format!("cannot read the request body: {e}"),
+                "invalid_request_error",
+                None,
+            )
+        }
+    })
+}
+
+/// Whether reading a body failed because it stopped arriving.
+fn timed_out(e: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
@@ -111,59 +262,12 @@ async fn not_found(uri: Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         &format!(
-            "no route {}; this endpoint serves /v1/chat/completions, /v1/models and /v1/proxy/<pool>/<path>",
+            "no route {}; this endpoint serves /v1/chat/completions, /v1/embeddings, /v1/models and /v1/proxy/<pool>/<path>",
             uri.path()
         ),
         "invalid_request_error",
         Some("unknown_url"),
     )
-}
-
-/// Compares without stopping at the first differing byte.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The bearer token of a request, if it sent one.
-pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-}
-
-/// Whether `token` is one of `tokens` (every comparison takes the same time).
-pub(crate) fn one_of(tokens: &[String], token: &str) -> bool {
-    let mut ok = false;
-    for t in tokens {
-        ok |= same(t.as_bytes(), token.as_bytes());
-    }
-    ok
-}
-
-fn authorize(ep: &Endpoint, headers: &HeaderMap) -> Result<(), Response> {
-    if ep.insecure_no_auth {
-        return Ok(());
-    }
-    let Some(token) = bearer(headers) else {
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "missing API token: send `Authorization: Bearer <token>` with one of the worker's KEYPOOL_API_TOKENS",
-            "invalid_request_error",
-            Some("invalid_api_key"),
-        ));
-    };
-    if one_of(&ep.tokens, token) {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::UNAUTHORIZED,
-            "the API token is not one of this worker's KEYPOOL_API_TOKENS",
-            "invalid_request_error",
-            Some("invalid_api_key"),
-        ))
-    }
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -174,19 +278,23 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-pub(crate) fn user_of(ep: &Endpoint, headers: &HeaderMap, field: Option<&str>) -> Result<String, Response> {
-    header_str(headers, "x-keypool-user")
-        .or(field)
-        .or(ep.default_user.as_deref())
-        .map(str::to_string)
-        .ok_or_else(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "no user: set the request's `user` field or the X-Keypool-User header (pg_keypool shares each pool among its users)",
-                "invalid_request_error",
-                Some("missing_user"),
-            )
-        })
+/// The user a request acts as: the token's, else the X-Keypool-User header, else `field` (the
+/// body's `user`), else the default user. A token bound to a user refuses any other name (403).
+pub(crate) fn user_of(
+    ep: &Endpoint,
+    principal: &Principal,
+    headers: &HeaderMap,
+    field: Option<&str>,
+) -> Result<String, Response> {
+    let header = header_str(headers, "x-keypool-user");
+    if let (Some(h), Some(f)) = (header, field) {
+        if h != f {
+            // Both name a user: the token check below sees the header; a bound token must
+            // not be passed a different user in the body either.
+            principal.user(Some(f), None)?;
+        }
+    }
+    principal.user(header.or(field), ep.default_user.as_deref())
 }
 
 impl Endpoint {
@@ -213,8 +321,23 @@ impl Endpoint {
         Ok(all)
     }
 
-    /// The pool a request goes to.
-    pub(crate) async fn resolve_pool(&self, headers: &HeaderMap, model: Option<&str>) -> Result<String, Response> {
+    /// The pool a request goes to; a pool the caller's token does not reach is answered as one
+    /// that does not exist.
+    pub(crate) async fn resolve_pool(
+        &self,
+        principal: &Principal,
+        headers: &HeaderMap,
+        model: Option<&str>,
+    ) -> Result<String, Response> {
+        let pool = self.resolve_pool_name(headers, model).await?;
+        if principal.reaches(&pool) {
+            Ok(pool)
+        } else {
+            Err(no_such_pool(model.unwrap_or(&pool)))
+        }
+    }
+
+    async fn resolve_pool_name(&self, headers: &HeaderMap, model: Option<&str>) -> Result<String, Response> {
         if let Some(pool) = header_str(headers, "x-keypool-pool") {
             return Ok(pool.to_string());
         }
@@ -253,13 +376,18 @@ impl Endpoint {
                 }
             }
         }
-        Err(error(
-            StatusCode::NOT_FOUND,
-            &format!("no pool is named \"{model}\" or serves it (see GET /v1/models)"),
-            "invalid_request_error",
-            Some("model_not_found"),
-        ))
+        Err(no_such_pool(model))
     }
+}
+
+/// The answer for a pool that does not exist, or that the caller's token does not reach.
+fn no_such_pool(model: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("no pool is named \"{model}\" or serves it (see GET /v1/models)"),
+        "invalid_request_error",
+        Some("model_not_found"),
+    )
 }
 
 fn database_unavailable(detail: &str) -> Response {
@@ -301,6 +429,19 @@ fn retry_headers(headers: &mut HeaderMap, ms: i64) {
     let ms = ms.max(1);
     set(headers, "retry-after", (ms + 999) / 1000);
     set(headers, "retry-after-ms", ms);
+}
+
+/// The answer when a provider redirected: never followed (the key would go along), never
+/// passed on.
+fn redirect_refused(status: u16) -> Response {
+    error(
+        StatusCode::BAD_GATEWAY,
+        &format!(
+            "the provider answered HTTP {status} (a redirect); keypool-worker follows no redirects, so that keys never leave for another host"
+        ),
+        "server_error",
+        Some("UPSTREAM_REDIRECT"),
+    )
 }
 
 /// The HTTP answer for a request that did not succeed.
@@ -360,13 +501,21 @@ pub fn failure_response(pool: &str, f: Failure) -> Response {
             attempts,
             ..
         } => {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            // A redirect is never followed (the key would go along) nor passed on.
+            let code = StatusCode::from_u16(status)
+                .ok()
+                .filter(|c| !c.is_redirection() && !c.is_informational())
+                .unwrap_or(StatusCode::BAD_GATEWAY);
             let kind = if code.is_client_error() {
                 "invalid_request_error"
             } else {
                 "api_error"
             };
-            let mut resp = error(code, &e.message, kind, e.code.as_deref());
+            let mut resp = if (300..400).contains(&status) {
+                redirect_refused(status)
+            } else {
+                error(code, &e.message, kind, e.code.as_deref())
+            };
             set(resp.headers_mut(), "x-keypool-key-id", key_id);
             set(resp.headers_mut(), "x-keypool-attempts", attempts);
             resp
@@ -430,23 +579,21 @@ async fn healthz(State(ep): State<Arc<Endpoint>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn models(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&ep, &headers) {
-        return r;
-    }
-    let list = match ep.pool_models(true).await {
+async fn models(State(ep): State<Arc<Endpoint>>, Extension(principal): Extension<Principal>) -> Response {
+    let all = match ep.pool_models(true).await {
         Ok(l) => l,
         Err(r) => return r,
     };
+    let list: Vec<&(String, String)> = all.iter().filter(|(pool, _)| principal.reaches(pool)).collect();
     let mut data: Vec<Value> = Vec::new();
     let mut seen: Vec<&str> = Vec::new();
-    for (pool, _) in list.iter() {
+    for (pool, _) in list.iter().copied() {
         if !seen.contains(&pool.as_str()) {
             seen.push(pool);
             data.push(json!({"id": pool, "object": "model", "created": 0, "owned_by": "pg_keypool"}));
         }
     }
-    for (pool, model) in list.iter() {
+    for (pool, model) in list.iter().copied() {
         if !model.is_empty() && !seen.contains(&model.as_str()) {
             seen.push(model);
             data.push(
@@ -457,19 +604,25 @@ async fn models(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&ep, &headers) {
-        return r;
-    }
+async fn chat(
+    State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_or_error(body, ep.max_body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let request = match ChatRequest::parse(&body) {
         Ok(r) => r,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None),
     };
-    let user = match user_of(&ep, &headers, request.user()) {
+    let user = match user_of(&ep, &principal, &headers, request.user()) {
         Ok(u) => u,
         Err(r) => return r,
     };
-    let pool = match ep.resolve_pool(&headers, request.model()).await {
+    let pool = match ep.resolve_pool(&principal, &headers, request.model()).await {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -502,18 +655,64 @@ async fn chat(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: Bytes) 
     }
 }
 
+async fn embeddings(
+    State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_or_error(body, ep.max_body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let request = match EmbeddingsRequest::parse(&body) {
+        Ok(r) => r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None),
+    };
+    let user = match user_of(&ep, &principal, &headers, request.user()) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let pool = match ep.resolve_pool(&principal, &headers, request.model()).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let job = EmbedJob {
+        user,
+        pool: pool.clone(),
+        request,
+        deadline: Instant::now() + ep.request_deadline,
+        capacity_wait: ep.capacity_wait,
+    };
+    match ep.gateway.embed(job).await {
+        Ok(answer) => {
+            let mut resp = Response::new(Body::from(answer.body));
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            served_headers(resp.headers_mut(), &answer.served);
+            resp
+        }
+        Err(f) => failure_response(&pool, f),
+    }
+}
+
 async fn proxy(
     State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
     Path((pool, path)): Path<(String, String)>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&ep, &headers) {
-        return r;
+    if !principal.reaches(&pool) {
+        return no_such_pool(&pool);
     }
-    let user = match user_of(&ep, &headers, None) {
+    let body = match body_or_error(body, ep.max_body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let user = match user_of(&ep, &principal, &headers, None) {
         Ok(u) => u,
         Err(r) => return r,
     };
@@ -538,6 +737,7 @@ async fn proxy(
         capacity_wait: ep.capacity_wait,
     };
     match ep.gateway.proxy(job).await {
+        Ok(a) if (300..400).contains(&a.status) => redirect_refused(a.status),
         Ok(a) => {
             let mut resp = Response::new(Body::from(a.body));
             *resp.status_mut() = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -96,6 +96,8 @@ fn read_secret(args: &ValidateArgs) -> anyhow::Result<String> {
 pub async fn run(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     let db = Db::connect(&args.db).await?;
     let http = reqwest::Client::builder()
+        // Keys never follow a redirect to another host.
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(args.timeout)
         .user_agent(concat!("keypool-worker/", env!("CARGO_PKG_VERSION")))
         .build()?;

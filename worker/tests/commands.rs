@@ -280,9 +280,17 @@ async fn the_worker_warns_about_a_version_mismatch_and_refuses_a_database_withou
     );
     admin.batch_execute("DROP DATABASE no_extension").await.expect("drop");
 
-    let out = run(&["serve"], &[("KEYPOOL_DATABASE_URL", url.as_str())], &dir);
+    let out = run(
+        &["serve", "--metrics-token", "tiny-secret"],
+        &[("KEYPOOL_DATABASE_URL", url.as_str())],
+        &dir,
+    );
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).contains("KEYPOOL_API_TOKENS"), "{}", text(&out));
+    assert!(
+        text(&out).contains("metrics token") && !text(&out).contains("tiny-secret"),
+        "{}",
+        text(&out)
+    );
     let out = run(&["serve", "--insecure-no-auth"], &[], &dir);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("--database-url"), "{}", text(&out));

@@ -301,7 +301,8 @@ async fn requests_of_a_killed_worker_complete_on_another_after_the_lease() {
         "3",
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The calls went out (the mock counts them on arrival) before the victim dies.
+    mock.wait_for_requests(3).await;
     a.kill9();
 
     let _b = Worker::start(&conninfo(&db), "rescuer", &args).await;

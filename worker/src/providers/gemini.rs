@@ -3,17 +3,18 @@
 //! Errors carry their meaning in `details`: `ErrorInfo.reason` (API_KEY_INVALID), the
 //! `QuotaFailure` quota id (per minute or per day), and `RetryInfo.retryDelay`.
 
+use base64::Engine;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::{content_parts, Completion, KeyRef, Part, ProviderError, Translate};
+use super::{content_parts, Completion, Embeddings, KeyRef, Part, ProviderError, Translate};
 use crate::duration;
-use crate::openai::{self, ChatRequest, Usage};
+use crate::openai::{self, ChatRequest, EmbeddingInput, EmbeddingsRequest, Usage};
 use crate::sse;
 
-fn model_path(key: &KeyRef, req: &ChatRequest) -> Result<String, String> {
+fn model_path(key: &KeyRef, requested: Option<&str>) -> Result<String, String> {
     let model = key
-        .model_for(req.model())
+        .model_for(requested)
         .ok_or_else(|| format!("Gemini key {} has no model and the request names none", key.id))?;
     Ok(model.strip_prefix("models/").unwrap_or(model).to_string())
 }
@@ -93,7 +94,7 @@ pub fn chat_request(
     req: &ChatRequest,
     stream: bool,
 ) -> Result<reqwest::RequestBuilder, String> {
-    let model = model_path(key, req)?;
+    let model = model_path(key, req.model())?;
     let base = key.base_url.trim_end_matches('/');
     let url = if stream {
         format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
@@ -101,6 +102,74 @@ pub fn chat_request(
         format!("{base}/v1beta/models/{model}:generateContent")
     };
     Ok(http.post(url).header("x-goog-api-key", &key.secret).json(&body(req)?))
+}
+
+/// `models/{model}:batchEmbedContents`, one request per input text.
+pub fn embeddings_request(
+    http: &reqwest::Client,
+    key: &KeyRef,
+    req: &EmbeddingsRequest,
+) -> Result<reqwest::RequestBuilder, String> {
+    let EmbeddingInput::Texts(texts) = req.input()? else {
+        return Err("Gemini embeds text only: send `input` as a string or an array of strings".into());
+    };
+    let model = model_path(key, req.model())?;
+    let requests: Vec<Value> = texts
+        .iter()
+        .map(|t| {
+            let mut r = json!({"model": format!("models/{model}"), "content": {"parts": [{"text": t}]}});
+            if let Some(d) = req.dimensions() {
+                r["outputDimensionality"] = json!(d);
+            }
+            r
+        })
+        .collect();
+    let base = key.base_url.trim_end_matches('/');
+    Ok(http
+        .post(format!("{base}/v1beta/models/{model}:batchEmbedContents"))
+        .header("x-goog-api-key", &key.secret)
+        .json(&json!({"requests": requests})))
+}
+
+/// `{"embeddings": [{"values": [...]}]}` as OpenAI's list. Gemini reports no usage: the
+/// tokens are counted from the input.
+pub fn read_embeddings(body: &[u8], req: &EmbeddingsRequest, shown_model: &str) -> Result<Embeddings, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("Gemini's answer is not JSON: {e}"))?;
+    let embeddings = v
+        .get("embeddings")
+        .and_then(Value::as_array)
+        .ok_or("Gemini's answer has no `embeddings`")?;
+    let mut data = Vec::with_capacity(embeddings.len());
+    for (i, e) in embeddings.iter().enumerate() {
+        let values = e
+            .get("values")
+            .and_then(Value::as_array)
+            .ok_or("an embedding in Gemini's answer has no `values`")?;
+        let embedding = if req.wants_base64() {
+            let mut raw = Vec::with_capacity(values.len() * 4);
+            for x in values {
+                let x = x
+                    .as_f64()
+                    .ok_or("an embedding value in Gemini's answer is not a number")?;
+                raw.extend_from_slice(&(x as f32).to_le_bytes());
+            }
+            Value::String(base64::engine::general_purpose::STANDARD.encode(raw))
+        } else {
+            Value::Array(values.clone())
+        };
+        data.push(json!({"object": "embedding", "index": i, "embedding": embedding}));
+    }
+    let tokens = req.estimate_tokens();
+    let answer = json!({
+        "object": "list",
+        "data": data,
+        "model": shown_model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    });
+    Ok(Embeddings {
+        body: Bytes::from(answer.to_string()),
+        usage: None,
+    })
 }
 
 pub fn list_models_request(http: &reqwest::Client, key: &KeyRef) -> reqwest::RequestBuilder {

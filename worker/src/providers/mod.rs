@@ -19,7 +19,7 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use crate::duration;
-use crate::openai::{ChatRequest, Usage};
+use crate::openai::{ChatRequest, EmbeddingsRequest, Usage};
 use crate::sse;
 
 /// A key granted by `keypool_reserve`, with what is needed to call its provider.
@@ -100,6 +100,46 @@ pub fn chat_request(
             "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
             key.id, key.label
         )),
+    }
+}
+
+/// Builds the provider request for an embeddings call. The error is the caller's (HTTP 400).
+pub fn embeddings_request(
+    http: &reqwest::Client,
+    key: &KeyRef,
+    req: &EmbeddingsRequest,
+) -> Result<reqwest::RequestBuilder, String> {
+    match key.wire() {
+        Wire::OpenAi => Ok(openai_style::embeddings_request(http, key, req)),
+        Wire::Gemini => gemini::embeddings_request(http, key, req),
+        Wire::Anthropic => Err(format!(
+            "key {} is an Anthropic key ({}): Anthropic has no embeddings API",
+            key.id, key.label
+        )),
+        Wire::Http => Err(format!(
+            "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
+            key.id, key.label
+        )),
+    }
+}
+
+/// A 2xx embeddings answer in OpenAI's shape, with the usage it reports.
+pub struct Embeddings {
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+}
+
+/// Reads a 2xx embeddings answer. `shown_model` is the model name the app sees in translated
+/// answers.
+pub fn read_embeddings(
+    key: &KeyRef,
+    body: Bytes,
+    req: &EmbeddingsRequest,
+    shown_model: &str,
+) -> Result<Embeddings, String> {
+    match key.wire() {
+        Wire::Gemini => gemini::read_embeddings(&body, req, shown_model),
+        _ => openai_style::read_embeddings(body),
     }
 }
 

@@ -6,8 +6,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{Completion, KeyRef, ProviderError, Translate};
-use crate::openai::{ChatRequest, Usage, WireUsage};
+use super::{Completion, Embeddings, KeyRef, ProviderError, Translate};
+use crate::openai::{ChatRequest, EmbeddingsRequest, Usage, WireUsage};
 use crate::sse;
 
 /// The base URL that `chat/completions` and `models` hang off.
@@ -47,6 +47,30 @@ pub fn chat_request(http: &reqwest::Client, key: &KeyRef, req: &ChatRequest, str
     }
     let url = format!("{}/chat/completions", api_base(key));
     authorized(http.post(url), key).json(&body)
+}
+
+/// `POST {base}/embeddings` with the app's body (and the key's model, if it names one).
+pub fn embeddings_request(http: &reqwest::Client, key: &KeyRef, req: &EmbeddingsRequest) -> reqwest::RequestBuilder {
+    let mut body = req.body.clone();
+    if let Some(model) = &key.model {
+        body.insert("model".into(), Value::String(model.clone()));
+    }
+    let url = format!("{}/embeddings", api_base(key));
+    authorized(http.post(url), key).json(&body)
+}
+
+/// The answer passes through unchanged; only its usage is read.
+pub fn read_embeddings(body: Bytes) -> Result<Embeddings, String> {
+    #[derive(Deserialize)]
+    struct UsageOnly {
+        usage: Option<WireUsage>,
+    }
+    let parsed: UsageOnly =
+        serde_json::from_slice(&body).map_err(|e| format!("the provider's answer is not JSON: {e}"))?;
+    Ok(Embeddings {
+        usage: parsed.usage.and_then(|u| u.usage()),
+        body,
+    })
 }
 
 pub fn list_models_request(http: &reqwest::Client, key: &KeyRef) -> reqwest::RequestBuilder {

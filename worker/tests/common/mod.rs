@@ -68,6 +68,30 @@ impl Mock {
         assert!(r.status().is_success(), "mock refused the fault {fault}");
     }
 
+    /// Any fault, as the control API takes it (e.g. a redirect with its `location`).
+    pub async fn fault_json(&self, fault: Value) {
+        let r = http()
+            .post(format!("{}/_mock/faults", self.url))
+            .json(&fault)
+            .send()
+            .await
+            .expect("mock fault");
+        assert!(r.status().is_success(), "mock refused the fault {fault}");
+    }
+
+    /// Waits until the mock has received `n` requests (counted when they arrive).
+    pub async fn wait_for_requests(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.stats().await["requests"].as_u64().unwrap_or(0);
+            if got >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the mock got {got} requests, not {n}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn stats(&self) -> Value {
         http()
             .get(format!("{}/_mock/stats", self.url))
@@ -154,6 +178,17 @@ impl Worker {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The worker's resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("worker status");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kb * 1024
     }
 
     pub fn pid(&self) -> i32 {
