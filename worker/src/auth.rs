@@ -15,7 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{Request, State};
@@ -140,16 +140,17 @@ fn looks_like_db_token(token: &str) -> bool {
 /// When the database answered about a token (by its SHA-256), and what (`None`: not valid).
 type Answers = HashMap<[u8; 32], (Instant, Option<Arc<TokenGrant>>)>;
 
-/// Answers about database tokens, kept for [`TOKEN_CACHE_TTL`].
+/// Answers about database tokens, kept for [`TOKEN_CACHE_TTL`]. Requests with a known token
+/// only read it (a shared lock).
 pub struct TokenCache {
-    entries: Mutex<Answers>,
+    entries: RwLock<Answers>,
     lookups: Semaphore,
 }
 
 impl Default for TokenCache {
     fn default() -> Self {
         TokenCache {
-            entries: Mutex::new(HashMap::new()),
+            entries: RwLock::new(HashMap::new()),
             lookups: Semaphore::new(CONCURRENT_LOOKUPS),
         }
     }
@@ -157,7 +158,7 @@ impl Default for TokenCache {
 
 impl TokenCache {
     fn cached(&self, key: &[u8; 32]) -> Option<Option<Arc<TokenGrant>>> {
-        let entries = self.entries.lock().ok()?;
+        let entries = self.entries.read().ok()?;
         entries
             .get(key)
             .filter(|(at, _)| at.elapsed() < TOKEN_CACHE_TTL)
@@ -165,7 +166,7 @@ impl TokenCache {
     }
 
     fn remember(&self, key: [u8; 32], grant: Option<Arc<TokenGrant>>) {
-        if let Ok(mut entries) = self.entries.lock() {
+        if let Ok(mut entries) = self.entries.write() {
             if entries.len() >= TOKEN_CACHE_SIZE {
                 entries.retain(|_, (at, _)| at.elapsed() < TOKEN_CACHE_TTL);
                 if entries.len() >= TOKEN_CACHE_SIZE {

@@ -606,7 +606,7 @@ async fn the_admin_api_runs_with_only_the_documented_grants() {
                  keypool_release(bigint), keypool_models(), keypool_claim_requests(text, integer, interval),
                  keypool_complete_request(bigint, text, text, jsonb, text, timestamptz), keypool_queue_wake_at(),
                  keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint),
-                 keypool_worker_stopped(text)
+                 keypool_worker_stopped(text), keypool_authenticate_api_token(text)
                TO {worker};
              GRANT {ops} TO {worker};
              GRANT SELECT ON keypool_requests, keypool_workers, keypool_queue_depth TO {worker};
@@ -652,5 +652,20 @@ async fn the_admin_api_runs_with_only_the_documented_grants() {
         let (status, body) = get(&w, path, Some(TOKEN)).await;
         assert_eq!(status, 200, "{path}: {body}");
     }
+    // An end user's API token, checked with the one function granted for it.
+    let token = value(&db, "SELECT keypool_create_api_token('u2', 'u2', ARRAY['chat'])")
+        .await
+        .expect("a token");
+    let r = http()
+        .post(format!("{}/v1/chat/completions", w.url))
+        .bearer_auth(&token)
+        .json(&chat_body("chat", "u2"))
+        .send()
+        .await
+        .expect("chat with an API token");
+    assert_eq!(r.status(), 200);
+    let (status, body) = get(&w, "/allocation/daily?pool=chat", Some(&token)).await;
+    let daily: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!((status, daily["user"].as_str()), (200, Some("u2")), "{body}");
     assert!(!w.log().contains("permission denied"), "{}", w.log());
 }
