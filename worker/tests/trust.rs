@@ -720,3 +720,56 @@ async fn embeddings_reach_openai_style_providers_and_gemini() {
     assert_eq!(used_today(&db, "u", "gemb").await, 2);
     assert_eq!(used_today(&db, "u", "claude").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_larger_than_max_response_are_cut_and_settled() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&["--reply-words", "3000", "--stream-delay", "1ms"]);
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('chat');
+             SELECT keypool_add_key('chat', 'openai', 'sk-large-00000000001', base_url => '{u}/v1', rpd => 1000);",
+            u = mock.url
+        ),
+    )
+    .await;
+    let w = Worker::start(&conninfo(&db), "large", &["--no-queue", "--max-response", "4KiB"]).await;
+    let body = |stream: bool| {
+        json!({"model": "chat", "user": "u", "stream": stream, "max_tokens": 3000,
+               "messages": user_message("a long answer, please")})
+    };
+    // Whole answers over the limit are not read: 502, and the call is settled.
+    let (status, v) = chat_as(&w, TOKEN, &[], body(false)).await;
+    assert_eq!(status, 502, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("KEYPOOL_MAX_RESPONSE"),
+        "{v}"
+    );
+    // A stream passes through until the limit, then ends with an error event.
+    let r = http()
+        .post(format!("{}/v1/chat/completions", w.url))
+        .bearer_auth(TOKEN)
+        .json(&body(true))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("stream body");
+    assert!(text.contains("\"content\""), "{text}");
+    assert!(text.contains("larger than KEYPOOL_MAX_RESPONSE"), "{text}");
+    assert!(text.len() < 64 * 1024, "{} bytes passed on", text.len());
+    // Both calls were settled with their prompt estimate (10 tokens each: 21 characters / 4 and 4
+    // for the message), the stream with the completion it had counted when it was cut.
+    prompt_tokens_eventually(&db, "chat", 20).await;
+    let completion: i64 = one(
+        &db.client,
+        "SELECT coalesce(sum(completion_tokens), 0)::bigint FROM keypool_usage WHERE pool = 'chat'",
+    )
+    .await;
+    assert!(completion > 0, "the cut stream settled no completion tokens");
+    assert_eq!(used_today(&db, "u", "chat").await, 2);
+}
