@@ -342,11 +342,22 @@ WITH keys AS (
            count(*) FILTER (WHERE state = 'cooling') AS cooling,
            count(*) FILTER (WHERE state = 'disabled') AS disabled
       FROM @extschema@.keypool_keys
+), pool_scopes AS (
+    SELECT DISTINCT pool, scope_id FROM @extschema@.keypool_keys WHERE state <> 'disabled'
+), apportioned AS (
+    -- A scope that serves n pools counts 1/n in each: the total counts every scope once.
+    SELECT ps.pool,
+           CASE WHEN bool_and(s.rpd IS NOT NULL) THEN sum(s.rpd::numeric / n.pools) END AS daily_capacity
+      FROM pool_scopes ps
+      JOIN (SELECT scope_id, count(*) AS pools FROM pool_scopes GROUP BY scope_id) n ON n.scope_id = ps.scope_id
+      JOIN @extschema@.keypool_scopes s ON s.scope_id = ps.scope_id
+     GROUP BY ps.pool
 ), pools AS (
-    SELECT count(*) FILTER (WHERE keys_usable = 0 AND keys_cooling + keys_disabled > 0) AS without_usable,
-           count(*) FILTER (WHERE overcommit > 1) AS overcommitted,
-           sum(daily_capacity / min_share) FILTER (WHERE min_share > 0) AS daily_users
-      FROM @extschema@.keypool_pool_stats
+    SELECT count(*) FILTER (WHERE st.keys_usable = 0 AND st.keys_cooling + st.keys_disabled > 0) AS without_usable,
+           count(*) FILTER (WHERE st.overcommit > 1) AS overcommitted,
+           sum(floor(a.daily_capacity / st.min_share)) FILTER (WHERE st.min_share > 0) AS daily_users
+      FROM @extschema@.keypool_pool_stats st
+      LEFT JOIN apportioned a ON a.pool = st.pool
 ), capacity AS (
     SELECT CASE WHEN bool_and(rpd IS NOT NULL OR rpm IS NOT NULL)
                 THEN sum(coalesce(least(rpd::bigint, rpm::bigint * 1440), rpd, rpm::bigint * 1440)) END AS requests_per_day,
@@ -379,7 +390,7 @@ SELECT v.status,
        v.status IN ('EXCELLENT', 'GOOD') AS healthy,
        keys.total AS keys_total, keys.usable AS keys_usable, keys.cooling AS keys_cooling, keys.disabled AS keys_disabled,
        capacity.requests_per_day,
-       pools.daily_users::bigint AS daily_users,
+       floor(pools.daily_users)::bigint AS daily_users,
        floor(capacity.requests_per_minute
              / coalesce(nullif(current_setting('pg_keypool.concurrent_user_rpm', true), '')::float8, 0.5))::bigint
            AS concurrent_users

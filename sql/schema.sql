@@ -116,6 +116,10 @@ CREATE TABLE keypool.member (
     weight      numeric NOT NULL DEFAULT 1 CHECK (weight > 0),
     last_active date,
     assigned_at timestamptz NOT NULL DEFAULT now(),
+    -- What the member used of their share on day used_on, as last flushed: restored after a
+    -- crash or a failover.
+    used_on     date,
+    used        bigint,
     PRIMARY KEY (pool_id, user_id)
 );
 CREATE INDEX member_hash ON keypool.member (pool_id, user_hash);
@@ -138,6 +142,24 @@ CREATE TABLE keypool.usage_hourly (
     caller_error      bigint NOT NULL DEFAULT 0,
     other             bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (key_id, hour)
+);
+
+-- What each scope used of its day, as the primary last recorded it (failover.rs): a promoted
+-- standby starts from this plus what the limits allowed since, never from its own stale memory.
+-- One row per scope, rewritten only when it changed; the free space keeps updates HOT.
+CREATE TABLE keypool.scope_usage (
+    scope_id      bigint PRIMARY KEY REFERENCES keypool.scope (id) ON DELETE CASCADE,
+    day_start     timestamptz NOT NULL,
+    day_end       timestamptz NOT NULL,
+    requests      bigint NOT NULL,
+    tokens        bigint NOT NULL,
+    cooling_until timestamptz
+) WITH (fillfactor = 50);
+
+-- When keypool.scope_usage was last read from shared memory (one row).
+CREATE TABLE keypool.usage_snapshot (
+    one      boolean PRIMARY KEY DEFAULT true CHECK (one),
+    saved_at timestamptz NOT NULL
 );
 
 -- What changed and why: keys added, disabled, enabled; scopes disabled for billing.
@@ -218,4 +240,6 @@ SELECT pg_catalog.pg_extension_config_dump('keypool.scope', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.key', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.member', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.usage_hourly', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.scope_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.usage_snapshot', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.event', '');

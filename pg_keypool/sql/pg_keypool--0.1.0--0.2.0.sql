@@ -8,7 +8,8 @@
 --   plain SHA-256 columns dropped; labels show the provider prefix and at most 4 characters;
 -- - views show each role only the pools it may read;
 -- - NOTIFY keypool_events carries the event id only;
--- - API tokens for keypool-worker's callers (issue 12), stored as SHA-256 only.
+-- - API tokens for keypool-worker's callers (issue 12), stored as SHA-256 only;
+-- - a replicated record of each scope's use, for failover without over-grant (issue 13).
 --
 -- After the update the old plaintext still lies in dead tuples of keypool.key and in WAL until
 -- they are recycled: run VACUUM FULL keypool.key and CHECKPOINT (README, "Secrets at rest").
@@ -62,6 +63,23 @@ CREATE TABLE keypool.api_token (
     revoked_at   timestamptz
 );
 ALTER SEQUENCE keypool.api_token_id_seq OWNED BY keypool.api_token.id;
+
+-- The replicated record of scopes' and members' use (issue 13: failover without over-grant).
+ALTER TABLE keypool.member ADD COLUMN used_on date, ADD COLUMN used bigint;
+CREATE TABLE keypool.scope_usage (
+    scope_id      bigint PRIMARY KEY REFERENCES keypool.scope (id) ON DELETE CASCADE,
+    day_start     timestamptz NOT NULL,
+    day_end       timestamptz NOT NULL,
+    requests      bigint NOT NULL,
+    tokens        bigint NOT NULL,
+    cooling_until timestamptz
+) WITH (fillfactor = 50);
+CREATE TABLE keypool.usage_snapshot (
+    one      boolean PRIMARY KEY DEFAULT true CHECK (one),
+    saved_at timestamptz NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('keypool.scope_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.usage_snapshot', '');
 
 CREATE OR REPLACE FUNCTION keypool.config_changed() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, keypool, pg_temp AS $$
@@ -284,6 +302,23 @@ RETURNS boolean
 AS 'MODULE_PATHNAME', 'keypool_complete_request_c'
 LANGUAGE c VOLATILE PARALLEL UNSAFE;
 
+-- keypool_status() says which timeline its state came from and when recovery ended.
+DROP FUNCTION keypool_status();
+CREATE  FUNCTION "keypool_status"() RETURNS TABLE (
+	"scopes_used" INT,  /* i32 */
+	"scopes_capacity" INT,  /* i32 */
+	"keys_used" INT,  /* i32 */
+	"keys_capacity" INT,  /* i32 */
+	"reservation_capacity" INT,  /* i32 */
+	"reservations_expired_early" bigint,  /* i64 */
+	"state_saved_at" timestamp with time zone,  /* Ts */
+	"started_from" TEXT,  /* String */
+	"state_timeline" INT,  /* Option < i32 > */
+	"recovery_ended_at" timestamp with time zone  /* Ts */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_status_wrapper';
 -- Internal SQL functions.
 CREATE FUNCTION keypool.enqueue(submitted_by regrole, user_id text, pool text, request jsonb, max_wait interval,
                                 max_attempts integer)
@@ -771,11 +806,22 @@ WITH keys AS (
            count(*) FILTER (WHERE state = 'cooling') AS cooling,
            count(*) FILTER (WHERE state = 'disabled') AS disabled
       FROM @extschema@.keypool_keys
+), pool_scopes AS (
+    SELECT DISTINCT pool, scope_id FROM @extschema@.keypool_keys WHERE state <> 'disabled'
+), apportioned AS (
+    -- A scope that serves n pools counts 1/n in each: the total counts every scope once.
+    SELECT ps.pool,
+           CASE WHEN bool_and(s.rpd IS NOT NULL) THEN sum(s.rpd::numeric / n.pools) END AS daily_capacity
+      FROM pool_scopes ps
+      JOIN (SELECT scope_id, count(*) AS pools FROM pool_scopes GROUP BY scope_id) n ON n.scope_id = ps.scope_id
+      JOIN @extschema@.keypool_scopes s ON s.scope_id = ps.scope_id
+     GROUP BY ps.pool
 ), pools AS (
-    SELECT count(*) FILTER (WHERE keys_usable = 0 AND keys_cooling + keys_disabled > 0) AS without_usable,
-           count(*) FILTER (WHERE overcommit > 1) AS overcommitted,
-           sum(daily_capacity / min_share) FILTER (WHERE min_share > 0) AS daily_users
-      FROM @extschema@.keypool_pool_stats
+    SELECT count(*) FILTER (WHERE st.keys_usable = 0 AND st.keys_cooling + st.keys_disabled > 0) AS without_usable,
+           count(*) FILTER (WHERE st.overcommit > 1) AS overcommitted,
+           sum(floor(a.daily_capacity / st.min_share)) FILTER (WHERE st.min_share > 0) AS daily_users
+      FROM @extschema@.keypool_pool_stats st
+      LEFT JOIN apportioned a ON a.pool = st.pool
 ), capacity AS (
     SELECT CASE WHEN bool_and(rpd IS NOT NULL OR rpm IS NOT NULL)
                 THEN sum(coalesce(least(rpd::bigint, rpm::bigint * 1440), rpd, rpm::bigint * 1440)) END AS requests_per_day,
@@ -808,7 +854,7 @@ SELECT v.status,
        v.status IN ('EXCELLENT', 'GOOD') AS healthy,
        keys.total AS keys_total, keys.usable AS keys_usable, keys.cooling AS keys_cooling, keys.disabled AS keys_disabled,
        capacity.requests_per_day,
-       pools.daily_users::bigint AS daily_users,
+       floor(pools.daily_users)::bigint AS daily_users,
        floor(capacity.requests_per_minute
              / coalesce(nullif(current_setting('pg_keypool.concurrent_user_rpm', true), '')::float8, 0.5))::bigint
            AS concurrent_users
@@ -816,6 +862,8 @@ SELECT v.status,
 $fn$;
 
 -- Comments (\df+).
+COMMENT ON FUNCTION keypool_status() IS
+    'Shared-memory use and how the state was restored at server start';
 COMMENT ON FUNCTION keypool_grant(text, regrole, text) IS
     'Grants a role use, read or admin on a pool (* = every pool, present and future); needs admin on it';
 COMMENT ON FUNCTION keypool_revoke(text, regrole, text) IS
@@ -883,6 +931,7 @@ REVOKE ALL ON FUNCTION
     keypool_create_api_token(text, text, text[], timestamptz),
     keypool_revoke_api_token(bigint),
     keypool_authenticate_api_token(text),
+    keypool_status(),
     keypool.member_memory(),
     keypool.enqueue(regrole, text, text, jsonb, interval, integer),
     keypool.claim_requests(regrole, text[], text, integer, interval),

@@ -22,7 +22,7 @@ use crate::access::{self, Privilege};
 use crate::clock;
 use crate::config::{self, Config, Key, Pool};
 use crate::errors::{self, Code};
-use crate::members::{self, Member, FLAG_ACTIVE_DIRTY, FLAG_MEMBER};
+use crate::members::{self, Member, FLAG_ACTIVE_DIRTY, FLAG_MEMBER, FLAG_USE_DIRTY};
 use crate::privilege;
 use crate::reserve::check_user_id;
 use crate::shares::{PoolShares, TreeMeta, NEVER, WEIGHT_SCALE};
@@ -45,6 +45,9 @@ pub struct Stale;
 /// (every other caller waits for the one loading).
 pub fn ensure_loaded(sh: &'static Shared, cfg: &Config, pool: &Pool) {
     let slot = sh.pool(pool.slot);
+    if slot.after_prepared.load(Acquire) != 0 {
+        reload_after_prepared(slot);
+    }
     let me = unsafe { pg_sys::MyProcPid };
     loop {
         match slot.members_state.load(Acquire) {
@@ -88,6 +91,25 @@ pub fn ensure_loaded(sh: &'static Shared, cfg: &Config, pool: &Pool) {
     loading.1 = true;
 }
 
+/// A prepared transaction assigned or moved members of this pool: once none is left (committed
+/// or rolled back), the members are read again from the table, which then says what happened.
+/// Entries keep today's use; only membership, keys, weights and counts are rebuilt.
+#[cold]
+fn reload_after_prepared(slot: &PoolSlot) {
+    let _path = privilege::pin_search_path();
+    let none_left = Spi::get_one::<bool>(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database())",
+    );
+    if matches!(none_left, Ok(Some(true)))
+        && slot
+            .members_state
+            .compare_exchange(MEMBERS_READY, MEMBERS_UNLOADED, AcqRel, Acquire)
+            .is_ok()
+    {
+        slot.after_prepared.store(0, Release);
+    }
+}
+
 /// Loads the members of every pool of this database (views show users per key).
 pub fn ensure_all_loaded(sh: &'static Shared, cfg: &Config) {
     for pool in &cfg.pools {
@@ -99,19 +121,23 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
     let today = pool.day(clock::now_ms()).0;
     let sql = CString::new(format!(
         "SELECT user_hash, coalesce(key_id, 0), round(weight * {WEIGHT_SCALE})::bigint,
-                coalesce(last_active - DATE '1970-01-01', {NEVER})
+                coalesce(last_active - DATE '1970-01-01', {NEVER}),
+                CASE WHEN used_on - DATE '1970-01-01' = {today} THEN coalesce(used, 0) ELSE 0 END
            FROM keypool.member WHERE pool_id = {}",
         pool.id
     ))
     .expect("no NUL in the query");
-    let rows: Vec<(i64, i64, i64, i32)> = privilege::as_owner(cfg.extension_owner, || {
-        Spi::connect(|_| config::fresh_rows(&sql, |r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+    let rows: Vec<(i64, i64, i64, i32, i64)> = privilege::as_owner(cfg.extension_owner, || {
+        Spi::connect(|_| config::fresh_rows(&sql, |r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))))
     });
     let mut shares = slot.lock();
     *shares = PoolShares::default();
     shares.roll(today);
     let mut counts: HashMap<i64, i64> = HashMap::new();
-    for (hash, key_id, weight, last_active) in rows {
+    // Members whose use today is known only from the table (a crash or a failover since it was
+    // flushed): their share is fixed once every member is counted.
+    let mut used_today: Vec<(u64, u64)> = Vec::new();
+    for (hash, key_id, weight, last_active, used) in rows {
         let class = shares
             .class_of(weight.max(1))
             .unwrap_or_else(|| too_many_weights(&pool.name));
@@ -123,15 +149,28 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
         shares.add_member(class, last_active);
         m.key_id = key_id;
         m.class = class;
-        m.flags = FLAG_MEMBER | (m.flags & FLAG_ACTIVE_DIRTY);
+        m.flags = FLAG_MEMBER | (m.flags & (FLAG_ACTIVE_DIRTY | FLAG_USE_DIRTY));
         m.last_active = last_active;
         if m.day == today {
             shares.active_shares += m.share;
             shares.borrowed += m.used.saturating_sub(m.share);
+        } else if used > 0 && pool.policy.capacity.is_some() {
+            used_today.push((hash, used as u64));
         }
         if key_id != 0 {
             *counts.entry(key_id).or_default() += 1;
         }
+    }
+    for (hash, used) in used_today {
+        let stripe = sh.members.stripe(hash);
+        let Some(i) = stripe.find(sh, hash, pool.slot) else {
+            continue;
+        };
+        let m = stripe.at(i);
+        let share = members::activate(&mut shares, &pool.policy, m, today);
+        shares.active_shares = shares.active_shares.saturating_add(share);
+        m.used = used;
+        shares.borrowed += used.saturating_sub(share);
     }
     for &k in &pool.keys {
         let key = &cfg.keys[k];
@@ -276,7 +315,7 @@ fn undo_on_abort(sh: &'static Shared, pool_slot: u32, gen: u32, changes: Vec<Cha
     if changes.is_empty() {
         return;
     }
-    txn::on_abort(move || {
+    txn::on_abort_or_prepare(pool_slot, move || {
         let slot = sh.pool(pool_slot);
         if slot.members_gen.load(Acquire) != gen {
             return;

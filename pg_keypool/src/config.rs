@@ -318,6 +318,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 cfg.scopes_by_id.insert(id, cfg.scopes.len());
                 cfg.scopes.push(Scope { id, slot, tz, disabled });
             }
+            crate::failover::catch_up(sh, owner, &cfg.scopes);
             let mut pool_options = HashMap::new();
             for (id, name, min_share, active_days, borrowing, timezone) in pools {
                 cfg.pools_by_name.insert(name.clone(), cfg.pools.len());

@@ -20,7 +20,8 @@ use crate::errors;
 use crate::privilege;
 use std::collections::HashMap;
 
-use crate::members::{self, FLAG_ACTIVE_DIRTY, STRIPES};
+use crate::members::{self, FLAG_ACTIVE_DIRTY, FLAG_USE_DIRTY, STRIPES};
+use crate::shares::NEVER;
 use crate::shmem::{self, Shared, COUNTERS, MEMBERS_READY};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -139,12 +140,15 @@ pub fn flush(cfg: &Config) -> i64 {
         let Some(sh) = shmem::try_shared() else {
             return;
         };
-        for &(index, hash, day) in &activity {
-            let stripe = sh.members.stripe(hash);
-            if let Some(i) = stripe.position_of(index) {
+        for w in &activity {
+            let stripe = sh.members.stripe(w.hash);
+            if let Some(i) = stripe.position_of(w.index) {
                 let m = stripe.at(i);
-                if m.hash == hash && m.last_active == day {
+                if m.hash == w.hash && m.last_active == w.last_active {
                     m.flags &= !FLAG_ACTIVE_DIRTY;
+                }
+                if m.hash == w.hash && m.day == w.day && m.used == w.used {
+                    m.flags &= !FLAG_USE_DIRTY;
                 }
             }
         }
@@ -164,9 +168,20 @@ pub fn flush(cfg: &Config) -> i64 {
     written
 }
 
+/// A member entry as written to `keypool.member`: cleaned once the transaction commits if it
+/// did not change meanwhile.
+struct Written {
+    index: u32,
+    hash: u64,
+    last_active: i32,
+    day: i32,
+    used: u64,
+}
+
 /// Writes the day each member was last active (needed to rebuild activity windows after a
-/// restart); returns what was written, to mark it clean once the transaction commits.
-fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<(u32, u64, i32)> {
+/// restart) and what they used of their share today (restored after a crash or a failover);
+/// returns what was written, to mark it clean once the transaction commits.
+fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
     let pools: HashMap<u32, (i64, u32)> = cfg
         .pools
         .iter()
@@ -176,12 +191,14 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<(u32, u64, i32)> {
     if pools.is_empty() {
         return Vec::new();
     }
-    let (mut pool_ids, mut hashes, mut days, mut written) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut pool_ids, mut hashes, mut days, mut used_on, mut used) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut written = Vec::new();
     for s in 0..STRIPES {
         let stripe = sh.members.stripe_at(s);
         for i in 0..stripe.len() {
             let m = stripe.at(i);
-            if m.hash == 0 || m.flags & FLAG_ACTIVE_DIRTY == 0 || !m.is_member() {
+            if m.hash == 0 || m.flags & (FLAG_ACTIVE_DIRTY | FLAG_USE_DIRTY) == 0 || !m.is_member() {
                 continue;
             }
             if let Some(&(pool_id, gen)) = pools.get(&m.pool_slot) {
@@ -189,7 +206,15 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<(u32, u64, i32)> {
                     pool_ids.push(pool_id);
                     hashes.push(members::hash_to_sql(m.hash));
                     days.push(m.last_active);
-                    written.push((stripe.index_of(i), m.hash, m.last_active));
+                    used_on.push(m.day);
+                    used.push(m.used.min(i64::MAX as u64) as i64);
+                    written.push(Written {
+                        index: stripe.index_of(i),
+                        hash: m.hash,
+                        last_active: m.last_active,
+                        day: m.day,
+                        used: m.used,
+                    });
                 }
             }
         }
@@ -198,12 +223,22 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<(u32, u64, i32)> {
         privilege::as_owner(cfg.extension_owner, || {
             Spi::connect_mut(|client| {
                 errors::spi(client.update(
-                    "UPDATE keypool.member m SET last_active = DATE '1970-01-01' + v.d
-                       FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS v(p, h, d)
-                      WHERE m.pool_id = v.p AND m.user_hash = v.h
-                        AND m.last_active IS DISTINCT FROM DATE '1970-01-01' + v.d",
+                    &format!(
+                        "UPDATE keypool.member m
+                            SET last_active = CASE WHEN v.d = {NEVER} THEN m.last_active ELSE DATE '1970-01-01' + v.d END,
+                                used_on = CASE WHEN v.ud = {NEVER} THEN NULL ELSE DATE '1970-01-01' + v.ud END,
+                                used = v.u
+                           FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[]) AS v(p, h, d, ud, u)
+                          WHERE m.pool_id = v.p AND m.user_hash = v.h"
+                    ),
                     None,
-                    &[pool_ids.into(), hashes.into(), days.into()],
+                    &[
+                        pool_ids.into(),
+                        hashes.into(),
+                        days.into(),
+                        used_on.into(),
+                        used.into(),
+                    ],
                 ));
             })
         });
@@ -218,5 +253,7 @@ fn keypool_flush() -> i64 {
     let _path = privilege::pin_search_path();
     let cfg = config::current();
     crate::access::require_every_pool(&cfg.grants, "flush usage history", crate::access::Privilege::Admin);
-    flush(&cfg)
+    let written = flush(&cfg);
+    crate::failover::record(shmem::shared(), &cfg);
+    written
 }

@@ -44,6 +44,8 @@ pub extern "C-unwind" fn pg_keypool_launcher_main(_arg: pg_sys::Datum) {
     let mut last_flush = clock::real_now_ms();
     let mut flushers: HashMap<u32, DynamicBackgroundWorker> = HashMap::new();
     let mut save_failed = false;
+    // The launcher starts when recovery ends: a promoted standby's state is marked stale now.
+    crate::failover::end_recovery_if_pending(sh);
     loop {
         let save_every = settings::STATE_SAVE_INTERVAL_MS.get() as i64;
         let flush_every = settings::FLUSH_INTERVAL_MS.get() as i64;
@@ -119,7 +121,9 @@ pub extern "C-unwind" fn pg_keypool_flusher_main(arg: pg_sys::Datum) {
         );
         match version {
             Ok(Some(v)) if v == config::LIBRARY_VERSION => {
-                history::flush(&config::current());
+                let cfg = config::current();
+                history::flush(&cfg);
+                crate::failover::record(shmem::shared(), &cfg);
                 true
             }
             // Installed, but its SQL objects wait for ALTER EXTENSION ... UPDATE: keep the

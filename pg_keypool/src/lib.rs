@@ -12,6 +12,7 @@
 //! - `config`: each backend's cache of the configuration tables
 //! - `reserve`, `settle`, `admin`, `views`: the SQL functions
 //! - `history`, `persist`, `launcher`: hourly usage history, the state file, background work
+//! - `failover`: the replicated record of scopes' use, and the catch-up after a promotion
 
 use pgrx::prelude::*;
 
@@ -24,6 +25,7 @@ mod clock;
 mod composite;
 mod config;
 mod errors;
+mod failover;
 mod history;
 pub mod keyring;
 mod launcher;

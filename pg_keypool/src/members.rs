@@ -23,7 +23,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 
 use crate::errors::{self, Code};
-use crate::shares::NEVER;
+use crate::shares::{Policy, PoolShares, NEVER, WEIGHT_SCALE};
 use crate::shmem::{Lock, LockGuard, Shared};
 
 pub const STRIPES: usize = 1024;
@@ -32,6 +32,8 @@ pub const STRIPES: usize = 1024;
 pub const FLAG_MEMBER: u16 = 1;
 /// `last_active` changed since it was last written to `keypool.member`.
 pub const FLAG_ACTIVE_DIRTY: u16 = 2;
+/// `used` changed since it was last written to `keypool.member` (history.rs).
+pub const FLAG_USE_DIRTY: u16 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -304,6 +306,27 @@ fn is_stale(sh: &Shared, m: &Member, today: i32) -> bool {
         return true;
     }
     !m.is_member() && (m.day == NEVER || m.day < today.saturating_sub(1))
+}
+
+/// First reservation of the day: the member counts as active today and gets today's share.
+pub fn activate(shares: &mut PoolShares, policy: &Policy, m: &mut Member, today: i32) -> u64 {
+    let weight = if m.is_member() {
+        shares.touch(m.class, m.last_active, today);
+        if m.last_active != today {
+            m.last_active = today;
+            m.flags |= FLAG_ACTIVE_DIRTY;
+        }
+        shares.classes[m.class as usize].weight_milli
+    } else {
+        WEIGHT_SCALE
+    };
+    let counted = shares.counted_weight(today, policy.window_days);
+    let total = if m.is_member() { counted } else { counted + weight };
+    let share = PoolShares::share(policy, weight, total).unwrap_or(0);
+    m.day = today;
+    m.used = 0;
+    m.share = share;
+    share
 }
 
 #[cfg(test)]

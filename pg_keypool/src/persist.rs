@@ -37,11 +37,58 @@ use crate::window::ScopeWindows;
 
 const FILE: &str = "pg_keypool.state";
 const MAGIC: u64 = 0x5354_4154_454b_5031; // "KPSTATE1"
-const VERSION: u32 = 2;
+/// 3: the writer's system identifier, timeline and pending catch-up. 2: the previous release.
+const VERSION: u32 = 3;
+const VERSION_2: u32 = 2;
 
 fn path() -> PathBuf {
     let dir = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
     PathBuf::from(dir.to_string_lossy().into_owned()).join(FILE)
+}
+
+/// How this run's state began (`Header::restored`, keypool_status().started_from).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Origin {
+    Empty = 0,
+    Clean = 1,
+    Crash = 2,
+    /// A standby, or a restored backup: the file was loaded as after a crash, and recorded usage
+    /// is applied when recovery ends.
+    Recovery = 3,
+    /// A file another system wrote: ignored; recorded usage is applied at first use.
+    OtherSystem = 4,
+    /// A file of another timeline (a promotion since it was written): loaded as after a crash,
+    /// and recorded usage is applied at first use.
+    OtherTimeline = 5,
+}
+
+impl Origin {
+    pub fn from_u32(v: u32) -> Origin {
+        match v {
+            1 => Origin::Clean,
+            2 => Origin::Crash,
+            3 => Origin::Recovery,
+            4 => Origin::OtherSystem,
+            5 => Origin::OtherTimeline,
+            _ => Origin::Empty,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Origin::Empty => "empty state",
+            Origin::Clean => "saved state (clean shutdown)",
+            Origin::Crash => "saved state (after a crash; unknown usage assumed)",
+            Origin::Recovery => {
+                "saved state (recovery: unknown usage assumed; replicated usage applied when recovery ends)"
+            }
+            Origin::OtherSystem => "replicated usage (the state file was written by another system and is ignored)",
+            Origin::OtherTimeline => {
+                "saved state of another timeline (unknown usage assumed; replicated usage applied)"
+            }
+        }
+    }
 }
 
 struct ScopeRecord {
@@ -75,12 +122,15 @@ struct KeyRecord {
 
 /// Encodes the bound slots. `lock` says whether scope locks may (must) be taken: yes in a
 /// backend or the launcher, no in the postmaster, where no other process runs any more.
-fn encode(sh: &Shared, clean: bool, lock: bool, now_ms: i64) -> Vec<u8> {
+fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64) -> Vec<u8> {
     let mut out = Vec::with_capacity(4096);
     put_u64(&mut out, MAGIC);
     put_u32(&mut out, VERSION);
     put_u32(&mut out, clean as u32);
     put_i64(&mut out, now_ms);
+    put_u64(&mut out, writer.system_identifier);
+    put_u32(&mut out, writer.timeline);
+    put_u32(&mut out, crate::failover::catch_up_pending(sh) as u32);
     let scopes: Vec<_> = sh.scopes.iter().filter(|s| !s.tag.is_free()).collect();
     put_u32(&mut out, scopes.len() as u32);
     for s in scopes {
@@ -160,6 +210,10 @@ fn members_of_today(sh: &Shared) -> Vec<MemberRecord> {
 struct Decoded {
     clean: bool,
     saved_ms: i64,
+    /// Who wrote it; `None` for a file of the previous release.
+    writer: Option<Writer>,
+    /// Recorded usage had not been applied everywhere when it was written.
+    pending: bool,
     scopes: Vec<ScopeRecord>,
     keys: Vec<KeyRecord>,
     members: Vec<MemberRecord>,
@@ -167,11 +221,24 @@ struct Decoded {
 
 fn decode(mut input: &[u8]) -> Option<Decoded> {
     let i = &mut input;
-    if get_u64(i)? != MAGIC || get_u32(i)? != VERSION {
+    if get_u64(i)? != MAGIC {
+        return None;
+    }
+    let version = get_u32(i)?;
+    if version != VERSION && version != VERSION_2 {
         return None;
     }
     let clean = get_u32(i)? == 1;
     let saved_ms = get_i64(i)?;
+    let (writer, pending) = if version == VERSION {
+        let writer = Writer {
+            system_identifier: get_u64(i)?,
+            timeline: get_u32(i)?,
+        };
+        (Some(writer), get_u32(i)? == 1)
+    } else {
+        (None, false)
+    };
     let n = get_u32(i)? as usize;
     let mut scopes = Vec::with_capacity(n.min(1 << 20));
     for _ in 0..n {
@@ -225,6 +292,8 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
     i.is_empty().then_some(Decoded {
         clean,
         saved_ms,
+        writer,
+        pending,
         scopes,
         keys,
         members,
@@ -246,10 +315,74 @@ fn write_file(bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Which cluster wrote a state file: its system identifier and timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Writer {
+    pub system_identifier: u64,
+    pub timeline: u32,
+}
+
+/// What `pg_control` says about this data directory.
+struct Control {
+    writer: Writer,
+    /// The last shutdown was clean (not in recovery).
+    shut_down_cleanly: bool,
+    /// A standby's or an archive recovery's state (shut down in recovery, or in it).
+    in_recovery: bool,
+}
+
+/// Reads `pg_control` from disk (the postmaster, at start and at shutdown).
+fn read_control() -> Option<Control> {
+    unsafe {
+        let mut crc_ok = false;
+        let c = pg_sys::get_controlfile(pg_sys::DataDir, &mut crc_ok);
+        if c.is_null() || !crc_ok {
+            return None;
+        }
+        let c = &*c;
+        Some(Control {
+            writer: Writer {
+                system_identifier: c.system_identifier,
+                timeline: c.checkPointCopy.ThisTimeLineID,
+            },
+            shut_down_cleanly: c.state == pg_sys::DBState::DB_SHUTDOWNED,
+            in_recovery: matches!(
+                c.state,
+                pg_sys::DBState::DB_SHUTDOWNED_IN_RECOVERY | pg_sys::DBState::DB_IN_ARCHIVE_RECOVERY
+            ),
+        })
+    }
+}
+
+/// This server as a writer, from a running process (launcher or backend).
+fn this_server() -> Writer {
+    unsafe {
+        let timeline = if pg_sys::RecoveryInProgress() {
+            read_control().map_or(0, |c| c.writer.timeline)
+        } else {
+            pg_sys::GetWALInsertionTimeLine()
+        };
+        Writer {
+            system_identifier: pg_sys::GetSystemIdentifier(),
+            timeline,
+        }
+    }
+}
+
+/// Files whose presence means the server starts a recovery that may end in a promotion: a
+/// standby, an archive recovery or a restored base backup.
+fn recovery_files_present() -> bool {
+    let dir = path();
+    let dir = dir.parent().map(PathBuf::from).unwrap_or_default();
+    ["standby.signal", "recovery.signal", "backup_label"]
+        .iter()
+        .any(|f| dir.join(f).exists())
+}
+
 /// Saves the current state (launcher, or `keypool_save_state()` in a backend).
 pub fn save(sh: &Shared) -> std::io::Result<()> {
     let now = clock::real_now_ms();
-    write_file(&encode(sh, false, true, now))?;
+    write_file(&encode(sh, this_server(), false, true, now))?;
     sh.header.state_saved_ms.store(now, Ordering::Release);
     Ok(())
 }
@@ -259,8 +392,26 @@ pub fn save_at_shutdown() {
     let Some(sh) = shmem::try_shared() else {
         return;
     };
-    if let Err(e) = write_file(&encode(sh, true, false, clock::real_now_ms())) {
+    let Some(control) = read_control() else {
+        log!("pg_keypool: could not read pg_control; {FILE} is left as it was");
+        return;
+    };
+    if let Err(e) = write_file(&encode(sh, control.writer, true, false, clock::real_now_ms())) {
         log!("pg_keypool: could not save {FILE} at shutdown: {e}");
+    }
+}
+
+/// How far a state file can be trusted by this server.
+fn judge(file: &Decoded, control: &Control, recovering: bool) -> Origin {
+    match file.writer {
+        Some(w) if w.system_identifier != control.writer.system_identifier => Origin::OtherSystem,
+        _ if recovering => Origin::Recovery,
+        Some(w) if w.timeline != control.writer.timeline => Origin::OtherTimeline,
+        // The previous release's file names no writer: trusted as clean only after a clean
+        // shutdown of this very data directory (not a copy taken while it ran).
+        None if file.clean && !control.shut_down_cleanly => Origin::Crash,
+        _ if file.clean => Origin::Clean,
+        _ => Origin::Crash,
     }
 }
 
@@ -269,6 +420,13 @@ pub fn restore_at_startup() {
     let Some(sh) = shmem::try_shared() else {
         return;
     };
+    let control = read_control();
+    let recovering = recovery_files_present() || control.as_ref().is_some_and(|c| c.in_recovery);
+    if recovering {
+        // Whatever is loaded, the primary may have granted more since: catch up when recovery
+        // ends (failover.rs).
+        sh.header.stale_pending.store(1, Ordering::Release);
+    }
     let bytes = match fs::read(path()) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
@@ -281,11 +439,35 @@ pub fn restore_at_startup() {
         warning!("pg_keypool: {FILE} is damaged or from another version; rate windows start empty");
         return;
     };
+    let Some(control) = control else {
+        warning!("pg_keypool: could not read pg_control; {FILE} is ignored and recorded usage applied at first use");
+        sh.header.stale_pending.store(1, Ordering::Release);
+        sh.header.restored.store(Origin::OtherSystem as u32, Ordering::Release);
+        return;
+    };
+    let origin = judge(&state, &control, recovering);
+    if !matches!(origin, Origin::Clean | Origin::Crash) || state.pending {
+        sh.header.stale_pending.store(1, Ordering::Release);
+    }
+    sh.header.restored.store(origin as u32, Ordering::Release);
+    sh.header
+        .loaded_timeline
+        .store(state.writer.map_or(0, |w| w.timeline), Ordering::Release);
+    if origin == Origin::OtherSystem {
+        log!(
+            "pg_keypool: {FILE} was written by another system (identifier {}, this one is {}); it is ignored",
+            state.writer.map_or(0, |w| w.system_identifier),
+            control.writer.system_identifier
+        );
+        return;
+    }
+    let clean = origin == Origin::Clean;
     let now = clock::real_now_ms();
+    sh.header.loaded_saved_ms.store(state.saved_ms, Ordering::Release);
     let mut restored = 0;
     for (slot, r) in sh.scopes.iter().zip(state.scopes.iter()) {
         let mut windows = r.windows;
-        if !state.clean {
+        if !clean {
             windows.assume_worst_since(state.saved_ms, now);
         }
         unsafe { *slot.windows_unlocked() = windows };
@@ -300,32 +482,25 @@ pub fn restore_at_startup() {
         slot.breaker_open_until_ms
             .store(r.breaker_open_until_ms, Ordering::Release);
         slot.last_used_ms.store(r.last_used_ms, Ordering::Release);
-        if state.clean {
+        if clean {
             for (c, v) in slot.counters.iter().zip(r.counters.iter()) {
                 c.store(*v, Ordering::Release);
             }
         }
         slot.tag.set(r.owner, r.id, now);
     }
-    if state.clean {
+    if clean {
         restore_members(sh, &state.members);
     }
     if state.scopes.len() > sh.scopes.len() || state.keys.len() > sh.keys.len() {
         warning!("pg_keypool: {FILE} holds more scopes or keys than pg_keypool.max_scopes / max_keys allow; the rest start empty");
     }
-    sh.header
-        .restored
-        .store(if state.clean { 1 } else { 2 }, Ordering::Release);
     sh.header.state_saved_ms.store(now, Ordering::Release);
     log!(
-        "pg_keypool: restored {restored} scopes from {FILE} ({})",
-        if state.clean {
-            "clean shutdown"
-        } else {
-            "after a crash: unknown usage since the last save is assumed"
-        }
+        "pg_keypool: restored {restored} scopes from {FILE}: {}",
+        origin.describe()
     );
-    if let Err(e) = write_file(&encode(sh, false, false, now)) {
+    if let Err(e) = write_file(&encode(sh, control.writer, false, false, now)) {
         warning!("pg_keypool: could not rewrite {FILE}: {e}");
     }
 }
@@ -375,4 +550,56 @@ fn keypool_save_state() -> pgrx::datum::TimestampWithTimeZone {
         .raise();
     }
     clock::to_timestamptz(sh.header.state_saved_ms.load(Ordering::Acquire))
+}
+
+#[cfg(test)]
+mod judge_tests {
+    use super::*;
+
+    fn file(writer: Option<(u64, u32)>, clean: bool) -> Decoded {
+        Decoded {
+            clean,
+            saved_ms: 0,
+            writer: writer.map(|(system_identifier, timeline)| Writer {
+                system_identifier,
+                timeline,
+            }),
+            pending: false,
+            scopes: Vec::new(),
+            keys: Vec::new(),
+            members: Vec::new(),
+        }
+    }
+
+    fn control(system: u64, timeline: u32, shut_down_cleanly: bool) -> Control {
+        Control {
+            writer: Writer {
+                system_identifier: system,
+                timeline,
+            },
+            shut_down_cleanly,
+            in_recovery: false,
+        }
+    }
+
+    #[test]
+    fn only_the_writer_on_its_timeline_trusts_a_state_file() {
+        let here = control(7, 2, true);
+        assert_eq!(judge(&file(Some((7, 2)), true), &here, false), Origin::Clean);
+        assert_eq!(judge(&file(Some((7, 2)), false), &here, false), Origin::Crash);
+        assert_eq!(judge(&file(Some((8, 2)), true), &here, false), Origin::OtherSystem);
+        assert_eq!(judge(&file(Some((7, 1)), true), &here, false), Origin::OtherTimeline);
+        // A standby or a restored backup: never trusted as it is, whatever the file says.
+        assert_eq!(judge(&file(Some((7, 2)), true), &here, true), Origin::Recovery);
+        assert_eq!(judge(&file(Some((8, 2)), true), &here, true), Origin::OtherSystem);
+    }
+
+    #[test]
+    fn the_previous_release_s_clean_file_is_trusted_after_a_clean_shutdown_only() {
+        assert_eq!(judge(&file(None, true), &control(7, 1, true), false), Origin::Clean);
+        // A copy taken while the server ran (pg_control says it was running).
+        assert_eq!(judge(&file(None, true), &control(7, 1, false), false), Origin::Crash);
+        assert_eq!(judge(&file(None, false), &control(7, 1, true), false), Origin::Crash);
+        assert_eq!(judge(&file(None, true), &control(7, 1, true), true), Origin::Recovery);
+    }
 }

@@ -15,7 +15,7 @@ use crate::assign;
 use crate::clock;
 use crate::config::{self, Config, Pool};
 use crate::errors;
-use crate::members::{self, Member, FLAG_ACTIVE_DIRTY};
+use crate::members::{self, Member, FLAG_USE_DIRTY};
 use crate::reserve::check_user_id;
 use crate::shares::{warning_level, Policy, PoolShares, NEVER, WEIGHT_SCALE};
 use crate::shmem;
@@ -102,6 +102,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
             let m = stripe.at(i);
             if m.day == today && m.used < m.share {
                 m.used += 1;
+                m.flags |= FLAG_USE_DIRTY;
                 return Take::Granted {
                     ticket: Some(Ticket {
                         index: stripe.index_of(i),
@@ -130,7 +131,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     };
     let m = stripe.at(i);
     if m.day != today {
-        let share = activate(&mut shares, &policy, m, today);
+        let share = members::activate(&mut shares, &policy, m, today);
         // Only members' shares are promised; a guest's share limits only the guest.
         if m.is_member() {
             shares.active_shares = shares.active_shares.saturating_add(share);
@@ -146,6 +147,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     };
     if m.used < m.share {
         m.used += 1;
+        m.flags |= FLAG_USE_DIRTY;
         return Take::Granted {
             ticket: ticket(false),
             preferred: assigned_key(m),
@@ -157,6 +159,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     }
     if policy.borrowing && shares.lendable(&policy, today) >= 1 {
         m.used += 1;
+        m.flags |= FLAG_USE_DIRTY;
         shares.borrowed += 1;
         return Take::Granted {
             ticket: ticket(true),
@@ -216,27 +219,6 @@ fn untracked_guest(sh: &Shared, pool: &Pool, shares: &PoolShares, today: i32, no
     }
 }
 
-/// First reservation of the day: the member counts as active today and gets today's share.
-fn activate(shares: &mut PoolShares, policy: &Policy, m: &mut Member, today: i32) -> u64 {
-    let weight = if m.is_member() {
-        shares.touch(m.class, m.last_active, today);
-        if m.last_active != today {
-            m.last_active = today;
-            m.flags |= FLAG_ACTIVE_DIRTY;
-        }
-        shares.classes[m.class as usize].weight_milli
-    } else {
-        WEIGHT_SCALE
-    };
-    let counted = shares.counted_weight(today, policy.window_days);
-    let total = if m.is_member() { counted } else { counted + weight };
-    let share = PoolShares::share(policy, weight, total).unwrap_or(0);
-    m.day = today;
-    m.used = 0;
-    m.share = share;
-    share
-}
-
 /// Gives back what `ticket` took (the request was refused after all, or released).
 pub fn give_back(sh: &Shared, pool_slot: u32, ticket: &Ticket) {
     if ticket.index == UNTRACKED {
@@ -249,6 +231,7 @@ pub fn give_back(sh: &Shared, pool_slot: u32, ticket: &Ticket) {
         let m = stripe.at(i);
         if m.hash == ticket.hash && m.pool_slot == pool_slot && m.day == ticket.day && m.used > 0 {
             m.used -= 1;
+            m.flags |= FLAG_USE_DIRTY;
         }
     }
     drop(stripe);
@@ -293,7 +276,7 @@ pub fn view(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
                 day: NEVER,
                 ..Default::default()
             });
-            let share = activate(&mut shares, &policy, &mut m, today);
+            let share = members::activate(&mut shares, &policy, &mut m, today);
             Allocation {
                 allocated: Some(share),
                 used: 0,
@@ -385,5 +368,5 @@ fn token_share(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) 
         ..Default::default()
     });
     m.day = NEVER;
-    Some(activate(&mut shares, &token_policy, &mut m, today))
+    Some(members::activate(&mut shares, &token_policy, &mut m, today))
 }

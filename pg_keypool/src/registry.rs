@@ -44,6 +44,7 @@ impl Slot for ScopeSlot {
         *w = ScopeWindows::default();
         self.cooling_until_ms.store(0, Ordering::Release);
         self.cooling_reason.store(0, Ordering::Release);
+        self.caught_up_epoch.store(0, Ordering::Release);
     }
 }
 
@@ -83,6 +84,7 @@ impl Slot for PoolSlot {
 
     fn reset(&self) {
         self.cursor.store(0, Ordering::Release);
+        self.after_prepared.store(0, Ordering::Release);
         self.guests_reset();
         let mut shares = self.lock();
         *shares = PoolShares::default();

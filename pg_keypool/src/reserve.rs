@@ -115,6 +115,7 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
             .hint("Reserve on the primary.")
             .raise();
     }
+    crate::failover::end_recovery_if_pending(sh);
     let mut cfg = config::current();
     let role = privilege::caller();
     let rebound = {

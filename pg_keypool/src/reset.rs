@@ -75,6 +75,7 @@ fn keypool_reset_usage(pool: default!(Option<&str>, "NULL")) -> i64 {
                 let m = stripe.at(i);
                 if m.hash != 0 && m.pool_slot == p.slot && m.pool_gen == gen && m.used > 0 {
                     m.used = 0;
+                    m.flags |= crate::members::FLAG_USE_DIRTY;
                     reset_users += 1;
                 }
             }

@@ -152,6 +152,8 @@ pub struct ScopeSlot {
     pub tag: Tag,
     pub cooling_until_ms: AtomicI64,
     pub cooling_reason: AtomicU32,
+    /// The `Header::stale_epoch` this scope last caught up with (failover.rs).
+    pub caught_up_epoch: AtomicU32,
     windows: UnsafeCell<ScopeWindows>,
 }
 
@@ -280,6 +282,9 @@ pub struct PoolSlot {
     /// Bumped whenever the members are reloaded or the slot re-bound: member entries of an older
     /// generation are stale.
     pub members_gen: AtomicU32,
+    /// A prepared transaction changed the members (txn.rs): load them again from the table once
+    /// no prepared transaction is left.
+    pub after_prepared: AtomicU32,
     /// Guests that cannot be tracked one by one share one allowance a day: the day (high 32
     /// bits) and the requests they took (low 32 bits), changed with compare-and-swap.
     guests: AtomicU64,
@@ -435,8 +440,20 @@ pub struct Header {
     pub flush_since_ms: AtomicI64,
     /// When the state file was last written.
     pub state_saved_ms: AtomicI64,
-    /// How this run's state began: 0 fresh, 1 from a clean shutdown, 2 after a crash.
+    /// How this run's state began (persist.rs `Origin`).
     pub restored: AtomicU32,
+    /// The file's own save time, when one was loaded (0: none).
+    pub loaded_saved_ms: AtomicI64,
+    /// The timeline of the loaded state file (0: none or a file of the previous release).
+    pub loaded_timeline: AtomicU32,
+    /// Set when this run's state may be stale once recovery ends (a standby, a restored backup,
+    /// a state file of another timeline or system): the first process that sees recovery over
+    /// starts a catch-up (failover.rs).
+    pub stale_pending: AtomicU32,
+    /// Bumped by each catch-up; scopes whose `caught_up_epoch` differs must catch up.
+    pub stale_epoch: AtomicU32,
+    /// When the end of recovery was noticed (0: not in this run).
+    pub recovery_ended_ms: AtomicI64,
     pub launcher_pid: AtomicI32,
     /// Next free cell of the tree arena.
     pub arena_next: AtomicU32,

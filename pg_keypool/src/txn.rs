@@ -12,6 +12,8 @@ use pgrx::prelude::*;
 
 struct Undo {
     subxact: pg_sys::SubTransactionId,
+    /// The pool whose members the change is about, if any.
+    pool_slot: Option<u32>,
     action: Box<dyn FnOnce()>,
 }
 
@@ -22,6 +24,19 @@ thread_local! {
 
 /// Runs `undo` if the current (sub)transaction aborts.
 pub fn on_abort(undo: impl FnOnce() + 'static) {
+    record(None, undo);
+}
+
+/// Runs `undo` if the current (sub)transaction aborts, or when it is prepared for two-phase
+/// commit: its outcome is then decided later, by `COMMIT PREPARED` or `ROLLBACK PREPARED` in
+/// any session, where no callback of ours runs. So shared memory goes back to what is
+/// committed, and the pool's members are loaded again from the table once no prepared
+/// transaction is left (`after_prepared`, assign.rs).
+pub fn on_abort_or_prepare(pool_slot: u32, undo: impl FnOnce() + 'static) {
+    record(Some(pool_slot), undo);
+}
+
+fn record(pool_slot: Option<u32>, undo: impl FnOnce() + 'static) {
     if !REGISTERED.replace(true) {
         unsafe {
             pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
@@ -32,6 +47,7 @@ pub fn on_abort(undo: impl FnOnce() + 'static) {
     LOG.with_borrow_mut(|log| {
         log.push(Undo {
             subxact,
+            pool_slot,
             action: Box::new(undo),
         })
     });
@@ -54,7 +70,18 @@ fn run_from(from: pg_sys::SubTransactionId) {
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => LOG.with_borrow_mut(|log| log.clear()),
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => LOG.with_borrow_mut(|log| log.clear()),
+        XACT_EVENT_PREPARE => {
+            let pools: Vec<u32> = LOG.with_borrow(|log| log.iter().filter_map(|u| u.pool_slot).collect());
+            run_from(0);
+            if let Some(sh) = crate::shmem::try_shared() {
+                for p in pools {
+                    if (p as usize) < sh.pools.len() {
+                        sh.pool(p).after_prepared.store(1, std::sync::atomic::Ordering::Release);
+                    }
+                }
+            }
+        }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => run_from(0),
         _ => {}
     }

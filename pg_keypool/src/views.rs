@@ -57,16 +57,16 @@ fn keypool_status() -> TableIterator<
         name!(reservations_expired_early, i64),
         name!(state_saved_at, Ts),
         name!(started_from, String),
+        name!(state_timeline, Option<i32>),
+        name!(recovery_ended_at, Ts),
     ),
 > {
     let sh = shmem::shared();
     let h = sh.header;
     let saved = h.state_saved_ms.load(Ordering::Acquire);
-    let started = match h.restored.load(Ordering::Acquire) {
-        1 => "saved state (clean shutdown)",
-        2 => "saved state (after a crash; unknown usage assumed)",
-        _ => "empty state",
-    };
+    let started = crate::persist::Origin::from_u32(h.restored.load(Ordering::Acquire)).describe();
+    let timeline = h.loaded_timeline.load(Ordering::Acquire);
+    let ended = h.recovery_ended_ms.load(Ordering::Acquire);
     TableIterator::once((
         sh.scopes.iter().filter(|s| !s.tag.is_free()).count() as i32,
         h.scope_capacity as i32,
@@ -76,6 +76,8 @@ fn keypool_status() -> TableIterator<
         h.reservations_evicted.load(Ordering::Acquire) as i64,
         (saved > 0).then(|| clock::to_timestamptz(saved)),
         started.to_string(),
+        (timeline > 0).then_some(timeline as i32),
+        (ended > 0).then(|| clock::to_timestamptz(ended)),
     ))
 }
 

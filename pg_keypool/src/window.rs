@@ -448,6 +448,32 @@ impl ScopeWindows {
     }
 }
 
+impl ScopeWindows {
+    /// After a failover (failover.rs): the day is at least what the primary recorded at
+    /// `recorded_at_ms` plus what the limits allowed from then until `now_ms`, and the minute
+    /// window is full from `now_ms` on. Applying it twice changes nothing more.
+    pub fn catch_up(
+        &mut self,
+        recorded: DayWindow,
+        recorded_at_ms: i64,
+        now_ms: i64,
+        bounds: impl Fn(i64) -> (i64, i64),
+    ) {
+        let mut known = ScopeWindows {
+            limits: self.limits,
+            generation: self.generation,
+            minute: MinuteLog::default(),
+            day: recorded,
+        };
+        known.assume_worst_since(recorded_at_ms, now_ms);
+        known.day.roll(now_ms, &bounds);
+        self.day.roll(now_ms, &bounds);
+        self.day.requests = self.day.requests.max(known.day.requests);
+        self.day.tokens = self.day.tokens.max(known.day.tokens);
+        self.minute.fill_to(now_ms, self.limits.rpm, self.limits.tpm);
+    }
+}
+
 /// Little-endian encoding of window state for the state file (persist.rs).
 pub mod codec {
     use super::*;
@@ -772,5 +798,82 @@ mod tests {
         // A later day starts from zero.
         w.try_charge(end + 86_400_000, 0, fixed_day).unwrap();
         assert_eq!(w.day.requests, 1);
+    }
+
+    fn day_of(now_ms: i64) -> (i64, i64) {
+        let start = now_ms.div_euclid(86_400_000) * 86_400_000;
+        (start, start + 86_400_000)
+    }
+
+    #[test]
+    fn catch_up_adds_what_the_limits_allowed_since_the_record() {
+        let limits = Limits {
+            rpm: 30,
+            rpd: 100,
+            tpm: 0,
+            tpd: 0,
+        };
+        let noon = 20_000 * 86_400_000 + 43_200_000;
+        // The standby's own (older) view: 5 used today.
+        let mut w = ScopeWindows {
+            limits,
+            ..Default::default()
+        };
+        w.day.roll(noon - 3_600_000, day_of);
+        w.day.requests = 5;
+        // The primary recorded 40 used, 20 s before the catch-up.
+        let mut recorded = DayWindow::default();
+        recorded.roll(noon - 20_000, day_of);
+        recorded.requests = 40;
+        w.catch_up(recorded, noon - 20_000, noon, day_of);
+        // 40 recorded, plus at most one minute's 30 since: 70; and the minute is full.
+        assert_eq!(w.usage(noon), (30, 0, 70, 0));
+        assert!(w.wait_for(noon, 0).is_some());
+        // Applying it again changes nothing.
+        w.catch_up(recorded, noon - 20_000, noon, day_of);
+        assert_eq!(w.usage(noon), (30, 0, 70, 0));
+        // A minute later the day allows exactly 30 more.
+        let mut granted = 0;
+        for i in 0..100 {
+            if w.try_charge(noon + 61_000 + i * 1_000, 0, day_of).is_ok() {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 30);
+    }
+
+    #[test]
+    fn catch_up_keeps_the_larger_of_the_two_days_and_caps_at_the_limit() {
+        let limits = Limits {
+            rpm: 30,
+            rpd: 40,
+            tpm: 1_000,
+            tpd: 1_500,
+        };
+        let noon = 20_000 * 86_400_000 + 43_200_000;
+        let mut w = ScopeWindows {
+            limits,
+            ..Default::default()
+        };
+        w.day.roll(noon, day_of);
+        w.day.requests = 39;
+        let mut recorded = DayWindow::default();
+        recorded.roll(noon - 5_000, day_of);
+        recorded.requests = 30;
+        recorded.tokens = 900;
+        w.catch_up(recorded, noon - 5_000, noon, day_of);
+        // 30 + 30 capped at 40; tokens 900 + 1000 capped at 1500.
+        assert_eq!(w.usage(noon), (30, 1_000, 40, 1_500));
+        let mut late = ScopeWindows {
+            limits,
+            ..Default::default()
+        };
+        // Recorded yesterday evening, caught up after midnight: the gap's allowance lands today.
+        let mut evening = DayWindow::default();
+        evening.roll(noon - 60_000, day_of);
+        evening.requests = 12;
+        let next_day = noon + 12 * 3_600_000 + 10_000;
+        late.catch_up(evening, noon + 12 * 3_600_000 - 20_000, next_day, day_of);
+        assert_eq!(late.usage(next_day).2, 30);
     }
 }

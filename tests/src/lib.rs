@@ -239,7 +239,25 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("cannot connect to {db}: {e}"))
     }
 
-    /// Waits until the server accepts connections again (after a crash and restart).
+    /// Kills backend `victim` with SIGKILL and waits for the crash reset to finish: first for
+    /// `witness` (another connection of the old server generation) to be closed by the reset,
+    /// which proves it began, then for a query on a new connection. Connecting before the reset
+    /// began could reach the old generation, whose connections the reset then closes.
+    pub async fn crash_backend(&self, db: &str, victim: i32, witness: &Client) -> Client {
+        assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0, "kill -9 {victim}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while witness.simple_query("SELECT 1").await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the crash of {victim} did not reset the server within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.wait_ready(db).await
+    }
+
+    /// Waits until the server accepts connections and answers a query. Only for a server whose
+    /// old connections are known to be gone (a new postmaster, or see [`Cluster::crash_backend`]).
     pub async fn wait_ready(&self, db: &str) -> Client {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -249,7 +267,103 @@ impl Cluster {
                 }
             }
             assert!(Instant::now() < deadline, "server did not come back within 60 s");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A streaming standby of `primary`, made with `pg_basebackup -R` and started. `settings`
+    /// are extra postgresql.conf lines, as for [`Cluster::start`].
+    pub fn standby_of(primary: &Cluster, name: &str, settings: &[&str]) -> Cluster {
+        let dir = cluster_root().join(format!("it-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("cannot create the cluster directory");
+        check(
+            "chown",
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .output()
+                .expect("chown"),
+        );
+        let data = dir.join("data");
+        check(
+            "pg_basebackup",
+            as_postgres(
+                &format!("{PG_BIN}/pg_basebackup"),
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-D",
+                    path(&data),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                ],
+            ),
+        );
+        let cluster = Cluster {
+            dir,
+            port: free_port(),
+            settings: settings.iter().map(|s| s.to_string()).collect(),
+        };
+        // pg_basebackup -R wrote primary_conninfo into postgresql.auto.conf: keep it.
+        let auto = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap_or_default();
+        let conninfo: Vec<&str> = auto.lines().filter(|l| l.starts_with("primary_conninfo")).collect();
+        cluster.write_config();
+        let file = data.join("postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&file).expect("read postgresql.auto.conf");
+        for line in conninfo {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        std::fs::write(&file, conf).expect("write postgresql.auto.conf");
+        cluster.pg_ctl(&["start", "-w", "-t", "60", "-l", path(&cluster.dir.join("log"))]);
+        cluster
+    }
+
+    /// Promotes a standby and waits until it accepts writes.
+    pub fn promote(&self) {
+        self.pg_ctl(&["promote", "-w", "-t", "60"]);
+    }
+
+    /// Stops the server the way a lost machine does: no shutdown checkpoint, no final state.
+    pub fn stop_immediately(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "60"]);
+    }
+
+    /// Waits until standby `self` has replayed everything `primary` had written when this was
+    /// called.
+    pub async fn wait_replayed(&self, primary: &Client, standby: &Client) {
+        let target: String = primary
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("pg_current_wal_lsn")
+            .get(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let caught_up: bool = standby
+                .query_one(
+                    "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
+                    &[&target],
+                )
+                .await
+                .expect("pg_last_wal_replay_lsn")
+                .get(0);
+            if caught_up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby did not replay {target} within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

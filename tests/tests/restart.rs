@@ -113,8 +113,7 @@ async fn after_a_crash_no_scope_grants_more_than_its_limits_allow() {
 
     let victim = cluster.connect("postgres").await;
     let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill -9 {pid}");
-    let client = cluster.wait_ready("postgres").await;
+    let client = cluster.crash_backend("postgres", pid, &client).await;
     assert_eq!(
         started_from(&client).await,
         "saved state (after a crash; unknown usage assumed)"
@@ -225,4 +224,53 @@ async fn pool_state(client: &Client) -> (Vec<i64>, i64, Option<i64>, (Option<i64
         .await
         .unwrap();
     (users, row.get(0), row.get(1), (user_1.get(0), user_1.get(1)))
+}
+
+#[tokio::test]
+async fn after_a_crash_members_keep_what_they_used_of_their_share() {
+    let cluster = Cluster::start("members-crash", &["restart_after_crash = on"]);
+    let client = cluster.connect("postgres").await;
+    exec(
+        &client,
+        &format!(
+            "CREATE EXTENSION pg_keypool;
+             SELECT keypool_create_pool('p', timezone => '{}');
+             SELECT keypool_add_key('p', 'openai', 'sk-share-crash-00001', rpd => 100);
+             SELECT keypool_assign('user-' || i, 'p') FROM generate_series(1, 4) i;",
+            zone_at_noon()
+        ),
+    )
+    .await;
+    let stmt = client
+        .prepare("SELECT granted FROM keypool_reserve($1, 'p')")
+        .await
+        .unwrap();
+    for _ in 0..7 {
+        assert!(client.query_one(&stmt, &[&"user-1"]).await.unwrap().get::<_, bool>(0));
+    }
+    assert!(client.query_one(&stmt, &[&"user-2"]).await.unwrap().get::<_, bool>(0));
+    // The flusher writes members' use with the history; this test writes it now.
+    exec(&client, "SELECT keypool_flush()").await;
+    let victim = cluster.connect("postgres").await;
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let client = cluster.crash_backend("postgres", pid, &client).await;
+    assert_eq!(
+        started_from(&client).await,
+        "saved state (after a crash; unknown usage assumed)"
+    );
+    for (user, want) in [("user-1", 7i64), ("user-2", 1), ("user-3", 0)] {
+        let got: i64 = client
+            .query_one("SELECT used_today FROM keypool_allocation($1, 'p')", &[&user])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, want, "{user}'s use of their share after the crash");
+    }
+    // Both still count as active today: user-3's share is the rest split among three.
+    let counted: i64 = client
+        .query_one("SELECT counted_users FROM keypool_pool_stats", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(counted >= 2, "{counted} users counted after the crash");
 }

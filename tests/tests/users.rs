@@ -321,3 +321,63 @@ async fn one_user_in_thirty_two_sessions_gets_exactly_their_share() {
     assert_eq!(row.get::<_, i64>(0), 30);
     assert_eq!(row.get::<_, Option<i64>>(1), Some(0));
 }
+
+#[tokio::test]
+async fn a_prepared_assignment_counts_only_once_it_is_committed() {
+    let cluster = keypool_tests::Cluster::start("two-phase", &["max_prepared_transactions = 4"]);
+    let client = cluster.connect("postgres").await;
+    exec(
+        &client,
+        "CREATE EXTENSION pg_keypool;
+         SELECT keypool_create_pool('p');
+         SELECT keypool_add_key('p', 'openai', 'sk-two-phase-' || i || '-000000') FROM generate_series(1, 2) i;",
+    )
+    .await;
+    // Three signups prepared, then rolled back from another session: nobody was assigned.
+    exec(
+        &client,
+        "BEGIN;
+         SELECT keypool_assign('rolled-' || i, 'p') FROM generate_series(1, 3) i;
+         PREPARE TRANSACTION 'signups-1';",
+    )
+    .await;
+    let other = cluster.connect("postgres").await;
+    exec(&other, "ROLLBACK PREPARED 'signups-1'").await;
+    assert_eq!(users_per_key(&client, "p").await, vec![0, 0]);
+    // New signups are spread as if the rolled-back ones never were.
+    exec(
+        &client,
+        "SELECT keypool_assign('new-' || i, 'p') FROM generate_series(1, 4) i",
+    )
+    .await;
+    assert_eq!(users_per_key(&client, "p").await, vec![2, 2]);
+
+    // Prepared and committed: they count once the commit is done, exactly once.
+    exec(
+        &client,
+        "BEGIN;
+         SELECT keypool_assign('kept-' || i, 'p') FROM generate_series(1, 3) i;
+         PREPARE TRANSACTION 'signups-2';",
+    )
+    .await;
+    exec(&other, "COMMIT PREPARED 'signups-2'").await;
+    let per_key = users_per_key(&client, "p").await;
+    assert_eq!(per_key.iter().sum::<i64>(), 7, "{per_key:?}");
+    let members: i64 = client
+        .query_one("SELECT count(*) FROM keypool.member", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(members, 7);
+    let kept: i64 = client
+        .query_one("SELECT keypool_assign('kept-1', 'p')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(kept > 0);
+    assert_eq!(
+        users_per_key(&client, "p").await.iter().sum::<i64>(),
+        7,
+        "kept-1 was assigned twice"
+    );
+}

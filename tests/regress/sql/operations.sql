@@ -150,3 +150,20 @@ SELECT p.proname FROM pg_proc p
 
 \c keypool_regress
 DROP DATABASE keypool_ops;
+
+-- A scope serving two pools counts once in the installation's totals: each pool promises its
+-- members the whole account (a pool's own figure), but daily users at the minimum share count
+-- the account's 300 requests once (30 users, not 60).
+CREATE DATABASE keypool_shared_scope;
+\c keypool_shared_scope
+SET client_min_messages = warning;
+CREATE EXTENSION pg_keypool;
+SELECT keypool_set_clock('2026-03-02 10:00:00+00');
+SELECT keypool_create_pool('chat', min_share => 10) > 0 AS chat, keypool_create_pool('search', min_share => 10) > 0 AS search;
+SELECT keypool_add_key('chat', 'gemini', 'AIza-shared-scope-key-1', 'gemini-2.5-flash', account => 'team', rpd => 300) > 0 AS chat_key,
+       keypool_add_key('search', 'gemini', 'AIza-shared-scope-key-2', 'gemini-2.5-flash', account => 'team', rpd => 300) > 0 AS search_key;
+SELECT count(DISTINCT scope_id) AS scopes FROM keypool_keys;
+SELECT pool, daily_capacity FROM keypool_pool_stats ORDER BY pool;
+SELECT requests_per_day, daily_users FROM keypool_health;
+\c keypool_regress
+DROP DATABASE keypool_shared_scope;
