@@ -7,6 +7,8 @@
 # Bars: the current build's ratio is at most 5 % below 0.1.0's, and at least 0.5.
 #
 # Usage: bench/trust.sh   (BENCH_SECONDS=10 per measurement, BENCH_ROUNDS=5 rounds)
+#        BENCH_BASE=<commit> bench/trust.sh   compares with that commit of the current release
+#        instead (same SQL version), e.g. the commit before a change to the hot path.
 # Throughput on a shared 2-core machine drifts by tens of percent within minutes, so each
 # reserve measurement is bracketed by two of `SELECT 1` (their mean is its baseline), and the
 # builds alternate round by round.
@@ -19,24 +21,31 @@ ROUNDS="${BENCH_ROUNDS:-5}"
 PORT="${KEYPOOL_BENCH_PORT:-54341}"
 CLIENTS=32
 USERS=100000
-OLD_COMMIT=8be9991
+OLD_COMMIT="${BENCH_BASE:-8be9991}"
 LIBDIR="$("$PG_CONFIG" --pkglibdir)"
+version="$(grep -m1 '^version' "$REPO/Cargo.toml" | cut -d'"' -f2)"
+if [[ -n "${BENCH_BASE:-}" ]]; then
+    old_label="$version@$OLD_COMMIT"
+    old_sql="$version"
+else
+    old_label=0.1.0
+    old_sql=0.1.0
+fi
 
 ensure_setup
-old_src="$REPO/target/bench-0.1.0/src"
-old_so="$REPO/target/bench-0.1.0/pg_keypool.so"
+old_src="$REPO/target/bench-$OLD_COMMIT/src"
+old_so="$REPO/target/bench-$OLD_COMMIT/pg_keypool.so"
 if [[ ! -f "$old_so" ]]; then
-    say "building pg_keypool 0.1.0 (commit $OLD_COMMIT, release) for the comparison"
+    say "building pg_keypool $old_label (commit $OLD_COMMIT, release) for the comparison"
     rm -rf "$old_src"
     mkdir -p "$old_src"
     git -C "$REPO" archive "$OLD_COMMIT" | tar -x -C "$old_src"
-    (cd "$old_src" && CARGO_TARGET_DIR="$REPO/target/bench-0.1.0/target" cargo build --release -p pg_keypool --quiet)
-    cp "$REPO/target/bench-0.1.0/target/release/libpg_keypool.so" "$old_so"
+    (cd "$old_src" && CARGO_TARGET_DIR="$REPO/target/bench-$OLD_COMMIT/target" cargo build --release -p pg_keypool --quiet)
+    cp "$REPO/target/bench-$OLD_COMMIT/target/release/libpg_keypool.so" "$old_so"
 fi
 install_extension release
 new_so="$REPO/target/bench-current.so"
 cp "$LIBDIR/pg_keypool.so" "$new_so"
-version="$(grep -m1 '^version' "$REPO/Cargo.toml" | cut -d'"' -f2)"
 
 dir="$(cluster_dir trust-bench)"
 trap 'cluster_stop trust-bench; install -m 755 "$new_so" "$LIBDIR/pg_keypool.so"' EXIT
@@ -56,12 +65,12 @@ tps() { # tps MODE SCRIPT
 # measure BUILD: a new cluster with that library, a pool of 15 keys, an application role.
 measure() {
     local build="$1" so sqlversion grant=""
-    if [[ "$build" == old ]]; then so="$old_so"; sqlversion=0.1.0; else so="$new_so"; sqlversion="$version"; fi
+    if [[ "$build" == old ]]; then so="$old_so"; sqlversion="$old_sql"; else so="$new_so"; sqlversion="$version"; fi
     cluster_stop trust-bench
     rm -rf "$dir"
     install -m 755 "$so" "$LIBDIR/pg_keypool.so"
     cluster_start trust-bench "$PORT" "max_connections = 200"
-    [[ "$build" == new ]] && grant="SELECT keypool_grant('bench', 'bench_app', 'use');"
+    [[ "$sqlversion" != 0.1.0 ]] && grant="SELECT keypool_grant('bench', 'bench_app', 'use');"
     cluster_psql trust-bench "$PORT" -q -d postgres -v ON_ERROR_STOP=1 <<SQL >/dev/null
 CREATE DATABASE bench;
 \c bench
@@ -111,11 +120,11 @@ out="$REPO/bench/results"
 mkdir -p "$out"
 report="$out/trust-$(date -u +%Y%m%dT%H%M%SZ).md"
 {
-    echo "pgbench -j 2, $CLIENTS clients, ${SECONDS_EACH} s per run, $ROUNDS rounds alternating 0.1.0 (commit $OLD_COMMIT) and $version;"
+    echo "pgbench -j 2, $CLIENTS clients, ${SECONDS_EACH} s per run, $ROUNDS rounds alternating $old_label (commit $OLD_COMMIT) and $version;"
     echo "SELECT 1 is the mean of the runs just before and after the reserve run;"
     echo "synchronous_commit on, $(nproc) cores; reservations by an application role, random users out of $USERS; 15 keys"
     echo
-    echo "| round | protocol | 0.1.0 SELECT 1 | 0.1.0 reserve | 0.1.0 ratio | $version SELECT 1 | $version reserve | $version ratio |"
+    echo "| round | protocol | $old_label SELECT 1 | $old_label reserve | $old_label ratio | $version SELECT 1 | $version reserve | $version ratio |"
     echo "|---:|---|---:|---:|---:|---:|---:|---:|"
     for round in $(seq 1 "$ROUNDS"); do
         for mode in simple prepared; do
@@ -123,7 +132,7 @@ report="$out/trust-$(date -u +%Y%m%dT%H%M%SZ).md"
         done
     done
     echo
-    echo "| round | 0.1.0 µs per reservation in one statement | $version µs |"
+    echo "| round | $old_label µs per reservation in one statement | $version µs |"
     echo "|---:|---:|---:|"
     for round in $(seq 1 "$ROUNDS"); do
         echo "| $round | ${call_us[old,$round]} | ${call_us[new,$round]} |"
@@ -131,7 +140,7 @@ report="$out/trust-$(date -u +%Y%m%dT%H%M%SZ).md"
     old_us=$(for r in $(seq 1 "$ROUNDS"); do echo "${call_us[old,$r]}"; done | mean)
     new_us=$(for r in $(seq 1 "$ROUNDS"); do echo "${call_us[new,$r]}"; done | mean)
     echo
-    echo "inside one statement: 0.1.0 $old_us µs, $version $new_us µs per reservation (mean of the rounds)"
+    echo "inside one statement: $old_label $old_us µs, $version $new_us µs per reservation (mean of the rounds)"
     echo
     for mode in simple prepared; do
         old_mean=$(for r in $(seq 1 "$ROUNDS"); do ratio "${res[old,$mode,$r]}" "${base[old,$mode,$r]}"; echo; done | mean)
@@ -139,7 +148,7 @@ report="$out/trust-$(date -u +%Y%m%dT%H%M%SZ).md"
         drop=$(awk -v o="$old_mean" -v n="$new_mean" 'BEGIN { printf "%.1f", (o > 0 ? 100 * (o - n) / o : 0) }')
         verdict=met
         awk -v d="$drop" -v n="$new_mean" 'BEGIN { exit !(d <= 5 && n >= 0.5) }' || verdict="NOT met"
-        echo "$mode protocol: mean ratio 0.1.0 $old_mean, $version $new_mean: a drop of $drop % (bar: <= 5 % and >= 0.5: $verdict)"
+        echo "$mode protocol: mean ratio $old_label $old_mean, $version $new_mean: a drop of $drop % (bar: <= 5 % and >= 0.5: $verdict)"
     done
 } > "$report"
 cat "$report"
