@@ -43,12 +43,23 @@ if [[ ! -f "$old_so" ]]; then
     (cd "$old_src" && CARGO_TARGET_DIR="$REPO/target/bench-$OLD_COMMIT/target" cargo build --release -p pg_keypool --quiet)
     cp "$REPO/target/bench-$OLD_COMMIT/target/release/libpg_keypool.so" "$old_so"
 fi
+sharedir="$("$PG_CONFIG" --sharedir)/extension"
+old_sql_file="$REPO/target/bench-$OLD_COMMIT/pg_keypool--$old_sql.sql"
+if [[ -n "${BENCH_BASE:-}" && ! -f "$old_sql_file" ]]; then
+    # The same version's install script as that commit generated it: the library and its SQL
+    # objects must match (the result type of keypool_reserve may differ between commits).
+    say "generating the install script of commit $OLD_COMMIT"
+    (cd "$old_src/pg_keypool" && CARGO_TARGET_DIR="$REPO/target/bench-$OLD_COMMIT/target" \
+        cargo pgrx schema pg15 --release --pg-config "$PG_CONFIG" -o "$old_sql_file" >/dev/null)
+fi
 install_extension release
 new_so="$REPO/target/bench-current.so"
 cp "$LIBDIR/pg_keypool.so" "$new_so"
+new_sql_file="$REPO/target/bench-current.sql"
+cp "$sharedir/pg_keypool--$version.sql" "$new_sql_file"
 
 dir="$(cluster_dir trust-bench)"
-trap 'cluster_stop trust-bench; install -m 755 "$new_so" "$LIBDIR/pg_keypool.so"' EXIT
+trap 'cluster_stop trust-bench; install -m 755 "$new_so" "$LIBDIR/pg_keypool.so"; install -m 644 "$new_sql_file" "$sharedir/pg_keypool--$version.sql"' EXIT
 work="$CLUSTER_ROOT/trust-bench-work"
 install -d -m 755 "$work"
 echo 'SELECT 1;' > "$work/select1.sql"
@@ -64,11 +75,15 @@ tps() { # tps MODE SCRIPT
 
 # measure BUILD: a new cluster with that library, a pool of 15 keys, an application role.
 measure() {
-    local build="$1" so sqlversion grant=""
+    local build="$1" so sqlversion sql grant=""
     if [[ "$build" == old ]]; then so="$old_so"; sqlversion="$old_sql"; else so="$new_so"; sqlversion="$version"; fi
     cluster_stop trust-bench
     rm -rf "$dir"
     install -m 755 "$so" "$LIBDIR/pg_keypool.so"
+    if [[ -n "${BENCH_BASE:-}" ]]; then
+        if [[ "$build" == old ]]; then sql="$old_sql_file"; else sql="$new_sql_file"; fi
+        install -m 644 "$sql" "$sharedir/pg_keypool--$version.sql"
+    fi
     cluster_start trust-bench "$PORT" "max_connections = 200"
     [[ "$sqlversion" != 0.1.0 ]] && grant="SELECT keypool_grant('bench', 'bench_app', 'use');"
     cluster_psql trust-bench "$PORT" -q -d postgres -v ON_ERROR_STOP=1 <<SQL >/dev/null

@@ -18,10 +18,11 @@ CREATE TYPE keypool_reservation AS (
     key_label      text,
     remaining_today bigint,
     allocated_today bigint,
-    warning_level  text
+    warning_level  text,
+    granted_at     timestamptz
 );
 COMMENT ON TYPE keypool_reservation IS
-    'Result of keypool_reserve: a granted key (with its secret) or a refusal, and the user''s share today';
+    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, and when the grant was charged';
 
 CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_tokens bigint DEFAULT 0)
 RETURNS keypool_reservation

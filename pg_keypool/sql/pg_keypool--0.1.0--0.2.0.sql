@@ -302,7 +302,12 @@ RETURNS boolean
 AS 'MODULE_PATHNAME', 'keypool_complete_request_c'
 LANGUAGE c VOLATILE PARALLEL UNSAFE;
 
--- keypool_status() says which timeline its state came from and when recovery ended.
+-- keypool_reserve's answer says when the grant was charged (issue 13: audits such as the soak).
+ALTER TYPE keypool_reservation ADD ATTRIBUTE granted_at timestamptz;
+COMMENT ON TYPE keypool_reservation IS
+    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, and when the grant was charged';
+-- keypool_status() says which timeline its state came from, when recovery ended, and how many
+-- reservations are open.
 DROP FUNCTION keypool_status();
 CREATE  FUNCTION "keypool_status"() RETURNS TABLE (
 	"scopes_used" INT,  /* i32 */
@@ -311,6 +316,7 @@ CREATE  FUNCTION "keypool_status"() RETURNS TABLE (
 	"keys_capacity" INT,  /* i32 */
 	"reservation_capacity" INT,  /* i32 */
 	"reservations_expired_early" bigint,  /* i64 */
+	"reservations_open" bigint,  /* i64 */
 	"state_saved_at" timestamp with time zone,  /* Ts */
 	"started_from" TEXT,  /* String */
 	"state_timeline" INT,  /* Option < i32 > */

@@ -21,6 +21,11 @@ pub fn to_timestamptz(ms: i64) -> TimestampWithTimeZone {
         .unwrap_or_else(|_| errors::invalid(format!("time {ms} ms is out of range")).raise())
 }
 
+/// A timestamptz datum's value (microseconds since 2000-01-01) for `ms`, saturating.
+pub fn timestamptz_datum(ms: i64) -> i64 {
+    ms.saturating_mul(1000).saturating_sub(PG_EPOCH_US)
+}
+
 pub fn from_timestamptz(ts: TimestampWithTimeZone) -> i64 {
     (i64::from(ts) + PG_EPOCH_US).div_euclid(1000)
 }

@@ -23,6 +23,17 @@ pub const FLAG_TRIAL: u32 = 1;
 /// This reservation was borrowed beyond the user's share.
 pub const FLAG_BORROWED: u32 = 2;
 
+/// Reservations open right now: issued, neither settled nor released, within their lease.
+pub fn open_count(sh: &Shared, now_ms: i64, lease_ms: i64) -> usize {
+    sh.reservations
+        .iter()
+        .filter(|s| {
+            let id = s.id.load(Acquire);
+            id != 0 && id != CLAIMING && now_ms - s.at_ms.load(Relaxed) <= lease_ms
+        })
+        .count()
+}
+
 /// What a reservation holds.
 #[derive(Clone, Copy, Debug)]
 pub struct Record {

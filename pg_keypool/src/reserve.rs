@@ -57,6 +57,8 @@ pub enum Answer {
     Granted {
         key: usize,
         reservation_id: u64,
+        /// When the key's windows were charged (this database's clock).
+        granted_at_ms: i64,
         allocation: Allocation,
     },
     Refused {
@@ -169,12 +171,13 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
     };
     for _ in 0..3 {
         match try_reserve(sh, &cfg, pool_name, est_tokens, &share) {
-            Ok(Ok((key, reservation_id))) => {
+            Ok(Ok((key, reservation_id, granted_at_ms))) => {
                 return (
                     cfg,
                     Answer::Granted {
                         key,
                         reservation_id,
+                        granted_at_ms,
                         allocation,
                     },
                 )
@@ -210,7 +213,8 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
     .raise()
 }
 
-type Outcome = Result<(usize, u64), (Refusal, Option<i64>)>;
+/// The key (index), reservation id and grant time, or why not.
+type Outcome = Result<(usize, u64, i64), (Refusal, Option<i64>)>;
 
 /// Pools of up to this many keys spread load exactly evenly over their ready keys (one pass to
 /// count them); larger pools go round the keys from the shared cursor, which stays O(1) while
@@ -250,7 +254,7 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, shar
         .filter(|&k| cfg.keys[k].pool_id == pool.id);
     if let Some(k) = preferred {
         if let Some(reservation_id) = attempt(&cfg.keys[k])? {
-            return Ok(Ok((k, reservation_id)));
+            return Ok(Ok((k, reservation_id, now)));
         }
     }
 
@@ -285,7 +289,7 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, shar
             continue;
         }
         if let Some(reservation_id) = attempt(&cfg.keys[key_index])? {
-            return Ok(Ok((key_index, reservation_id)));
+            return Ok(Ok((key_index, reservation_id, now)));
         }
     }
     if enabled == 0 {
@@ -398,7 +402,7 @@ fn try_key(
 }
 
 /// The result row, in the column order of the `keypool_reservation` type.
-fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 13] {
+fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 14] {
     let share = |a: &Allocation| {
         [
             a.remaining().map_or(Value::Null, |r| Value::Int8(r as i64)),
@@ -410,6 +414,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 13] {
         Answer::Granted {
             key,
             reservation_id,
+            granted_at_ms,
             allocation,
         } => {
             let k = &cfg.keys[*key];
@@ -428,6 +433,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 13] {
                 remaining,
                 allocated,
                 warning,
+                Value::Int8(clock::timestamptz_datum(*granted_at_ms)),
             ]
         }
         Answer::Refused {
@@ -450,6 +456,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 13] {
                 remaining,
                 allocated,
                 warning,
+                Value::Null,
             ]
         }
     }

@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// Largest provider answer read; a stream over it is cut and settled.
     #[arg(long, env = "KEYPOOL_MAX_RESPONSE", default_value = "32MiB", value_parser = parse_size)]
     pub max_response: usize,
+    /// Sends each provider call's grant time (Unix ms) as X-Keypool-Granted-At, for audits of
+    /// the calls a provider received against the limits (bench/soak.sh).
+    #[arg(long, env = "KEYPOOL_STAMP_GRANTS")]
+    pub stamp_grants: bool,
     /// HTTP requests handled at once (more: 503 at once).
     #[arg(long, env = "KEYPOOL_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
@@ -392,6 +396,10 @@ pub struct MockArgs {
     /// Words in every reply (at most max_tokens).
     #[arg(long, env = "KEYPOOL_MOCK_REPLY_WORDS", default_value_t = 12)]
     pub reply_words: usize,
+    /// Appends one JSON line per provider call received (time, masked key, the grant time the
+    /// worker stamped, the fault injected) to this file.
+    #[arg(long, env = "KEYPOOL_MOCK_CALL_LOG")]
+    pub call_log: Option<std::path::PathBuf>,
 }
 
 #[cfg(test)]

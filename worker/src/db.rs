@@ -101,6 +101,8 @@ pub struct Allocation {
 #[derive(Debug)]
 pub struct Grant {
     pub reservation_id: i64,
+    /// When the extension charged the key's windows (Unix milliseconds).
+    pub granted_at_ms: i64,
     pub key: KeyRef,
     pub allocation: Allocation,
 }
@@ -136,7 +138,8 @@ enum SettleMsg {
 }
 
 const RESERVE: &str = "SELECT granted, reservation_id, key_id, provider, model, base_url, secret, error, \
-                       retry_after_ms, key_label, remaining_today, allocated_today, warning_level \
+                       retry_after_ms, key_label, remaining_today, allocated_today, warning_level, \
+                       (extract(epoch FROM granted_at) * 1000)::bigint \
                        FROM keypool_reserve($1, $2, $3)";
 const SETTLE: &str = "SELECT keypool_settle($1, $2, $3, $4, $5, $6)";
 const SETTLE_MANY: &str = "SELECT keypool_settle(r, s, p, c, ra, e) \
@@ -263,6 +266,7 @@ impl Db {
             };
             Ok(Reserved::Granted(Grant {
                 reservation_id,
+                granted_at_ms: row.get::<_, Option<i64>>(13).unwrap_or(0),
                 key: KeyRef {
                     id: key_id,
                     provider: row.get::<_, Option<String>>(3).unwrap_or_default(),

@@ -40,7 +40,13 @@ pub struct Settings {
     pub default_max_tokens: u32,
     /// Largest provider answer the worker reads (streams: passes on) before cutting it.
     pub max_response: usize,
+    /// Send each call's grant time to the provider as `X-Keypool-Granted-At` (audits: the soak
+    /// checks the mock's log of calls against the limits with it).
+    pub stamp_grants: bool,
 }
+
+/// The header `Settings::stamp_grants` adds: the grant time, Unix milliseconds.
+pub const GRANTED_AT_HEADER: &str = "x-keypool-granted-at";
 
 /// Error answers are read up to this much (their message and code are near the start).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -285,6 +291,14 @@ impl Gateway {
     }
 
     /// Reserves; waits for capacity within `capacity_wait` when the pool is exhausted.
+    fn stamp(&self, builder: reqwest::RequestBuilder, granted_at_ms: i64) -> reqwest::RequestBuilder {
+        if self.settings.stamp_grants {
+            builder.header(GRANTED_AT_HEADER, granted_at_ms)
+        } else {
+            builder
+        }
+    }
+
     async fn reserve(
         &self,
         user: &str,
@@ -480,7 +494,7 @@ impl Gateway {
             attempts += 1;
             let key = grant.key;
             let builder = match build(&key) {
-                Ok(b) => b,
+                Ok(b) => self.stamp(b, grant.granted_at_ms),
                 Err(msg) => {
                     // Never sent: give the capacity back.
                     if let Err(e) = self.db.release(grant.reservation_id).await {
@@ -720,7 +734,7 @@ impl Gateway {
             attempts += 1;
             let key = grant.key;
             let builder = match proxy_request(&self.http, &key, &job) {
-                Ok(b) => b,
+                Ok(b) => self.stamp(b, grant.granted_at_ms),
                 Err(msg) => {
                     let _ = self.db.release(grant.reservation_id).await;
                     return Err(Failure::Caller(msg));

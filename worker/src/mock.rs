@@ -20,6 +20,10 @@
 //! - `DELETE /_mock/faults`, `POST /_mock/reset` (faults and counters)
 //! - `GET /_mock/stats`: requests in total and per key (masked), `GET /_mock/requests`: the last
 //!   100 requests (path, wire, masked key, body)
+//!
+//! With `--call-log FILE`, every call with a key is appended to FILE as one JSON line:
+//! `{"at_ms", "key" (masked), "granted_at_ms" (the worker's X-Keypool-Granted-At, or null),
+//! "fault" (null, or what was injected)}`: the soak's record of what reached the provider.
 
 // Handlers return early with a ready HTTP answer; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
@@ -145,13 +149,36 @@ struct Mock {
     next_id: AtomicU64,
     by_key: Mutex<HashMap<String, u64>>,
     recent: Mutex<VecDeque<Value>>,
+    call_log: Option<Mutex<std::fs::File>>,
 }
 
 type Shared = Arc<Mock>;
 
 impl Mock {
     /// Counts the request and says which failure, if any, it gets.
-    fn admit(&self, wire: Wire, path: &str, secret: &str, body: &Value) -> Option<Injected> {
+    fn admit(&self, wire: Wire, path: &str, secret: &str, body: &Value, headers: &HeaderMap) -> Option<Injected> {
+        let injected = self.inject(wire, path, secret, body);
+        if let Some(log) = &self.call_log {
+            let granted_at: Option<i64> = header(headers, "x-keypool-granted-at").and_then(|v| v.parse().ok());
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let line = json!({
+                "at_ms": now_ms,
+                "key": mask(secret),
+                "granted_at_ms": granted_at,
+                "fault": injected.as_ref().map(|i| format!("{:?}", i.kind)),
+            })
+            .to_string()
+                + "\n";
+            if let Ok(mut f) = log.lock() {
+                let _ = f.write_all(line.as_bytes());
+            }
+        }
+        injected
+    }
+
+    fn inject(&self, wire: Wire, path: &str, secret: &str, body: &Value) -> Option<Injected> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let label = mask(secret);
         if let Ok(mut m) = self.by_key.lock() {
@@ -391,13 +418,20 @@ fn missing_key(wire: Wire) -> Response {
 
 /// Common start of every provider call: latency, counting, faults.
 /// Requests are counted when they arrive, before the configured latency.
-async fn start(mock: &Mock, wire: Wire, path: &str, secret: Option<String>, body: &Value) -> Result<String, Response> {
+async fn start(
+    mock: &Mock,
+    wire: Wire,
+    path: &str,
+    secret: Option<String>,
+    body: &Value,
+    headers: &HeaderMap,
+) -> Result<String, Response> {
     let Some(secret) = secret.filter(|s| !s.is_empty()) else {
         mock.requests.fetch_add(1, Ordering::Relaxed);
         pause(mock.latency).await;
         return Err(missing_key(wire));
     };
-    let fault = mock.admit(wire, path, &secret, body);
+    let fault = mock.admit(wire, path, &secret, body, headers);
     pause(mock.latency).await;
     if let Some(f) = fault {
         match f.kind {
@@ -431,7 +465,16 @@ async fn openai_chat(State(mock): State<Shared>, headers: HeaderMap, body: Bytes
         Ok(v) => v,
         Err(r) => return r,
     };
-    if let Err(r) = start(&mock, Wire::OpenAi, "/v1/chat/completions", bearer(&headers), &req).await {
+    if let Err(r) = start(
+        &mock,
+        Wire::OpenAi,
+        "/v1/chat/completions",
+        bearer(&headers),
+        &req,
+        &headers,
+    )
+    .await
+    {
         return r;
     }
     let Some(messages) = req.get("messages").and_then(Value::as_array) else {
@@ -519,7 +562,7 @@ async fn openai_embeddings(State(mock): State<Shared>, headers: HeaderMap, body:
         Ok(v) => v,
         Err(r) => return r,
     };
-    if let Err(r) = start(&mock, Wire::OpenAi, "/v1/embeddings", bearer(&headers), &req).await {
+    if let Err(r) = start(&mock, Wire::OpenAi, "/v1/embeddings", bearer(&headers), &req, &headers).await {
         return r;
     }
     let inputs: Vec<String> = match req.get("input") {
@@ -565,13 +608,22 @@ async fn openai_embeddings(State(mock): State<Shared>, headers: HeaderMap, body:
 
 async fn models(State(mock): State<Shared>, headers: HeaderMap) -> Response {
     if let Some(key) = header(&headers, "x-api-key") {
-        if let Err(r) = start(&mock, Wire::Anthropic, "/v1/models", Some(key), &Value::Null).await {
+        if let Err(r) = start(&mock, Wire::Anthropic, "/v1/models", Some(key), &Value::Null, &headers).await {
             return r;
         }
         return Json(json!({"data": [{"type": "model", "id": "claude-sonnet-4-5", "display_name": "Claude Sonnet 4.5"}], "has_more": false}))
             .into_response();
     }
-    if let Err(r) = start(&mock, Wire::OpenAi, "/v1/models", bearer(&headers), &Value::Null).await {
+    if let Err(r) = start(
+        &mock,
+        Wire::OpenAi,
+        "/v1/models",
+        bearer(&headers),
+        &Value::Null,
+        &headers,
+    )
+    .await
+    {
         return r;
     }
     Json(json!({"object": "list", "data": [
@@ -596,6 +648,7 @@ async fn gemini_models(
         "/v1beta/models",
         gemini_key(&headers, &query),
         &Value::Null,
+        &headers,
     )
     .await
     {
@@ -616,7 +669,7 @@ async fn gemini_generate(
         Err(r) => return r,
     };
     let path = format!("/v1beta/models/{action}");
-    if let Err(r) = start(&mock, Wire::Gemini, &path, gemini_key(&headers, &query), &req).await {
+    if let Err(r) = start(&mock, Wire::Gemini, &path, gemini_key(&headers, &query), &req, &headers).await {
         return r;
     }
     let Some((model, method)) = action.split_once(':') else {
@@ -715,6 +768,7 @@ async fn anthropic_messages(State(mock): State<Shared>, headers: HeaderMap, body
         "/v1/messages",
         header(&headers, "x-api-key"),
         &req,
+        &headers,
     )
     .await
     {
@@ -800,7 +854,7 @@ async fn serp_search(
         .or_else(|| header(&headers, "x-api-key"))
         .or_else(|| bearer(&headers));
     let q = query.get("q").cloned().unwrap_or_default();
-    if let Err(r) = start(&mock, Wire::Serp, "/search", key, &json!({"q": q})).await {
+    if let Err(r) = start(&mock, Wire::Serp, "/search", key, &json!({"q": q}), &headers).await {
         return r;
     }
     Json(json!({
@@ -895,6 +949,14 @@ pub fn router(args: &MockArgs) -> Router {
         next_id: AtomicU64::new(1),
         by_key: Mutex::new(HashMap::new()),
         recent: Mutex::new(VecDeque::new()),
+        call_log: args.call_log.as_ref().and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map(Mutex::new)
+                .ok()
+        }),
     });
     Router::new()
         .route("/v1/chat/completions", post(openai_chat))

@@ -79,6 +79,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_attempts: args.max_attempts,
             default_max_tokens: args.default_max_tokens,
             max_response: args.max_response,
+            stamp_grants: args.stamp_grants,
         },
     )?);
     let started = SystemTime::now();

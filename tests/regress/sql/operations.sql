@@ -165,5 +165,12 @@ SELECT keypool_add_key('chat', 'gemini', 'AIza-shared-scope-key-1', 'gemini-2.5-
 SELECT count(DISTINCT scope_id) AS scopes FROM keypool_keys;
 SELECT pool, daily_capacity FROM keypool_pool_stats ORDER BY pool;
 SELECT requests_per_day, daily_users FROM keypool_health;
+-- A grant says when it was charged (this database's clock); a refusal has no time. The grant is
+-- one more open reservation (keypool_status counts the whole installation's).
+CREATE TEMP TABLE open_before AS SELECT reservations_open FROM keypool_status();
+SELECT granted, granted_at = keypool_now() AS charged_now FROM keypool_reserve('u', 'chat');
+SELECT keypool_create_pool('empty') > 0 AS empty;
+SELECT granted, error, granted_at FROM keypool_reserve('u', 'empty');
+SELECT s.reservations_open - b.reservations_open AS opened FROM keypool_status() s, open_before b;
 \c keypool_regress
 DROP DATABASE keypool_shared_scope;
