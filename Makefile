@@ -1,5 +1,5 @@
 # The two commands README opens with, and a few more.
-.PHONY: demo test bench bench-worker bench-trust stop
+.PHONY: demo test bench bench-worker bench-trust bench-record soak stop
 demo:
 	scripts/demo.sh
 test:
@@ -10,5 +10,9 @@ bench-worker:
 	bench/worker.sh
 bench-trust:
 	bench/trust.sh
+bench-record:
+	bench/record.sh
+soak:
+	bench/soak.sh
 stop:
 	scripts/stop.sh

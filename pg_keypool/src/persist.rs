@@ -16,9 +16,14 @@
 //! never restores the older clean state.
 //!
 //! The clean save also holds what each pool member used of their share today, so that a clean
-//! restart changes nothing for users; periodic saves leave it out (it can be large), so after a
-//! crash users' counts for the day start again. Provider limits are not affected: they are the
-//! scopes', restored as above.
+//! restart changes nothing for users; periodic saves leave it out (it can be large): after a
+//! crash members' use comes back from `keypool.member`, as the flusher last wrote it
+//! (history.rs, assign.rs).
+//!
+//! The file names the system and timeline that wrote it. Only the same system on the same
+//! timeline trusts it; a standby, a restored backup or another timeline loads it as after a
+//! crash and catches up from the replicated record when recovery ends (failover.rs); another
+//! system's file is ignored.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -463,7 +468,6 @@ pub fn restore_at_startup() {
     }
     let clean = origin == Origin::Clean;
     let now = clock::real_now_ms();
-    sh.header.loaded_saved_ms.store(state.saved_ms, Ordering::Release);
     let mut restored = 0;
     for (slot, r) in sh.scopes.iter().zip(state.scopes.iter()) {
         let mut windows = r.windows;

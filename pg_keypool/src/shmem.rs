@@ -442,8 +442,6 @@ pub struct Header {
     pub state_saved_ms: AtomicI64,
     /// How this run's state began (persist.rs `Origin`).
     pub restored: AtomicU32,
-    /// The file's own save time, when one was loaded (0: none).
-    pub loaded_saved_ms: AtomicI64,
     /// The timeline of the loaded state file (0: none or a file of the previous release).
     pub loaded_timeline: AtomicU32,
     /// Set when this run's state may be stale once recovery ends (a standby, a restored backup,

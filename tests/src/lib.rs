@@ -333,6 +333,13 @@ impl Cluster {
         self.pg_ctl(&["promote", "-w", "-t", "60"]);
     }
 
+    /// An immediate restart: the server stops as if it crashed (no shutdown checkpoint, no final
+    /// state file), then starts and recovers.
+    pub fn restart_immediately(&self) {
+        self.stop_immediately();
+        self.start_again();
+    }
+
     /// Stops the server the way a lost machine does: no shutdown checkpoint, no final state.
     pub fn stop_immediately(&self) {
         self.pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "60"]);

@@ -146,6 +146,8 @@ async fn an_exhausted_pool_makes_requests_wait_without_spinning() {
         .expect("submit")
         .get(0);
     wait_for_status(&db, "failed", 1, Duration::from_secs(20)).await;
+    // A check that something does *not* happen (the waiting request is not claimed again and
+    // again): it needs time to pass, and a slow machine can only make it pass, never fail.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let row = db
