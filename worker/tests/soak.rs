@@ -90,7 +90,8 @@ impl Session {
 
 #[derive(Default)]
 struct Counts {
-    http: BTreeMap<u16, u64>,
+    /// HTTP answers by status and error code.
+    http: BTreeMap<String, u64>,
     http_errors: u64,
     submitted: Vec<i64>,
     submit_errors: u64,
@@ -213,10 +214,21 @@ async fn soak_under_faults() {
                                   "messages": [{"role": "user", "content": "soak"}]}))
                     .send()
                     .await;
+                let answer = match sent {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body: Value = r.json().await.unwrap_or(Value::Null);
+                        Some(match body["error"]["code"].as_str() {
+                            Some(code) => format!("{status} {code}"),
+                            None => status.to_string(),
+                        })
+                    }
+                    Err(_) => None,
+                };
                 let mut counts = counts.lock().await;
-                match sent {
-                    Ok(r) => *counts.http.entry(r.status().as_u16()).or_default() += 1,
-                    Err(_) => counts.http_errors += 1,
+                match answer {
+                    Some(a) => *counts.http.entry(a).or_default() += 1,
+                    None => counts.http_errors += 1,
                 }
                 drop(counts);
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -332,7 +344,8 @@ async fn soak_under_faults() {
     let lost = ids.len() as i64 - found;
     let by_status: Vec<(String, i64)> = db
         .query(
-            "SELECT status, count(*) FROM keypool.request GROUP BY status ORDER BY status",
+            "SELECT status || coalesce(' (' || substr(split_part(error, ';', 1), 1, 60) || ')', ''), count(*)
+               FROM keypool.request GROUP BY 1 ORDER BY 1",
             &[],
         )
         .await
