@@ -271,6 +271,31 @@ async fn soak_under_faults() {
         }));
     }
 
+    // SOAK_TRACE=1: the keys' state every 5 s, to see where capacity goes.
+    if std::env::var_os("SOAK_TRACE").is_some() {
+        let (running, conninfo) = (running.clone(), conninfo.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut session = Session { conninfo, client: None };
+            while running.load(Ordering::Acquire) {
+                if let Some(c) = session.client().await {
+                    if let Ok(rows) = c
+                        .query(
+                            "SELECT k.label || ' ' || k.state || coalesce(' (' || k.reason || ')', '') || ' minute '
+                                    || s.requests_this_minute || ' today ' || s.requests_today
+                               FROM keypool_keys k JOIN keypool_scopes s USING (scope_id) ORDER BY k.key_id",
+                            &[],
+                        )
+                        .await
+                    {
+                        let line: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                        println!("trace: {}", line.join(" | "));
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }));
+    }
+
     // The faults, at fixed points of the run.
     let started = Instant::now();
     let at = |fraction: f64| started + Duration::from_secs_f64(seconds as f64 * fraction);
@@ -278,7 +303,9 @@ async fn soak_under_faults() {
     until(at(0.1)).await;
     let rss_before: Vec<u64> = workers.iter().map(Worker::rss).collect();
     until(at(0.2)).await;
-    mock.fault("*", "503", Some(40), None).await;
+    // Enough to open every usable key's circuit breaker once (5 in a row each); the breakers'
+    // trials close them again 30 s later.
+    mock.fault("*", "503", Some(15), None).await;
     until(at(0.25)).await;
     workers[1].kill9();
     workers[1] = start_worker(&conninfo, 1).await;
@@ -344,7 +371,8 @@ async fn soak_under_faults() {
     let lost = ids.len() as i64 - found;
     let by_status: Vec<(String, i64)> = db
         .query(
-            "SELECT status || coalesce(' (' || substr(split_part(error, ';', 1), 1, 60) || ')', ''), count(*)
+            "SELECT status || coalesce(' (' || regexp_replace(substr(split_part(error, ';', 1), 1, 80), '[0-9]+', 'N', 'g') || ')', ''),
+                    count(*)
                FROM keypool.request GROUP BY 1 ORDER BY 1",
             &[],
         )
@@ -390,7 +418,7 @@ async fn soak_under_faults() {
     report.push_str(&format!(
         "Soak of {seconds} s: {WORKERS} workers, {HTTP_CLIENTS} HTTP clients and one SQL queue producer, {USERS} users; \
          worker 1 killed (-9) and started again at 25 %, PostgreSQL restarted -m immediate at 50 % and -m fast at 75 %; \
-         503 burst (40) at 20 %, 10 × 429 (retry-after 2 s) and 3 hangs at 35 %.\n\n"
+         503 burst (15: every breaker opens) at 20 %, 10 × 429 (retry-after 2 s) and 3 hangs at 35 %.\n\n"
     ));
     report.push_str("| figure | value |\n|---|---:|\n");
     report.push_str(&format!("| provider calls (mock's log) | {} |\n", calls.len()));
