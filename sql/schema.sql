@@ -121,7 +121,7 @@ CREATE TABLE keypool.member (
     used_on     date,
     used        bigint,
     PRIMARY KEY (pool_id, user_id)
-);
+) WITH (fillfactor = 70);  -- room for HOT updates of last_active, used_on and used
 CREATE INDEX member_hash ON keypool.member (pool_id, user_hash);
 CREATE INDEX member_key ON keypool.member (key_id);
 

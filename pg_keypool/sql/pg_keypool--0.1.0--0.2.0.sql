@@ -66,6 +66,8 @@ ALTER SEQUENCE keypool.api_token_id_seq OWNED BY keypool.api_token.id;
 
 -- The replicated record of scopes' and members' use (issue 13: failover without over-grant).
 ALTER TABLE keypool.member ADD COLUMN used_on date, ADD COLUMN used bigint;
+-- Room for HOT updates in pages written from now on (VACUUM FULL keypool.member makes room in all).
+ALTER TABLE keypool.member SET (fillfactor = 70);
 CREATE TABLE keypool.scope_usage (
     scope_id      bigint PRIMARY KEY REFERENCES keypool.scope (id) ON DELETE CASCADE,
     day_start     timestamptz NOT NULL,

@@ -178,18 +178,20 @@ pub fn record(sh: &Shared, cfg: &Config) {
         Spi::connect_mut(|client| {
             if !ids.is_empty() {
                 errors::spi(client.update(
+                    // Unchanged rows are left out before the upsert: ON CONFLICT would lock (and
+                    // log) every row it meets, changed or not.
                     "INSERT INTO keypool.scope_usage AS u (scope_id, day_start, day_end, requests, tokens, cooling_until)
                      SELECT c.* FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[], $4::bigint[],
                                             $5::bigint[], $6::timestamptz[]) AS c(id, s, e, r, t, cu)
                       WHERE EXISTS (SELECT 1 FROM keypool.scope s WHERE s.id = c.id)
+                        AND NOT EXISTS (SELECT 1 FROM keypool.scope_usage o
+                                         WHERE o.scope_id = c.id
+                                           AND (o.day_start, o.day_end, o.requests, o.tokens, o.cooling_until)
+                                               IS NOT DISTINCT FROM (c.s, c.e, c.r, c.t, c.cu))
                      ON CONFLICT (scope_id) DO UPDATE SET
                          day_start = excluded.day_start, day_end = excluded.day_end,
                          requests = excluded.requests, tokens = excluded.tokens,
-                         cooling_until = excluded.cooling_until
-                      WHERE (u.day_start, u.day_end, u.requests, u.tokens, u.cooling_until)
-                            IS DISTINCT FROM
-                            (excluded.day_start, excluded.day_end, excluded.requests, excluded.tokens,
-                             excluded.cooling_until)",
+                         cooling_until = excluded.cooling_until",
                     None,
                     &[
                         ids.into(),
