@@ -217,3 +217,65 @@ async fn a_state_file_of_another_system_is_not_trusted() {
     );
     assert_eq!(one::<i32>(&c, "SELECT scopes_used FROM keypool_status()").await, 0);
 }
+
+#[tokio::test]
+async fn a_crash_right_after_promotion_still_catches_up() {
+    let settings = ["pg_keypool.flush_interval = '1h'", "restart_after_crash = on"];
+    let primary = Cluster::start("promote-crash-primary", &settings);
+    let p = primary.connect("postgres").await;
+    let zone = zone_at_noon();
+    exec(
+        &p,
+        &format!(
+            "CREATE EXTENSION pg_keypool;
+             SELECT keypool_create_pool('d');
+             SELECT keypool_add_key('d', 'openai', 'sk-promote-crash-0001', rpm => 10, rpd => 100, timezone => '{zone}');
+             SELECT keypool_save_state();"
+        ),
+    )
+    .await;
+    let standby = Cluster::standby_of(&primary, "promote-crash-standby", &settings);
+    let s = standby.connect("postgres").await;
+    // The primary uses 50 of the day over five minutes (its test clock), and records it.
+    for minute in 1..=5 {
+        exec(
+            &p,
+            &format!("SELECT keypool_set_clock(now() + interval '{minute} minutes')"),
+        )
+        .await;
+        assert_eq!(granted_of(&p, "d", 10).await, 10);
+    }
+    exec(&p, "SELECT keypool_flush()").await;
+    standby.wait_replayed(&p, &s).await;
+    drop(s);
+    drop(p);
+    primary.stop_immediately();
+    standby.promote();
+    // Nobody reserves in the database before a backend crashes: the state file the launcher
+    // writes after the promotion says the catch-up is still pending, and the restarted server
+    // catches up at first use instead of trusting the standby's old state.
+    let witness = standby.wait_ready("postgres").await;
+    // A checkpoint on the new timeline: pg_control and the state file agree on the timeline,
+    // so only the file's own "catch-up pending" mark can tell.
+    exec(&witness, "CHECKPOINT").await;
+    let victim = standby.connect("postgres").await;
+    let pid: i32 = one(&victim, "SELECT pg_backend_pid()").await;
+    let n = standby.crash_backend("postgres", pid, &witness).await;
+    let mut granted = 0;
+    for minute in 1..=15 {
+        exec(
+            &n,
+            &format!("SELECT keypool_set_clock(now() + interval '{minute} minutes')"),
+        )
+        .await;
+        granted += granted_of(&n, "d", 10).await;
+    }
+    assert!(
+        granted <= 50,
+        "{granted} granted after 50 of 100 were used and recorded"
+    );
+    assert!(
+        granted >= 30,
+        "{granted} granted: more pessimistic than two minutes' worth"
+    );
+}
