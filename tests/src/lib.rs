@@ -50,6 +50,22 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("bound listener has an address").port()
 }
 
+/// An empty directory `name` for a cluster, owned by postgres.
+fn new_cluster_dir(name: &str) -> PathBuf {
+    let dir = cluster_root().join(format!("it-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("cannot create the cluster directory");
+    check(
+        "chown",
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .output()
+            .expect("chown"),
+    );
+    dir
+}
+
 /// A private PostgreSQL cluster.
 pub struct Cluster {
     pub dir: PathBuf,
@@ -62,17 +78,7 @@ impl Cluster {
     /// postgresql.conf lines; pg_keypool is preloaded unless one of them sets
     /// `shared_preload_libraries` itself.
     pub fn start(name: &str, settings: &[&str]) -> Cluster {
-        let dir = cluster_root().join(format!("it-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("cannot create the cluster directory");
-        check(
-            "chown",
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .output()
-                .expect("chown"),
-        );
+        let dir = new_cluster_dir(name);
         let data = dir.join("data");
         check(
             "initdb",
@@ -274,17 +280,7 @@ impl Cluster {
     /// A streaming standby of `primary`, made with `pg_basebackup -R` and started. `settings`
     /// are extra postgresql.conf lines, as for [`Cluster::start`].
     pub fn standby_of(primary: &Cluster, name: &str, settings: &[&str]) -> Cluster {
-        let dir = cluster_root().join(format!("it-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("cannot create the cluster directory");
-        check(
-            "chown",
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .output()
-                .expect("chown"),
-        );
+        let dir = new_cluster_dir(name);
         let data = dir.join("data");
         check(
             "pg_basebackup",
@@ -418,12 +414,55 @@ pub async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
-/// Runs `sql` (one or more statements); panics with the statement and the error.
+/// Runs `sql` (one or more statements); panics with the statement and the server's message.
 pub async fn exec(client: &Client, sql: &str) {
-    client
-        .batch_execute(sql)
+    client.batch_execute(sql).await.unwrap_or_else(|e| {
+        panic!(
+            "{sql}: {}",
+            e.as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string())
+        )
+    });
+}
+
+/// Reservations granted out of `attempts` in `pool`, each for another user (`u0`, `u1`, ...).
+pub async fn granted_of(client: &Client, pool: &str, attempts: usize) -> usize {
+    let stmt = client
+        .prepare("SELECT granted FROM keypool_reserve($1, $2)")
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        .expect("prepare keypool_reserve");
+    let mut granted = 0;
+    for i in 0..attempts {
+        let row = client
+            .query_one(&stmt, &[&format!("u{i}"), &pool])
+            .await
+            .expect("keypool_reserve");
+        granted += row.get::<_, bool>(0) as usize;
+    }
+    granted
+}
+
+/// A time zone in which it is about noon now, so that a test never crosses a daily reset.
+pub fn zone_at_noon() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs();
+    let hour = ((secs / 3600) % 24) as i32;
+    let mut offset = 12 - hour;
+    if offset > 14 {
+        offset -= 24;
+    }
+    if offset < -12 {
+        offset += 24;
+    }
+    // POSIX-style names: Etc/GMT-3 is three hours ahead of UTC.
+    if offset >= 0 {
+        format!("Etc/GMT-{offset}")
+    } else {
+        format!("Etc/GMT+{}", -offset)
+    }
 }
 
 /// The first column of the one row `sql` returns.

@@ -4,19 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use keypool_tests::{shared, TestDb};
-use tokio_postgres::Client;
-
-async fn exec(client: &Client, sql: &str) {
-    client.batch_execute(sql).await.unwrap_or_else(|e| {
-        panic!(
-            "{sql}: {}",
-            e.as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string())
-        )
-    });
-}
+use keypool_tests::{exec, shared, TestDb};
 
 /// Reserves from `pool` on `sessions` connections, each `per_session` times, and returns how
 /// many were granted per key id.

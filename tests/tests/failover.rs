@@ -1,61 +1,7 @@
 //! Failover to a streaming standby: whatever the standby knew is stale, so the new primary never
 //! grants what the old one already granted (no more than rpm in the minute, rpd in the day).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use keypool_tests::Cluster;
-use tokio_postgres::Client;
-
-async fn exec(client: &Client, sql: &str) {
-    client.batch_execute(sql).await.unwrap_or_else(|e| {
-        panic!(
-            "{sql}: {}",
-            e.as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string())
-        )
-    });
-}
-
-async fn one<T: for<'a> tokio_postgres::types::FromSql<'a>>(client: &Client, sql: &str) -> T {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-        .get(0)
-}
-
-/// Reservations granted out of `attempts` in pool `pool`.
-async fn granted_of(client: &Client, pool: &str, attempts: usize) -> usize {
-    let stmt = client
-        .prepare("SELECT granted FROM keypool_reserve($1, $2)")
-        .await
-        .unwrap();
-    let mut granted = 0;
-    for i in 0..attempts {
-        let row = client.query_one(&stmt, &[&format!("u{i}"), &pool]).await.unwrap();
-        granted += row.get::<_, bool>(0) as usize;
-    }
-    granted
-}
-
-/// A time zone in which it is about noon now, so that a test never crosses a daily reset.
-fn zone_at_noon() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let hour = ((secs / 3600) % 24) as i32;
-    let mut offset = 12 - hour;
-    if offset > 14 {
-        offset -= 24;
-    }
-    if offset < -12 {
-        offset += 24;
-    }
-    if offset >= 0 {
-        format!("Etc/GMT-{offset}")
-    } else {
-        format!("Etc/GMT+{}", -offset)
-    }
-}
+use keypool_tests::{exec, granted_of, one, zone_at_noon, Cluster};
 
 #[tokio::test]
 async fn a_promoted_standby_never_grants_what_the_old_primary_granted() {

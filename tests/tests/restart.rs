@@ -1,33 +1,7 @@
 //! Restarts and crashes: after either, no scope grants more than its limits allow.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use keypool_tests::Cluster;
+use keypool_tests::{exec, granted_of, zone_at_noon, Cluster};
 use tokio_postgres::Client;
-
-async fn exec(client: &Client, sql: &str) {
-    client.batch_execute(sql).await.unwrap_or_else(|e| {
-        panic!(
-            "{sql}: {}",
-            e.as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string())
-        )
-    });
-}
-
-async fn granted_of(client: &Client, pool: &str, attempts: usize) -> usize {
-    let stmt = client
-        .prepare("SELECT granted FROM keypool_reserve($1, $2)")
-        .await
-        .unwrap();
-    let mut granted = 0;
-    for i in 0..attempts {
-        let row = client.query_one(&stmt, &[&format!("u{i}"), &pool]).await.unwrap();
-        granted += row.get::<_, bool>(0) as usize;
-    }
-    granted
-}
 
 async fn started_from(client: &Client) -> String {
     client
@@ -35,25 +9,6 @@ async fn started_from(client: &Client) -> String {
         .await
         .unwrap()
         .get(0)
-}
-
-/// A time zone in which it is about noon now, so that a test never crosses a daily reset.
-fn zone_at_noon() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let hour = ((secs / 3600) % 24) as i32;
-    let mut offset = 12 - hour;
-    if offset > 14 {
-        offset -= 24;
-    }
-    if offset < -12 {
-        offset += 24;
-    }
-    // POSIX-style names: Etc/GMT-3 is three hours ahead of UTC.
-    if offset >= 0 {
-        format!("Etc/GMT-{offset}")
-    } else {
-        format!("Etc/GMT+{}", -offset)
-    }
 }
 
 #[tokio::test]

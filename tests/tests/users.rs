@@ -5,19 +5,8 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use keypool_tests::{shared, TestDb};
+use keypool_tests::{exec, shared, TestDb};
 use tokio_postgres::Client;
-
-async fn exec(client: &Client, sql: &str) {
-    client.batch_execute(sql).await.unwrap_or_else(|e| {
-        panic!(
-            "{sql}: {}",
-            e.as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string())
-        )
-    });
-}
 
 /// 31 xAI keys (seed 004) in pool `pool`.
 async fn xai_pool(db: &TestDb<'_>, pool: &str, keys: i32) {

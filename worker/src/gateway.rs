@@ -265,6 +265,14 @@ impl Drop for Held {
     }
 }
 
+/// The model an answer names: the key's, else the one requested, else the pool.
+fn shown_model(key: &KeyRef, requested: Option<&str>, pool: &str) -> String {
+    key.model
+        .clone()
+        .or_else(|| requested.map(str::to_string))
+        .unwrap_or_else(|| pool.to_string())
+}
+
 fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
@@ -357,12 +365,7 @@ impl Gateway {
 
     /// Reads (or starts relaying) a provider's 2xx answer to a chat request.
     async fn chat_answer(&self, plan: &Plan<'_>, job: &ChatJob, accepted: Accepted) -> Result<Answer, Failure> {
-        let shown_model = accepted
-            .key
-            .model
-            .clone()
-            .or_else(|| job.request.model().map(str::to_string))
-            .unwrap_or_else(|| job.pool.clone());
+        let shown_model = shown_model(&accepted.key, job.request.model(), &job.pool);
         if job.stream {
             let Accepted {
                 response,
@@ -420,12 +423,7 @@ impl Gateway {
                 &plan,
                 |key| providers::embeddings_request(&self.http, key, &job.request),
                 |accepted| async {
-                    let shown_model = accepted
-                        .key
-                        .model
-                        .clone()
-                        .or_else(|| job.request.model().map(str::to_string))
-                        .unwrap_or_else(|| job.pool.clone());
+                    let shown_model = shown_model(&accepted.key, job.request.model(), &job.pool);
                     let counted = plan.prompt_est;
                     let (body, served) = self
                         .read_answer(&plan, accepted, |key, body| {

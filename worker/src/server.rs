@@ -604,26 +604,60 @@ async fn models(State(ep): State<Arc<Endpoint>>, Extension(principal): Extension
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// What the API routes need of a request body: parsing, and the user and model it names.
+trait RoutedRequest: Sized {
+    fn parse(body: &[u8]) -> Result<Self, String>;
+    fn user(&self) -> Option<&str>;
+    fn model(&self) -> Option<&str>;
+}
+
+impl RoutedRequest for ChatRequest {
+    fn parse(body: &[u8]) -> Result<Self, String> {
+        ChatRequest::parse(body)
+    }
+    fn user(&self) -> Option<&str> {
+        ChatRequest::user(self)
+    }
+    fn model(&self) -> Option<&str> {
+        ChatRequest::model(self)
+    }
+}
+
+impl RoutedRequest for EmbeddingsRequest {
+    fn parse(body: &[u8]) -> Result<Self, String> {
+        EmbeddingsRequest::parse(body)
+    }
+    fn user(&self) -> Option<&str> {
+        EmbeddingsRequest::user(self)
+    }
+    fn model(&self) -> Option<&str> {
+        EmbeddingsRequest::model(self)
+    }
+}
+
+/// Reads and parses an API request's body (within KEYPOOL_MAX_BODY), and finds the user it acts
+/// for and the pool it goes to, as the caller's token allows: the request, the user, the pool.
+async fn routed<R: RoutedRequest>(
+    ep: &Endpoint,
+    principal: &Principal,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(R, String, String), Response> {
+    let body = body_or_error(body, ep.max_body)?;
+    let request = R::parse(&body).map_err(|m| error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None))?;
+    let user = user_of(ep, principal, headers, request.user())?;
+    let pool = ep.resolve_pool(principal, headers, request.model()).await?;
+    Ok((request, user, pool))
+}
+
 async fn chat(
     State(ep): State<Arc<Endpoint>>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_or_error(body, ep.max_body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let request = match ChatRequest::parse(&body) {
+    let (request, user, pool) = match routed::<ChatRequest>(&ep, &principal, &headers, body).await {
         Ok(r) => r,
-        Err(m) => return error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None),
-    };
-    let user = match user_of(&ep, &principal, &headers, request.user()) {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let pool = match ep.resolve_pool(&principal, &headers, request.model()).await {
-        Ok(p) => p,
         Err(r) => return r,
     };
     let stream = request.stream();
@@ -661,20 +695,8 @@ async fn embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body_or_error(body, ep.max_body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let request = match EmbeddingsRequest::parse(&body) {
+    let (request, user, pool) = match routed::<EmbeddingsRequest>(&ep, &principal, &headers, body).await {
         Ok(r) => r,
-        Err(m) => return error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None),
-    };
-    let user = match user_of(&ep, &principal, &headers, request.user()) {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let pool = match ep.resolve_pool(&principal, &headers, request.model()).await {
-        Ok(p) => p,
         Err(r) => return r,
     };
     let job = EmbedJob {
