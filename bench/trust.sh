@@ -95,7 +95,7 @@ SELECT keypool_add_key('bench', 'openai', 'sk-bench-key-' || i || '-000000000', 
                        rpm => 2000000000, rpd => 2000000000, tpm => 1000000000000, tpd => 1000000000000)
   FROM generate_series(1, 15) i;
 CREATE ROLE bench_app LOGIN;
-GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint) TO bench_app;
+GRANT EXECUTE ON FUNCTION keypool_reserve TO bench_app;
 $grant
 SQL
     SECONDS_EACH=3 tps prepared "$work/reserve-prepared.sql" >/dev/null || true

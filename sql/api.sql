@@ -19,12 +19,14 @@ CREATE TYPE keypool_reservation AS (
     remaining_today bigint,
     allocated_today bigint,
     warning_level  text,
-    granted_at     timestamptz
+    granted_at     timestamptz,
+    pool           text
 );
 COMMENT ON TYPE keypool_reservation IS
-    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, and when the grant was charged';
+    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, when the grant was charged, and the pool that served';
 
-CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_tokens bigint DEFAULT 0)
+CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_tokens bigint DEFAULT 0,
+                                within text[] DEFAULT NULL)
 RETURNS keypool_reservation
 AS 'MODULE_PATHNAME', 'keypool_reserve_c'
 LANGUAGE c VOLATILE PARALLEL UNSAFE;
@@ -34,6 +36,7 @@ LANGUAGE c VOLATILE PARALLEL UNSAFE;
 ALTER FUNCTION keypool.scope_state() ROWS 100;
 ALTER FUNCTION keypool.key_state() ROWS 100;
 ALTER FUNCTION keypool.pool_state() ROWS 10;
+ALTER FUNCTION keypool.fallback_state() ROWS 10;
 
 -- Every key with its state. Never shows the secret.
 CREATE VIEW keypool_keys WITH (security_barrier) AS
@@ -59,14 +62,15 @@ SELECT k.id AS key_id,
        ks.last_used_at,
        k.scope_id,
        k.group_no,
-       ks.users
+       ks.users,
+       k.priority
   FROM keypool.key k
   JOIN keypool.pool p ON p.id = k.pool_id
   JOIN keypool.scope s ON s.id = k.scope_id
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
   LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id
  WHERE k.removed_at IS NULL AND keypool.allowed(k.pool_id, 'read');
-COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why';
+COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority';
 
 -- Every quota scope with its limits and what its windows hold right now.
 CREATE VIEW keypool_scopes WITH (security_barrier) AS
@@ -152,12 +156,18 @@ SELECT p.id AS pool_id,
        ps.borrowed_today,
        p.active_days,
        ps.timezone,
-       ps.resets_at
+       ps.resets_at,
+       (SELECT array_agg(f.name ORDER BY pf.position) FROM keypool.pool_fallback pf
+          JOIN keypool.pool f ON f.id = pf.fallback_id
+         WHERE pf.pool_id = p.id AND keypool.allowed(f.id, 'read')) AS fallbacks,
+       p.fallback_on_quota,
+       fs.fell_through_today
   FROM keypool.pool p
   LEFT JOIN keypool.pool_state() ps ON ps.pool_id = p.id
+  LEFT JOIN keypool.fallback_state() fs ON fs.pool_id = p.id
  WHERE keypool.allowed(p.id, 'read');
 COMMENT ON VIEW keypool_pool_stats IS
-    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity)';
+    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity), fallback chain and requests it served today';
 
 -- Every key with its account's use against each limit, its own use and errors today, users.
 -- Limits belong to the account (scope): the *_this_minute / *_today columns and percentages
@@ -426,16 +436,21 @@ COMMENT ON FUNCTION keypool_allocation(text, text) IS
 COMMENT ON FUNCTION keypool_can_request(text, text) IS
     'Whether a reservation by the user would now pass the quota check (changes nothing)';
 COMMENT ON FUNCTION keypool.pool_state() IS 'Internal: how every pool shares its capacity (for keypool_pool_stats)';
-COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer) IS
+COMMENT ON FUNCTION keypool.fallback_state() IS 'Internal: requests each pool''s fallback chain served today (for keypool_pool_stats)';
+COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer) IS
     'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; returns the key id';
-COMMENT ON FUNCTION keypool_reserve(text, text, bigint) IS
-    'Reserves one request and est_tokens on a key with room now; refusals are rows (POOL_EXHAUSTED, NO_KEYS)';
+COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
+    'Reserves one request and est_tokens on a key with room now, in the pool or down its fallback chain (only pools in within, when given); refusals are rows (POOL_EXHAUSTED, NO_KEYS, QUOTA_EXCEEDED)';
 COMMENT ON FUNCTION keypool_settle(bigint, integer, bigint, bigint, bigint, text) IS
     'Records a provider call''s outcome: settles tokens to the actual count, cools, disables or trips keys; returns the outcome class';
 COMMENT ON FUNCTION keypool_classify(integer, text) IS
     'The outcome class keypool_settle would record for an HTTP status and provider error code (changes nothing)';
 COMMENT ON FUNCTION keypool_release(bigint) IS
     'Gives back a reservation whose call was never sent';
+COMMENT ON FUNCTION keypool_alter_key(bigint, integer) IS
+    'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits)';
+COMMENT ON FUNCTION keypool_set_fallbacks(text, text[], boolean) IS
+    'Sets the pools keypool_reserve tries next, in order, when the pool refuses (empty: none); needs admin on it and use on each';
 COMMENT ON FUNCTION keypool_disable_key(bigint, text) IS
     'Takes a key out of rotation, with a reason, until keypool_enable_key';
 COMMENT ON FUNCTION keypool_enable_key(bigint) IS
@@ -515,11 +530,13 @@ REVOKE ALL ON FUNCTION
     keypool_allocation(text, text),
     keypool_can_request(text, text),
     keypool.pool_state(),
-    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer),
-    keypool_reserve(text, text, bigint),
+    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer),
+    keypool_reserve(text, text, bigint, text[]),
     keypool_settle(bigint, integer, bigint, bigint, bigint, text),
     keypool_release(bigint),
     keypool_classify(integer, text),
+    keypool_alter_key(bigint, integer),
+    keypool_set_fallbacks(text, text[], boolean),
     keypool_disable_key(bigint, text),
     keypool_enable_key(bigint),
     keypool_flush(),
@@ -555,6 +572,8 @@ REVOKE ALL ON FUNCTION
     keypool_check_alerts()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
+-- Answers only about the pools the calling role may read (so keypool_pool_stats needs no new grant).
+GRANT EXECUTE ON FUNCTION keypool.fallback_state() TO PUBLIC;
 REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats,
     keypool_key_stats, keypool_prices, keypool_alerts, keypool_health, keypool_requests, keypool_workers,
     keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

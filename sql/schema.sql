@@ -36,9 +36,24 @@ CREATE TABLE keypool.pool (
     borrowing   boolean NOT NULL DEFAULT false,
     -- The time zone of users' daily reset; NULL: that of the pool's keys when they agree, else UTC.
     timezone    text,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- Whether a user past their share here goes on down the fallback chain (a share is a promise
+    -- per pool: by default it does not).
+    fallback_on_quota boolean NOT NULL DEFAULT false
 );
 ALTER SEQUENCE keypool.pool_id_seq OWNED BY keypool.pool.id;
+
+-- A pool's fallback chain (keypool_set_fallbacks): the pools keypool_reserve tries next, in
+-- order, when this one refuses. Flat: a fallback's own chain is not followed.
+CREATE TABLE keypool.pool_fallback (
+    pool_id     bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    position    integer NOT NULL CHECK (position > 0),
+    fallback_id bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    PRIMARY KEY (pool_id, position),
+    UNIQUE (pool_id, fallback_id),
+    CHECK (fallback_id <> pool_id)
+);
+CREATE INDEX pool_fallback_fallback ON keypool.pool_fallback (fallback_id);
 
 -- A quota scope: a provider account (project, organization) for one model. Limits belong here,
 -- not to keys: keys that share an account share its limits. A key added without an account
@@ -88,6 +103,9 @@ CREATE TABLE keypool.key (
     label           text NOT NULL,
     -- Stable small number of the key within its pool (1, 2, ...): the "key group" apps store.
     group_no        integer NOT NULL,
+    -- Lower is preferred: a key of a worse priority serves only while every better key of the
+    -- pool is at its limits, cooling or disabled; new users are assigned to the best ones.
+    priority        integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
     disabled_reason text,
     disabled_at     timestamptz,
     -- Who disabled it: the provider's answer (401, API_KEY_INVALID ...), or an operator.
@@ -221,6 +239,8 @@ CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ke
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.key
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.pool_fallback
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.pool_grant
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.master_key
@@ -236,6 +256,7 @@ SELECT pg_catalog.pg_extension_config_dump('keypool.api_token', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.master_key', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool_grant', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.pool_fallback', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.scope', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.key', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.member', '');

@@ -9,7 +9,8 @@
 -- - views show each role only the pools it may read;
 -- - NOTIFY keypool_events carries the event id only;
 -- - API tokens for keypool-worker's callers (issue 12), stored as SHA-256 only;
--- - a replicated record of each scope's use, for failover without over-grant (issue 13).
+-- - a replicated record of each scope's use, for failover without over-grant (issue 13);
+-- - fallback chains across pools and key priorities (issue 14).
 --
 -- After the update the old plaintext still lies in dead tuples of keypool.key and in WAL until
 -- they are recycled: run VACUUM FULL keypool.key and CHECKPOINT (README, "Secrets at rest").
@@ -49,6 +50,18 @@ CREATE TABLE keypool.pool_grant (
     UNIQUE NULLS NOT DISTINCT (pool_id, grantee, privilege)
 );
 
+CREATE TABLE keypool.pool_fallback (
+    pool_id     bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    position    integer NOT NULL CHECK (position > 0),
+    fallback_id bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    PRIMARY KEY (pool_id, position),
+    UNIQUE (pool_id, fallback_id),
+    CHECK (fallback_id <> pool_id)
+);
+CREATE INDEX pool_fallback_fallback ON keypool.pool_fallback (fallback_id);
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.pool_fallback
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
+SELECT pg_catalog.pg_extension_config_dump('keypool.pool_fallback', '');
 CREATE SEQUENCE keypool.api_token_id_seq;
 CREATE TABLE keypool.api_token (
     id           bigint PRIMARY KEY DEFAULT nextval('keypool.api_token_id_seq'),
@@ -132,6 +145,10 @@ UPDATE keypool.worker SET role = (SELECT e.extowner FROM pg_catalog.pg_extension
 ALTER TABLE keypool.worker ALTER COLUMN role SET NOT NULL;
 ALTER TABLE keypool.alert ADD COLUMN pool_id bigint;
 
+-- Key priorities and fallback chains (issue 14).
+ALTER TABLE keypool.key ADD COLUMN priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000);
+ALTER TABLE keypool.pool ADD COLUMN fallback_on_quota boolean NOT NULL DEFAULT false;
+
 -- Functions of the library (new, or replacing the SQL ones of 0.1.0 with the same signatures).
 CREATE FUNCTION keypool_grant(pool text, grantee regrole, privilege text DEFAULT 'use') RETURNS void
 LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'keypool_grant_wrapper';
@@ -172,6 +189,28 @@ CREATE  FUNCTION keypool."member_memory"() RETURNS TABLE (
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'member_memory_wrapper';
+CREATE  FUNCTION "keypool_alter_key"(
+	"key_id" bigint, /* Option < i64 > */
+	"priority" INT DEFAULT NULL /* Option < i32 > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_alter_key_wrapper';
+CREATE  FUNCTION "keypool_set_fallbacks"(
+	"pool" TEXT, /* Option < & str > */
+	"fallbacks" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"on_quota_exceeded" bool DEFAULT false /* Option < bool > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_set_fallbacks_wrapper';
+CREATE  FUNCTION keypool."fallback_state"() RETURNS TABLE (
+	"pool_id" bigint,  /* i64 */
+	"fell_through_today" bigint  /* i64 */
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'fallback_state_wrapper';
 CREATE  FUNCTION "keypool_create_api_token"(
 	"label" TEXT, /* Option < & str > */
 	"user_id" TEXT DEFAULT NULL, /* Option < & str > */
@@ -306,8 +345,37 @@ LANGUAGE c VOLATILE PARALLEL UNSAFE;
 
 -- keypool_reserve's answer says when the grant was charged (issue 13: audits such as the soak).
 ALTER TYPE keypool_reservation ADD ATTRIBUTE granted_at timestamptz;
+-- ... and which pool served it (issue 14: fallback chains), which the caller may narrow.
+ALTER TYPE keypool_reservation ADD ATTRIBUTE pool text;
 COMMENT ON TYPE keypool_reservation IS
-    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, and when the grant was charged';
+    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, when the grant was charged, and the pool that served';
+DROP FUNCTION keypool_reserve(text, text, bigint);
+CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_tokens bigint DEFAULT 0,
+                                within text[] DEFAULT NULL)
+RETURNS keypool_reservation
+AS 'MODULE_PATHNAME', 'keypool_reserve_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
+ALTER FUNCTION keypool.fallback_state() ROWS 10;
+-- keypool_add_key takes a priority.
+DROP FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer);
+CREATE  FUNCTION "keypool_add_key"(
+	"pool" TEXT, /* Option < & str > */
+	"provider" TEXT, /* Option < & str > */
+	"secret" TEXT, /* Option < & str > */
+	"model" TEXT DEFAULT NULL, /* Option < & str > */
+	"account" TEXT DEFAULT NULL, /* Option < & str > */
+	"rpm" INT DEFAULT NULL, /* Option < i32 > */
+	"rpd" INT DEFAULT NULL, /* Option < i32 > */
+	"tpm" bigint DEFAULT NULL, /* Option < i64 > */
+	"tpd" bigint DEFAULT NULL, /* Option < i64 > */
+	"base_url" TEXT DEFAULT NULL, /* Option < & str > */
+	"timezone" TEXT DEFAULT NULL, /* Option < & str > */
+	"group_no" INT DEFAULT NULL, /* Option < i32 > */
+	"priority" INT DEFAULT NULL /* Option < i32 > */
+) RETURNS bigint /* i64 */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_add_key_wrapper';
 -- keypool_status() says which timeline its state came from, when recovery ended, and how many
 -- reservations are open.
 DROP FUNCTION keypool_status();
@@ -565,14 +633,15 @@ SELECT k.id AS key_id,
        ks.last_used_at,
        k.scope_id,
        k.group_no,
-       ks.users
+       ks.users,
+       k.priority
   FROM keypool.key k
   JOIN keypool.pool p ON p.id = k.pool_id
   JOIN keypool.scope s ON s.id = k.scope_id
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
   LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id
  WHERE k.removed_at IS NULL AND keypool.allowed(k.pool_id, 'read');
-COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why';
+COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority';
 
 CREATE OR REPLACE VIEW keypool_scopes WITH (security_barrier) AS
 SELECT s.id AS scope_id,
@@ -652,12 +721,18 @@ SELECT p.id AS pool_id,
        ps.borrowed_today,
        p.active_days,
        ps.timezone,
-       ps.resets_at
+       ps.resets_at,
+       (SELECT array_agg(f.name ORDER BY pf.position) FROM keypool.pool_fallback pf
+          JOIN keypool.pool f ON f.id = pf.fallback_id
+         WHERE pf.pool_id = p.id AND keypool.allowed(f.id, 'read')) AS fallbacks,
+       p.fallback_on_quota,
+       fs.fell_through_today
   FROM keypool.pool p
   LEFT JOIN keypool.pool_state() ps ON ps.pool_id = p.id
+  LEFT JOIN keypool.fallback_state() fs ON fs.pool_id = p.id
  WHERE keypool.allowed(p.id, 'read');
 COMMENT ON VIEW keypool_pool_stats IS
-    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity)';
+    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity), fallback chain and requests it served today';
 
 CREATE OR REPLACE VIEW keypool_key_stats WITH (security_barrier) AS
 SELECT k.key_id, k.pool, k.provider, k.model, k.account, k.label, k.group_no, k.state, k.reason, k.cooling_until,
@@ -870,6 +945,15 @@ SELECT v.status,
 $fn$;
 
 -- Comments (\df+).
+COMMENT ON FUNCTION keypool.fallback_state() IS 'Internal: requests each pool''s fallback chain served today (for keypool_pool_stats)';
+COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer) IS
+    'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; returns the key id';
+COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
+    'Reserves one request and est_tokens on a key with room now, in the pool or down its fallback chain (only pools in within, when given); refusals are rows (POOL_EXHAUSTED, NO_KEYS, QUOTA_EXCEEDED)';
+COMMENT ON FUNCTION keypool_alter_key(bigint, integer) IS
+    'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits)';
+COMMENT ON FUNCTION keypool_set_fallbacks(text, text[], boolean) IS
+    'Sets the pools keypool_reserve tries next, in order, when the pool refuses (empty: none); needs admin on it and use on each';
 COMMENT ON FUNCTION keypool_status() IS
     'Shared-memory use and how the state was restored at server start';
 COMMENT ON FUNCTION keypool_grant(text, regrole, text) IS
@@ -940,6 +1024,10 @@ REVOKE ALL ON FUNCTION
     keypool_revoke_api_token(bigint),
     keypool_authenticate_api_token(text),
     keypool_status(),
+    keypool_reserve(text, text, bigint, text[]),
+    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer),
+    keypool_alter_key(bigint, integer),
+    keypool_set_fallbacks(text, text[], boolean),
     keypool.member_memory(),
     keypool.enqueue(regrole, text, text, jsonb, interval, integer),
     keypool.claim_requests(regrole, text[], text, integer, interval),
@@ -949,4 +1037,5 @@ REVOKE ALL ON FUNCTION
     keypool.check_alerts()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION keypool.fallback_state() TO PUBLIC;
 REVOKE ALL ON keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

@@ -251,6 +251,7 @@ fn keypool_add_key(
     base_url: default!(Option<&str>, "NULL"),
     timezone: default!(Option<&str>, "NULL"),
     group_no: default!(Option<i32>, "NULL"),
+    priority: default!(Option<i32>, "NULL"),
 ) -> i64 {
     let _path = privilege::pin_search_path();
     let pool = required("pool", pool, MAX_NAME);
@@ -290,6 +291,7 @@ fn keypool_add_key(
             errors::invalid(format!("group_no must be between 1 and 1000000, not {g}")).raise();
         }
     }
+    let priority = check_priority(priority);
     let label = keypool_mask::mask(secret);
     let grants = access::grants();
     let pool_id = access::pool_id(&grants, pool, Privilege::Admin);
@@ -327,6 +329,13 @@ fn keypool_add_key(
             );
             if restored.is_some() {
                 record_event(client, "key_restored", Some(pool_id), Some(key_id), None, None);
+            }
+            if let Some(p) = priority {
+                errors::spi(client.update(
+                    "UPDATE keypool.key SET priority = $2 WHERE id = $1 AND priority <> $2",
+                    None,
+                    &[key_id.into(), p.into()],
+                ));
             }
             if limits_given {
                 let scope_id: Option<i64> = one(
@@ -417,9 +426,10 @@ fn keypool_add_key(
         let inserted: Option<i64> = one(
             client,
             "INSERT INTO keypool.key (id, pool_id, scope_id, provider, model, base_url, secret_sealed, sealed_with,
-                                      secret_hmac, label, group_no)
+                                      secret_hmac, label, group_no, priority)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                     coalesce($11, (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $2)))
+                     coalesce($11, (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $2)),
+                     coalesce($12, 0))
              ON CONFLICT (pool_id, secret_hmac) DO NOTHING
              RETURNING id",
             &[
@@ -434,6 +444,7 @@ fn keypool_add_key(
                 sealed.digest.into(),
                 label.as_str().into(),
                 group_no.into(),
+                priority.into(),
             ],
         );
         let key_id = match inserted {
@@ -455,6 +466,58 @@ fn keypool_add_key(
         record_event(client, "key_added", Some(pool_id), Some(key_id), Some(scope_id), None);
         key_id
     })
+}
+
+/// Priorities a key may have; lower is preferred.
+const PRIORITIES: std::ops::RangeInclusive<i32> = -1000..=1000;
+
+fn check_priority(priority: Option<i32>) -> Option<i32> {
+    if let Some(p) = priority {
+        if !PRIORITIES.contains(&p) {
+            errors::invalid(format!(
+                "priority must be between {} and {}, not {p}",
+                PRIORITIES.start(),
+                PRIORITIES.end()
+            ))
+            .hint("Lower is preferred; the default is 0.")
+            .raise();
+        }
+    }
+    priority
+}
+
+/// `keypool_alter_key`: changes a key's settings; NULL leaves a setting as it is. A key of a
+/// worse (higher) priority serves only while every better key of its pool is at its limits,
+/// cooling or disabled.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_alter_key(key_id: Option<i64>, priority: default!(Option<i32>, "NULL")) {
+    let _path = privilege::pin_search_path();
+    let Some(key_id) = key_id else {
+        errors::null_argument("key_id").raise()
+    };
+    let priority = check_priority(priority);
+    let grants = access::grants();
+    access::key_pool(&grants, key_id, Privilege::Admin);
+    as_owner(grants.owner, |client| {
+        let found: Option<i64> = one(
+            client,
+            "UPDATE keypool.key SET priority = coalesce($2, priority)
+              WHERE id = $1 AND removed_at IS NULL RETURNING pool_id",
+            &[key_id.into(), priority.into()],
+        );
+        let Some(pool_id) = found else {
+            errors::undefined(format!("key {key_id} does not exist")).raise()
+        };
+        let change = priority.map(|p| format!("priority {p}"));
+        record_event(
+            client,
+            "key_altered",
+            Some(pool_id),
+            Some(key_id),
+            None,
+            change.as_deref(),
+        );
+    });
 }
 
 fn reason_text(reason: Option<&str>, default: &str) -> String {

@@ -197,13 +197,9 @@ fn too_many_weights(pool: &str) -> ! {
 // ---------------------------------------------------------------------------------------------
 // The tree of a pool's keys
 
-/// Keys that take new users: usable and not removed, in id order.
-fn tree_keys<'c>(cfg: &'c Config, pool: &Pool) -> Vec<&'c Key> {
-    pool.keys
-        .iter()
-        .map(|&k| &cfg.keys[k])
-        .filter(|k| cfg.usable(k))
-        .collect()
+/// Keys that take new users: the usable keys of the best priority, in id order.
+fn tree_keys<'c>(cfg: &'c Config, pool: &'c Pool) -> Vec<&'c Key> {
+    cfg.assignable(pool).collect()
 }
 
 #[allow(clippy::mut_from_ref)]

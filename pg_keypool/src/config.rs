@@ -35,6 +35,8 @@ pub struct Pool {
     pub slot: u32,
     /// Indexes into `Config::keys`, by key id.
     pub keys: Vec<usize>,
+    /// The same keys by priority, best first (each tier in key id order).
+    pub tiers: Vec<Tier>,
     /// How the pool's daily capacity is shared among its users.
     pub policy: Policy,
     /// Tokens per day over the usable scopes, when every one of them has that limit.
@@ -44,6 +46,16 @@ pub struct Pool {
     /// Identifies the set of keys that take new users (assign.rs rebuilds its tree when it
     /// changes).
     pub assign_fingerprint: u64,
+    /// The fallback chain: indexes into `Config::pools`, in order (fallbacks.rs).
+    pub fallbacks: Vec<usize>,
+    /// Whether a user past their share here goes on down the chain.
+    pub fallback_on_quota: bool,
+}
+
+/// The keys of one priority in a pool.
+pub struct Tier {
+    pub priority: i32,
+    pub keys: Vec<usize>,
 }
 
 impl Pool {
@@ -66,6 +78,8 @@ pub struct Key {
     pub secret: Zeroizing<String>,
     pub label: String,
     pub group_no: i32,
+    /// Lower is preferred (see `Pool::tiers`).
+    pub priority: i32,
     pub disabled: bool,
 }
 
@@ -112,6 +126,18 @@ impl Config {
     /// Neither the key nor its account is disabled.
     pub fn usable(&self, key: &Key) -> bool {
         !key.disabled && !self.scope_of(key).disabled
+    }
+
+    /// The keys that take new users: the usable keys of the pool's best priority among its
+    /// usable keys, in id order. Users go to worse tiers only at reservation time, while the
+    /// best tier is at its limits.
+    pub fn assignable<'c>(&'c self, pool: &'c Pool) -> impl Iterator<Item = &'c Key> + 'c {
+        let usable = move |&&k: &&usize| self.usable(&self.keys[k]);
+        let best = pool.tiers.iter().find(|t| t.keys.iter().any(|k| usable(&k)));
+        best.into_iter()
+            .flat_map(|t| t.keys.iter())
+            .filter(usable)
+            .map(|&k| &self.keys[k])
     }
 }
 
@@ -224,9 +250,24 @@ fn load(sh: &Shared, generation: u64) -> Config {
             .into_iter()
             .collect();
             #[allow(clippy::type_complexity)]
-            let pools: Vec<(i64, String, i32, Option<i32>, bool, Option<String>)> = fresh_rows(
-                c"SELECT id, name, min_share, active_days, borrowing, timezone FROM keypool.pool ORDER BY id",
-                |r| (r.get(0), r.get(1), r.get(2), r.get_opt(3), r.get(4), r.get_opt(5)),
+            let pools: Vec<(i64, String, i32, Option<i32>, bool, Option<String>, bool)> = fresh_rows(
+                c"SELECT id, name, min_share, active_days, borrowing, timezone, fallback_on_quota
+                    FROM keypool.pool ORDER BY id",
+                |r| {
+                    (
+                        r.get(0),
+                        r.get(1),
+                        r.get(2),
+                        r.get_opt(3),
+                        r.get(4),
+                        r.get_opt(5),
+                        r.get(6),
+                    )
+                },
+            );
+            let fallbacks: Vec<(i64, i64)> = fresh_rows(
+                c"SELECT pool_id, fallback_id FROM keypool.pool_fallback ORDER BY pool_id, position",
+                |r| (r.get(0), r.get(1)),
             );
             let scopes: Vec<(i64, Limits, String, bool)> = fresh_rows(
                 c"SELECT id, rpm::bigint, rpd::bigint, tpm, tpd, timezone, disabled_reason IS NOT NULL
@@ -248,7 +289,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
             );
             let keys: Vec<KeyRow> = fresh_rows(
                 c"SELECT id, pool_id, scope_id, provider, model, base_url, secret_sealed, label, group_no,
-                         disabled_reason IS NOT NULL
+                         disabled_reason IS NOT NULL, priority
                     FROM keypool.key WHERE removed_at IS NULL ORDER BY id",
                 |r| KeyRow {
                     id: r.get(0),
@@ -261,6 +302,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     label: r.get(7),
                     group_no: r.get(8),
                     disabled: r.get(9),
+                    priority: r.get(10),
                 },
             );
 
@@ -320,7 +362,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
             }
             crate::failover::catch_up(sh, owner, &cfg.scopes);
             let mut pool_options = HashMap::new();
-            for (id, name, min_share, active_days, borrowing, timezone) in pools {
+            for (id, name, min_share, active_days, borrowing, timezone, fallback_on_quota) in pools {
                 cfg.pools_by_name.insert(name.clone(), cfg.pools.len());
                 pool_options.insert(id, (min_share, active_days, borrowing, timezone));
                 cfg.pools.push(Pool {
@@ -328,6 +370,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     name,
                     slot: bound.pools[&id],
                     keys: Vec::new(),
+                    tiers: Vec::new(),
                     policy: Policy {
                         capacity: None,
                         min_share: 0,
@@ -337,9 +380,16 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     token_capacity: None,
                     tz: Tz::UTC,
                     assign_fingerprint: 0,
+                    fallbacks: Vec::new(),
+                    fallback_on_quota,
                 });
             }
             let pool_index: HashMap<i64, usize> = cfg.pools.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
+            for (pool_id, fallback_id) in fallbacks {
+                if let (Some(&p), Some(&f)) = (pool_index.get(&pool_id), pool_index.get(&fallback_id)) {
+                    cfg.pools[p].fallbacks.push(f);
+                }
+            }
             for k in keys {
                 let (Some(&pool), Some(&scope)) = (pool_index.get(&k.pool_id), cfg.scopes_by_id.get(&k.scope_id))
                 else {
@@ -362,8 +412,12 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     secret: vault::open(&master_keys, k.id, &k.sealed),
                     label: k.label,
                     group_no: k.group_no,
+                    priority: k.priority,
                     disabled: k.disabled,
                 });
+            }
+            for i in 0..cfg.pools.len() {
+                cfg.pools[i].tiers = tiers(&cfg.keys, &cfg.pools[i].keys);
             }
             for i in 0..cfg.pools.len() {
                 let (min_share, active_days, borrowing, timezone) =
@@ -373,10 +427,8 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 let tokens = pool_capacity(&cfg, &cfg.pools[i], &scope_limits, |l| l.tpd);
                 let fingerprint = {
                     let mut h = std::hash::DefaultHasher::new();
-                    for &k in &cfg.pools[i].keys {
-                        if cfg.usable(&cfg.keys[k]) {
-                            std::hash::Hash::hash(&cfg.keys[k].id, &mut h);
-                        }
+                    for key in cfg.assignable(&cfg.pools[i]) {
+                        std::hash::Hash::hash(&key.id, &mut h);
                     }
                     std::hash::Hasher::finish(&h)
                 };
@@ -402,6 +454,25 @@ struct KeyRow {
     label: String,
     group_no: i32,
     disabled: bool,
+    priority: i32,
+}
+
+/// A pool's keys (in id order) grouped by priority, best first.
+fn tiers(keys: &[Key], pool_keys: &[usize]) -> Vec<Tier> {
+    let mut priorities: Vec<i32> = pool_keys.iter().map(|&k| keys[k].priority).collect();
+    priorities.sort_unstable();
+    priorities.dedup();
+    priorities
+        .into_iter()
+        .map(|priority| Tier {
+            priority,
+            keys: pool_keys
+                .iter()
+                .copied()
+                .filter(|&k| keys[k].priority == priority)
+                .collect(),
+        })
+        .collect()
 }
 
 /// The sum of one daily limit over the distinct usable scopes of a pool; `None` when one of

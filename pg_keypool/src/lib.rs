@@ -12,6 +12,7 @@
 //! - `config`: each backend's cache of the configuration tables
 //! - `reserve`, `settle`, `admin`, `views`: the SQL functions
 //! - `history`, `persist`, `launcher`: hourly usage history, the state file, background work
+//! - `fallbacks`: fallback chains across pools
 //! - `failover`: the replicated record of scopes' use, and the catch-up after a promotion
 
 use pgrx::prelude::*;
@@ -26,6 +27,7 @@ mod composite;
 mod config;
 mod errors;
 mod failover;
+mod fallbacks;
 mod history;
 pub mod keyring;
 mod launcher;

@@ -86,6 +86,7 @@ impl Slot for PoolSlot {
         self.cursor.store(0, Ordering::Release);
         self.after_prepared.store(0, Ordering::Release);
         self.guests_reset();
+        self.fell_through.reset();
         let mut shares = self.lock();
         *shares = PoolShares::default();
         // Member entries of the previous binding become stale.

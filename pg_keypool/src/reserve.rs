@@ -1,11 +1,12 @@
 //! `keypool_reserve`: the hot path. Picks a key of the pool whose scope has room right now and
 //! charges one request and the token estimate to it, atomically.
 //!
-//! Selection: the user's assigned key first (users.rs assigns them); then, among the pool's
-//! keys that are ready (not disabled, scope not cooling, circuit breaker not open), a cursor
-//! shared by all sessions picks the next one in turn: a round-robin over the whole server, not
-//! per client, that stays even when keys drop out. If that key's scope has no room, the next
-//! ready key in id order is tried, and so on. The first key that fits is granted. Refusals are rows: `NO_KEYS` when no key is usable at all, `POOL_EXHAUSTED`
+//! Selection, tier by tier (keys of the best priority first; a worse tier only when every key of
+//! the better ones has no room): the user's assigned key first (assign.rs assigns them); then,
+//! among the tier's keys that are ready (not disabled, scope not cooling, circuit breaker not
+//! open), a cursor shared by all sessions picks the next one in turn: a round-robin over the
+//! whole server, not per client, that stays even when keys drop out. If that key's scope has no
+//! room, the next ready key in id order is tried, and so on. The first key that fits is granted. Refusals are rows: `NO_KEYS` when no key is usable at all, `POOL_EXHAUSTED`
 //! with the exact time until the first key frees up otherwise.
 //!
 //! Cost: no table access (configuration is cached, config.rs), one scope lock per key tried, a
@@ -25,6 +26,7 @@ use crate::clock;
 use crate::composite::{self, Value};
 use crate::config::{self, Config, Key};
 use crate::errors::{self, Code};
+use crate::fallbacks::{self, ChainRefusal};
 use crate::privilege;
 use crate::quota::{self, Allocation, Take, Ticket};
 use crate::reservation::{self, Record, FLAG_BORROWED, FLAG_TRIAL};
@@ -37,10 +39,13 @@ pub const MAX_TOKENS: i64 = 1_000_000_000;
 /// Longest user id accepted, in bytes.
 pub const MAX_USER_ID: usize = 256;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     PoolExhausted,
     NoKeys,
     QuotaExceeded,
+    /// The estimate is more than any usable key allows: an error, unless a fallback serves.
+    TooLarge,
 }
 
 impl Refusal {
@@ -49,6 +54,7 @@ impl Refusal {
             Refusal::PoolExhausted => "POOL_EXHAUSTED",
             Refusal::NoKeys => "NO_KEYS",
             Refusal::QuotaExceeded => "QUOTA_EXCEEDED",
+            Refusal::TooLarge => "POOL_EXHAUSTED",
         }
     }
 }
@@ -56,6 +62,8 @@ impl Refusal {
 pub enum Answer {
     Granted {
         key: usize,
+        /// The pool that served (index into `Config::pools`): the one asked, or a fallback.
+        pool: usize,
         reservation_id: u64,
         /// When the key's windows were charged (this database's clock).
         granted_at_ms: i64,
@@ -107,9 +115,10 @@ pub fn check_tokens(name: &str, tokens: Option<i64>) -> i64 {
     t
 }
 
-/// Reserves capacity in `pool_name` for `user`'s request of about `est_tokens` tokens, for the
-/// calling role, which must hold `use` on the pool.
-pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Answer) {
+/// Reserves capacity for `user`'s request of about `est_tokens` tokens, for the calling role,
+/// which must hold `use` on `pool_name`: in that pool, then down its fallback chain (links the
+/// caller may use and, when `within` is given, that it lists).
+pub fn reserve(user: &str, pool_name: &str, est_tokens: i64, within: Option<&[String]>) -> (Rc<Config>, Answer) {
     let sh = shmem::shared();
     if unsafe { pg_sys::RecoveryInProgress() } {
         errors::error(Code::ERRCODE_READ_ONLY_SQL_TRANSACTION, "keypool_reserve cannot run on a standby")
@@ -118,10 +127,84 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
             .raise();
     }
     crate::failover::end_recovery_if_pending(sh);
-    let mut cfg = config::current();
+    let cfg = config::current();
+    access::pool(&cfg, pool_name, Privilege::Use);
+    let (cfg, answer) = reserve_in(sh, cfg, pool_name, user, est_tokens);
+    let (first, first_wait, allocation) = match &answer {
+        Answer::Granted { .. } => return (cfg, answer),
+        Answer::Refused {
+            refusal,
+            retry_after_ms,
+            allocation,
+        } => (*refusal, *retry_after_ms, *allocation),
+    };
+    let origin = assign::pool_or_error(&cfg, pool_name);
+    let links = if fallbacks::falls_through(origin, &first) {
+        fallbacks::links(&cfg, origin, within)
+    } else {
+        Vec::new()
+    };
+    if links.is_empty() {
+        if first == Refusal::TooLarge {
+            too_large(est_tokens, pool_name);
+        }
+        return (cfg, answer);
+    }
+    let mut chain = ChainRefusal::default();
+    chain.note(&first, first_wait);
+    let mut cfg = cfg;
+    for link in &links {
+        let (c, answer) = reserve_in(sh, cfg, link, user, est_tokens);
+        cfg = c;
+        match answer {
+            Answer::Granted { .. } => {
+                if let Some(origin) = cfg.pool_by_name(pool_name) {
+                    let today = origin.day(clock::now_ms()).0;
+                    sh.pool(origin.slot).fell_through.add(today);
+                }
+                return (cfg, answer);
+            }
+            Answer::Refused {
+                refusal,
+                retry_after_ms,
+                ..
+            } => chain.note(&refusal, retry_after_ms),
+        }
+    }
+    if first == Refusal::TooLarge {
+        too_large(est_tokens, pool_name);
+    }
+    let (refusal, retry_after_ms) = chain.answer();
+    (
+        cfg,
+        Answer::Refused {
+            refusal,
+            retry_after_ms,
+            allocation,
+        },
+    )
+}
+
+fn too_large(est_tokens: i64, pool_name: &str) -> ! {
+    errors::invalid(format!(
+        "est_tokens ({est_tokens}) is more than any usable key of pool \"{pool_name}\" allows"
+    ))
+    .detail("Each key's scope has a tokens-per-minute or tokens-per-day limit below the estimate, so the request could never be granted.")
+    .hint("Split the request, or add a key whose limits allow it.")
+    .raise()
+}
+
+/// Reserves in one pool (the caller's right to it was checked).
+fn reserve_in(
+    sh: &'static Shared,
+    mut cfg: Rc<Config>,
+    pool_name: &str,
+    user: &str,
+    est_tokens: i64,
+) -> (Rc<Config>, Answer) {
     let role = privilege::caller();
     let rebound = {
-        let pool = access::pool(&cfg, pool_name, Privilege::Use);
+        let pool = assign::pool_or_error(&cfg, pool_name);
         !sh.pool(pool.slot).tag.is(cfg.owner, pool.id)
     };
     if rebound {
@@ -172,15 +255,17 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64) -> (Rc<Config>, Ans
     for _ in 0..3 {
         match try_reserve(sh, &cfg, pool_name, est_tokens, &share) {
             Ok(Ok((key, reservation_id, granted_at_ms))) => {
+                let pool = cfg.pools_by_name.get(pool_name).copied().unwrap_or(0);
                 return (
                     cfg,
                     Answer::Granted {
                         key,
+                        pool,
                         reservation_id,
                         granted_at_ms,
                         allocation,
                     },
-                )
+                );
             }
             Ok(Err((refusal, retry_after_ms))) => {
                 if let Some(t) = &share.ticket {
@@ -246,62 +331,62 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, shar
         Ok(None)
     };
 
-    // The user's assigned key first.
+    // Tier by tier, best priority first: a worse tier serves only when every key of the better
+    // ones is at its limits, cooling or disabled.
     let preferred = cfg
         .keys_by_id
         .get(&share.preferred)
         .copied()
         .filter(|&k| cfg.keys[k].pool_id == pool.id);
-    if let Some(k) = preferred {
-        if let Some(reservation_id) = attempt(&cfg.keys[k])? {
-            return Ok(Ok((k, reservation_id, now)));
-        }
-    }
-
-    // Then round the pool from where the shared cursor points: each call moves it on by one, so
-    // load spreads over the whole server, not per client.
-    let n = pool.keys.len();
-    if n == 0 {
+    if pool.keys.is_empty() {
         return Ok(Err((Refusal::NoKeys, None)));
     }
+    // Each call moves the shared cursor on by one, so load spreads over the whole server, not
+    // per client.
     let turn = sh.pool(pool.slot).cursor.fetch_add(1, Ordering::Relaxed) as usize;
-    let first = if n <= EXACT_SPREAD_KEYS {
-        // Start at the turn-th *ready* key, so that keys out of rotation do not hand their share
-        // to their neighbour.
-        let is_ready = |k: usize| matches!(readiness(sh, cfg, &cfg.keys[k], now, lease), Readiness::Ready);
-        let ready = pool.keys.iter().filter(|&&k| is_ready(k)).count();
-        match ready {
-            0 => 0,
-            _ => pool
-                .keys
-                .iter()
-                .enumerate()
-                .filter(|(_, &k)| is_ready(k))
-                .nth(turn % ready)
-                .map_or(0, |(i, _)| i),
+    for tier in &pool.tiers {
+        // The user's assigned key first, within its tier.
+        let preferred = preferred.filter(|&k| cfg.keys[k].priority == tier.priority);
+        if let Some(k) = preferred {
+            if let Some(reservation_id) = attempt(&cfg.keys[k])? {
+                return Ok(Ok((k, reservation_id, now)));
+            }
         }
-    } else {
-        turn % n
-    };
-    for i in 0..n {
-        let key_index = pool.keys[(first + i) % n];
-        if Some(key_index) == preferred {
-            continue;
-        }
-        if let Some(reservation_id) = attempt(&cfg.keys[key_index])? {
-            return Ok(Ok((key_index, reservation_id, now)));
+        // Then round the tier from where the cursor points.
+        let keys = &tier.keys;
+        let n = keys.len();
+        let first = if n <= EXACT_SPREAD_KEYS {
+            // Start at the turn-th *ready* key, so that keys out of rotation do not hand their
+            // share to their neighbour.
+            let is_ready = |k: usize| matches!(readiness(sh, cfg, &cfg.keys[k], now, lease), Readiness::Ready);
+            let ready = keys.iter().filter(|&&k| is_ready(k)).count();
+            match ready {
+                0 => 0,
+                _ => keys
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &k)| is_ready(k))
+                    .nth(turn % ready)
+                    .map_or(0, |(i, _)| i),
+            }
+        } else {
+            turn % n
+        };
+        for i in 0..n {
+            let key_index = keys[(first + i) % n];
+            if Some(key_index) == preferred {
+                continue;
+            }
+            if let Some(reservation_id) = attempt(&cfg.keys[key_index])? {
+                return Ok(Ok((key_index, reservation_id, now)));
+            }
         }
     }
     if enabled == 0 {
         return Ok(Err((Refusal::NoKeys, None)));
     }
     match wait {
-        Some(Wait::Never) => errors::invalid(format!(
-            "est_tokens ({est_tokens}) is more than any usable key of pool \"{pool_name}\" allows"
-        ))
-        .detail("Each key's scope has a tokens-per-minute or tokens-per-day limit below the estimate, so the request could never be granted.")
-        .hint("Split the request, or add a key whose limits allow it.")
-        .raise(),
+        Some(Wait::Never) => Ok(Err((Refusal::TooLarge, None))),
         Some(Wait::Ms(ms)) => Ok(Err((Refusal::PoolExhausted, Some(ms.max(1))))),
         None => Ok(Err((Refusal::PoolExhausted, Some(1)))),
     }
@@ -402,7 +487,7 @@ fn try_key(
 }
 
 /// The result row, in the column order of the `keypool_reservation` type.
-fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 14] {
+fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 15] {
     let share = |a: &Allocation| {
         [
             a.remaining().map_or(Value::Null, |r| Value::Int8(r as i64)),
@@ -413,11 +498,13 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 14] {
     match answer {
         Answer::Granted {
             key,
+            pool,
             reservation_id,
             granted_at_ms,
             allocation,
         } => {
             let k = &cfg.keys[*key];
+            let served = cfg.pools.get(*pool).map_or(Value::Null, |p| Value::Text(&p.name));
             let [remaining, allocated, warning] = share(allocation);
             [
                 Value::Bool(true),
@@ -434,6 +521,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 14] {
                 allocated,
                 warning,
                 Value::Int8(clock::timestamptz_datum(*granted_at_ms)),
+                served,
             ]
         }
         Answer::Refused {
@@ -457,6 +545,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 14] {
                 allocated,
                 warning,
                 Value::Null,
+                Value::Null,
             ]
         }
     }
@@ -464,7 +553,11 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 14] {
 
 crate::pg_finfo_v1!(pg_finfo_keypool_reserve_c);
 
-/// `keypool_reserve(user_id text, pool text, est_tokens bigint) RETURNS keypool_reservation`,
+/// Most pool names a caller may pass as `within`.
+const MAX_WITHIN: usize = 1024;
+
+/// `keypool_reserve(user_id text, pool text, est_tokens bigint, within text[]) RETURNS
+/// keypool_reservation`,
 /// written against the function-call interface directly so that the result row costs no type
 /// lookup (see composite.rs).
 #[pg_guard]
@@ -479,7 +572,18 @@ pub unsafe extern "C-unwind" fn keypool_reserve_c(fcinfo: pg_sys::FunctionCallIn
             errors::null_argument("pool").raise()
         };
         let est_tokens = check_tokens("est_tokens", est_tokens);
-        let (cfg, answer) = reserve(user, pool, est_tokens);
+        let within = if (*fcinfo).nargs > 3 {
+            pgrx::fcinfo::pg_getarg::<Vec<Option<String>>>(fcinfo, 3)
+        } else {
+            None
+        };
+        let within: Option<Vec<String>> = within.map(|w| {
+            if w.len() > MAX_WITHIN {
+                errors::invalid(format!("within lists at most {MAX_WITHIN} pools, not {}", w.len())).raise();
+            }
+            w.into_iter().flatten().collect()
+        });
+        let (cfg, answer) = reserve(user, pool, est_tokens, within.as_deref());
         let row = result_row(&cfg, &answer);
         composite::form(fcinfo, &row)
     }

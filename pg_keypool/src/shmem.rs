@@ -289,6 +289,46 @@ pub struct PoolSlot {
     /// bits) and the requests they took (low 32 bits), changed with compare-and-swap.
     guests: AtomicU64,
     shares: UnsafeCell<PoolShares>,
+    /// Requests this pool refused that a pool of its fallback chain then served, today.
+    pub fell_through: DayCount,
+}
+
+/// A count of one day (the pool's day number), starting over when the day changes.
+#[repr(transparent)]
+pub struct DayCount(AtomicU64);
+
+impl DayCount {
+    /// Counts one on `day`.
+    pub fn add(&self, day: i32) {
+        let mut current = self.0.load(Ordering::Acquire);
+        loop {
+            let (d, n) = unpack_guests(current);
+            let next = match d.cmp(&day) {
+                std::cmp::Ordering::Equal => pack_guests(d, n + 1),
+                std::cmp::Ordering::Less => pack_guests(day, 1),
+                std::cmp::Ordering::Greater => return,
+            };
+            match self
+                .0
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// The count of `day`.
+    pub fn on(&self, day: i32) -> u64 {
+        match unpack_guests(self.0.load(Ordering::Acquire)) {
+            (d, n) if d == day => n,
+            _ => 0,
+        }
+    }
+
+    pub fn reset(&self) {
+        self.0.store(0, Ordering::Release);
+    }
 }
 
 fn pack_guests(day: i32, used: u64) -> u64 {

@@ -310,4 +310,21 @@ mod keypool {
             .collect();
         TableIterator::new(rows)
     }
+
+    /// Requests each pool this role may read refused today that its fallback chain served.
+    #[pg_extern(stable, parallel_safe)]
+    fn fallback_state() -> TableIterator<'static, (name!(pool_id, i64), name!(fell_through_today, i64))> {
+        let _path = crate::privilege::pin_search_path();
+        let sh = shmem::shared();
+        let cfg = config::current();
+        let caller = crate::privilege::caller();
+        let now = clock::now_ms();
+        let rows: Vec<_> = cfg
+            .pools
+            .iter()
+            .filter(|pool| cfg.grants.allows(caller, Some(pool.id), Privilege::Read))
+            .map(|pool| (pool.id, sh.pool(pool.slot).fell_through.on(pool.day(now).0) as i64))
+            .collect();
+        TableIterator::new(rows)
+    }
 }

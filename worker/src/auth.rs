@@ -97,6 +97,15 @@ impl Principal {
     }
 
     /// Whether the request may reach `pool` (the database still checks the worker's role).
+    /// The pools a request may reach, when its token limits them (a fallback chain skips the
+    /// others).
+    pub fn pools(&self) -> Option<Vec<String>> {
+        match self {
+            Principal::Token(t) => t.pools.clone(),
+            _ => None,
+        }
+    }
+
     pub fn reaches(&self, pool: &str) -> bool {
         match self {
             Principal::Token(t) => t.pools.as_ref().is_none_or(|p| p.iter().any(|x| x == pool)),

@@ -103,6 +103,8 @@ pub struct Grant {
     pub reservation_id: i64,
     /// When the extension charged the key's windows (Unix milliseconds).
     pub granted_at_ms: i64,
+    /// The pool that served: the one asked, or one of its fallback chain.
+    pub pool: String,
     pub key: KeyRef,
     pub allocation: Allocation,
 }
@@ -139,8 +141,8 @@ enum SettleMsg {
 
 const RESERVE: &str = "SELECT granted, reservation_id, key_id, provider, model, base_url, secret, error, \
                        retry_after_ms, key_label, remaining_today, allocated_today, warning_level, \
-                       (extract(epoch FROM granted_at) * 1000)::bigint \
-                       FROM keypool_reserve($1, $2, $3)";
+                       (extract(epoch FROM granted_at) * 1000)::bigint, pool \
+                       FROM keypool_reserve($1, $2, $3, $4)";
 const SETTLE: &str = "SELECT keypool_settle($1, $2, $3, $4, $5, $6)";
 const SETTLE_MANY: &str = "SELECT keypool_settle(r, s, p, c, ra, e) \
                            FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[]) \
@@ -244,10 +246,18 @@ impl Db {
         Ok(self.pool.get().await?)
     }
 
-    pub async fn reserve(&self, user: &str, pool: &str, est_tokens: i64) -> Result<Reserved, DbError> {
+    /// Reserves in `pool` or down its fallback chain; `within`, when given, lists the pools
+    /// the caller may reach (an API token's).
+    pub async fn reserve(
+        &self,
+        user: &str,
+        pool: &str,
+        est_tokens: i64,
+        within: Option<&[String]>,
+    ) -> Result<Reserved, DbError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(RESERVE).await?;
-        let row = client.query_one(&stmt, &[&user, &pool, &est_tokens]).await?;
+        let row = client.query_one(&stmt, &[&user, &pool, &est_tokens, &within]).await?;
         let allocation = Allocation {
             remaining_today: row.get(10),
             allocated_today: row.get(11),
@@ -267,6 +277,7 @@ impl Db {
             Ok(Reserved::Granted(Grant {
                 reservation_id,
                 granted_at_ms: row.get::<_, Option<i64>>(13).unwrap_or(0),
+                pool: row.get::<_, Option<String>>(14).unwrap_or_else(|| pool.to_string()),
                 key: KeyRef {
                     id: key_id,
                     provider: row.get::<_, Option<String>>(3).unwrap_or_default(),

@@ -80,6 +80,9 @@ async fn read_capped(response: reqwest::Response, limit: usize) -> Result<Bytes,
 pub struct ChatJob {
     pub user: String,
     pub pool: String,
+    /// The pools the caller may reach (an API token's), if limited: the fallback chain skips
+    /// the others.
+    pub within: Option<Vec<String>>,
     pub request: ChatRequest,
     pub stream: bool,
     pub deadline: Instant,
@@ -92,6 +95,7 @@ pub struct ChatJob {
 pub struct EmbedJob {
     pub user: String,
     pub pool: String,
+    pub within: Option<Vec<String>>,
     pub request: EmbeddingsRequest,
     pub deadline: Instant,
     pub capacity_wait: Duration,
@@ -101,6 +105,7 @@ pub struct EmbedJob {
 struct Plan<'a> {
     user: &'a str,
     pool: &'a str,
+    within: Option<&'a [String]>,
     /// Tokens reserved per attempt, and the prompt's part of them (settled when a call's usage
     /// is not known).
     est: i64,
@@ -128,6 +133,8 @@ pub struct Complete {
 /// Which key served a request, and the user's share afterwards.
 #[derive(Clone, Debug)]
 pub struct Served {
+    /// The pool that served (the one asked, or a fallback).
+    pub pool: String,
     pub key_id: i64,
     pub key_label: String,
     pub provider: String,
@@ -310,14 +317,14 @@ impl Gateway {
     async fn reserve(
         &self,
         user: &str,
-        pool: &str,
+        (pool, within): (&str, Option<&[String]>),
         est: i64,
         deadline: Instant,
         capacity_wait: Duration,
         waited: &mut Duration,
     ) -> Result<Result<crate::db::Grant, Refusal>, Failure> {
         loop {
-            match self.db.reserve(user, pool, est).await {
+            match self.db.reserve(user, pool, est, within).await {
                 Ok(Reserved::Granted(g)) => return Ok(Ok(g)),
                 Ok(Reserved::Refused(r)) => {
                     if r.code == "POOL_EXHAUSTED" {
@@ -343,6 +350,7 @@ impl Gateway {
         let plan = Plan {
             user: &job.user,
             pool: &job.pool,
+            within: job.within.as_deref(),
             est: job.request.estimate_tokens(self.settings.default_max_tokens),
             prompt_est: job.request.estimate_prompt_tokens(),
             deadline: job.deadline,
@@ -412,6 +420,7 @@ impl Gateway {
         let plan = Plan {
             user: &job.user,
             pool: &job.pool,
+            within: job.within.as_deref(),
             est: job.request.estimate_tokens(),
             prompt_est: job.request.estimate_tokens(),
             deadline: job.deadline,
@@ -472,7 +481,7 @@ impl Gateway {
             let grant = match self
                 .reserve(
                     plan.user,
-                    plan.pool,
+                    (plan.pool, plan.within),
                     plan.est,
                     plan.deadline,
                     plan.capacity_wait,
@@ -491,6 +500,7 @@ impl Gateway {
             };
             attempts += 1;
             let key = grant.key;
+            let served_pool = grant.pool;
             let builder = match build(&key) {
                 Ok(b) => self.stamp(b, grant.granted_at_ms),
                 Err(msg) => {
@@ -528,7 +538,7 @@ impl Gateway {
                         .settle_now(grant.reservation_id, 0, held.usage, None, None)
                         .await
                         .map_err(|e| Failure::from_db(e, plan.pool))?;
-                    self.metrics.provider_call(plan.pool, &key.provider, class, took);
+                    self.metrics.provider_call(&served_pool, &key.provider, class, took);
                     warn!(user = ?plan.user, pool = ?plan.pool, key_id = key.id, key = %key.label, provider = %key.provider, attempt = attempts,
                           outcome = %outcome, "{why}; trying another key");
                     last = Some((format!("key {} ({}): {why}", key.id, key.label), None));
@@ -540,8 +550,9 @@ impl Gateway {
             };
             let status = response.status().as_u16();
             if response.status().is_success() {
-                self.metrics.provider_call(plan.pool, &key.provider, "success", took);
+                self.metrics.provider_call(&served_pool, &key.provider, "success", took);
                 let served = Served {
+                    pool: served_pool,
                     key_id: key.id,
                     key_label: key.label.clone(),
                     provider: key.provider.clone(),
@@ -580,7 +591,7 @@ impl Gateway {
                 )
                 .await
                 .map_err(|e| Failure::from_db(e, plan.pool))?;
-            self.metrics.provider_call(plan.pool, &key.provider, &outcome, took);
+            self.metrics.provider_call(&served_pool, &key.provider, &outcome, took);
             if !worth_another_key(&outcome) {
                 return Err(Failure::Provider {
                     status,
@@ -717,7 +728,14 @@ impl Gateway {
                 return Err(exhausted(last, attempts));
             }
             let grant = match self
-                .reserve(&job.user, &job.pool, 0, job.deadline, job.capacity_wait, &mut waited)
+                .reserve(
+                    &job.user,
+                    (&job.pool, job.within.as_deref()),
+                    0,
+                    job.deadline,
+                    job.capacity_wait,
+                    &mut waited,
+                )
                 .await?
             {
                 Ok(g) => g,
@@ -731,6 +749,7 @@ impl Gateway {
             };
             attempts += 1;
             let key = grant.key;
+            let served_pool = grant.pool;
             let builder = match proxy_request(&self.http, &key, &job) {
                 Ok(b) => self.stamp(b, grant.granted_at_ms),
                 Err(msg) => {
@@ -782,7 +801,7 @@ impl Gateway {
                         .await
                         .map_err(|e| Failure::from_db(e, &job.pool))?;
                     self.metrics
-                        .provider_call(&job.pool, &key.provider, class, sent_at.elapsed());
+                        .provider_call(&served_pool, &key.provider, class, sent_at.elapsed());
                     last = Some((format!("key {} ({}): {why}", key.id, key.label), None));
                     if !idempotent || attempts >= self.settings.max_attempts {
                         return Err(exhausted(last, attempts));
@@ -808,8 +827,9 @@ impl Gateway {
                 .await
                 .map_err(|e| Failure::from_db(e, &job.pool))?;
             self.metrics
-                .provider_call(&job.pool, &key.provider, &outcome, sent_at.elapsed());
+                .provider_call(&served_pool, &key.provider, &outcome, sent_at.elapsed());
             let served = Served {
+                pool: served_pool,
                 key_id: key.id,
                 key_label: key.label.clone(),
                 provider: key.provider.clone(),
@@ -875,6 +895,7 @@ pub(crate) fn without_url(e: &reqwest::Error) -> String {
 pub struct ProxyJob {
     pub user: String,
     pub pool: String,
+    pub within: Option<Vec<String>>,
     pub method: reqwest::Method,
     pub path: String,
     pub query: Option<String>,

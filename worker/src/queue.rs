@@ -287,6 +287,7 @@ async fn carry_out(gateway: &Gateway, settings: &Settings, c: Claimed) {
             let job = ChatJob {
                 user: c.user_id.clone(),
                 pool: c.pool.clone(),
+                within: None,
                 request,
                 stream: false,
                 deadline: Instant::now() + budget,

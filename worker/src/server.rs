@@ -419,6 +419,7 @@ fn allocation_headers(headers: &mut HeaderMap, a: &Allocation) {
 }
 
 fn served_headers(headers: &mut HeaderMap, s: &Served) {
+    set(headers, "x-keypool-pool", &s.pool);
     set(headers, "x-keypool-key-id", s.key_id);
     set(headers, "x-keypool-provider", &s.provider);
     set(headers, "x-keypool-attempts", s.attempts);
@@ -664,6 +665,7 @@ async fn chat(
     let job = ChatJob {
         user,
         pool: pool.clone(),
+        within: principal.pools(),
         request,
         stream,
         deadline: Instant::now() + ep.request_deadline,
@@ -702,6 +704,7 @@ async fn embeddings(
     let job = EmbedJob {
         user,
         pool: pool.clone(),
+        within: principal.pools(),
         request,
         deadline: Instant::now() + ep.request_deadline,
         capacity_wait: ep.capacity_wait,
@@ -749,6 +752,7 @@ async fn proxy(
     let job = ProxyJob {
         user,
         pool: pool.clone(),
+        within: principal.pools(),
         method,
         path,
         query: uri.query().map(str::to_string),

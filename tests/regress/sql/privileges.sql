@@ -11,14 +11,14 @@ CREATE ROLE regress_kp_star;
 CREATE ROLE regress_kp_member IN ROLE regress_kp_app;
 
 -- EXECUTE on the functions is the first gate (README, "Roles"); the privileges on pools the second.
-GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint), keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_settle(bigint, integer, bigint, bigint, bigint, text),
     keypool_release(bigint), keypool_allocation(text, text), keypool_can_request(text, text), keypool_assign(text, text),
     keypool_submit(text, text, jsonb, interval, integer), keypool_result(bigint), keypool_models(),
     keypool_claim_requests(text, integer, interval), keypool_complete_request(bigint, text, text, jsonb, text, timestamptz),
     keypool_queue_wake_at()
     TO regress_kp_app, regress_kp_app2, regress_kp_ops, regress_kp_admin, regress_kp_star;
 GRANT EXECUTE ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text),
-    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer),
+    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer),
     keypool_disable_key(bigint, text), keypool_enable_key(bigint), keypool_reset_usage(text),
     keypool_grant(text, regrole, text), keypool_revoke(text, regrole, text), keypool_key_credentials(bigint),
     keypool_usage_report(date, date), keypool_rotate_master_key(), keypool_check_alerts(), keypool_enable_keys(text)
