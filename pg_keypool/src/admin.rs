@@ -261,7 +261,16 @@ fn keypool_add_key(
             .hint(format!("Known providers: {}.", provider::names()))
             .raise()
     };
-    let secret = required("secret", secret, MAX_SECRET);
+    let secret = match secret {
+        None if provider.keyless => "",
+        None => errors::null_argument("secret")
+            .hint(format!(
+                "Only providers that serve without a key take secret => NULL: {}.",
+                provider::keyless_names()
+            ))
+            .raise(),
+        s => required("secret", s, MAX_SECRET),
+    };
     let model = optional("model", model, MAX_NAME);
     let account = optional("account", account, MAX_NAME);
     let (rpm, rpd, tpm, tpd) = (
@@ -292,7 +301,12 @@ fn keypool_add_key(
         }
     }
     let priority = check_priority(priority);
-    let label = keypool_mask::mask(secret);
+    let label = if secret.is_empty() {
+        keyless_label(&base_url, model)
+    } else {
+        keypool_mask::mask(secret)
+    };
+    let identity = vault::identity(secret, provider.name, &base_url, model);
     let grants = access::grants();
     let pool_id = access::pool_id(&grants, pool, Privilege::Admin);
 
@@ -308,7 +322,7 @@ fn keypool_add_key(
         }
         // The master key to seal with; rotations wait until this transaction ends.
         let master = vault::sealing_key(client);
-        let digest = seal::digest(&master, secret);
+        let digest = seal::digest(&master, &identity);
         let limit_args = |scope_id: i64| -> [DatumWithOid<'static>; 5] {
             [scope_id.into(), rpm.into(), rpd.into(), tpm.into(), tpd.into()]
         };
@@ -422,7 +436,7 @@ fn keypool_add_key(
         // The row id is the sealed secret's associated data: take it before sealing.
         let key_id: i64 = one(client, "SELECT nextval('keypool.key_id_seq')", &[])
             .unwrap_or_else(|| errors::error(Code::ERRCODE_INTERNAL_ERROR, "pg_keypool: no key id").raise());
-        let sealed = vault::seal_secret(&master, key_id, secret);
+        let sealed = vault::seal_secret(&master, key_id, secret, &identity);
         let inserted: Option<i64> = one(
             client,
             "INSERT INTO keypool.key (id, pool_id, scope_id, provider, model, base_url, secret_sealed, sealed_with,
@@ -466,6 +480,20 @@ fn keypool_add_key(
         record_event(client, "key_added", Some(pool_id), Some(key_id), Some(scope_id), None);
         key_id
     })
+}
+
+/// The label of a keyless key: where it is served, and its model (no secret to mask).
+fn keyless_label(base_url: &str, model: Option<&str>) -> String {
+    let host = base_url
+        .split_once("://")
+        .map_or(base_url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    match model {
+        Some(m) => format!("(no key) {host} {m}"),
+        None => format!("(no key) {host}"),
+    }
 }
 
 /// Priorities a key may have; lower is preferred.

@@ -83,7 +83,7 @@ pub unsafe extern "C-unwind" fn keypool_key_credentials_c(fcinfo: pg_sys::Functi
                     Value::Text(&provider),
                     Value::opt_text(model.as_deref()),
                     Value::Text(&base_url),
-                    Value::Text(&secret),
+                    Value::opt_text(Some(secret.as_str()).filter(|s| !s.is_empty())),
                 ],
             ),
             None => errors::undefined(format!("key {key_id} does not exist")).raise(),

@@ -513,7 +513,8 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 15] {
                 Value::Text(&k.provider),
                 Value::opt_text(k.model.as_deref()),
                 Value::Text(&k.base_url),
-                Value::Text(&k.secret),
+                // A keyless key (a local server) has no secret to hand out.
+                Value::opt_text(Some(k.secret.as_str()).filter(|s| !s.is_empty())),
                 Value::Null,
                 Value::Null,
                 Value::Text(&k.label),

@@ -177,11 +177,24 @@ pub struct Sealed {
     pub digest: Vec<u8>,
 }
 
-pub fn seal_secret(master: &MasterKey, key_id: i64, secret: &str) -> Sealed {
+/// Seals a key's secret; `identity` is what finds the key again (its secret, or for a keyless
+/// key its provider, base URL and model: see `identity`).
+pub fn seal_secret(master: &MasterKey, key_id: i64, secret: &str, identity: &str) -> Sealed {
     Sealed {
         sealed: seal::seal(master, key_id, secret),
         master: master.number as i32,
-        digest: seal::digest(master, secret),
+        digest: seal::digest(master, identity),
+    }
+}
+
+/// What identifies a key within its pool: its secret; for a keyless key (an empty secret: a
+/// local server such as Ollama), its provider, base URL and model, so that two hosts are two
+/// keys. No secret can look like a keyless identity: text never holds a NUL.
+pub fn identity<'a>(secret: &'a str, provider: &str, base_url: &str, model: Option<&str>) -> std::borrow::Cow<'a, str> {
+    if secret.is_empty() {
+        format!("\0keyless\0{provider}\0{base_url}\0{}", model.unwrap_or("")).into()
+    } else {
+        secret.into()
     }
 }
 
@@ -207,9 +220,10 @@ fn keypool_rotate_master_key() -> i32 {
         }
         let new = keyring::add();
         record(client, &new);
-        let rows: Vec<(i64, Vec<u8>)> = {
+        #[allow(clippy::type_complexity)]
+        let rows: Vec<(i64, Vec<u8>, (String, String, Option<String>))> = {
             let t = errors::spi(client.update(
-                "SELECT id, secret_sealed FROM keypool.key ORDER BY id FOR UPDATE",
+                "SELECT id, secret_sealed, provider, base_url, model FROM keypool.key ORDER BY id FOR UPDATE",
                 None,
                 &[],
             ));
@@ -217,6 +231,11 @@ fn keypool_rotate_master_key() -> i32 {
                 (
                     r.get::<i64>(1).ok().flatten().unwrap_or(0),
                     r.get::<Vec<u8>>(2).ok().flatten().unwrap_or_default(),
+                    (
+                        r.get::<String>(3).ok().flatten().unwrap_or_default(),
+                        r.get::<String>(4).ok().flatten().unwrap_or_default(),
+                        r.get::<String>(5).ok().flatten(),
+                    ),
                 )
             })
             .collect()
@@ -224,9 +243,14 @@ fn keypool_rotate_master_key() -> i32 {
         let mut ids = Vec::with_capacity(rows.len());
         let mut sealed = Vec::with_capacity(rows.len());
         let mut digests = Vec::with_capacity(rows.len());
-        for (id, old) in &rows {
+        for (id, old, (provider, base_url, model)) in &rows {
             let plain = open(&rec, *id, old);
-            let s = seal_secret(&new, *id, &plain);
+            let s = seal_secret(
+                &new,
+                *id,
+                &plain,
+                &identity(&plain, provider, base_url, model.as_deref()),
+            );
             ids.push(*id);
             sealed.push(s.sealed);
             digests.push(s.digest);
@@ -289,7 +313,7 @@ fn keypool_seal_plaintext_secrets() -> i64 {
         }
         let master = sealing_key(client);
         for (id, secret) in &rows {
-            let s = seal_secret(&master, *id, secret);
+            let s = seal_secret(&master, *id, secret, secret);
             errors::spi(client.update(
                 "UPDATE keypool.key SET secret_sealed = $2, sealed_with = $3, secret_hmac = $4, label = $5 WHERE id = $1",
                 None,

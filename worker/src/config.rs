@@ -400,6 +400,10 @@ pub struct MockArgs {
     /// worker stamped, the fault injected) to this file.
     #[arg(long, env = "KEYPOOL_MOCK_CALL_LOG")]
     pub call_log: Option<std::path::PathBuf>,
+    /// Serves OpenAI-style requests that carry no key, as a local server (Ollama) does; they are
+    /// counted under the key "(no key)".
+    #[arg(long, env = "KEYPOOL_MOCK_KEYLESS")]
+    pub keyless: bool,
 }
 
 #[cfg(test)]

@@ -140,6 +140,9 @@ struct Injected {
     location: Option<String>,
 }
 
+/// How requests without a key are counted (`--keyless`).
+pub const NO_KEY: &str = "(no key)";
+
 struct Mock {
     latency: Duration,
     stream_delay: Duration,
@@ -150,6 +153,8 @@ struct Mock {
     by_key: Mutex<HashMap<String, u64>>,
     recent: Mutex<VecDeque<Value>>,
     call_log: Option<Mutex<std::fs::File>>,
+    /// Requests without a key are served (a local server), not refused.
+    keyless: bool,
 }
 
 type Shared = Arc<Mock>;
@@ -165,7 +170,7 @@ impl Mock {
                 .map_or(0, |d| d.as_millis() as i64);
             let line = json!({
                 "at_ms": now_ms,
-                "key": mask(secret),
+                "key": if secret.is_empty() { NO_KEY.to_string() } else { mask(secret) },
                 "granted_at_ms": granted_at,
                 "fault": injected.as_ref().map(|i| format!("{:?}", i.kind)),
             })
@@ -180,7 +185,11 @@ impl Mock {
 
     fn inject(&self, wire: Wire, path: &str, secret: &str, body: &Value) -> Option<Injected> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let label = mask(secret);
+        let label = if secret.is_empty() {
+            NO_KEY.to_string()
+        } else {
+            mask(secret)
+        };
         if let Ok(mut m) = self.by_key.lock() {
             *m.entry(label.clone()).or_default() += 1;
         }
@@ -426,10 +435,14 @@ async fn start(
     body: &Value,
     headers: &HeaderMap,
 ) -> Result<String, Response> {
-    let Some(secret) = secret.filter(|s| !s.is_empty()) else {
-        mock.requests.fetch_add(1, Ordering::Relaxed);
-        pause(mock.latency).await;
-        return Err(missing_key(wire));
+    let secret = match secret.filter(|s| !s.is_empty()) {
+        Some(s) => s,
+        None if mock.keyless && wire == Wire::OpenAi => String::new(),
+        None => {
+            mock.requests.fetch_add(1, Ordering::Relaxed);
+            pause(mock.latency).await;
+            return Err(missing_key(wire));
+        }
     };
     let fault = mock.admit(wire, path, &secret, body, headers);
     pause(mock.latency).await;
@@ -949,6 +962,7 @@ pub fn router(args: &MockArgs) -> Router {
         next_id: AtomicU64::new(1),
         by_key: Mutex::new(HashMap::new()),
         recent: Mutex::new(VecDeque::new()),
+        keyless: args.keyless,
         call_log: args.call_log.as_ref().and_then(|p| {
             std::fs::OpenOptions::new()
                 .create(true)

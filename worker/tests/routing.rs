@@ -29,14 +29,15 @@ async fn chat_with(w: &Worker, token: &str, body: Value) -> reqwest::Response {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_chain_serves_from_the_next_provider_in_its_own_format() {
     let db = shared().fresh_db().await;
-    let mock = Mock::start(&[]);
-    // Local first (an OpenAI-compatible server such as Ollama), the free tier next, paid last:
-    // one request a minute each.
+    // The mock also answers without a key, as a local Ollama does.
+    let mock = Mock::start(&["--keyless"]);
+    // Local first (an OpenAI-compatible server such as Ollama, which needs no key), the free
+    // tier next, paid last: one request a minute each.
     exec(
         &db,
         &format!(
             "SELECT keypool_create_pool('local');
-             SELECT keypool_add_key('local', 'openai_compatible', 'local-routing-000000001', 'llama3', rpm => 1, base_url => '{u}/v1');
+             SELECT keypool_add_key('local', 'ollama', NULL, 'llama3', rpm => 1, base_url => '{u}');
              SELECT keypool_create_pool('free');
              SELECT keypool_add_key('free', 'gemini', 'AIza-routing-gemini-0001', 'gemini-2.5-flash', rpm => 1, base_url => '{u}');
              SELECT keypool_create_pool('paid');
@@ -48,10 +49,10 @@ async fn a_chain_serves_from_the_next_provider_in_its_own_format() {
     .await;
     let w = Worker::start(&conninfo(&db), "routing", &["--no-queue"]).await;
 
-    for (pool, model, wire) in [
-        ("local", "llama3", "openai"),
-        ("free", "gemini-2.5-flash", "gemini"),
-        ("paid", "gpt-4o-mini", "openai"),
+    for (pool, model, wire, key) in [
+        ("local", "llama3", "openai", "(no key)"),
+        ("free", "gemini-2.5-flash", "gemini", "AIza…0001"),
+        ("paid", "gpt-4o-mini", "openai", "sk-…0001"),
     ] {
         let r = w.chat(hello("local")).await;
         assert_eq!(r.status(), 200, "served by {pool}");
@@ -63,6 +64,7 @@ async fn a_chain_serves_from_the_next_provider_in_its_own_format() {
         assert_eq!(v["model"], model, "{v}");
         let last = mock.recent().await.pop().expect("a provider call");
         assert_eq!(last["wire"], wire, "{last}");
+        assert_eq!(last["key"], key, "{last}");
     }
     // The whole chain is used up: 429 with the smallest wait of the chain.
     let r = w.chat(hello("local")).await;

@@ -112,6 +112,25 @@ SELECT pool, fallbacks FROM keypool_pool_stats WHERE pool = 'fb_empty';
 SELECT granted, error FROM keypool_reserve('u', 'fb_empty');
 SELECT kind, pool, reason FROM keypool_events WHERE kind IN ('fallbacks_set', 'key_altered') ORDER BY id;
 
+-- Keyless keys (issue 14): local servers such as Ollama need no key. A keyless key is the
+-- provider, base URL and model: adding it again finds it, two hosts are two keys.
+SELECT keypool_create_pool('local') > 0 AS created;
+SELECT keypool_add_key('local', 'ollama', NULL, 'llama3') AS ollama_1 \gset
+SELECT keypool_add_key('local', 'ollama', NULL, 'llama3') = :ollama_1 AS same_key;
+SELECT keypool_add_key('local', 'ollama', NULL, 'llama3', base_url => 'http://10.0.0.2:11434') <> :ollama_1 AS other_host;
+SELECT keypool_add_key('local', 'ollama', NULL, 'qwen3') <> :ollama_1 AS other_model;
+SELECT keypool_add_key('local', 'openai_compatible', NULL, 'mistral', base_url => 'http://127.0.0.1:8000/v1') IS NOT NULL AS vllm;
+SELECT label, provider, model FROM keypool_keys WHERE pool = 'local' ORDER BY key_id;
+-- The reservation carries no secret; the base URL says where to call.
+SELECT granted, provider, base_url, secret IS NULL AS no_secret, key_label FROM keypool_reserve('u', 'local');
+-- Providers that need a key refuse a NULL secret.
+SELECT try($$SELECT keypool_add_key('local', 'openai', NULL)$$);
+SELECT try($$SELECT keypool_add_key('local', 'ollama', '')$$);
+-- The master key's rotation keeps keyless keys apart (their identity is not an empty secret).
+SELECT keypool_rotate_master_key() > 0 AS rotated;
+SELECT keypool_add_key('local', 'ollama', NULL, 'llama3') = :ollama_1 AS still_same_key;
+SELECT count(*) AS keys FROM keypool_keys WHERE pool = 'local';
+
 -- Links the caller may not use are skipped; setting a chain needs use on every link.
 CREATE ROLE routing_app;
 GRANT USAGE ON SCHEMA keypool TO routing_app;

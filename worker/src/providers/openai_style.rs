@@ -21,7 +21,8 @@ fn api_base(key: &KeyRef) -> String {
 }
 
 fn authorized(builder: reqwest::RequestBuilder, key: &KeyRef) -> reqwest::RequestBuilder {
-    if key.provider == "ollama" && key.secret.is_empty() {
+    // A keyless key (a local server such as Ollama) sends no Authorization header.
+    if key.secret.is_empty() {
         builder
     } else {
         builder.bearer_auth(&key.secret)
