@@ -36,7 +36,7 @@ LANGUAGE c VOLATILE PARALLEL UNSAFE;
 ALTER FUNCTION keypool.scope_state() ROWS 100;
 ALTER FUNCTION keypool.key_state() ROWS 100;
 ALTER FUNCTION keypool.pool_state() ROWS 10;
-ALTER FUNCTION keypool.fallback_state() ROWS 10;
+ALTER FUNCTION keypool.routing_state() ROWS 10;
 
 -- Every key with its state. Never shows the secret.
 CREATE VIEW keypool_keys WITH (security_barrier) AS
@@ -161,13 +161,19 @@ SELECT p.id AS pool_id,
           JOIN keypool.pool f ON f.id = pf.fallback_id
          WHERE pf.pool_id = p.id AND keypool.allowed(f.id, 'read')) AS fallbacks,
        p.fallback_on_quota,
-       fs.fell_through_today
+       fs.fell_through_today,
+       (p.budget_micros::numeric / 1000000)::numeric(20, 6) AS budget,
+       (p.budget_per_user_micros::numeric / 1000000)::numeric(20, 6) AS budget_per_user,
+       p.budget_period,
+       (fs.spent_micros::numeric / 1000000)::numeric(20, 6) AS spent,
+       fs.budget_resets_at,
+       (p.default_cost_micros::numeric / 1000000)::numeric(20, 6) AS default_cost
   FROM keypool.pool p
   LEFT JOIN keypool.pool_state() ps ON ps.pool_id = p.id
-  LEFT JOIN keypool.fallback_state() fs ON fs.pool_id = p.id
+  LEFT JOIN keypool.routing_state() fs ON fs.pool_id = p.id
  WHERE keypool.allowed(p.id, 'read');
 COMMENT ON VIEW keypool_pool_stats IS
-    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity), fallback chain and requests it served today';
+    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity), fallback chain and requests it served today, spend budget and what was spent this period';
 
 -- Every key with its account's use against each limit, its own use and errors today, users.
 -- Limits belong to the account (scope): the *_this_minute / *_today columns and percentages
@@ -288,13 +294,21 @@ SELECT 'pool:' || p.pool || ':overcommitted', 'pool_overcommitted', 'warning', p
   FROM keypool_pool_stats p
  WHERE p.overcommit > 1
 UNION ALL
+SELECT 'pool:' || p.pool || ':budget', 'budget_near_limit',
+       CASE WHEN p.spent >= p.budget THEN 'critical' ELSE 'warning' END, p.pool, NULL, NULL, NULL,
+       format('pool %s has spent %s of its budget of %s this %s (%s%%); it resets at %s UTC', p.pool, p.spent, p.budget,
+              p.budget_period, floor(100 * p.spent / p.budget)::bigint,
+              to_char(p.budget_resets_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
+  FROM keypool_pool_stats p, setting
+ WHERE p.budget > 0 AND p.spent >= p.budget * setting.threshold::numeric
+UNION ALL
 SELECT 'worker:' || w.id, 'worker_silent', 'warning', NULL, NULL, NULL, w.id,
        format('worker %s (%s, pid %s) last seen %s ago', w.id, coalesce(w.host, '?'), coalesce(w.pid::text, '?'),
               date_trunc('second', now() - w.last_seen))
   FROM @extschema@.keypool_workers w, setting
  WHERE w.stopped_at IS NULL AND w.last_seen < now() - setting.silence;
 COMMENT ON VIEW keypool_alerts IS
-    'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys or overcommitted, silent workers';
+    'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys, overcommitted or near their budget, silent workers';
 
 
 -- Who may use, read or administer which pool: the grants on the pools this role administers,
@@ -417,7 +431,7 @@ INSERT INTO keypool.instance DEFAULT VALUES;
 
 COMMENT ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text) IS
     'Creates a pool (keys serving one function) and how users share its daily capacity; returns its id';
-COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text) IS
+COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric) IS
     'Changes a pool''s min_share, active_window, borrowing, timezone or description (NULL: unchanged)';
 COMMENT ON FUNCTION keypool_assign(text, text) IS
     'The user''s key in the pool; a new user gets the usable key with the fewest users (idempotent)';
@@ -432,11 +446,11 @@ COMMENT ON FUNCTION keypool_remove_key(bigint) IS
 COMMENT ON FUNCTION keypool_set_user_weight(text, text, numeric) IS
     'Sets the user''s weight in the pool''s fair share (tiers such as free 1, pro 5)';
 COMMENT ON FUNCTION keypool_allocation(text, text) IS
-    'The user''s share of the pool today: allocated, used, remaining, warning level, reset time (changes nothing)';
+    'The user''s share of the pool today: allocated, used, remaining, warning level, reset time; their spend and budget this period (changes nothing)';
 COMMENT ON FUNCTION keypool_can_request(text, text) IS
     'Whether a reservation by the user would now pass the quota check (changes nothing)';
 COMMENT ON FUNCTION keypool.pool_state() IS 'Internal: how every pool shares its capacity (for keypool_pool_stats)';
-COMMENT ON FUNCTION keypool.fallback_state() IS 'Internal: requests each pool''s fallback chain served today (for keypool_pool_stats)';
+COMMENT ON FUNCTION keypool.routing_state() IS 'Internal: requests each pool''s fallback chain served today, and its spend this budget period (for keypool_pool_stats)';
 COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer) IS
     'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; returns the key id';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
@@ -449,6 +463,8 @@ COMMENT ON FUNCTION keypool_release(bigint) IS
     'Gives back a reservation whose call was never sent';
 COMMENT ON FUNCTION keypool_alter_key(bigint, integer) IS
     'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits)';
+COMMENT ON FUNCTION keypool_set_budget(text, numeric, text, numeric) IS
+    'Sets the pool''s spend budget per day or month and each user''s (NULLs: none), in the currency of keypool_prices; needs admin';
 COMMENT ON FUNCTION keypool_set_fallbacks(text, text[], boolean) IS
     'Sets the pools keypool_reserve tries next, in order, when the pool refuses (empty: none); needs admin on it and use on each';
 COMMENT ON FUNCTION keypool_disable_key(bigint, text) IS
@@ -504,7 +520,7 @@ COMMENT ON FUNCTION keypool_key_credentials(bigint) IS
 COMMENT ON FUNCTION keypool_set_price(text, text, numeric, numeric, numeric) IS
     'Sets the price of a provider''s model (NULL model: every model) per million input and output tokens and per request';
 COMMENT ON FUNCTION keypool_usage_report(date, date) IS
-    'Per key per day of the pools this role may read: requests, prompt and completion tokens, errors, estimated cost';
+    'Per key per day of the pools this role may read: requests, prompt and completion tokens, errors, estimated cost, and the pool''s budget against the period''s cost';
 COMMENT ON FUNCTION keypool_enable_keys(text) IS
     'Re-enables the keys and accounts that provider answers disabled (not those an operator disabled) in a pool, or every pool this role administers; returns how many';
 COMMENT ON FUNCTION keypool_check_alerts() IS
@@ -520,7 +536,7 @@ COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory memb
 -- views' filter functions are open: they answer only about the calling role.
 REVOKE ALL ON FUNCTION
     keypool_create_pool(text, text, integer, interval, boolean, text),
-    keypool_alter_pool(text, integer, interval, boolean, text, text),
+    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric),
     keypool_assign(text, text),
     keypool_on_signup(),
     keypool_backfill(regclass, text, text, text),
@@ -537,6 +553,7 @@ REVOKE ALL ON FUNCTION
     keypool_classify(integer, text),
     keypool_alter_key(bigint, integer),
     keypool_set_fallbacks(text, text[], boolean),
+    keypool_set_budget(text, numeric, text, numeric),
     keypool_disable_key(bigint, text),
     keypool_enable_key(bigint),
     keypool_flush(),
@@ -573,7 +590,7 @@ REVOKE ALL ON FUNCTION
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
 -- Answers only about the pools the calling role may read (so keypool_pool_stats needs no new grant).
-GRANT EXECUTE ON FUNCTION keypool.fallback_state() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION keypool.routing_state() TO PUBLIC;
 REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats,
     keypool_key_stats, keypool_prices, keypool_alerts, keypool_health, keypool_requests, keypool_workers,
     keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

@@ -19,6 +19,9 @@ CREATE TABLE keypool.price (
     PRIMARY KEY (provider, model)
 );
 SELECT pg_catalog.pg_extension_config_dump('keypool.price', '');
+-- Budgets hold costs from prices: every backend's cache reloads when they change.
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.price
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 
 -- Alerts raised and not yet cleared (keypool.check_alerts compares keypool_alerts with this).
 CREATE TABLE keypool.alert (
@@ -45,7 +48,8 @@ CREATE TRIGGER notify_event AFTER INSERT ON keypool.event
 -- tokens, errors and the estimated cost, from the hourly history, for the pools listed.
 CREATE FUNCTION keypool.usage_report(pools bigint[], from_day date, to_day date)
 RETURNS TABLE (day date, pool text, key_id bigint, label text, provider text, model text, requests bigint,
-               prompt_tokens bigint, completion_tokens bigint, errors bigint, estimated_cost numeric)
+               prompt_tokens bigint, completion_tokens bigint, errors bigint, estimated_cost numeric,
+               budget numeric, budget_period text, period_cost numeric)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, keypool, pg_temp AS $$
 BEGIN
     IF from_day IS NULL OR to_day IS NULL THEN
@@ -58,26 +62,39 @@ BEGIN
     IF to_day - from_day > 3660 THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'the report spans more than ten years';
     END IF;
+    -- Spend against budget: each row also carries its pool's budget and what the report's rows
+    -- of the same pool and budget period add up to.
     RETURN QUERY
-    SELECT d.day, p.name, k.id, k.label, k.provider, k.model,
-           sum(u.requests)::bigint, sum(u.prompt_tokens)::bigint, sum(u.completion_tokens)::bigint,
-           sum(u.rate_limited + u.daily_quota + u.key_invalid + u.billing + u.server_error + u.caller_error + u.other)::bigint,
-           round(sum(u.prompt_tokens) * pr.input_per_million / 1e6 + sum(u.completion_tokens) * pr.output_per_million / 1e6
-                 + sum(u.requests - u.released) * pr.per_request, 6)
-      FROM keypool.usage_hourly u
-      JOIN keypool.key k ON k.id = u.key_id
-      JOIN keypool.pool p ON p.id = k.pool_id
-      JOIN keypool.scope s ON s.id = k.scope_id
-      CROSS JOIN LATERAL (SELECT (u.hour AT TIME ZONE s.timezone)::date AS day) d
-      LEFT JOIN LATERAL (SELECT x.input_per_million, x.output_per_million, x.per_request
-                           FROM keypool.price x
-                          WHERE x.provider = k.provider AND x.model IN (coalesce(k.model, ''), '')
-                          ORDER BY x.model DESC LIMIT 1) pr ON true
-     WHERE u.hour >= (from_day - 1)::timestamptz AND u.hour < (to_day + 2)::timestamptz
-       AND d.day BETWEEN from_day AND to_day
-       AND p.id = ANY (pools)
-     GROUP BY d.day, p.name, k.id, k.label, k.provider, k.model, pr.input_per_million, pr.output_per_million, pr.per_request
-     ORDER BY d.day, p.name, k.id;
+    SELECT r.day, r.pool, r.key_id, r.label, r.provider, r.model, r.requests, r.prompt_tokens,
+           r.completion_tokens, r.errors, r.estimated_cost, r.budget, r.budget_period,
+           CASE WHEN r.budget_period IS NOT NULL THEN
+               sum(r.estimated_cost) OVER (PARTITION BY r.pool,
+                   CASE r.budget_period WHEN 'month' THEN date_trunc('month', r.day) ELSE r.day END)
+           END
+      FROM (
+        SELECT d.day, p.name AS pool, k.id AS key_id, k.label, k.provider, k.model,
+               sum(u.requests)::bigint AS requests, sum(u.prompt_tokens)::bigint AS prompt_tokens,
+               sum(u.completion_tokens)::bigint AS completion_tokens,
+               sum(u.rate_limited + u.daily_quota + u.key_invalid + u.billing + u.server_error + u.caller_error + u.other)::bigint AS errors,
+               round(sum(u.prompt_tokens) * pr.input_per_million / 1e6 + sum(u.completion_tokens) * pr.output_per_million / 1e6
+                     + sum(u.requests - u.released) * pr.per_request, 6) AS estimated_cost,
+               (p.budget_micros::numeric / 1000000)::numeric(20, 6) AS budget,
+               p.budget_period
+          FROM keypool.usage_hourly u
+          JOIN keypool.key k ON k.id = u.key_id
+          JOIN keypool.pool p ON p.id = k.pool_id
+          JOIN keypool.scope s ON s.id = k.scope_id
+          CROSS JOIN LATERAL (SELECT (u.hour AT TIME ZONE s.timezone)::date AS day) d
+          LEFT JOIN LATERAL (SELECT x.input_per_million, x.output_per_million, x.per_request
+                               FROM keypool.price x
+                              WHERE x.provider = k.provider AND x.model IN (coalesce(k.model, ''), '')
+                              ORDER BY x.model DESC LIMIT 1) pr ON true
+         WHERE u.hour >= (from_day - 1)::timestamptz AND u.hour < (to_day + 2)::timestamptz
+           AND d.day BETWEEN from_day AND to_day
+           AND p.id = ANY (pools)
+         GROUP BY d.day, p.name, k.id, k.label, k.provider, k.model, pr.input_per_million, pr.output_per_million,
+                  pr.per_request, p.budget_micros, p.budget_period) r
+     ORDER BY r.day, r.pool, r.key_id;
 END
 $$;
 

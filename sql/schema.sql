@@ -39,7 +39,15 @@ CREATE TABLE keypool.pool (
     created_at  timestamptz NOT NULL DEFAULT now(),
     -- Whether a user past their share here goes on down the fallback chain (a share is a promise
     -- per pool: by default it does not).
-    fallback_on_quota boolean NOT NULL DEFAULT false
+    fallback_on_quota boolean NOT NULL DEFAULT false,
+    -- Spend budget (keypool_set_budget), in millionths of the currency of keypool_prices: for the
+    -- pool per period, and for each of its users per period; NULL: none.
+    budget_micros          bigint CHECK (budget_micros >= 0),
+    budget_period          text CHECK (budget_period IN ('day', 'month')),
+    budget_per_user_micros bigint CHECK (budget_per_user_micros >= 0),
+    -- What a reservation without a token estimate holds of a budget (keypool_alter_pool).
+    default_cost_micros    bigint NOT NULL DEFAULT 0 CHECK (default_cost_micros >= 0),
+    CHECK ((budget_period IS NULL) = (budget_micros IS NULL AND budget_per_user_micros IS NULL))
 );
 ALTER SEQUENCE keypool.pool_id_seq OWNED BY keypool.pool.id;
 
@@ -138,6 +146,10 @@ CREATE TABLE keypool.member (
     -- crash or a failover.
     used_on     date,
     used        bigint,
+    -- What the user spent of their budget (keypool_set_budget's per_user) in the period that
+    -- began on spent_from, as last flushed.
+    spent_from  date,
+    spent       bigint,
     PRIMARY KEY (pool_id, user_id)
 ) WITH (fillfactor = 70);  -- room for HOT updates of last_active, used_on and used
 CREATE INDEX member_hash ON keypool.member (pool_id, user_hash);
@@ -161,6 +173,14 @@ CREATE TABLE keypool.usage_hourly (
     other             bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (key_id, hour)
 );
+
+-- What each pool with a budget spent in its current period (reservations held included), as
+-- last flushed: restored after a crash or a failover (budgets.rs).
+CREATE TABLE keypool.pool_spend (
+    pool_id      bigint PRIMARY KEY REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    period_start date NOT NULL,
+    spent        bigint NOT NULL
+) WITH (fillfactor = 50);
 
 -- What each scope used of its day, as the primary last recorded it (failover.rs): a promoted
 -- standby starts from this plus what the limits allowed since, never from its own stale memory.
@@ -262,5 +282,6 @@ SELECT pg_catalog.pg_extension_config_dump('keypool.key', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.member', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.usage_hourly', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.scope_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.pool_spend', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.usage_snapshot', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.event', '');

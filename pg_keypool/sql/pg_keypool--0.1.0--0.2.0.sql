@@ -10,7 +10,7 @@
 -- - NOTIFY keypool_events carries the event id only;
 -- - API tokens for keypool-worker's callers (issue 12), stored as SHA-256 only;
 -- - a replicated record of each scope's use, for failover without over-grant (issue 13);
--- - fallback chains across pools and key priorities (issue 14).
+-- - fallback chains across pools, key priorities, keyless keys, spend budgets (issue 14).
 --
 -- After the update the old plaintext still lies in dead tuples of keypool.key and in WAL until
 -- they are recycled: run VACUUM FULL keypool.key and CHECKPOINT (README, "Secrets at rest").
@@ -59,6 +59,12 @@ CREATE TABLE keypool.pool_fallback (
     CHECK (fallback_id <> pool_id)
 );
 CREATE INDEX pool_fallback_fallback ON keypool.pool_fallback (fallback_id);
+CREATE TABLE keypool.pool_spend (
+    pool_id      bigint PRIMARY KEY REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    period_start date NOT NULL,
+    spent        bigint NOT NULL
+) WITH (fillfactor = 50);
+SELECT pg_catalog.pg_extension_config_dump('keypool.pool_spend', '');
 CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.pool_fallback
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool_fallback', '');
@@ -147,7 +153,13 @@ ALTER TABLE keypool.alert ADD COLUMN pool_id bigint;
 
 -- Key priorities and fallback chains (issue 14).
 ALTER TABLE keypool.key ADD COLUMN priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000);
-ALTER TABLE keypool.pool ADD COLUMN fallback_on_quota boolean NOT NULL DEFAULT false;
+ALTER TABLE keypool.pool ADD COLUMN fallback_on_quota boolean NOT NULL DEFAULT false,
+    ADD COLUMN budget_micros bigint CHECK (budget_micros >= 0),
+    ADD COLUMN budget_period text CHECK (budget_period IN ('day', 'month')),
+    ADD COLUMN budget_per_user_micros bigint CHECK (budget_per_user_micros >= 0),
+    ADD COLUMN default_cost_micros bigint NOT NULL DEFAULT 0 CHECK (default_cost_micros >= 0),
+    ADD CHECK ((budget_period IS NULL) = (budget_micros IS NULL AND budget_per_user_micros IS NULL));
+ALTER TABLE keypool.member ADD COLUMN spent_from date, ADD COLUMN spent bigint;
 
 -- Functions of the library (new, or replacing the SQL ones of 0.1.0 with the same signatures).
 CREATE FUNCTION keypool_grant(pool text, grantee regrole, privilege text DEFAULT 'use') RETURNS void
@@ -204,13 +216,24 @@ CREATE  FUNCTION "keypool_set_fallbacks"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_set_fallbacks_wrapper';
-CREATE  FUNCTION keypool."fallback_state"() RETURNS TABLE (
+CREATE  FUNCTION keypool."routing_state"() RETURNS TABLE (
 	"pool_id" bigint,  /* i64 */
-	"fell_through_today" bigint  /* i64 */
+	"fell_through_today" bigint,  /* i64 */
+	"spent_micros" bigint,  /* Option < i64 > */
+	"budget_resets_at" timestamp with time zone  /* Option < TimestampWithTimeZone > */
 )
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'fallback_state_wrapper';
+AS 'MODULE_PATHNAME', 'routing_state_wrapper';
+CREATE  FUNCTION "keypool_set_budget"(
+	"pool" TEXT, /* Option < & str > */
+	"amount" NUMERIC, /* Option < pgrx :: AnyNumeric > */
+	"period" TEXT, /* Option < & str > */
+	"per_user" NUMERIC DEFAULT NULL /* Option < pgrx :: AnyNumeric > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_set_budget_wrapper';
 CREATE  FUNCTION "keypool_create_api_token"(
 	"label" TEXT, /* Option < & str > */
 	"user_id" TEXT DEFAULT NULL, /* Option < & str > */
@@ -291,6 +314,7 @@ CREATE OR REPLACE FUNCTION "keypool_set_price"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_set_price_wrapper';
+DROP FUNCTION keypool_usage_report(date, date);
 CREATE OR REPLACE FUNCTION "keypool_usage_report"(
 	"from_day" date, /* Option < Date > */
 	"to_day" date /* Option < Date > */
@@ -305,7 +329,10 @@ CREATE OR REPLACE FUNCTION "keypool_usage_report"(
 	"prompt_tokens" bigint,  /* i64 */
 	"completion_tokens" bigint,  /* i64 */
 	"errors" bigint,  /* i64 */
-	"estimated_cost" NUMERIC  /* Option < AnyNumeric > */
+	"estimated_cost" NUMERIC,  /* Option < AnyNumeric > */
+	"budget" NUMERIC,  /* Option < AnyNumeric > */
+	"budget_period" TEXT,  /* Option < String > */
+	"period_cost" NUMERIC  /* Option < AnyNumeric > */
 )
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -355,7 +382,7 @@ CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_t
 RETURNS keypool_reservation
 AS 'MODULE_PATHNAME', 'keypool_reserve_c'
 LANGUAGE c VOLATILE PARALLEL UNSAFE;
-ALTER FUNCTION keypool.fallback_state() ROWS 10;
+ALTER FUNCTION keypool.routing_state() ROWS 10;
 -- keypool_add_key takes a priority.
 DROP FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer);
 CREATE  FUNCTION "keypool_add_key"(
@@ -376,6 +403,40 @@ CREATE  FUNCTION "keypool_add_key"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_add_key_wrapper';
+-- keypool_alter_pool takes a default cost; keypool_allocation and keypool_usage_report show budgets.
+DROP FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text);
+CREATE  FUNCTION "keypool_alter_pool"(
+	"name" TEXT, /* Option < & str > */
+	"min_share" INT DEFAULT NULL, /* Option < i32 > */
+	"active_window" interval DEFAULT NULL, /* Option < Interval > */
+	"borrowing" bool DEFAULT NULL, /* Option < bool > */
+	"timezone" TEXT DEFAULT NULL, /* Option < & str > */
+	"description" TEXT DEFAULT NULL, /* Option < & str > */
+	"default_cost" NUMERIC DEFAULT NULL /* Option < AnyNumeric > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_alter_pool_wrapper';
+DROP FUNCTION keypool_allocation(text, text);
+CREATE  FUNCTION "keypool_allocation"(
+	"user_id" TEXT, /* Option < & str > */
+	"pool" TEXT DEFAULT 'default' /* Option < & str > */
+) RETURNS TABLE (
+	"allocated_today" bigint,  /* Option < i64 > */
+	"used_today" bigint,  /* i64 */
+	"remaining_today" bigint,  /* Option < i64 > */
+	"warning_level" TEXT,  /* String */
+	"resets_at" timestamp with time zone,  /* TimestampWithTimeZone */
+	"allocated_tokens_today" bigint,  /* Option < i64 > */
+	"spent" NUMERIC,  /* Option < AnyNumeric > */
+	"budget" NUMERIC,  /* Option < AnyNumeric > */
+	"budget_resets_at" timestamp with time zone  /* Option < TimestampWithTimeZone > */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_allocation_wrapper';
+CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.price
+    FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 -- keypool_status() says which timeline its state came from, when recovery ended, and how many
 -- reservations are open.
 DROP FUNCTION keypool_status();
@@ -522,7 +583,8 @@ $$;
 
 CREATE FUNCTION keypool.usage_report(pools bigint[], from_day date, to_day date)
 RETURNS TABLE (day date, pool text, key_id bigint, label text, provider text, model text, requests bigint,
-               prompt_tokens bigint, completion_tokens bigint, errors bigint, estimated_cost numeric)
+               prompt_tokens bigint, completion_tokens bigint, errors bigint, estimated_cost numeric,
+               budget numeric, budget_period text, period_cost numeric)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, keypool, pg_temp AS $$
 BEGIN
     IF from_day IS NULL OR to_day IS NULL THEN
@@ -535,26 +597,39 @@ BEGIN
     IF to_day - from_day > 3660 THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'the report spans more than ten years';
     END IF;
+    -- Spend against budget: each row also carries its pool's budget and what the report's rows
+    -- of the same pool and budget period add up to.
     RETURN QUERY
-    SELECT d.day, p.name, k.id, k.label, k.provider, k.model,
-           sum(u.requests)::bigint, sum(u.prompt_tokens)::bigint, sum(u.completion_tokens)::bigint,
-           sum(u.rate_limited + u.daily_quota + u.key_invalid + u.billing + u.server_error + u.caller_error + u.other)::bigint,
-           round(sum(u.prompt_tokens) * pr.input_per_million / 1e6 + sum(u.completion_tokens) * pr.output_per_million / 1e6
-                 + sum(u.requests - u.released) * pr.per_request, 6)
-      FROM keypool.usage_hourly u
-      JOIN keypool.key k ON k.id = u.key_id
-      JOIN keypool.pool p ON p.id = k.pool_id
-      JOIN keypool.scope s ON s.id = k.scope_id
-      CROSS JOIN LATERAL (SELECT (u.hour AT TIME ZONE s.timezone)::date AS day) d
-      LEFT JOIN LATERAL (SELECT x.input_per_million, x.output_per_million, x.per_request
-                           FROM keypool.price x
-                          WHERE x.provider = k.provider AND x.model IN (coalesce(k.model, ''), '')
-                          ORDER BY x.model DESC LIMIT 1) pr ON true
-     WHERE u.hour >= (from_day - 1)::timestamptz AND u.hour < (to_day + 2)::timestamptz
-       AND d.day BETWEEN from_day AND to_day
-       AND p.id = ANY (pools)
-     GROUP BY d.day, p.name, k.id, k.label, k.provider, k.model, pr.input_per_million, pr.output_per_million, pr.per_request
-     ORDER BY d.day, p.name, k.id;
+    SELECT r.day, r.pool, r.key_id, r.label, r.provider, r.model, r.requests, r.prompt_tokens,
+           r.completion_tokens, r.errors, r.estimated_cost, r.budget, r.budget_period,
+           CASE WHEN r.budget_period IS NOT NULL THEN
+               sum(r.estimated_cost) OVER (PARTITION BY r.pool,
+                   CASE r.budget_period WHEN 'month' THEN date_trunc('month', r.day) ELSE r.day END)
+           END
+      FROM (
+        SELECT d.day, p.name AS pool, k.id AS key_id, k.label, k.provider, k.model,
+               sum(u.requests)::bigint AS requests, sum(u.prompt_tokens)::bigint AS prompt_tokens,
+               sum(u.completion_tokens)::bigint AS completion_tokens,
+               sum(u.rate_limited + u.daily_quota + u.key_invalid + u.billing + u.server_error + u.caller_error + u.other)::bigint AS errors,
+               round(sum(u.prompt_tokens) * pr.input_per_million / 1e6 + sum(u.completion_tokens) * pr.output_per_million / 1e6
+                     + sum(u.requests - u.released) * pr.per_request, 6) AS estimated_cost,
+               (p.budget_micros::numeric / 1000000)::numeric(20, 6) AS budget,
+               p.budget_period
+          FROM keypool.usage_hourly u
+          JOIN keypool.key k ON k.id = u.key_id
+          JOIN keypool.pool p ON p.id = k.pool_id
+          JOIN keypool.scope s ON s.id = k.scope_id
+          CROSS JOIN LATERAL (SELECT (u.hour AT TIME ZONE s.timezone)::date AS day) d
+          LEFT JOIN LATERAL (SELECT x.input_per_million, x.output_per_million, x.per_request
+                               FROM keypool.price x
+                              WHERE x.provider = k.provider AND x.model IN (coalesce(k.model, ''), '')
+                              ORDER BY x.model DESC LIMIT 1) pr ON true
+         WHERE u.hour >= (from_day - 1)::timestamptz AND u.hour < (to_day + 2)::timestamptz
+           AND d.day BETWEEN from_day AND to_day
+           AND p.id = ANY (pools)
+         GROUP BY d.day, p.name, k.id, k.label, k.provider, k.model, pr.input_per_million, pr.output_per_million,
+                  pr.per_request, p.budget_micros, p.budget_period) r
+     ORDER BY r.day, r.pool, r.key_id;
 END
 $$;
 
@@ -726,13 +801,19 @@ SELECT p.id AS pool_id,
           JOIN keypool.pool f ON f.id = pf.fallback_id
          WHERE pf.pool_id = p.id AND keypool.allowed(f.id, 'read')) AS fallbacks,
        p.fallback_on_quota,
-       fs.fell_through_today
+       fs.fell_through_today,
+       (p.budget_micros::numeric / 1000000)::numeric(20, 6) AS budget,
+       (p.budget_per_user_micros::numeric / 1000000)::numeric(20, 6) AS budget_per_user,
+       p.budget_period,
+       (fs.spent_micros::numeric / 1000000)::numeric(20, 6) AS spent,
+       fs.budget_resets_at,
+       (p.default_cost_micros::numeric / 1000000)::numeric(20, 6) AS default_cost
   FROM keypool.pool p
   LEFT JOIN keypool.pool_state() ps ON ps.pool_id = p.id
-  LEFT JOIN keypool.fallback_state() fs ON fs.pool_id = p.id
+  LEFT JOIN keypool.routing_state() fs ON fs.pool_id = p.id
  WHERE keypool.allowed(p.id, 'read');
 COMMENT ON VIEW keypool_pool_stats IS
-    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity), fallback chain and requests it served today';
+    'Every pool: keys usable/cooling/disabled, daily capacity and use, users, share per user, overcommit (> 1: minimum shares exceed capacity), fallback chain and requests it served today, spend budget and what was spent this period';
 
 CREATE OR REPLACE VIEW keypool_key_stats WITH (security_barrier) AS
 SELECT k.key_id, k.pool, k.provider, k.model, k.account, k.label, k.group_no, k.state, k.reason, k.cooling_until,
@@ -828,13 +909,21 @@ SELECT 'pool:' || p.pool || ':overcommitted', 'pool_overcommitted', 'warning', p
   FROM keypool_pool_stats p
  WHERE p.overcommit > 1
 UNION ALL
+SELECT 'pool:' || p.pool || ':budget', 'budget_near_limit',
+       CASE WHEN p.spent >= p.budget THEN 'critical' ELSE 'warning' END, p.pool, NULL, NULL, NULL,
+       format('pool %s has spent %s of its budget of %s this %s (%s%%); it resets at %s UTC', p.pool, p.spent, p.budget,
+              p.budget_period, floor(100 * p.spent / p.budget)::bigint,
+              to_char(p.budget_resets_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
+  FROM keypool_pool_stats p, setting
+ WHERE p.budget > 0 AND p.spent >= p.budget * setting.threshold::numeric
+UNION ALL
 SELECT 'worker:' || w.id, 'worker_silent', 'warning', NULL, NULL, NULL, w.id,
        format('worker %s (%s, pid %s) last seen %s ago', w.id, coalesce(w.host, '?'), coalesce(w.pid::text, '?'),
               date_trunc('second', now() - w.last_seen))
   FROM @extschema@.keypool_workers w, setting
  WHERE w.stopped_at IS NULL AND w.last_seen < now() - setting.silence;
 COMMENT ON VIEW keypool_alerts IS
-    'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys or overcommitted, silent workers';
+    'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys, overcommitted or near their budget, silent workers';
 
 CREATE VIEW keypool_queue_depth WITH (security_barrier) AS
 SELECT r.pool, r.status, count(*) AS requests, min(r.not_before) AS oldest_due
@@ -945,13 +1034,19 @@ SELECT v.status,
 $fn$;
 
 -- Comments (\df+).
-COMMENT ON FUNCTION keypool.fallback_state() IS 'Internal: requests each pool''s fallback chain served today (for keypool_pool_stats)';
+COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric) IS
+    'Changes a pool''s min_share, active_window, borrowing, timezone or description (NULL: unchanged)';
+COMMENT ON FUNCTION keypool_allocation(text, text) IS
+    'The user''s share of the pool today: allocated, used, remaining, warning level, reset time; their spend and budget this period (changes nothing)';
+COMMENT ON FUNCTION keypool.routing_state() IS 'Internal: requests each pool''s fallback chain served today, and its spend this budget period (for keypool_pool_stats)';
 COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer) IS
     'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; returns the key id';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
     'Reserves one request and est_tokens on a key with room now, in the pool or down its fallback chain (only pools in within, when given); refusals are rows (POOL_EXHAUSTED, NO_KEYS, QUOTA_EXCEEDED)';
 COMMENT ON FUNCTION keypool_alter_key(bigint, integer) IS
     'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits)';
+COMMENT ON FUNCTION keypool_set_budget(text, numeric, text, numeric) IS
+    'Sets the pool''s spend budget per day or month and each user''s (NULLs: none), in the currency of keypool_prices; needs admin';
 COMMENT ON FUNCTION keypool_set_fallbacks(text, text[], boolean) IS
     'Sets the pools keypool_reserve tries next, in order, when the pool refuses (empty: none); needs admin on it and use on each';
 COMMENT ON FUNCTION keypool_status() IS
@@ -993,7 +1088,7 @@ COMMENT ON FUNCTION keypool_key_credentials(bigint) IS
 COMMENT ON FUNCTION keypool_set_price(text, text, numeric, numeric, numeric) IS
     'Sets the price of a provider''s model (NULL model: every model) per million input and output tokens and per request';
 COMMENT ON FUNCTION keypool_usage_report(date, date) IS
-    'Per key per day of the pools this role may read: requests, prompt and completion tokens, errors, estimated cost';
+    'Per key per day of the pools this role may read: requests, prompt and completion tokens, errors, estimated cost, and the pool''s budget against the period''s cost';
 COMMENT ON FUNCTION keypool_enable_keys(text) IS
     'Re-enables the keys and accounts that provider answers disabled (not those an operator disabled) in a pool, or every pool this role administers; returns how many';
 COMMENT ON FUNCTION keypool_check_alerts() IS
@@ -1028,6 +1123,10 @@ REVOKE ALL ON FUNCTION
     keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer),
     keypool_alter_key(bigint, integer),
     keypool_set_fallbacks(text, text[], boolean),
+    keypool_set_budget(text, numeric, text, numeric),
+    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric),
+    keypool_allocation(text, text),
+    keypool_usage_report(date, date),
     keypool.member_memory(),
     keypool.enqueue(regrole, text, text, jsonb, interval, integer),
     keypool.claim_requests(regrole, text[], text, integer, interval),
@@ -1037,5 +1136,5 @@ REVOKE ALL ON FUNCTION
     keypool.check_alerts()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION keypool.fallback_state() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION keypool.routing_state() TO PUBLIC;
 REVOKE ALL ON keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

@@ -7,6 +7,7 @@
 
 use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
+use pgrx::AnyNumeric;
 
 use crate::access::{self, Privilege};
 use crate::breaker;
@@ -189,7 +190,8 @@ fn keypool_create_pool(
 }
 
 /// `keypool_alter_pool`: changes a pool's options; NULL leaves an option as it is. An
-/// active_window of 0 removes the window; a timezone of '' returns to the keys' time zone.
+/// active_window of 0 removes the window; a timezone of '' returns to the keys' time zone;
+/// default_cost is what a reservation without a token estimate holds of a budget.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_alter_pool(
     name: Option<&str>,
@@ -198,9 +200,14 @@ fn keypool_alter_pool(
     borrowing: default!(Option<bool>, "NULL"),
     timezone: default!(Option<&str>, "NULL"),
     description: default!(Option<&str>, "NULL"),
+    default_cost: default!(Option<AnyNumeric>, "NULL"),
 ) {
     let _path = privilege::pin_search_path();
     let name = required("name", name, MAX_NAME);
+    let default_cost = default_cost.map(|n| match crate::budgets::parse_amount(&n.to_string()) {
+        Ok(m) => m as i64,
+        Err(why) => errors::invalid(format!("default_cost {why}")).raise(),
+    });
     let min_share = check_min_share(min_share);
     let window = window_days(active_window);
     let timezone = check_zone(timezone);
@@ -215,7 +222,8 @@ fn keypool_alter_pool(
                  active_days = CASE WHEN $3 THEN $4 ELSE active_days END,
                  borrowing = coalesce($5, borrowing),
                  timezone = CASE WHEN $6::text IS NULL THEN timezone ELSE nullif($6, '') END,
-                 description = coalesce($7, description)
+                 description = coalesce($7, description),
+                 default_cost_micros = coalesce($8, default_cost_micros)
               WHERE name = $1 RETURNING id",
             &[
                 name.into(),
@@ -225,6 +233,7 @@ fn keypool_alter_pool(
                 borrowing.into(),
                 timezone.into(),
                 description.into(),
+                default_cost.into(),
             ],
         );
         let Some(id) = id else {

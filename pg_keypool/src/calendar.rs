@@ -1,7 +1,7 @@
 //! Calendar days in a scope's time zone: when its daily window starts and ends.
 //! Gemini's daily quotas reset at midnight America/Los_Angeles (DST-aware); others at UTC.
 
-use chrono::{DateTime, LocalResult, NaiveDate, TimeZone};
+use chrono::{DateTime, Datelike, LocalResult, NaiveDate, TimeZone};
 use chrono_tz::Tz;
 
 /// Parses an IANA time zone name such as `America/Los_Angeles` or `UTC`.
@@ -42,6 +42,22 @@ pub fn date_of(day: i32) -> NaiveDate {
 /// The day number of a date.
 pub fn day_number(date: NaiveDate) -> i32 {
     (date - NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date")).num_days() as i32
+}
+
+/// The local calendar month containing `now_ms`: the day number of its first day and its end
+/// (the first instant of the next month) in UTC milliseconds.
+pub fn month_of(tz: Tz, now_ms: i64) -> (i32, i64) {
+    let date = DateTime::from_timestamp_millis(now_ms)
+        .map(|utc| utc.with_timezone(&tz).date_naive())
+        .unwrap_or_default();
+    let first = date.with_day(1).unwrap_or(date);
+    let next = if first.month() == 12 {
+        NaiveDate::from_ymd_opt(first.year() + 1, 1, 1)
+    } else {
+        NaiveDate::from_ymd_opt(first.year(), first.month() + 1, 1)
+    }
+    .unwrap_or(first);
+    (day_number(first), first_instant(tz, next))
 }
 
 /// The first instant of a local date. Where midnight does not exist (a DST jump at 00:00),
@@ -99,6 +115,20 @@ mod tests {
         assert_eq!(end, ms("2026-03-08T08:00:00Z"));
         assert_eq!(date_of(d_utc).to_string(), "2026-03-08");
         assert_eq!(day_number(date_of(d_la)), d_la);
+    }
+
+    #[test]
+    fn months_follow_the_zone_and_the_year() {
+        let la = parse_zone("America/Los_Angeles").unwrap();
+        let utc = parse_zone("UTC").unwrap();
+        // 2026-12-01 05:00 UTC is still November in Los Angeles.
+        let t = ms("2026-12-01T05:00:00Z");
+        let (first, end) = month_of(la, t);
+        assert_eq!(date_of(first).to_string(), "2026-11-01");
+        assert_eq!(end, ms("2026-12-01T00:00:00-08:00"));
+        let (first, end) = month_of(utc, ms("2026-12-31T23:59:59Z"));
+        assert_eq!(date_of(first).to_string(), "2026-12-01");
+        assert_eq!(end, ms("2027-01-01T00:00:00Z"));
     }
 
     #[test]

@@ -50,6 +50,35 @@ pub struct Pool {
     pub fallbacks: Vec<usize>,
     /// Whether a user past their share here goes on down the chain.
     pub fallback_on_quota: bool,
+    /// The spend budget, if any (budgets.rs).
+    pub budget: Option<Budget>,
+}
+
+/// A pool's spend budget, in millionths of the currency of `keypool_prices`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// For the whole pool per period.
+    pub limit: Option<u64>,
+    /// For each user per period.
+    pub per_user: Option<u64>,
+    pub period: Period,
+    /// What a reservation without a token estimate holds.
+    pub default_cost: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Month,
+}
+
+/// A model's price in millionths of the currency: per million input and output tokens (so,
+/// per token, in millionths of a millionth), and per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Price {
+    pub input_per_million: u64,
+    pub output_per_million: u64,
+    pub per_request: u64,
 }
 
 /// The keys of one priority in a pool.
@@ -80,6 +109,8 @@ pub struct Key {
     pub group_no: i32,
     /// Lower is preferred (see `Pool::tiers`).
     pub priority: i32,
+    /// The price of its provider's model (`keypool_prices`), if one is set.
+    pub price: Option<Price>,
     pub disabled: bool,
 }
 
@@ -250,21 +281,44 @@ fn load(sh: &Shared, generation: u64) -> Config {
             .into_iter()
             .collect();
             #[allow(clippy::type_complexity)]
-            let pools: Vec<(i64, String, i32, Option<i32>, bool, Option<String>, bool)> = fresh_rows(
-                c"SELECT id, name, min_share, active_days, borrowing, timezone, fallback_on_quota
+            let pools: Vec<PoolRow> = fresh_rows(
+                c"SELECT id, name, min_share, active_days, borrowing, timezone, fallback_on_quota,
+                         budget_micros, budget_per_user_micros, budget_period, default_cost_micros
                     FROM keypool.pool ORDER BY id",
-                |r| {
-                    (
-                        r.get(0),
-                        r.get(1),
-                        r.get(2),
-                        r.get_opt(3),
-                        r.get(4),
-                        r.get_opt(5),
-                        r.get(6),
-                    )
+                |r| PoolRow {
+                    id: r.get(0),
+                    name: r.get(1),
+                    min_share: r.get(2),
+                    active_days: r.get_opt(3),
+                    borrowing: r.get(4),
+                    timezone: r.get_opt(5),
+                    fallback_on_quota: r.get(6),
+                    budget: r.get_opt::<String>(9).map(|period| Budget {
+                        limit: r.get_opt::<i64>(7).map(|v| v.max(0) as u64),
+                        per_user: r.get_opt::<i64>(8).map(|v| v.max(0) as u64),
+                        period: if period == "month" { Period::Month } else { Period::Day },
+                        default_cost: r.get::<i64>(10).max(0) as u64,
+                    }),
                 },
             );
+            // Prices in millionths, rounded up (a price finer than that never undercounts).
+            let prices: HashMap<(String, String), Price> = fresh_rows(
+                c"SELECT provider, model, ceil(input_per_million * 1000000)::bigint,
+                         ceil(output_per_million * 1000000)::bigint, ceil(per_request * 1000000)::bigint
+                    FROM keypool.price",
+                |r| {
+                    (
+                        (r.get::<String>(0), r.get::<String>(1)),
+                        Price {
+                            input_per_million: r.get::<i64>(2).max(0) as u64,
+                            output_per_million: r.get::<i64>(3).max(0) as u64,
+                            per_request: r.get::<i64>(4).max(0) as u64,
+                        },
+                    )
+                },
+            )
+            .into_iter()
+            .collect();
             let fallbacks: Vec<(i64, i64)> = fresh_rows(
                 c"SELECT pool_id, fallback_id FROM keypool.pool_fallback ORDER BY pool_id, position",
                 |r| (r.get(0), r.get(1)),
@@ -319,7 +373,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
 
             let scope_ids: Vec<i64> = scopes.iter().map(|s| s.0).collect();
             let key_ids: Vec<i64> = keys.iter().map(|k| k.id).collect();
-            let pool_ids: Vec<i64> = pools.iter().map(|p| p.0).collect();
+            let pool_ids: Vec<i64> = pools.iter().map(|p| p.id).collect();
             let scope_limits: HashMap<i64, Limits> = scopes.iter().map(|s| (s.0, s.1)).collect();
             let bound = registry::bind(
                 sh,
@@ -362,7 +416,17 @@ fn load(sh: &Shared, generation: u64) -> Config {
             }
             crate::failover::catch_up(sh, owner, &cfg.scopes);
             let mut pool_options = HashMap::new();
-            for (id, name, min_share, active_days, borrowing, timezone, fallback_on_quota) in pools {
+            for PoolRow {
+                id,
+                name,
+                min_share,
+                active_days,
+                borrowing,
+                timezone,
+                fallback_on_quota,
+                budget,
+            } in pools
+            {
                 cfg.pools_by_name.insert(name.clone(), cfg.pools.len());
                 pool_options.insert(id, (min_share, active_days, borrowing, timezone));
                 cfg.pools.push(Pool {
@@ -382,6 +446,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     assign_fingerprint: 0,
                     fallbacks: Vec::new(),
                     fallback_on_quota,
+                    budget,
                 });
             }
             let pool_index: HashMap<i64, usize> = cfg.pools.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
@@ -401,8 +466,13 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 if !serves.contains(&k.pool_id) {
                     serves.push(k.pool_id);
                 }
+                let price = prices
+                    .get(&(k.provider.clone(), k.model.clone().unwrap_or_default()))
+                    .or_else(|| prices.get(&(k.provider.clone(), String::new())))
+                    .copied();
                 cfg.keys.push(Key {
                     id: k.id,
+                    price,
                     pool_id: k.pool_id,
                     scope,
                     slot: bound.keys[&k.id],
@@ -441,6 +511,17 @@ fn load(sh: &Shared, generation: u64) -> Config {
             cfg
         })
     })
+}
+
+struct PoolRow {
+    id: i64,
+    name: String,
+    min_share: i32,
+    active_days: Option<i32>,
+    borrowing: bool,
+    timezone: Option<String>,
+    fallback_on_quota: bool,
+    budget: Option<Budget>,
 }
 
 struct KeyRow {

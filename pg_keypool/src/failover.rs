@@ -174,8 +174,37 @@ pub fn record(sh: &Shared, cfg: &Config) {
         tokens.push(day.tokens.min(i64::MAX as u64) as i64);
         cooling.push(until.map(clock::to_timestamptz));
     }
+    // What each pool with a budget spent in its current period.
+    let (mut pool_ids, mut period_starts, mut spent) = (Vec::new(), Vec::new(), Vec::new());
+    for pool in &cfg.pools {
+        let Some(budget) = &pool.budget else {
+            continue;
+        };
+        let slot = sh.pool(pool.slot);
+        if !slot.tag.is(cfg.owner, pool.id) {
+            continue;
+        }
+        let (start, _) = crate::budgets::period(budget, pool.tz, now);
+        pool_ids.push(pool.id);
+        period_starts.push(start);
+        spent.push(slot.spend.of(start).min(i64::MAX as u64) as i64);
+    }
     privilege::as_owner(cfg.extension_owner, || {
         Spi::connect_mut(|client| {
+            if !pool_ids.is_empty() {
+                errors::spi(client.update(
+                    "INSERT INTO keypool.pool_spend AS u (pool_id, period_start, spent)
+                     SELECT c.id, DATE '1970-01-01' + c.d, c.s
+                       FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS c(id, d, s)
+                      WHERE EXISTS (SELECT 1 FROM keypool.pool p WHERE p.id = c.id)
+                        AND NOT EXISTS (SELECT 1 FROM keypool.pool_spend o
+                                         WHERE o.pool_id = c.id AND o.period_start = DATE '1970-01-01' + c.d
+                                           AND o.spent >= c.s)
+                     ON CONFLICT (pool_id) DO UPDATE SET period_start = excluded.period_start, spent = excluded.spent",
+                    None,
+                    &[pool_ids.into(), period_starts.into(), spent.into()],
+                ));
+            }
             if !ids.is_empty() {
                 errors::spi(client.update(
                     // Unchanged rows are left out before the upsert: ON CONFLICT would lock (and

@@ -24,6 +24,8 @@ pub fn falls_through(pool: &Pool, refusal: &Refusal) -> bool {
     match refusal {
         Refusal::PoolExhausted | Refusal::NoKeys | Refusal::TooLarge => true,
         Refusal::QuotaExceeded => pool.fallback_on_quota,
+        // A budget is the pool's owner's decision about money: it never sends users elsewhere.
+        Refusal::BudgetExceeded => false,
     }
 }
 
@@ -43,11 +45,12 @@ pub fn links(cfg: &Config, pool: &Pool, within: Option<&[String]>) -> Vec<String
 }
 
 /// The refusal a whole chain answers: `POOL_EXHAUSTED` if any link was exhausted, else
-/// `QUOTA_EXCEEDED` if the user's share refused somewhere, else `NO_KEYS`; with the smallest
-/// wait of the chain.
+/// `BUDGET_EXCEEDED` or `QUOTA_EXCEEDED` if a budget or the user's share refused somewhere, else
+/// `NO_KEYS`; with the smallest wait of the chain.
 #[derive(Default)]
 pub struct ChainRefusal {
     exhausted: bool,
+    budget: bool,
     quota: bool,
     retry_after_ms: Option<i64>,
 }
@@ -57,6 +60,7 @@ impl ChainRefusal {
         match refusal {
             Refusal::PoolExhausted => self.exhausted = true,
             Refusal::QuotaExceeded => self.quota = true,
+            Refusal::BudgetExceeded => self.budget = true,
             // A link no key of which could ever take the estimate: as if it had none.
             Refusal::NoKeys | Refusal::TooLarge => {}
         }
@@ -68,6 +72,8 @@ impl ChainRefusal {
     pub fn answer(&self) -> (Refusal, Option<i64>) {
         let refusal = if self.exhausted {
             Refusal::PoolExhausted
+        } else if self.budget {
+            Refusal::BudgetExceeded
         } else if self.quota {
             Refusal::QuotaExceeded
         } else {

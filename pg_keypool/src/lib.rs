@@ -12,7 +12,7 @@
 //! - `config`: each backend's cache of the configuration tables
 //! - `reserve`, `settle`, `admin`, `views`: the SQL functions
 //! - `history`, `persist`, `launcher`: hourly usage history, the state file, background work
-//! - `fallbacks`: fallback chains across pools
+//! - `fallbacks`: fallback chains across pools; `budgets`: spend budgets
 //! - `failover`: the replicated record of scopes' use, and the catch-up after a promotion
 
 use pgrx::prelude::*;
@@ -21,6 +21,7 @@ mod access;
 mod admin;
 mod assign;
 mod breaker;
+mod budgets;
 pub mod calendar;
 mod clock;
 mod composite;

@@ -32,7 +32,7 @@ pub const STRIPES: usize = 1024;
 pub const FLAG_MEMBER: u16 = 1;
 /// `last_active` changed since it was last written to `keypool.member`.
 pub const FLAG_ACTIVE_DIRTY: u16 = 2;
-/// `used` changed since it was last written to `keypool.member` (history.rs).
+/// `used` or `spent` changed since it was last written to `keypool.member` (history.rs).
 pub const FLAG_USE_DIRTY: u16 = 4;
 
 #[repr(C)]
@@ -50,8 +50,12 @@ pub struct Member {
     pub last_active: i32,
     /// The day `used` and `share` are for, or NEVER.
     pub day: i32,
+    /// The day number the budget period of `spent` began on (0: nothing spent yet).
+    pub spent_from: i32,
     pub used: u64,
     pub share: u64,
+    /// What the user spent of their budget in that period, in millionths (budgets.rs).
+    pub spent: u64,
 }
 
 impl Member {
@@ -292,8 +296,10 @@ impl<'a> Stripe<'a> {
             flags: 0,
             last_active: NEVER,
             day: NEVER,
+            spent_from: 0,
             used: 0,
             share: 0,
+            spent: 0,
         };
     }
 }

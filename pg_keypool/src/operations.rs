@@ -160,6 +160,9 @@ fn keypool_usage_report(
         name!(completion_tokens, i64),
         name!(errors, i64),
         name!(estimated_cost, Option<AnyNumeric>),
+        name!(budget, Option<AnyNumeric>),
+        name!(budget_period, Option<String>),
+        name!(period_cost, Option<AnyNumeric>),
     ),
 > {
     let _path = privilege::pin_search_path();
@@ -187,6 +190,9 @@ fn keypool_usage_report(
                 r.get::<i64>(9).ok().flatten().unwrap_or(0),
                 r.get::<i64>(10).ok().flatten().unwrap_or(0),
                 r.get::<AnyNumeric>(11).ok().flatten(),
+                r.get::<AnyNumeric>(12).ok().flatten(),
+                r.get::<String>(13).ok().flatten(),
+                r.get::<AnyNumeric>(14).ok().flatten(),
             ))
         })
         .collect::<Vec<_>>()

@@ -42,8 +42,10 @@ use crate::window::ScopeWindows;
 
 const FILE: &str = "pg_keypool.state";
 const MAGIC: u64 = 0x5354_4154_454b_5031; // "KPSTATE1"
-/// 3: the writer's system identifier, timeline and pending catch-up. 2: the previous release.
-const VERSION: u32 = 3;
+/// 4: pools' spend of their budgets, and members' spend in the clean save. 3: the writer's
+/// system identifier, timeline and pending catch-up. 2: the previous release.
+const VERSION: u32 = 4;
+const VERSION_3: u32 = 3;
 const VERSION_2: u32 = 2;
 
 fn path() -> PathBuf {
@@ -114,6 +116,16 @@ struct MemberRecord {
     day: i32,
     used: u64,
     share: u64,
+    spent_from: i32,
+    spent: u64,
+}
+
+/// What a pool spent of its budget in a period (budgets.rs).
+struct SpendRecord {
+    owner: Owner,
+    pool_id: i64,
+    period: i32,
+    spent: u64,
 }
 
 struct KeyRecord {
@@ -178,6 +190,32 @@ fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64) -> 
         put_i32(&mut out, m.day);
         put_u64(&mut out, m.used);
         put_u64(&mut out, m.share);
+        put_i32(&mut out, m.spent_from);
+        put_u64(&mut out, m.spent);
+    }
+    // Pools' spend, in every save: a budget's period can be a month.
+    let spends: Vec<SpendRecord> = sh
+        .pools
+        .iter()
+        .filter(|p| !p.tag.is_free())
+        .filter_map(|p| {
+            // A spin lock: free in the postmaster too, where nothing else runs.
+            let (period, spent) = p.spend.with(|period, spent| (*period, *spent));
+            (period != 0).then(|| SpendRecord {
+                owner: p.tag.owner(),
+                pool_id: p.tag.id(),
+                period,
+                spent,
+            })
+        })
+        .collect();
+    put_u32(&mut out, spends.len() as u32);
+    for s in spends {
+        put_u32(&mut out, s.owner.dboid);
+        put_i64(&mut out, s.owner.instance);
+        put_i64(&mut out, s.pool_id);
+        put_i32(&mut out, s.period);
+        put_u64(&mut out, s.spent);
     }
     out
 }
@@ -190,7 +228,11 @@ fn members_of_today(sh: &Shared) -> Vec<MemberRecord> {
         let stripe = sh.members.stripe_at_unlocked(s);
         for i in 0..stripe.len() {
             let m = stripe.at(i);
-            if m.hash == 0 || !m.is_member() || m.day == NEVER || (m.pool_slot as usize) >= sh.pools.len() {
+            if m.hash == 0
+                || !m.is_member()
+                || (m.day == NEVER && m.spent_from == 0)
+                || (m.pool_slot as usize) >= sh.pools.len()
+            {
                 continue;
             }
             let pool = sh.pool(m.pool_slot);
@@ -206,6 +248,8 @@ fn members_of_today(sh: &Shared) -> Vec<MemberRecord> {
                 day: m.day,
                 used: m.used,
                 share: m.share,
+                spent_from: m.spent_from,
+                spent: m.spent,
             });
         }
     }
@@ -222,6 +266,7 @@ struct Decoded {
     scopes: Vec<ScopeRecord>,
     keys: Vec<KeyRecord>,
     members: Vec<MemberRecord>,
+    spends: Vec<SpendRecord>,
 }
 
 fn decode(mut input: &[u8]) -> Option<Decoded> {
@@ -230,12 +275,12 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
         return None;
     }
     let version = get_u32(i)?;
-    if version != VERSION && version != VERSION_2 {
+    if version != VERSION && version != VERSION_3 && version != VERSION_2 {
         return None;
     }
     let clean = get_u32(i)? == 1;
     let saved_ms = get_i64(i)?;
-    let (writer, pending) = if version == VERSION {
+    let (writer, pending) = if version >= VERSION_3 {
         let writer = Writer {
             system_identifier: get_u64(i)?,
             timeline: get_u32(i)?,
@@ -292,7 +337,25 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
             day: get_i32(i)?,
             used: get_u64(i)?,
             share: get_u64(i)?,
+            spent_from: if version >= VERSION { get_i32(i)? } else { 0 },
+            spent: if version >= VERSION { get_u64(i)? } else { 0 },
         });
+    }
+    let mut spends = Vec::new();
+    if version >= VERSION {
+        let n = get_u32(i)? as usize;
+        spends.reserve(n.min(1 << 16));
+        for _ in 0..n {
+            spends.push(SpendRecord {
+                owner: Owner {
+                    dboid: get_u32(i)?,
+                    instance: get_i64(i)?,
+                },
+                pool_id: get_i64(i)?,
+                period: get_i32(i)?,
+                spent: get_u64(i)?,
+            });
+        }
     }
     i.is_empty().then_some(Decoded {
         clean,
@@ -302,6 +365,7 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
         scopes,
         keys,
         members,
+        spends,
     })
 }
 
@@ -496,6 +560,16 @@ pub fn restore_at_startup() {
     if clean {
         restore_members(sh, &state.members);
     }
+    // Spend comes back after a crash too (what was settled since the save is unknown; the
+    // flusher's record in keypool.pool_spend is compared when the pool is loaded).
+    for r in &state.spends {
+        if let Some(slot) = pool_slot_for(sh, r.owner, r.pool_id) {
+            sh.pool(slot).spend.with(|period, spent| {
+                *period = r.period;
+                *spent = r.spent;
+            });
+        }
+    }
     if state.scopes.len() > sh.scopes.len() || state.keys.len() > sh.keys.len() {
         warning!("pg_keypool: {FILE} holds more scopes or keys than pg_keypool.max_scopes / max_keys allow; the rest start empty");
     }
@@ -513,16 +587,9 @@ pub fn restore_at_startup() {
 /// of each pool's members come from its table when it is first used (assign.rs keeps this usage).
 fn restore_members(sh: &Shared, records: &[MemberRecord]) {
     for r in records {
-        let slot = match sh.pools.iter().position(|p| p.tag.is(r.owner, r.pool_id)) {
-            Some(i) => i,
-            None => match sh.pools.iter().position(|p| p.tag.is_free()) {
-                Some(i) => {
-                    sh.pools[i].tag.set(r.owner, r.pool_id, clock::real_now_ms());
-                    i
-                }
-                None => continue,
-            },
-        } as u32;
+        let Some(slot) = pool_slot_for(sh, r.owner, r.pool_id) else {
+            continue;
+        };
         let stripe = sh.members.stripe_at_unlocked((r.hash % STRIPES as u64) as usize);
         let Some(i) = stripe.try_insert_member(sh, r.hash, slot, r.day) else {
             continue;
@@ -533,10 +600,25 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
         m.day = r.day;
         m.used = r.used;
         m.share = r.share;
+        m.spent_from = r.spent_from;
+        m.spent = r.spent;
         // A member (the clean save leaves guests out): no guest flood may take its entry before
         // its pool is loaded.
         m.flags |= crate::members::FLAG_MEMBER;
     }
+}
+
+/// The slot of a pool being restored: the one bound to it already, else a free one bound now.
+fn pool_slot_for(sh: &Shared, owner: Owner, pool_id: i64) -> Option<u32> {
+    let i = match sh.pools.iter().position(|p| p.tag.is(owner, pool_id)) {
+        Some(i) => i,
+        None => {
+            let i = sh.pools.iter().position(|p| p.tag.is_free())?;
+            sh.pools[i].tag.set(owner, pool_id, clock::real_now_ms());
+            i
+        }
+    };
+    Some(i as u32)
 }
 
 /// `keypool_save_state()`: writes the state file now.
@@ -572,6 +654,7 @@ mod judge_tests {
             scopes: Vec::new(),
             keys: Vec::new(),
             members: Vec::new(),
+            spends: Vec::new(),
         }
     }
 

@@ -9,9 +9,11 @@ use std::rc::Rc;
 
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
+use pgrx::AnyNumeric;
 
 use crate::access::{self, Privilege};
 use crate::assign;
+use crate::budgets;
 use crate::clock;
 use crate::config::{self, Config, Pool};
 use crate::errors;
@@ -302,6 +304,9 @@ fn keypool_allocation(
         name!(warning_level, String),
         name!(resets_at, TimestampWithTimeZone),
         name!(allocated_tokens_today, Option<i64>),
+        name!(spent, Option<AnyNumeric>),
+        name!(budget, Option<AnyNumeric>),
+        name!(budget_resets_at, Option<TimestampWithTimeZone>),
     ),
 > {
     let _path = crate::privilege::pin_search_path();
@@ -312,6 +317,18 @@ fn keypool_allocation(
     let now = clock::now_ms();
     let (a, _, resets_at) = view(sh, &cfg, pool, user, now);
     let tokens = token_share(sh, &cfg, pool, user, now);
+    let money = |m: u64| budgets::to_decimal(m).parse::<AnyNumeric>().ok();
+    let (spent, budget, budget_resets_at) = match &pool.budget {
+        Some(b) => {
+            let s = budgets::standing(sh, &cfg, pool, b, user, now);
+            (
+                money(s.user_spent),
+                b.per_user.and_then(money),
+                Some(clock::to_timestamptz(s.resets_at_ms)),
+            )
+        }
+        None => (None, None, None),
+    };
     TableIterator::once((
         a.allocated.map(|v| v as i64),
         a.used as i64,
@@ -319,6 +336,9 @@ fn keypool_allocation(
         a.warning().to_string(),
         clock::to_timestamptz(resets_at),
         tokens.map(|v| v as i64),
+        spent,
+        budget,
+        budget_resets_at,
     ))
 }
 
@@ -334,8 +354,12 @@ fn keypool_can_request(user_id: Option<&str>, pool: default!(Option<&str>, "'def
         return false;
     }
     assign::ensure_loaded(sh, &cfg, pool);
-    let (a, may_borrow, _) = view(sh, &cfg, pool, user, clock::now_ms());
-    a.remaining().is_none_or(|r| r > 0) || may_borrow
+    let now = clock::now_ms();
+    let (a, may_borrow, _) = view(sh, &cfg, pool, user, now);
+    let within_budget = pool
+        .budget
+        .is_none_or(|b| budgets::standing(sh, &cfg, pool, &b, user, now).room);
+    (a.remaining().is_none_or(|r| r > 0) || may_borrow) && within_budget
 }
 
 fn arguments<'a>(user_id: Option<&'a str>, pool: Option<&'a str>) -> (Rc<Config>, &'a str, &'a str) {

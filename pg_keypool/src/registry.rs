@@ -87,6 +87,7 @@ impl Slot for PoolSlot {
         self.after_prepared.store(0, Ordering::Release);
         self.guests_reset();
         self.fell_through.reset();
+        self.spend.reset();
         let mut shares = self.lock();
         *shares = PoolShares::default();
         // Member entries of the previous binding become stale.

@@ -52,6 +52,8 @@ pub struct Record {
     pub member_day: i32,
     /// The role that reserved (its oid).
     pub role: u32,
+    /// What it holds of its pool's budget (budgets.rs).
+    pub hold: crate::budgets::Hold,
 }
 
 /// How a reservation ended.
@@ -110,6 +112,10 @@ fn write(s: &ReservationSlot, id: u64, r: &Record) {
     s.member_hash.store(r.member_hash, Relaxed);
     s.member_day.store(r.member_day, Relaxed);
     s.role.store(r.role, Relaxed);
+    s.cost_held.store(r.hold.amount, Relaxed);
+    s.spend_period.store(r.hold.period, Relaxed);
+    s.spend_index.store(r.hold.index, Relaxed);
+    s.spend_hash.store(r.hold.hash, Relaxed);
     s.id.store(id, Release);
 }
 
@@ -129,6 +135,12 @@ fn read(s: &ReservationSlot) -> Record {
         member_hash: s.member_hash.load(Relaxed),
         member_day: s.member_day.load(Relaxed),
         role: s.role.load(Relaxed),
+        hold: crate::budgets::Hold {
+            amount: s.cost_held.load(Relaxed),
+            period: s.spend_period.load(Relaxed),
+            index: s.spend_index.load(Relaxed),
+            hash: s.spend_hash.load(Relaxed),
+        },
     }
 }
 

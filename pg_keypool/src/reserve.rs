@@ -21,12 +21,14 @@ use pgrx::prelude::*;
 use crate::access::{self, Privilege};
 use crate::assign;
 use crate::breaker::{self, Admission};
+use crate::budgets::{self, Hold};
 use crate::calendar;
 use crate::clock;
 use crate::composite::{self, Value};
-use crate::config::{self, Config, Key};
+use crate::config::{self, Budget, Config, Key, Pool};
 use crate::errors::{self, Code};
 use crate::fallbacks::{self, ChainRefusal};
+use crate::members;
 use crate::privilege;
 use crate::quota::{self, Allocation, Take, Ticket};
 use crate::reservation::{self, Record, FLAG_BORROWED, FLAG_TRIAL};
@@ -44,6 +46,8 @@ pub enum Refusal {
     PoolExhausted,
     NoKeys,
     QuotaExceeded,
+    /// The pool's or the user's spend budget for the period is used up.
+    BudgetExceeded,
     /// The estimate is more than any usable key allows: an error, unless a fallback serves.
     TooLarge,
 }
@@ -54,6 +58,7 @@ impl Refusal {
             Refusal::PoolExhausted => "POOL_EXHAUSTED",
             Refusal::NoKeys => "NO_KEYS",
             Refusal::QuotaExceeded => "QUOTA_EXCEEDED",
+            Refusal::BudgetExceeded => "BUDGET_EXCEEDED",
             Refusal::TooLarge => "POOL_EXHAUSTED",
         }
     }
@@ -83,6 +88,8 @@ struct Share {
     preferred: i64,
     /// The role reserving: only it (or an administrator of the pool) may settle or release.
     role: pg_sys::Oid,
+    /// What it holds of the pool's budget, if the pool has one.
+    hold: Option<(Budget, Hold)>,
 }
 
 /// A slot this backend cached was bound to another row meanwhile: reload and try again.
@@ -225,6 +232,11 @@ fn reserve_in(
             },
         );
     }
+    // What the reservation will hold of a budget, known before anything is taken (a key without
+    // a price is an error).
+    let budget = pool
+        .budget
+        .map(|b| (b, budgets::worst_estimate(&cfg, pool, &b, est_tokens as u64)));
     let (ticket, preferred, mut allocation) = match quota::take(sh, &cfg, pool, user, now) {
         Take::Exceeded {
             allocation,
@@ -246,15 +258,55 @@ fn reserve_in(
             allocation,
         } => (ticket, preferred, allocation),
     };
+    let hold = match budget {
+        None => None,
+        Some((b, amount)) => {
+            let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+            match budgets::take(sh, pool, &b, hash, amount, now) {
+                Ok(hold) => Some((b, hold)),
+                Err(wait) => {
+                    if let Some(t) = &ticket {
+                        quota::give_back(sh, pool.slot, t);
+                        allocation.used = allocation.used.saturating_sub(1);
+                    }
+                    return (
+                        cfg,
+                        Answer::Refused {
+                            refusal: Refusal::BudgetExceeded,
+                            retry_after_ms: Some(wait),
+                            allocation,
+                        },
+                    );
+                }
+            }
+        }
+    };
     let share = Share {
         pool_slot: pool.slot,
         ticket,
         preferred,
         role,
+        hold,
+    };
+    // Gives back what the share and budget hold when no key is granted.
+    let give_back = |sh: &Shared, share: &Share, allocation: &mut Allocation| {
+        if let Some(t) = &share.ticket {
+            quota::give_back(sh, share.pool_slot, t);
+            allocation.used = allocation.used.saturating_sub(1);
+        }
+        if let Some((_, h)) = &share.hold {
+            budgets::adjust(sh, share.pool_slot, h, -(h.amount as i64));
+        }
     };
     for _ in 0..3 {
         match try_reserve(sh, &cfg, pool_name, est_tokens, &share) {
             Ok(Ok((key, reservation_id, granted_at_ms))) => {
+                if let Some((b, h)) = &share.hold {
+                    // The hold was for the dearest key: keep what the granted key's estimate needs.
+                    let pool = assign::pool_or_error(&cfg, pool_name);
+                    let needed = budgets::key_estimate(&cfg.keys[key], pool, b, est_tokens as u64);
+                    budgets::adjust(sh, share.pool_slot, h, needed as i64 - h.amount as i64);
+                }
                 let pool = cfg.pools_by_name.get(pool_name).copied().unwrap_or(0);
                 return (
                     cfg,
@@ -268,10 +320,7 @@ fn reserve_in(
                 );
             }
             Ok(Err((refusal, retry_after_ms))) => {
-                if let Some(t) = &share.ticket {
-                    quota::give_back(sh, share.pool_slot, t);
-                    allocation.used = allocation.used.saturating_sub(1);
-                }
+                give_back(sh, &share, &mut allocation);
                 return (
                     cfg,
                     Answer::Refused {
@@ -284,9 +333,7 @@ fn reserve_in(
             Err(Rebound) => cfg = config::reload_now(),
         }
     }
-    if let Some(t) = &share.ticket {
-        quota::give_back(sh, share.pool_slot, t);
-    }
+    give_back(sh, &share, &mut allocation);
     errors::error(
         Code::ERRCODE_INTERNAL_ERROR,
         "pg_keypool: shared-memory slots kept moving during a reservation",
@@ -414,6 +461,10 @@ fn readiness(sh: &Shared, cfg: &Config, key: &Key, now: i64, lease: i64) -> Read
     }
 }
 
+fn pool_of<'c>(cfg: &'c Config, key: &Key) -> Option<&'c Pool> {
+    cfg.pools.iter().find(|p| p.id == key.pool_id)
+}
+
 /// Tries to charge one request to `key`'s scope and open a reservation: the reservation id, or
 /// how long until the scope has room.
 #[allow(clippy::too_many_arguments)]
@@ -471,6 +522,11 @@ fn try_key(
                 member_hash: share.ticket.map_or(0, |t| t.hash),
                 member_day: share.ticket.map_or(0, |t| t.day),
                 role: share.role.to_u32(),
+                // The granted key's estimate (reserve_in lowers the hold to it).
+                hold: share.hold.map_or_else(Hold::default, |(b, h)| Hold {
+                    amount: pool_of(cfg, key).map_or(h.amount, |p| budgets::key_estimate(key, p, &b, tokens)),
+                    ..h
+                }),
             };
             let reservation_id = reservation::open(sh, &record, now, lease);
             key_slot.add(Counter::Requests, 1);

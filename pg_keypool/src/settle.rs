@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 use crate::access::Privilege;
 use crate::admin;
 use crate::breaker;
+use crate::budgets;
 use crate::calendar;
 use crate::clock;
 use crate::config::{self, Config};
@@ -163,6 +164,14 @@ fn keypool_settle(
 
     let actual = (prompt + completion).min(MAX_TOKENS);
     correct(sh, &cfg, &r, 0, actual - r.est_tokens, now);
+    if r.hold.held() {
+        // The true cost replaces the estimate (the estimate stays when the price is gone).
+        let cost = cfg
+            .key_by_id(r.key_id)
+            .and_then(|k| k.price)
+            .map_or(r.hold.amount, |p| budgets::cost(&p, prompt as u64, completion as u64));
+        budgets::adjust(sh, r.pool_slot, &r.hold, cost as i64 - r.hold.amount as i64);
+    }
 
     let key_slot = sh.key(r.key_slot);
     let mut breaker_opened = None;
@@ -272,6 +281,9 @@ fn keypool_release(reservation_id: Option<i64>) {
     let (_, r) = take(sh, &cfg, reservation_id, Closed::Released);
     let now = clock::now_ms();
     correct(sh, &cfg, &r, -1, -r.est_tokens, now);
+    if r.hold.held() {
+        budgets::adjust(sh, r.pool_slot, &r.hold, -(r.hold.amount as i64));
+    }
     if r.member_index != u32::MAX {
         let ticket = Ticket {
             index: r.member_index,

@@ -291,6 +291,61 @@ pub struct PoolSlot {
     shares: UnsafeCell<PoolShares>,
     /// Requests this pool refused that a pool of its fallback chain then served, today.
     pub fell_through: DayCount,
+    /// What the pool spent of its budget in the current period (budgets.rs).
+    pub spend: Spend,
+}
+
+/// A pool's spend in one budget period, in millionths: settled costs plus the estimates that
+/// open reservations hold. A spin lock guards it: the critical sections are a few instructions.
+#[repr(C)]
+pub struct Spend {
+    lock: AtomicU32,
+    /// The day number the period began on (0: none yet).
+    period: UnsafeCell<i32>,
+    spent: UnsafeCell<u64>,
+}
+
+// SAFETY: the cells are only touched under the spin lock.
+unsafe impl Sync for Spend {}
+
+impl Spend {
+    /// Runs `f` on (period start, spent) under the lock.
+    pub fn with<R>(&self, f: impl FnOnce(&mut i32, &mut u64) -> R) -> R {
+        let mut spins = 0u32;
+        while self
+            .lock
+            .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            spins += 1;
+            if spins.is_multiple_of(64) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        struct Unlock<'a>(&'a AtomicU32);
+        impl Drop for Unlock<'_> {
+            fn drop(&mut self) {
+                self.0.store(0, Ordering::Release);
+            }
+        }
+        let _unlock = Unlock(&self.lock);
+        // SAFETY: the lock is held.
+        unsafe { f(&mut *self.period.get(), &mut *self.spent.get()) }
+    }
+
+    /// The spend of the period that began on `period` (0 when another period is recorded).
+    pub fn of(&self, period: i32) -> u64 {
+        self.with(|p, spent| if *p == period { *spent } else { 0 })
+    }
+
+    pub fn reset(&self) {
+        self.with(|p, spent| {
+            *p = 0;
+            *spent = 0;
+        });
+    }
 }
 
 /// A count of one day (the pool's day number), starting over when the day changes.
@@ -447,6 +502,11 @@ pub struct ReservationSlot {
     pub member_day: AtomicI32,
     /// The role that reserved.
     pub role: AtomicU32,
+    /// The cost held of the pool's budget (budgets.rs), its period, and the user's entry.
+    pub cost_held: AtomicU64,
+    pub spend_period: AtomicI32,
+    pub spend_index: AtomicU32,
+    pub spend_hash: AtomicU64,
 }
 
 /// A database's settable clock (tests).

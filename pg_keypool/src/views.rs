@@ -311,9 +311,19 @@ mod keypool {
         TableIterator::new(rows)
     }
 
-    /// Requests each pool this role may read refused today that its fallback chain served.
+    /// For each pool this role may read: requests it refused today that its fallback chain
+    /// served, and what it spent of its budget in the current period.
     #[pg_extern(stable, parallel_safe)]
-    fn fallback_state() -> TableIterator<'static, (name!(pool_id, i64), name!(fell_through_today, i64))> {
+    #[allow(clippy::type_complexity)]
+    fn routing_state() -> TableIterator<
+        'static,
+        (
+            name!(pool_id, i64),
+            name!(fell_through_today, i64),
+            name!(spent_micros, Option<i64>),
+            name!(budget_resets_at, Option<TimestampWithTimeZone>),
+        ),
+    > {
         let _path = crate::privilege::pin_search_path();
         let sh = shmem::shared();
         let cfg = config::current();
@@ -323,7 +333,17 @@ mod keypool {
             .pools
             .iter()
             .filter(|pool| cfg.grants.allows(caller, Some(pool.id), Privilege::Read))
-            .map(|pool| (pool.id, sh.pool(pool.slot).fell_through.on(pool.day(now).0) as i64))
+            .map(|pool| {
+                let slot = sh.pool(pool.slot);
+                let (spent, resets_at) = match &pool.budget {
+                    Some(b) => {
+                        let (start, end) = crate::budgets::period(b, pool.tz, now);
+                        (Some(slot.spend.of(start) as i64), Some(clock::to_timestamptz(end)))
+                    }
+                    None => (None, None),
+                };
+                (pool.id, slot.fell_through.on(pool.day(now).0) as i64, spent, resets_at)
+            })
             .collect();
         TableIterator::new(rows)
     }

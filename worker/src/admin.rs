@@ -160,7 +160,8 @@ async fn user_and_pool(
     Ok((user, pool))
 }
 
-/// `GET /allocation/daily?model=...`: the calling user's share of the pool today.
+/// `GET /allocation/daily?model=...`: the calling user's share of the pool today, and their
+/// spend and budget this period when the pool has a budget.
 async fn daily(
     State(ep): State<Arc<Endpoint>>,
     Extension(principal): Extension<Principal>,
@@ -176,7 +177,8 @@ async fn daily(
         "SELECT $1::text AS \"user\", $2::text AS pool, allocated_today AS \"allocatedRequestsToday\",
                 used_today AS \"requestsUsedToday\", remaining_today AS \"requestsRemainingToday\",
                 warning_level AS \"warningLevel\", resets_at AS \"resetsAt\",
-                allocated_tokens_today AS \"allocatedTokensToday\"
+                allocated_tokens_today AS \"allocatedTokensToday\",
+                spent AS \"spentThisPeriod\", budget AS \"budget\", budget_resets_at AS \"budgetResetsAt\"
            FROM keypool_allocation($1, $2)",
         &[&user, &pool],
         true,

@@ -111,7 +111,7 @@ pub struct Grant {
 
 #[derive(Clone, Debug)]
 pub struct Refusal {
-    /// QUOTA_EXCEEDED, POOL_EXHAUSTED or NO_KEYS.
+    /// QUOTA_EXCEEDED, BUDGET_EXCEEDED, POOL_EXHAUSTED or NO_KEYS.
     pub code: String,
     pub retry_after_ms: Option<i64>,
     pub allocation: Allocation,

@@ -3,8 +3,8 @@
 //! (`keypool_complete_request`). NOTIFY keypool_requests wakes it; when idle it sleeps until the
 //! next request falls due or lease runs out (`keypool_queue_wake_at`), never polling faster.
 //!
-//! How a request ends: an answer is 'done'; QUOTA_EXCEEDED, caller errors and unknown pools
-//! are 'failed' at once; POOL_EXHAUSTED waits for capacity without counting an attempt (up to
+//! How a request ends: an answer is 'done'; QUOTA_EXCEEDED, BUDGET_EXCEEDED, NO_KEYS, caller
+//! errors and unknown pools are 'failed' at once; POOL_EXHAUSTED waits for capacity without counting an attempt (up to
 //! the request's deadline); provider failures on every key are retried later, up to the
 //! request's max_attempts. On shutdown, requests still running after the grace period go back
 //! to the queue without counting an attempt.

@@ -463,6 +463,16 @@ pub fn failure_response(pool: &str, f: Failure) -> Response {
                         StatusCode::TOO_MANY_REQUESTS,
                         format!("POOL_EXHAUSTED: every key of pool \"{pool}\" is at its limit right now"),
                     ),
+                    "BUDGET_EXCEEDED" => (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        format!(
+                            "BUDGET_EXCEEDED: the spend budget of pool \"{pool}\" (or yours in it) is used up until it resets{}",
+                            refusal
+                                .retry_after_ms
+                                .map(|ms| format!(" in {} s", (ms + 999) / 1000))
+                                .unwrap_or_default()
+                        ),
+                    ),
                     "NO_KEYS" => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("NO_KEYS: pool \"{pool}\" has no usable key (all disabled or removed)"),
