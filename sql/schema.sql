@@ -146,10 +146,6 @@ CREATE TABLE keypool.member (
     -- crash or a failover.
     used_on     date,
     used        bigint,
-    -- What the user spent of their budget (keypool_set_budget's per_user) in the period that
-    -- began on spent_from, as last flushed.
-    spent_from  date,
-    spent       bigint,
     PRIMARY KEY (pool_id, user_id)
 ) WITH (fillfactor = 70);  -- room for HOT updates of last_active, used_on and used
 CREATE INDEX member_hash ON keypool.member (pool_id, user_hash);
@@ -180,6 +176,17 @@ CREATE TABLE keypool.pool_spend (
     pool_id      bigint PRIMARY KEY REFERENCES keypool.pool (id) ON DELETE CASCADE,
     period_start date NOT NULL,
     spent        bigint NOT NULL
+) WITH (fillfactor = 50);
+
+-- What each user (member or not) spent of a pool's per-user budget in the period that began on
+-- period_start, as last flushed: read at the user's first reservation of a period that shared
+-- memory does not know (budgets.rs).
+CREATE TABLE keypool.user_spend (
+    pool_id      bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    user_hash    bigint NOT NULL,
+    period_start date NOT NULL,
+    spent        bigint NOT NULL,
+    PRIMARY KEY (pool_id, user_hash)
 ) WITH (fillfactor = 50);
 
 -- What each scope used of its day, as the primary last recorded it (failover.rs): a promoted
@@ -283,5 +290,6 @@ SELECT pg_catalog.pg_extension_config_dump('keypool.member', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.usage_hourly', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.scope_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool_spend', '');
+SELECT pg_catalog.pg_extension_config_dump('keypool.user_spend', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.usage_snapshot', '');
 SELECT pg_catalog.pg_extension_config_dump('keypool.event', '');

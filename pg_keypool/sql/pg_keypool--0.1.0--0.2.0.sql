@@ -65,6 +65,14 @@ CREATE TABLE keypool.pool_spend (
     spent        bigint NOT NULL
 ) WITH (fillfactor = 50);
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool_spend', '');
+CREATE TABLE keypool.user_spend (
+    pool_id      bigint NOT NULL REFERENCES keypool.pool (id) ON DELETE CASCADE,
+    user_hash    bigint NOT NULL,
+    period_start date NOT NULL,
+    spent        bigint NOT NULL,
+    PRIMARY KEY (pool_id, user_hash)
+) WITH (fillfactor = 50);
+SELECT pg_catalog.pg_extension_config_dump('keypool.user_spend', '');
 CREATE TRIGGER config_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keypool.pool_fallback
     FOR EACH STATEMENT EXECUTE FUNCTION keypool.config_changed();
 SELECT pg_catalog.pg_extension_config_dump('keypool.pool_fallback', '');
@@ -159,7 +167,6 @@ ALTER TABLE keypool.pool ADD COLUMN fallback_on_quota boolean NOT NULL DEFAULT f
     ADD COLUMN budget_per_user_micros bigint CHECK (budget_per_user_micros >= 0),
     ADD COLUMN default_cost_micros bigint NOT NULL DEFAULT 0 CHECK (default_cost_micros >= 0),
     ADD CHECK ((budget_period IS NULL) = (budget_micros IS NULL AND budget_per_user_micros IS NULL));
-ALTER TABLE keypool.member ADD COLUMN spent_from date, ADD COLUMN spent bigint;
 
 -- Functions of the library (new, or replacing the SQL ones of 0.1.0 with the same signatures).
 CREATE FUNCTION keypool_grant(pool text, grantee regrole, privilege text DEFAULT 'use') RETURNS void

@@ -22,7 +22,7 @@ use crate::access::{self, Privilege};
 use crate::clock;
 use crate::config::{self, Config, Key, Pool};
 use crate::errors::{self, Code};
-use crate::members::{self, Member, FLAG_ACTIVE_DIRTY, FLAG_MEMBER, FLAG_USE_DIRTY};
+use crate::members::{self, Member, FLAG_ACTIVE_DIRTY, FLAG_MEMBER, FLAG_SPEND_DIRTY, FLAG_USE_DIRTY};
 use crate::privilege;
 use crate::reserve::check_user_id;
 use crate::shares::{PoolShares, TreeMeta, NEVER, WEIGHT_SCALE};
@@ -122,19 +122,13 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
     let sql = CString::new(format!(
         "SELECT user_hash, coalesce(key_id, 0), round(weight * {WEIGHT_SCALE})::bigint,
                 coalesce(last_active - DATE '1970-01-01', {NEVER}),
-                CASE WHEN used_on - DATE '1970-01-01' = {today} THEN coalesce(used, 0) ELSE 0 END,
-                coalesce(spent_from - DATE '1970-01-01', 0), coalesce(spent, 0)
+                CASE WHEN used_on - DATE '1970-01-01' = {today} THEN coalesce(used, 0) ELSE 0 END
            FROM keypool.member WHERE pool_id = {}",
         pool.id
     ))
     .expect("no NUL in the query");
-    #[allow(clippy::type_complexity)]
-    let rows: Vec<(i64, i64, i64, i32, i64, i32, i64)> = privilege::as_owner(cfg.extension_owner, || {
-        Spi::connect(|_| {
-            config::fresh_rows(&sql, |r| {
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6))
-            })
-        })
+    let rows: Vec<(i64, i64, i64, i32, i64)> = privilege::as_owner(cfg.extension_owner, || {
+        Spi::connect(|_| config::fresh_rows(&sql, |r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))))
     });
     crate::budgets::restore_pool_spend(sh, cfg, pool);
     let mut shares = slot.lock();
@@ -144,7 +138,7 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
     // Members whose use today is known only from the table (a crash or a failover since it was
     // flushed): their share is fixed once every member is counted.
     let mut used_today: Vec<(u64, u64)> = Vec::new();
-    for (hash, key_id, weight, last_active, used, spent_from, spent) in rows {
+    for (hash, key_id, weight, last_active, used) in rows {
         let class = shares
             .class_of(weight.max(1))
             .unwrap_or_else(|| too_many_weights(&pool.name));
@@ -156,13 +150,8 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
         shares.add_member(class, last_active);
         m.key_id = key_id;
         m.class = class;
-        m.flags = FLAG_MEMBER | (m.flags & (FLAG_ACTIVE_DIRTY | FLAG_USE_DIRTY));
+        m.flags = FLAG_MEMBER | (m.flags & (FLAG_ACTIVE_DIRTY | FLAG_USE_DIRTY | FLAG_SPEND_DIRTY));
         m.last_active = last_active;
-        // What the member spent of their budget, as last flushed, unless the entry knows more.
-        if spent_from > m.spent_from || (spent_from == m.spent_from && spent.max(0) as u64 > m.spent) {
-            m.spent_from = spent_from;
-            m.spent = spent.max(0) as u64;
-        }
         if m.day == today {
             shares.active_shares += m.share;
             shares.borrowed += m.used.saturating_sub(m.share);

@@ -23,7 +23,7 @@ use chrono_tz::Tz;
 use crate::calendar;
 use crate::config::{Budget, Config, Key, Period, Pool, Price};
 use crate::errors::{self, Code};
-use crate::members::{self, FLAG_USE_DIRTY};
+use crate::members::{self, FLAG_SPEND_DIRTY, STRIPES};
 use crate::shmem::Shared;
 
 /// Millionths per unit of currency.
@@ -40,6 +40,107 @@ pub fn period(budget: &Budget, tz: Tz, now_ms: i64) -> (i32, i64) {
         }
         Period::Month => calendar::month_of(tz, now_ms),
     }
+}
+
+/// What `keypool.user_spend` says the user spent in the period that began on `start`, when
+/// shared memory does not know that period for them (their first reservation of it since a
+/// restart, or since their entry was taken over): one indexed lookup. Never under a lock.
+pub fn recorded_user_spend(sh: &Shared, cfg: &Config, pool: &Pool, hash: u64, start: i32) -> Option<u64> {
+    let known = {
+        let stripe = sh.members.stripe(hash);
+        stripe
+            .find(sh, hash, pool.slot)
+            .is_some_and(|i| stripe.at(i).spent_from == start)
+    };
+    if known {
+        return None;
+    }
+    let sql = std::ffi::CString::new(format!(
+        "SELECT spent FROM keypool.user_spend
+          WHERE pool_id = {} AND user_hash = {} AND period_start - DATE '1970-01-01' = {start}",
+        pool.id,
+        members::hash_to_sql(hash)
+    ))
+    .expect("no NUL in the query");
+    crate::privilege::as_owner(cfg.extension_owner, || {
+        pgrx::Spi::connect(|_| crate::config::fresh_rows(&sql, |r| r.get::<i64>(0)))
+    })
+    .into_iter()
+    .next()
+    .map(|v| v.max(0) as u64)
+}
+
+/// Writes what users spent (entries changed since the last flush) to `keypool.user_spend`;
+/// the entries are marked clean when the transaction commits, if they did not change.
+pub fn flush_user_spend(sh: &'static Shared, cfg: &Config) {
+    let pools: std::collections::HashMap<u32, (i64, u32)> = cfg
+        .pools
+        .iter()
+        .filter(|p| p.budget.is_some_and(|b| b.per_user.is_some()))
+        .map(|p| {
+            (
+                p.slot,
+                (
+                    p.id,
+                    sh.pool(p.slot).members_gen.load(std::sync::atomic::Ordering::Acquire),
+                ),
+            )
+        })
+        .collect();
+    if pools.is_empty() {
+        return;
+    }
+    let (mut pool_ids, mut hashes, mut starts, mut spent) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut written: Vec<(u32, u64, i32, u64)> = Vec::new();
+    for s in 0..STRIPES {
+        let stripe = sh.members.stripe_at(s);
+        for i in 0..stripe.len() {
+            let m = stripe.at(i);
+            if m.hash == 0 || m.flags & FLAG_SPEND_DIRTY == 0 || m.spent_from == 0 {
+                continue;
+            }
+            if let Some(&(pool_id, gen)) = pools.get(&m.pool_slot) {
+                if gen == m.pool_gen {
+                    pool_ids.push(pool_id);
+                    hashes.push(members::hash_to_sql(m.hash));
+                    starts.push(m.spent_from);
+                    spent.push(m.spent.min(i64::MAX as u64) as i64);
+                    written.push((stripe.index_of(i), m.hash, m.spent_from, m.spent));
+                }
+            }
+        }
+    }
+    if written.is_empty() {
+        return;
+    }
+    crate::privilege::as_owner(cfg.extension_owner, || {
+        pgrx::Spi::connect_mut(|client| {
+            errors::spi(client.update(
+                "INSERT INTO keypool.user_spend AS u (pool_id, user_hash, period_start, spent)
+                 SELECT v.p, v.h, DATE '1970-01-01' + v.d, v.s
+                   FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::bigint[]) AS v(p, h, d, s)
+                  WHERE EXISTS (SELECT 1 FROM keypool.pool p WHERE p.id = v.p)
+                 ON CONFLICT (pool_id, user_hash) DO UPDATE
+                    SET period_start = excluded.period_start, spent = excluded.spent",
+                None,
+                &[pool_ids.into(), hashes.into(), starts.into(), spent.into()],
+            ));
+        })
+    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, move || {
+        let Some(sh) = crate::shmem::try_shared() else {
+            return;
+        };
+        for (index, hash, start, spent) in &written {
+            let stripe = sh.members.stripe(*hash);
+            if let Some(i) = stripe.position_of(*index) {
+                let m = stripe.at(i);
+                if m.hash == *hash && m.spent_from == *start && m.spent == *spent {
+                    m.flags &= !FLAG_SPEND_DIRTY;
+                }
+            }
+        }
+    });
 }
 
 /// `a × b / MICROS`, rounded up, without overflow.
@@ -141,7 +242,15 @@ impl Default for Hold {
 
 /// Takes `amount` of the pool's budget and of the user's (`hash`) for the period containing
 /// `now_ms`: the hold, or the wait until the period ends.
-pub fn take(sh: &Shared, pool: &Pool, budget: &Budget, hash: u64, amount: u64, now_ms: i64) -> Result<Hold, i64> {
+/// `recorded` is what `recorded_user_spend` found, if it was asked.
+pub fn take(
+    sh: &Shared,
+    pool: &Pool,
+    budget: &Budget,
+    (hash, recorded): (u64, Option<u64>),
+    amount: u64,
+    now_ms: i64,
+) -> Result<Hold, i64> {
     let (start, end) = period(budget, pool.tz, now_ms);
     let wait = (end - now_ms).max(1);
     // The pool's spend is kept whether or not it has a limit of its own (views show it).
@@ -179,13 +288,13 @@ pub fn take(sh: &Shared, pool: &Pool, budget: &Budget, hash: u64, amount: u64, n
             let m = stripe.at(i);
             if m.spent_from != start {
                 m.spent_from = start;
-                m.spent = 0;
+                m.spent = recorded.unwrap_or(0);
             }
             if m.spent.saturating_add(amount.max(1)) > per_user {
                 return false;
             }
             m.spent += amount;
-            m.flags |= FLAG_USE_DIRTY;
+            m.flags |= FLAG_SPEND_DIRTY;
             hold.index = stripe.index_of(i);
             true
         });
@@ -230,7 +339,7 @@ pub fn adjust(sh: &Shared, pool_slot: u32, hold: &Hold, delta: i64) {
             let m = stripe.at(i);
             if m.hash == hold.hash && m.pool_slot == pool_slot && m.spent_from == hold.period {
                 apply(&mut m.spent);
-                m.flags |= FLAG_USE_DIRTY;
+                m.flags |= FLAG_SPEND_DIRTY;
             }
         }
     }
@@ -249,13 +358,16 @@ pub struct Standing {
 pub fn standing(sh: &Shared, cfg: &Config, pool: &Pool, budget: &Budget, user: &str, now_ms: i64) -> Standing {
     let (start, end) = period(budget, pool.tz, now_ms);
     let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+    let recorded = budget
+        .per_user
+        .and_then(|_| recorded_user_spend(sh, cfg, pool, hash, start));
     let user_spent = {
         let stripe = sh.members.stripe(hash);
         stripe
             .find(sh, hash, pool.slot)
             .map(|i| stripe.at(i))
             .filter(|m| m.spent_from == start)
-            .map_or(0, |m| m.spent)
+            .map_or(recorded.unwrap_or(0), |m| m.spent)
     };
     let pool_spent = sh.pool(pool.slot).spend.of(start);
     let next = pool

@@ -136,6 +136,7 @@ pub fn flush(cfg: &Config) -> i64 {
         });
     }
     let activity = flush_activity(sh, cfg);
+    crate::budgets::flush_user_spend(sh, cfg);
     register_xact_callback(PgXactCallbackEvent::Commit, move || {
         let Some(sh) = shmem::try_shared() else {
             return;
@@ -147,7 +148,7 @@ pub fn flush(cfg: &Config) -> i64 {
                 if m.hash == w.hash && m.last_active == w.last_active {
                     m.flags &= !FLAG_ACTIVE_DIRTY;
                 }
-                if m.hash == w.hash && m.day == w.day && m.used == w.used && m.spent == w.spent {
+                if m.hash == w.hash && m.day == w.day && m.used == w.used {
                     m.flags &= !FLAG_USE_DIRTY;
                 }
             }
@@ -176,7 +177,6 @@ struct Written {
     last_active: i32,
     day: i32,
     used: u64,
-    spent: u64,
 }
 
 /// Writes the day each member was last active (needed to rebuild activity windows after a
@@ -194,7 +194,6 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
     }
     let (mut pool_ids, mut hashes, mut days, mut used_on, mut used) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut spent_from, mut spent) = (Vec::new(), Vec::new());
     let mut written = Vec::new();
     for s in 0..STRIPES {
         let stripe = sh.members.stripe_at(s);
@@ -210,15 +209,12 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
                     days.push(m.last_active);
                     used_on.push(m.day);
                     used.push(m.used.min(i64::MAX as u64) as i64);
-                    spent_from.push(m.spent_from);
-                    spent.push(m.spent.min(i64::MAX as u64) as i64);
                     written.push(Written {
                         index: stripe.index_of(i),
                         hash: m.hash,
                         last_active: m.last_active,
                         day: m.day,
                         used: m.used,
-                        spent: m.spent,
                     });
                 }
             }
@@ -232,11 +228,8 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
                         "UPDATE keypool.member m
                             SET last_active = CASE WHEN v.d = {NEVER} THEN m.last_active ELSE DATE '1970-01-01' + v.d END,
                                 used_on = CASE WHEN v.ud = {NEVER} THEN NULL ELSE DATE '1970-01-01' + v.ud END,
-                                used = v.u,
-                                spent_from = CASE WHEN v.sf = 0 THEN m.spent_from ELSE DATE '1970-01-01' + v.sf END,
-                                spent = CASE WHEN v.sf = 0 THEN m.spent ELSE v.s END
-                           FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[], $6::int[], $7::bigint[])
-                                AS v(p, h, d, ud, u, sf, s)
+                                used = v.u
+                           FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[]) AS v(p, h, d, ud, u)
                           WHERE m.pool_id = v.p AND m.user_hash = v.h"
                     ),
                     None,
@@ -246,8 +239,6 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
                         days.into(),
                         used_on.into(),
                         used.into(),
-                        spent_from.into(),
-                        spent.into(),
                     ],
                 ));
             })

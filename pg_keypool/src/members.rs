@@ -32,8 +32,12 @@ pub const STRIPES: usize = 1024;
 pub const FLAG_MEMBER: u16 = 1;
 /// `last_active` changed since it was last written to `keypool.member`.
 pub const FLAG_ACTIVE_DIRTY: u16 = 2;
-/// `used` or `spent` changed since it was last written to `keypool.member` (history.rs).
+/// `used` changed since it was last written to `keypool.member` (history.rs).
 pub const FLAG_USE_DIRTY: u16 = 4;
+/// `spent` changed since it was last written to `keypool.user_spend` (history.rs).
+pub const FLAG_SPEND_DIRTY: u16 = 8;
+/// How long a guest's entry is kept for what it spent (the longest budget period).
+const SPEND_KEPT_DAYS: i32 = 31;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -311,7 +315,8 @@ fn is_stale(sh: &Shared, m: &Member, today: i32) -> bool {
     {
         return true;
     }
-    !m.is_member() && (m.day == NEVER || m.day < today.saturating_sub(1))
+    let spending = m.spent > 0 && m.spent_from >= today.saturating_sub(SPEND_KEPT_DAYS);
+    !m.is_member() && !spending && (m.day == NEVER || m.day < today.saturating_sub(1))
 }
 
 /// First reservation of the day: the member counts as active today and gets today's share.

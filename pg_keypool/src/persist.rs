@@ -118,6 +118,8 @@ struct MemberRecord {
     share: u64,
     spent_from: i32,
     spent: u64,
+    /// A member, or a guest kept for what it spent of a per-user budget.
+    member: bool,
 }
 
 /// What a pool spent of its budget in a period (budgets.rs).
@@ -192,6 +194,7 @@ fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64) -> 
         put_u64(&mut out, m.share);
         put_i32(&mut out, m.spent_from);
         put_u64(&mut out, m.spent);
+        put_u32(&mut out, m.member as u32);
     }
     // Pools' spend, in every save: a budget's period can be a month.
     let spends: Vec<SpendRecord> = sh
@@ -228,9 +231,10 @@ fn members_of_today(sh: &Shared) -> Vec<MemberRecord> {
         let stripe = sh.members.stripe_at_unlocked(s);
         for i in 0..stripe.len() {
             let m = stripe.at(i);
+            // Members that reserved on some day, and anyone who spent of a budget.
+            let spending = m.spent_from != 0 && m.spent > 0;
             if m.hash == 0
-                || !m.is_member()
-                || (m.day == NEVER && m.spent_from == 0)
+                || !(spending || (m.is_member() && m.day != NEVER))
                 || (m.pool_slot as usize) >= sh.pools.len()
             {
                 continue;
@@ -250,6 +254,7 @@ fn members_of_today(sh: &Shared) -> Vec<MemberRecord> {
                 share: m.share,
                 spent_from: m.spent_from,
                 spent: m.spent,
+                member: m.is_member(),
             });
         }
     }
@@ -339,6 +344,7 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
             share: get_u64(i)?,
             spent_from: if version >= VERSION { get_i32(i)? } else { 0 },
             spent: if version >= VERSION { get_u64(i)? } else { 0 },
+            member: if version >= VERSION { get_u32(i)? == 1 } else { true },
         });
     }
     let mut spends = Vec::new();
@@ -591,7 +597,12 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
             continue;
         };
         let stripe = sh.members.stripe_at_unlocked((r.hash % STRIPES as u64) as usize);
-        let Some(i) = stripe.try_insert_member(sh, r.hash, slot, r.day) else {
+        let entry = if r.member {
+            stripe.try_insert_member(sh, r.hash, slot, r.day)
+        } else {
+            stripe.find_or_insert_guest(sh, r.hash, slot, r.spent_from.max(r.day))
+        };
+        let Some(i) = entry else {
             continue;
         };
         let m = stripe.at(i);
@@ -602,9 +613,14 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
         m.share = r.share;
         m.spent_from = r.spent_from;
         m.spent = r.spent;
-        // A member (the clean save leaves guests out): no guest flood may take its entry before
-        // its pool is loaded.
-        m.flags |= crate::members::FLAG_MEMBER;
+        if r.spent > 0 {
+            // keypool.user_spend may be older than the clean save.
+            m.flags |= crate::members::FLAG_SPEND_DIRTY;
+        }
+        // A member: no guest flood may take its entry before its pool is loaded.
+        if r.member {
+            m.flags |= crate::members::FLAG_MEMBER;
+        }
     }
 }
 

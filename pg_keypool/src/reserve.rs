@@ -232,11 +232,21 @@ fn reserve_in(
             },
         );
     }
-    // What the reservation will hold of a budget, known before anything is taken (a key without
-    // a price is an error).
-    let budget = pool
-        .budget
-        .map(|b| (b, budgets::worst_estimate(&cfg, pool, &b, est_tokens as u64)));
+    // What the reservation will hold of a budget, and what the user spent in this period if
+    // shared memory does not know it, found before anything is taken (a key without a price is
+    // an error).
+    let budget = pool.budget.map(|b| {
+        let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+        let recorded = b.per_user.and_then(|_| {
+            let (start, _) = budgets::period(&b, pool.tz, now);
+            budgets::recorded_user_spend(sh, &cfg, pool, hash, start)
+        });
+        (
+            b,
+            budgets::worst_estimate(&cfg, pool, &b, est_tokens as u64),
+            (hash, recorded),
+        )
+    });
     let (ticket, preferred, mut allocation) = match quota::take(sh, &cfg, pool, user, now) {
         Take::Exceeded {
             allocation,
@@ -260,26 +270,23 @@ fn reserve_in(
     };
     let hold = match budget {
         None => None,
-        Some((b, amount)) => {
-            let hash = members::user_hash(cfg.owner.instance, pool.id, user);
-            match budgets::take(sh, pool, &b, hash, amount, now) {
-                Ok(hold) => Some((b, hold)),
-                Err(wait) => {
-                    if let Some(t) = &ticket {
-                        quota::give_back(sh, pool.slot, t);
-                        allocation.used = allocation.used.saturating_sub(1);
-                    }
-                    return (
-                        cfg,
-                        Answer::Refused {
-                            refusal: Refusal::BudgetExceeded,
-                            retry_after_ms: Some(wait),
-                            allocation,
-                        },
-                    );
+        Some((b, amount, user_spend)) => match budgets::take(sh, pool, &b, user_spend, amount, now) {
+            Ok(hold) => Some((b, hold)),
+            Err(wait) => {
+                if let Some(t) = &ticket {
+                    quota::give_back(sh, pool.slot, t);
+                    allocation.used = allocation.used.saturating_sub(1);
                 }
+                return (
+                    cfg,
+                    Answer::Refused {
+                        refusal: Refusal::BudgetExceeded,
+                        retry_after_ms: Some(wait),
+                        allocation,
+                    },
+                );
             }
-        }
+        },
     };
     let share = Share {
         pool_slot: pool.slot,
