@@ -105,12 +105,18 @@ SELECT u.hour,
        u.completion_tokens,
        u.success,
        u.rate_limited + u.daily_quota + u.key_invalid + u.billing + u.server_error + u.caller_error + u.other AS errors,
-       u.rate_limited, u.daily_quota, u.key_invalid, u.billing, u.server_error, u.caller_error, u.other
+       u.rate_limited, u.daily_quota, u.key_invalid, u.billing, u.server_error, u.caller_error, u.other,
+       round(u.prompt_tokens * pr.input_per_million / 1e6 + u.completion_tokens * pr.output_per_million / 1e6
+             + (u.requests - u.released) * pr.per_request, 6) AS estimated_cost
   FROM keypool.usage_hourly u
   JOIN keypool.key k ON k.id = u.key_id
   JOIN keypool.pool p ON p.id = k.pool_id
+  LEFT JOIN LATERAL (SELECT x.input_per_million, x.output_per_million, x.per_request
+                       FROM keypool.price x
+                      WHERE x.provider = k.provider AND x.model IN (coalesce(k.model, ''), '')
+                      ORDER BY x.model DESC LIMIT 1) pr ON true
  WHERE keypool.allowed(k.pool_id, 'read');
-COMMENT ON VIEW keypool_usage IS 'Usage per key per hour: requests, tokens, outcomes';
+COMMENT ON VIEW keypool_usage IS 'Usage per key per hour: requests, tokens, outcomes, estimated cost (keypool_prices; NULL without a price)';
 
 -- Events of a pool need `read` on it; events of an account, `read` on a pool it serves; events
 -- of no pool (master keys, alerts about workers), `read` on every pool.

@@ -45,6 +45,7 @@ pub fn admin_router() -> Router<Arc<Endpoint>> {
         .route("/allocation/key-pool/stats", get(key_stats))
         .route("/allocation/key-pool/available", get(available))
         .route("/allocation/usage-report", get(usage_report))
+        .route("/allocation/usage-series", get(usage_series))
         .route("/allocation/keys/{key_id}/disable", post(disable_key))
         .route("/allocation/keys/{key_id}/enable", post(enable_key))
         .route("/allocation/pools/{pool}/reset", post(reset_pool))
@@ -332,6 +333,46 @@ async fn usage_report(State(ep): State<Arc<Endpoint>>, Query(q): Query<ReportQue
                                                 coalesce($2::text::date, (keypool_now() AT TIME ZONE 'UTC')::date))
               ORDER BY day, pool, key_id",
             &[&from, &to],
+            false,
+        )
+        .await
+    })
+    .await
+}
+
+#[derive(Deserialize, Default)]
+struct SeriesQuery {
+    hours: Option<String>,
+}
+
+/// Longest series the dashboard asks for: 31 days of hours.
+const MAX_SERIES_HOURS: i32 = 744;
+
+/// `GET /allocation/usage-series?hours=24`: per pool per hour of the last `hours` (1 to 744,
+/// default 24) from the hourly history: requests, tokens, estimated cost (the dashboard's charts).
+async fn usage_series(State(ep): State<Arc<Endpoint>>, Query(q): Query<SeriesQuery>) -> Response {
+    admin(ep, |ep| async move {
+        let hours: i32 = match q.hours.as_deref() {
+            None => 24,
+            Some(h) => match h.parse::<i32>() {
+                Ok(n) if (1..=MAX_SERIES_HOURS).contains(&n) => n,
+                _ => {
+                    return Err(problem(
+                        StatusCode::BAD_REQUEST,
+                        &format!("hours must be a whole number from 1 to {MAX_SERIES_HOURS}"),
+                        "invalid_hours",
+                    ))
+                }
+            },
+        };
+        rows_json(
+            &ep,
+            "SELECT pool, (extract(epoch FROM hour))::bigint AS hour, sum(requests)::bigint AS requests,
+                    sum(prompt_tokens + completion_tokens)::bigint AS tokens, sum(estimated_cost) AS cost
+               FROM keypool_usage
+              WHERE hour > date_trunc('hour', keypool_now()) - make_interval(hours => $1)
+              GROUP BY pool, hour ORDER BY pool, hour",
+            &[&hours],
             false,
         )
         .await

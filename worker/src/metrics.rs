@@ -273,7 +273,9 @@ async fn database_figures(db: &Db) -> Result<String, crate::db::DbError> {
 
     let pools = client
         .query(
-            "SELECT pool, daily_capacity::bigint, used_today::bigint, active_today::bigint FROM keypool_pool_stats ORDER BY pool",
+            "SELECT pool, daily_capacity::bigint, used_today::bigint, active_today::bigint,
+                    budget::float8, spent::float8, coalesce(budget_period, '')
+               FROM keypool_pool_stats ORDER BY pool",
             &[],
         )
         .await?;
@@ -320,6 +322,41 @@ async fn database_figures(db: &Db) -> Result<String, crate::db::DbError> {
             &[("pool", &r.get::<_, String>(0))],
             r.get::<_, i64>(3) as f64,
         );
+    }
+
+    header(
+        &mut out,
+        "keypool_pool_budget",
+        "gauge",
+        "The pool's spend budget per period, in the currency of keypool_prices (absent without one).",
+    );
+    for r in &pools {
+        if let Some(b) = r.get::<_, Option<f64>>(4) {
+            let (pool, period) = (r.get::<_, String>(0), r.get::<_, String>(6));
+            sample(
+                &mut out,
+                "keypool_pool_budget",
+                &[("pool", &pool), ("period", &period)],
+                b,
+            );
+        }
+    }
+    header(
+        &mut out,
+        "keypool_pool_spent",
+        "gauge",
+        "What the pool spent of its budget this period, reservations held included.",
+    );
+    for r in &pools {
+        if let Some(s) = r.get::<_, Option<f64>>(5) {
+            let (pool, period) = (r.get::<_, String>(0), r.get::<_, String>(6));
+            sample(
+                &mut out,
+                "keypool_pool_spent",
+                &[("pool", &pool), ("period", &period)],
+                s,
+            );
+        }
     }
 
     header(&mut out, "keypool_alerts", "gauge", "Open alerts by kind and severity.");

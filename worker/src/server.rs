@@ -124,6 +124,8 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(crate::admin::metrics))
         .route("/dashboard", get(crate::dashboard::page))
+        .route("/dashboard/uplot.min.js", get(crate::dashboard::uplot_js))
+        .route("/dashboard/uplot.min.css", get(crate::dashboard::uplot_css))
         .merge(api)
         .merge(user)
         .merge(admin)

@@ -190,6 +190,7 @@ const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/allocation/key-pool/stats"),
     ("GET", "/allocation/key-pool/available"),
     ("GET", "/allocation/usage-report"),
+    ("GET", "/allocation/usage-series"),
     ("POST", "/allocation/keys/1/disable"),
     ("POST", "/allocation/keys/1/enable"),
     ("POST", "/allocation/pools/chat/reset"),
@@ -581,6 +582,243 @@ async fn the_dashboard_shows_the_databases_figures_in_chromium_and_its_buttons_a
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_charts_the_hourly_history_and_budgets_in_chromium() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    pool_with_keys(
+        &db,
+        &mock,
+        "chat",
+        &["sk-chart-one-00001092", "sk-chart-two-00001106"],
+        "",
+    )
+    .await;
+    pool_with_keys(&db, &mock, "paid", &["sk-chart-paid-0001099"], "").await;
+    exec(
+        &db,
+        "SELECT keypool_set_price('openai', 'gpt-4o-mini', 0.15, 0.60, 0.001);
+         SELECT keypool_set_budget('paid', 0.05, 'day');",
+    )
+    .await;
+    let w = Worker::start(&conninfo(&db), "charts", &["--no-queue", "--admin-tokens", ADMIN]).await;
+    for i in 0..6 {
+        assert_eq!(w.chat(chat_body("chat", &format!("user-{i}"))).await.status(), 200);
+    }
+    for i in 0..3 {
+        assert_eq!(w.chat(chat_body("paid", &format!("user-{i}"))).await.status(), 200);
+    }
+    // The history the charts draw: the settled calls, flushed now.
+    eventually(
+        &db,
+        "SELECT keypool_flush() >= 0 AND (SELECT sum(requests) FROM keypool_usage) = 9",
+        "t",
+    )
+    .await;
+    let (status, _) = get(&w, "/allocation/usage-series?hours=0", Some(ADMIN)).await;
+    assert_eq!(status, 400);
+    let (status, _) = get(&w, "/allocation/usage-series?hours=745", Some(ADMIN)).await;
+    assert_eq!(status, 400);
+
+    let mut browser = Browser::launch().await;
+    browser
+        .navigate(&format!("{}/dashboard#token={ADMIN}&refresh=1", w.url))
+        .await;
+    browser
+        .wait_for(
+            "Number(document.getElementById('chart-requests').dataset.drawn) >= 1 && document.querySelectorAll('#chart-spend canvas').length === 1",
+            Duration::from_secs(30),
+        )
+        .await;
+    for (range, hours) in [("24", "24 hours"), ("168", "7 days")] {
+        browser
+            .eval(&format!(
+                "document.querySelector('#ranges button[data-range=\"{range}\"]').click()"
+            ))
+            .await;
+        browser
+            .wait_for(
+                &format!("document.getElementById('chart-requests').dataset.points === '{range}'"),
+                Duration::from_secs(20),
+            )
+            .await;
+        let want = value(
+            &db,
+            &format!(
+                "SELECT sum(requests) || '|' || sum(prompt_tokens + completion_tokens) || '|' || trim_scale(sum(estimated_cost))
+                   FROM keypool_usage WHERE hour > date_trunc('hour', keypool_now()) - interval '{range} hours'"
+            ),
+        )
+        .await
+        .unwrap();
+        let shown = browser
+            .eval("['requests', 'tokens', 'spend'].map(c => document.getElementById('chart-' + c).dataset.total).join('|')")
+            .await;
+        assert_eq!(shown, json!(want), "{hours}");
+        assert_eq!(
+            browser
+                .eval("document.getElementById('chart-requests').dataset.series")
+                .await,
+            json!("chat,paid")
+        );
+        // uPlot drew a canvas and a legend with one entry per pool.
+        assert_eq!(
+            browser
+                .eval("document.querySelectorAll('#chart-tokens canvas').length")
+                .await,
+            json!(1)
+        );
+        assert_eq!(
+            browser
+                .eval("document.querySelectorAll('#chart-tokens .u-legend .u-series').length")
+                .await,
+            json!(3)
+        );
+    }
+    // The budget as a bar: spent this period against the budget, as the database has them.
+    let (spent, budget) = (
+        value(
+            &db,
+            "SELECT trim_scale(spent) FROM keypool_pool_stats WHERE pool = 'paid'",
+        )
+        .await
+        .unwrap(),
+        value(
+            &db,
+            "SELECT trim_scale(budget) FROM keypool_pool_stats WHERE pool = 'paid'",
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        browser
+            .eval("[...document.querySelectorAll('tr[data-pool=paid] [data-field=spent]')].map(b => b.dataset.used + '/' + b.dataset.limit)[0]")
+            .await,
+        json!(format!("{spent}/{budget}"))
+    );
+    assert_eq!(
+        browser
+            .eval("document.querySelector('tr[data-pool=chat] [data-field=spent]').textContent")
+            .await,
+        json!("no budget")
+    );
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/test-artifacts")
+        .join("dashboard-charts.png");
+    browser.screenshot(&path).await;
+    println!("dashboard charts screenshot: {}", path.display());
+}
+
+/// Metric names and, per name, the label names its samples carry, from `/metrics` text.
+fn exported(text: &str) -> std::collections::HashMap<String, std::collections::HashSet<String>> {
+    let mut out: std::collections::HashMap<String, std::collections::HashSet<String>> = Default::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap_or_default().to_string();
+            out.entry(name).or_default();
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let (name, labels) = match line.split_once('{') {
+                Some((n, l)) => (n, l.split_once('}').map_or("", |x| x.0)),
+                None => (line.split(' ').next().unwrap_or_default(), ""),
+            };
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| out.contains_key(*b)))
+                .unwrap_or(name);
+            let set = out.entry(base.to_string()).or_default();
+            for pair in labels.split(',').filter(|p| !p.is_empty()) {
+                set.insert(pair.split('=').next().unwrap_or_default().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_grafana_dashboard_parses_and_uses_only_metrics_the_worker_exports() {
+    let json: Value = serde_json::from_str(include_str!("../../ops/grafana/pg_keypool.json")).expect("valid JSON");
+    assert_eq!(json["uid"], "pg-keypool");
+    assert_eq!(
+        json["__inputs"][0]["pluginId"], "prometheus",
+        "importable with a Prometheus data source"
+    );
+    let panels = json["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+
+    // A worker with traffic of every kind, so that every metric has samples.
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    pool_with_keys(&db, &mock, "chat", &["sk-grafana-one-0001092"], "").await;
+    exec(
+        &db,
+        "SELECT keypool_set_price('openai', 'gpt-4o-mini', 0.15, 0.60, 0.01);
+         SELECT keypool_set_budget('chat', 0.025, 'day');
+         SELECT keypool_submit('u', 'chat', '{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'::jsonb, max_wait => '1 hour');",
+    )
+    .await;
+    let w = Worker::start(&conninfo(&db), "grafana", &["--no-queue"]).await;
+    assert_eq!(w.chat(chat_body("chat", "a")).await.status(), 200);
+    assert_eq!(w.chat(chat_body("chat", "b")).await.status(), 200);
+    assert_eq!(w.chat(chat_body("chat", "c")).await.status(), 429);
+    let (status, text) = get(&w, "/metrics", None).await;
+    assert_eq!(status, 200);
+    let metrics = exported(&text);
+
+    let mut checked = 0;
+    for p in panels {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            let used = metrics_in(expr);
+            assert!(!used.is_empty(), "{expr}");
+            for (metric, labels) in used {
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| metric.strip_suffix(s).filter(|b| metrics.contains_key(*b)))
+                    .unwrap_or(&metric);
+                let Some(have) = metrics.get(base) else {
+                    panic!("panel {:?} uses {metric}, which the worker does not export", p["title"]);
+                };
+                for l in labels.iter().filter(|l| *l != "le") {
+                    assert!(
+                        have.contains(l),
+                        "panel {:?}: {metric} has no label {l} (it has {have:?})",
+                        p["title"]
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 13);
+}
+
+/// Each `keypool_*` metric an expression uses, with the labels of the `by (...)` that follows
+/// its aggregation (if any).
+fn metrics_in(expr: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    // The labels of each `by (...)` in the expression, in order; an aggregation's `by` comes
+    // before the metric it wraps.
+    let mut pending: Vec<String> = Vec::new();
+    while i < bytes.len() {
+        if expr[i..].starts_with("by (") {
+            let end = expr[i..].find(')').map_or(bytes.len(), |e| i + e);
+            pending = expr[i + 4..end].split(',').map(|s| s.trim().to_string()).collect();
+            i = end;
+        } else if expr[i..].starts_with("keypool_") && (i == 0 || !(bytes[i - 1] as char).is_ascii_alphanumeric()) {
+            let end = expr[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(bytes.len(), |e| i + e);
+            out.push((expr[i..end].to_string(), std::mem::take(&mut pending)));
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
 /// README's *Roles* grants for the admin API are enough: a worker role with the worker grants,
 /// membership in an ops role and the listed extra grants serves metrics, the admin and user APIs
 /// and the dashboard's actions.
@@ -633,6 +871,7 @@ async fn the_admin_api_runs_with_only_the_documented_grants() {
         "/allocation/key-pool/stats",
         "/allocation/key-pool/available",
         "/allocation/usage-report",
+        "/allocation/usage-series?hours=168",
     ] {
         let (status, body) = get(&w, path, Some(ADMIN)).await;
         assert_eq!(status, 200, "{path}: {body}");
