@@ -136,6 +136,10 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64, within: Option<&[St
     crate::failover::end_recovery_if_pending(sh);
     let cfg = config::current();
     access::pool(&cfg, pool_name, Privilege::Use);
+    if within.is_some_and(|w| !w.iter().any(|p| p == pool_name)) {
+        // The caller (an API token) may not reach this pool: as if the role could not use it.
+        access::denied_pool(pool_name, Privilege::Use);
+    }
     let (cfg, answer) = reserve_in(sh, cfg, pool_name, user, est_tokens);
     let (first, first_wait, allocation) = match &answer {
         Answer::Granted { .. } => return (cfg, answer),

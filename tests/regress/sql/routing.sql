@@ -73,6 +73,8 @@ SELECT keypool_set_clock('2030-09-02 13:03:00+00');
 SELECT granted, pool FROM keypool_reserve('u', 'fb_local');
 SELECT granted, pool FROM keypool_reserve('u', 'fb_local', 0, ARRAY['fb_local', 'fb_openai']);
 SELECT granted, pool, error FROM keypool_reserve('u', 'fb_local', 0, ARRAY['fb_local']);
+-- ... and a pool it does not list cannot be asked for at all.
+SELECT try($$SELECT keypool_reserve('u', 'fb_local', 0, ARRAY['fb_openai'])$$);
 -- An estimate no key of the pool could ever take goes down the chain, and is an error only
 -- when nothing in the chain can serve it.
 SELECT keypool_set_clock('2030-09-02 13:05:00+00');
