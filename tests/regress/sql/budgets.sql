@@ -101,6 +101,23 @@ SELECT budget, budget_period, default_cost FROM keypool_pool_stats WHERE pool = 
 -- A key added later without a price: reservations say what is missing.
 SELECT keypool_add_key('spend', 'openai', 'sk-budget-noprice-000001', 'unpriced-model') IS NOT NULL AS added;
 SELECT regexp_replace(try($$SELECT keypool_reserve('u', 'spend', 10)$$), 'key [0-9]+', 'key N') AS try;
+-- Setting a budget needs admin on the pool; a role that may only use it is refused, and the
+-- spend of pools a role may not read stays out of what it can query (keypool.routing_state is
+-- open to every role for keypool_pool_stats).
+CREATE ROLE budget_user;
+GRANT EXECUTE ON FUNCTION keypool_set_budget(text, numeric, text, numeric) TO budget_user;
+GRANT USAGE ON SCHEMA keypool TO budget_user;
+SELECT keypool_grant('spend', 'budget_user', 'use');
+SET ROLE budget_user;
+SELECT try($$SELECT keypool_set_budget('spend', 1000, 'day')$$);
+SELECT try($$SELECT keypool_set_budget('per_user', 1000, 'day')$$);
+SELECT count(*) AS pools_seen FROM keypool.routing_state();
+RESET ROLE;
+SELECT keypool_revoke('spend', 'budget_user', 'use');
+REVOKE ALL ON FUNCTION keypool_set_budget(text, numeric, text, numeric) FROM budget_user;
+REVOKE USAGE ON SCHEMA keypool FROM budget_user;
+DROP ROLE budget_user;
+SELECT budget FROM keypool_pool_stats WHERE pool = 'spend';
 -- Removing the budget.
 SELECT keypool_set_budget('spend', NULL, NULL);
 SELECT budget, budget_period, spent FROM keypool_pool_stats WHERE pool = 'spend';
