@@ -25,7 +25,11 @@ pub struct Browser {
 impl Browser {
     /// Starts `chromium --headless` and opens one blank tab.
     pub async fn launch() -> Browser {
-        let profile = std::env::temp_dir().join(format!("keypool-chromium-{}", std::process::id()));
+        // A profile of its own per browser: tests of one binary run in parallel, and two
+        // browsers sharing a profile directory make the second one exit.
+        static LAUNCHED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LAUNCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let profile = std::env::temp_dir().join(format!("keypool-chromium-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&profile);
         std::fs::create_dir_all(&profile).expect("browser profile directory");
         let mut child = Command::new("chromium")
