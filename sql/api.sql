@@ -469,6 +469,8 @@ COMMENT ON FUNCTION keypool_release(bigint) IS
     'Gives back a reservation whose call was never sent';
 COMMENT ON FUNCTION keypool_alter_key(bigint, integer) IS
     'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits)';
+COMMENT ON FUNCTION keypool_rotate_secret(bigint, text) IS
+    'Replaces a key''s secret in place: same id, group number, account, limits, history and users';
 COMMENT ON FUNCTION keypool_set_budget(text, numeric, text, numeric) IS
     'Sets the pool''s spend budget per day or month and each user''s (NULLs: none), in the currency of keypool_prices; needs admin';
 COMMENT ON FUNCTION keypool_set_fallbacks(text, text[], boolean) IS
@@ -560,6 +562,7 @@ REVOKE ALL ON FUNCTION
     keypool_alter_key(bigint, integer),
     keypool_set_fallbacks(text, text[], boolean),
     keypool_set_budget(text, numeric, text, numeric),
+    keypool_rotate_secret(bigint, text),
     keypool_disable_key(bigint, text),
     keypool_enable_key(bigint),
     keypool_flush(),

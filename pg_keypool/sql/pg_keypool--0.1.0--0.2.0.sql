@@ -10,7 +10,8 @@
 -- - NOTIFY keypool_events carries the event id only;
 -- - API tokens for keypool-worker's callers (issue 12), stored as SHA-256 only;
 -- - a replicated record of each scope's use, for failover without over-grant (issue 13);
--- - fallback chains across pools, key priorities, keyless keys, spend budgets (issue 14).
+-- - fallback chains across pools, key priorities, keyless keys, spend budgets (issue 14);
+-- - rotating a key's secret in place (issue 15).
 --
 -- After the update the old plaintext still lies in dead tuples of keypool.key and in WAL until
 -- they are recycled: run VACUUM FULL keypool.key and CHECKPOINT (README, "Secrets at rest").
@@ -241,6 +242,13 @@ CREATE  FUNCTION "keypool_set_budget"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_set_budget_wrapper';
+CREATE  FUNCTION "keypool_rotate_secret"(
+	"key_id" bigint, /* Option < i64 > */
+	"new_secret" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_rotate_secret_wrapper';
 CREATE  FUNCTION "keypool_create_api_token"(
 	"label" TEXT, /* Option < & str > */
 	"user_id" TEXT DEFAULT NULL, /* Option < & str > */
@@ -1058,6 +1066,8 @@ COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
     'Reserves one request and est_tokens on a key with room now, in the pool or down its fallback chain (only pools in within, when given); refusals are rows (POOL_EXHAUSTED, NO_KEYS, QUOTA_EXCEEDED)';
 COMMENT ON FUNCTION keypool_alter_key(bigint, integer) IS
     'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits)';
+COMMENT ON FUNCTION keypool_rotate_secret(bigint, text) IS
+    'Replaces a key''s secret in place: same id, group number, account, limits, history and users';
 COMMENT ON FUNCTION keypool_set_budget(text, numeric, text, numeric) IS
     'Sets the pool''s spend budget per day or month and each user''s (NULLs: none), in the currency of keypool_prices; needs admin';
 COMMENT ON FUNCTION keypool_set_fallbacks(text, text[], boolean) IS
@@ -1137,6 +1147,7 @@ REVOKE ALL ON FUNCTION
     keypool_alter_key(bigint, integer),
     keypool_set_fallbacks(text, text[], boolean),
     keypool_set_budget(text, numeric, text, numeric),
+    keypool_rotate_secret(bigint, text),
     keypool_alter_pool(text, integer, interval, boolean, text, text, numeric),
     keypool_allocation(text, text),
     keypool_usage_report(date, date),

@@ -491,6 +491,75 @@ fn keypool_add_key(
     })
 }
 
+/// `keypool_rotate_secret`: replaces a key's secret in place (seed 002's "rotate keys
+/// periodically"): the same id, group number, account, limits, history and users. Reservations
+/// granted on the old secret settle normally. A secret that another key of the pool holds is
+/// refused without saying which key.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_rotate_secret(key_id: Option<i64>, new_secret: Option<&str>) {
+    let _path = privilege::pin_search_path();
+    let Some(key_id) = key_id else {
+        errors::null_argument("key_id").raise()
+    };
+    let secret = required("new_secret", new_secret, MAX_SECRET);
+    let grants = access::grants();
+    access::key_pool(&grants, key_id, Privilege::Admin);
+    as_owner(grants.owner, |client| {
+        // The row is locked until the end of the transaction: two rotations of one key queue.
+        let table = errors::spi(client.update(
+            "SELECT pool_id, provider, base_url, model, label FROM keypool.key
+              WHERE id = $1 AND removed_at IS NULL FOR UPDATE",
+            None,
+            &[key_id.into()],
+        ));
+        if table.is_empty() {
+            errors::undefined(format!("key {key_id} does not exist")).raise();
+        }
+        let row = table.first();
+        let pool_id: i64 = errors::spi(row.get::<i64>(1)).unwrap_or(0);
+        let provider: String = errors::spi(row.get::<String>(2)).unwrap_or_default();
+        let base_url: String = errors::spi(row.get::<String>(3)).unwrap_or_default();
+        let model: Option<String> = errors::spi(row.get::<String>(4));
+        let old_label: String = errors::spi(row.get::<String>(5)).unwrap_or_default();
+        let master = vault::sealing_key(client);
+        let identity = vault::identity(secret, &provider, &base_url, model.as_deref());
+        let sealed = vault::seal_secret(&master, key_id, secret, &identity);
+        let taken: Option<i64> = one(
+            client,
+            "SELECT id FROM keypool.key WHERE pool_id = $1 AND secret_hmac = $2 AND id <> $3",
+            &[pool_id.into(), sealed.digest.clone().into(), key_id.into()],
+        );
+        if taken.is_some() {
+            errors::error(
+                Code::ERRCODE_UNIQUE_VIOLATION,
+                "another key of the pool already has this secret",
+            )
+            .hint("Remove that key first, or rotate to a new secret.")
+            .raise();
+        }
+        let label = keypool_mask::mask(secret);
+        errors::spi(client.update(
+            "UPDATE keypool.key SET secret_sealed = $2, sealed_with = $3, secret_hmac = $4, label = $5 WHERE id = $1",
+            None,
+            &[
+                key_id.into(),
+                sealed.sealed.into(),
+                sealed.master.into(),
+                sealed.digest.into(),
+                label.as_str().into(),
+            ],
+        ));
+        record_event(
+            client,
+            "key_rotated",
+            Some(pool_id),
+            Some(key_id),
+            None,
+            Some(&format!("secret {old_label} replaced by {label}")),
+        );
+    });
+}
+
 /// The label of a keyless key: where it is served, and its model (no secret to mask).
 fn keyless_label(base_url: &str, model: Option<&str>) -> String {
     let host = base_url

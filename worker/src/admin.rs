@@ -48,6 +48,7 @@ pub fn admin_router() -> Router<Arc<Endpoint>> {
         .route("/allocation/usage-series", get(usage_series))
         .route("/allocation/keys/{key_id}/disable", post(disable_key))
         .route("/allocation/keys/{key_id}/enable", post(enable_key))
+        .route("/allocation/keys/{key_id}/rotate", post(rotate_key))
         .route("/allocation/pools/{pool}/reset", post(reset_pool))
 }
 
@@ -413,6 +414,102 @@ async fn enable_key(State(ep): State<Arc<Endpoint>>, Path(key_id): Path<String>)
         let key_id = key_number(&key_id)?;
         act(&ep, "SELECT keypool_enable_key($1)", &[&key_id]).await?;
         rows_json(&ep, KEY_AFTER, &[&key_id], true).await
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct RotateBody {
+    secret: String,
+    /// `false`: replace the secret without asking the provider first.
+    validate: Option<bool>,
+}
+
+/// How long the provider may take to answer a key check.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `POST /allocation/keys/{key_id}/rotate` with `{"secret": "...", "validate": true}`: asks the
+/// key's provider whether the new secret works (its model list), then keypool_rotate_secret. A
+/// rejected secret is 422 with the provider's reason, and nothing changes. The secret is never
+/// logged nor answered.
+async fn rotate_key(State(ep): State<Arc<Endpoint>>, Path(key_id): Path<String>, body: axum::body::Bytes) -> Response {
+    admin(ep, |ep| async move {
+        let key_id = key_number(&key_id)?;
+        // The body holds a secret: its parse error must not quote it.
+        let body: RotateBody = serde_json::from_slice(&body).map_err(|_| {
+            problem(
+                StatusCode::BAD_REQUEST,
+                "the body must be {\"secret\": \"...\"} (and optionally \"validate\": false)",
+                "invalid_input",
+            )
+        })?;
+        let secret = body.secret.trim().to_string();
+        if secret.is_empty() {
+            return Err(problem(StatusCode::BAD_REQUEST, "the secret is empty", "invalid_input"));
+        }
+        let client = ep.gateway.db.client().await.map_err(from_db)?;
+        let row = client
+            .query_one(
+                "SELECT provider, model, base_url FROM keypool_key_credentials($1)",
+                &[&key_id],
+            )
+            .await
+            .map_err(|e| from_db(e.into()))?;
+        drop(client);
+        let checked = if body.validate == Some(false) {
+            "not checked (validate: false)".to_string()
+        } else {
+            let key = crate::providers::KeyRef {
+                id: key_id,
+                provider: row.get(0),
+                model: row.get(1),
+                base_url: row.get(2),
+                label: keypool_mask::mask(&secret),
+                secret: secret.clone(),
+            };
+            let verdict = tokio::time::timeout(
+                CHECK_TIMEOUT,
+                crate::validate::check(&ep.gateway.http, &ep.gateway.db, &key),
+            )
+            .await
+            .map_err(|_| {
+                problem(
+                    StatusCode::BAD_GATEWAY,
+                    "the provider did not answer the key check in time; nothing changed",
+                    "provider_timeout",
+                )
+            })?
+            .map_err(from_db)?;
+            match verdict {
+                crate::validate::Verdict::Accepted(_) | crate::validate::Verdict::NotCheckable(_) => {
+                    crate::validate::describe(&verdict)
+                }
+                crate::validate::Verdict::Rejected { .. } => {
+                    return Err(problem(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &format!(
+                            "the provider rejected the new secret, {}; nothing changed",
+                            keypool_mask::scrub(&crate::validate::describe(&verdict), &secret)
+                        ),
+                        "key_rejected",
+                    ))
+                }
+                crate::validate::Verdict::Unknown(_) => {
+                    return Err(problem(
+                        StatusCode::BAD_GATEWAY,
+                        &format!(
+                            "the key check did not say: {}; nothing changed",
+                            keypool_mask::scrub(&crate::validate::describe(&verdict), &secret)
+                        ),
+                        "key_unchecked",
+                    ))
+                }
+            }
+        };
+        act(&ep, "SELECT keypool_rotate_secret($1, $2)", &[&key_id, &secret]).await?;
+        let mut answer = rows_json(&ep, KEY_AFTER, &[&key_id], true).await?;
+        answer["check"] = json!(checked);
+        Ok(answer)
     })
     .await
 }

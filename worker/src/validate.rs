@@ -11,8 +11,9 @@ use crate::db::{Db, DbError};
 use crate::providers::{self, KeyRef};
 use keypool_mask::mask;
 
+/// What a provider said of a key.
 #[derive(Debug)]
-enum Verdict {
+pub enum Verdict {
     Accepted(String),
     Rejected { outcome: String, reason: String },
     Unknown(String),
@@ -39,7 +40,8 @@ async fn classify(db: &Db, status: i32, code: Option<&str>) -> Result<String, Db
     Ok(row.get(0))
 }
 
-async fn check(http: &reqwest::Client, db: &Db, key: &KeyRef) -> Result<Verdict, DbError> {
+/// Asks the key's provider for its model list; the extension classifies a refusal.
+pub async fn check(http: &reqwest::Client, db: &Db, key: &KeyRef) -> Result<Verdict, DbError> {
     let Some(request) = providers::list_models_request(http, key) else {
         return Ok(Verdict::NotCheckable(match key.provider.as_str() {
             "ollama" => "Ollama takes no key",
@@ -216,7 +218,7 @@ pub async fn run(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn describe(v: &Verdict) -> String {
+pub fn describe(v: &Verdict) -> String {
     match v {
         Verdict::Accepted(how) => format!("accepted ({how})"),
         Verdict::Rejected { outcome, reason } => format!("rejected: {outcome} ({reason})"),

@@ -193,6 +193,7 @@ const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/allocation/usage-series"),
     ("POST", "/allocation/keys/1/disable"),
     ("POST", "/allocation/keys/1/enable"),
+    ("POST", "/allocation/keys/1/rotate"),
     ("POST", "/allocation/pools/chat/reset"),
 ];
 
