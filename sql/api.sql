@@ -63,14 +63,15 @@ SELECT k.id AS key_id,
        k.scope_id,
        k.group_no,
        ks.users,
-       k.priority
+       k.priority,
+       k.owner
   FROM keypool.key k
   JOIN keypool.pool p ON p.id = k.pool_id
   JOIN keypool.scope s ON s.id = k.scope_id
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
   LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id
  WHERE k.removed_at IS NULL AND keypool.allowed(k.pool_id, 'read');
-COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority';
+COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority, owner (a user''s own key)';
 
 -- Every quota scope with its limits and what its windows hold right now.
 CREATE VIEW keypool_scopes WITH (security_barrier) AS
@@ -437,7 +438,7 @@ INSERT INTO keypool.instance DEFAULT VALUES;
 
 COMMENT ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text) IS
     'Creates a pool (keys serving one function) and how users share its daily capacity; returns its id';
-COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric) IS
+COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean) IS
     'Changes a pool''s min_share, active_window, borrowing, timezone or description (NULL: unchanged)';
 COMMENT ON FUNCTION keypool_assign(text, text) IS
     'The user''s key in the pool; a new user gets the usable key with the fewest users (idempotent)';
@@ -457,8 +458,8 @@ COMMENT ON FUNCTION keypool_can_request(text, text) IS
     'Whether a reservation by the user would now pass the quota check (changes nothing)';
 COMMENT ON FUNCTION keypool.pool_state() IS 'Internal: how every pool shares its capacity (for keypool_pool_stats)';
 COMMENT ON FUNCTION keypool.routing_state() IS 'Internal: requests each pool''s fallback chain served today, and its spend this budget period (for keypool_pool_stats)';
-COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer) IS
-    'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; returns the key id';
+COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text) IS
+    'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; owner: a user''s own key; returns the key id';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
     'Reserves one request and est_tokens on a key with room now, in the pool or down its fallback chain (only pools in within, when given); refusals are rows (POOL_EXHAUSTED, NO_KEYS, QUOTA_EXCEEDED)';
 COMMENT ON FUNCTION keypool_settle(bigint, integer, bigint, bigint, bigint, text) IS
@@ -544,7 +545,7 @@ COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory memb
 -- views' filter functions are open: they answer only about the calling role.
 REVOKE ALL ON FUNCTION
     keypool_create_pool(text, text, integer, interval, boolean, text),
-    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric),
+    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean),
     keypool_assign(text, text),
     keypool_on_signup(),
     keypool_backfill(regclass, text, text, text),
@@ -554,7 +555,7 @@ REVOKE ALL ON FUNCTION
     keypool_allocation(text, text),
     keypool_can_request(text, text),
     keypool.pool_state(),
-    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer),
+    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text),
     keypool_reserve(text, text, bigint, text[]),
     keypool_settle(bigint, integer, bigint, bigint, bigint, text),
     keypool_release(bigint),

@@ -47,6 +47,8 @@ CREATE TABLE keypool.pool (
     budget_per_user_micros bigint CHECK (budget_per_user_micros >= 0),
     -- What a reservation without a token estimate holds of a budget (keypool_alter_pool).
     default_cost_micros    bigint NOT NULL DEFAULT 0 CHECK (default_cost_micros >= 0),
+    -- Whether a user whose own keys are all at their limits falls back to the shared keys.
+    owner_fallback         boolean NOT NULL DEFAULT true,
     CHECK ((budget_period IS NULL) = (budget_micros IS NULL AND budget_per_user_micros IS NULL))
 );
 ALTER SEQUENCE keypool.pool_id_seq OWNED BY keypool.pool.id;
@@ -114,6 +116,9 @@ CREATE TABLE keypool.key (
     -- Lower is preferred: a key of a worse priority serves only while every better key of the
     -- pool is at its limits, cooling or disabled; new users are assigned to the best ones.
     priority        integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
+    -- A user's own key (bring your own key): it serves that user only, first, outside their
+    -- share; NULL: a shared key of the pool.
+    owner           text CHECK (owner <> ''),
     disabled_reason text,
     disabled_at     timestamptz,
     -- Who disabled it: the provider's answer (401, API_KEY_INVALID ...), or an operator.

@@ -161,12 +161,14 @@ ALTER TABLE keypool.worker ALTER COLUMN role SET NOT NULL;
 ALTER TABLE keypool.alert ADD COLUMN pool_id bigint;
 
 -- Key priorities and fallback chains (issue 14).
-ALTER TABLE keypool.key ADD COLUMN priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000);
+ALTER TABLE keypool.key ADD COLUMN priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
+    ADD COLUMN owner text CHECK (owner <> '');
 ALTER TABLE keypool.pool ADD COLUMN fallback_on_quota boolean NOT NULL DEFAULT false,
     ADD COLUMN budget_micros bigint CHECK (budget_micros >= 0),
     ADD COLUMN budget_period text CHECK (budget_period IN ('day', 'month')),
     ADD COLUMN budget_per_user_micros bigint CHECK (budget_per_user_micros >= 0),
     ADD COLUMN default_cost_micros bigint NOT NULL DEFAULT 0 CHECK (default_cost_micros >= 0),
+    ADD COLUMN owner_fallback boolean NOT NULL DEFAULT true,
     ADD CHECK ((budget_period IS NULL) = (budget_micros IS NULL AND budget_per_user_micros IS NULL));
 
 -- Functions of the library (new, or replacing the SQL ones of 0.1.0 with the same signatures).
@@ -413,7 +415,8 @@ CREATE  FUNCTION "keypool_add_key"(
 	"base_url" TEXT DEFAULT NULL, /* Option < & str > */
 	"timezone" TEXT DEFAULT NULL, /* Option < & str > */
 	"group_no" INT DEFAULT NULL, /* Option < i32 > */
-	"priority" INT DEFAULT NULL /* Option < i32 > */
+	"priority" INT DEFAULT NULL, /* Option < i32 > */
+	"owner" TEXT DEFAULT NULL /* Option < & str > */
 ) RETURNS bigint /* i64 */
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -427,7 +430,8 @@ CREATE  FUNCTION "keypool_alter_pool"(
 	"borrowing" bool DEFAULT NULL, /* Option < bool > */
 	"timezone" TEXT DEFAULT NULL, /* Option < & str > */
 	"description" TEXT DEFAULT NULL, /* Option < & str > */
-	"default_cost" NUMERIC DEFAULT NULL /* Option < AnyNumeric > */
+	"default_cost" NUMERIC DEFAULT NULL, /* Option < AnyNumeric > */
+	"owner_fallback" bool DEFAULT NULL /* Option < bool > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -445,7 +449,8 @@ CREATE  FUNCTION "keypool_allocation"(
 	"allocated_tokens_today" bigint,  /* Option < i64 > */
 	"spent" NUMERIC,  /* Option < AnyNumeric > */
 	"budget" NUMERIC,  /* Option < AnyNumeric > */
-	"budget_resets_at" timestamp with time zone  /* Option < TimestampWithTimeZone > */
+	"budget_resets_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
+	"own_keys_requests_today" bigint  /* Option < i64 > */
 )
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -724,14 +729,15 @@ SELECT k.id AS key_id,
        k.scope_id,
        k.group_no,
        ks.users,
-       k.priority
+       k.priority,
+       k.owner
   FROM keypool.key k
   JOIN keypool.pool p ON p.id = k.pool_id
   JOIN keypool.scope s ON s.id = k.scope_id
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
   LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id
  WHERE k.removed_at IS NULL AND keypool.allowed(k.pool_id, 'read');
-COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority';
+COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority, owner (a user''s own key)';
 
 CREATE OR REPLACE VIEW keypool_scopes WITH (security_barrier) AS
 SELECT s.id AS scope_id,
@@ -1055,13 +1061,13 @@ SELECT v.status,
 $fn$;
 
 -- Comments (\df+).
-COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric) IS
+COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean) IS
     'Changes a pool''s min_share, active_window, borrowing, timezone or description (NULL: unchanged)';
 COMMENT ON FUNCTION keypool_allocation(text, text) IS
     'The user''s share of the pool today: allocated, used, remaining, warning level, reset time; their spend and budget this period (changes nothing)';
 COMMENT ON FUNCTION keypool.routing_state() IS 'Internal: requests each pool''s fallback chain served today, and its spend this budget period (for keypool_pool_stats)';
-COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer) IS
-    'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; returns the key id';
+COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text) IS
+    'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; owner: a user''s own key; returns the key id';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
     'Reserves one request and est_tokens on a key with room now, in the pool or down its fallback chain (only pools in within, when given); refusals are rows (POOL_EXHAUSTED, NO_KEYS, QUOTA_EXCEEDED)';
 COMMENT ON FUNCTION keypool_alter_key(bigint, integer) IS
@@ -1143,12 +1149,12 @@ REVOKE ALL ON FUNCTION
     keypool_authenticate_api_token(text),
     keypool_status(),
     keypool_reserve(text, text, bigint, text[]),
-    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer),
+    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text),
     keypool_alter_key(bigint, integer),
     keypool_set_fallbacks(text, text[], boolean),
     keypool_set_budget(text, numeric, text, numeric),
     keypool_rotate_secret(bigint, text),
-    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric),
+    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean),
     keypool_allocation(text, text),
     keypool_usage_report(date, date),
     keypool.member_memory(),

@@ -191,7 +191,9 @@ fn keypool_create_pool(
 
 /// `keypool_alter_pool`: changes a pool's options; NULL leaves an option as it is. An
 /// active_window of 0 removes the window; a timezone of '' returns to the keys' time zone;
-/// default_cost is what a reservation without a token estimate holds of a budget.
+/// default_cost is what a reservation without a token estimate holds of a budget;
+/// owner_fallback says whether users whose own keys are all at their limits fall back to the
+/// shared keys.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_alter_pool(
     name: Option<&str>,
@@ -201,6 +203,7 @@ fn keypool_alter_pool(
     timezone: default!(Option<&str>, "NULL"),
     description: default!(Option<&str>, "NULL"),
     default_cost: default!(Option<AnyNumeric>, "NULL"),
+    owner_fallback: default!(Option<bool>, "NULL"),
 ) {
     let _path = privilege::pin_search_path();
     let name = required("name", name, MAX_NAME);
@@ -223,7 +226,8 @@ fn keypool_alter_pool(
                  borrowing = coalesce($5, borrowing),
                  timezone = CASE WHEN $6::text IS NULL THEN timezone ELSE nullif($6, '') END,
                  description = coalesce($7, description),
-                 default_cost_micros = coalesce($8, default_cost_micros)
+                 default_cost_micros = coalesce($8, default_cost_micros),
+                 owner_fallback = coalesce($9, owner_fallback)
               WHERE name = $1 RETURNING id",
             &[
                 name.into(),
@@ -234,6 +238,7 @@ fn keypool_alter_pool(
                 timezone.into(),
                 description.into(),
                 default_cost.into(),
+                owner_fallback.into(),
             ],
         );
         let Some(id) = id else {
@@ -261,6 +266,7 @@ fn keypool_add_key(
     timezone: default!(Option<&str>, "NULL"),
     group_no: default!(Option<i32>, "NULL"),
     priority: default!(Option<i32>, "NULL"),
+    owner: default!(Option<&str>, "NULL"),
 ) -> i64 {
     let _path = privilege::pin_search_path();
     let pool = required("pool", pool, MAX_NAME);
@@ -289,6 +295,7 @@ fn keypool_add_key(
         positive("tpd", tpd),
     );
     let limits_given = rpm.is_some() || rpd.is_some() || tpm.is_some() || tpd.is_some();
+    let base_url_given = base_url.is_some();
     let base_url = match optional("base_url", base_url, MAX_URL).or(provider.default_base_url) {
         Some(url) if url.starts_with("http://") || url.starts_with("https://") => url.trim_end_matches('/').to_string(),
         Some(url) => errors::invalid(format!("base_url must start with http:// or https://, not \"{url}\"")).raise(),
@@ -310,6 +317,15 @@ fn keypool_add_key(
         }
     }
     let priority = check_priority(priority);
+    let owner = owner.map(|o| crate::reserve::check_user_id(Some(o)));
+    if owner.is_some() && account.is_some() {
+        errors::invalid("a user's own key has an account of its own: leave account NULL")
+            .detail("An owned key's limits are never merged with the shared keys' accounts.")
+            .raise();
+    }
+    if owner.is_some() && group_no.is_some() {
+        errors::invalid("a user's own key takes no users: leave group_no NULL").raise();
+    }
     let label = if secret.is_empty() {
         keyless_label(&base_url, model)
     } else {
@@ -317,7 +333,27 @@ fn keypool_add_key(
     };
     let identity = vault::identity(secret, provider.name, &base_url, model);
     let grants = access::grants();
-    let pool_id = access::pool_id(&grants, pool, Privilege::Admin);
+    // A user's own key needs `use` (the owner, or a service acting for them); a shared key,
+    // `admin`.
+    let pool_id = access::pool_id(
+        &grants,
+        pool,
+        if owner.is_some() {
+            Privilege::Use
+        } else {
+            Privilege::Admin
+        },
+    );
+    // Where a key is called is the pool administrators' choice: a user's own key goes to its
+    // provider's address unless an administrator adds it (no calls to addresses a user picks).
+    if owner.is_some() && base_url_given && !grants.allows(privilege::caller(), Some(pool_id), Privilege::Admin) {
+        errors::error(
+            Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("only an administrator of pool \"{pool}\" may set base_url for a user's own key"),
+        )
+        .hint("Leave base_url NULL: the key is called at its provider's address.")
+        .raise();
+    }
 
     as_owner(grants.owner, |client| {
         // Locking the pool row serializes additions to the pool (group numbers).
@@ -344,6 +380,19 @@ fn keypool_add_key(
             &[pool_id.into(), digest.clone().into()],
         );
         if let Some(key_id) = existing {
+            let owned: Option<String> = one(client, "SELECT owner FROM keypool.key WHERE id = $1", &[key_id.into()]);
+            if owner.is_some() && owned.as_deref() != owner {
+                // Which key holds it is not the caller's to learn, nor may an owner take over
+                // a key (shared or another user's) by adding its secret.
+                errors::error(Code::ERRCODE_UNIQUE_VIOLATION, "this secret is already in the pool").raise();
+            }
+            if owner.is_none() && owned.is_some() {
+                errors::error(
+                    Code::ERRCODE_UNIQUE_VIOLATION,
+                    "this secret is already in the pool as a user's own key",
+                )
+                .raise();
+            }
             // A removed key comes back, with its group number and history.
             let restored: Option<i64> = one(
                 client,
@@ -377,6 +426,7 @@ fn keypool_add_key(
         let find_account = "SELECT id FROM keypool.scope
                              WHERE provider = $1 AND account = $2 AND model IS NOT DISTINCT FROM $3";
         let account_args = || -> [DatumWithOid<'_>; 3] { [provider.name.into(), account.into(), model.into()] };
+        // An owned key always gets a scope of its own (account is NULL for it).
         let existing_scope: Option<i64> = match account {
             Some(_) => one(client, find_account, &account_args()),
             None => None,
@@ -449,10 +499,10 @@ fn keypool_add_key(
         let inserted: Option<i64> = one(
             client,
             "INSERT INTO keypool.key (id, pool_id, scope_id, provider, model, base_url, secret_sealed, sealed_with,
-                                      secret_hmac, label, group_no, priority)
+                                      secret_hmac, label, group_no, priority, owner)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
                      coalesce($11, (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $2)),
-                     coalesce($12, 0))
+                     coalesce($12, 0), $13)
              ON CONFLICT (pool_id, secret_hmac) DO NOTHING
              RETURNING id",
             &[
@@ -468,6 +518,7 @@ fn keypool_add_key(
                 label.as_str().into(),
                 group_no.into(),
                 priority.into(),
+                owner.into(),
             ],
         );
         let key_id = match inserted {
@@ -486,7 +537,15 @@ fn keypool_add_key(
                 .raise()
             }),
         };
-        record_event(client, "key_added", Some(pool_id), Some(key_id), Some(scope_id), None);
+        let detail = owner.map(|o| format!("owned by {o}"));
+        record_event(
+            client,
+            "key_added",
+            Some(pool_id),
+            Some(key_id),
+            Some(scope_id),
+            detail.as_deref(),
+        );
         key_id
     })
 }

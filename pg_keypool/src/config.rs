@@ -46,6 +46,11 @@ pub struct Pool {
     /// Identifies the set of keys that take new users (assign.rs rebuilds its tree when it
     /// changes).
     pub assign_fingerprint: u64,
+    /// Users' own keys (`owner`), by owner, in tiers; `keys` and `tiers` hold the shared keys
+    /// only, so that owned keys add nothing to the pool's capacity, shares or assignment.
+    pub owned: HashMap<String, Vec<Tier>>,
+    /// Whether an owner whose own keys are all at their limits falls back to the shared keys.
+    pub owner_fallback: bool,
     /// The fallback chain: indexes into `Config::pools`, in order (fallbacks.rs).
     pub fallbacks: Vec<usize>,
     /// Whether a user past their share here goes on down the chain.
@@ -111,6 +116,8 @@ pub struct Key {
     pub priority: i32,
     /// The price of its provider's model (`keypool_prices`), if one is set.
     pub price: Option<Price>,
+    /// The user whose own key it is (bring your own key), if any.
+    pub owner: Option<String>,
     pub disabled: bool,
 }
 
@@ -283,7 +290,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
             #[allow(clippy::type_complexity)]
             let pools: Vec<PoolRow> = fresh_rows(
                 c"SELECT id, name, min_share, active_days, borrowing, timezone, fallback_on_quota,
-                         budget_micros, budget_per_user_micros, budget_period, default_cost_micros
+                         budget_micros, budget_per_user_micros, budget_period, default_cost_micros, owner_fallback
                     FROM keypool.pool ORDER BY id",
                 |r| PoolRow {
                     id: r.get(0),
@@ -299,6 +306,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                         period: if period == "month" { Period::Month } else { Period::Day },
                         default_cost: r.get::<i64>(10).max(0) as u64,
                     }),
+                    owner_fallback: r.get(11),
                 },
             );
             // Prices in millionths, rounded up (a price finer than that never undercounts).
@@ -343,7 +351,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
             );
             let keys: Vec<KeyRow> = fresh_rows(
                 c"SELECT id, pool_id, scope_id, provider, model, base_url, secret_sealed, label, group_no,
-                         disabled_reason IS NOT NULL, priority
+                         disabled_reason IS NOT NULL, priority, owner
                     FROM keypool.key WHERE removed_at IS NULL ORDER BY id",
                 |r| KeyRow {
                     id: r.get(0),
@@ -357,6 +365,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     group_no: r.get(8),
                     disabled: r.get(9),
                     priority: r.get(10),
+                    owner: r.get_opt(11),
                 },
             );
 
@@ -425,6 +434,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 timezone,
                 fallback_on_quota,
                 budget,
+                owner_fallback,
             } in pools
             {
                 cfg.pools_by_name.insert(name.clone(), cfg.pools.len());
@@ -444,6 +454,8 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     token_capacity: None,
                     tz: Tz::UTC,
                     assign_fingerprint: 0,
+                    owned: HashMap::new(),
+                    owner_fallback,
                     fallbacks: Vec::new(),
                     fallback_on_quota,
                     budget,
@@ -461,7 +473,9 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     continue;
                 };
                 cfg.keys_by_id.insert(k.id, cfg.keys.len());
-                cfg.pools[pool].keys.push(cfg.keys.len());
+                if k.owner.is_none() {
+                    cfg.pools[pool].keys.push(cfg.keys.len());
+                }
                 let serves = cfg.scope_pools.entry(k.scope_id).or_default();
                 if !serves.contains(&k.pool_id) {
                     serves.push(k.pool_id);
@@ -473,6 +487,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 cfg.keys.push(Key {
                     id: k.id,
                     price,
+                    owner: k.owner,
                     pool_id: k.pool_id,
                     scope,
                     slot: bound.keys[&k.id],
@@ -488,6 +503,14 @@ fn load(sh: &Shared, generation: u64) -> Config {
             }
             for i in 0..cfg.pools.len() {
                 cfg.pools[i].tiers = tiers(&cfg.keys, &cfg.pools[i].keys);
+                let pool_id = cfg.pools[i].id;
+                let mut by_owner: HashMap<String, Vec<usize>> = HashMap::new();
+                for (k, key) in cfg.keys.iter().enumerate() {
+                    if let (true, Some(owner)) = (key.pool_id == pool_id, &key.owner) {
+                        by_owner.entry(owner.clone()).or_default().push(k);
+                    }
+                }
+                cfg.pools[i].owned = by_owner.into_iter().map(|(o, ks)| (o, tiers(&cfg.keys, &ks))).collect();
             }
             for i in 0..cfg.pools.len() {
                 let (min_share, active_days, borrowing, timezone) =
@@ -522,6 +545,7 @@ struct PoolRow {
     timezone: Option<String>,
     fallback_on_quota: bool,
     budget: Option<Budget>,
+    owner_fallback: bool,
 }
 
 struct KeyRow {
@@ -536,6 +560,7 @@ struct KeyRow {
     group_no: i32,
     disabled: bool,
     priority: i32,
+    owner: Option<String>,
 }
 
 /// A pool's keys (in id order) grouped by priority, best first.

@@ -307,6 +307,7 @@ fn keypool_allocation(
         name!(spent, Option<AnyNumeric>),
         name!(budget, Option<AnyNumeric>),
         name!(budget_resets_at, Option<TimestampWithTimeZone>),
+        name!(own_keys_requests_today, Option<i64>),
     ),
 > {
     let _path = crate::privilege::pin_search_path();
@@ -329,6 +330,28 @@ fn keypool_allocation(
         }
         None => (None, None, None),
     };
+    // The user's own keys (bring your own key): their use today, apart from the share.
+    let own = pool.owned.get(user).map(|tiers| {
+        let mut scopes: Vec<usize> = tiers
+            .iter()
+            .flat_map(|t| t.keys.iter())
+            .map(|&k| cfg.keys[k].scope)
+            .collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        scopes
+            .iter()
+            .map(|&s| {
+                let scope = &cfg.scopes[s];
+                let w = sh.scope(scope.slot).lock();
+                if w.tag().is(cfg.owner, scope.id) {
+                    w.usage(now).2 as i64
+                } else {
+                    0
+                }
+            })
+            .sum::<i64>()
+    });
     TableIterator::once((
         a.allocated.map(|v| v as i64),
         a.used as i64,
@@ -339,6 +362,7 @@ fn keypool_allocation(
         spent,
         budget,
         budget_resets_at,
+        own,
     ))
 }
 

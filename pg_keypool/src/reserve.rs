@@ -25,7 +25,7 @@ use crate::budgets::{self, Hold};
 use crate::calendar;
 use crate::clock;
 use crate::composite::{self, Value};
-use crate::config::{self, Budget, Config, Key, Pool};
+use crate::config::{self, Budget, Config, Key, Pool, Tier};
 use crate::errors::{self, Code};
 use crate::fallbacks::{self, ChainRefusal};
 use crate::members;
@@ -196,6 +196,55 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64, within: Option<&[St
     )
 }
 
+/// Reserves on the user's own keys: the answer, or `None` to go on with the shared keys (their
+/// own keys are all at their limits, cooling or disabled, and the pool lets owners fall back).
+fn reserve_own(
+    sh: &'static Shared,
+    mut cfg: Rc<Config>,
+    pool_name: &str,
+    user: &str,
+    est_tokens: i64,
+    role: pg_sys::Oid,
+) -> (Rc<Config>, Option<Answer>) {
+    let share = Share {
+        pool_slot: assign::pool_or_error(&cfg, pool_name).slot,
+        ticket: None,
+        preferred: 0,
+        role,
+        hold: None,
+    };
+    for _ in 0..3 {
+        let outcome = try_reserve(sh, &cfg, (pool_name, Some(user)), est_tokens, &share);
+        let pool = assign::pool_or_error(&cfg, pool_name);
+        match outcome {
+            Ok(Ok((key, reservation_id, granted_at_ms))) => {
+                let (allocation, _, _) = quota::view(sh, &cfg, pool, user, granted_at_ms);
+                let pool = cfg.pools_by_name.get(pool_name).copied().unwrap_or(0);
+                let answer = Answer::Granted {
+                    key,
+                    pool,
+                    reservation_id,
+                    granted_at_ms,
+                    allocation,
+                };
+                return (cfg, Some(answer));
+            }
+            Ok(Err(_)) if pool.owner_fallback => return (cfg, None),
+            Ok(Err((refusal, retry_after_ms))) => {
+                let (allocation, _, _) = quota::view(sh, &cfg, pool, user, clock::now_ms());
+                let answer = Answer::Refused {
+                    refusal,
+                    retry_after_ms,
+                    allocation,
+                };
+                return (cfg, Some(answer));
+            }
+            Err(Rebound) => cfg = config::reload_now(),
+        }
+    }
+    (cfg, None)
+}
+
 fn too_large(est_tokens: i64, pool_name: &str) -> ! {
     errors::invalid(format!(
         "est_tokens ({est_tokens}) is more than any usable key of pool \"{pool_name}\" allows"
@@ -223,8 +272,17 @@ fn reserve_in(
         cfg = config::reload_now();
     }
     let now = clock::now_ms();
+    assign::ensure_loaded(sh, &cfg, assign::pool_or_error(&cfg, pool_name));
+    // The user's own keys first (bring your own key): outside their share and the pool's budget.
+    let owned = &assign::pool_or_error(&cfg, pool_name).owned;
+    if !owned.is_empty() && owned.contains_key(user) {
+        let (c, own) = reserve_own(sh, cfg, pool_name, user, est_tokens, role);
+        cfg = c;
+        if let Some(answer) = own {
+            return (cfg, answer);
+        }
+    }
     let pool = assign::pool_or_error(&cfg, pool_name);
-    assign::ensure_loaded(sh, &cfg, pool);
     if !pool.keys.iter().any(|&k| cfg.usable(&cfg.keys[k])) {
         let (allocation, _, _) = quota::view(sh, &cfg, pool, user, now);
         return (
@@ -310,7 +368,7 @@ fn reserve_in(
         }
     };
     for _ in 0..3 {
-        match try_reserve(sh, &cfg, pool_name, est_tokens, &share) {
+        match try_reserve(sh, &cfg, (pool_name, None), est_tokens, &share) {
             Ok(Ok((key, reservation_id, granted_at_ms))) => {
                 if let Some((b, h)) = &share.hold {
                     // The hold was for the dearest key: keep what the granted key's estimate needs.
@@ -364,8 +422,19 @@ type Outcome = Result<(usize, u64, i64), (Refusal, Option<i64>)>;
 /// most keys are ready.
 const EXACT_SPREAD_KEYS: usize = 64;
 
-fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, share: &Share) -> Result<Outcome, Rebound> {
+/// Tries the pool's shared keys, or with `owner` that user's own keys.
+fn try_reserve(
+    sh: &Shared,
+    cfg: &Config,
+    (pool_name, owner): (&str, Option<&str>),
+    est_tokens: i64,
+    share: &Share,
+) -> Result<Outcome, Rebound> {
     let pool = assign::pool_or_error(cfg, pool_name);
+    let tiers: &[Tier] = match owner {
+        None => &pool.tiers,
+        Some(user) => pool.owned.get(user).map_or(&[][..], Vec::as_slice),
+    };
     let now = clock::now_ms();
     let lease = settings::lease_ms();
     let tokens = est_tokens as u64;
@@ -396,13 +465,13 @@ fn try_reserve(sh: &Shared, cfg: &Config, pool_name: &str, est_tokens: i64, shar
         .get(&share.preferred)
         .copied()
         .filter(|&k| cfg.keys[k].pool_id == pool.id);
-    if pool.keys.is_empty() {
+    if tiers.is_empty() {
         return Ok(Err((Refusal::NoKeys, None)));
     }
     // Each call moves the shared cursor on by one, so load spreads over the whole server, not
     // per client.
     let turn = sh.pool(pool.slot).cursor.fetch_add(1, Ordering::Relaxed) as usize;
-    for tier in &pool.tiers {
+    for tier in tiers {
         // The user's assigned key first, within its tier.
         let preferred = preferred.filter(|&k| cfg.keys[k].priority == tier.priority);
         if let Some(k) = preferred {
