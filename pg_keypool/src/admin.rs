@@ -194,6 +194,7 @@ fn keypool_create_pool(
 /// default_cost is what a reservation without a token estimate holds of a budget;
 /// owner_fallback says whether users whose own keys are all at their limits fall back to the
 /// shared keys.
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_alter_pool(
     name: Option<&str>,
