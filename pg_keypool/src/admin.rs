@@ -297,13 +297,7 @@ fn keypool_add_key(
     );
     let limits_given = rpm.is_some() || rpd.is_some() || tpm.is_some() || tpd.is_some();
     let base_url_given = base_url.is_some();
-    let base_url = match optional("base_url", base_url, MAX_URL).or(provider.default_base_url) {
-        Some(url) if url.starts_with("http://") || url.starts_with("https://") => url.trim_end_matches('/').to_string(),
-        Some(url) => errors::invalid(format!("base_url must start with http:// or https://, not \"{url}\"")).raise(),
-        None => errors::invalid(format!("provider \"{}\" needs a base_url", provider.name))
-            .hint("Pass base_url => 'https://host/v1'.")
-            .raise(),
-    };
+    let explicit_url = optional("base_url", base_url, MAX_URL);
     let zone = optional("timezone", timezone, MAX_NAME);
     if let Some(z) = zone {
         if calendar::parse_zone(z).is_none() {
@@ -327,12 +321,6 @@ fn keypool_add_key(
     if owner.is_some() && group_no.is_some() {
         errors::invalid("a user's own key takes no users: leave group_no NULL").raise();
     }
-    let label = if secret.is_empty() {
-        keyless_label(&base_url, model)
-    } else {
-        keypool_mask::mask(secret)
-    };
-    let identity = vault::identity(secret, provider.name, &base_url, model);
     let grants = access::grants();
     // A user's own key needs `use` (the owner, or a service acting for them); a shared key,
     // `admin`.
@@ -345,16 +333,42 @@ fn keypool_add_key(
             Privilege::Admin
         },
     );
-    // Where a key is called is the pool administrators' choice: a user's own key goes to its
-    // provider's address unless an administrator adds it (no calls to addresses a user picks).
+    // Where a key is called is the pool administrators' choice: a user's own key goes where the
+    // pool's shared keys of its provider go (else to the provider's address) unless an
+    // administrator adds it; no user picks the address the worker calls.
     if owner.is_some() && base_url_given && !grants.allows(privilege::caller(), Some(pool_id), Privilege::Admin) {
         errors::error(
             Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("only an administrator of pool \"{pool}\" may set base_url for a user's own key"),
         )
-        .hint("Leave base_url NULL: the key is called at its provider's address.")
+        .hint("Leave base_url NULL: the key is called where the pool's keys of its provider are.")
         .raise();
     }
+    let inherited_url: Option<String> = match (owner, explicit_url) {
+        (Some(_), None) => as_owner(grants.owner, |client| {
+            one(
+                client,
+                "SELECT base_url FROM keypool.key
+                  WHERE pool_id = $1 AND provider = $2 AND owner IS NULL AND removed_at IS NULL
+                  ORDER BY id LIMIT 1",
+                &[pool_id.into(), provider.name.into()],
+            )
+        }),
+        _ => None,
+    };
+    let base_url = match explicit_url.or(inherited_url.as_deref()).or(provider.default_base_url) {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => url.trim_end_matches('/').to_string(),
+        Some(url) => errors::invalid(format!("base_url must start with http:// or https://, not \"{url}\"")).raise(),
+        None => errors::invalid(format!("provider \"{}\" needs a base_url", provider.name))
+            .hint("Pass base_url => 'https://host/v1'.")
+            .raise(),
+    };
+    let label = if secret.is_empty() {
+        keyless_label(&base_url, model)
+    } else {
+        keypool_mask::mask(secret)
+    };
+    let identity = vault::identity(secret, provider.name, &base_url, model);
 
     as_owner(grants.owner, |client| {
         // Locking the pool row serializes additions to the pool (group numbers).

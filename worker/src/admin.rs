@@ -38,6 +38,7 @@ pub fn user_router() -> Router<Arc<Endpoint>> {
 /// The admin API (the caller's admin token is checked by the layer `server::router` puts on it).
 pub fn admin_router() -> Router<Arc<Endpoint>> {
     Router::new()
+        .merge(crate::keys::admin_routes())
         .route("/allocation/system-overview", get(overview))
         .route("/allocation/health", get(health))
         .route("/allocation/alerts", get(alerts))
@@ -48,7 +49,6 @@ pub fn admin_router() -> Router<Arc<Endpoint>> {
         .route("/allocation/usage-series", get(usage_series))
         .route("/allocation/keys/{key_id}/disable", post(disable_key))
         .route("/allocation/keys/{key_id}/enable", post(enable_key))
-        .route("/allocation/keys/{key_id}/rotate", post(rotate_key))
         .route("/allocation/pools/{pool}/reset", post(reset_pool))
 }
 
@@ -56,7 +56,7 @@ pub(crate) fn problem(status: StatusCode, message: &str, code: &str) -> Response
     (status, axum::Json(json!({"error": {"message": message, "code": code}}))).into_response()
 }
 
-fn from_db(e: DbError) -> Response {
+pub(crate) fn from_db(e: DbError) -> Response {
     let (status, code) = match e.sqlstate.as_deref() {
         Some("42704") => (StatusCode::NOT_FOUND, "not_found"),
         Some(s) if s.starts_with("22") => (StatusCode::BAD_REQUEST, "invalid_input"),
@@ -76,7 +76,12 @@ fn from_db(e: DbError) -> Response {
 }
 
 /// Runs `sql` and answers with its rows as a JSON array (or the first row as an object).
-async fn rows_json(ep: &Endpoint, sql: &str, params: &[&(dyn ToSql + Sync)], one: bool) -> Result<Value, Response> {
+pub(crate) async fn rows_json(
+    ep: &Endpoint,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    one: bool,
+) -> Result<Value, Response> {
     let client = ep.gateway.db.client().await.map_err(from_db)?;
     let wrapped = if one {
         format!("SELECT coalesce((SELECT row_to_json(t) FROM ({sql}) t LIMIT 1), 'null'::json)::text")
@@ -221,7 +226,7 @@ async fn can_request(
 }
 
 /// Admin route: answers `build`'s JSON (the admin token was checked by `auth::admin`).
-async fn admin<F, Fut>(ep: Arc<Endpoint>, build: F) -> Response
+pub(crate) async fn admin<F, Fut>(ep: Arc<Endpoint>, build: F) -> Response
 where
     F: FnOnce(Arc<Endpoint>) -> Fut,
     Fut: std::future::Future<Output = Result<Value, Response>>,
@@ -418,102 +423,6 @@ async fn enable_key(State(ep): State<Arc<Endpoint>>, Path(key_id): Path<String>)
     .await
 }
 
-#[derive(Deserialize)]
-struct RotateBody {
-    secret: String,
-    /// `false`: replace the secret without asking the provider first.
-    validate: Option<bool>,
-}
-
-/// How long the provider may take to answer a key check.
-const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// `POST /allocation/keys/{key_id}/rotate` with `{"secret": "...", "validate": true}`: asks the
-/// key's provider whether the new secret works (its model list), then keypool_rotate_secret. A
-/// rejected secret is 422 with the provider's reason, and nothing changes. The secret is never
-/// logged nor answered.
-async fn rotate_key(State(ep): State<Arc<Endpoint>>, Path(key_id): Path<String>, body: axum::body::Bytes) -> Response {
-    admin(ep, |ep| async move {
-        let key_id = key_number(&key_id)?;
-        // The body holds a secret: its parse error must not quote it.
-        let body: RotateBody = serde_json::from_slice(&body).map_err(|_| {
-            problem(
-                StatusCode::BAD_REQUEST,
-                "the body must be {\"secret\": \"...\"} (and optionally \"validate\": false)",
-                "invalid_input",
-            )
-        })?;
-        let secret = body.secret.trim().to_string();
-        if secret.is_empty() {
-            return Err(problem(StatusCode::BAD_REQUEST, "the secret is empty", "invalid_input"));
-        }
-        let client = ep.gateway.db.client().await.map_err(from_db)?;
-        let row = client
-            .query_one(
-                "SELECT provider, model, base_url FROM keypool_key_credentials($1)",
-                &[&key_id],
-            )
-            .await
-            .map_err(|e| from_db(e.into()))?;
-        drop(client);
-        let checked = if body.validate == Some(false) {
-            "not checked (validate: false)".to_string()
-        } else {
-            let key = crate::providers::KeyRef {
-                id: key_id,
-                provider: row.get(0),
-                model: row.get(1),
-                base_url: row.get(2),
-                label: keypool_mask::mask(&secret),
-                secret: secret.clone(),
-            };
-            let verdict = tokio::time::timeout(
-                CHECK_TIMEOUT,
-                crate::validate::check(&ep.gateway.http, &ep.gateway.db, &key),
-            )
-            .await
-            .map_err(|_| {
-                problem(
-                    StatusCode::BAD_GATEWAY,
-                    "the provider did not answer the key check in time; nothing changed",
-                    "provider_timeout",
-                )
-            })?
-            .map_err(from_db)?;
-            match verdict {
-                crate::validate::Verdict::Accepted(_) | crate::validate::Verdict::NotCheckable(_) => {
-                    crate::validate::describe(&verdict)
-                }
-                crate::validate::Verdict::Rejected { .. } => {
-                    return Err(problem(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        &format!(
-                            "the provider rejected the new secret, {}; nothing changed",
-                            keypool_mask::scrub(&crate::validate::describe(&verdict), &secret)
-                        ),
-                        "key_rejected",
-                    ))
-                }
-                crate::validate::Verdict::Unknown(_) => {
-                    return Err(problem(
-                        StatusCode::BAD_GATEWAY,
-                        &format!(
-                            "the key check did not say: {}; nothing changed",
-                            keypool_mask::scrub(&crate::validate::describe(&verdict), &secret)
-                        ),
-                        "key_unchecked",
-                    ))
-                }
-            }
-        };
-        act(&ep, "SELECT keypool_rotate_secret($1, $2)", &[&key_id, &secret]).await?;
-        let mut answer = rows_json(&ep, KEY_AFTER, &[&key_id], true).await?;
-        answer["check"] = json!(checked);
-        Ok(answer)
-    })
-    .await
-}
-
 /// `POST /allocation/pools/{pool}/reset`: keypool_reset_usage(pool).
 async fn reset_pool(State(ep): State<Arc<Endpoint>>, Path(pool): Path<String>) -> Response {
     admin(ep, |ep| async move {
@@ -529,16 +438,16 @@ async fn reset_pool(State(ep): State<Arc<Endpoint>>, Path(pool): Path<String>) -
 }
 
 /// A key as an action left it.
-const KEY_AFTER: &str = "SELECT key_id, pool, label, state, reason FROM keypool_keys WHERE key_id = $1";
+pub(crate) const KEY_AFTER: &str = "SELECT key_id, pool, label, state, reason FROM keypool_keys WHERE key_id = $1";
 
 /// Runs an admin action in its own statement, so that what is read next sees its effect.
-async fn act(ep: &Endpoint, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), Response> {
+pub(crate) async fn act(ep: &Endpoint, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), Response> {
     let client = ep.gateway.db.client().await.map_err(from_db)?;
     client.execute(sql, params).await.map_err(|e| from_db(e.into()))?;
     Ok(())
 }
 
-fn key_number(text: &str) -> Result<i64, Response> {
+pub(crate) fn key_number(text: &str) -> Result<i64, Response> {
     text.parse::<i64>().map_err(|_| {
         problem(
             StatusCode::BAD_REQUEST,

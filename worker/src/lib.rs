@@ -25,6 +25,7 @@ pub mod db;
 pub mod duration;
 pub mod gateway;
 pub mod import_env;
+pub mod keys;
 pub mod listener;
 pub mod metrics;
 pub mod mock;

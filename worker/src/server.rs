@@ -115,6 +115,7 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/proxy/{pool}/{*path}", any(proxy))
+        .merge(crate::keys::user_routes())
         .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::api));
     let user =
         crate::admin::user_router().route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::user_api));

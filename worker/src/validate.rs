@@ -21,7 +21,7 @@ pub enum Verdict {
 }
 
 /// Base URLs of the providers (as the extension's provider list has them).
-fn default_base_url(provider: &str) -> Option<&'static str> {
+pub fn default_base_url(provider: &str) -> Option<&'static str> {
     Some(match provider {
         "openai" => "https://api.openai.com/v1",
         "gemini" => "https://generativelanguage.googleapis.com",
