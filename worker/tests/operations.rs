@@ -527,11 +527,35 @@ async fn the_dashboard_shows_the_databases_figures_in_chromium_and_its_buttons_a
 
     // The disable button disables the key in the database, and the page shows it.
     let first = i64_of(&db, "SELECT min(key_id) FROM keypool_keys").await;
+    // Every action asks first: cancelling changes nothing.
     browser
         .eval(&format!(
             "document.querySelector('button[data-action=disable][data-key-id=\"{first}\"]').click()"
         ))
         .await;
+    assert_eq!(
+        browser.eval("document.getElementById('confirm').hidden").await,
+        json!(false)
+    );
+    assert!(browser
+        .eval("document.getElementById('confirm-text').textContent")
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .starts_with(&format!("Disable key #{first}")));
+    browser.eval("document.getElementById('confirm-no').click()").await;
+    assert_eq!(
+        value(&db, &format!("SELECT state FROM keypool_keys WHERE key_id = {first}"))
+            .await
+            .as_deref(),
+        Some("active")
+    );
+    browser
+        .eval(&format!(
+            "document.querySelector('button[data-action=disable][data-key-id=\"{first}\"]').click()"
+        ))
+        .await;
+    browser.eval("document.getElementById('confirm-yes').click()").await;
     eventually(
         &db,
         &format!("SELECT state FROM keypool_keys WHERE key_id = {first}"),
@@ -546,6 +570,7 @@ async fn the_dashboard_shows_the_databases_figures_in_chromium_and_its_buttons_a
             "document.querySelector('button[data-action=enable][data-key-id=\"{first}\"]').click()"
         ))
         .await;
+    browser.eval("document.getElementById('confirm-yes').click()").await;
     eventually(
         &db,
         &format!("SELECT state FROM keypool_keys WHERE key_id = {first}"),
@@ -556,6 +581,7 @@ async fn the_dashboard_shows_the_databases_figures_in_chromium_and_its_buttons_a
     browser
         .eval("document.querySelector('button[data-action=reset][data-pool=chat]').click()")
         .await;
+    browser.eval("document.getElementById('confirm-yes').click()").await;
     eventually(
         &db,
         "SELECT used_today FROM keypool_pool_stats WHERE pool = 'chat'",
@@ -576,9 +602,94 @@ async fn the_dashboard_shows_the_databases_figures_in_chromium_and_its_buttons_a
             Duration::from_secs(20),
         )
         .await;
+    // The add-key form: a key the provider rejects is refused with its reason and not added;
+    // an accepted one is added and appears; its remove button asks, then removes it.
+    let keys_before = i64_of(&db, "SELECT count(*) FROM keypool_keys").await;
+    let fill = |secret: &str| {
+        format!(
+            "(() => {{ const f = document.getElementById('add-key');
+                f.elements.pool.value = 'chat'; f.elements.provider.value = 'openai';
+                f.elements.secret.value = '{secret}'; f.elements.model.value = 'gpt-4o-mini';
+                f.elements.base_url.value = '{}/v1'; f.elements.rpm.value = '50';
+                document.getElementById('add-key-result').dataset.status = ''; }})()",
+            mock.url
+        )
+    };
+    browser.eval(&fill("sk-dash-form-invalid-0001")).await;
+    browser.eval("document.getElementById('check-key').click()").await;
+    browser
+        .wait_for(
+            "document.getElementById('add-key-result').dataset.status === '422'",
+            Duration::from_secs(20),
+        )
+        .await;
+    browser.eval("document.getElementById('add-key-button').click()").await;
+    browser
+        .wait_for(
+            "document.getElementById('add-key-result').dataset.status === '422'",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(i64_of(&db, "SELECT count(*) FROM keypool_keys").await, keys_before);
+    browser.eval(&fill("sk-dash-form-good-00001234")).await;
+    browser.eval("document.getElementById('check-key').click()").await;
+    browser
+        .wait_for(
+            "document.getElementById('add-key-result').dataset.status === '200'",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(browser
+        .eval("document.getElementById('add-key-result').textContent")
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("accepted: sk-…1234"));
+    assert_eq!(i64_of(&db, "SELECT count(*) FROM keypool_keys").await, keys_before);
+    browser.eval(&fill("sk-dash-form-good-00001234")).await;
+    browser.eval("document.getElementById('add-key-button').click()").await;
+    browser
+        .wait_for(
+            "document.getElementById('add-key-result').dataset.status === '200'",
+            Duration::from_secs(20),
+        )
+        .await;
+    let added = i64_of(&db, "SELECT max(key_id) FROM keypool_keys").await;
+    assert_eq!(i64_of(&db, "SELECT count(*) FROM keypool_keys").await, keys_before + 1);
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#add-key input[name=secret]').value")
+            .await,
+        json!("")
+    );
+    browser
+        .wait_for(
+            &format!("document.querySelector('tr[data-key-id=\"{added}\"]') !== null"),
+            Duration::from_secs(20),
+        )
+        .await;
+    browser
+        .eval(&format!(
+            "document.querySelector('button[data-action=remove][data-key-id=\"{added}\"]').click()"
+        ))
+        .await;
+    browser.eval("document.getElementById('confirm-yes').click()").await;
+    eventually(&db, "SELECT count(*) FROM keypool_keys", &keys_before.to_string()).await;
+    browser
+        .wait_for(
+            &format!("document.querySelector('tr[data-key-id=\"{added}\"]') === null"),
+            Duration::from_secs(20),
+        )
+        .await;
+
     // No secret anywhere in the page.
     let html = browser.eval("document.documentElement.outerHTML").await;
-    for secret in ["sk-dash-one-00001092", "sk-dash-two-00001106", "sk-dash-three-001099"] {
+    for secret in [
+        "sk-dash-one-00001092",
+        "sk-dash-two-00001106",
+        "sk-dash-three-001099",
+        "sk-dash-form-good-00001234",
+    ] {
         assert!(!html.as_str().unwrap().contains(secret));
     }
 }
