@@ -201,28 +201,27 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64, within: Option<&[St
 fn reserve_own(
     sh: &'static Shared,
     mut cfg: Rc<Config>,
-    pool_name: &str,
+    (pool_name, mut ix): (&str, usize),
     user: &str,
     est_tokens: i64,
     role: pg_sys::Oid,
 ) -> (Rc<Config>, Option<Answer>) {
     let share = Share {
-        pool_slot: assign::pool_or_error(&cfg, pool_name).slot,
+        pool_slot: cfg.pools[ix].slot,
         ticket: None,
         preferred: 0,
         role,
         hold: None,
     };
     for _ in 0..3 {
-        let outcome = try_reserve(sh, &cfg, (pool_name, Some(user)), est_tokens, &share);
-        let pool = assign::pool_or_error(&cfg, pool_name);
+        let outcome = try_reserve(sh, &cfg, (ix, Some(user)), est_tokens, &share);
+        let pool = &cfg.pools[ix];
         match outcome {
             Ok(Ok((key, reservation_id, granted_at_ms))) => {
                 let (allocation, _, _) = quota::view(sh, &cfg, pool, user, granted_at_ms);
-                let pool = cfg.pools_by_name.get(pool_name).copied().unwrap_or(0);
                 let answer = Answer::Granted {
                     key,
-                    pool,
+                    pool: ix,
                     reservation_id,
                     granted_at_ms,
                     allocation,
@@ -239,10 +238,23 @@ fn reserve_own(
                 };
                 return (cfg, Some(answer));
             }
-            Err(Rebound) => cfg = config::reload_now(),
+            Err(Rebound) => {
+                cfg = config::reload_now();
+                ix = pool_index(&cfg, pool_name);
+            }
         }
     }
     (cfg, None)
+}
+
+/// The index of a pool in the configuration (raises when it does not exist).
+fn pool_index(cfg: &Config, pool_name: &str) -> usize {
+    match cfg.pools_by_name.get(pool_name) {
+        Some(&ix) => ix,
+        None => errors::undefined(format!("pool \"{pool_name}\" does not exist"))
+            .hint("Create it with keypool_create_pool().")
+            .raise(),
+    }
 }
 
 fn too_large(est_tokens: i64, pool_name: &str) -> ! {
@@ -263,26 +275,29 @@ fn reserve_in(
     est_tokens: i64,
 ) -> (Rc<Config>, Answer) {
     let role = privilege::caller();
+    let mut ix = pool_index(&cfg, pool_name);
     let rebound = {
-        let pool = assign::pool_or_error(&cfg, pool_name);
+        let pool = &cfg.pools[ix];
         !sh.pool(pool.slot).tag.is(cfg.owner, pool.id)
     };
     if rebound {
         // The pool's slot was taken back from an older configuration of ours: bind again.
         cfg = config::reload_now();
+        ix = pool_index(&cfg, pool_name);
     }
     let now = clock::now_ms();
-    assign::ensure_loaded(sh, &cfg, assign::pool_or_error(&cfg, pool_name));
+    assign::ensure_loaded(sh, &cfg, &cfg.pools[ix]);
     // The user's own keys first (bring your own key): outside their share and the pool's budget.
-    let owned = &assign::pool_or_error(&cfg, pool_name).owned;
+    let owned = &cfg.pools[ix].owned;
     if !owned.is_empty() && owned.contains_key(user) {
-        let (c, own) = reserve_own(sh, cfg, pool_name, user, est_tokens, role);
+        let (c, own) = reserve_own(sh, cfg, (pool_name, ix), user, est_tokens, role);
         cfg = c;
         if let Some(answer) = own {
             return (cfg, answer);
         }
+        ix = pool_index(&cfg, pool_name);
     }
-    let pool = assign::pool_or_error(&cfg, pool_name);
+    let pool = &cfg.pools[ix];
     if !pool.keys.iter().any(|&k| cfg.usable(&cfg.keys[k])) {
         let (allocation, _, _) = quota::view(sh, &cfg, pool, user, now);
         return (
@@ -368,15 +383,14 @@ fn reserve_in(
         }
     };
     for _ in 0..3 {
-        match try_reserve(sh, &cfg, (pool_name, None), est_tokens, &share) {
+        match try_reserve(sh, &cfg, (ix, None), est_tokens, &share) {
             Ok(Ok((key, reservation_id, granted_at_ms))) => {
                 if let Some((b, h)) = &share.hold {
                     // The hold was for the dearest key: keep what the granted key's estimate needs.
-                    let pool = assign::pool_or_error(&cfg, pool_name);
-                    let needed = budgets::key_estimate(&cfg.keys[key], pool, b, est_tokens as u64);
+                    let needed = budgets::key_estimate(&cfg.keys[key], &cfg.pools[ix], b, est_tokens as u64);
                     budgets::adjust(sh, share.pool_slot, h, needed as i64 - h.amount as i64);
                 }
-                let pool = cfg.pools_by_name.get(pool_name).copied().unwrap_or(0);
+                let pool = ix;
                 return (
                     cfg,
                     Answer::Granted {
@@ -399,7 +413,10 @@ fn reserve_in(
                     },
                 );
             }
-            Err(Rebound) => cfg = config::reload_now(),
+            Err(Rebound) => {
+                cfg = config::reload_now();
+                ix = pool_index(&cfg, pool_name);
+            }
         }
     }
     give_back(sh, &share, &mut allocation);
@@ -426,11 +443,11 @@ const EXACT_SPREAD_KEYS: usize = 64;
 fn try_reserve(
     sh: &Shared,
     cfg: &Config,
-    (pool_name, owner): (&str, Option<&str>),
+    (pool_ix, owner): (usize, Option<&str>),
     est_tokens: i64,
     share: &Share,
 ) -> Result<Outcome, Rebound> {
-    let pool = assign::pool_or_error(cfg, pool_name);
+    let pool = &cfg.pools[pool_ix];
     let tiers: &[Tier] = match owner {
         None => &pool.tiers,
         Some(user) => pool.owned.get(user).map_or(&[][..], Vec::as_slice),
