@@ -390,30 +390,37 @@ pub fn standing(sh: &Shared, cfg: &Config, pool: &Pool, budget: &Budget, user: &
 
 /// Parses a decimal amount of currency (as PostgreSQL prints a numeric) into millionths:
 /// non-negative, at most six decimal places, at most `MAX_AMOUNT`.
-pub fn parse_amount(text: &str) -> Result<u64, String> {
+pub fn parse_amount(full: &str) -> Result<u64, String> {
+    // What the caller sent is quoted in errors, but never more than 40 characters of it.
+    let text = full;
+    let shown: String = if full.chars().count() > 40 {
+        full.chars().take(40).chain("…".chars()).collect()
+    } else {
+        full.to_string()
+    };
     let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if text.starts_with('-') {
-        return Err(format!("must not be negative, not {text}"));
+        return Err(format!("must not be negative, not {shown}"));
     }
     if !digits(whole) || !(frac.is_empty() || digits(frac)) {
-        return Err(format!("must be a number, not {text}"));
+        return Err(format!("must be a number, not {shown}"));
     }
     let frac = frac.trim_end_matches('0');
     if frac.len() > 6 {
-        return Err(format!("has more than six decimal places: {text}"));
+        return Err(format!("has more than six decimal places: {shown}"));
     }
     let whole = whole.trim_start_matches('0');
     if whole.len() > 13 {
-        return Err(format!("must be at most {MAX_AMOUNT}, not {text}"));
+        return Err(format!("must be at most {MAX_AMOUNT}, not {shown}"));
     }
     let units: u64 = if whole.is_empty() {
         0
     } else {
-        whole.parse().map_err(|_| format!("must be a number, not {text}"))?
+        whole.parse().map_err(|_| format!("must be a number, not {shown}"))?
     };
     if units > MAX_AMOUNT {
-        return Err(format!("must be at most {MAX_AMOUNT}, not {text}"));
+        return Err(format!("must be at most {MAX_AMOUNT}, not {shown}"));
     }
     let micros: u64 = format!("{frac:0<6}").parse().unwrap_or(0);
     Ok(units * MICROS + micros)

@@ -111,6 +111,9 @@ fn keypool_set_fallbacks(
         let Some(name) = name else {
             errors::invalid("fallbacks must not contain NULL").raise()
         };
+        if name.is_empty() || name.len() > 200 {
+            errors::invalid("a pool name in fallbacks is empty or longer than 200 bytes").raise();
+        }
         if name == pool {
             errors::invalid(format!("pool \"{pool}\" cannot be its own fallback")).raise();
         }

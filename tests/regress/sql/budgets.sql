@@ -94,6 +94,7 @@ SELECT try($$SELECT keypool_set_budget('spend', 'NaN', 'day')$$);
 SELECT try($$SELECT keypool_set_budget('spend', 1, 'week')$$);
 SELECT try($$SELECT keypool_set_budget('spend', 1, NULL)$$);
 SELECT try($$SELECT keypool_set_budget('spend', 1e13, 'day')$$);
+SELECT try($$SELECT keypool_set_budget('spend', 1e100, 'day')$$);
 SELECT try($$SELECT keypool_set_budget(NULL, 1, 'day')$$);
 SELECT try($$SELECT keypool_set_budget('no_such_pool', 1, 'day')$$);
 SELECT try($$SELECT keypool_alter_pool('spend', default_cost => -0.5)$$);

@@ -107,6 +107,8 @@ SELECT try($$SELECT keypool_set_fallbacks('fb_local', ARRAY['fb_openai', NULL])$
 SELECT try($$SELECT keypool_set_fallbacks('fb_local', ARRAY['no_such_pool'])$$);
 SELECT try($$SELECT keypool_set_fallbacks('fb_local', NULL)$$);
 SELECT try($$SELECT keypool_set_fallbacks('fb_local', array_fill('fb_openai'::text, ARRAY[17]))$$);
+SELECT try($$SELECT keypool_set_fallbacks('fb_local', ARRAY[repeat('x', 201)])$$);
+SELECT try($$SELECT keypool_reserve('u', 'fb_local', 0, (SELECT array_agg('p' || i) FROM generate_series(1, 1025) i))$$);
 SELECT pool, fallbacks FROM keypool_pool_stats WHERE pool = 'fb_local';
 -- An empty chain removes it.
 SELECT keypool_set_fallbacks('fb_empty', ARRAY[]::text[]);
