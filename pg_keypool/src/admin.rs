@@ -312,7 +312,7 @@ fn keypool_add_key(
         }
     }
     let priority = check_priority(priority);
-    let owner = owner.map(|o| crate::reserve::check_user_id(Some(o)));
+    let owner = owner.map(|o| crate::args::check_user_id(Some(o)));
     if owner.is_some() && account.is_some() {
         errors::invalid("a user's own key has an account of its own: leave account NULL")
             .detail("An owned key's limits are never merged with the shared keys' accounts.")

@@ -19,12 +19,12 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, spi, AnyNumeric};
 
 use crate::access::{self, Privilege};
+use crate::args::check_user_id;
 use crate::clock;
 use crate::config::{self, Config, Key, Pool};
 use crate::errors::{self, Code};
 use crate::members::{self, Member, FLAG_ACTIVE_DIRTY, FLAG_MEMBER, FLAG_SPEND_DIRTY, FLAG_USE_DIRTY};
 use crate::privilege;
-use crate::reserve::check_user_id;
 use crate::shares::{PoolShares, TreeMeta, NEVER, WEIGHT_SCALE};
 use crate::shmem::{self, PoolSlot, Shared, MEMBERS_LOADING, MEMBERS_READY, MEMBERS_UNLOADED};
 use crate::tree;

@@ -14,7 +14,7 @@ use crate::clock;
 use crate::config::{Config, Pool};
 use crate::errors;
 use crate::privilege;
-use crate::reserve::Refusal;
+use crate::refusal::Refusal;
 
 /// Longest chain accepted.
 pub const MAX_LINKS: usize = 16;

@@ -19,6 +19,7 @@ use pgrx::prelude::*;
 
 mod access;
 mod admin;
+mod args;
 mod assign;
 mod breaker;
 mod budgets;
@@ -40,6 +41,7 @@ mod privilege;
 mod provider;
 mod queue;
 mod quota;
+mod refusal;
 mod registry;
 mod reservation;
 mod reserve;

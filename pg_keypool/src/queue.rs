@@ -16,10 +16,10 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 
 use crate::access::{self, Grants, Privilege};
+use crate::args::check_user_id;
 use crate::composite::{self, Value};
 use crate::errors::{self, Code};
 use crate::privilege;
-use crate::reserve::check_user_id;
 use crate::settings;
 
 const MAX_WORKER_ID: usize = 200;

@@ -12,13 +12,13 @@ use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 
 use crate::access::{self, Privilege};
+use crate::args::check_user_id;
 use crate::assign;
 use crate::budgets;
 use crate::clock;
 use crate::config::{self, Config, Pool};
 use crate::errors;
 use crate::members::{self, Member, FLAG_USE_DIRTY};
-use crate::reserve::check_user_id;
 use crate::shares::{warning_level, Policy, PoolShares, NEVER, WEIGHT_SCALE};
 use crate::shmem;
 use crate::shmem::Shared;

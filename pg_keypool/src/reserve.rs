@@ -19,6 +19,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::access::{self, Privilege};
+use crate::args::check_tokens;
+use crate::args::check_user_id;
 use crate::assign;
 use crate::breaker::{self, Admission};
 use crate::budgets::{self, Hold};
@@ -31,38 +33,11 @@ use crate::fallbacks::{self, ChainRefusal};
 use crate::members;
 use crate::privilege;
 use crate::quota::{self, Allocation, Take, Ticket};
+use crate::refusal::Refusal;
 use crate::reservation::{self, Record, FLAG_BORROWED, FLAG_TRIAL};
 use crate::settings;
 use crate::shmem::{self, Counter, Shared};
 use crate::window::Wait;
-
-/// Largest token estimate or count accepted from a caller.
-pub const MAX_TOKENS: i64 = 1_000_000_000;
-/// Longest user id accepted, in bytes.
-pub const MAX_USER_ID: usize = 256;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    PoolExhausted,
-    NoKeys,
-    QuotaExceeded,
-    /// The pool's or the user's spend budget for the period is used up.
-    BudgetExceeded,
-    /// The estimate is more than any usable key allows: an error, unless a fallback serves.
-    TooLarge,
-}
-
-impl Refusal {
-    pub fn code(&self) -> &'static str {
-        match self {
-            Refusal::PoolExhausted => "POOL_EXHAUSTED",
-            Refusal::NoKeys => "NO_KEYS",
-            Refusal::QuotaExceeded => "QUOTA_EXCEEDED",
-            Refusal::BudgetExceeded => "BUDGET_EXCEEDED",
-            Refusal::TooLarge => "POOL_EXHAUSTED",
-        }
-    }
-}
 
 pub enum Answer {
     Granted {
@@ -94,33 +69,6 @@ struct Share {
 
 /// A slot this backend cached was bound to another row meanwhile: reload and try again.
 struct Rebound;
-
-pub fn check_user_id(user_id: Option<&str>) -> &str {
-    let Some(user) = user_id else {
-        errors::null_argument("user_id").raise()
-    };
-    if user.is_empty() {
-        errors::invalid("user_id must not be empty").raise();
-    }
-    if user.len() > MAX_USER_ID {
-        errors::invalid(format!(
-            "user_id is {} bytes long; the limit is {MAX_USER_ID}",
-            user.len()
-        ))
-        .raise();
-    }
-    user
-}
-
-pub fn check_tokens(name: &str, tokens: Option<i64>) -> i64 {
-    let Some(t) = tokens else {
-        errors::null_argument(name).raise()
-    };
-    if !(0..=MAX_TOKENS).contains(&t) {
-        errors::invalid(format!("{name} must be between 0 and {MAX_TOKENS}, not {t}")).raise();
-    }
-    t
-}
 
 /// Reserves capacity for `user`'s request of about `est_tokens` tokens, for the calling role,
 /// which must hold `use` on `pool_name`: in that pool, then down its fallback chain (links the

@@ -11,6 +11,7 @@ use pgrx::prelude::*;
 
 use crate::access::Privilege;
 use crate::admin;
+use crate::args::{check_tokens, MAX_TOKENS};
 use crate::breaker;
 use crate::budgets;
 use crate::calendar;
@@ -21,7 +22,6 @@ use crate::outcome::{classify, Outcome};
 use crate::privilege;
 use crate::quota::{self, Ticket};
 use crate::reservation::{self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_TRIAL};
-use crate::reserve::{check_tokens, MAX_TOKENS};
 use crate::settings;
 use crate::shmem::{self, CoolingReason, Counter, Shared};
 use crate::window::Charge;

@@ -14,10 +14,10 @@ use pgrx::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::access::{self, Privilege};
+use crate::args::check_user_id;
 use crate::clock;
 use crate::errors::{self, Code};
 use crate::privilege;
-use crate::reserve::check_user_id;
 
 /// Every token starts with this, so that logs, scanners and people recognise one.
 pub const PREFIX: &str = "kpt_";

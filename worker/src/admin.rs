@@ -38,7 +38,6 @@ pub fn user_router() -> Router<Arc<Endpoint>> {
 /// The admin API (the caller's admin token is checked by the layer `server::router` puts on it).
 pub fn admin_router() -> Router<Arc<Endpoint>> {
     Router::new()
-        .merge(crate::keys::admin_routes())
         .route("/allocation/system-overview", get(overview))
         .route("/allocation/health", get(health))
         .route("/allocation/alerts", get(alerts))

@@ -119,8 +119,9 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::api));
     let user =
         crate::admin::user_router().route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::user_api));
-    let admin =
-        crate::admin::admin_router().route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::admin));
+    let admin = crate::admin::admin_router()
+        .merge(crate::keys::admin_routes())
+        .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::admin));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(crate::admin::metrics))

@@ -1,0 +1,24 @@
+//! Why a reservation was refused, as the result row says it.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    PoolExhausted,
+    NoKeys,
+    QuotaExceeded,
+    /// The pool's or the user's spend budget for the period is used up.
+    BudgetExceeded,
+    /// The estimate is more than any usable key allows: an error, unless a fallback serves.
+    TooLarge,
+}
+
+impl Refusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::PoolExhausted => "POOL_EXHAUSTED",
+            Refusal::NoKeys => "NO_KEYS",
+            Refusal::QuotaExceeded => "QUOTA_EXCEEDED",
+            Refusal::BudgetExceeded => "BUDGET_EXCEEDED",
+            Refusal::TooLarge => "POOL_EXHAUSTED",
+        }
+    }
+}
