@@ -293,7 +293,10 @@ fn token_user(principal: &Principal) -> Result<String, Response> {
     }
 }
 
+/// What a user may say of their own key: no owner (it is the token's user), no address, no
+/// account, no skipping the check; anything else is refused rather than ignored.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct OwnKeyBody {
     pool: String,
     provider: String,
@@ -308,7 +311,7 @@ struct OwnKeyBody {
 
 /// `POST /v1/keys` `{pool, provider, secret, model?, rpm?, ...}`: adds a key owned by the
 /// token's user to a pool the token may use, after the provider accepted it (always checked;
-/// called at the provider's own address).
+/// called where the pool's shared keys of that provider are, else at the provider's address).
 async fn add_own_key(
     State(ep): State<Arc<Endpoint>>,
     Extension(principal): Extension<Principal>,

@@ -288,6 +288,20 @@ async fn a_user_manages_their_own_keys_with_their_token() {
     )
     .await;
     assert_eq!(status, 404);
+    // A user names no owner, address or account for their key, nor skips the check.
+    for extra in [
+        json!({"owner": "bob"}),
+        json!({"base_url": "http://169.254.169.254/v1"}),
+        json!({"validate": false}),
+    ] {
+        let mut body = json!({"pool": "chat", "provider": "openai", "secret": "sk-own-keys-extra-00006"});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let (status, answer) = send(&w, post.clone(), "/v1/keys", &alice, Some(body)).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(!answer.to_string().contains("sk-own-keys-extra"), "{answer}");
+    }
     // Service tokens do not own keys.
     let (status, body) = send(&w, reqwest::Method::GET, "/v1/keys", TOKEN, None).await;
     assert_eq!(
