@@ -202,11 +202,6 @@ pub fn worst_estimate(cfg: &Config, pool: &Pool, budget: &Budget, est_tokens: u6
         .unwrap_or(0)
 }
 
-/// The estimate on the key that was granted.
-pub fn key_estimate(key: &Key, pool: &Pool, budget: &Budget, est_tokens: u64) -> u64 {
-    estimate(&price_of(key, pool), est_tokens, budget.default_cost)
-}
-
 /// What a reservation took of the budgets.
 #[derive(Clone, Copy, Debug)]
 pub struct Hold {
@@ -300,19 +295,12 @@ pub fn take(
         });
         drop(stripe);
         if !fits {
-            give_back_pool(sh, pool.slot, start, amount);
+            // Only the pool's part was taken (hold.index is still none).
+            adjust(sh, pool.slot, &hold, -(amount as i64));
             return Err(wait);
         }
     }
     Ok(hold)
-}
-
-fn give_back_pool(sh: &Shared, pool_slot: u32, period: i32, amount: u64) {
-    sh.pool(pool_slot).spend.with(|p, spent| {
-        if *p == period {
-            *spent = spent.saturating_sub(amount);
-        }
-    });
 }
 
 /// Changes what a hold counts by `delta` (settling: the true cost less the estimate; releasing:

@@ -116,8 +116,6 @@ pub struct Key {
     pub priority: i32,
     /// The price of its provider's model (`keypool_prices`), if one is set.
     pub price: Option<Price>,
-    /// The user whose own key it is (bring your own key), if any.
-    pub owner: Option<String>,
     pub disabled: bool,
 }
 
@@ -467,14 +465,17 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     cfg.pools[p].fallbacks.push(f);
                 }
             }
+            // Users' own keys, by pool and owner (their tiers are built below).
+            let mut owned: Vec<HashMap<String, Vec<usize>>> = vec![HashMap::new(); cfg.pools.len()];
             for k in keys {
                 let (Some(&pool), Some(&scope)) = (pool_index.get(&k.pool_id), cfg.scopes_by_id.get(&k.scope_id))
                 else {
                     continue;
                 };
                 cfg.keys_by_id.insert(k.id, cfg.keys.len());
-                if k.owner.is_none() {
-                    cfg.pools[pool].keys.push(cfg.keys.len());
+                match &k.owner {
+                    None => cfg.pools[pool].keys.push(cfg.keys.len()),
+                    Some(o) => owned[pool].entry(o.clone()).or_default().push(cfg.keys.len()),
                 }
                 let serves = cfg.scope_pools.entry(k.scope_id).or_default();
                 if !serves.contains(&k.pool_id) {
@@ -487,7 +488,6 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 cfg.keys.push(Key {
                     id: k.id,
                     price,
-                    owner: k.owner,
                     pool_id: k.pool_id,
                     scope,
                     slot: bound.keys[&k.id],
@@ -501,16 +501,9 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     disabled: k.disabled,
                 });
             }
-            for i in 0..cfg.pools.len() {
-                cfg.pools[i].tiers = tiers(&cfg.keys, &cfg.pools[i].keys);
-                let pool_id = cfg.pools[i].id;
-                let mut by_owner: HashMap<String, Vec<usize>> = HashMap::new();
-                for (k, key) in cfg.keys.iter().enumerate() {
-                    if let (true, Some(owner)) = (key.pool_id == pool_id, &key.owner) {
-                        by_owner.entry(owner.clone()).or_default().push(k);
-                    }
-                }
-                cfg.pools[i].owned = by_owner.into_iter().map(|(o, ks)| (o, tiers(&cfg.keys, &ks))).collect();
+            for (pool, owned) in cfg.pools.iter_mut().zip(owned) {
+                pool.tiers = tiers(&cfg.keys, &pool.keys);
+                pool.owned = owned.into_iter().map(|(o, ks)| (o, tiers(&cfg.keys, &ks))).collect();
             }
             for i in 0..cfg.pools.len() {
                 let (min_share, active_days, borrowing, timezone) =

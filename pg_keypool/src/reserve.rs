@@ -27,7 +27,7 @@ use crate::budgets::{self, Hold};
 use crate::calendar;
 use crate::clock;
 use crate::composite::{self, Value};
-use crate::config::{self, Budget, Config, Key, Pool, Tier};
+use crate::config::{self, Budget, Config, Key, Tier};
 use crate::errors::{self, Code};
 use crate::fallbacks::{self, ChainRefusal};
 use crate::members;
@@ -195,6 +195,14 @@ fn reserve_own(
     (cfg, None)
 }
 
+/// Gives back the request a reservation took of the user's share.
+fn give_back_ticket(sh: &Shared, pool_slot: u32, ticket: &Option<Ticket>, allocation: &mut Allocation) {
+    if let Some(t) = ticket {
+        quota::give_back(sh, pool_slot, t);
+        allocation.used = allocation.used.saturating_sub(1);
+    }
+}
+
 /// The index of a pool in the configuration (raises when it does not exist).
 fn pool_index(cfg: &Config, pool_name: &str) -> usize {
     match cfg.pools_by_name.get(pool_name) {
@@ -298,10 +306,7 @@ fn reserve_in(
         Some((b, amount, user_spend)) => match budgets::take(sh, pool, &b, user_spend, amount, now) {
             Ok(hold) => Some((b, hold)),
             Err(wait) => {
-                if let Some(t) = &ticket {
-                    quota::give_back(sh, pool.slot, t);
-                    allocation.used = allocation.used.saturating_sub(1);
-                }
+                give_back_ticket(sh, pool.slot, &ticket, &mut allocation);
                 return (
                     cfg,
                     Answer::Refused {
@@ -322,10 +327,7 @@ fn reserve_in(
     };
     // Gives back what the share and budget hold when no key is granted.
     let give_back = |sh: &Shared, share: &Share, allocation: &mut Allocation| {
-        if let Some(t) = &share.ticket {
-            quota::give_back(sh, share.pool_slot, t);
-            allocation.used = allocation.used.saturating_sub(1);
-        }
+        give_back_ticket(sh, share.pool_slot, &share.ticket, allocation);
         if let Some((_, h)) = &share.hold {
             budgets::adjust(sh, share.pool_slot, h, -(h.amount as i64));
         }
@@ -333,17 +335,11 @@ fn reserve_in(
     for _ in 0..3 {
         match try_reserve(sh, &cfg, (ix, None), est_tokens, &share) {
             Ok(Ok((key, reservation_id, granted_at_ms))) => {
-                if let Some((b, h)) = &share.hold {
-                    // The hold was for the dearest key: keep what the granted key's estimate needs.
-                    let needed = budgets::key_estimate(&cfg.keys[key], &cfg.pools[ix], b, est_tokens as u64);
-                    budgets::adjust(sh, share.pool_slot, h, needed as i64 - h.amount as i64);
-                }
-                let pool = ix;
                 return (
                     cfg,
                     Answer::Granted {
                         key,
-                        pool,
+                        pool: ix,
                         reservation_id,
                         granted_at_ms,
                         allocation,
@@ -506,10 +502,6 @@ fn readiness(sh: &Shared, cfg: &Config, key: &Key, now: i64, lease: i64) -> Read
     }
 }
 
-fn pool_of<'c>(cfg: &'c Config, key: &Key) -> Option<&'c Pool> {
-    cfg.pools.iter().find(|p| p.id == key.pool_id)
-}
-
 /// Tries to charge one request to `key`'s scope and open a reservation: the reservation id, or
 /// how long until the scope has room.
 #[allow(clippy::too_many_arguments)]
@@ -547,6 +539,14 @@ fn try_key(
     };
     match charged {
         Ok(charge) => {
+            // What this reservation holds of the budget: the granted key's estimate (every usable
+            // key has a price: reserve_in checked it with the dearest).
+            let held = share.hold.map_or_else(Hold::default, |(b, h)| Hold {
+                amount: key
+                    .price
+                    .map_or(h.amount, |p| budgets::estimate(&p, tokens, b.default_cost)),
+                ..h
+            });
             let record = Record {
                 dboid: cfg.owner.dboid,
                 scope_slot: scope.slot,
@@ -567,12 +567,12 @@ fn try_key(
                 member_hash: share.ticket.map_or(0, |t| t.hash),
                 member_day: share.ticket.map_or(0, |t| t.day),
                 role: share.role.to_u32(),
-                // The granted key's estimate (reserve_in lowers the hold to it).
-                hold: share.hold.map_or_else(Hold::default, |(b, h)| Hold {
-                    amount: pool_of(cfg, key).map_or(h.amount, |p| budgets::key_estimate(key, p, &b, tokens)),
-                    ..h
-                }),
+                hold: held,
             };
+            if let Some((_, h)) = &share.hold {
+                // The hold was for the pool's dearest key: keep what this key's estimate needs.
+                budgets::adjust(sh, share.pool_slot, h, held.amount as i64 - h.amount as i64);
+            }
             let reservation_id = reservation::open(sh, &record, now, lease);
             key_slot.add(Counter::Requests, 1);
             key_slot.last_used_ms.store(now, Ordering::Relaxed);
