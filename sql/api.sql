@@ -353,11 +353,11 @@ SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerp
 COMMENT ON VIEW keypool_master_keys IS
     'Master keys of the keyring this database recorded: number, fingerprint (first 8 bytes), how many secrets each seals';
 
--- The server's shared-memory member table (pg_keypool.max_members): members, guests of the day,
--- free entries, and what floods of unknown user ids cost.
+-- The server's shared-memory member cache (pg_keypool.max_members): members and guests cached,
+-- free entries, what floods of unknown user ids cost, and how the cache does.
 CREATE VIEW keypool_member_memory AS SELECT * FROM keypool.member_memory();
 COMMENT ON VIEW keypool_member_memory IS
-    'The shared-memory member table: entries, members, guests of the day, free, full stripes, guest entries members took over, requests served from shared guest allowances';
+    'The shared-memory member cache: entries, members and guests cached, free, full stripes, guest entries given to members, requests served from shared guest allowances, bytes, hits, loads, evictions, requests of members served without an entry';
 
 -- One row: how the whole installation is doing, and what it can serve.
 -- The health verdict reads every other stats view; planned as one query its estimated cost on
@@ -538,7 +538,7 @@ COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of the
 COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of the keys this role may read (for keypool_keys)';
 COMMENT ON FUNCTION keypool.note_config_change() IS 'Internal: marks configuration caches stale (trigger helper)';
 COMMENT ON FUNCTION keypool.config_changed() IS 'Internal: trigger on the configuration tables';
-COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory member table (for keypool_member_memory)';
+COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory member cache (for keypool_member_memory)';
 
 -- Nothing is open to PUBLIC: grant EXECUTE on the functions and SELECT on the views to the
 -- roles that need them, and privileges on pools with keypool_grant (see README, "Roles"). The

@@ -147,12 +147,14 @@ CREATE TABLE keypool.member (
     weight      numeric NOT NULL DEFAULT 1 CHECK (weight > 0),
     last_active date,
     assigned_at timestamptz NOT NULL DEFAULT now(),
-    -- What the member used of their share on day used_on, as last flushed: restored after a
-    -- crash or a failover.
+    -- What the member used of their share on day used_on, and that share, as last flushed:
+    -- read when the member is cached again (shared memory holds the active members), and
+    -- after a crash or a failover.
     used_on     date,
     used        bigint,
+    share       bigint,
     PRIMARY KEY (pool_id, user_id)
-) WITH (fillfactor = 70);  -- room for HOT updates of last_active, used_on and used
+) WITH (fillfactor = 70);  -- room for HOT updates of last_active, used_on, used and share
 CREATE INDEX member_hash ON keypool.member (pool_id, user_hash);
 CREATE INDEX member_key ON keypool.member (key_id);
 

@@ -93,7 +93,7 @@ CREATE TABLE keypool.api_token (
 ALTER SEQUENCE keypool.api_token_id_seq OWNED BY keypool.api_token.id;
 
 -- The replicated record of scopes' and members' use (issue 13: failover without over-grant).
-ALTER TABLE keypool.member ADD COLUMN used_on date, ADD COLUMN used bigint;
+ALTER TABLE keypool.member ADD COLUMN used_on date, ADD COLUMN used bigint, ADD COLUMN share bigint;
 -- Room for HOT updates in pages written from now on (VACUUM FULL keypool.member makes room in all).
 ALTER TABLE keypool.member SET (fillfactor = 70);
 CREATE TABLE keypool.scope_usage (
@@ -206,7 +206,12 @@ CREATE  FUNCTION keypool."member_memory"() RETURNS TABLE (
 	"free" bigint,  /* i64 */
 	"full_stripes" bigint,  /* i64 */
 	"guest_entries_taken_over" bigint,  /* i64 */
-	"guest_requests_shared" bigint  /* i64 */
+	"guest_requests_shared" bigint,  /* i64 */
+	"bytes" bigint,  /* i64 */
+	"hits" bigint,  /* i64 */
+	"loads" bigint,  /* i64 */
+	"evictions" bigint,  /* i64 */
+	"members_uncached" bigint  /* i64 */
 )
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -992,7 +997,7 @@ COMMENT ON VIEW keypool_master_keys IS
 
 CREATE VIEW keypool_member_memory AS SELECT * FROM keypool.member_memory();
 COMMENT ON VIEW keypool_member_memory IS
-    'The shared-memory member table: entries, members, guests of the day, free, full stripes, guest entries members took over, requests served from shared guest allowances';
+    'The shared-memory member cache: entries, members and guests cached, free, full stripes, guest entries given to members, requests served from shared guest allowances, bytes, hits, loads, evictions, requests of members served without an entry';
 
 CREATE OR REPLACE FUNCTION keypool.health(
     OUT status text, OUT message text, OUT healthy boolean, OUT keys_total bigint, OUT keys_usable bigint,
@@ -1124,7 +1129,7 @@ COMMENT ON FUNCTION keypool_check_alerts() IS
     'Records alerts raised and cleared since the last check as events (NOTIFY keypool_events); returns how many were raised';
 COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of the scopes this role may read (for keypool_scopes)';
 COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of the keys this role may read (for keypool_keys)';
-COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory member table (for keypool_member_memory)';
+COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory member cache (for keypool_member_memory)';
 COMMENT ON FUNCTION keypool.enqueue(regrole, text, text, jsonb, interval, integer) IS
     'Internal: enqueues a request for keypool_submit';
 COMMENT ON FUNCTION keypool.claim_requests(regrole, text[], text, integer, interval) IS

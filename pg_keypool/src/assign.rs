@@ -23,7 +23,8 @@ use crate::args::check_user_id;
 use crate::clock;
 use crate::config::{self, Config, Key, Pool};
 use crate::errors::{self, Code};
-use crate::members::{self, Member, FLAG_ACTIVE_DIRTY, FLAG_MEMBER, FLAG_SPEND_DIRTY, FLAG_USE_DIRTY};
+use crate::member_cache::{self, Stored};
+use crate::members::{self, Member, FLAG_MEMBER, FLAG_PINNED};
 use crate::privilege;
 use crate::shares::{PoolShares, TreeMeta, NEVER, WEIGHT_SCALE};
 use crate::shmem::{self, PoolSlot, Shared, MEMBERS_LOADING, MEMBERS_READY, MEMBERS_UNLOADED};
@@ -117,61 +118,85 @@ pub fn ensure_all_loaded(sh: &'static Shared, cfg: &Config) {
     }
 }
 
+/// Counts the pool's members into its aggregates (members per weight class and day of last
+/// activity, shares fixed and borrowed today, members per key) with one aggregate query, and
+/// brings the entries the cache already holds (restored from a clean shutdown, or kept across a
+/// reload) in line with the table. Members themselves are cached on their first reservation.
 fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
     let today = pool.day(clock::now_ms()).0;
     let sql = CString::new(format!(
-        "SELECT user_hash, coalesce(key_id, 0), round(weight * {WEIGHT_SCALE})::bigint,
-                coalesce(last_active - DATE '1970-01-01', {NEVER}),
-                CASE WHEN used_on - DATE '1970-01-01' = {today} THEN coalesce(used, 0) ELSE 0 END
-           FROM keypool.member WHERE pool_id = {}",
+        "SELECT round(weight * {WEIGHT_SCALE})::bigint, coalesce(last_active - DATE '1970-01-01', {NEVER}),
+                coalesce(key_id, 0), count(*),
+                coalesce(sum(share) FILTER (WHERE used_on - DATE '1970-01-01' = {today}), 0)::bigint,
+                coalesce(sum(greatest(used - share, 0)) FILTER (WHERE used_on - DATE '1970-01-01' = {today}), 0)::bigint
+           FROM keypool.member WHERE pool_id = {} GROUP BY 1, 2, 3",
         pool.id
     ))
     .expect("no NUL in the query");
-    let rows: Vec<(i64, i64, i64, i32, i64)> = privilege::as_owner(cfg.extension_owner, || {
-        Spi::connect(|_| config::fresh_rows(&sql, |r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))))
+    type Group = (i64, i32, i64, i64, i64, i64);
+    let groups: Vec<Group> = privilege::as_owner(cfg.extension_owner, || {
+        Spi::connect(|_| {
+            config::fresh_rows(&sql, |r| {
+                (
+                    r.get::<i64>(0),
+                    r.get::<i32>(1),
+                    r.get::<i64>(2),
+                    r.get::<i64>(3),
+                    r.get::<i64>(4),
+                    r.get::<i64>(5),
+                )
+            })
+        })
     });
     crate::budgets::restore_pool_spend(sh, cfg, pool);
+    let cached = cached_hashes(sh, pool.slot);
+    let stored = stored_members(cfg, pool, &cached);
     let mut shares = slot.lock();
     *shares = PoolShares::default();
     shares.roll(today);
     let mut counts: HashMap<i64, i64> = HashMap::new();
-    // Members whose use today is known only from the table (a crash or a failover since it was
-    // flushed): their share is fixed once every member is counted.
-    let mut used_today: Vec<(u64, u64)> = Vec::new();
-    for (hash, key_id, weight, last_active, used) in rows {
+    for (weight, last_active, key_id, n, shares_today, borrowed_today) in groups {
         let class = shares
             .class_of(weight.max(1))
             .unwrap_or_else(|| too_many_weights(&pool.name));
-        let hash = members::hash_from_sql(hash);
-        let stripe = sh.members.stripe(hash);
-        // An entry may already hold today's usage, restored from a clean shutdown (persist.rs).
-        let m = stripe.at(stripe.find_or_insert_member(sh, hash, pool.slot, today));
-        let last_active = last_active.max(m.last_active);
-        shares.add_member(class, last_active);
-        m.key_id = key_id;
-        m.class = class;
-        m.flags = FLAG_MEMBER | (m.flags & (FLAG_ACTIVE_DIRTY | FLAG_USE_DIRTY | FLAG_SPEND_DIRTY));
-        m.last_active = last_active;
-        if m.day == today {
-            shares.active_shares += m.share;
-            shares.borrowed += m.used.saturating_sub(m.share);
-        } else if used > 0 && pool.policy.capacity.is_some() {
-            used_today.push((hash, used as u64));
-        }
+        shares.add_members(class, last_active, n);
+        shares.active_shares += shares_today.max(0) as u64;
+        shares.borrowed += borrowed_today.max(0) as u64;
         if key_id != 0 {
-            *counts.entry(key_id).or_default() += 1;
+            *counts.entry(key_id).or_default() += n;
         }
     }
-    for (hash, used) in used_today {
+    // Entries already cached: the table says who is a member, on which key, with which
+    // weight; an entry's use of today (from a clean shutdown) is newer than the table's.
+    for hash in cached {
         let stripe = sh.members.stripe(hash);
         let Some(i) = stripe.find(sh, hash, pool.slot) else {
             continue;
         };
         let m = stripe.at(i);
-        let share = members::activate(&mut shares, &pool.policy, m, today);
-        shares.active_shares = shares.active_shares.saturating_add(share);
-        m.used = used;
-        shares.borrowed += used.saturating_sub(share);
+        let Some(s) = stored.get(&hash) else {
+            m.flags &= !FLAG_MEMBER;
+            m.key_id = 0;
+            continue;
+        };
+        let entry = *m;
+        member_cache::fill(&mut shares, m, s, today);
+        if entry.last_active != NEVER && entry.last_active > s.last_active {
+            shares.remove_member(u16::from(m.class), s.last_active);
+            shares.add_member(u16::from(m.class), entry.last_active);
+            m.last_active = entry.last_active;
+        }
+        if entry.day == today {
+            if s.used_on == today {
+                shares.active_shares = shares.active_shares.saturating_sub(s.share);
+                shares.borrowed = shares.borrowed.saturating_sub(s.used.saturating_sub(s.share));
+            }
+            shares.active_shares += entry.share;
+            shares.borrowed += entry.used.saturating_sub(entry.share);
+            m.day = today;
+            m.used = entry.used;
+            m.share = entry.share;
+        }
     }
     for &k in &pool.keys {
         let key = &cfg.keys[k];
@@ -181,6 +206,48 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
             ks.tree_build.store(0, Release);
         }
     }
+}
+
+/// Users the cache holds for the pool slot's current generation.
+fn cached_hashes(sh: &Shared, pool_slot: u32) -> Vec<u64> {
+    let gen = sh.pool(pool_slot).members_gen.load(Acquire);
+    let mut out = Vec::new();
+    for s in 0..members::STRIPES {
+        let stripe = sh.members.stripe_at(s);
+        for i in 0..stripe.len() {
+            let m = stripe.at(i);
+            if m.hash != 0 && m.pool_slot == pool_slot && m.pool_gen == gen {
+                out.push(m.hash);
+            }
+        }
+    }
+    out
+}
+
+/// The table's rows of the given users of the pool.
+fn stored_members(cfg: &Config, pool: &Pool, hashes: &[u64]) -> HashMap<u64, Stored> {
+    if hashes.is_empty() {
+        return HashMap::new();
+    }
+    let sql_hashes: Vec<i64> = hashes.iter().map(|&h| members::hash_to_sql(h)).collect();
+    as_owner(cfg, |client| {
+        let t = errors::spi(client.select(
+            &format!(
+                "SELECT user_hash, coalesce(key_id, 0), round(weight * {WEIGHT_SCALE})::bigint,
+                        coalesce(last_active - DATE '1970-01-01', {NEVER}),
+                        coalesce(used_on - DATE '1970-01-01', {NEVER}), coalesce(used, 0), coalesce(share, 0)
+                   FROM keypool.member WHERE pool_id = $1 AND user_hash = ANY($2)"
+            ),
+            None,
+            &[pool.id.into(), sql_hashes.into()],
+        ));
+        rows(t, |r| {
+            let hash = members::hash_from_sql(r.get::<i64>(1).ok().flatten().unwrap_or(0));
+            (hash, stored_of(r, 2))
+        })
+        .into_iter()
+        .collect()
+    })
 }
 
 fn too_many_weights(pool: &str) -> ! {
@@ -294,72 +361,215 @@ fn key_slot_in(cfg: &Config, pool: &Pool, key_id: i64) -> Option<u32> {
 // ---------------------------------------------------------------------------------------------
 // Assigning in shared memory
 
-/// A change to one member's entry, enough to take it back.
+/// A change to one member: enough to take it back in the aggregates, the keys' counts and the
+/// cache (which may or may not hold the member).
 #[derive(Clone, Copy)]
 struct Change {
     hash: u64,
-    before: Member,
+    was_member: bool,
+    before_key: i64,
+    before_class: u16,
     after_key: i64,
     after_class: u16,
+    /// The member's last active day when the change was made.
+    last_active: i32,
     /// Key slots of the key given up and the key taken (u32::MAX: none).
     from_slot: u32,
     to_slot: u32,
+    /// Only the key changes (a move): membership and class are left as they are.
+    key_only: bool,
 }
 
-/// Rolls back `changes` made to `pool_slot`'s members (in generation `gen`) if the transaction
-/// aborts.
-fn undo_on_abort(sh: &'static Shared, pool_slot: u32, gen: u32, changes: Vec<Change>) {
-    if changes.is_empty() {
-        return;
+/// The member's state before a change: from the cache if it holds them, else from the table
+/// (`stored`), else a new member.
+#[derive(Clone, Copy)]
+struct Before {
+    member: bool,
+    key_id: i64,
+    class: u16,
+    last_active: i32,
+}
+
+fn before_of(shares: &mut PoolShares, pool: &Pool, cached: Option<&Member>, stored: Option<&Stored>) -> Before {
+    match (cached, stored) {
+        (Some(m), _) => Before {
+            member: m.is_member(),
+            key_id: if m.is_member() { m.key_id } else { 0 },
+            class: u16::from(m.class),
+            last_active: m.last_active,
+        },
+        (None, Some(s)) => Before {
+            member: true,
+            key_id: s.key_id,
+            class: shares
+                .class_of(s.weight_milli)
+                .unwrap_or_else(|| too_many_weights(&pool.name)),
+            last_active: s.last_active,
+        },
+        (None, None) => Before {
+            member: false,
+            key_id: 0,
+            class: 0,
+            last_active: NEVER,
+        },
     }
-    txn::on_abort_or_prepare(pool_slot, move || {
-        let slot = sh.pool(pool_slot);
-        if slot.members_gen.load(Acquire) != gen {
+}
+
+/// Makes `change` in the aggregates, the keys' counts and the cached entry if there is one
+/// (pinned until the transaction ends). Called with the pool locked.
+fn apply(sh: &Shared, shares: &mut PoolShares, pool_slot: u32, c: &Change) {
+    if c.key_only {
+    } else if !c.was_member {
+        shares.add_member(c.after_class, c.last_active);
+    } else if c.before_class != c.after_class {
+        shares.remove_member(c.before_class, c.last_active);
+        shares.add_member(c.after_class, c.last_active);
+    }
+    if c.from_slot != u32::MAX {
+        add_assigned(sh, shares, c.from_slot, c.before_key, -1);
+    }
+    if c.to_slot != u32::MAX {
+        add_assigned(sh, shares, c.to_slot, c.after_key, 1);
+    }
+    let stripe = sh.members.stripe(c.hash);
+    if let Some(i) = stripe.find(sh, c.hash, pool_slot) {
+        let m = stripe.at(i);
+        m.key_id = c.after_key;
+        m.flags |= FLAG_PINNED;
+        if !c.key_only {
+            m.class = c.after_class as u8;
+            m.flags |= FLAG_MEMBER;
+        }
+    }
+}
+
+/// Takes `changes` back (newest first) in the aggregates, the keys' counts and the cache.
+fn revert(sh: &Shared, pool_slot: u32, changes: &[Change]) {
+    let slot = sh.pool(pool_slot);
+    let mut shares = slot.lock();
+    for c in changes.iter().rev() {
+        let stripe = sh.members.stripe(c.hash);
+        let entry = stripe.find(sh, c.hash, pool_slot).map(|i| stripe.at(i));
+        let last_active = entry.as_ref().map_or(c.last_active, |m| m.last_active);
+        if c.key_only {
+        } else if !c.was_member {
+            shares.remove_member(c.after_class, last_active);
+        } else if c.before_class != c.after_class {
+            shares.remove_member(c.after_class, last_active);
+            shares.add_member(c.before_class, last_active);
+        }
+        if let Some(m) = entry {
+            m.key_id = c.before_key;
+            m.flags &= !FLAG_PINNED;
+            if !c.key_only {
+                m.class = c.before_class as u8;
+                if !c.was_member {
+                    m.flags &= !FLAG_MEMBER;
+                }
+            }
+        }
+        drop(stripe);
+        if c.to_slot != u32::MAX {
+            add_assigned(sh, &shares, c.to_slot, c.after_key, -1);
+        }
+        if c.from_slot != u32::MAX {
+            add_assigned(sh, &shares, c.from_slot, c.before_key, 1);
+        }
+    }
+}
+
+/// Changes made to a pool's members that follow the transaction (see [`track`]).
+struct Tracked {
+    sh: &'static Shared,
+    pool_slot: u32,
+    gen: u32,
+    changes: Rc<std::cell::RefCell<Vec<Change>>>,
+}
+
+impl Tracked {
+    /// Takes back at once the changes of the users `not_made` (another transaction assigned
+    /// them first); they are no longer followed.
+    fn revert_now(&self, not_made: &HashSet<u64>) {
+        if not_made.is_empty() || self.sh.pool(self.pool_slot).members_gen.load(Acquire) != self.gen {
             return;
         }
-        let mut shares = slot.lock();
-        for c in changes.iter().rev() {
-            let stripe = sh.members.stripe(c.hash);
-            let Some(i) = stripe.find(sh, c.hash, pool_slot) else {
-                continue;
-            };
-            let m = stripe.at(i);
-            if m.is_member() && !c.before.is_member() {
-                shares.remove_member(c.after_class, m.last_active);
-            } else if m.is_member() && c.before.is_member() && c.before.class != c.after_class {
-                shares.remove_member(c.after_class, m.last_active);
-                shares.add_member(c.before.class, m.last_active);
-            }
-            m.key_id = c.before.key_id;
-            m.class = c.before.class;
-            m.flags = (m.flags & !FLAG_MEMBER) | (c.before.flags & FLAG_MEMBER);
-            if c.to_slot != u32::MAX {
-                add_assigned(sh, &shares, c.to_slot, c.after_key, -1);
-            }
-            if c.from_slot != u32::MAX {
-                add_assigned(sh, &shares, c.from_slot, c.before.key_id, 1);
-            }
+        let gone: Vec<Change> = {
+            let mut v = self.changes.borrow_mut();
+            let (gone, kept): (Vec<Change>, Vec<Change>) = v.drain(..).partition(|c| not_made.contains(&c.hash));
+            *v = kept;
+            gone
+        };
+        revert(self.sh, self.pool_slot, &gone);
+    }
+}
+
+/// Follows `changes` made to `pool_slot`'s members (in generation `gen`) to the end of the
+/// transaction: taken back if it aborts; when it ends either way, the entries are unpinned and
+/// the stripes' epochs bumped (a lookup that raced with the change is done again); when it
+/// commits, entries cached meanwhile from the table's old rows get the change too.
+fn track(sh: &'static Shared, pool_slot: u32, gen: u32, changes: Vec<Change>) -> Tracked {
+    let changes = Rc::new(std::cell::RefCell::new(changes));
+    let tracked = Tracked {
+        sh,
+        pool_slot,
+        gen,
+        changes: Rc::clone(&changes),
+    };
+    if changes.borrow().is_empty() {
+        return tracked;
+    }
+    let undo = Rc::clone(&changes);
+    txn::on_abort_or_prepare(pool_slot, move || {
+        if sh.pool(pool_slot).members_gen.load(Acquire) == gen {
+            revert(sh, pool_slot, &undo.borrow_mut().drain(..).collect::<Vec<_>>());
         }
     });
+    txn::at_end(move |committed| {
+        let changes = changes.borrow();
+        if sh.pool(pool_slot).members_gen.load(Acquire) == gen {
+            for c in changes.iter() {
+                let stripe = sh.members.stripe(c.hash);
+                if let Some(i) = stripe.find(sh, c.hash, pool_slot) {
+                    let m = stripe.at(i);
+                    m.flags &= !FLAG_PINNED;
+                    if committed {
+                        m.key_id = c.after_key;
+                        if !c.key_only {
+                            m.class = c.after_class as u8;
+                            m.flags |= FLAG_MEMBER;
+                        }
+                    }
+                }
+            }
+        }
+        sh.members.bump_epochs(changes.iter().map(|c| c.hash));
+    });
+    tracked
 }
 
 /// Gives `hash` a key of `pool` unless it has a valid one; returns its key and the change made.
+/// `stored` is the member's row of the table when the caller read it (not needed when the
+/// cache holds the user).
+#[allow(clippy::too_many_arguments)]
 fn assign_locked(
     sh: &'static Shared,
     cfg: &Config,
     pool: &Pool,
     shares: &mut PoolShares,
     hash: u64,
-    today: i32,
+    stored: Option<&Stored>,
     exclude: Option<i64>,
 ) -> Result<(i64, Option<Change>), Stale> {
-    let stripe = sh.members.stripe(hash);
-    let m = stripe.at(stripe.find_or_insert_member(sh, hash, pool.slot, today));
-    let current = (m.is_member() && m.key_id != 0 && Some(m.key_id) != exclude)
-        .then(|| key_slot_in(cfg, pool, m.key_id))
+    let cached = {
+        let stripe = sh.members.stripe(hash);
+        stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
+    };
+    let before = before_of(shares, pool, cached.as_ref(), stored);
+    let current = (before.member && before.key_id != 0 && Some(before.key_id) != exclude)
+        .then(|| key_slot_in(cfg, pool, before.key_id))
         .flatten();
     if current.is_some() {
-        return Ok((m.key_id, None));
+        return Ok((before.key_id, None));
     }
     ensure_tree(sh, cfg, pool, shares)?;
     let Some(key_id) = least_loaded(sh, shares) else {
@@ -370,37 +580,31 @@ fn assign_locked(
         .hint("Add a key with keypool_add_key(), or enable one with keypool_enable_key().")
         .raise()
     };
-    let before = *m;
-    if !m.is_member() {
-        let class = shares
-            .class_of(WEIGHT_SCALE)
-            .unwrap_or_else(|| too_many_weights(&pool.name));
-        shares.add_member(class, m.last_active);
-        m.class = class;
-        m.flags |= FLAG_MEMBER;
-    }
-    let from_slot = if before.is_member() && before.key_id != 0 {
-        key_slot_in(cfg, pool, before.key_id).unwrap_or(u32::MAX)
+    let after_class = if before.member {
+        before.class
     } else {
-        u32::MAX
+        shares
+            .class_of(WEIGHT_SCALE)
+            .unwrap_or_else(|| too_many_weights(&pool.name))
     };
-    let to_slot = key_slot_in(cfg, pool, key_id).unwrap_or(u32::MAX);
-    m.key_id = key_id;
-    if from_slot != u32::MAX {
-        add_assigned(sh, shares, from_slot, before.key_id, -1);
-    }
-    add_assigned(sh, shares, to_slot, key_id, 1);
-    Ok((
-        key_id,
-        Some(Change {
-            hash,
-            before,
-            after_key: key_id,
-            after_class: m.class,
-            from_slot,
-            to_slot,
-        }),
-    ))
+    let change = Change {
+        hash,
+        was_member: before.member,
+        before_key: before.key_id,
+        before_class: before.class,
+        after_key: key_id,
+        after_class,
+        last_active: before.last_active,
+        from_slot: if before.member && before.key_id != 0 {
+            key_slot_in(cfg, pool, before.key_id).unwrap_or(u32::MAX)
+        } else {
+            u32::MAX
+        },
+        to_slot: key_slot_in(cfg, pool, key_id).unwrap_or(u32::MAX),
+        key_only: false,
+    };
+    apply(sh, shares, pool.slot, &change);
+    Ok((key_id, Some(change)))
 }
 
 /// Runs `f` with the pool locked and its members loaded, reloading the configuration when the
@@ -450,25 +654,83 @@ fn rows<T>(table: pgrx::spi::SpiTupleTable<'_>, mut f: impl FnMut(&pgrx::spi::Sp
     table.map(|row| f(&row)).collect()
 }
 
+/// The rows of the given users of the pool (by user id), by their hashes.
+fn stored_by_user(cfg: &Config, pool: &Pool, users: &[String], hashes: &[u64]) -> HashMap<u64, Stored> {
+    let hash_of: HashMap<&str, u64> = users.iter().map(|u| u.as_str()).zip(hashes.iter().copied()).collect();
+    as_owner(cfg, |client| {
+        let t = errors::spi(client.select(
+            &format!(
+                "SELECT user_id, coalesce(key_id, 0), round(weight * {WEIGHT_SCALE})::bigint,
+                        coalesce(last_active - DATE '1970-01-01', {NEVER}),
+                        coalesce(used_on - DATE '1970-01-01', {NEVER}), coalesce(used, 0), coalesce(share, 0)
+                   FROM keypool.member WHERE pool_id = $1 AND user_id = ANY($2)"
+            ),
+            None,
+            &[pool.id.into(), users.to_vec().into()],
+        ));
+        rows(t, |r| {
+            let user = r.get::<String>(1).ok().flatten().unwrap_or_default();
+            (user, stored_of(r, 2))
+        })
+        .into_iter()
+        .filter_map(|(u, s)| Some((*hash_of.get(u.as_str())?, s)))
+        .collect()
+    })
+}
+
+/// A `Stored` from columns `first..first + 6` of a row (key, weight, last active, used on, used,
+/// share).
+fn stored_of(r: &pgrx::spi::SpiHeapTupleData<'_>, first: usize) -> Stored {
+    let get = |i: usize| r.get::<i64>(first + i).ok().flatten().unwrap_or(0);
+    let day = |i: usize| r.get::<i32>(first + i).ok().flatten().unwrap_or(NEVER);
+    Stored {
+        key_id: get(0),
+        weight_milli: get(1).max(1),
+        last_active: day(2),
+        used_on: day(3),
+        used: get(4).max(0) as u64,
+        share: get(5).max(0) as u64,
+    }
+}
+
+/// The user's row of the pool's members, if any.
+fn stored_member(cfg: &Config, pool: &Pool, user: &str) -> Option<Stored> {
+    member_cache::lookup(cfg, pool, user)
+}
+
 /// Assigns one user (idempotent) and returns the key.
 ///
-/// The key is chosen in shared memory first (so that concurrent signups see each other), then
-/// written with one INSERT, which also makes a concurrent assignment of the same user wait for
-/// the other transaction to end. If the table already had the user, the table wins.
+/// The member's row is read first (the cache may not hold them); a new key is chosen in shared
+/// memory (so that concurrent signups see each other), then written with one INSERT, which also
+/// makes a concurrent assignment of the same user wait for the other transaction to end. If the
+/// table already had the user, the table wins and the choice made here is taken back.
 pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
     let sh = shmem::shared();
+    let cfg = config::current();
+    let pool = pool_or_error(&cfg, pool_name);
+    let stored = stored_member(&cfg, pool, user);
+    if let Some(s) = stored.filter(|s| s.key_id != 0 && key_slot_in(&cfg, pool, s.key_id).is_some()) {
+        return (cfg, s.key_id);
+    }
     let hash_of = |cfg: &Config, pool: &Pool| members::user_hash(cfg.owner.instance, pool.id, user);
     let (cfg, (key_id, gen, change)) = with_pool(pool_name, |cfg, pool, shares| {
-        let today = pool.day(clock::now_ms()).0;
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
-        let (key, change) = assign_locked(sh, cfg, pool, shares, hash_of(cfg, pool), today, None)?;
+        let (key, change) = assign_locked(sh, cfg, pool, shares, hash_of(cfg, pool), stored.as_ref(), None)?;
         Ok((key, gen, change))
     });
     let pool = pool_or_error(&cfg, pool_name);
     let hash = hash_of(&cfg, pool);
-    let fresh = change.is_some();
-    if let Some(c) = change {
-        undo_on_abort(sh, pool.slot, gen, vec![c]);
+    let tracked = track(sh, pool.slot, gen, change.into_iter().collect());
+    if stored.is_some() {
+        // A member whose key was removed: the key chosen here replaces it.
+        as_owner(&cfg, |client| {
+            errors::spi(client.update(
+                "UPDATE keypool.member SET key_id = $3 WHERE pool_id = $1 AND user_id = $2",
+                None,
+                &[pool.id.into(), user.into(), key_id.into()],
+            ));
+        });
+        return (cfg, key_id);
     }
     let inserted = as_owner(&cfg, |client| {
         let t = errors::spi(client.update(
@@ -485,87 +747,19 @@ pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
         !t.is_empty()
     });
     if inserted {
-        if !fresh {
-            // Shared memory had the user from a transaction that has since rolled back.
-            ensure_member(sh, pool_name, hash, key_id);
-        }
         return (cfg, key_id);
     }
-    let stored: Option<i64> = as_owner(&cfg, |client| {
-        let t = errors::spi(client.select(
-            "SELECT key_id FROM keypool.member WHERE pool_id = $1 AND user_id = $2",
-            None,
-            &[pool.id.into(), user.into()],
-        ));
-        rows(t, |r| r.get::<i64>(1).ok().flatten()).into_iter().next().flatten()
-    });
-    match stored {
-        Some(k) if k == key_id => (cfg, key_id),
-        Some(k) if key_slot_in(&cfg, pool, k).is_some() => {
-            // The table's key stands: move shared memory over to it.
-            apply_moves(sh, pool_name, &[(user.to_string(), hash, key_id, k)]);
-            (cfg, k)
-        }
-        _ => {
-            // Its key was removed (or never set): the key chosen above replaces it.
-            as_owner(&cfg, |client| {
-                errors::spi(client.update(
-                    "UPDATE keypool.member SET key_id = $3 WHERE pool_id = $1 AND user_id = $2",
-                    None,
-                    &[pool.id.into(), user.into(), key_id.into()],
-                ));
-            });
-            (cfg, key_id)
-        }
-    }
-}
-
-/// Makes sure shared memory has `hash` as a member on `key_id`.
-fn ensure_member(sh: &'static Shared, pool_name: &str, hash: u64, key_id: i64) {
-    let (cfg, (gen, change)) = with_pool(pool_name, |cfg, pool, shares| {
-        let gen = sh.pool(pool.slot).members_gen.load(Acquire);
-        let today = pool.day(clock::now_ms()).0;
-        let stripe = sh.members.stripe(hash);
-        let m = stripe.at(stripe.find_or_insert_member(sh, hash, pool.slot, today));
-        if m.is_member() && m.key_id == key_id {
-            return Ok((gen, None));
-        }
-        let before = *m;
-        if !m.is_member() {
-            let class = shares
-                .class_of(WEIGHT_SCALE)
-                .unwrap_or_else(|| too_many_weights(&pool.name));
-            shares.add_member(class, m.last_active);
-            m.class = class;
-            m.flags |= FLAG_MEMBER;
-        }
-        let from_slot = if before.is_member() {
-            key_slot_in(cfg, pool, before.key_id).unwrap_or(u32::MAX)
-        } else {
-            u32::MAX
-        };
-        let to_slot = key_slot_in(cfg, pool, key_id).unwrap_or(u32::MAX);
-        m.key_id = key_id;
-        if from_slot != u32::MAX {
-            add_assigned(sh, shares, from_slot, before.key_id, -1);
-        }
-        if to_slot != u32::MAX {
-            add_assigned(sh, shares, to_slot, key_id, 1);
-        }
-        Ok((
-            gen,
-            Some(Change {
-                hash,
-                before,
-                after_key: key_id,
-                after_class: m.class,
-                from_slot,
-                to_slot,
-            }),
-        ))
-    });
-    if let Some(c) = change {
-        undo_on_abort(sh, pool_or_error(&cfg, pool_name).slot, gen, vec![c]);
+    // Another transaction assigned the user meanwhile (and committed): its choice stands,
+    // unless its key is gone too.
+    tracked.revert_now(&HashSet::from([hash]));
+    match stored_member(&cfg, pool, user) {
+        Some(s) if s.key_id != 0 && key_slot_in(&cfg, pool, s.key_id).is_some() => (cfg, s.key_id),
+        _ => errors::error(
+            Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            format!("user \"{user}\" was assigned by another transaction at the same time"),
+        )
+        .hint("Try again.")
+        .raise(),
     }
 }
 
@@ -852,50 +1046,59 @@ fn keypool_backfill(
 /// Assigns the users of one batch that are not members yet; returns how many.
 fn assign_batch(sh: &'static Shared, pool_name: &str, pool_id: i64, users: &[String]) -> i64 {
     let cfg = config::current();
-    let existing: HashSet<String> = as_owner(&cfg, |client| {
-        let t = errors::spi(client.select(
-            "SELECT user_id FROM keypool.member WHERE pool_id = $1 AND user_id = ANY($2) AND key_id IS NOT NULL",
-            None,
-            &[pool_id.into(), users.to_vec().into()],
-        ));
-        rows(t, |r| r.get::<String>(1).ok().flatten().unwrap_or_default())
-            .into_iter()
-            .collect()
-    });
-    let new: Vec<&String> = users.iter().filter(|u| !existing.contains(*u)).collect();
+    let pool = pool_or_error(&cfg, pool_name);
+    let hash_of = |u: &str| members::user_hash(cfg.owner.instance, pool_id, u);
+    let hashes: Vec<u64> = users.iter().map(|u| hash_of(u)).collect();
+    let stored = stored_by_user(&cfg, pool, users, &hashes);
+    let new: Vec<(&String, u64)> = users
+        .iter()
+        .zip(hashes)
+        .filter(|(_, h)| {
+            stored
+                .get(h)
+                .is_none_or(|s| s.key_id == 0 || key_slot_in(&cfg, pool, s.key_id).is_none())
+        })
+        .collect();
     if new.is_empty() {
         return 0;
     }
-    let hashes: Vec<u64> = new
-        .iter()
-        .map(|u| members::user_hash(cfg.owner.instance, pool_id, u))
-        .collect();
     let (cfg, (keys, gen, changes)) = with_pool(pool_name, |cfg, pool, shares| {
-        let today = pool.day(clock::now_ms()).0;
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
-        let mut keys = Vec::with_capacity(hashes.len());
+        let mut keys = Vec::with_capacity(new.len());
         let mut changes = Vec::new();
-        for &h in &hashes {
-            let (key, change) = assign_locked(sh, cfg, pool, shares, h, today, None)?;
+        for &(_, h) in &new {
+            let (key, change) = assign_locked(sh, cfg, pool, shares, h, stored.get(&h), None)?;
             keys.push(key);
             changes.extend(change);
         }
         Ok((keys, gen, changes))
     });
     let pool = pool_or_error(&cfg, pool_name);
-    undo_on_abort(sh, pool.slot, gen, changes);
-    let names: Vec<String> = new.iter().map(|u| (*u).clone()).collect();
-    let sql_hashes: Vec<i64> = hashes.iter().map(|&h| members::hash_to_sql(h)).collect();
-    as_owner(&cfg, |client| {
-        errors::spi(client.update(
+    let tracked = track(sh, pool.slot, gen, changes);
+    let names: Vec<String> = new.iter().map(|u| u.0.clone()).collect();
+    let sql_hashes: Vec<i64> = new.iter().map(|u| members::hash_to_sql(u.1)).collect();
+    // Rows written: new members, and members whose key was removed.
+    let written: HashSet<u64> = as_owner(&cfg, |client| {
+        let t = errors::spi(client.update(
             "INSERT INTO keypool.member AS m (pool_id, user_id, user_hash, key_id)
              SELECT $1, u, h, k FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS t(u, h, k)
-             ON CONFLICT (pool_id, user_id) DO UPDATE SET key_id = excluded.key_id WHERE m.key_id IS NULL",
+             ON CONFLICT (pool_id, user_id) DO UPDATE SET key_id = excluded.key_id
+              WHERE m.key_id IS NULL
+                 OR NOT EXISTS (SELECT 1 FROM keypool.key k WHERE k.id = m.key_id AND k.removed_at IS NULL)
+             RETURNING m.user_hash",
             None,
             &[pool_id.into(), names.into(), sql_hashes.into(), keys.into()],
         ));
+        rows(t, |r| {
+            members::hash_from_sql(r.get::<i64>(1).ok().flatten().unwrap_or(0))
+        })
+        .into_iter()
+        .collect()
     });
-    new.len() as i64
+    // Users another transaction assigned meanwhile keep that assignment.
+    let not_made: HashSet<u64> = new.iter().map(|u| u.1).filter(|h| !written.contains(h)).collect();
+    tracked.revert_now(&not_made);
+    (new.len() - not_made.len()) as i64
 }
 
 /// Writes each user's group number into the application's table.
@@ -938,34 +1141,28 @@ fn apply_moves(sh: &'static Shared, pool_name: &str, moves: &[(String, u64, i64,
     }
     let (cfg, (gen, changes)) = with_pool(pool_name, |cfg, pool, shares| {
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
-        let today = pool.day(clock::now_ms()).0;
         let mut changes = Vec::new();
         for (_, hash, from, to) in moves {
-            let stripe = sh.members.stripe(*hash);
-            let m = stripe.at(stripe.find_or_insert_member(sh, *hash, pool.slot, today));
-            let before = *m;
-            let from_slot = key_slot_in(cfg, pool, *from).unwrap_or(u32::MAX);
-            let to_slot = key_slot_in(cfg, pool, *to).unwrap_or(u32::MAX);
-            m.key_id = *to;
-            if from_slot != u32::MAX {
-                add_assigned(sh, shares, from_slot, *from, -1);
-            }
-            if to_slot != u32::MAX {
-                add_assigned(sh, shares, to_slot, *to, 1);
-            }
-            changes.push(Change {
+            // Only the key changes: the class stays whatever it is.
+            let c = Change {
                 hash: *hash,
-                before,
+                was_member: true,
+                before_key: *from,
+                before_class: 0,
                 after_key: *to,
-                after_class: m.class,
-                from_slot,
-                to_slot,
-            });
+                after_class: 0,
+                last_active: NEVER,
+                from_slot: key_slot_in(cfg, pool, *from).unwrap_or(u32::MAX),
+                to_slot: key_slot_in(cfg, pool, *to).unwrap_or(u32::MAX),
+                key_only: true,
+            };
+            apply(sh, shares, pool.slot, &c);
+            changes.push(c);
         }
         Ok((gen, changes))
     });
     let pool = pool_or_error(&cfg, pool_name);
-    undo_on_abort(sh, pool.slot, gen, changes);
+    track(sh, pool.slot, gen, changes);
     let users: Vec<String> = moves.iter().map(|m| m.0.clone()).collect();
     let keys: Vec<i64> = moves.iter().map(|m| m.3).collect();
     as_owner(&cfg, |client| {
@@ -1166,32 +1363,32 @@ fn keypool_set_user_weight(user_id: Option<&str>, pool: Option<&str>, weight: Op
     let (cfg, _) = assign(user, pool_name);
     let pool = pool_or_error(&cfg, pool_name);
     let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+    let stored = stored_member(&cfg, pool, user);
     let (cfg, (gen, change)) = with_pool(pool_name, |_, pool, shares| {
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
-        let today = pool.day(clock::now_ms()).0;
-        let stripe = sh.members.stripe(hash);
-        let m = stripe.at(stripe.find_or_insert_member(sh, hash, pool.slot, today));
-        let before = *m;
+        let cached = {
+            let stripe = sh.members.stripe(hash);
+            stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
+        };
+        let before = before_of(shares, pool, cached.as_ref(), stored.as_ref());
         let class = shares.class_of(milli).unwrap_or_else(|| too_many_weights(&pool.name));
-        if class != m.class {
-            shares.remove_member(m.class, m.last_active);
-            shares.add_member(class, m.last_active);
-            m.class = class;
-        }
-        Ok((
-            gen,
-            Change {
-                hash,
-                before,
-                after_key: m.key_id,
-                after_class: class,
-                from_slot: u32::MAX,
-                to_slot: u32::MAX,
-            },
-        ))
+        let change = Change {
+            hash,
+            was_member: true,
+            before_key: before.key_id,
+            before_class: before.class,
+            after_key: before.key_id,
+            after_class: class,
+            last_active: before.last_active,
+            from_slot: u32::MAX,
+            to_slot: u32::MAX,
+            key_only: false,
+        };
+        apply(sh, shares, pool.slot, &change);
+        Ok((gen, change))
     });
     let pool = pool_or_error(&cfg, pool_name);
-    undo_on_abort(sh, pool.slot, gen, vec![change]);
+    track(sh, pool.slot, gen, vec![change]);
     as_owner(&cfg, |client| {
         errors::spi(client.update(
             "UPDATE keypool.member SET weight = $3 WHERE pool_id = $1 AND user_id = $2",

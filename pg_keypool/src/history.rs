@@ -180,7 +180,9 @@ struct Written {
 }
 
 /// Writes the day each member was last active (needed to rebuild activity windows after a
-/// restart) and what they used of their share today (restored after a crash or a failover);
+/// restart) and what they used of their share today, with that share (read when the member is
+/// cached again, and after a crash or a failover): a member's entry is then clean and may be
+/// evicted (members.rs);
 /// returns what was written, to mark it clean once the transaction commits.
 fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
     let pools: HashMap<u32, (i64, u32)> = cfg
@@ -192,8 +194,8 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
     if pools.is_empty() {
         return Vec::new();
     }
-    let (mut pool_ids, mut hashes, mut days, mut used_on, mut used) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut pool_ids, mut hashes, mut days, mut used_on, mut used, mut share) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut written = Vec::new();
     for s in 0..STRIPES {
         let stripe = sh.members.stripe_at(s);
@@ -209,6 +211,7 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
                     days.push(m.last_active);
                     used_on.push(m.day);
                     used.push(m.used.min(i64::MAX as u64) as i64);
+                    share.push(m.share.min(i64::MAX as u64) as i64);
                     written.push(Written {
                         index: stripe.index_of(i),
                         hash: m.hash,
@@ -228,8 +231,10 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
                         "UPDATE keypool.member m
                             SET last_active = CASE WHEN v.d = {NEVER} THEN m.last_active ELSE DATE '1970-01-01' + v.d END,
                                 used_on = CASE WHEN v.ud = {NEVER} THEN NULL ELSE DATE '1970-01-01' + v.ud END,
-                                used = v.u
-                           FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[]) AS v(p, h, d, ud, u)
+                                used = v.u,
+                                share = v.s
+                           FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::bigint[], $6::bigint[])
+                                AS v(p, h, d, ud, u, s)
                           WHERE m.pool_id = v.p AND m.user_hash = v.h"
                     ),
                     None,
@@ -239,6 +244,7 @@ fn flush_activity(sh: &'static Shared, cfg: &Config) -> Vec<Written> {
                         days.into(),
                         used_on.into(),
                         used.into(),
+                        share.into(),
                     ],
                 ));
             })

@@ -33,6 +33,7 @@ mod fallbacks;
 mod history;
 pub mod keyring;
 mod launcher;
+mod member_cache;
 mod members;
 mod operations;
 pub mod outcome;

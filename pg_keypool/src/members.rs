@@ -1,41 +1,52 @@
-//! Pool members in shared memory: who is assigned to which key, their weight class, the day
-//! they were last active, and what they used of their share today. Reservations find a user
-//! here, never in a table.
+//! Pool members in shared memory: a cache of the members active recently (who is assigned to
+//! which key, their weight class, the day they were last active, what they used of their share
+//! today), and of the guests of the day. `keypool.member` is the truth; a member the cache does
+//! not hold is read from it on their first reservation (member_cache.rs) and evicted again when
+//! room is short. Each pool's aggregates (members per weight class and day of last activity,
+//! shares.rs) and each key's count of members (shmem.rs) count every member, cached or not.
 //!
 //! The table is split into [`STRIPES`] stripes, each with its own LWLock and an equal share of
-//! the entries; a user lives in the stripe its hash selects, at the first free place from its
-//! home position (linear probing within the stripe). An entry is never emptied, only re-used:
+//! the entries. A user lives within [`WINDOW`] entries of its home position in the stripe its
+//! hash selects (linear probing, bounded): finding, inserting and evicting look at one window,
+//! whatever the number of members. An entry is never emptied, only re-used:
 //! - entries of a pool slot that was reloaded or re-bound (its generation moved on) are stale;
-//! - entries of users who are not members (guests, tracked for their share of a day) are stale
-//!   two days later.
+//! - entries of guests are stale two days later (31 when they hold spend of a budget);
+//! - a member's entry may be evicted when it is *clean* (everything in it is in the tables:
+//!   no FLAG_*_DIRTY) and not pinned by a transaction in flight; the least recently used of the
+//!   window goes first. The flusher (history.rs) cleans entries every flush_interval.
 //!
-//! Members come first. A guest gets an entry of its own only while a quarter of its stripe
-//! stays free ([`Stripe::guest_room`]); a member that finds its stripe full takes over a guest's
-//! entry (the guest's use of the day moves to its pool's shared guest allowance, quota.rs). So
-//! no number of distinct guest ids can take the room members need: guests that cannot be
-//! tracked one by one share one allowance per pool.
+//! Members come first. A guest gets an entry only while a quarter of its window is free (or
+//! held by members not active since yesterday); a member takes any clean entry (a guest's use
+//! of the day moves to its pool's shared guest allowance, quota.rs). So no number of distinct
+//! guest ids can take the room members need: guests that cannot be tracked one by one share
+//! one allowance per pool.
 //!
 //! Users are identified by a 64-bit SipHash of (installation, pool, user id), also stored in
-//! `keypool.member.user_hash` so that background work can find their rows.
+//! `keypool.member.user_hash` so that lookups and background work can find their rows.
 
 use std::cell::UnsafeCell;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::errors::{self, Code};
 use crate::shares::{Policy, PoolShares, NEVER, WEIGHT_SCALE};
 use crate::shmem::{Lock, LockGuard, Shared};
 
 pub const STRIPES: usize = 1024;
+/// Entries a user may live in, from its home position.
+pub const WINDOW: usize = 64;
 
 /// The entry is a member of its pool (otherwise a guest tracked for the day).
-pub const FLAG_MEMBER: u16 = 1;
+pub const FLAG_MEMBER: u8 = 1;
 /// `last_active` changed since it was last written to `keypool.member`.
-pub const FLAG_ACTIVE_DIRTY: u16 = 2;
+pub const FLAG_ACTIVE_DIRTY: u8 = 2;
 /// `used` changed since it was last written to `keypool.member` (history.rs).
-pub const FLAG_USE_DIRTY: u16 = 4;
+pub const FLAG_USE_DIRTY: u8 = 4;
 /// `spent` changed since it was last written to `keypool.user_spend` (history.rs).
-pub const FLAG_SPEND_DIRTY: u16 = 8;
+pub const FLAG_SPEND_DIRTY: u8 = 8;
+/// A transaction in flight changed the entry (assign.rs): kept until it ends.
+pub const FLAG_PINNED: u8 = 16;
+/// What must reach the tables before a member's entry may be evicted.
+const DIRTY: u8 = FLAG_ACTIVE_DIRTY | FLAG_USE_DIRTY | FLAG_SPEND_DIRTY;
 /// How long a guest's entry is kept for what it spent (the longest budget period).
 const SPEND_KEPT_DAYS: i32 = 31;
 
@@ -48,8 +59,10 @@ pub struct Member {
     pub pool_gen: u32,
     /// The assigned key (0: none).
     pub key_id: i64,
-    pub class: u16,
-    pub flags: u16,
+    pub class: u8,
+    pub flags: u8,
+    /// When the entry was last used, in minutes (wrapping; for eviction).
+    pub touched: u16,
     /// Day number of the last reservation, or NEVER.
     pub last_active: i32,
     /// The day `used` and `share` are for, or NEVER.
@@ -68,13 +81,39 @@ impl Member {
     }
 }
 
+// One cache line per entry.
+const _: () = assert!(std::mem::size_of::<Member>() == 64);
+
 #[repr(C)]
 pub struct MemberCell(UnsafeCell<Member>);
 
-/// The stripe locks and the entries.
+/// Per-stripe counters and the stripe's membership epoch, on a cache line of their own.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct StripeStats {
+    /// Bumped when a transaction that changed a membership of this stripe ends, so that a
+    /// lookup that raced with it is done again (member_cache.rs).
+    pub epoch: AtomicU64,
+    /// Reservations that found their user's entry.
+    pub hits: AtomicU64,
+    /// Members read from `keypool.member` into the cache.
+    pub loads: AtomicU64,
+    /// Clean entries of members or guests given to another user.
+    pub evictions: AtomicU64,
+    /// Members served without an entry (every entry of the window held unflushed use).
+    pub uncached: AtomicU64,
+}
+
+/// The stripe locks, their counters and the entries.
 pub struct MemberTable {
     pub locks: &'static [Lock],
+    pub stats: &'static [StripeStats],
     pub cells: &'static [MemberCell],
+}
+
+/// The current minute of the real clock (not a test clock), as kept in `Member::touched`.
+pub fn minute_now() -> u16 {
+    (crate::clock::real_now_ms().div_euclid(60_000) & 0xffff) as u16
 }
 
 /// The hash that identifies a user of a pool.
@@ -98,40 +137,67 @@ pub fn hash_from_sql(v: i64) -> u64 {
     v as u64
 }
 
+fn stripe_of(hash: u64) -> usize {
+    (hash % STRIPES as u64) as usize
+}
+
 impl MemberTable {
     fn per_stripe(&self) -> usize {
         self.cells.len() / STRIPES
     }
 
-    /// Locks the stripe of `hash`.
-    pub fn stripe(&self, hash: u64) -> Stripe<'_> {
-        let s = (hash % STRIPES as u64) as usize;
+    fn stripe_number<'a>(&'a self, s: usize, guard: Option<LockGuard<'a>>) -> Stripe<'a> {
         let per = self.per_stripe();
         Stripe {
-            _guard: Some(self.locks[s].exclusive()),
+            _guard: guard,
             cells: &self.cells[s * per..(s + 1) * per],
             first: s * per,
+            stats: &self.stats[s],
         }
+    }
+
+    /// Locks the stripe of `hash`.
+    pub fn stripe(&self, hash: u64) -> Stripe<'_> {
+        let s = stripe_of(hash);
+        self.stripe_number(s, Some(self.locks[s].exclusive()))
+    }
+
+    /// The counters of the stripe of `hash` (no lock needed).
+    pub fn stats_of(&self, hash: u64) -> &StripeStats {
+        &self.stats[stripe_of(hash)]
     }
 
     /// Stripe number `s` without its lock: only for the postmaster, when no backend runs.
     pub fn stripe_at_unlocked(&self, s: usize) -> Stripe<'_> {
-        let per = self.per_stripe();
-        Stripe {
-            _guard: None,
-            cells: &self.cells[s * per..(s + 1) * per],
-            first: s * per,
-        }
+        self.stripe_number(s, None)
     }
 
     /// Locks stripe number `s` (for scans).
     pub fn stripe_at(&self, s: usize) -> Stripe<'_> {
-        let per = self.per_stripe();
-        Stripe {
-            _guard: Some(self.locks[s].exclusive()),
-            cells: &self.cells[s * per..(s + 1) * per],
-            first: s * per,
+        self.stripe_number(s, Some(self.locks[s].exclusive()))
+    }
+
+    /// Bumps the membership epoch of the stripe of each hash (once per stripe).
+    pub fn bump_epochs(&self, hashes: impl Iterator<Item = u64>) {
+        let mut seen = std::collections::HashSet::new();
+        for h in hashes {
+            let s = stripe_of(h);
+            if seen.insert(s) {
+                self.stats[s].epoch.fetch_add(1, Ordering::AcqRel);
+            }
         }
+    }
+
+    /// Sums of the per-stripe counters: (hits, loads, evictions, uncached).
+    pub fn totals(&self) -> (u64, u64, u64, u64) {
+        self.stats.iter().fold((0, 0, 0, 0), |t, s| {
+            (
+                t.0 + s.hits.load(Ordering::Relaxed),
+                t.1 + s.loads.load(Ordering::Relaxed),
+                t.2 + s.evictions.load(Ordering::Relaxed),
+                t.3 + s.uncached.load(Ordering::Relaxed),
+            )
+        })
     }
 }
 
@@ -140,11 +206,16 @@ pub struct Stripe<'a> {
     _guard: Option<LockGuard<'a>>,
     cells: &'a [MemberCell],
     first: usize,
+    pub stats: &'a StripeStats,
 }
 
 impl<'a> Stripe<'a> {
     pub fn len(&self) -> usize {
         self.cells.len()
+    }
+
+    fn window(&self) -> usize {
+        self.cells.len().min(WINDOW)
     }
 
     /// The entry at position `i` of the stripe.
@@ -169,15 +240,19 @@ impl<'a> Stripe<'a> {
         ((hash / STRIPES as u64) % self.cells.len() as u64) as usize
     }
 
+    /// The positions of the window of `hash`, from its home.
+    fn positions(&self, hash: u64) -> impl Iterator<Item = usize> {
+        let (n, home) = (self.cells.len(), self.home(hash));
+        (0..self.window()).map(move |step| (home + step) % n)
+    }
+
     /// Finds the current entry of a user.
     pub fn find(&self, sh: &Shared, hash: u64, pool_slot: u32) -> Option<usize> {
         let gen = sh.pool(pool_slot).members_gen.load(Ordering::Acquire);
-        let n = self.cells.len();
-        let home = self.home(hash);
-        for step in 0..n {
-            let i = (home + step) % n;
+        for i in self.positions(hash) {
             let m = self.at(i);
             if m.hash == 0 {
+                // Entries are never emptied: nothing was ever placed from here on.
                 return None;
             }
             if m.hash == hash && m.pool_slot == pool_slot && m.pool_gen == gen {
@@ -187,47 +262,57 @@ impl<'a> Stripe<'a> {
         None
     }
 
-    /// Finds the entry of a member, or makes one (with nothing used yet), taking over a guest's
-    /// entry when the stripe has no free one; raises 53400 when the stripe holds only members.
-    pub fn find_or_insert_member(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> usize {
-        self.try_insert_member(sh, hash, pool_slot, today).unwrap_or_else(|| {
-            let n = self.cells.len();
-            errors::error(
-                Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-                "too many pool members for pg_keypool's shared memory",
-            )
-            .detail(format!(
-                "A stripe of {n} entries is full of members (pg_keypool.max_members = {}).",
-                n * STRIPES
-            ))
-            .hint("Raise pg_keypool.max_members in postgresql.conf and restart the server.")
-            .raise()
-        })
-    }
-
-    /// Finds the entry of a member, or makes one; `None` when every entry of the stripe holds
-    /// a member.
-    pub fn try_insert_member(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> Option<usize> {
+    /// Makes an entry for a member read from the table (or restored), evicting the least
+    /// recently used clean entry of the window when none is free; `None` when every entry of
+    /// the window holds what the tables do not have yet.
+    pub fn insert_member(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32, now_min: u16) -> Option<usize> {
         if let Some(i) = self.find(sh, hash, pool_slot) {
             return Some(i);
         }
-        let i = self.free_cell(sh, hash, today).or_else(|| self.evict_guest(sh, hash))?;
-        self.init(sh, i, hash, pool_slot);
+        let i = self
+            .free_cell(sh, hash, today)
+            .or_else(|| self.evict(sh, hash, now_min))?;
+        self.init(sh, i, hash, pool_slot, now_min);
+        self.at(i).flags = FLAG_MEMBER;
         Some(i)
     }
 
-    /// Finds the entry of a guest, or makes one while the stripe keeps room for members
-    /// (a quarter of it free); `None` otherwise: the guest cannot be tracked one by one.
+    /// Finds the entry of a guest, or makes one while the window keeps room for members (a
+    /// quarter of it free, or held by members not active since yesterday); `None` otherwise:
+    /// the guest cannot be tracked one by one.
     pub fn find_or_insert_guest(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> Option<usize> {
         if let Some(i) = self.find(sh, hash, pool_slot) {
             return Some(i);
         }
-        if !self.guest_room(sh, today) {
+        let room = self.guest_room(sh, hash, today);
+        if room.len() <= (self.window() / 4).max(1) {
             return None;
         }
-        let i = self.free_cell(sh, hash, today)?;
-        self.init(sh, i, hash, pool_slot);
+        let now_min = minute_now();
+        let i = self
+            .free_cell(sh, hash, today)
+            .unwrap_or_else(|| self.oldest(&room, now_min));
+        if self.at(i).hash != 0 && !is_stale(sh, self.at(i), today) {
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.init(sh, i, hash, pool_slot, now_min);
         Some(i)
+    }
+
+    /// Entries of the window of `hash` a guest may take: free, stale, or held by clean members
+    /// not active since yesterday.
+    fn guest_room(&self, sh: &Shared, hash: u64, today: i32) -> Vec<usize> {
+        self.positions(hash)
+            .filter(|&i| {
+                let m = self.at(i);
+                m.hash == 0 || is_stale(sh, m, today) || idle_member(m, today)
+            })
+            .collect()
+    }
+
+    /// Whether a guest not cached yet would get an entry of its own.
+    pub fn has_guest_room(&self, sh: &Shared, hash: u64, today: i32) -> bool {
+        self.guest_room(sh, hash, today).len() > (self.window() / 4).max(1)
     }
 
     /// Entries holding members and live guests.
@@ -247,49 +332,55 @@ impl<'a> Stripe<'a> {
         (members, guests)
     }
 
-    /// Whether a guest may take an entry: more than a quarter of the stripe is free.
-    pub fn guest_room(&self, sh: &Shared, today: i32) -> bool {
-        let reserve = (self.cells.len() / 4).max(1);
-        let mut free = 0;
-        for i in 0..self.cells.len() {
-            let m = self.at(i);
-            if m.hash == 0 || is_stale(sh, m, today) {
-                free += 1;
-                if free > reserve {
-                    return true;
-                }
-            }
-        }
-        false
-    }
-
-    /// The first free (or stale) entry from the home position of `hash`.
+    /// The first free (or stale) entry of the window of `hash`.
     fn free_cell(&self, sh: &Shared, hash: u64, today: i32) -> Option<usize> {
-        let n = self.cells.len();
-        let home = self.home(hash);
-        (0..n).map(|step| (home + step) % n).find(|&i| {
+        self.positions(hash).find(|&i| {
             let m = self.at(i);
             m.hash == 0 || is_stale(sh, m, today)
         })
     }
 
-    /// Takes over the entry of a guest nearest to the home position of `hash`: what the guest
-    /// used today moves to its pool's shared guest allowance, so that it still counts.
-    fn evict_guest(&self, sh: &Shared, hash: u64) -> Option<usize> {
-        let n = self.cells.len();
-        let home = self.home(hash);
-        let i = (0..n)
-            .map(|step| (home + step) % n)
-            .find(|&i| !self.at(i).is_member())?;
-        let m = self.at(i);
-        if (m.pool_slot as usize) < sh.pools.len() && m.day != NEVER && m.used > 0 {
-            sh.pool(m.pool_slot).guests_add(m.day, m.used);
+    /// The least recently used of `candidates`.
+    fn oldest(&self, candidates: &[usize], now_min: u16) -> usize {
+        candidates
+            .iter()
+            .copied()
+            .max_by_key(|&i| now_min.wrapping_sub(self.at(i).touched))
+            .unwrap_or(candidates[0])
+    }
+
+    /// Gives the least recently used clean entry of the window to another user: a member's
+    /// entry holds nothing the tables do not; what a guest used today moves to its pool's
+    /// shared guest allowance, so that it still counts.
+    fn evict(&self, sh: &Shared, hash: u64, now_min: u16) -> Option<usize> {
+        let candidates: Vec<usize> = self
+            .positions(hash)
+            .filter(|&i| {
+                let m = self.at(i);
+                m.flags & FLAG_PINNED == 0
+                    && if m.is_member() {
+                        m.flags & DIRTY == 0
+                    } else {
+                        m.flags & FLAG_SPEND_DIRTY == 0
+                    }
+            })
+            .collect();
+        if candidates.is_empty() {
+            return None;
         }
-        sh.header.guests_evicted.fetch_add(1, Ordering::Relaxed);
+        let i = self.oldest(&candidates, now_min);
+        let m = self.at(i);
+        if !m.is_member() {
+            if (m.pool_slot as usize) < sh.pools.len() && m.day != NEVER && m.used > 0 {
+                sh.pool(m.pool_slot).guests_add(m.day, m.used);
+            }
+            sh.header.guests_evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         Some(i)
     }
 
-    fn init(&self, sh: &Shared, i: usize, hash: u64, pool_slot: u32) {
+    fn init(&self, sh: &Shared, i: usize, hash: u64, pool_slot: u32, now_min: u16) {
         let gen = sh.pool(pool_slot).members_gen.load(Ordering::Acquire);
         *self.at(i) = Member {
             hash,
@@ -298,6 +389,7 @@ impl<'a> Stripe<'a> {
             key_id: 0,
             class: 0,
             flags: 0,
+            touched: now_min,
             last_active: NEVER,
             day: NEVER,
             spent_from: 0,
@@ -306,6 +398,14 @@ impl<'a> Stripe<'a> {
             spent: 0,
         };
     }
+}
+
+/// A clean member entry not used today or yesterday: room a guest may take.
+fn idle_member(m: &Member, today: i32) -> bool {
+    m.is_member()
+        && m.flags & (DIRTY | FLAG_PINNED) == 0
+        && m.day < today.saturating_sub(1)
+        && m.last_active < today.saturating_sub(1)
 }
 
 /// An entry that holds nothing worth keeping.
@@ -322,7 +422,7 @@ fn is_stale(sh: &Shared, m: &Member, today: i32) -> bool {
 /// First reservation of the day: the member counts as active today and gets today's share.
 pub fn activate(shares: &mut PoolShares, policy: &Policy, m: &mut Member, today: i32) -> u64 {
     let weight = if m.is_member() {
-        shares.touch(m.class, m.last_active, today);
+        shares.touch(u16::from(m.class), m.last_active, today);
         if m.last_active != today {
             m.last_active = today;
             m.flags |= FLAG_ACTIVE_DIRTY;

@@ -598,7 +598,7 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
         };
         let stripe = sh.members.stripe_at_unlocked((r.hash % STRIPES as u64) as usize);
         let entry = if r.member {
-            stripe.try_insert_member(sh, r.hash, slot, r.day)
+            stripe.insert_member(sh, r.hash, slot, r.day, crate::members::minute_now())
         } else {
             stripe.find_or_insert_guest(sh, r.hash, slot, r.spent_from.max(r.day))
         };
@@ -617,9 +617,10 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
             // keypool.user_spend may be older than the clean save.
             m.flags |= crate::members::FLAG_SPEND_DIRTY;
         }
-        // A member: no guest flood may take its entry before its pool is loaded.
+        // A member: kept (not evicted) until its use of the day is written to keypool.member,
+        // which may be older than the clean save.
         if r.member {
-            m.flags |= crate::members::FLAG_MEMBER;
+            m.flags |= crate::members::FLAG_MEMBER | crate::members::FLAG_USE_DIRTY | crate::members::FLAG_ACTIVE_DIRTY;
         }
     }
 }

@@ -6,6 +6,7 @@
 //! day's share from the pool's aggregates or to borrow. Neither depends on the number of users.
 
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -18,6 +19,7 @@ use crate::budgets;
 use crate::clock;
 use crate::config::{self, Config, Pool};
 use crate::errors;
+use crate::member_cache::{self, Loaded};
 use crate::members::{self, Member, FLAG_USE_DIRTY};
 use crate::shares::{warning_level, Policy, PoolShares, NEVER, WEIGHT_SCALE};
 use crate::shmem;
@@ -84,7 +86,52 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     let policy = pool.policy;
     let (today, _, day_end) = pool.day(now_ms);
     let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+    let now_min = members::minute_now();
 
+    // Fast path: cached, active today and within the share (or no shares at all).
+    let cached = {
+        let stripe = sh.members.stripe(hash);
+        match stripe.find(sh, hash, pool.slot) {
+            Some(i) => {
+                let m = stripe.at(i);
+                m.touched = now_min;
+                stripe.stats.hits.store(stripe.stats.hits.load(Relaxed) + 1, Relaxed);
+                if policy.capacity.is_none() {
+                    return Take::Granted {
+                        ticket: None,
+                        preferred: assigned_key(m),
+                        allocation: Allocation::default(),
+                    };
+                }
+                if m.day == today && m.used < m.share {
+                    m.used += 1;
+                    m.flags |= FLAG_USE_DIRTY;
+                    return Take::Granted {
+                        ticket: Some(Ticket {
+                            index: stripe.index_of(i),
+                            hash,
+                            day: today,
+                            borrowed: false,
+                        }),
+                        preferred: assigned_key(m),
+                        allocation: Allocation {
+                            allocated: Some(m.share),
+                            used: m.used,
+                        },
+                    };
+                }
+                true
+            }
+            None => false,
+        }
+    };
+    // A miss: the user's first reservation since they were cached (members are read from the
+    // table; guests are cached below while there is room).
+    let loaded = if cached {
+        Loaded::Cached
+    } else {
+        member_cache::load(sh, cfg, pool, (user, hash), now_ms)
+    };
     if policy.capacity.is_none() {
         let stripe = sh.members.stripe(hash);
         let preferred = stripe
@@ -97,41 +144,22 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
         };
     }
 
-    // Fast path: already active today and within the share.
-    {
-        let stripe = sh.members.stripe(hash);
-        if let Some(i) = stripe.find(sh, hash, pool.slot) {
-            let m = stripe.at(i);
-            if m.day == today && m.used < m.share {
-                m.used += 1;
-                m.flags |= FLAG_USE_DIRTY;
-                return Take::Granted {
-                    ticket: Some(Ticket {
-                        index: stripe.index_of(i),
-                        hash,
-                        day: today,
-                        borrowed: false,
-                    }),
-                    preferred: assigned_key(m),
-                    allocation: Allocation {
-                        allocated: Some(m.share),
-                        used: m.used,
-                    },
-                };
-            }
-        }
-    }
-
     // Slow path: fix today's share, or borrow.
     let mut shares = sh.pool(pool.slot).lock();
     shares.roll(today);
     let stripe = sh.members.stripe(hash);
-    let Some(i) = stripe.find_or_insert_guest(sh, hash, pool.slot, today) else {
+    let entry = match loaded {
+        // A member the cache has no room for is served like the guests it cannot track.
+        Loaded::NoRoom => None,
+        _ => stripe.find_or_insert_guest(sh, hash, pool.slot, today),
+    };
+    let Some(i) = entry else {
         // A guest the member table has no room for: the pool's guests share one allowance.
         drop(stripe);
         return untracked_guest(sh, pool, &shares, today, now_ms, day_end);
     };
     let m = stripe.at(i);
+    m.touched = now_min;
     if m.day != today {
         let share = members::activate(&mut shares, &policy, m, today);
         // Only members' shares are promised; a guest's share limits only the guest.
@@ -255,12 +283,8 @@ pub fn view(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     }
     let mut shares = *sh.pool(pool.slot).lock();
     shares.roll(today);
-    let (entry, room) = {
-        let stripe = sh.members.stripe(hash);
-        let entry = stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i));
-        let room = entry.is_some() || stripe.guest_room(sh, today);
-        (entry, room)
-    };
+    let entry = member_cache::peek(sh, cfg, pool, (user, hash), &mut shares, today);
+    let room = entry.is_some() || sh.members.stripe(hash).has_guest_room(sh, hash, today);
     let allocation = match entry {
         Some(m) if m.day == today => Allocation {
             allocated: Some(m.share),
@@ -406,10 +430,7 @@ fn token_share(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) 
     let hash = members::user_hash(cfg.owner.instance, pool.id, user);
     let mut shares = *sh.pool(pool.slot).lock();
     shares.roll(today);
-    let m = {
-        let stripe = sh.members.stripe(hash);
-        stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
-    };
+    let m = member_cache::peek(sh, cfg, pool, (user, hash), &mut shares, today);
     let mut m = m.unwrap_or(Member {
         last_active: NEVER,
         day: NEVER,

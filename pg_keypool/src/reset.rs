@@ -5,7 +5,8 @@
 //! For every account (scope) of the pool's keys, or of every pool: the rolling minute and
 //! today's requests and tokens go back to zero and a rate-limit cooldown ends. For the pool's
 //! users: what they used of today's share goes back to zero (their shares stay fixed), and so
-//! does what was lent beyond shares. Disabled keys stay disabled (`keypool_enable_key`,
+//! does what was lent beyond shares (in shared memory for cached members, in `keypool.member` for
+//! the others). Disabled keys stay disabled (`keypool_enable_key`,
 //! `keypool_enable_keys`). Hourly history is not touched. The reset acts on shared memory at
 //! once; it is recorded as a `usage_reset` event.
 
@@ -82,6 +83,18 @@ fn keypool_reset_usage(pool: default!(Option<&str>, "NULL")) -> i64 {
         }
         drop(shares);
     }
+    // Members not cached: their use of today is in the table (members.rs).
+    let pool_ids: Vec<i64> = pools.iter().map(|p| p.id).collect();
+    let stored_users: i64 = crate::privilege::spi_as_owner(cfg.extension_owner, |client| {
+        crate::errors::spi(client.update(
+            "UPDATE keypool.member SET used = 0 WHERE pool_id = ANY($1) AND used > 0 RETURNING 1",
+            None,
+            &[pool_ids.into()],
+        ))
+        .len() as i64
+    });
+    // Cached users were flushed or not: count each user once, as the larger of both.
+    let reset_users = reset_users.max(stored_users);
     let pool_id = pool.and_then(|n| cfg.pool_by_name(n)).map(|p| p.id);
     admin::record_admin_event(
         &cfg,

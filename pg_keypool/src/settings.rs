@@ -8,7 +8,7 @@ pub static MAX_SCOPES: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_POOLS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static MAX_RESERVATIONS: GucSetting<i32> = GucSetting::<i32>::new(131_072);
-pub static MAX_MEMBERS: GucSetting<i32> = GucSetting::<i32>::new(262_144);
+pub static MAX_MEMBERS: GucSetting<i32> = GucSetting::<i32>::new(1_048_576);
 pub static LEASE_MS: GucSetting<i32> = GucSetting::<i32>::new(600_000);
 pub static DEFAULT_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(5);
@@ -86,10 +86,11 @@ fn define_sizes() {
     );
     postmaster(
         c"pg_keypool.max_members",
-        c"Most pool members (user x pool) held in shared memory.",
-        c"Every member of every pool is held in shared memory (about 48 bytes each), so that \
-          reservations never look a user up in a table; users reserving without being members \
-          use an entry for the day too. Keep it well above the number of members. Needs a restart.",
+        c"Entries of the shared-memory cache of pool members (user x pool) and guests of the day.",
+        c"Members active recently are cached (64 bytes each; the default takes 64 MiB); the others \
+          are read from keypool.member on their first reservation of the day and evicted again \
+          when room is short. Keep it above the members active on a day (10 % of 5 million is \
+          500,000). Needs a restart.",
         &MAX_MEMBERS,
         16_384,
         100_000_000,

@@ -176,6 +176,16 @@ impl PoolShares {
         }
     }
 
+    /// Adds `n` members of class `class`, last active on `last_active` (or NEVER).
+    pub fn add_members(&mut self, class: u16, last_active: i32, n: i64) {
+        let in_ring = self.in_ring(last_active);
+        let c = &mut self.classes[class as usize];
+        c.members += n;
+        if in_ring {
+            c.by_day[ring(last_active)] += n as i32;
+        }
+    }
+
     pub fn remove_member(&mut self, class: u16, last_active: i32) {
         let in_ring = self.in_ring(last_active);
         let c = &mut self.classes[class as usize];

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! [Header][ScopeSlot; max_scopes][KeySlot; max_keys][PoolSlot; max_pools][ReservationSlot; max_reservations]
-//! [Lock; STRIPES][MemberCell; max_members][TreeCell; 8 * max_keys]
+//! [Lock; STRIPES][StripeStats; STRIPES][MemberCell; max_members][TreeCell; 8 * max_keys]
 //! ```
 //!
 //! Slots are bound to database rows by a [`Tag`] (database, extension instance, row id); see
@@ -21,7 +21,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors;
-use crate::members::{MemberCell, MemberTable, STRIPES};
+use crate::members::{MemberCell, MemberTable, StripeStats, STRIPES};
 use crate::settings;
 use crate::shares::PoolShares;
 use crate::window::ScopeWindows;
@@ -614,12 +614,12 @@ impl Capacities {
     }
 
     /// Byte offsets of the parts, and the total size.
-    fn layout(&self) -> ([usize; 8], usize) {
+    fn layout(&self) -> ([usize; 9], usize) {
         fn align(n: usize) -> usize {
             n.div_ceil(64) * 64
         }
         let mut at = 0;
-        let mut offsets = [0; 8];
+        let mut offsets = [0; 9];
         let sizes = [
             std::mem::size_of::<Header>(),
             std::mem::size_of::<ScopeSlot>() * self.scopes,
@@ -627,6 +627,7 @@ impl Capacities {
             std::mem::size_of::<PoolSlot>() * self.pools,
             std::mem::size_of::<ReservationSlot>() * self.reservations,
             std::mem::size_of::<Lock>() * STRIPES,
+            std::mem::size_of::<StripeStats>() * STRIPES,
             std::mem::size_of::<MemberCell>() * self.members,
             std::mem::size_of::<TreeCell>() * self.tree_cells(),
         ];
@@ -685,9 +686,10 @@ unsafe extern "C-unwind" fn shmem_startup() {
             reservations: std::slice::from_raw_parts(base.add(offsets[4]) as *const ReservationSlot, caps.reservations),
             members: MemberTable {
                 locks: std::slice::from_raw_parts(base.add(offsets[5]) as *const Lock, STRIPES),
-                cells: std::slice::from_raw_parts(base.add(offsets[6]) as *const MemberCell, caps.members),
+                stats: std::slice::from_raw_parts(base.add(offsets[6]) as *const StripeStats, STRIPES),
+                cells: std::slice::from_raw_parts(base.add(offsets[7]) as *const MemberCell, caps.members),
             },
-            tree_cells: std::slice::from_raw_parts(base.add(offsets[7]) as *const TreeCell, caps.tree_cells()),
+            tree_cells: std::slice::from_raw_parts(base.add(offsets[8]) as *const TreeCell, caps.tree_cells()),
         };
         if !found {
             let header = &mut *(base.add(offsets[0]) as *mut Header);

@@ -17,9 +17,26 @@ struct Undo {
     action: Box<dyn FnOnce()>,
 }
 
+type AtEnd = Box<dyn FnOnce(bool)>;
+
 thread_local! {
     static LOG: RefCell<Vec<Undo>> = const { RefCell::new(Vec::new()) };
+    static AT_END: RefCell<Vec<AtEnd>> = const { RefCell::new(Vec::new()) };
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f(committed)` when the top-level transaction ends: after it commits (its changes are
+/// then visible to others), or after it aborted or was prepared (and its undos ran).
+pub fn at_end(f: impl FnOnce(bool) + 'static) {
+    register();
+    AT_END.with_borrow_mut(|v| v.push(Box::new(f)));
+}
+
+fn run_at_end(committed: bool) {
+    let all: Vec<AtEnd> = AT_END.with_borrow_mut(std::mem::take);
+    for f in all {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(committed)));
+    }
 }
 
 /// Runs `undo` if the current (sub)transaction aborts.
@@ -36,13 +53,17 @@ pub fn on_abort_or_prepare(pool_slot: u32, undo: impl FnOnce() + 'static) {
     record(Some(pool_slot), undo);
 }
 
-fn record(pool_slot: Option<u32>, undo: impl FnOnce() + 'static) {
+fn register() {
     if !REGISTERED.replace(true) {
         unsafe {
             pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
             pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
         }
     }
+}
+
+fn record(pool_slot: Option<u32>, undo: impl FnOnce() + 'static) {
+    register();
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     LOG.with_borrow_mut(|log| {
         log.push(Undo {
@@ -70,7 +91,10 @@ fn run_from(from: pg_sys::SubTransactionId) {
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => LOG.with_borrow_mut(|log| log.clear()),
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            LOG.with_borrow_mut(|log| log.clear());
+            run_at_end(true);
+        }
         XACT_EVENT_PREPARE => {
             let pools: Vec<u32> = LOG.with_borrow(|log| log.iter().filter_map(|u| u.pool_slot).collect());
             run_from(0);
@@ -81,8 +105,12 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
                     }
                 }
             }
+            run_at_end(false);
         }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => run_from(0),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            run_from(0);
+            run_at_end(false);
+        }
         _ => {}
     }
 }

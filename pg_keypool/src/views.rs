@@ -205,9 +205,11 @@ mod keypool {
         TableIterator::new(rows)
     }
 
-    /// The shared-memory member table of the whole server: its entries, how many hold members
-    /// and guests of the day, how many are free, and what guest floods cost (entries members
-    /// took over from guests, requests served from pools' shared guest allowances).
+    /// The shared-memory member cache of the whole server: its entries and bytes, how many hold
+    /// members and guests, how many are free, what guest floods cost (guest entries given to
+    /// members, requests served from pools' shared guest allowances), and how the cache does:
+    /// reservations that found their user cached, members read from `keypool.member`, entries
+    /// evicted, and requests of members served without an entry.
     #[pg_extern(volatile, parallel_unsafe)]
     #[allow(clippy::type_complexity)]
     fn member_memory() -> TableIterator<
@@ -220,6 +222,11 @@ mod keypool {
             name!(full_stripes, i64),
             name!(guest_entries_taken_over, i64),
             name!(guest_requests_shared, i64),
+            name!(bytes, i64),
+            name!(hits, i64),
+            name!(loads, i64),
+            name!(evictions, i64),
+            name!(members_uncached, i64),
         ),
     > {
         let sh = shmem::shared();
@@ -235,6 +242,9 @@ mod keypool {
             }
         }
         let entries = sh.members.cells.len() as i64;
+        let bytes = entries * std::mem::size_of::<crate::members::Member>() as i64
+            + (crate::members::STRIPES * std::mem::size_of::<crate::members::StripeStats>()) as i64;
+        let (hits, loads, evictions, uncached) = sh.members.totals();
         TableIterator::once((
             entries,
             members,
@@ -243,6 +253,11 @@ mod keypool {
             full,
             sh.header.guests_evicted.load(Ordering::Acquire) as i64,
             sh.header.guests_untracked.load(Ordering::Acquire) as i64,
+            bytes,
+            hits as i64,
+            loads as i64,
+            evictions as i64,
+            uncached as i64,
         ))
     }
 
