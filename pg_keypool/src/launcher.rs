@@ -69,7 +69,8 @@ pub extern "C-unwind" fn pg_keypool_launcher_main(_arg: pg_sys::Datum) {
             }
             last_save = now;
         }
-        if now - last_flush >= flush_every {
+        // Members waiting for clean cache entries (members.rs) do not wait for the interval.
+        if now - last_flush >= flush_every || sh.header.flush_wanted.swap(0, Ordering::AcqRel) != 0 {
             last_flush = now;
             flushers.retain(|_, w| {
                 w.pid().is_ok() || matches!(w.pid(), Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted))

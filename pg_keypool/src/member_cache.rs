@@ -20,7 +20,7 @@ use crate::shmem::Shared;
 const RETRIES: usize = 4;
 
 /// A member as `keypool.member` records them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stored {
     /// 0: no key.
     pub key_id: i64,
@@ -113,8 +113,9 @@ pub enum Loaded {
     Cached,
     /// Not a member of the pool: a guest, cached by the caller if there is room.
     Guest,
-    /// A member, but every entry of their window holds use not flushed yet.
-    NoRoom,
+    /// A member, but every entry of their window holds use not flushed yet (a flush is asked
+    /// for at once): their row as the table has it.
+    NoRoom(Stored),
 }
 
 /// After a miss: reads the user from the table and caches them if they are a member (the
@@ -140,7 +141,8 @@ pub fn load(sh: &Shared, cfg: &Config, pool: &Pool, (user, hash): (&str, u64), n
         };
         let Some(i) = stripe.insert_member(sh, hash, pool.slot, today, members::minute_now()) else {
             stats.uncached.fetch_add(1, Ordering::Relaxed);
-            return Loaded::NoRoom;
+            sh.header.flush_wanted.store(1, Ordering::Release);
+            return Loaded::NoRoom(s);
         };
         fill(&mut shares, stripe.at(i), &s, today);
         stats.loads.fetch_add(1, Ordering::Relaxed);

@@ -149,8 +149,10 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     shares.roll(today);
     let stripe = sh.members.stripe(hash);
     let entry = match loaded {
-        // A member the cache has no room for is served like the guests it cannot track.
-        Loaded::NoRoom => None,
+        Loaded::NoRoom(stored) => {
+            drop(stripe);
+            return uncached_member(sh, pool, &mut shares, &stored, today, now_ms, day_end);
+        }
         _ => stripe.find_or_insert_guest(sh, hash, pool.slot, today),
     };
     let Some(i) = entry else {
@@ -206,6 +208,51 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
             used: m.used,
         },
         retry_after_ms: (day_end - now_ms).max(1),
+    }
+}
+
+/// A member the cache has no clean entry for (a cache far too small for the load; a flush has
+/// been asked for): served by what the table says they used of their share, which this request
+/// does not add to; the pool counts it with its untracked requests, so borrowing sees it.
+fn uncached_member(
+    sh: &Shared,
+    pool: &Pool,
+    shares: &mut PoolShares,
+    stored: &member_cache::Stored,
+    today: i32,
+    now_ms: i64,
+    day_end: i64,
+) -> Take {
+    let policy = pool.policy;
+    let (share, used) = if stored.used_on == today {
+        (stored.share, stored.used)
+    } else {
+        let weight = shares
+            .class_of(stored.weight_milli)
+            .map_or(WEIGHT_SCALE, |c| shares.classes[c as usize].weight_milli);
+        let counted = shares.counted_weight(today, policy.window_days);
+        (PoolShares::share(&policy, weight, counted).unwrap_or(0), 0)
+    };
+    let allocation = Allocation {
+        allocated: Some(share),
+        used: used + 1,
+    };
+    if used >= share {
+        return Take::Exceeded {
+            allocation: Allocation { used, ..allocation },
+            retry_after_ms: (day_end - now_ms).max(1),
+        };
+    }
+    sh.pool(pool.slot).guests_add(today, 1);
+    Take::Granted {
+        ticket: Some(Ticket {
+            index: UNTRACKED,
+            hash: 0,
+            day: today,
+            borrowed: false,
+        }),
+        preferred: stored.key_id,
+        allocation,
     }
 }
 

@@ -561,6 +561,9 @@ pub struct Header {
     /// allowances (keypool_status).
     pub guests_evicted: AtomicU64,
     pub guests_untracked: AtomicU64,
+    /// Set when a member found no clean entry to be cached in: the launcher starts a flush now
+    /// rather than at the next flush_interval.
+    pub flush_wanted: AtomicU32,
 }
 
 /// The whole region, as seen by one process.
