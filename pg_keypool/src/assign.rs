@@ -124,12 +124,14 @@ pub fn ensure_all_loaded(sh: &'static Shared, cfg: &Config) {
 /// reload) in line with the table. Members themselves are cached on their first reservation.
 fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
     let today = pool.day(clock::now_ms()).0;
+    // Grouped by the raw columns (cheapest per row); converted per group.
     let sql = CString::new(format!(
         "SELECT round(weight * {WEIGHT_SCALE})::bigint, coalesce(last_active - DATE '1970-01-01', {NEVER}),
-                coalesce(key_id, 0), count(*),
-                coalesce(sum(share) FILTER (WHERE used_on - DATE '1970-01-01' = {today}), 0)::bigint,
-                coalesce(sum(greatest(used - share, 0)) FILTER (WHERE used_on - DATE '1970-01-01' = {today}), 0)::bigint
-           FROM keypool.member WHERE pool_id = {} GROUP BY 1, 2, 3",
+                coalesce(key_id, 0), n, s::bigint, b::bigint
+           FROM (SELECT weight, last_active, key_id, count(*) AS n,
+                        coalesce(sum(share) FILTER (WHERE used_on = DATE '1970-01-01' + {today}), 0) AS s,
+                        coalesce(sum(greatest(used - share, 0)) FILTER (WHERE used_on = DATE '1970-01-01' + {today}), 0) AS b
+                   FROM keypool.member WHERE pool_id = {} GROUP BY weight, last_active, key_id) g",
         pool.id
     ))
     .expect("no NUL in the query");

@@ -658,9 +658,45 @@ impl Row {
 
 /// Runs a read-only query with the latest snapshot (not the transaction's) inside an open SPI
 /// connection, and maps each row.
-pub fn fresh_rows<T>(sql: &CStr, mut f: impl FnMut(&Row) -> T) -> Vec<T> {
+pub fn fresh_rows<T>(sql: &CStr, f: impl FnMut(&Row) -> T) -> Vec<T> {
     unsafe {
-        let plan = pg_sys::SPI_prepare(sql.as_ptr(), 0, std::ptr::null_mut());
+        let plan = prepare(sql, &mut []);
+        let out = run_fresh(plan, sql, &mut [], f);
+        pg_sys::SPI_freeplan(plan);
+        out
+    }
+}
+
+/// A plan kept for the life of the backend (one per call site).
+pub struct KeptPlan(std::cell::Cell<pg_sys::SPIPlanPtr>);
+
+impl KeptPlan {
+    pub const fn new() -> Self {
+        KeptPlan(std::cell::Cell::new(std::ptr::null_mut()))
+    }
+}
+
+/// Like [`fresh_rows`], with parameters, and a plan prepared once per backend (`kept`).
+pub fn fresh_rows_kept<T>(
+    kept: &KeptPlan,
+    sql: &CStr,
+    types: &mut [pg_sys::Oid],
+    args: &mut [pg_sys::Datum],
+    f: impl FnMut(&Row) -> T,
+) -> Vec<T> {
+    unsafe {
+        if kept.0.get().is_null() {
+            let plan = prepare(sql, types);
+            pg_sys::SPI_keepplan(plan);
+            kept.0.set(plan);
+        }
+        run_fresh(kept.0.get(), sql, args, f)
+    }
+}
+
+unsafe fn prepare(sql: &CStr, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
+    unsafe {
+        let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
         if plan.is_null() {
             errors::error(
                 Code::ERRCODE_INTERNAL_ERROR,
@@ -668,9 +704,20 @@ pub fn fresh_rows<T>(sql: &CStr, mut f: impl FnMut(&Row) -> T) -> Vec<T> {
             )
             .raise();
         }
+        plan
+    }
+}
+
+unsafe fn run_fresh<T>(
+    plan: pg_sys::SPIPlanPtr,
+    sql: &CStr,
+    args: &mut [pg_sys::Datum],
+    mut f: impl FnMut(&Row) -> T,
+) -> Vec<T> {
+    unsafe {
         let status = pg_sys::SPI_execute_snapshot(
             plan,
-            std::ptr::null_mut(),
+            if args.is_empty() { std::ptr::null_mut() } else { args.as_mut_ptr() },
             std::ptr::null(),
             pg_sys::GetLatestSnapshot(),
             std::ptr::null_mut(),
@@ -696,7 +743,6 @@ pub fn fresh_rows<T>(sql: &CStr, mut f: impl FnMut(&Row) -> T) -> Vec<T> {
             out.push(f(&row));
         }
         pg_sys::SPI_freetuptable(table);
-        pg_sys::SPI_freeplan(plan);
         out
     }
 }

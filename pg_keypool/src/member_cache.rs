@@ -7,13 +7,15 @@
 
 use std::ffi::CString;
 use std::sync::atomic::Ordering;
+use std::sync::LazyLock;
 
 use pgrx::prelude::*;
+use pgrx::{pg_sys, IntoDatum};
 
 use crate::config::{self, Config, Pool};
 use crate::members::{self, Member, FLAG_MEMBER};
 use crate::privilege;
-use crate::shares::{PoolShares, NEVER};
+use crate::shares::{PoolShares, NEVER, WEIGHT_SCALE};
 use crate::shmem::Shared;
 
 /// Lookups done again at most this often when membership keeps changing under them.
@@ -32,28 +34,43 @@ pub struct Stored {
     pub share: u64,
 }
 
+thread_local! {
+    static LOOKUP: config::KeptPlan = const { config::KeptPlan::new() };
+}
+
 /// The user's row of the pool's members, if they are a member: by the primary key, with the
-/// latest snapshot (a transaction's older snapshot would miss recent signups).
+/// latest snapshot (a transaction's older snapshot would miss recent signups), with a plan
+/// prepared once per backend.
 pub fn lookup(cfg: &Config, pool: &Pool, user: &str) -> Option<Stored> {
-    let sql = CString::new(format!(
-        "SELECT coalesce(key_id, 0), round(weight * {scale})::bigint,
-                coalesce(last_active - DATE '1970-01-01', {NEVER}),
-                coalesce(used_on - DATE '1970-01-01', {NEVER}), coalesce(used, 0), coalesce(share, 0)
-           FROM keypool.member WHERE pool_id = {} AND user_id = {}",
-        pool.id,
-        pgrx::spi::quote_literal(user),
-        scale = crate::shares::WEIGHT_SCALE,
-    ))
-    .unwrap_or_else(|_| crate::errors::invalid("user_id must not contain NUL").raise());
+    static SQL: LazyLock<CString> = LazyLock::new(|| {
+        CString::new(format!(
+            "SELECT coalesce(key_id, 0), round(weight * {WEIGHT_SCALE})::bigint,
+                    coalesce(last_active - DATE '1970-01-01', {NEVER}),
+                    coalesce(used_on - DATE '1970-01-01', {NEVER}), coalesce(used, 0), coalesce(share, 0)
+               FROM keypool.member WHERE pool_id = $1 AND user_id = $2"
+        ))
+        .expect("no NUL in the query")
+    });
+    let Some(user) = user.into_datum() else {
+        return None;
+    };
     privilege::as_owner(cfg.extension_owner, || {
         Spi::connect(|_| {
-            config::fresh_rows(&sql, |r| Stored {
-                key_id: r.get::<i64>(0),
-                weight_milli: r.get::<i64>(1).max(1),
-                last_active: r.get::<i32>(2),
-                used_on: r.get::<i32>(3),
-                used: r.get::<i64>(4).max(0) as u64,
-                share: r.get::<i64>(5).max(0) as u64,
+            LOOKUP.with(|kept| {
+                config::fresh_rows_kept(
+                    kept,
+                    &SQL,
+                    &mut [pg_sys::INT8OID, pg_sys::TEXTOID],
+                    &mut [pg_sys::Datum::from(pool.id), user],
+                    |r| Stored {
+                        key_id: r.get::<i64>(0),
+                        weight_milli: r.get::<i64>(1).max(1),
+                        last_active: r.get::<i32>(2),
+                        used_on: r.get::<i32>(3),
+                        used: r.get::<i64>(4).max(0) as u64,
+                        share: r.get::<i64>(5).max(0) as u64,
+                    },
+                )
             })
         })
     })
