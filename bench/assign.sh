@@ -13,7 +13,7 @@ BIG=10000
 ensure_setup
 install_extension release
 cluster_start bench-assign "$PORT" "max_connections = 100" "pg_keypool.max_keys = 16384" \
-    "pg_keypool.max_scopes = 16384" "pg_keypool.max_members = 1000000"
+    "pg_keypool.max_scopes = 16384"
 trap 'cluster_stop bench-assign' EXIT
 dir="$(cluster_dir bench-assign)"
 

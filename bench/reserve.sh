@@ -17,8 +17,9 @@ USERS="${BENCH_USERS:-$((ASSIGNED > 0 ? ASSIGNED : 100000))}"
 
 ensure_setup
 install_extension release
-# Every member of a pool is held in shared memory: room for the assigned users and the guests.
-cluster_start bench "$PORT" "max_connections = 200" "pg_keypool.max_members = $((ASSIGNED * 2 + 262144))"
+# Default pg_keypool settings: the member cache holds the users who reserve (bench/members.sh
+# measures a set larger than the cache).
+cluster_start bench "$PORT" "max_connections = 200"
 trap 'cluster_stop bench' EXIT
 dir="$(cluster_dir bench)"
 

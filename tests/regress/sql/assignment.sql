@@ -122,3 +122,11 @@ SELECT key_id <> :spill_key AS spilled, granted FROM keypool_reserve('spill', 'g
 SELECT keypool_enable_key(:spill_key);
 SELECT key_id = :spill_key AS back_on_own_key FROM keypool_reserve('spill', 'grok');
 SELECT abs(extract(epoch FROM keypool_set_clock(NULL) - now())) < 600 AS back_to_wall_time;
+
+-- Members are read into the shared-memory cache at their first reservation (one lookup), then
+-- found there.
+SELECT keypool_assign('cached-1', 'grok') > 0 AS assigned;
+CREATE TEMP TABLE cache_before AS SELECT hits, loads FROM keypool_member_memory;
+SELECT granted FROM keypool_reserve('cached-1', 'grok');
+SELECT granted FROM keypool_reserve('cached-1', 'grok');
+SELECT m.loads - b.loads AS loads, m.hits - b.hits AS hits FROM keypool_member_memory m, cache_before b;
