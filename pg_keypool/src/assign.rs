@@ -123,6 +123,12 @@ pub fn ensure_all_loaded(sh: &'static Shared, cfg: &Config) {
 /// brings the entries the cache already holds (restored from a clean shutdown, or kept across a
 /// reload) in line with the table. Members themselves are cached on their first reservation.
 fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
+    if slot.aggregates_restored.swap(0, AcqRel) == 1 {
+        // A clean restart: the aggregates, the keys' counts and the cached entries are as they
+        // were at the shutdown, and the tables cannot have changed since.
+        crate::budgets::restore_pool_spend(sh, cfg, pool);
+        return;
+    }
     let today = pool.day(clock::now_ms()).0;
     // Grouped by the raw columns (cheapest per row); converted per group.
     let sql = CString::new(format!(
@@ -138,7 +144,7 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
     type Group = (i64, i32, i64, i64, i64, i64);
     let groups: Vec<Group> = privilege::as_owner(cfg.extension_owner, || {
         Spi::connect(|_| {
-            config::fresh_rows(&sql, |r| {
+            config::fresh_rows_parallel(&sql, |r| {
                 (
                     r.get::<i64>(0),
                     r.get::<i32>(1),
@@ -232,14 +238,20 @@ fn stored_members(cfg: &Config, pool: &Pool, hashes: &[u64]) -> HashMap<u64, Sto
         return HashMap::new();
     }
     let sql_hashes: Vec<i64> = hashes.iter().map(|&h| members::hash_to_sql(h)).collect();
+    // Few: an index probe each; many (a cache restored after a clean shutdown): one scan with a
+    // hashed list.
+    let from = if hashes.len() <= 20_000 {
+        "FROM unnest($2::bigint[]) AS u(h) JOIN keypool.member m ON m.pool_id = $1 AND m.user_hash = u.h"
+    } else {
+        "FROM keypool.member m WHERE m.pool_id = $1 AND m.user_hash = ANY($2)"
+    };
     as_owner(cfg, |client| {
         let t = errors::spi(client.select(
             &format!(
-                "SELECT user_hash, coalesce(key_id, 0), round(weight * {WEIGHT_SCALE})::bigint,
-                        coalesce(last_active - DATE '1970-01-01', {NEVER}),
-                        coalesce(used_on - DATE '1970-01-01', {NEVER}), coalesce(used, 0), coalesce(share, 0)
-                   FROM unnest($2::bigint[]) AS u(h)
-                   JOIN keypool.member m ON m.pool_id = $1 AND m.user_hash = u.h"
+                "SELECT m.user_hash, coalesce(m.key_id, 0), round(m.weight * {WEIGHT_SCALE})::bigint,
+                        coalesce(m.last_active - DATE '1970-01-01', {NEVER}),
+                        coalesce(m.used_on - DATE '1970-01-01', {NEVER}), coalesce(m.used, 0), coalesce(m.share, 0)
+                   {from}"
             ),
             None,
             &[pool.id.into(), sql_hashes.into()],

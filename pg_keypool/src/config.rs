@@ -694,6 +694,29 @@ pub fn fresh_rows_kept<T>(
     }
 }
 
+/// Like [`fresh_rows`], allowing a parallel plan (a large scan run once, such as counting a
+/// pool's members when it is loaded).
+pub fn fresh_rows_parallel<T>(sql: &CStr, f: impl FnMut(&Row) -> T) -> Vec<T> {
+    unsafe {
+        let plan = pg_sys::SPI_prepare_cursor(
+            sql.as_ptr(),
+            0,
+            std::ptr::null_mut(),
+            pg_sys::CURSOR_OPT_PARALLEL_OK as i32,
+        );
+        if plan.is_null() {
+            errors::error(
+                Code::ERRCODE_INTERNAL_ERROR,
+                format!("pg_keypool: cannot prepare {sql:?}"),
+            )
+            .raise();
+        }
+        let out = run_fresh(plan, sql, &mut [], f);
+        pg_sys::SPI_freeplan(plan);
+        out
+    }
+}
+
 unsafe fn prepare(sql: &CStr, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
     unsafe {
         let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
@@ -717,7 +740,11 @@ unsafe fn run_fresh<T>(
     unsafe {
         let status = pg_sys::SPI_execute_snapshot(
             plan,
-            if args.is_empty() { std::ptr::null_mut() } else { args.as_mut_ptr() },
+            if args.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                args.as_mut_ptr()
+            },
             std::ptr::null(),
             pg_sys::GetLatestSnapshot(),
             std::ptr::null_mut(),

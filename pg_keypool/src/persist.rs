@@ -35,6 +35,7 @@ use pgrx::prelude::*;
 
 use crate::clock;
 use crate::members::STRIPES;
+use crate::shares::PoolShares;
 use crate::shares::NEVER;
 use crate::shmem::{self, Owner, Shared, COUNTERS};
 use crate::window::codec::{get_i32, get_i64, get_u32, get_u64, put_i32, put_i64, put_u32, put_u64};
@@ -42,9 +43,12 @@ use crate::window::ScopeWindows;
 
 const FILE: &str = "pg_keypool.state";
 const MAGIC: u64 = 0x5354_4154_454b_5031; // "KPSTATE1"
-/// 4: pools' spend of their budgets, and members' spend in the clean save. 3: the writer's
-/// system identifier, timeline and pending catch-up. 2: the previous release.
-const VERSION: u32 = 4;
+/// 5: keys' member counts, members' weight classes and pools' aggregates in the clean save (a
+/// clean restart counts no pool's members from its table). 4: pools' spend of their budgets,
+/// and members' spend in the clean save. 3: the writer's system identifier, timeline and
+/// pending catch-up. 2: the previous release.
+const VERSION: u32 = 5;
+const VERSION_4: u32 = 4;
 const VERSION_3: u32 = 3;
 const VERSION_2: u32 = 2;
 
@@ -120,6 +124,16 @@ struct MemberRecord {
     spent: u64,
     /// A member, or a guest kept for what it spent of a per-user budget.
     member: bool,
+    /// Its weight class in the pool's aggregates (which the clean save keeps too).
+    class: u32,
+}
+
+/// A pool's aggregates (shares.rs) at a clean shutdown, as raw bytes of `PoolShares` (a file
+/// of a build with another layout is ignored: the pool is counted from its table).
+struct AggregateRecord {
+    owner: Owner,
+    pool_id: i64,
+    shares: PoolShares,
 }
 
 /// What a pool spent of its budget in a period (budgets.rs).
@@ -137,11 +151,15 @@ struct KeyRecord {
     breaker_open_until_ms: i64,
     last_used_ms: i64,
     counters: [i64; COUNTERS],
+    /// Members assigned to the key (restored with the aggregates, after a clean shutdown).
+    assigned: i64,
 }
 
 /// Encodes the bound slots. `lock` says whether scope locks may (must) be taken: yes in a
 /// backend or the launcher, no in the postmaster, where no other process runs any more.
-fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64) -> Vec<u8> {
+/// `checkpoint`: the shutdown checkpoint a clean save follows (0 otherwise); the aggregates are
+/// trusted only by a start that finds that same checkpoint in pg_control.
+fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64, checkpoint: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(4096);
     put_u64(&mut out, MAGIC);
     put_u32(&mut out, VERSION);
@@ -179,6 +197,7 @@ fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64) -> 
         for c in &k.counters {
             put_i64(&mut out, c.load(Ordering::Acquire));
         }
+        put_i64(&mut out, k.assigned.load(Ordering::Acquire));
     }
     let members = if clean { members_of_today(sh) } else { Vec::new() };
     put_u32(&mut out, members.len() as u32);
@@ -195,6 +214,7 @@ fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64) -> 
         put_i32(&mut out, m.spent_from);
         put_u64(&mut out, m.spent);
         put_u32(&mut out, m.member as u32);
+        put_u32(&mut out, m.class);
     }
     // Pools' spend, in every save: a budget's period can be a month.
     let spends: Vec<SpendRecord> = sh
@@ -220,7 +240,51 @@ fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64) -> 
         put_i32(&mut out, s.period);
         put_u64(&mut out, s.spent);
     }
+    let aggregates = if clean {
+        aggregates_of_loaded_pools(sh)
+    } else {
+        Vec::new()
+    };
+    put_u32(&mut out, aggregates.len() as u32);
+    put_u64(&mut out, checkpoint);
+    put_u32(&mut out, std::mem::size_of::<PoolShares>() as u32);
+    for a in aggregates {
+        put_u32(&mut out, a.owner.dboid);
+        put_i64(&mut out, a.owner.instance);
+        put_i64(&mut out, a.pool_id);
+        // SAFETY: PoolShares is plain old data (repr(C), Copy, no pointers).
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&a.shares as *const PoolShares).cast::<u8>(),
+                std::mem::size_of::<PoolShares>(),
+            )
+        };
+        out.extend_from_slice(bytes);
+    }
     out
+}
+
+/// The aggregates of the pools whose members are loaded. Only called when no backend runs.
+fn aggregates_of_loaded_pools(sh: &Shared) -> Vec<AggregateRecord> {
+    sh.pools
+        .iter()
+        .filter(|p| {
+            !p.tag.is_free()
+                && p.members_state.load(Ordering::Acquire) == crate::shmem::MEMBERS_READY
+                && p.after_prepared.load(Ordering::Acquire) == 0
+        })
+        .map(|p| {
+            // SAFETY: the postmaster, after every backend exited.
+            let mut shares = unsafe { *p.shares_unlocked() };
+            // The trees live in an arena that starts empty.
+            shares.tree = Default::default();
+            AggregateRecord {
+                owner: p.tag.owner(),
+                pool_id: p.tag.id(),
+                shares,
+            }
+        })
+        .collect()
 }
 
 /// Members of loaded pools that reserved on some day (guests are left out). Only called when
@@ -255,6 +319,7 @@ fn members_of_today(sh: &Shared) -> Vec<MemberRecord> {
                 spent_from: m.spent_from,
                 spent: m.spent,
                 member: m.is_member(),
+                class: u32::from(m.class),
             });
         }
     }
@@ -272,6 +337,9 @@ struct Decoded {
     keys: Vec<KeyRecord>,
     members: Vec<MemberRecord>,
     spends: Vec<SpendRecord>,
+    aggregates: Vec<AggregateRecord>,
+    /// The shutdown checkpoint the aggregates were saved after.
+    checkpoint: u64,
 }
 
 fn decode(mut input: &[u8]) -> Option<Decoded> {
@@ -280,7 +348,7 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
         return None;
     }
     let version = get_u32(i)?;
-    if version != VERSION && version != VERSION_3 && version != VERSION_2 {
+    if ![VERSION, VERSION_4, VERSION_3, VERSION_2].contains(&version) {
         return None;
     }
     let clean = get_u32(i)? == 1;
@@ -321,9 +389,13 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
             breaker_open_until_ms: get_i64(i)?,
             last_used_ms: get_i64(i)?,
             counters: [0; COUNTERS],
+            assigned: 0,
         };
         for c in k.counters.iter_mut() {
             *c = get_i64(i)?;
+        }
+        if version >= VERSION {
+            k.assigned = get_i64(i)?;
         }
         keys.push(k);
     }
@@ -342,13 +414,14 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
             day: get_i32(i)?,
             used: get_u64(i)?,
             share: get_u64(i)?,
-            spent_from: if version >= VERSION { get_i32(i)? } else { 0 },
-            spent: if version >= VERSION { get_u64(i)? } else { 0 },
-            member: if version >= VERSION { get_u32(i)? == 1 } else { true },
+            spent_from: if version >= VERSION_4 { get_i32(i)? } else { 0 },
+            spent: if version >= VERSION_4 { get_u64(i)? } else { 0 },
+            member: if version >= VERSION_4 { get_u32(i)? == 1 } else { true },
+            class: if version >= VERSION { get_u32(i)? } else { u32::MAX },
         });
     }
     let mut spends = Vec::new();
-    if version >= VERSION {
+    if version >= VERSION_4 {
         let n = get_u32(i)? as usize;
         spends.reserve(n.min(1 << 16));
         for _ in 0..n {
@@ -363,6 +436,31 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
             });
         }
     }
+    let mut aggregates = Vec::new();
+    let mut checkpoint = 0;
+    if version >= VERSION {
+        let n = get_u32(i)? as usize;
+        checkpoint = get_u64(i)?;
+        let size = get_u32(i)? as usize;
+        for _ in 0..n {
+            let owner = Owner {
+                dboid: get_u32(i)?,
+                instance: get_i64(i)?,
+            };
+            let pool_id = get_i64(i)?;
+            if i.len() < size {
+                return None;
+            }
+            let (bytes, rest) = i.split_at(size);
+            *i = rest;
+            if size == std::mem::size_of::<PoolShares>() {
+                // SAFETY: as many bytes as a PoolShares, which is plain old data; written by
+                // this build (same size) from a valid value.
+                let shares = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<PoolShares>()) };
+                aggregates.push(AggregateRecord { owner, pool_id, shares });
+            }
+        }
+    }
     i.is_empty().then_some(Decoded {
         clean,
         saved_ms,
@@ -372,6 +470,8 @@ fn decode(mut input: &[u8]) -> Option<Decoded> {
         keys,
         members,
         spends,
+        aggregates,
+        checkpoint,
     })
 }
 
@@ -404,6 +504,8 @@ struct Control {
     shut_down_cleanly: bool,
     /// A standby's or an archive recovery's state (shut down in recovery, or in it).
     in_recovery: bool,
+    /// The last checkpoint's location.
+    checkpoint: u64,
 }
 
 /// Reads `pg_control` from disk (the postmaster, at start and at shutdown).
@@ -425,6 +527,7 @@ fn read_control() -> Option<Control> {
                 c.state,
                 pg_sys::DBState::DB_SHUTDOWNED_IN_RECOVERY | pg_sys::DBState::DB_IN_ARCHIVE_RECOVERY
             ),
+            checkpoint: c.checkPoint,
         })
     }
 }
@@ -457,7 +560,7 @@ fn recovery_files_present() -> bool {
 /// Saves the current state (launcher, or `keypool_save_state()` in a backend).
 pub fn save(sh: &Shared) -> std::io::Result<()> {
     let now = clock::real_now_ms();
-    write_file(&encode(sh, this_server(), false, true, now))?;
+    write_file(&encode(sh, this_server(), false, true, now, 0))?;
     sh.header.state_saved_ms.store(now, Ordering::Release);
     Ok(())
 }
@@ -471,7 +574,14 @@ pub fn save_at_shutdown() {
         log!("pg_keypool: could not read pg_control; {FILE} is left as it was");
         return;
     };
-    if let Err(e) = write_file(&encode(sh, control.writer, true, false, clock::real_now_ms())) {
+    if let Err(e) = write_file(&encode(
+        sh,
+        control.writer,
+        true,
+        false,
+        clock::real_now_ms(),
+        control.checkpoint,
+    )) {
         log!("pg_keypool: could not save {FILE} at shutdown: {e}");
     }
 }
@@ -564,6 +674,11 @@ pub fn restore_at_startup() {
         slot.tag.set(r.owner, r.id, now);
     }
     if clean {
+        // Only if the server did not run since (without the library, say): the shutdown
+        // checkpoint the save followed is still the last one.
+        if state.checkpoint != 0 || state.checkpoint == control.checkpoint {
+            restore_aggregates(sh, &state);
+        }
         restore_members(sh, &state.members);
     }
     // Spend comes back after a crash too (what was settled since the save is unknown; the
@@ -584,8 +699,28 @@ pub fn restore_at_startup() {
         "pg_keypool: restored {restored} scopes from {FILE}: {}",
         origin.describe()
     );
-    if let Err(e) = write_file(&encode(sh, control.writer, false, false, now)) {
+    if let Err(e) = write_file(&encode(sh, control.writer, false, false, now, 0)) {
         warning!("pg_keypool: could not rewrite {FILE}: {e}");
+    }
+}
+
+/// Puts pools' aggregates and keys' member counts back (a clean shutdown: the tables cannot
+/// have changed since), so that loading those pools counts nothing. A pool whose keys were not
+/// all saved is counted from its table as usual.
+fn restore_aggregates(sh: &Shared, state: &Decoded) {
+    if state.aggregates.is_empty() || state.keys.len() > sh.keys.len() {
+        return;
+    }
+    for (slot, r) in sh.keys.iter().zip(state.keys.iter()) {
+        slot.assigned.store(r.assigned, Ordering::Release);
+    }
+    for a in &state.aggregates {
+        if let Some(slot) = pool_slot_for(sh, a.owner, a.pool_id) {
+            let p = sh.pool(slot);
+            // SAFETY: the postmaster, before any backend exists.
+            unsafe { *p.shares_unlocked() = a.shares };
+            p.aggregates_restored.store(1, Ordering::Release);
+        }
     }
 }
 
@@ -607,6 +742,9 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
         };
         let m = stripe.at(i);
         m.key_id = r.key_id;
+        if r.class != u32::MAX {
+            m.class = r.class as u8;
+        }
         m.last_active = r.last_active;
         m.day = r.day;
         m.used = r.used;
@@ -672,6 +810,8 @@ mod judge_tests {
             keys: Vec::new(),
             members: Vec::new(),
             spends: Vec::new(),
+            aggregates: Vec::new(),
+            checkpoint: 0,
         }
     }
 
@@ -683,6 +823,7 @@ mod judge_tests {
             },
             shut_down_cleanly,
             in_recovery: false,
+            checkpoint: 0,
         }
     }
 

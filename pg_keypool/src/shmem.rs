@@ -285,6 +285,9 @@ pub struct PoolSlot {
     /// A prepared transaction changed the members (txn.rs): load them again from the table once
     /// no prepared transaction is left.
     pub after_prepared: AtomicU32,
+    /// The aggregates were restored from a clean shutdown's state file (persist.rs): loading the
+    /// pool needs no count of its members.
+    pub aggregates_restored: AtomicU32,
     /// Guests that cannot be tracked one by one share one allowance a day: the day (high 32
     /// bits) and the requests they took (low 32 bits), changed with compare-and-swap.
     guests: AtomicU64,
@@ -444,6 +447,15 @@ impl PoolSlot {
     /// Starts the shared guest allowance over (keypool_reset_usage).
     pub fn guests_reset(&self) {
         self.guests.store(0, Ordering::Release);
+    }
+
+    /// The aggregates without the lock: only for the postmaster, when no backend runs.
+    ///
+    /// # Safety
+    /// No other process may use the slot meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn shares_unlocked(&self) -> &mut PoolShares {
+        unsafe { &mut *self.shares.get() }
     }
 
     /// Locks the pool's aggregates (and its assignment tree). Lock order: pool, then member

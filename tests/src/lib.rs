@@ -107,6 +107,12 @@ impl Cluster {
         cluster
     }
 
+    /// Replaces the settings given at start (takes effect at the next start).
+    pub fn reconfigure(&mut self, settings: &[&str]) {
+        self.settings = settings.iter().map(|s| s.to_string()).collect();
+        self.write_config();
+    }
+
     fn write_config(&self) {
         let mut conf = vec![
             format!("port = {}", self.port),

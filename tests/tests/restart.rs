@@ -1,6 +1,6 @@
 //! Restarts and crashes: after either, no scope grants more than its limits allow.
 
-use keypool_tests::{exec, granted_of, zone_at_noon, Cluster};
+use keypool_tests::{exec, granted_of, one, zone_at_noon, Cluster};
 use tokio_postgres::Client;
 
 async fn started_from(client: &Client) -> String {
@@ -156,6 +156,31 @@ async fn members_their_keys_and_their_activity_survive_a_restart() {
         before,
         "users per key, counted users and shares after the restart"
     );
+    // A clean restart restores the pool's aggregates from the state file; a run without the
+    // library in between (when a table can change behind shared memory's back) makes the next
+    // start count the members from the table again.
+    drop(client);
+    let mut cluster = cluster;
+    cluster.stop();
+    cluster.reconfigure(&["shared_preload_libraries = ''"]);
+    cluster.start_again();
+    let client = cluster.connect("postgres").await;
+    exec(
+        &client,
+        "INSERT INTO keypool.member (pool_id, user_id, user_hash, key_id)
+         SELECT pool_id, 'user-11', 11, key_id FROM keypool.member WHERE user_id = 'user-2'",
+    )
+    .await;
+    drop(client);
+    cluster.stop();
+    cluster.reconfigure(&[]);
+    cluster.start_again();
+    let client = cluster.connect("postgres").await;
+    assert_eq!(
+        one::<i64>(&client, "SELECT sum(users)::bigint FROM keypool_keys").await,
+        11
+    );
+    assert_eq!(one::<i64>(&client, "SELECT members FROM keypool_pool_stats").await, 11);
 }
 
 /// (users per key, counted users, share of a new weight-1 user, share and use today of user-1).
