@@ -51,9 +51,7 @@ pub fn lookup(cfg: &Config, pool: &Pool, user: &str) -> Option<Stored> {
         ))
         .expect("no NUL in the query")
     });
-    let Some(user) = user.into_datum() else {
-        return None;
-    };
+    let user = user.into_datum()?;
     privilege::as_owner(cfg.extension_owner, || {
         Spi::connect(|_| {
             LOOKUP.with(|kept| {

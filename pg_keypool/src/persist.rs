@@ -676,7 +676,7 @@ pub fn restore_at_startup() {
     if clean {
         // Only if the server did not run since (without the library, say): the shutdown
         // checkpoint the save followed is still the last one.
-        if state.checkpoint != 0 || state.checkpoint == control.checkpoint {
+        if state.checkpoint != 0 && state.checkpoint == control.checkpoint {
             restore_aggregates(sh, &state);
         }
         restore_members(sh, &state.members);
