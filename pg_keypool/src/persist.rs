@@ -264,13 +264,15 @@ fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64, che
     out
 }
 
-/// The aggregates of the pools whose members are loaded. Only called when no backend runs.
+/// The aggregates of the pools whose members are loaded, or were restored and not used since.
+/// Only called when no backend runs.
 fn aggregates_of_loaded_pools(sh: &Shared) -> Vec<AggregateRecord> {
     sh.pools
         .iter()
         .filter(|p| {
             !p.tag.is_free()
-                && p.members_state.load(Ordering::Acquire) == crate::shmem::MEMBERS_READY
+                && (p.members_state.load(Ordering::Acquire) == crate::shmem::MEMBERS_READY
+                    || p.aggregates_restored.load(Ordering::Acquire) == 1)
                 && p.after_prepared.load(Ordering::Acquire) == 0
         })
         .map(|p| {
@@ -574,13 +576,21 @@ pub fn save_at_shutdown() {
         log!("pg_keypool: could not read pg_control; {FILE} is left as it was");
         return;
     };
+    // Pools' aggregates only after a real clean shutdown (every transaction ended, rolling back
+    // its shared-memory changes, and a shutdown checkpoint written): an immediate shutdown kills
+    // backends in the middle of assignments.
+    let checkpoint = if control.shut_down_cleanly {
+        control.checkpoint
+    } else {
+        0
+    };
     if let Err(e) = write_file(&encode(
         sh,
         control.writer,
         true,
         false,
         clock::real_now_ms(),
-        control.checkpoint,
+        checkpoint,
     )) {
         log!("pg_keypool: could not save {FILE} at shutdown: {e}");
     }

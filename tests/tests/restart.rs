@@ -181,6 +181,25 @@ async fn members_their_keys_and_their_activity_survive_a_restart() {
         11
     );
     assert_eq!(one::<i64>(&client, "SELECT members FROM keypool_pool_stats").await, 11);
+    // An immediate stop in the middle of an assignment: the assignment never committed, and
+    // the next start does not take the aggregates it changed for the truth.
+    client
+        .batch_execute("BEGIN; SELECT keypool_assign('user-12', 'p');")
+        .await
+        .unwrap();
+    assert_eq!(
+        one::<i64>(&client, "SELECT sum(users)::bigint FROM keypool_keys").await,
+        12
+    );
+    cluster.stop_immediately();
+    drop(client);
+    cluster.start_again();
+    let client = cluster.connect("postgres").await;
+    assert_eq!(
+        one::<i64>(&client, "SELECT sum(users)::bigint FROM keypool_keys").await,
+        11
+    );
+    assert_eq!(one::<i64>(&client, "SELECT members FROM keypool_pool_stats").await, 11);
 }
 
 /// (users per key, counted users, share of a new weight-1 user, share and use today of user-1).
