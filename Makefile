@@ -1,11 +1,13 @@
 # The two commands README opens with, and a few more.
-.PHONY: demo test bench bench-worker bench-trust bench-record soak stop
+.PHONY: demo test bench bench-members bench-worker bench-trust bench-record soak stop
 demo:
 	scripts/demo.sh
 test:
 	scripts/test.sh
 bench:
 	bench/reserve.sh
+bench-members:
+	bench/members.sh
 bench-worker:
 	bench/worker.sh
 bench-trust:
