@@ -276,9 +276,10 @@ pub fn take(
     if let Some(per_user) = budget.per_user {
         let today = pool.day(now_ms).0;
         let stripe = sh.members.stripe(hash);
-        let entry = stripe
-            .find(sh, hash, pool.slot)
-            .or_else(|| stripe.find_or_insert_guest(sh, hash, pool.slot, today));
+        let entry = stripe.find(sh, hash, pool.slot).or_else(|| {
+            let now_min = members::minute(crate::clock::real_now_ms());
+            stripe.find_or_insert_guest(sh, hash, pool.slot, today, now_min)
+        });
         let fits = entry.is_some_and(|i| {
             let m = stripe.at(i);
             if m.spent_from != start {

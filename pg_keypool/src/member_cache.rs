@@ -154,7 +154,8 @@ pub fn load(sh: &Shared, cfg: &Config, pool: &Pool, (user, hash): (&str, u64), n
         let Some(s) = stored else {
             return Loaded::Guest;
         };
-        let Some(i) = stripe.insert_member(sh, hash, pool.slot, today, members::minute_now()) else {
+        let Some(i) = stripe.insert_member(sh, hash, pool.slot, today, members::minute(crate::clock::real_now_ms()))
+        else {
             stats.uncached.fetch_add(1, Ordering::Relaxed);
             sh.header.flush_wanted.store(1, Ordering::Release);
             return Loaded::NoRoom(s);

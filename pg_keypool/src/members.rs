@@ -111,9 +111,10 @@ pub struct MemberTable {
     pub cells: &'static [MemberCell],
 }
 
-/// The current minute of the real clock (not a test clock), as kept in `Member::touched`.
-pub fn minute_now() -> u16 {
-    (crate::clock::real_now_ms().div_euclid(60_000) & 0xffff) as u16
+/// A time in milliseconds as the minute kept in `Member::touched` (callers pass the real
+/// clock, not a test clock).
+pub fn minute(ms: i64) -> u16 {
+    (ms.div_euclid(60_000) & 0xffff) as u16
 }
 
 /// The hash that identifies a user of a pool.
@@ -280,7 +281,14 @@ impl<'a> Stripe<'a> {
     /// Finds the entry of a guest, or makes one while the window keeps room for members (a
     /// quarter of it free, or held by members not active since yesterday); `None` otherwise:
     /// the guest cannot be tracked one by one.
-    pub fn find_or_insert_guest(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32) -> Option<usize> {
+    pub fn find_or_insert_guest(
+        &self,
+        sh: &Shared,
+        hash: u64,
+        pool_slot: u32,
+        today: i32,
+        now_min: u16,
+    ) -> Option<usize> {
         if let Some(i) = self.find(sh, hash, pool_slot) {
             return Some(i);
         }
@@ -288,7 +296,6 @@ impl<'a> Stripe<'a> {
         if room.len() <= (self.window() / 4).max(1) {
             return None;
         }
-        let now_min = minute_now();
         let i = self
             .free_cell(sh, hash, today)
             .unwrap_or_else(|| self.oldest(&room, now_min));

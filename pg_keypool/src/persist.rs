@@ -743,9 +743,15 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
         };
         let stripe = sh.members.stripe_at_unlocked((r.hash % STRIPES as u64) as usize);
         let entry = if r.member {
-            stripe.insert_member(sh, r.hash, slot, r.day, crate::members::minute_now())
+            stripe.insert_member(sh, r.hash, slot, r.day, crate::members::minute(clock::real_now_ms()))
         } else {
-            stripe.find_or_insert_guest(sh, r.hash, slot, r.spent_from.max(r.day))
+            stripe.find_or_insert_guest(
+                sh,
+                r.hash,
+                slot,
+                r.spent_from.max(r.day),
+                crate::members::minute(clock::real_now_ms()),
+            )
         };
         let Some(i) = entry else {
             continue;

@@ -86,7 +86,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     let policy = pool.policy;
     let (today, _, day_end) = pool.day(now_ms);
     let hash = members::user_hash(cfg.owner.instance, pool.id, user);
-    let now_min = members::minute_now();
+    let now_min = members::minute(clock::real_now_ms());
 
     // Fast path: cached, active today and within the share (or no shares at all).
     let cached = {
@@ -153,7 +153,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
             drop(stripe);
             return uncached_member(sh, pool, &mut shares, &stored, today, now_ms, day_end);
         }
-        _ => stripe.find_or_insert_guest(sh, hash, pool.slot, today),
+        _ => stripe.find_or_insert_guest(sh, hash, pool.slot, today, now_min),
     };
     let Some(i) = entry else {
         // A guest the member table has no room for: the pool's guests share one allowance.
