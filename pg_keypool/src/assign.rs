@@ -459,13 +459,32 @@ fn apply(sh: &Shared, shares: &mut PoolShares, pool_slot: u32, c: &Change) {
 }
 
 /// Takes `changes` back (newest first) in the aggregates, the keys' counts and the cache.
-fn revert(sh: &Shared, pool_slot: u32, changes: &[Change]) {
+///
+/// `entries`: whether cached entries go back to their state before the change (a rollback:
+/// the table keeps what it had), or keep what they hold and are only unpinned (another
+/// transaction's assignment of the same user won: it committed first, and its own change is in
+/// the entry).
+fn revert(sh: &Shared, pool_slot: u32, changes: &[Change], entries: bool) {
     let slot = sh.pool(pool_slot);
     let mut shares = slot.lock();
     for c in changes.iter().rev() {
         let stripe = sh.members.stripe(c.hash);
-        let entry = stripe.find(sh, c.hash, pool_slot).map(|i| stripe.at(i));
-        let last_active = entry.as_ref().map_or(c.last_active, |m| m.last_active);
+        let found = stripe.find(sh, c.hash, pool_slot).map(|i| stripe.at(i));
+        let last_active = match &found {
+            Some(m) if entries => m.last_active,
+            _ => c.last_active,
+        };
+        let entry = match found {
+            Some(m) if !entries => {
+                // Which state it holds, the winner's or this change's, is not known here: read
+                // the user again from the table unless it holds use not flushed yet (the caller
+                // then sets its key, assign()).
+                m.flags &= !FLAG_PINNED;
+                m.forget();
+                None
+            }
+            other => other,
+        };
         if c.key_only {
         } else if !c.was_member {
             shares.remove_member(c.after_class, last_active);
@@ -514,7 +533,7 @@ impl Tracked {
             *v = kept;
             gone
         };
-        revert(self.sh, self.pool_slot, &gone);
+        revert(self.sh, self.pool_slot, &gone, false);
     }
 }
 
@@ -536,7 +555,7 @@ fn track(sh: &'static Shared, pool_slot: u32, gen: u32, changes: Vec<Change>) ->
     let undo = Rc::clone(&changes);
     txn::on_abort_or_prepare(pool_slot, move || {
         if sh.pool(pool_slot).members_gen.load(Acquire) == gen {
-            revert(sh, pool_slot, &undo.borrow_mut().drain(..).collect::<Vec<_>>());
+            revert(sh, pool_slot, &undo.borrow_mut().drain(..).collect::<Vec<_>>(), true);
         }
     });
     txn::at_end(move |committed| {
@@ -579,6 +598,10 @@ fn assign_locked(
         let stripe = sh.members.stripe(hash);
         stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
     };
+    // The caller read the table (with its latest state): a cached membership the table does
+    // not have is another transaction's, not committed yet. This assignment counts on its own;
+    // whichever of the two loses at the INSERT takes its change back.
+    let cached = cached.filter(|m| !m.is_member() || stored.is_some());
     let before = before_of(shares, pool, cached.as_ref(), stored);
     let current = (before.member && before.key_id != 0 && Some(before.key_id) != exclude)
         .then(|| key_slot_in(cfg, pool, before.key_id))
@@ -772,7 +795,10 @@ pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
     // unless its key is gone too.
     tracked.revert_now(&HashSet::from([hash]));
     match stored_member(&cfg, pool, user) {
-        Some(s) if s.key_id != 0 && key_slot_in(&cfg, pool, s.key_id).is_some() => (cfg, s.key_id),
+        Some(s) if s.key_id != 0 && key_slot_in(&cfg, pool, s.key_id).is_some() => {
+            set_cached_key(sh, pool_name, hash, &s);
+            (cfg, s.key_id)
+        }
         _ => errors::error(
             Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
             format!("user \"{user}\" was assigned by another transaction at the same time"),
@@ -780,6 +806,21 @@ pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
         .hint("Try again.")
         .raise(),
     }
+}
+
+/// Makes a cached entry of the user a member on the stored key (its use of the day stays).
+fn set_cached_key(sh: &'static Shared, pool_name: &str, hash: u64, stored: &Stored) {
+    with_pool(pool_name, |_, pool, shares| {
+        let class = shares.class_of(stored.weight_milli).unwrap_or(0) as u8;
+        let stripe = sh.members.stripe(hash);
+        if let Some(i) = stripe.find(sh, hash, pool.slot) {
+            let m = stripe.at(i);
+            m.key_id = stored.key_id;
+            m.class = class;
+            m.flags |= FLAG_MEMBER;
+        }
+        Ok(())
+    });
 }
 
 /// `keypool_assign`: the user's key in the pool; a new user gets the usable key with the fewest

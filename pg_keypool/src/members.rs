@@ -79,6 +79,17 @@ impl Member {
     pub fn is_member(&self) -> bool {
         self.flags & FLAG_MEMBER != 0
     }
+
+    /// Drops the entry if it holds nothing the tables do not (the user's next reservation reads
+    /// them again); false when it holds use not flushed yet.
+    pub fn forget(&mut self) -> bool {
+        if self.flags & DIRTY != 0 {
+            return false;
+        }
+        // Never matches a pool again; the hash stays, so that probing still passes it.
+        self.pool_slot = u32::MAX;
+        true
+    }
 }
 
 // One cache line per entry.

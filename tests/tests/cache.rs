@@ -123,3 +123,79 @@ async fn evicted_members_keep_what_they_used_of_their_share() {
         40_000 - uncached
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_signups_rollbacks_and_reservations_keep_the_counts_of_the_table() {
+    // The smallest cache, so that members are evicted and read back while assignments race.
+    let cluster = Cluster::start("cache-race", &["pg_keypool.max_members = 16384"]);
+    let db = cluster.fresh_db().await;
+    exec(
+        &db.client,
+        &format!(
+            "SELECT keypool_create_pool('r', timezone => '{}');
+             SELECT keypool_add_key('r', 'openai', 'sk-race-key-' || i || '-000000000000', rpd => 1000000)
+               FROM generate_series(1, 7) i;",
+            zone_at_noon()
+        ),
+    )
+    .await;
+    // Eight sessions sign up the same 3,000 ids in the same order, racing for each (each id is
+    // assigned once, whoever comes first: the others take their choice back), roll back every
+    // fifth signup of a fresh id of their own, and reserve for ids that may or may not be
+    // members yet.
+    let mut tasks = Vec::new();
+    for s in 0..8i32 {
+        let client = db.connect().await;
+        tasks.push(tokio::spawn(async move {
+            for n in 0..3_000i32 {
+                let i = n;
+                client
+                    .execute("SELECT keypool_assign('m-' || $1::int, 'r')", &[&i])
+                    .await
+                    .unwrap();
+                if n % 5 == 0 {
+                    client
+                        .batch_execute(&format!("BEGIN; SELECT keypool_assign('gone-{s}-{n}', 'r'); ROLLBACK;"))
+                        .await
+                        .unwrap();
+                }
+                let other = (i + 1_500) % 3_000;
+                client
+                    .execute("SELECT keypool_reserve('m-' || $1::int, 'r')", &[&other])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let c = &db.client;
+    assert_eq!(one::<i64>(c, "SELECT count(*) FROM keypool_members").await, 3_000);
+    // Shared memory's count per key is the table's, key by key.
+    let per_key: Vec<(i64, i64, i64)> = c
+        .query(
+            "SELECT k.key_id, k.users, coalesce(m.n, 0) FROM keypool_keys k
+               LEFT JOIN (SELECT key_id, count(*) n FROM keypool_members GROUP BY key_id) m USING (key_id)
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        per_key.iter().all(|(_, shmem, table)| shmem == table),
+        "(key, shared memory, table): {per_key:?}"
+    );
+    assert!(
+        one::<i64>(c, "SELECT max(users) - min(users) FROM keypool_keys").await <= 1,
+        "members per key differ by more than one"
+    );
+    // The pool's aggregates count every member once.
+    assert_eq!(
+        one::<i64>(c, "SELECT members FROM keypool_pool_stats WHERE pool = 'r'").await,
+        3_000
+    );
+}
