@@ -1,12 +1,14 @@
-//! Users of a pool: loading them into shared memory, assigning each to the least-loaded usable
+//! Users of a pool: counting them into shared memory, assigning each to the least-loaded usable
 //! key, and the SQL functions that change membership (`keypool_assign`, the signup trigger,
 //! `keypool_backfill`, `keypool_rebalance`, `keypool_remove_key`, `keypool_set_user_weight`).
 //!
-//! `keypool.member` is the durable record; shared memory holds a copy of every member
-//! (members.rs) and each key's count of assigned users, which change at once (so that
-//! concurrent signups see each other) and are rolled back with the transaction (txn.rs). The
-//! least-loaded key comes from a segment tree per pool (tree.rs) kept in an arena of shared
-//! memory, rebuilt when the pool's usable keys change.
+//! `keypool.member` is the truth. Shared memory holds each pool's aggregates (members per weight
+//! class and day of last activity) and each key's count of members, for every member, and a
+//! cache of the members active recently (members.rs). An assignment reads the member's row,
+//! then changes the aggregates and counts at once (so that concurrent signups see each other)
+//! and the cached entry if there is one; all of it is rolled back with the transaction
+//! (txn.rs). The least-loaded key comes from a segment tree per pool (tree.rs) kept in an arena
+//! of shared memory, rebuilt when the pool's usable keys change.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;

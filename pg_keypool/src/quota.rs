@@ -1,9 +1,11 @@
 //! A user's daily share on the hot path: taking one request of it, giving it back, and looking
 //! at it without changing anything. The arithmetic is in shares.rs.
 //!
-//! Fast path: the user already reserved today and is within their share: one member-stripe lock.
-//! Slow path (first reservation of the day, or past the share): the pool's lock too, to fix the
-//! day's share from the pool's aggregates or to borrow. Neither depends on the number of users.
+//! Fast path: the user is cached, already reserved today and is within their share: one
+//! member-stripe lock. A miss (the user is not cached): one lookup of their row, under no lock
+//! (member_cache.rs). Slow path (first reservation of the day, or past the share): the pool's
+//! lock too, to fix the day's share from the pool's aggregates or to borrow. None depends on the
+//! number of users.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -156,7 +158,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
         _ => stripe.find_or_insert_guest(sh, hash, pool.slot, today, now_min),
     };
     let Some(i) = entry else {
-        // A guest the member table has no room for: the pool's guests share one allowance.
+        // A guest the member cache has no room for: the pool's guests share one allowance.
         drop(stripe);
         return untracked_guest(sh, pool, &shares, today, now_ms, day_end);
     };
