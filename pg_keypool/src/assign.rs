@@ -249,12 +249,7 @@ fn stored_members(cfg: &Config, pool: &Pool, hashes: &[u64]) -> HashMap<u64, Sto
     };
     as_owner(cfg, |client| {
         let t = errors::spi(client.select(
-            &format!(
-                "SELECT m.user_hash, coalesce(m.key_id, 0), round(m.weight * {WEIGHT_SCALE})::bigint,
-                        coalesce(m.last_active - DATE '1970-01-01', {NEVER}),
-                        coalesce(m.used_on - DATE '1970-01-01', {NEVER}), coalesce(m.used, 0), coalesce(m.share, 0)
-                   {from}"
-            ),
+            &format!("SELECT m.user_hash, {} {from}", *member_cache::STORED_COLUMNS),
             None,
             &[pool.id.into(), sql_hashes.into()],
         ));
@@ -397,6 +392,17 @@ struct Change {
     key_only: bool,
 }
 
+impl Change {
+    /// Writes what the change made of the member into their cached entry.
+    fn write_to(&self, m: &mut Member) {
+        m.key_id = self.after_key;
+        if !self.key_only {
+            m.class = self.after_class as u8;
+            m.flags |= FLAG_MEMBER;
+        }
+    }
+}
+
 /// The member's state before a change: from the cache if it holds them, else from the table
 /// (`stored`), else a new member.
 #[derive(Clone, Copy)]
@@ -451,12 +457,8 @@ fn apply(sh: &Shared, shares: &mut PoolShares, pool_slot: u32, c: &Change) {
     let stripe = sh.members.stripe(c.hash);
     if let Some(i) = stripe.find(sh, c.hash, pool_slot) {
         let m = stripe.at(i);
-        m.key_id = c.after_key;
+        c.write_to(m);
         m.flags |= FLAG_PINNED;
-        if !c.key_only {
-            m.class = c.after_class as u8;
-            m.flags |= FLAG_MEMBER;
-        }
     }
 }
 
@@ -569,11 +571,7 @@ fn track(sh: &'static Shared, pool_slot: u32, gen: u32, changes: Vec<Change>) ->
                     let m = stripe.at(i);
                     m.flags &= !FLAG_PINNED;
                     if committed {
-                        m.key_id = c.after_key;
-                        if !c.key_only {
-                            m.class = c.after_class as u8;
-                            m.flags |= FLAG_MEMBER;
-                        }
+                        c.write_to(m);
                     }
                 }
             }
@@ -584,9 +582,7 @@ fn track(sh: &'static Shared, pool_slot: u32, gen: u32, changes: Vec<Change>) ->
 }
 
 /// Gives `hash` a key of `pool` unless it has a valid one; returns its key and the change made.
-/// `stored` is the member's row of the table when the caller read it (not needed when the
-/// cache holds the user).
-#[allow(clippy::too_many_arguments)]
+/// `stored` is the member's row of the table as the caller read it.
 fn assign_locked(
     sh: &'static Shared,
     cfg: &Config,
@@ -594,7 +590,6 @@ fn assign_locked(
     shares: &mut PoolShares,
     hash: u64,
     stored: Option<&Stored>,
-    exclude: Option<i64>,
 ) -> Result<(i64, Option<Change>), Stale> {
     let cached = {
         let stripe = sh.members.stripe(hash);
@@ -605,7 +600,7 @@ fn assign_locked(
     // whichever of the two loses at the INSERT takes its change back.
     let cached = cached.filter(|m| !m.is_member() || stored.is_some());
     let before = before_of(shares, pool, cached.as_ref(), stored);
-    let current = (before.member && before.key_id != 0 && Some(before.key_id) != exclude)
+    let current = (before.member && before.key_id != 0)
         .then(|| key_slot_in(cfg, pool, before.key_id))
         .flatten();
     if current.is_some() {
@@ -699,15 +694,12 @@ fn stored_by_user(cfg: &Config, pool: &Pool, users: &[String], hashes: &[u64]) -
     let hash_of: HashMap<&str, u64> = users.iter().map(|u| u.as_str()).zip(hashes.iter().copied()).collect();
     as_owner(cfg, |client| {
         let t = errors::spi(client.select(
+            // A join with the ids (one index probe each), not `= ANY`: during a backfill the table
+            // grows within the transaction and a scan of it per batch would be quadratic.
             &format!(
-                // A join with the ids (one index probe each), not `= ANY`: during a backfill the
-                // table grows within the transaction and a scan of it per batch would be
-                // quadratic.
-                "SELECT m.user_id, coalesce(m.key_id, 0), round(m.weight * {WEIGHT_SCALE})::bigint,
-                        coalesce(m.last_active - DATE '1970-01-01', {NEVER}),
-                        coalesce(m.used_on - DATE '1970-01-01', {NEVER}), coalesce(m.used, 0), coalesce(m.share, 0)
-                   FROM unnest($2::text[]) AS u(id)
-                   JOIN keypool.member m ON m.pool_id = $1 AND m.user_id = u.id"
+                "SELECT m.user_id, {} FROM unnest($2::text[]) AS u(id)
+                   JOIN keypool.member m ON m.pool_id = $1 AND m.user_id = u.id",
+                *member_cache::STORED_COLUMNS
             ),
             None,
             &[pool.id.into(), users.to_vec().into()],
@@ -722,24 +714,11 @@ fn stored_by_user(cfg: &Config, pool: &Pool, users: &[String], hashes: &[u64]) -
     })
 }
 
-/// A `Stored` from columns `first..first + 6` of a row (key, weight, last active, used on, used,
-/// share).
+/// A `Stored` from `member_cache::STORED_COLUMNS` at columns `first..first + 6` of a row.
 fn stored_of(r: &pgrx::spi::SpiHeapTupleData<'_>, first: usize) -> Stored {
     let get = |i: usize| r.get::<i64>(first + i).ok().flatten().unwrap_or(0);
     let day = |i: usize| r.get::<i32>(first + i).ok().flatten().unwrap_or(NEVER);
-    Stored {
-        key_id: get(0),
-        weight_milli: get(1).max(1),
-        last_active: day(2),
-        used_on: day(3),
-        used: get(4).max(0) as u64,
-        share: get(5).max(0) as u64,
-    }
-}
-
-/// The user's row of the pool's members, if any.
-fn stored_member(cfg: &Config, pool: &Pool, user: &str) -> Option<Stored> {
-    member_cache::lookup(cfg, pool, user)
+    Stored::from_columns(get(0), get(1), day(2), day(3), get(4), get(5))
 }
 
 /// Assigns one user (idempotent) and returns the key.
@@ -752,14 +731,14 @@ pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
     let sh = shmem::shared();
     let cfg = config::current();
     let pool = pool_or_error(&cfg, pool_name);
-    let stored = stored_member(&cfg, pool, user);
+    let stored = member_cache::lookup(&cfg, pool, user);
     if let Some(s) = stored.filter(|s| s.key_id != 0 && key_slot_in(&cfg, pool, s.key_id).is_some()) {
         return (cfg, s.key_id);
     }
     let hash_of = |cfg: &Config, pool: &Pool| members::user_hash(cfg.owner.instance, pool.id, user);
     let (cfg, (key_id, gen, change)) = with_pool(pool_name, |cfg, pool, shares| {
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
-        let (key, change) = assign_locked(sh, cfg, pool, shares, hash_of(cfg, pool), stored.as_ref(), None)?;
+        let (key, change) = assign_locked(sh, cfg, pool, shares, hash_of(cfg, pool), stored.as_ref())?;
         Ok((key, gen, change))
     });
     let pool = pool_or_error(&cfg, pool_name);
@@ -796,7 +775,7 @@ pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
     // Another transaction assigned the user meanwhile (and committed): its choice stands,
     // unless its key is gone too.
     tracked.revert_now(&HashSet::from([hash]));
-    match stored_member(&cfg, pool, user) {
+    match member_cache::lookup(&cfg, pool, user) {
         Some(s) if s.key_id != 0 && key_slot_in(&cfg, pool, s.key_id).is_some() => {
             set_cached_key(sh, pool_name, hash, &s);
             (cfg, s.key_id)
@@ -1129,7 +1108,7 @@ fn assign_batch(sh: &'static Shared, pool_name: &str, pool_id: i64, users: &[Str
         let mut keys = Vec::with_capacity(new.len());
         let mut changes = Vec::new();
         for &(_, h) in &new {
-            let (key, change) = assign_locked(sh, cfg, pool, shares, h, stored.get(&h), None)?;
+            let (key, change) = assign_locked(sh, cfg, pool, shares, h, stored.get(&h))?;
             keys.push(key);
             changes.extend(change);
         }
@@ -1426,7 +1405,7 @@ fn keypool_set_user_weight(user_id: Option<&str>, pool: Option<&str>, weight: Op
     let (cfg, _) = assign(user, pool_name);
     let pool = pool_or_error(&cfg, pool_name);
     let hash = members::user_hash(cfg.owner.instance, pool.id, user);
-    let stored = stored_member(&cfg, pool, user);
+    let stored = member_cache::lookup(&cfg, pool, user);
     let (cfg, (gen, change)) = with_pool(pool_name, |_, pool, shares| {
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
         let cached = {

@@ -660,7 +660,7 @@ impl Row {
 /// connection, and maps each row.
 pub fn fresh_rows<T>(sql: &CStr, f: impl FnMut(&Row) -> T) -> Vec<T> {
     unsafe {
-        let plan = prepare(sql, &mut []);
+        let plan = prepare(sql, &mut [], 0);
         let out = run_fresh(plan, sql, &mut [], f);
         pg_sys::SPI_freeplan(plan);
         out
@@ -686,7 +686,7 @@ pub fn fresh_rows_kept<T>(
 ) -> Vec<T> {
     unsafe {
         if kept.0.get().is_null() {
-            let plan = prepare(sql, types);
+            let plan = prepare(sql, types, 0);
             pg_sys::SPI_keepplan(plan);
             kept.0.set(plan);
         }
@@ -698,28 +698,16 @@ pub fn fresh_rows_kept<T>(
 /// pool's members when it is loaded).
 pub fn fresh_rows_parallel<T>(sql: &CStr, f: impl FnMut(&Row) -> T) -> Vec<T> {
     unsafe {
-        let plan = pg_sys::SPI_prepare_cursor(
-            sql.as_ptr(),
-            0,
-            std::ptr::null_mut(),
-            pg_sys::CURSOR_OPT_PARALLEL_OK as i32,
-        );
-        if plan.is_null() {
-            errors::error(
-                Code::ERRCODE_INTERNAL_ERROR,
-                format!("pg_keypool: cannot prepare {sql:?}"),
-            )
-            .raise();
-        }
+        let plan = prepare(sql, &mut [], pg_sys::CURSOR_OPT_PARALLEL_OK as i32);
         let out = run_fresh(plan, sql, &mut [], f);
         pg_sys::SPI_freeplan(plan);
         out
     }
 }
 
-unsafe fn prepare(sql: &CStr, types: &mut [pg_sys::Oid]) -> pg_sys::SPIPlanPtr {
+unsafe fn prepare(sql: &CStr, types: &mut [pg_sys::Oid], cursor_options: i32) -> pg_sys::SPIPlanPtr {
     unsafe {
-        let plan = pg_sys::SPI_prepare(sql.as_ptr(), types.len() as i32, types.as_mut_ptr());
+        let plan = pg_sys::SPI_prepare_cursor(sql.as_ptr(), types.len() as i32, types.as_mut_ptr(), cursor_options);
         if plan.is_null() {
             errors::error(
                 Code::ERRCODE_INTERNAL_ERROR,

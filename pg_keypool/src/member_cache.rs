@@ -13,13 +13,13 @@ use pgrx::prelude::*;
 use pgrx::{pg_sys, IntoDatum};
 
 use crate::config::{self, Config, Pool};
-use crate::members::{self, Member, FLAG_MEMBER};
+use crate::members::{Member, Stripe, FLAG_MEMBER};
 use crate::privilege;
 use crate::shares::{PoolShares, NEVER, WEIGHT_SCALE};
 use crate::shmem::Shared;
 
-/// Lookups done again at most this often when membership keeps changing under them.
-const RETRIES: usize = 4;
+/// Reads done again at most this often when membership keeps changing under them.
+pub const RETRIES: usize = 4;
 
 /// A member as `keypool.member` records them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,37 @@ pub struct Stored {
     pub share: u64,
 }
 
+impl Stored {
+    /// From the columns of [`STORED_COLUMNS`], in order.
+    pub fn from_columns(
+        key_id: i64,
+        weight_milli: i64,
+        last_active: i32,
+        used_on: i32,
+        used: i64,
+        share: i64,
+    ) -> Stored {
+        Stored {
+            key_id,
+            weight_milli: weight_milli.max(1),
+            last_active,
+            used_on,
+            used: used.max(0) as u64,
+            share: share.max(0) as u64,
+        }
+    }
+}
+
+/// The columns of `keypool.member m` a [`Stored`] is made of (never NULL): key (0: none),
+/// weight in thousandths, last active day, day of `used`, used, share.
+pub static STORED_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "coalesce(m.key_id, 0), round(m.weight * {WEIGHT_SCALE})::bigint,
+         coalesce(m.last_active - DATE '1970-01-01', {NEVER}),
+         coalesce(m.used_on - DATE '1970-01-01', {NEVER}), coalesce(m.used, 0), coalesce(m.share, 0)"
+    )
+});
+
 thread_local! {
     static LOOKUP: config::KeptPlan = const { config::KeptPlan::new() };
 }
@@ -44,10 +75,8 @@ thread_local! {
 pub fn lookup(cfg: &Config, pool: &Pool, user: &str) -> Option<Stored> {
     static SQL: LazyLock<CString> = LazyLock::new(|| {
         CString::new(format!(
-            "SELECT coalesce(key_id, 0), round(weight * {WEIGHT_SCALE})::bigint,
-                    coalesce(last_active - DATE '1970-01-01', {NEVER}),
-                    coalesce(used_on - DATE '1970-01-01', {NEVER}), coalesce(used, 0), coalesce(share, 0)
-               FROM keypool.member WHERE pool_id = $1 AND user_id = $2"
+            "SELECT {} FROM keypool.member m WHERE m.pool_id = $1 AND m.user_id = $2",
+            *STORED_COLUMNS
         ))
         .expect("no NUL in the query")
     });
@@ -60,14 +89,7 @@ pub fn lookup(cfg: &Config, pool: &Pool, user: &str) -> Option<Stored> {
                     &SQL,
                     &mut [pg_sys::INT8OID, pg_sys::TEXTOID],
                     &mut [pg_sys::Datum::from(pool.id), user],
-                    |r| Stored {
-                        key_id: r.get::<i64>(0),
-                        weight_milli: r.get::<i64>(1).max(1),
-                        last_active: r.get::<i32>(2),
-                        used_on: r.get::<i32>(3),
-                        used: r.get::<i64>(4).max(0) as u64,
-                        share: r.get::<i64>(5).max(0) as u64,
-                    },
+                    |r| Stored::from_columns(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)),
                 )
             })
         })
@@ -121,48 +143,46 @@ pub fn peek(
     })
 }
 
-/// What a miss found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Loaded {
-    /// The user has an entry now (a member read from the table, or cached meanwhile).
-    Cached,
-    /// Not a member of the pool: a guest, cached by the caller if there is room.
-    Guest,
-    /// A member, but every entry of their window holds use not flushed yet (a flush is asked
-    /// for at once): their row as the table has it.
-    NoRoom(Stored),
+/// A user's row as read after a miss, and the stripe's epoch before the read.
+pub struct Read {
+    epoch: u64,
+    /// `None`: not a member (a guest).
+    pub stored: Option<Stored>,
 }
 
-/// After a miss: reads the user from the table and caches them if they are a member (the
-/// caller then finds the entry).
-pub fn load(sh: &Shared, cfg: &Config, pool: &Pool, (user, hash): (&str, u64), now_ms: i64) -> Loaded {
-    let today = pool.day(now_ms).0;
-    let stats = sh.members.stats_of(hash);
-    for attempt in 0..RETRIES {
-        let epoch = stats.epoch.load(Ordering::Acquire);
-        let stored = lookup(cfg, pool, user);
-        let mut shares = sh.pool(pool.slot).lock();
-        shares.roll(today);
-        let stripe = sh.members.stripe(hash);
-        if stripe.find(sh, hash, pool.slot).is_some() {
-            // Someone else cached the user meanwhile.
-            return Loaded::Cached;
+impl Read {
+    /// Reads the user from the table (never under a lock).
+    pub fn new(sh: &Shared, cfg: &Config, pool: &Pool, (user, hash): (&str, u64)) -> Read {
+        let epoch = sh.members.stats_of(hash).epoch.load(Ordering::Acquire);
+        Read {
+            epoch,
+            stored: lookup(cfg, pool, user),
         }
-        if stats.epoch.load(Ordering::Acquire) != epoch && attempt + 1 < RETRIES {
-            continue;
-        }
-        let Some(s) = stored else {
-            return Loaded::Guest;
-        };
-        let Some(i) = stripe.insert_member(sh, hash, pool.slot, today, members::minute(crate::clock::real_now_ms()))
-        else {
-            stats.uncached.fetch_add(1, Ordering::Relaxed);
-            sh.header.flush_wanted.store(1, Ordering::Release);
-            return Loaded::NoRoom(s);
-        };
-        fill(&mut shares, stripe.at(i), &s, today);
-        stats.loads.fetch_add(1, Ordering::Relaxed);
-        return Loaded::Cached;
     }
-    Loaded::Guest
+
+    /// Whether a change of the user's membership ended while the read ran (read again).
+    pub fn raced(&self, sh: &Shared, hash: u64) -> bool {
+        sh.members.stats_of(hash).epoch.load(Ordering::Acquire) != self.epoch
+    }
+}
+
+/// Caches a member read from the table, with the pool and the user's stripe locked; `None`
+/// when every entry of their window holds use not flushed yet (counted; a flush is asked for).
+pub fn cache(
+    sh: &Shared,
+    shares: &mut PoolShares,
+    stripe: &Stripe<'_>,
+    (pool_slot, hash): (u32, u64),
+    s: &Stored,
+    today: i32,
+    now_min: u16,
+) -> Option<usize> {
+    let Some(i) = stripe.insert_member(sh, hash, pool_slot, today, now_min) else {
+        stripe.stats.uncached.fetch_add(1, Ordering::Relaxed);
+        sh.header.flush_wanted.store(1, Ordering::Release);
+        return None;
+    };
+    fill(shares, stripe.at(i), s, today);
+    stripe.stats.loads.fetch_add(1, Ordering::Relaxed);
+    Some(i)
 }

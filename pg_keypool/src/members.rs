@@ -80,6 +80,14 @@ impl Member {
         self.flags & FLAG_MEMBER != 0
     }
 
+    /// Whether the entry may be given to another user: not pinned by a transaction in flight,
+    /// and holding nothing the tables do not (a guest's use of the day is not kept in a table:
+    /// it moves to its pool's shared allowance, [`Stripe::evict`]).
+    fn evictable(&self) -> bool {
+        let kept = if self.is_member() { DIRTY } else { FLAG_SPEND_DIRTY };
+        self.flags & (kept | FLAG_PINNED) == 0
+    }
+
     /// Drops the entry if it holds nothing the tables do not (the user's next reservation reads
     /// them again); false when it holds use not flushed yet.
     pub fn forget(&mut self) -> bool {
@@ -303,10 +311,7 @@ impl<'a> Stripe<'a> {
         if let Some(i) = self.find(sh, hash, pool_slot) {
             return Some(i);
         }
-        let room = self.guest_room(sh, hash, today);
-        if room.len() <= (self.window() / 4).max(1) {
-            return None;
-        }
+        let room = self.guest_room(sh, hash, today)?;
         let i = self
             .free_cell(sh, hash, today)
             .unwrap_or_else(|| self.oldest(&room, now_min));
@@ -317,20 +322,22 @@ impl<'a> Stripe<'a> {
         Some(i)
     }
 
-    /// Entries of the window of `hash` a guest may take: free, stale, or held by clean members
-    /// not active since yesterday.
-    fn guest_room(&self, sh: &Shared, hash: u64, today: i32) -> Vec<usize> {
-        self.positions(hash)
+    /// Entries of the window of `hash` a guest may take (free, stale, or held by clean members
+    /// not active since yesterday), if more than a quarter of the window is such room.
+    fn guest_room(&self, sh: &Shared, hash: u64, today: i32) -> Option<Vec<usize>> {
+        let room: Vec<usize> = self
+            .positions(hash)
             .filter(|&i| {
                 let m = self.at(i);
                 m.hash == 0 || is_stale(sh, m, today) || idle_member(m, today)
             })
-            .collect()
+            .collect();
+        (room.len() > (self.window() / 4).max(1)).then_some(room)
     }
 
     /// Whether a guest not cached yet would get an entry of its own.
     pub fn has_guest_room(&self, sh: &Shared, hash: u64, today: i32) -> bool {
-        self.guest_room(sh, hash, today).len() > (self.window() / 4).max(1)
+        self.guest_room(sh, hash, today).is_some()
     }
 
     /// Entries holding members and live guests.
@@ -371,18 +378,7 @@ impl<'a> Stripe<'a> {
     /// entry holds nothing the tables do not; what a guest used today moves to its pool's
     /// shared guest allowance, so that it still counts.
     fn evict(&self, sh: &Shared, hash: u64, now_min: u16) -> Option<usize> {
-        let candidates: Vec<usize> = self
-            .positions(hash)
-            .filter(|&i| {
-                let m = self.at(i);
-                m.flags & FLAG_PINNED == 0
-                    && if m.is_member() {
-                        m.flags & DIRTY == 0
-                    } else {
-                        m.flags & FLAG_SPEND_DIRTY == 0
-                    }
-            })
-            .collect();
+        let candidates: Vec<usize> = self.positions(hash).filter(|&i| self.at(i).evictable()).collect();
         if candidates.is_empty() {
             return None;
         }
@@ -420,10 +416,7 @@ impl<'a> Stripe<'a> {
 
 /// A clean member entry not used today or yesterday: room a guest may take.
 fn idle_member(m: &Member, today: i32) -> bool {
-    m.is_member()
-        && m.flags & (DIRTY | FLAG_PINNED) == 0
-        && m.day < today.saturating_sub(1)
-        && m.last_active < today.saturating_sub(1)
+    m.is_member() && m.evictable() && m.day < today.saturating_sub(1) && m.last_active < today.saturating_sub(1)
 }
 
 /// An entry that holds nothing worth keeping.

@@ -21,7 +21,7 @@ use crate::budgets;
 use crate::clock;
 use crate::config::{self, Config, Pool};
 use crate::errors;
-use crate::member_cache::{self, Loaded};
+use crate::member_cache;
 use crate::members::{self, Member, FLAG_USE_DIRTY};
 use crate::shares::{warning_level, Policy, PoolShares, NEVER, WEIGHT_SCALE};
 use crate::shmem;
@@ -127,36 +127,50 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
             None => false,
         }
     };
-    // A miss: the user's first reservation since they were cached (members are read from the
-    // table; guests are cached below while there is room).
-    let loaded = if cached {
-        Loaded::Cached
-    } else {
-        member_cache::load(sh, cfg, pool, (user, hash), now_ms)
+    // Slow path: fix today's share, or borrow. A user the cache does not hold is read from the
+    // table under no lock (their first reservation since they were cached); read again when an
+    // entry found above was evicted meanwhile, or a change of their membership raced the read.
+    let mut read = (!cached).then(|| member_cache::Read::new(sh, cfg, pool, (user, hash)));
+    let mut attempts = 0;
+    let (mut shares, stripe, entry) = loop {
+        let mut shares = sh.pool(pool.slot).lock();
+        shares.roll(today);
+        let stripe = sh.members.stripe(hash);
+        let entry = match (stripe.find(sh, hash, pool.slot), &read) {
+            (Some(i), _) => Some(i),
+            (None, Some(r)) if attempts >= member_cache::RETRIES || !r.raced(sh, hash) => {
+                match (r.stored, policy.capacity) {
+                    (Some(s), _) => {
+                        let cached =
+                            member_cache::cache(sh, &mut shares, &stripe, (pool.slot, hash), &s, today, now_min);
+                        if cached.is_none() {
+                            drop(stripe);
+                            return uncached_member(sh, pool, &mut shares, &s, today, now_ms, day_end);
+                        }
+                        cached
+                    }
+                    // A guest of a pool without shares: nothing to track.
+                    (None, None) => None,
+                    (None, Some(_)) => stripe.find_or_insert_guest(sh, hash, pool.slot, today, now_min),
+                }
+            }
+            _ => {
+                drop(stripe);
+                drop(shares);
+                attempts += 1;
+                read = Some(member_cache::Read::new(sh, cfg, pool, (user, hash)));
+                continue;
+            }
+        };
+        break (shares, stripe, entry);
     };
     if policy.capacity.is_none() {
-        let stripe = sh.members.stripe(hash);
-        let preferred = stripe
-            .find(sh, hash, pool.slot)
-            .map_or(0, |i| assigned_key(stripe.at(i)));
         return Take::Granted {
             ticket: None,
-            preferred,
+            preferred: entry.map_or(0, |i| assigned_key(stripe.at(i))),
             allocation: Allocation::default(),
         };
     }
-
-    // Slow path: fix today's share, or borrow.
-    let mut shares = sh.pool(pool.slot).lock();
-    shares.roll(today);
-    let stripe = sh.members.stripe(hash);
-    let entry = match loaded {
-        Loaded::NoRoom(stored) => {
-            drop(stripe);
-            return uncached_member(sh, pool, &mut shares, &stored, today, now_ms, day_end);
-        }
-        _ => stripe.find_or_insert_guest(sh, hash, pool.slot, today, now_min),
-    };
     let Some(i) = entry else {
         // A guest the member cache has no room for: the pool's guests share one allowance.
         drop(stripe);
@@ -226,6 +240,13 @@ fn uncached_member(
     day_end: i64,
 ) -> Take {
     let policy = pool.policy;
+    if policy.capacity.is_none() {
+        return Take::Granted {
+            ticket: None,
+            preferred: stored.key_id,
+            allocation: Allocation::default(),
+        };
+    }
     let (share, used) = if stored.used_on == today {
         (stored.share, stored.used)
     } else {
