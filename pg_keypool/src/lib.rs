@@ -5,59 +5,27 @@
 //! lives in shared memory (the library must be in `shared_preload_libraries`); configuration and
 //! history live in tables of the `keypool` schema.
 //!
-//! Modules, by concept:
-//! - `window`, `calendar`: rolling-minute and calendar-day windows (pure)
-//! - `outcome`, `breaker`: what a provider's answer means; a key's circuit breaker
-//! - `shmem`, `registry`, `reservation`: the shared-memory region, slot binding, open reservations
-//! - `config`: each backend's cache of the configuration tables
-//! - `reserve`, `settle`, `admin`, `views`: the SQL functions
-//! - `history`, `persist`, `launcher`: hourly usage history, the state file, background work
-//! - `fallbacks`: fallback chains across pools; `budgets`: spend budgets
-//! - `failover`: the replicated record of scopes' use, and the catch-up after a promotion
+//! Layers, each importing only from the layers listed before it:
+//! - `policy`: pure rules and arithmetic, no PostgreSQL (windows, shares, the key tree,
+//!   calendars, outcome classes, money, sealing)
+//! - `state`: shared memory (slots, member cache, open reservations, the clock) and the state
+//!   file that keeps it across restarts
+//! - `catalog`: the tables as each backend caches them (configuration, grants, secrets), and the
+//!   failover record
+//! - `engine`: what the SQL functions share (access checks, quotas, budgets, membership)
+//! - `api`: the SQL functions, one module per group
+//! - `background`: the launcher, the flusher and the server's start and stop hooks
 
 use pgrx::prelude::*;
 
-mod access;
-mod admin;
-mod args;
-mod assign;
-mod breaker;
-mod budgets;
-pub mod calendar;
-mod clock;
-mod composite;
-mod config;
+mod api;
+mod background;
+mod catalog;
+mod engine;
 mod errors;
-mod failover;
-mod fallbacks;
-mod history;
-pub mod keyring;
-mod launcher;
-mod member_cache;
-mod members;
-mod operations;
-pub mod outcome;
-mod persist;
-mod privilege;
-mod provider;
-mod queue;
-mod quota;
-mod refusal;
-mod registry;
-mod reservation;
-mod reserve;
-mod reset;
-pub mod seal;
+pub mod policy;
 mod settings;
-mod settle;
-pub mod shares;
-mod shmem;
-mod tokens;
-pub mod tree;
-mod txn;
-mod vault;
-mod views;
-pub mod window;
+mod state;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -73,8 +41,8 @@ pub extern "C-unwind" fn _PG_init() {
     if !preloading {
         return;
     }
-    shmem::install_hooks();
-    launcher::register();
+    state::shmem::install_hooks();
+    background::launcher::register();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

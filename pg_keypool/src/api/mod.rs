@@ -1,0 +1,12 @@
+//! The SQL surface: one module per group of functions.
+
+pub mod admin;
+pub mod composite;
+pub mod fallbacks;
+pub mod operations;
+pub mod queue;
+pub mod reserve;
+pub mod reset;
+pub mod settle;
+pub mod tokens;
+pub mod views;

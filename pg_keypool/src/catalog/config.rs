@@ -1,0 +1,763 @@
+//! Each backend's cache of the configuration tables (pools, keys, scopes), so that the hot path
+//! never queries a table.
+//!
+//! Any change to those tables fires a trigger that marks this backend's cache stale at once and
+//! bumps the shared generation when the transaction ends (commit or abort); every backend
+//! compares that generation on each call and reloads when it moved. A reload reads the tables
+//! with the latest snapshot, whatever the caller's isolation level, as the extension's owner,
+//! binds shared-memory slots to the rows (registry.rs) and writes each scope's limits into its
+//! slot.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::ffi::CStr;
+use std::rc::Rc;
+
+use chrono_tz::Tz;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, register_xact_callback, FromDatum, PgXactCallbackEvent};
+use zeroize::Zeroizing;
+
+use crate::catalog::privilege;
+use crate::catalog::vault;
+use crate::engine::access::Grants;
+use crate::errors::{self, Code};
+use crate::policy::calendar;
+use crate::policy::shares::Policy;
+use crate::policy::window::Limits;
+use crate::state::clock;
+use crate::state::registry::{self, Wanted};
+use crate::state::shmem::{self, Owner, Shared};
+
+pub struct Pool {
+    pub id: i64,
+    pub name: String,
+    pub slot: u32,
+    /// Indexes into `Config::keys`, by key id.
+    pub keys: Vec<usize>,
+    /// The same keys by priority, best first (each tier in key id order).
+    pub tiers: Vec<Tier>,
+    /// How the pool's daily capacity is shared among its users.
+    pub policy: Policy,
+    /// Tokens per day over the usable scopes, when every one of them has that limit.
+    pub token_capacity: Option<u64>,
+    /// The time zone of its users' daily reset.
+    pub tz: Tz,
+    /// Identifies the set of keys that take new users (assign.rs rebuilds its tree when it
+    /// changes).
+    pub assign_fingerprint: u64,
+    /// Users' own keys (`owner`), by owner, in tiers; `keys` and `tiers` hold the shared keys
+    /// only, so that owned keys add nothing to the pool's capacity, shares or assignment.
+    pub owned: HashMap<String, Vec<Tier>>,
+    /// Whether an owner whose own keys are all at their limits falls back to the shared keys.
+    pub owner_fallback: bool,
+    /// The fallback chain: indexes into `Config::pools`, in order (fallbacks.rs).
+    pub fallbacks: Vec<usize>,
+    /// Whether a user past their share here goes on down the chain.
+    pub fallback_on_quota: bool,
+    /// The spend budget, if any (budgets.rs).
+    pub budget: Option<Budget>,
+}
+
+/// A pool's spend budget, in millionths of the currency of `keypool_prices`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// For the whole pool per period.
+    pub limit: Option<u64>,
+    /// For each user per period.
+    pub per_user: Option<u64>,
+    pub period: Period,
+    /// What a reservation without a token estimate holds.
+    pub default_cost: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Month,
+}
+
+/// A model's price in millionths of the currency: per million input and output tokens (so,
+/// per token, in millionths of a millionth), and per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Price {
+    pub input_per_million: u64,
+    pub output_per_million: u64,
+    pub per_request: u64,
+}
+
+/// The keys of one priority in a pool.
+pub struct Tier {
+    pub priority: i32,
+    pub keys: Vec<usize>,
+}
+
+impl Pool {
+    /// Today for the pool's users: day number, start and end.
+    pub fn day(&self, now_ms: i64) -> (i32, i64, i64) {
+        calendar::day_of(self.tz, now_ms)
+    }
+}
+
+pub struct Key {
+    pub id: i64,
+    pub pool_id: i64,
+    pub scope: usize,
+    pub slot: u32,
+    pub provider: String,
+    pub model: Option<String>,
+    pub base_url: String,
+    /// The plaintext secret, opened from its sealed form when the cache was loaded; wiped from
+    /// memory when the cache is dropped.
+    pub secret: Zeroizing<String>,
+    pub label: String,
+    pub group_no: i32,
+    /// Lower is preferred (see `Pool::tiers`).
+    pub priority: i32,
+    /// The price of its provider's model (`keypool_prices`), if one is set.
+    pub price: Option<Price>,
+    pub disabled: bool,
+}
+
+pub struct Scope {
+    pub id: i64,
+    pub slot: u32,
+    pub tz: Tz,
+    pub disabled: bool,
+}
+
+pub struct Config {
+    pub generation: u64,
+    pub owner: Owner,
+    pub extension_owner: pg_sys::Oid,
+    /// Who may use, read and administer which pool (access.rs).
+    pub grants: Rc<Grants>,
+    /// The pools each scope serves (through keys that are not removed).
+    pub scope_pools: HashMap<i64, Vec<i64>>,
+    pub pools: Vec<Pool>,
+    pub pools_by_name: HashMap<String, usize>,
+    pub keys: Vec<Key>,
+    pub keys_by_id: HashMap<i64, usize>,
+    pub scopes: Vec<Scope>,
+    pub scopes_by_id: HashMap<i64, usize>,
+}
+
+impl Config {
+    pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {
+        self.pools_by_name.get(name).map(|&i| &self.pools[i])
+    }
+
+    pub fn key_by_id(&self, id: i64) -> Option<&Key> {
+        self.keys_by_id.get(&id).map(|&i| &self.keys[i])
+    }
+
+    pub fn scope_by_id(&self, id: i64) -> Option<&Scope> {
+        self.scopes_by_id.get(&id).map(|&i| &self.scopes[i])
+    }
+
+    pub fn scope_of(&self, key: &Key) -> &Scope {
+        &self.scopes[key.scope]
+    }
+
+    /// Neither the key nor its account is disabled.
+    pub fn usable(&self, key: &Key) -> bool {
+        !key.disabled && !self.scope_of(key).disabled
+    }
+
+    /// The keys that take new users: the usable keys of the pool's best priority among its
+    /// usable keys, in id order. Users go to worse tiers only at reservation time, while the
+    /// best tier is at its limits.
+    pub fn assignable<'c>(&'c self, pool: &'c Pool) -> impl Iterator<Item = &'c Key> + 'c {
+        let usable = move |&&k: &&usize| self.usable(&self.keys[k]);
+        let best = pool.tiers.iter().find(|t| t.keys.iter().any(|k| usable(&k)));
+        best.into_iter()
+            .flat_map(|t| t.keys.iter())
+            .filter(usable)
+            .map(|&k| &self.keys[k])
+    }
+}
+
+thread_local! {
+    static CACHE: RefCell<Option<Rc<Config>>> = const { RefCell::new(None) };
+    static STALE: Cell<bool> = const { Cell::new(false) };
+    static XACT_HOOKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The current configuration, reloaded if anything changed since it was cached.
+pub fn current() -> Rc<Config> {
+    let sh = shmem::shared();
+    let generation = sh.config_generation();
+    if !STALE.get() {
+        if let Some(cfg) = CACHE.with_borrow(|c| c.clone()) {
+            if cfg.generation == generation {
+                return cfg;
+            }
+        }
+    }
+    reload(sh, generation)
+}
+
+/// Reloads now, for example after a slot was found re-bound.
+pub fn reload_now() -> Rc<Config> {
+    let sh = shmem::shared();
+    reload(sh, sh.config_generation())
+}
+
+fn reload(sh: &Shared, generation: u64) -> Rc<Config> {
+    STALE.set(false);
+    let cfg = Rc::new(load(sh, generation));
+    CACHE.with_borrow_mut(|c| *c = Some(cfg.clone()));
+    cfg
+}
+
+/// Called by the trigger on the configuration tables.
+pub fn note_change() {
+    STALE.set(true);
+    if !XACT_HOOKED.replace(true) {
+        // Whichever way the transaction ends, other backends must reload: after a commit to see
+        // the change, after an abort because this backend may have written uncommitted limits
+        // into shared memory.
+        register_xact_callback(PgXactCallbackEvent::Commit, end_of_change);
+        register_xact_callback(PgXactCallbackEvent::Abort, end_of_change);
+    }
+}
+
+fn end_of_change() {
+    XACT_HOOKED.set(false);
+    STALE.set(true);
+    if let Some(sh) = shmem::try_shared() {
+        sh.bump_config_generation();
+    }
+}
+
+/// The version of the library; the SQL objects must be of the same version.
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The extension's owner, as recorded in pg_extension. Refuses when the extension is not
+/// installed here, or its SQL objects are of another version than the library (an upgrade whose
+/// `ALTER EXTENSION pg_keypool UPDATE` has not run yet).
+pub fn extension_owner() -> pg_sys::Oid {
+    // Read as the caller, but never through a caller's look-alike of `=`.
+    let _path = privilege::pin_search_path();
+    let row = Spi::get_two::<pg_sys::Oid, String>(
+        "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'",
+    );
+    match row {
+        Ok((Some(oid), Some(version))) if version == LIBRARY_VERSION => oid,
+        Ok((Some(_), Some(version))) => errors::error(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pg_keypool's SQL objects in this database are version {version}, its library is {LIBRARY_VERSION}"
+            ),
+        )
+        .detail("The library was upgraded; the database's objects were not.")
+        .hint("ALTER EXTENSION pg_keypool UPDATE;")
+        .raise(),
+        _ => errors::error(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "extension pg_keypool is not installed in this database",
+        )
+        .hint("CREATE EXTENSION pg_keypool;")
+        .raise(),
+    }
+}
+
+fn load(sh: &Shared, generation: u64) -> Config {
+    let extension_owner = extension_owner();
+    let now = clock::now_ms();
+    privilege::as_owner(extension_owner, || {
+        Spi::connect(|_| {
+            let instance: Vec<i64> = fresh_rows(c"SELECT id FROM keypool.instance", |r| r.get(0));
+            let Some(&instance) = instance.first() else {
+                errors::error(
+                    Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "pg_keypool's instance row is missing",
+                )
+                .hint("Re-create the extension.")
+                .raise()
+            };
+            let owner = Owner {
+                dboid: unsafe { pg_sys::MyDatabaseId.to_u32() },
+                instance,
+            };
+            let live_databases: HashSet<u32> = fresh_rows(c"SELECT oid FROM pg_catalog.pg_database", |r| {
+                r.get::<pg_sys::Oid>(0).to_u32()
+            })
+            .into_iter()
+            .collect();
+            #[allow(clippy::type_complexity)]
+            let pools: Vec<PoolRow> = fresh_rows(
+                c"SELECT id, name, min_share, active_days, borrowing, timezone, fallback_on_quota,
+                         budget_micros, budget_per_user_micros, budget_period, default_cost_micros, owner_fallback
+                    FROM keypool.pool ORDER BY id",
+                |r| PoolRow {
+                    id: r.get(0),
+                    name: r.get(1),
+                    min_share: r.get(2),
+                    active_days: r.get_opt(3),
+                    borrowing: r.get(4),
+                    timezone: r.get_opt(5),
+                    fallback_on_quota: r.get(6),
+                    budget: r.get_opt::<String>(9).map(|period| Budget {
+                        limit: r.get_opt::<i64>(7).map(|v| v.max(0) as u64),
+                        per_user: r.get_opt::<i64>(8).map(|v| v.max(0) as u64),
+                        period: if period == "month" { Period::Month } else { Period::Day },
+                        default_cost: r.get::<i64>(10).max(0) as u64,
+                    }),
+                    owner_fallback: r.get(11),
+                },
+            );
+            // Prices in millionths, rounded up (a price finer than that never undercounts).
+            let prices: HashMap<(String, String), Price> = fresh_rows(
+                c"SELECT provider, model, ceil(input_per_million * 1000000)::bigint,
+                         ceil(output_per_million * 1000000)::bigint, ceil(per_request * 1000000)::bigint
+                    FROM keypool.price",
+                |r| {
+                    (
+                        (r.get::<String>(0), r.get::<String>(1)),
+                        Price {
+                            input_per_million: r.get::<i64>(2).max(0) as u64,
+                            output_per_million: r.get::<i64>(3).max(0) as u64,
+                            per_request: r.get::<i64>(4).max(0) as u64,
+                        },
+                    )
+                },
+            )
+            .into_iter()
+            .collect();
+            let fallbacks: Vec<(i64, i64)> = fresh_rows(
+                c"SELECT pool_id, fallback_id FROM keypool.pool_fallback ORDER BY pool_id, position",
+                |r| (r.get(0), r.get(1)),
+            );
+            let scopes: Vec<(i64, Limits, String, bool)> = fresh_rows(
+                c"SELECT id, rpm::bigint, rpd::bigint, tpm, tpd, timezone, disabled_reason IS NOT NULL
+                    FROM keypool.scope ORDER BY id",
+                |r| {
+                    let limit = |i| r.get_opt::<i64>(i).map(|v| v.max(0) as u64).unwrap_or(0);
+                    (
+                        r.get(0),
+                        Limits {
+                            rpm: limit(1),
+                            rpd: limit(2),
+                            tpm: limit(3),
+                            tpd: limit(4),
+                        },
+                        r.get(5),
+                        r.get(6),
+                    )
+                },
+            );
+            let keys: Vec<KeyRow> = fresh_rows(
+                c"SELECT id, pool_id, scope_id, provider, model, base_url, secret_sealed, label, group_no,
+                         disabled_reason IS NOT NULL, priority, owner
+                    FROM keypool.key WHERE removed_at IS NULL ORDER BY id",
+                |r| KeyRow {
+                    id: r.get(0),
+                    pool_id: r.get(1),
+                    scope_id: r.get(2),
+                    provider: r.get(3),
+                    model: r.get_opt(4),
+                    base_url: r.get(5),
+                    sealed: r.get(6),
+                    label: r.get(7),
+                    group_no: r.get(8),
+                    disabled: r.get(9),
+                    priority: r.get(10),
+                    owner: r.get_opt(11),
+                },
+            );
+
+            let grant_rows = fresh_rows(
+                c"SELECT pool_id, grantee::oid, privilege FROM keypool.pool_grant",
+                |r| (r.get_opt::<i64>(0), r.get::<pg_sys::Oid>(1), r.get::<String>(2)),
+            );
+            let grants = Rc::new(Grants::from_rows(extension_owner, grant_rows));
+
+            let master_keys: vault::Recorded = fresh_rows(
+                c"SELECT key_no, fingerprint FROM keypool.master_key ORDER BY key_no",
+                |r| (r.get::<i32>(0) as u32, r.get::<Vec<u8>>(1)),
+            );
+
+            let scope_ids: Vec<i64> = scopes.iter().map(|s| s.0).collect();
+            let key_ids: Vec<i64> = keys.iter().map(|k| k.id).collect();
+            let pool_ids: Vec<i64> = pools.iter().map(|p| p.id).collect();
+            let scope_limits: HashMap<i64, Limits> = scopes.iter().map(|s| (s.0, s.1)).collect();
+            let bound = registry::bind(
+                sh,
+                owner,
+                Wanted {
+                    scopes: &scope_ids,
+                    keys: &key_ids,
+                    pools: &pool_ids,
+                },
+                &live_databases,
+                now,
+            );
+
+            let mut cfg = Config {
+                generation,
+                owner,
+                extension_owner,
+                grants,
+                scope_pools: HashMap::new(),
+                pools: Vec::with_capacity(pools.len()),
+                pools_by_name: HashMap::with_capacity(pools.len()),
+                keys: Vec::with_capacity(keys.len()),
+                keys_by_id: HashMap::with_capacity(keys.len()),
+                scopes: Vec::with_capacity(scopes.len()),
+                scopes_by_id: HashMap::with_capacity(scopes.len()),
+            };
+            for (id, limits, tz, disabled) in scopes {
+                let slot = bound.scopes[&id];
+                let tz = calendar::parse_zone(&tz).unwrap_or(Tz::UTC);
+                let s = sh.scope(slot);
+                {
+                    let mut w = s.lock();
+                    if w.tag().is(owner, id) && generation >= w.generation {
+                        w.limits = limits;
+                        w.generation = generation;
+                    }
+                }
+                cfg.scopes_by_id.insert(id, cfg.scopes.len());
+                cfg.scopes.push(Scope { id, slot, tz, disabled });
+            }
+            crate::catalog::failover::catch_up(sh, owner, &cfg.scopes);
+            let mut pool_options = HashMap::new();
+            for PoolRow {
+                id,
+                name,
+                min_share,
+                active_days,
+                borrowing,
+                timezone,
+                fallback_on_quota,
+                budget,
+                owner_fallback,
+            } in pools
+            {
+                cfg.pools_by_name.insert(name.clone(), cfg.pools.len());
+                pool_options.insert(id, (min_share, active_days, borrowing, timezone));
+                cfg.pools.push(Pool {
+                    id,
+                    name,
+                    slot: bound.pools[&id],
+                    keys: Vec::new(),
+                    tiers: Vec::new(),
+                    policy: Policy {
+                        capacity: None,
+                        min_share: 0,
+                        window_days: None,
+                        borrowing: false,
+                    },
+                    token_capacity: None,
+                    tz: Tz::UTC,
+                    assign_fingerprint: 0,
+                    owned: HashMap::new(),
+                    owner_fallback,
+                    fallbacks: Vec::new(),
+                    fallback_on_quota,
+                    budget,
+                });
+            }
+            let pool_index: HashMap<i64, usize> = cfg.pools.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
+            for (pool_id, fallback_id) in fallbacks {
+                if let (Some(&p), Some(&f)) = (pool_index.get(&pool_id), pool_index.get(&fallback_id)) {
+                    cfg.pools[p].fallbacks.push(f);
+                }
+            }
+            // Users' own keys, by pool and owner (their tiers are built below).
+            let mut owned: Vec<HashMap<String, Vec<usize>>> = vec![HashMap::new(); cfg.pools.len()];
+            for k in keys {
+                let (Some(&pool), Some(&scope)) = (pool_index.get(&k.pool_id), cfg.scopes_by_id.get(&k.scope_id))
+                else {
+                    continue;
+                };
+                cfg.keys_by_id.insert(k.id, cfg.keys.len());
+                match &k.owner {
+                    None => cfg.pools[pool].keys.push(cfg.keys.len()),
+                    Some(o) => owned[pool].entry(o.clone()).or_default().push(cfg.keys.len()),
+                }
+                let serves = cfg.scope_pools.entry(k.scope_id).or_default();
+                if !serves.contains(&k.pool_id) {
+                    serves.push(k.pool_id);
+                }
+                let price = prices
+                    .get(&(k.provider.clone(), k.model.clone().unwrap_or_default()))
+                    .or_else(|| prices.get(&(k.provider.clone(), String::new())))
+                    .copied();
+                cfg.keys.push(Key {
+                    id: k.id,
+                    price,
+                    pool_id: k.pool_id,
+                    scope,
+                    slot: bound.keys[&k.id],
+                    provider: k.provider,
+                    model: k.model,
+                    base_url: k.base_url,
+                    secret: vault::open(&master_keys, k.id, &k.sealed),
+                    label: k.label,
+                    group_no: k.group_no,
+                    priority: k.priority,
+                    disabled: k.disabled,
+                });
+            }
+            for (pool, owned) in cfg.pools.iter_mut().zip(owned) {
+                pool.tiers = tiers(&cfg.keys, &pool.keys);
+                pool.owned = owned.into_iter().map(|(o, ks)| (o, tiers(&cfg.keys, &ks))).collect();
+            }
+            for i in 0..cfg.pools.len() {
+                let (min_share, active_days, borrowing, timezone) =
+                    pool_options.remove(&cfg.pools[i].id).unwrap_or_default();
+                let policy = pool_policy(&cfg, &cfg.pools[i], &scope_limits, min_share, active_days, borrowing);
+                let pool_tz = pool_zone(&cfg, &cfg.pools[i], timezone.as_deref());
+                let tokens = pool_capacity(&cfg, &cfg.pools[i], &scope_limits, |l| l.tpd);
+                let fingerprint = {
+                    let mut h = std::hash::DefaultHasher::new();
+                    for key in cfg.assignable(&cfg.pools[i]) {
+                        std::hash::Hash::hash(&key.id, &mut h);
+                    }
+                    std::hash::Hasher::finish(&h)
+                };
+                let pool = &mut cfg.pools[i];
+                pool.assign_fingerprint = fingerprint;
+                pool.policy = policy;
+                pool.tz = pool_tz;
+                pool.token_capacity = tokens;
+            }
+            cfg
+        })
+    })
+}
+
+struct PoolRow {
+    id: i64,
+    name: String,
+    min_share: i32,
+    active_days: Option<i32>,
+    borrowing: bool,
+    timezone: Option<String>,
+    fallback_on_quota: bool,
+    budget: Option<Budget>,
+    owner_fallback: bool,
+}
+
+struct KeyRow {
+    id: i64,
+    pool_id: i64,
+    scope_id: i64,
+    provider: String,
+    model: Option<String>,
+    base_url: String,
+    sealed: Vec<u8>,
+    label: String,
+    group_no: i32,
+    disabled: bool,
+    priority: i32,
+    owner: Option<String>,
+}
+
+/// A pool's keys (in id order) grouped by priority, best first.
+fn tiers(keys: &[Key], pool_keys: &[usize]) -> Vec<Tier> {
+    let mut priorities: Vec<i32> = pool_keys.iter().map(|&k| keys[k].priority).collect();
+    priorities.sort_unstable();
+    priorities.dedup();
+    priorities
+        .into_iter()
+        .map(|priority| Tier {
+            priority,
+            keys: pool_keys
+                .iter()
+                .copied()
+                .filter(|&k| keys[k].priority == priority)
+                .collect(),
+        })
+        .collect()
+}
+
+/// The sum of one daily limit over the distinct usable scopes of a pool; `None` when one of
+/// them has no such limit.
+fn pool_capacity(
+    cfg: &Config,
+    pool: &Pool,
+    limits: &HashMap<i64, Limits>,
+    daily: impl Fn(&Limits) -> u64,
+) -> Option<u64> {
+    let mut seen = HashSet::new();
+    let mut total = 0u64;
+    for &k in &pool.keys {
+        let key = &cfg.keys[k];
+        if !cfg.usable(key) {
+            continue;
+        }
+        let scope = cfg.scope_of(key);
+        if !seen.insert(scope.id) {
+            continue;
+        }
+        match limits.get(&scope.id).map(&daily) {
+            Some(0) | None => return None,
+            Some(v) => total = total.saturating_add(v),
+        }
+    }
+    Some(total)
+}
+
+fn pool_policy(
+    cfg: &Config,
+    pool: &Pool,
+    limits: &HashMap<i64, Limits>,
+    min_share: i32,
+    active_days: Option<i32>,
+    borrowing: bool,
+) -> Policy {
+    Policy {
+        capacity: pool_capacity(cfg, pool, limits, |l| l.rpd),
+        min_share: min_share.max(0) as u64,
+        window_days: active_days,
+        borrowing,
+    }
+}
+
+/// The pool's own time zone if it has one, else that of its keys when they all agree, else UTC.
+fn pool_zone(cfg: &Config, pool: &Pool, explicit: Option<&str>) -> Tz {
+    if let Some(tz) = explicit.and_then(calendar::parse_zone) {
+        return tz;
+    }
+    let mut zones = pool.keys.iter().map(|&k| cfg.scope_of(&cfg.keys[k]).tz);
+    match zones.next() {
+        Some(first) if zones.all(|z| z == first) => first,
+        _ => Tz::UTC,
+    }
+}
+
+/// One row of a query result, with typed column access.
+pub struct Row {
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+}
+
+impl Row {
+    pub fn get_opt<T: FromDatum>(&self, col: usize) -> Option<T> {
+        unsafe {
+            let mut is_null = false;
+            let datum = pg_sys::SPI_getbinval(self.tuple, self.desc, col as i32 + 1, &mut is_null);
+            T::from_datum(datum, is_null)
+        }
+    }
+
+    pub fn get<T: FromDatum>(&self, col: usize) -> T {
+        match self.get_opt(col) {
+            Some(v) => v,
+            None => errors::error(
+                Code::ERRCODE_INTERNAL_ERROR,
+                format!("pg_keypool: unexpected NULL in column {col}"),
+            )
+            .raise(),
+        }
+    }
+}
+
+/// Runs a read-only query with the latest snapshot (not the transaction's) inside an open SPI
+/// connection, and maps each row.
+pub fn fresh_rows<T>(sql: &CStr, f: impl FnMut(&Row) -> T) -> Vec<T> {
+    unsafe {
+        let plan = prepare(sql, &mut [], 0);
+        let out = run_fresh(plan, sql, &mut [], f);
+        pg_sys::SPI_freeplan(plan);
+        out
+    }
+}
+
+/// A plan kept for the life of the backend (one per call site).
+pub struct KeptPlan(std::cell::Cell<pg_sys::SPIPlanPtr>);
+
+impl KeptPlan {
+    pub const fn new() -> Self {
+        KeptPlan(std::cell::Cell::new(std::ptr::null_mut()))
+    }
+}
+
+/// Like [`fresh_rows`], with parameters, and a plan prepared once per backend (`kept`).
+pub fn fresh_rows_kept<T>(
+    kept: &KeptPlan,
+    sql: &CStr,
+    types: &mut [pg_sys::Oid],
+    args: &mut [pg_sys::Datum],
+    f: impl FnMut(&Row) -> T,
+) -> Vec<T> {
+    unsafe {
+        if kept.0.get().is_null() {
+            let plan = prepare(sql, types, 0);
+            pg_sys::SPI_keepplan(plan);
+            kept.0.set(plan);
+        }
+        run_fresh(kept.0.get(), sql, args, f)
+    }
+}
+
+/// Like [`fresh_rows`], allowing a parallel plan (a large scan run once, such as counting a
+/// pool's members when it is loaded).
+pub fn fresh_rows_parallel<T>(sql: &CStr, f: impl FnMut(&Row) -> T) -> Vec<T> {
+    unsafe {
+        let plan = prepare(sql, &mut [], pg_sys::CURSOR_OPT_PARALLEL_OK as i32);
+        let out = run_fresh(plan, sql, &mut [], f);
+        pg_sys::SPI_freeplan(plan);
+        out
+    }
+}
+
+unsafe fn prepare(sql: &CStr, types: &mut [pg_sys::Oid], cursor_options: i32) -> pg_sys::SPIPlanPtr {
+    unsafe {
+        let plan = pg_sys::SPI_prepare_cursor(sql.as_ptr(), types.len() as i32, types.as_mut_ptr(), cursor_options);
+        if plan.is_null() {
+            errors::error(
+                Code::ERRCODE_INTERNAL_ERROR,
+                format!("pg_keypool: cannot prepare {sql:?}"),
+            )
+            .raise();
+        }
+        plan
+    }
+}
+
+unsafe fn run_fresh<T>(
+    plan: pg_sys::SPIPlanPtr,
+    sql: &CStr,
+    args: &mut [pg_sys::Datum],
+    mut f: impl FnMut(&Row) -> T,
+) -> Vec<T> {
+    unsafe {
+        let status = pg_sys::SPI_execute_snapshot(
+            plan,
+            if args.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                args.as_mut_ptr()
+            },
+            std::ptr::null(),
+            pg_sys::GetLatestSnapshot(),
+            std::ptr::null_mut(),
+            true,
+            false,
+            0,
+        );
+        if status != pg_sys::SPI_OK_SELECT as i32 {
+            errors::error(
+                Code::ERRCODE_INTERNAL_ERROR,
+                format!("pg_keypool: query failed ({status}): {sql:?}"),
+            )
+            .raise();
+        }
+        let table = pg_sys::SPI_tuptable;
+        let n = pg_sys::SPI_processed as usize;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let row = Row {
+                tuple: *(*table).vals.add(i),
+                desc: (*table).tupdesc,
+            };
+            out.push(f(&row));
+        }
+        pg_sys::SPI_freetuptable(table);
+        out
+    }
+}

@@ -1,0 +1,8 @@
+//! The tables as each backend sees them: the configuration cache, grants, sealed secrets and
+//! the keyring, and the failover record of scopes' use.
+
+pub mod config;
+pub mod failover;
+pub mod keyring;
+pub mod privilege;
+pub mod vault;

@@ -1,0 +1,9 @@
+//! What the SQL functions share: access checks, argument checks, quotas and shares, budgets,
+//! membership of pools.
+
+pub mod access;
+pub mod args;
+pub mod assign;
+pub mod budgets;
+pub mod member_cache;
+pub mod quota;

@@ -1,0 +1,11 @@
+//! Shared memory: the region and its slots, the member cache, open reservations, the clock, and
+//! the state file that carries them across a restart.
+
+pub mod breaker;
+pub mod clock;
+pub mod members;
+pub mod persist;
+pub mod registry;
+pub mod reservation;
+pub mod shmem;
+pub mod txn;
