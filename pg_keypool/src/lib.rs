@@ -41,7 +41,7 @@ pub extern "C-unwind" fn _PG_init() {
     if !preloading {
         return;
     }
-    state::shmem::install_hooks();
+    background::startup::install_hooks();
     background::launcher::register();
 }
 

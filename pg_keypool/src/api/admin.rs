@@ -9,10 +9,12 @@ use pgrx::datum::{DatumWithOid, Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 
-use crate::catalog::config::{self, Config};
+use crate::catalog::config::{self};
+use crate::catalog::grants::Privilege;
+use crate::catalog::model::Config;
 use crate::catalog::privilege;
 use crate::catalog::vault;
-use crate::engine::access::{self, Privilege};
+use crate::engine::access::{self};
 use crate::errors::{self, Code};
 use crate::policy::calendar;
 use crate::policy::provider;
@@ -208,7 +210,7 @@ fn keypool_alter_pool(
 ) {
     let _path = privilege::pin_search_path();
     let name = required("name", name, MAX_NAME);
-    let default_cost = default_cost.map(|n| match crate::engine::budgets::parse_amount(&n.to_string()) {
+    let default_cost = default_cost.map(|n| match crate::policy::money::parse_amount(&n.to_string()) {
         Ok(m) => m as i64,
         Err(why) => errors::invalid(format!("default_cost {why}")).raise(),
     });

@@ -9,9 +9,10 @@
 
 use pgrx::prelude::*;
 
-use crate::catalog::config::{Config, Pool};
+use crate::catalog::grants::Privilege;
+use crate::catalog::model::{Config, Pool};
 use crate::catalog::privilege;
-use crate::engine::access::{self, Privilege};
+use crate::engine::access::{self};
 use crate::errors;
 use crate::policy::refusal::Refusal;
 use crate::state::clock;

@@ -9,10 +9,11 @@ use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 
 use crate::api::admin;
-use crate::api::composite::{self, Value};
+use crate::catalog::grants::Privilege;
 use crate::catalog::privilege;
 use crate::catalog::vault;
-use crate::engine::access::{self, Privilege};
+use crate::engine::access::{self};
+use crate::engine::composite::{self, Value};
 use crate::errors::{self, Code};
 
 /// `keypool_models()`: every pool the caller may use or read and the models its keys serve

@@ -15,10 +15,11 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::api::composite::{self, Value};
+use crate::catalog::grants::{Grants, Privilege};
 use crate::catalog::privilege;
-use crate::engine::access::{self, Grants, Privilege};
+use crate::engine::access::{self};
 use crate::engine::args::check_user_id;
+use crate::engine::composite::{self, Value};
 use crate::errors::{self, Code};
 use crate::settings;
 

@@ -18,26 +18,31 @@ use std::sync::atomic::Ordering;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::api::composite::{self, Value};
 use crate::api::fallbacks::{self, ChainRefusal};
-use crate::catalog::config::{self, Budget, Config, Key, Tier};
+use crate::catalog::config::{self};
+use crate::catalog::grants::Privilege;
+use crate::catalog::model::{Config, Key, Tier};
 use crate::catalog::privilege;
-use crate::engine::access::{self, Privilege};
+use crate::engine::access::{self};
 use crate::engine::args::check_tokens;
 use crate::engine::args::check_user_id;
 use crate::engine::assign;
-use crate::engine::budgets::{self, Hold};
+use crate::engine::budgets::{self};
+use crate::engine::composite::{self, Value};
 use crate::engine::quota::{self, Allocation, Take, Ticket};
 use crate::errors::{self, Code};
 use crate::policy::calendar;
+use crate::policy::money::Budget;
 use crate::policy::refusal::Refusal;
 use crate::policy::window::Wait;
 use crate::settings;
 use crate::state::breaker::{self, Admission};
 use crate::state::clock;
 use crate::state::members;
+use crate::state::reservation::Hold;
 use crate::state::reservation::{self, Record, FLAG_BORROWED, FLAG_TRIAL};
-use crate::state::shmem::{self, Counter, Shared};
+use crate::state::shmem::{self, Shared};
+use crate::state::slots::Counter;
 
 pub enum Answer {
     Granted {
@@ -271,7 +276,7 @@ fn reserve_in(
     let budget = pool.budget.map(|b| {
         let hash = members::user_hash(cfg.owner.instance, pool.id, user);
         let recorded = b.per_user.and_then(|_| {
-            let (start, _) = budgets::period(&b, pool.tz, now);
+            let (start, _) = crate::policy::money::period(&b, pool.tz, now);
             budgets::recorded_user_spend(sh, &cfg, pool, hash, start)
         });
         (
@@ -544,7 +549,7 @@ fn try_key(
             let held = share.hold.map_or_else(Hold::default, |(b, h)| Hold {
                 amount: key
                     .price
-                    .map_or(h.amount, |p| budgets::estimate(&p, tokens, b.default_cost)),
+                    .map_or(h.amount, |p| crate::policy::money::estimate(&p, tokens, b.default_cost)),
                 ..h
             });
             let record = Record {

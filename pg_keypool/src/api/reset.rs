@@ -17,17 +17,19 @@ use pgrx::prelude::*;
 
 use crate::api::admin;
 use crate::catalog::config;
-use crate::engine::access::{self, Privilege};
+use crate::catalog::grants::Privilege;
+use crate::engine::access::{self};
 use crate::policy::window::MinuteLog;
 use crate::state::members::STRIPES;
-use crate::state::shmem::{self, CoolingReason};
+use crate::state::shmem::{self};
+use crate::state::slots::CoolingReason;
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_reset_usage(pool: default!(Option<&str>, "NULL")) -> i64 {
     let _path = crate::catalog::privilege::pin_search_path();
     let sh = shmem::shared();
     let cfg = config::current();
-    let pools: Vec<&config::Pool> = match pool {
+    let pools: Vec<&crate::catalog::model::Pool> = match pool {
         Some(name) => vec![access::pool(&cfg, name, Privilege::Admin)],
         None => {
             access::require_every_pool(&cfg.grants, "reset every pool", Privilege::Admin);

@@ -10,9 +10,10 @@ use std::sync::atomic::Ordering;
 use pgrx::prelude::*;
 
 use crate::api::admin;
-use crate::catalog::config::{self, Config};
+use crate::catalog::config::{self};
+use crate::catalog::grants::Privilege;
+use crate::catalog::model::Config;
 use crate::catalog::privilege;
-use crate::engine::access::Privilege;
 use crate::engine::args::{check_tokens, MAX_TOKENS};
 use crate::engine::budgets;
 use crate::engine::quota::{self, Ticket};
@@ -24,7 +25,8 @@ use crate::settings;
 use crate::state::breaker;
 use crate::state::clock;
 use crate::state::reservation::{self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_TRIAL};
-use crate::state::shmem::{self, CoolingReason, Counter, Shared};
+use crate::state::shmem::{self, Shared};
+use crate::state::slots::{CoolingReason, Counter};
 
 const MAX_ERROR_CODE: usize = 200;
 const MAX_RETRY_AFTER_MS: i64 = 7 * 86_400_000;
@@ -169,7 +171,9 @@ fn keypool_settle(
         let cost = cfg
             .key_by_id(r.key_id)
             .and_then(|k| k.price)
-            .map_or(r.hold.amount, |p| budgets::cost(&p, prompt as u64, completion as u64));
+            .map_or(r.hold.amount, |p| {
+                crate::policy::money::cost(&p, prompt as u64, completion as u64)
+            });
         budgets::adjust(sh, r.pool_slot, &r.hold, cost as i64 - r.hold.amount as i64);
     }
 

@@ -13,8 +13,9 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::catalog::grants::Privilege;
 use crate::catalog::privilege;
-use crate::engine::access::{self, Privilege};
+use crate::engine::access::{self};
 use crate::engine::args::check_user_id;
 use crate::errors::{self, Code};
 use crate::state::clock;
@@ -143,7 +144,12 @@ fn keypool_create_api_token(
 
 /// Whether the caller may manage a token: it made it (or acts for the role that did), or it
 /// administers every pool the token lists (every pool, for a token bound to none).
-fn may_manage(grants: &access::Grants, caller: pg_sys::Oid, created_by: pg_sys::Oid, pools: &Option<Vec<i64>>) -> bool {
+fn may_manage(
+    grants: &crate::catalog::grants::Grants,
+    caller: pg_sys::Oid,
+    created_by: pg_sys::Oid,
+    pools: &Option<Vec<i64>>,
+) -> bool {
     if unsafe { pg_sys::has_privs_of_role(caller, created_by) } {
         return true;
     }

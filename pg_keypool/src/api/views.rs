@@ -1,12 +1,17 @@
-//! Functions that read shared-memory state for the views in `sql/api.sql`, and the test clock.
+//! Functions over shared-memory state: what the views in `sql/api.sql` read, saving the state
+//! file (`keypool_save_state`), and the test clock.
 
 use std::sync::atomic::Ordering;
 
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 
+use crate::catalog::config;
+use crate::catalog::privilege;
+use crate::engine::access;
 use crate::errors;
 use crate::state::clock;
+use crate::state::persist;
 use crate::state::shmem;
 
 type Ts = Option<TimestampWithTimeZone>;
@@ -92,7 +97,7 @@ mod keypool {
     use pgrx::prelude::*;
 
     use crate::catalog::config;
-    use crate::engine::access::Privilege;
+    use crate::catalog::grants::Privilege;
     use crate::policy::calendar;
     use crate::policy::shares::{PoolShares, WEIGHT_SCALE};
     use crate::state::clock;
@@ -234,7 +239,7 @@ mod keypool {
         let (mut members, mut guests, mut full) = (0i64, 0i64, 0i64);
         for s in 0..crate::state::members::STRIPES {
             let stripe = sh.members.stripe_at(s);
-            let (m, g) = stripe.counts(sh, today);
+            let (m, g) = stripe.counts(today);
             members += m as i64;
             guests += g as i64;
             if m + g == stripe.len() {
@@ -352,7 +357,7 @@ mod keypool {
                 let slot = sh.pool(pool.slot);
                 let (spent, resets_at) = match &pool.budget {
                     Some(b) => {
-                        let (start, end) = crate::engine::budgets::period(b, pool.tz, now);
+                        let (start, end) = crate::policy::money::period(b, pool.tz, now);
                         (Some(slot.spend.of(start) as i64), Some(clock::to_timestamptz(end)))
                     }
                     None => (None, None),
@@ -362,4 +367,24 @@ mod keypool {
             .collect();
         TableIterator::new(rows)
     }
+}
+/// `keypool_save_state()`: writes the state file now.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_save_state() -> pgrx::datum::TimestampWithTimeZone {
+    let _path = privilege::pin_search_path();
+    let sh = shmem::shared();
+    let cfg = config::current();
+    access::require_every_pool(
+        &cfg.grants,
+        "save pg_keypool's state",
+        crate::catalog::grants::Privilege::Admin,
+    );
+    if let Err(e) = persist::save(sh) {
+        errors::error(
+            errors::Code::ERRCODE_IO_ERROR,
+            format!("could not write {}: {e}", persist::FILE),
+        )
+        .raise();
+    }
+    clock::to_timestamptz(sh.header.state_saved_ms.load(Ordering::Acquire))
 }

@@ -14,7 +14,8 @@ use std::time::Duration;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, register_xact_callback, PgXactCallbackEvent};
 
-use crate::catalog::config::{self, Config};
+use crate::catalog::config::{self};
+use crate::catalog::model::Config;
 use crate::catalog::privilege;
 use crate::errors;
 use crate::state::clock;
@@ -22,7 +23,8 @@ use std::collections::HashMap;
 
 use crate::policy::shares::NEVER;
 use crate::state::members::{self, FLAG_ACTIVE_DIRTY, FLAG_USE_DIRTY, STRIPES};
-use crate::state::shmem::{self, Shared, COUNTERS, MEMBERS_READY};
+use crate::state::shmem::{self, Shared};
+use crate::state::slots::{COUNTERS, MEMBERS_READY};
 
 const HOUR_MS: i64 = 3_600_000;
 /// A flush holding the lock longer than this is presumed dead.
@@ -262,7 +264,7 @@ fn keypool_flush() -> i64 {
     crate::engine::access::require_every_pool(
         &cfg.grants,
         "flush usage history",
-        crate::engine::access::Privilege::Admin,
+        crate::catalog::grants::Privilege::Admin,
     );
     let written = flush(&cfg);
     crate::catalog::failover::record(shmem::shared(), &cfg);

@@ -121,7 +121,7 @@ pub extern "C-unwind" fn pg_keypool_flusher_main(arg: pg_sys::Datum) {
             "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_keypool'",
         );
         match version {
-            Ok(Some(v)) if v == config::LIBRARY_VERSION => {
+            Ok(Some(v)) if v == crate::catalog::privilege::LIBRARY_VERSION => {
                 let cfg = config::current();
                 history::flush(&cfg);
                 crate::catalog::failover::record(shmem::shared(), &cfg);

@@ -10,172 +10,26 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
-use std::ffi::CStr;
 use std::rc::Rc;
 
 use chrono_tz::Tz;
 use pgrx::prelude::*;
-use pgrx::{pg_sys, register_xact_callback, FromDatum, PgXactCallbackEvent};
-use zeroize::Zeroizing;
+use pgrx::{pg_sys, register_xact_callback, PgXactCallbackEvent};
 
-use crate::catalog::privilege;
+use crate::catalog::grants::Grants;
+use crate::catalog::model::{Config, Key, Pool, Scope, Tier};
+use crate::catalog::privilege::{self, extension_owner};
+use crate::catalog::query::fresh_rows;
 use crate::catalog::vault;
-use crate::engine::access::Grants;
 use crate::errors::{self, Code};
 use crate::policy::calendar;
+use crate::policy::money::{Budget, Period, Price};
 use crate::policy::shares::Policy;
 use crate::policy::window::Limits;
 use crate::state::clock;
 use crate::state::registry::{self, Wanted};
-use crate::state::shmem::{self, Owner, Shared};
-
-pub struct Pool {
-    pub id: i64,
-    pub name: String,
-    pub slot: u32,
-    /// Indexes into `Config::keys`, by key id.
-    pub keys: Vec<usize>,
-    /// The same keys by priority, best first (each tier in key id order).
-    pub tiers: Vec<Tier>,
-    /// How the pool's daily capacity is shared among its users.
-    pub policy: Policy,
-    /// Tokens per day over the usable scopes, when every one of them has that limit.
-    pub token_capacity: Option<u64>,
-    /// The time zone of its users' daily reset.
-    pub tz: Tz,
-    /// Identifies the set of keys that take new users (assign.rs rebuilds its tree when it
-    /// changes).
-    pub assign_fingerprint: u64,
-    /// Users' own keys (`owner`), by owner, in tiers; `keys` and `tiers` hold the shared keys
-    /// only, so that owned keys add nothing to the pool's capacity, shares or assignment.
-    pub owned: HashMap<String, Vec<Tier>>,
-    /// Whether an owner whose own keys are all at their limits falls back to the shared keys.
-    pub owner_fallback: bool,
-    /// The fallback chain: indexes into `Config::pools`, in order (fallbacks.rs).
-    pub fallbacks: Vec<usize>,
-    /// Whether a user past their share here goes on down the chain.
-    pub fallback_on_quota: bool,
-    /// The spend budget, if any (budgets.rs).
-    pub budget: Option<Budget>,
-}
-
-/// A pool's spend budget, in millionths of the currency of `keypool_prices`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Budget {
-    /// For the whole pool per period.
-    pub limit: Option<u64>,
-    /// For each user per period.
-    pub per_user: Option<u64>,
-    pub period: Period,
-    /// What a reservation without a token estimate holds.
-    pub default_cost: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Period {
-    Day,
-    Month,
-}
-
-/// A model's price in millionths of the currency: per million input and output tokens (so,
-/// per token, in millionths of a millionth), and per request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Price {
-    pub input_per_million: u64,
-    pub output_per_million: u64,
-    pub per_request: u64,
-}
-
-/// The keys of one priority in a pool.
-pub struct Tier {
-    pub priority: i32,
-    pub keys: Vec<usize>,
-}
-
-impl Pool {
-    /// Today for the pool's users: day number, start and end.
-    pub fn day(&self, now_ms: i64) -> (i32, i64, i64) {
-        calendar::day_of(self.tz, now_ms)
-    }
-}
-
-pub struct Key {
-    pub id: i64,
-    pub pool_id: i64,
-    pub scope: usize,
-    pub slot: u32,
-    pub provider: String,
-    pub model: Option<String>,
-    pub base_url: String,
-    /// The plaintext secret, opened from its sealed form when the cache was loaded; wiped from
-    /// memory when the cache is dropped.
-    pub secret: Zeroizing<String>,
-    pub label: String,
-    pub group_no: i32,
-    /// Lower is preferred (see `Pool::tiers`).
-    pub priority: i32,
-    /// The price of its provider's model (`keypool_prices`), if one is set.
-    pub price: Option<Price>,
-    pub disabled: bool,
-}
-
-pub struct Scope {
-    pub id: i64,
-    pub slot: u32,
-    pub tz: Tz,
-    pub disabled: bool,
-}
-
-pub struct Config {
-    pub generation: u64,
-    pub owner: Owner,
-    pub extension_owner: pg_sys::Oid,
-    /// Who may use, read and administer which pool (access.rs).
-    pub grants: Rc<Grants>,
-    /// The pools each scope serves (through keys that are not removed).
-    pub scope_pools: HashMap<i64, Vec<i64>>,
-    pub pools: Vec<Pool>,
-    pub pools_by_name: HashMap<String, usize>,
-    pub keys: Vec<Key>,
-    pub keys_by_id: HashMap<i64, usize>,
-    pub scopes: Vec<Scope>,
-    pub scopes_by_id: HashMap<i64, usize>,
-}
-
-impl Config {
-    pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {
-        self.pools_by_name.get(name).map(|&i| &self.pools[i])
-    }
-
-    pub fn key_by_id(&self, id: i64) -> Option<&Key> {
-        self.keys_by_id.get(&id).map(|&i| &self.keys[i])
-    }
-
-    pub fn scope_by_id(&self, id: i64) -> Option<&Scope> {
-        self.scopes_by_id.get(&id).map(|&i| &self.scopes[i])
-    }
-
-    pub fn scope_of(&self, key: &Key) -> &Scope {
-        &self.scopes[key.scope]
-    }
-
-    /// Neither the key nor its account is disabled.
-    pub fn usable(&self, key: &Key) -> bool {
-        !key.disabled && !self.scope_of(key).disabled
-    }
-
-    /// The keys that take new users: the usable keys of the pool's best priority among its
-    /// usable keys, in id order. Users go to worse tiers only at reservation time, while the
-    /// best tier is at its limits.
-    pub fn assignable<'c>(&'c self, pool: &'c Pool) -> impl Iterator<Item = &'c Key> + 'c {
-        let usable = move |&&k: &&usize| self.usable(&self.keys[k]);
-        let best = pool.tiers.iter().find(|t| t.keys.iter().any(|k| usable(&k)));
-        best.into_iter()
-            .flat_map(|t| t.keys.iter())
-            .filter(usable)
-            .map(|&k| &self.keys[k])
-    }
-}
+use crate::state::shmem::{self, Shared};
+use crate::state::slots::Owner;
 
 thread_local! {
     static CACHE: RefCell<Option<Rc<Config>>> = const { RefCell::new(None) };
@@ -227,38 +81,6 @@ fn end_of_change() {
     STALE.set(true);
     if let Some(sh) = shmem::try_shared() {
         sh.bump_config_generation();
-    }
-}
-
-/// The version of the library; the SQL objects must be of the same version.
-pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// The extension's owner, as recorded in pg_extension. Refuses when the extension is not
-/// installed here, or its SQL objects are of another version than the library (an upgrade whose
-/// `ALTER EXTENSION pg_keypool UPDATE` has not run yet).
-pub fn extension_owner() -> pg_sys::Oid {
-    // Read as the caller, but never through a caller's look-alike of `=`.
-    let _path = privilege::pin_search_path();
-    let row = Spi::get_two::<pg_sys::Oid, String>(
-        "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'",
-    );
-    match row {
-        Ok((Some(oid), Some(version))) if version == LIBRARY_VERSION => oid,
-        Ok((Some(_), Some(version))) => errors::error(
-            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!(
-                "pg_keypool's SQL objects in this database are version {version}, its library is {LIBRARY_VERSION}"
-            ),
-        )
-        .detail("The library was upgraded; the database's objects were not.")
-        .hint("ALTER EXTENSION pg_keypool UPDATE;")
-        .raise(),
-        _ => errors::error(
-            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "extension pg_keypool is not installed in this database",
-        )
-        .hint("CREATE EXTENSION pg_keypool;")
-        .raise(),
     }
 }
 
@@ -626,138 +448,5 @@ fn pool_zone(cfg: &Config, pool: &Pool, explicit: Option<&str>) -> Tz {
     match zones.next() {
         Some(first) if zones.all(|z| z == first) => first,
         _ => Tz::UTC,
-    }
-}
-
-/// One row of a query result, with typed column access.
-pub struct Row {
-    tuple: pg_sys::HeapTuple,
-    desc: pg_sys::TupleDesc,
-}
-
-impl Row {
-    pub fn get_opt<T: FromDatum>(&self, col: usize) -> Option<T> {
-        unsafe {
-            let mut is_null = false;
-            let datum = pg_sys::SPI_getbinval(self.tuple, self.desc, col as i32 + 1, &mut is_null);
-            T::from_datum(datum, is_null)
-        }
-    }
-
-    pub fn get<T: FromDatum>(&self, col: usize) -> T {
-        match self.get_opt(col) {
-            Some(v) => v,
-            None => errors::error(
-                Code::ERRCODE_INTERNAL_ERROR,
-                format!("pg_keypool: unexpected NULL in column {col}"),
-            )
-            .raise(),
-        }
-    }
-}
-
-/// Runs a read-only query with the latest snapshot (not the transaction's) inside an open SPI
-/// connection, and maps each row.
-pub fn fresh_rows<T>(sql: &CStr, f: impl FnMut(&Row) -> T) -> Vec<T> {
-    unsafe {
-        let plan = prepare(sql, &mut [], 0);
-        let out = run_fresh(plan, sql, &mut [], f);
-        pg_sys::SPI_freeplan(plan);
-        out
-    }
-}
-
-/// A plan kept for the life of the backend (one per call site).
-pub struct KeptPlan(std::cell::Cell<pg_sys::SPIPlanPtr>);
-
-impl KeptPlan {
-    pub const fn new() -> Self {
-        KeptPlan(std::cell::Cell::new(std::ptr::null_mut()))
-    }
-}
-
-/// Like [`fresh_rows`], with parameters, and a plan prepared once per backend (`kept`).
-pub fn fresh_rows_kept<T>(
-    kept: &KeptPlan,
-    sql: &CStr,
-    types: &mut [pg_sys::Oid],
-    args: &mut [pg_sys::Datum],
-    f: impl FnMut(&Row) -> T,
-) -> Vec<T> {
-    unsafe {
-        if kept.0.get().is_null() {
-            let plan = prepare(sql, types, 0);
-            pg_sys::SPI_keepplan(plan);
-            kept.0.set(plan);
-        }
-        run_fresh(kept.0.get(), sql, args, f)
-    }
-}
-
-/// Like [`fresh_rows`], allowing a parallel plan (a large scan run once, such as counting a
-/// pool's members when it is loaded).
-pub fn fresh_rows_parallel<T>(sql: &CStr, f: impl FnMut(&Row) -> T) -> Vec<T> {
-    unsafe {
-        let plan = prepare(sql, &mut [], pg_sys::CURSOR_OPT_PARALLEL_OK as i32);
-        let out = run_fresh(plan, sql, &mut [], f);
-        pg_sys::SPI_freeplan(plan);
-        out
-    }
-}
-
-unsafe fn prepare(sql: &CStr, types: &mut [pg_sys::Oid], cursor_options: i32) -> pg_sys::SPIPlanPtr {
-    unsafe {
-        let plan = pg_sys::SPI_prepare_cursor(sql.as_ptr(), types.len() as i32, types.as_mut_ptr(), cursor_options);
-        if plan.is_null() {
-            errors::error(
-                Code::ERRCODE_INTERNAL_ERROR,
-                format!("pg_keypool: cannot prepare {sql:?}"),
-            )
-            .raise();
-        }
-        plan
-    }
-}
-
-unsafe fn run_fresh<T>(
-    plan: pg_sys::SPIPlanPtr,
-    sql: &CStr,
-    args: &mut [pg_sys::Datum],
-    mut f: impl FnMut(&Row) -> T,
-) -> Vec<T> {
-    unsafe {
-        let status = pg_sys::SPI_execute_snapshot(
-            plan,
-            if args.is_empty() {
-                std::ptr::null_mut()
-            } else {
-                args.as_mut_ptr()
-            },
-            std::ptr::null(),
-            pg_sys::GetLatestSnapshot(),
-            std::ptr::null_mut(),
-            true,
-            false,
-            0,
-        );
-        if status != pg_sys::SPI_OK_SELECT as i32 {
-            errors::error(
-                Code::ERRCODE_INTERNAL_ERROR,
-                format!("pg_keypool: query failed ({status}): {sql:?}"),
-            )
-            .raise();
-        }
-        let table = pg_sys::SPI_tuptable;
-        let n = pg_sys::SPI_processed as usize;
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let row = Row {
-                tuple: *(*table).vals.add(i),
-                desc: (*table).tupdesc,
-            };
-            out.push(f(&row));
-        }
-        pg_sys::SPI_freetuptable(table);
-        out
     }
 }

@@ -24,27 +24,14 @@ use std::sync::atomic::Ordering;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::catalog::config::{self, Config, Scope};
+use crate::catalog::model::{Config, Scope};
 use crate::catalog::privilege;
 use crate::errors;
 use crate::policy::calendar;
 use crate::policy::window::DayWindow;
 use crate::state::clock;
-use crate::state::shmem::{Owner, Shared};
-
-/// True when some scope may still hold stale windows (saved into the state file, so that a crash
-/// soon after a promotion catches up again).
-pub fn catch_up_pending(sh: &Shared) -> bool {
-    if sh.header.stale_pending.load(Ordering::Acquire) != 0 {
-        return true;
-    }
-    let epoch = sh.header.stale_epoch.load(Ordering::Acquire);
-    epoch != 0
-        && sh
-            .scopes
-            .iter()
-            .any(|s| !s.tag.is_free() && s.caught_up_epoch.load(Ordering::Acquire) != epoch)
-}
+use crate::state::shmem::Shared;
+use crate::state::slots::Owner;
 
 /// Starts a catch-up if this server's state is stale and recovery is over. One atomic load
 /// when nothing is pending (the hot path calls it on every reservation).
@@ -73,7 +60,7 @@ fn end_recovery(sh: &Shared) {
     for pool in sh.pools.iter().filter(|p| !p.tag.is_free()) {
         pool.members_gen.fetch_add(1, Ordering::AcqRel);
         pool.members_state
-            .store(crate::state::shmem::MEMBERS_UNLOADED, Ordering::Release);
+            .store(crate::state::slots::MEMBERS_UNLOADED, Ordering::Release);
     }
     // Every backend reloads its configuration, and catches up, before its next grant.
     sh.bump_config_generation();
@@ -95,7 +82,7 @@ pub fn catch_up(sh: &Shared, owner: Owner, scopes: &[Scope]) {
         return;
     }
     let ended = sh.header.recovery_ended_ms.load(Ordering::Acquire);
-    let rows = config::fresh_rows(
+    let rows = crate::catalog::query::fresh_rows(
         c"SELECT s.id, (extract(epoch FROM s.created_at) * 1000)::bigint,
                  (extract(epoch FROM u.day_start) * 1000)::bigint, (extract(epoch FROM u.day_end) * 1000)::bigint,
                  u.requests, u.tokens, (extract(epoch FROM u.cooling_until) * 1000)::bigint,
@@ -138,7 +125,7 @@ pub fn catch_up(sh: &Shared, owner: Owner, scopes: &[Scope]) {
             w.catch_up(recorded, at, now, |t| calendar::day_bounds(scope.tz, t));
             drop(w);
             if let Some(until) = cooling {
-                slot.cool_until(until, crate::state::shmem::CoolingReason::RateLimited);
+                slot.cool_until(until, crate::state::slots::CoolingReason::RateLimited);
             }
         }
         slot.caught_up_epoch.store(epoch, Ordering::Release);
@@ -184,7 +171,7 @@ pub fn record(sh: &Shared, cfg: &Config) {
         if !slot.tag.is(cfg.owner, pool.id) {
             continue;
         }
-        let (start, _) = crate::engine::budgets::period(budget, pool.tz, now);
+        let (start, _) = crate::policy::money::period(budget, pool.tz, now);
         pool_ids.push(pool.id);
         period_starts.push(start);
         spent.push(slot.spend.of(start).min(i64::MAX as u64) as i64);

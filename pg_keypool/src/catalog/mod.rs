@@ -3,6 +3,9 @@
 
 pub mod config;
 pub mod failover;
+pub mod grants;
 pub mod keyring;
+pub mod model;
 pub mod privilege;
+pub mod query;
 pub mod vault;

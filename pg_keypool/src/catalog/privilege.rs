@@ -14,6 +14,8 @@ use std::cell::Cell;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::errors::{self, Code};
+
 /// The search path of every statement that runs with the owner's rights. `pg_temp` last: the
 /// temporary schema is then never searched for functions or operators, and only after the
 /// system catalog and the extension's own schema for tables and types.
@@ -103,4 +105,36 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 /// Runs `f` inside SPI as `owner` (see [`as_owner`]).
 pub fn spi_as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> R) -> R {
     as_owner(owner, || Spi::connect_mut(f))
+}
+
+/// The version of the library; the SQL objects must be of the same version.
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The extension's owner, as recorded in pg_extension. Refuses when the extension is not
+/// installed here, or its SQL objects are of another version than the library (an upgrade whose
+/// `ALTER EXTENSION pg_keypool UPDATE` has not run yet).
+pub fn extension_owner() -> pg_sys::Oid {
+    // Read as the caller, but never through a caller's look-alike of `=`.
+    let _path = pin_search_path();
+    let row = Spi::get_two::<pg_sys::Oid, String>(
+        "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'",
+    );
+    match row {
+        Ok((Some(oid), Some(version))) if version == LIBRARY_VERSION => oid,
+        Ok((Some(_), Some(version))) => errors::error(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pg_keypool's SQL objects in this database are version {version}, its library is {LIBRARY_VERSION}"
+            ),
+        )
+        .detail("The library was upgraded; the database's objects were not.")
+        .hint("ALTER EXTENSION pg_keypool UPDATE;")
+        .raise(),
+        _ => errors::error(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "extension pg_keypool is not installed in this database",
+        )
+        .hint("CREATE EXTENSION pg_keypool;")
+        .raise(),
+    }
 }

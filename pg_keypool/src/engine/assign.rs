@@ -20,9 +20,11 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, spi, AnyNumeric};
 
-use crate::catalog::config::{self, Config, Key, Pool};
+use crate::catalog::config::{self};
+use crate::catalog::grants::Privilege;
+use crate::catalog::model::{Config, Key, Pool};
 use crate::catalog::privilege;
-use crate::engine::access::{self, Privilege};
+use crate::engine::access::{self};
 use crate::engine::args::check_user_id;
 use crate::engine::member_cache::{self, Stored};
 use crate::errors::{self, Code};
@@ -30,7 +32,8 @@ use crate::policy::shares::{PoolShares, TreeMeta, NEVER, WEIGHT_SCALE};
 use crate::policy::tree;
 use crate::state::clock;
 use crate::state::members::{self, Member, FLAG_MEMBER, FLAG_PINNED};
-use crate::state::shmem::{self, PoolSlot, Shared, MEMBERS_LOADING, MEMBERS_READY, MEMBERS_UNLOADED};
+use crate::state::shmem::{self, Shared};
+use crate::state::slots::{PoolSlot, MEMBERS_LOADING, MEMBERS_READY, MEMBERS_UNLOADED};
 use crate::state::txn;
 
 /// Rows handled per step of a backfill.
@@ -146,7 +149,7 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
     type Group = (i64, i32, i64, i64, i64, i64);
     let groups: Vec<Group> = privilege::as_owner(cfg.extension_owner, || {
         Spi::connect(|_| {
-            config::fresh_rows_parallel(&sql, |r| {
+            crate::catalog::query::fresh_rows_parallel(&sql, |r| {
                 (
                     r.get::<i64>(0),
                     r.get::<i32>(1),
@@ -180,7 +183,7 @@ fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
     // weight; an entry's use of today (from a clean shutdown) is newer than the table's.
     for hash in cached {
         let stripe = sh.members.stripe(hash);
-        let Some(i) = stripe.find(sh, hash, pool.slot) else {
+        let Some(i) = stripe.find(hash, pool.slot) else {
             continue;
         };
         let m = stripe.at(i);
@@ -455,7 +458,7 @@ fn apply(sh: &Shared, shares: &mut PoolShares, pool_slot: u32, c: &Change) {
         add_assigned(sh, shares, c.to_slot, c.after_key, 1);
     }
     let stripe = sh.members.stripe(c.hash);
-    if let Some(i) = stripe.find(sh, c.hash, pool_slot) {
+    if let Some(i) = stripe.find(c.hash, pool_slot) {
         let m = stripe.at(i);
         c.write_to(m);
         m.flags |= FLAG_PINNED;
@@ -473,7 +476,7 @@ fn revert(sh: &Shared, pool_slot: u32, changes: &[Change], entries: bool) {
     let mut shares = slot.lock();
     for c in changes.iter().rev() {
         let stripe = sh.members.stripe(c.hash);
-        let found = stripe.find(sh, c.hash, pool_slot).map(|i| stripe.at(i));
+        let found = stripe.find(c.hash, pool_slot).map(|i| stripe.at(i));
         let last_active = match &found {
             Some(m) if entries => m.last_active,
             _ => c.last_active,
@@ -567,7 +570,7 @@ fn track(sh: &'static Shared, pool_slot: u32, gen: u32, changes: Vec<Change>) ->
         if sh.pool(pool_slot).members_gen.load(Acquire) == gen {
             for c in changes.iter() {
                 let stripe = sh.members.stripe(c.hash);
-                if let Some(i) = stripe.find(sh, c.hash, pool_slot) {
+                if let Some(i) = stripe.find(c.hash, pool_slot) {
                     let m = stripe.at(i);
                     m.flags &= !FLAG_PINNED;
                     if committed {
@@ -593,7 +596,7 @@ fn assign_locked(
 ) -> Result<(i64, Option<Change>), Stale> {
     let cached = {
         let stripe = sh.members.stripe(hash);
-        stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
+        stripe.find(hash, pool.slot).map(|i| *stripe.at(i))
     };
     // The caller read the table (with its latest state): a cached membership the table does
     // not have is another transaction's, not committed yet. This assignment counts on its own;
@@ -794,7 +797,7 @@ fn set_cached_key(sh: &'static Shared, pool_name: &str, hash: u64, stored: &Stor
     with_pool(pool_name, |_, pool, shares| {
         let class = shares.class_of(stored.weight_milli).unwrap_or(0) as u8;
         let stripe = sh.members.stripe(hash);
-        if let Some(i) = stripe.find(sh, hash, pool.slot) {
+        if let Some(i) = stripe.find(hash, pool.slot) {
             let m = stripe.at(i);
             m.key_id = stored.key_id;
             m.class = class;
@@ -1410,7 +1413,7 @@ fn keypool_set_user_weight(user_id: Option<&str>, pool: Option<&str>, weight: Op
         let gen = sh.pool(pool.slot).members_gen.load(Acquire);
         let cached = {
             let stripe = sh.members.stripe(hash);
-            stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
+            stripe.find(hash, pool.slot).map(|i| *stripe.at(i))
         };
         let before = before_of(shares, pool, cached.as_ref(), stored.as_ref());
         let class = shares.class_of(milli).unwrap_or_else(|| too_many_weights(&pool.name));

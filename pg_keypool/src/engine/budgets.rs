@@ -18,29 +18,12 @@
 //! refused under a per-user budget). Both are written to `keypool.pool_spend` and
 //! `keypool.member` by the flusher and saved in the state file, and restored from them.
 
-use chrono_tz::Tz;
-
-use crate::catalog::config::{Budget, Config, Key, Period, Pool, Price};
+use crate::catalog::model::{Config, Key, Pool};
 use crate::errors::{self, Code};
-use crate::policy::calendar;
+use crate::policy::money::{estimate, period, Budget, Price};
 use crate::state::members::{self, FLAG_SPEND_DIRTY, STRIPES};
+use crate::state::reservation::Hold;
 use crate::state::shmem::Shared;
-
-/// Millionths per unit of currency.
-pub const MICROS: u64 = 1_000_000;
-/// Largest amount a budget may have, in units of currency (so that every sum fits in 63 bits).
-pub const MAX_AMOUNT: u64 = 1_000_000_000_000;
-
-/// The period containing `now_ms`: the day number it began on, and when it ends.
-pub fn period(budget: &Budget, tz: Tz, now_ms: i64) -> (i32, i64) {
-    match budget.period {
-        Period::Day => {
-            let (day, _, end) = calendar::day_of(tz, now_ms);
-            (day, end)
-        }
-        Period::Month => calendar::month_of(tz, now_ms),
-    }
-}
 
 /// What `keypool.user_spend` says the user spent in the period that began on `start`, when
 /// shared memory does not know that period for them (their first reservation of it since a
@@ -49,7 +32,7 @@ pub fn recorded_user_spend(sh: &Shared, cfg: &Config, pool: &Pool, hash: u64, st
     let known = {
         let stripe = sh.members.stripe(hash);
         stripe
-            .find(sh, hash, pool.slot)
+            .find(hash, pool.slot)
             .is_some_and(|i| stripe.at(i).spent_from == start)
     };
     if known {
@@ -63,7 +46,7 @@ pub fn recorded_user_spend(sh: &Shared, cfg: &Config, pool: &Pool, hash: u64, st
     ))
     .expect("no NUL in the query");
     crate::catalog::privilege::as_owner(cfg.extension_owner, || {
-        pgrx::Spi::connect(|_| crate::catalog::config::fresh_rows(&sql, |r| r.get::<i64>(0)))
+        pgrx::Spi::connect(|_| crate::catalog::query::fresh_rows(&sql, |r| r.get::<i64>(0)))
     })
     .into_iter()
     .next()
@@ -143,31 +126,8 @@ pub fn flush_user_spend(sh: &'static Shared, cfg: &Config) {
     });
 }
 
-/// `a × b / MICROS`, rounded up, without overflow.
-fn scaled_up(a: u64, b: u64) -> u64 {
-    let p = a as u128 * b as u128;
-    (p.div_ceil(MICROS as u128)).min(u64::MAX as u128 / 4) as u64
-}
-
-/// What a reservation of `est_tokens` tokens holds on a key of this price.
-pub fn estimate(price: &Price, est_tokens: u64, default_cost: u64) -> u64 {
-    if est_tokens == 0 {
-        return price.per_request.saturating_add(default_cost);
-    }
-    let dearer = price.input_per_million.max(price.output_per_million);
-    price.per_request.saturating_add(scaled_up(est_tokens, dearer))
-}
-
-/// What a call that used these tokens cost.
-pub fn cost(price: &Price, prompt_tokens: u64, completion_tokens: u64) -> u64 {
-    let tokens = prompt_tokens as u128 * price.input_per_million as u128
-        + completion_tokens as u128 * price.output_per_million as u128;
-    let micros = tokens.div_ceil(MICROS as u128).min(u64::MAX as u128 / 4) as u64;
-    price.per_request.saturating_add(micros)
-}
-
 /// A key of a pool with a budget must have a price.
-fn price_of(key: &Key, pool: &Pool) -> Price {
+pub fn price_of(key: &Key, pool: &Pool) -> Price {
     match key.price {
         Some(p) => p,
         None => errors::error(
@@ -200,39 +160,6 @@ pub fn worst_estimate(cfg: &Config, pool: &Pool, budget: &Budget, est_tokens: u6
         .map(|k| estimate(&price_of(k, pool), est_tokens, budget.default_cost))
         .max()
         .unwrap_or(0)
-}
-
-/// What a reservation took of the budgets.
-#[derive(Clone, Copy, Debug)]
-pub struct Hold {
-    pub amount: u64,
-    /// The day number its period began on.
-    pub period: i32,
-    /// The user's member entry (u32::MAX: none) and hash.
-    pub index: u32,
-    pub hash: u64,
-}
-
-impl Hold {
-    pub const NONE_INDEX: u32 = u32::MAX;
-    const NO_PERIOD: i32 = i32::MIN;
-
-    /// Whether the reservation was made under a budget.
-    pub fn held(&self) -> bool {
-        self.period != Self::NO_PERIOD
-    }
-}
-
-impl Default for Hold {
-    /// No budget held.
-    fn default() -> Self {
-        Hold {
-            amount: 0,
-            period: Self::NO_PERIOD,
-            index: Self::NONE_INDEX,
-            hash: 0,
-        }
-    }
 }
 
 /// Takes `amount` of the pool's budget and of the user's (`hash`) for the period containing
@@ -276,9 +203,9 @@ pub fn take(
     if let Some(per_user) = budget.per_user {
         let today = pool.day(now_ms).0;
         let stripe = sh.members.stripe(hash);
-        let entry = stripe.find(sh, hash, pool.slot).or_else(|| {
+        let entry = stripe.find(hash, pool.slot).or_else(|| {
             let now_min = members::minute(crate::state::clock::real_now_ms());
-            stripe.find_or_insert_guest(sh, hash, pool.slot, today, now_min)
+            stripe.find_or_insert_guest(hash, pool.slot, today, now_min)
         });
         let fits = entry.is_some_and(|i| {
             let m = stripe.at(i);
@@ -353,7 +280,7 @@ pub fn standing(sh: &Shared, cfg: &Config, pool: &Pool, budget: &Budget, user: &
     let user_spent = {
         let stripe = sh.members.stripe(hash);
         stripe
-            .find(sh, hash, pool.slot)
+            .find(hash, pool.slot)
             .map(|i| stripe.at(i))
             .filter(|m| m.spent_from == start)
             .map_or(recorded.unwrap_or(0), |m| m.spent)
@@ -377,44 +304,6 @@ pub fn standing(sh: &Shared, cfg: &Config, pool: &Pool, budget: &Budget, user: &
     }
 }
 
-/// Parses a decimal amount of currency (as PostgreSQL prints a numeric) into millionths:
-/// non-negative, at most six decimal places, at most `MAX_AMOUNT`.
-pub fn parse_amount(full: &str) -> Result<u64, String> {
-    // What the caller sent is quoted in errors, but never more than 40 characters of it.
-    let text = full;
-    let shown: String = if full.chars().count() > 40 {
-        full.chars().take(40).chain("…".chars()).collect()
-    } else {
-        full.to_string()
-    };
-    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if text.starts_with('-') {
-        return Err(format!("must not be negative, not {shown}"));
-    }
-    if !digits(whole) || !(frac.is_empty() || digits(frac)) {
-        return Err(format!("must be a number, not {shown}"));
-    }
-    let frac = frac.trim_end_matches('0');
-    if frac.len() > 6 {
-        return Err(format!("has more than six decimal places: {shown}"));
-    }
-    let whole = whole.trim_start_matches('0');
-    if whole.len() > 13 {
-        return Err(format!("must be at most {MAX_AMOUNT}, not {shown}"));
-    }
-    let units: u64 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| format!("must be a number, not {shown}"))?
-    };
-    if units > MAX_AMOUNT {
-        return Err(format!("must be at most {MAX_AMOUNT}, not {shown}"));
-    }
-    let micros: u64 = format!("{frac:0<6}").parse().unwrap_or(0);
-    Ok(units * MICROS + micros)
-}
-
 /// Restores what a pool spent in its current period from `keypool.pool_spend` (after a start,
 /// a crash or a failover), unless shared memory knows more.
 pub fn restore_pool_spend(sh: &Shared, cfg: &Config, pool: &Pool) {
@@ -428,7 +317,7 @@ pub fn restore_pool_spend(sh: &Shared, cfg: &Config, pool: &Pool) {
     ))
     .expect("no NUL in the query");
     let recorded: Option<i64> = crate::catalog::privilege::as_owner(cfg.extension_owner, || {
-        pgrx::Spi::connect(|_| crate::catalog::config::fresh_rows(&sql, |r| r.get::<i64>(0)))
+        pgrx::Spi::connect(|_| crate::catalog::query::fresh_rows(&sql, |r| r.get::<i64>(0)))
     })
     .into_iter()
     .next();
@@ -441,145 +330,4 @@ pub fn restore_pool_spend(sh: &Shared, cfg: &Config, pool: &Pool) {
             *spent = (*spent).max(recorded.max(0) as u64);
         });
     }
-}
-
-/// Millionths as a decimal string with six places (for numeric results).
-pub fn to_decimal(micros: u64) -> String {
-    format!("{}.{:06}", micros / MICROS, micros % MICROS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn price(input: u64, output: u64, per_request: u64) -> Price {
-        Price {
-            input_per_million: input,
-            output_per_million: output,
-            per_request,
-        }
-    }
-
-    #[test]
-    fn a_hundred_cents_make_exactly_one_unit() {
-        let cent = price(0, 0, 10_000);
-        let total: u64 = (0..100).map(|_| estimate(&cent, 0, 0)).sum();
-        assert_eq!(total, MICROS);
-        assert_eq!(to_decimal(total), "1.000000");
-    }
-
-    #[test]
-    fn estimates_take_the_dearer_price_and_round_up() {
-        // $0.15 in, $0.60 out per million tokens (gpt-4o-mini): 1,000 tokens hold 600 millionths.
-        let mini = price(150_000, 600_000, 0);
-        assert_eq!(estimate(&mini, 1_000, 0), 600);
-        // One token at $0.15 per million is 0.15 millionths: rounded up to 1.
-        assert_eq!(cost(&mini, 1, 0), 1);
-        assert_eq!(cost(&mini, 1_000, 500), 150 + 300);
-        // No estimate: the pool's default cost.
-        assert_eq!(estimate(&mini, 0, 10_000), 10_000);
-        assert_eq!(estimate(&price(0, 0, 5), 0, 10_000), 10_005);
-    }
-
-    #[test]
-    fn amounts_are_exact_millionths() {
-        assert_eq!(parse_amount("1.00"), Ok(MICROS));
-        assert_eq!(parse_amount("0.01"), Ok(10_000));
-        assert_eq!(parse_amount("0.000001"), Ok(1));
-        assert_eq!(parse_amount("25"), Ok(25 * MICROS));
-        assert_eq!(parse_amount("0.1230000"), Ok(123_000));
-        assert_eq!(parse_amount("1000000000000"), Ok(MAX_AMOUNT * MICROS));
-        assert!(parse_amount("0.0000001").is_err());
-        assert!(parse_amount("-1").is_err());
-        assert!(parse_amount("NaN").is_err());
-        assert!(parse_amount("Infinity").is_err());
-        assert!(parse_amount("1000000000001").is_err());
-        assert!(parse_amount("").is_err());
-        assert!(parse_amount(".5").is_err());
-    }
-
-    #[test]
-    fn huge_counts_do_not_overflow() {
-        let dear = price(u64::MAX / 2, u64::MAX / 2, u64::MAX / 2);
-        assert!(estimate(&dear, u64::MAX, 0) >= u64::MAX / 4);
-        assert!(cost(&dear, u64::MAX, u64::MAX) >= u64::MAX / 4);
-    }
-}
-
-/// `keypool_set_budget`: the pool's spend budget per `period` ('day' or 'month', in the pool's
-/// time zone), and each user's (`per_user`), in the currency of `keypool_prices`. NULL amount and
-/// per_user remove the budget. Needs admin on the pool; every usable key needs a price.
-#[pgrx::pg_extern(volatile, parallel_unsafe)]
-fn keypool_set_budget(
-    pool: Option<&str>,
-    amount: Option<pgrx::AnyNumeric>,
-    period: Option<&str>,
-    per_user: pgrx::default!(Option<pgrx::AnyNumeric>, "NULL"),
-) {
-    let _path = crate::catalog::privilege::pin_search_path();
-    let Some(pool_name) = pool else {
-        errors::null_argument("pool").raise()
-    };
-    let amount_of = |name: &str, v: Option<pgrx::AnyNumeric>| {
-        v.map(|n| match parse_amount(&n.to_string()) {
-            Ok(m) => m,
-            Err(why) => errors::invalid(format!("{name} {why}"))
-                .hint("Amounts are in the currency of keypool_prices, to the millionth.")
-                .raise(),
-        })
-    };
-    let limit = amount_of("amount", amount);
-    let per_user = amount_of("per_user", per_user);
-    let removing = limit.is_none() && per_user.is_none();
-    let period = match period {
-        _ if removing => None,
-        Some(p @ ("day" | "month")) => Some(p),
-        Some(p) => errors::invalid(format!("period must be 'day' or 'month', not '{p}'")).raise(),
-        None => errors::null_argument("period").raise(),
-    };
-    let cfg = crate::catalog::config::current();
-    let pool = crate::engine::access::pool(&cfg, pool_name, crate::engine::access::Privilege::Admin);
-    if !removing {
-        for &k in &pool.keys {
-            if cfg.usable(&cfg.keys[k]) {
-                price_of(&cfg.keys[k], pool);
-            }
-        }
-    }
-    let pool_id = pool.id;
-    let as_sql = |m: Option<u64>| m.map(|v| v as i64);
-    crate::catalog::privilege::spi_as_owner(cfg.extension_owner, |client| {
-        errors::spi(client.update(
-            "UPDATE keypool.pool SET budget_micros = $2, budget_per_user_micros = $3, budget_period = $4 WHERE id = $1",
-            None,
-            &[
-                pool_id.into(),
-                as_sql(limit).into(),
-                as_sql(per_user).into(),
-                period.into(),
-            ],
-        ));
-        let what = match period {
-            None => "no budget".to_string(),
-            Some(p) => {
-                let mut parts = Vec::new();
-                if let Some(l) = limit {
-                    parts.push(format!("{} a {p}", to_decimal(l)));
-                }
-                if let Some(u) = per_user {
-                    parts.push(format!("{} per user a {p}", to_decimal(u)));
-                }
-                parts.join(", ")
-            }
-        };
-        errors::spi(client.update(
-            "INSERT INTO keypool.event (at, kind, pool_id, reason) VALUES ($1, 'budget_set', $2, $3)",
-            None,
-            &[
-                crate::state::clock::to_timestamptz(crate::state::clock::now_ms()).into(),
-                pool_id.into(),
-                what.as_str().into(),
-            ],
-        ));
-    });
 }

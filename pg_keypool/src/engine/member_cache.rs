@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, IntoDatum};
 
-use crate::catalog::config::{self, Config, Pool};
+use crate::catalog::model::{Config, Pool};
 use crate::catalog::privilege;
 use crate::policy::shares::{PoolShares, NEVER, WEIGHT_SCALE};
 use crate::state::members::{Member, Stripe, FLAG_MEMBER};
@@ -66,7 +66,7 @@ pub static STORED_COLUMNS: LazyLock<String> = LazyLock::new(|| {
 });
 
 thread_local! {
-    static LOOKUP: config::KeptPlan = const { config::KeptPlan::new() };
+    static LOOKUP: crate::catalog::query::KeptPlan = const { crate::catalog::query::KeptPlan::new() };
 }
 
 /// The user's row of the pool's members, if they are a member: by the primary key, with the
@@ -84,7 +84,7 @@ pub fn lookup(cfg: &Config, pool: &Pool, user: &str) -> Option<Stored> {
     privilege::as_owner(cfg.extension_owner, || {
         Spi::connect(|_| {
             LOOKUP.with(|kept| {
-                config::fresh_rows_kept(
+                crate::catalog::query::fresh_rows_kept(
                     kept,
                     &SQL,
                     &mut [pg_sys::INT8OID, pg_sys::TEXTOID],
@@ -128,7 +128,7 @@ pub fn peek(
 ) -> Option<Member> {
     let cached = {
         let stripe = sh.members.stripe(hash);
-        stripe.find(sh, hash, pool.slot).map(|i| *stripe.at(i))
+        stripe.find(hash, pool.slot).map(|i| *stripe.at(i))
     };
     cached.or_else(|| {
         let s = lookup(cfg, pool, user)?;
@@ -177,7 +177,7 @@ pub fn cache(
     today: i32,
     now_min: u16,
 ) -> Option<usize> {
-    let Some(i) = stripe.insert_member(sh, hash, pool_slot, today, now_min) else {
+    let Some(i) = stripe.insert_member(hash, pool_slot, today, now_min) else {
         stripe.stats.uncached.fetch_add(1, Ordering::Relaxed);
         sh.header.flush_wanted.store(1, Ordering::Release);
         return None;

@@ -5,5 +5,6 @@ pub mod access;
 pub mod args;
 pub mod assign;
 pub mod budgets;
+pub mod composite;
 pub mod member_cache;
 pub mod quota;

@@ -14,8 +14,10 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 
-use crate::catalog::config::{self, Config, Pool};
-use crate::engine::access::{self, Privilege};
+use crate::catalog::config::{self};
+use crate::catalog::grants::Privilege;
+use crate::catalog::model::{Config, Pool};
+use crate::engine::access::{self};
 use crate::engine::args::check_user_id;
 use crate::engine::assign;
 use crate::engine::budgets;
@@ -93,7 +95,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     // Fast path: cached, active today and within the share (or no shares at all).
     let cached = {
         let stripe = sh.members.stripe(hash);
-        match stripe.find(sh, hash, pool.slot) {
+        match stripe.find(hash, pool.slot) {
             Some(i) => {
                 let m = stripe.at(i);
                 m.touched = now_min;
@@ -136,7 +138,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
         let mut shares = sh.pool(pool.slot).lock();
         shares.roll(today);
         let stripe = sh.members.stripe(hash);
-        let entry = match (stripe.find(sh, hash, pool.slot), &read) {
+        let entry = match (stripe.find(hash, pool.slot), &read) {
             (Some(i), _) => Some(i),
             (None, Some(r)) if attempts >= member_cache::RETRIES || !r.raced(sh, hash) => {
                 match (r.stored, policy.capacity) {
@@ -151,7 +153,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
                     }
                     // A guest of a pool without shares: nothing to track.
                     (None, None) => None,
-                    (None, Some(_)) => stripe.find_or_insert_guest(sh, hash, pool.slot, today, now_min),
+                    (None, Some(_)) => stripe.find_or_insert_guest(hash, pool.slot, today, now_min),
                 }
             }
             _ => {
@@ -354,7 +356,7 @@ pub fn view(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     let mut shares = *sh.pool(pool.slot).lock();
     shares.roll(today);
     let entry = member_cache::peek(sh, cfg, pool, (user, hash), &mut shares, today);
-    let room = entry.is_some() || sh.members.stripe(hash).has_guest_room(sh, hash, today);
+    let room = entry.is_some() || sh.members.stripe(hash).has_guest_room(hash, today);
     let allocation = match entry {
         Some(m) if m.day == today => Allocation {
             allocated: Some(m.share),
@@ -412,7 +414,7 @@ fn keypool_allocation(
     let now = clock::now_ms();
     let (a, _, resets_at) = view(sh, &cfg, pool, user, now);
     let tokens = token_share(sh, &cfg, pool, user, now);
-    let money = |m: u64| budgets::to_decimal(m).parse::<AnyNumeric>().ok();
+    let money = |m: u64| crate::policy::money::to_decimal(m).parse::<AnyNumeric>().ok();
     let (spent, budget, budget_resets_at) = match &pool.budget {
         Some(b) => {
             let s = budgets::standing(sh, &cfg, pool, b, user, now);

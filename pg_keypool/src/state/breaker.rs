@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use crate::policy::outcome::Outcome;
 use crate::settings;
-use crate::state::shmem::KeySlot;
+use crate::state::slots::KeySlot;
 
 pub enum Admission {
     /// Normal operation.

@@ -11,7 +11,8 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys;
 
 use crate::errors::{self, Code};
-use crate::state::shmem::{self, MAX_CLOCKS};
+use crate::state::shmem::{self};
+use crate::state::slots::MAX_CLOCKS;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_US: i64 = 946_684_800_000_000;

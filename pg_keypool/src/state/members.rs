@@ -29,7 +29,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::policy::shares::{Policy, PoolShares, NEVER, WEIGHT_SCALE};
-use crate::state::shmem::{Lock, LockGuard, Shared};
+use crate::state::lock::{Lock, LockGuard};
+use crate::state::slots::{Header, PoolSlot};
 
 pub const STRIPES: usize = 1024;
 /// Entries a user may live in, from its home position.
@@ -125,6 +126,9 @@ pub struct StripeStats {
 
 /// The stripe locks, their counters and the entries.
 pub struct MemberTable {
+    /// The pools' slots (an entry belongs to a pool slot and its generation).
+    pub pools: &'static [PoolSlot],
+    pub header: &'static Header,
     pub locks: &'static [Lock],
     pub stats: &'static [StripeStats],
     pub cells: &'static [MemberCell],
@@ -170,6 +174,8 @@ impl MemberTable {
         let per = self.per_stripe();
         Stripe {
             _guard: guard,
+            pools: self.pools,
+            header: self.header,
             cells: &self.cells[s * per..(s + 1) * per],
             first: s * per,
             stats: &self.stats[s],
@@ -224,6 +230,8 @@ impl MemberTable {
 /// A locked stripe.
 pub struct Stripe<'a> {
     _guard: Option<LockGuard<'a>>,
+    pools: &'static [PoolSlot],
+    header: &'static Header,
     cells: &'a [MemberCell],
     first: usize,
     pub stats: &'a StripeStats,
@@ -267,8 +275,8 @@ impl<'a> Stripe<'a> {
     }
 
     /// Finds the current entry of a user.
-    pub fn find(&self, sh: &Shared, hash: u64, pool_slot: u32) -> Option<usize> {
-        let gen = sh.pool(pool_slot).members_gen.load(Ordering::Acquire);
+    pub fn find(&self, hash: u64, pool_slot: u32) -> Option<usize> {
+        let gen = self.pools[pool_slot as usize].members_gen.load(Ordering::Acquire);
         for i in self.positions(hash) {
             let m = self.at(i);
             if m.hash == 0 {
@@ -285,14 +293,12 @@ impl<'a> Stripe<'a> {
     /// Makes an entry for a member read from the table (or restored), evicting the least
     /// recently used clean entry of the window when none is free; `None` when every entry of
     /// the window holds what the tables do not have yet.
-    pub fn insert_member(&self, sh: &Shared, hash: u64, pool_slot: u32, today: i32, now_min: u16) -> Option<usize> {
-        if let Some(i) = self.find(sh, hash, pool_slot) {
+    pub fn insert_member(&self, hash: u64, pool_slot: u32, today: i32, now_min: u16) -> Option<usize> {
+        if let Some(i) = self.find(hash, pool_slot) {
             return Some(i);
         }
-        let i = self
-            .free_cell(sh, hash, today)
-            .or_else(|| self.evict(sh, hash, now_min))?;
-        self.init(sh, i, hash, pool_slot, now_min);
+        let i = self.free_cell(hash, today).or_else(|| self.evict(hash, now_min))?;
+        self.init(i, hash, pool_slot, now_min);
         self.at(i).flags = FLAG_MEMBER;
         Some(i)
     }
@@ -300,52 +306,45 @@ impl<'a> Stripe<'a> {
     /// Finds the entry of a guest, or makes one while the window keeps room for members (a
     /// quarter of it free, or held by members not active since yesterday); `None` otherwise:
     /// the guest cannot be tracked one by one.
-    pub fn find_or_insert_guest(
-        &self,
-        sh: &Shared,
-        hash: u64,
-        pool_slot: u32,
-        today: i32,
-        now_min: u16,
-    ) -> Option<usize> {
-        if let Some(i) = self.find(sh, hash, pool_slot) {
+    pub fn find_or_insert_guest(&self, hash: u64, pool_slot: u32, today: i32, now_min: u16) -> Option<usize> {
+        if let Some(i) = self.find(hash, pool_slot) {
             return Some(i);
         }
-        let room = self.guest_room(sh, hash, today)?;
+        let room = self.guest_room(hash, today)?;
         let i = self
-            .free_cell(sh, hash, today)
+            .free_cell(hash, today)
             .unwrap_or_else(|| self.oldest(&room, now_min));
-        if self.at(i).hash != 0 && !is_stale(sh, self.at(i), today) {
+        if self.at(i).hash != 0 && !is_stale(self.pools, self.at(i), today) {
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         }
-        self.init(sh, i, hash, pool_slot, now_min);
+        self.init(i, hash, pool_slot, now_min);
         Some(i)
     }
 
     /// Entries of the window of `hash` a guest may take (free, stale, or held by clean members
     /// not active since yesterday), if more than a quarter of the window is such room.
-    fn guest_room(&self, sh: &Shared, hash: u64, today: i32) -> Option<Vec<usize>> {
+    fn guest_room(&self, hash: u64, today: i32) -> Option<Vec<usize>> {
         let room: Vec<usize> = self
             .positions(hash)
             .filter(|&i| {
                 let m = self.at(i);
-                m.hash == 0 || is_stale(sh, m, today) || idle_member(m, today)
+                m.hash == 0 || is_stale(self.pools, m, today) || idle_member(m, today)
             })
             .collect();
         (room.len() > (self.window() / 4).max(1)).then_some(room)
     }
 
     /// Whether a guest not cached yet would get an entry of its own.
-    pub fn has_guest_room(&self, sh: &Shared, hash: u64, today: i32) -> bool {
-        self.guest_room(sh, hash, today).is_some()
+    pub fn has_guest_room(&self, hash: u64, today: i32) -> bool {
+        self.guest_room(hash, today).is_some()
     }
 
     /// Entries holding members and live guests.
-    pub fn counts(&self, sh: &Shared, today: i32) -> (usize, usize) {
+    pub fn counts(&self, today: i32) -> (usize, usize) {
         let (mut members, mut guests) = (0, 0);
         for i in 0..self.cells.len() {
             let m = self.at(i);
-            if m.hash == 0 || is_stale(sh, m, today) {
+            if m.hash == 0 || is_stale(self.pools, m, today) {
                 continue;
             }
             if m.is_member() {
@@ -358,10 +357,10 @@ impl<'a> Stripe<'a> {
     }
 
     /// The first free (or stale) entry of the window of `hash`.
-    fn free_cell(&self, sh: &Shared, hash: u64, today: i32) -> Option<usize> {
+    fn free_cell(&self, hash: u64, today: i32) -> Option<usize> {
         self.positions(hash).find(|&i| {
             let m = self.at(i);
-            m.hash == 0 || is_stale(sh, m, today)
+            m.hash == 0 || is_stale(self.pools, m, today)
         })
     }
 
@@ -377,7 +376,7 @@ impl<'a> Stripe<'a> {
     /// Gives the least recently used clean entry of the window to another user: a member's
     /// entry holds nothing the tables do not; what a guest used today moves to its pool's
     /// shared guest allowance, so that it still counts.
-    fn evict(&self, sh: &Shared, hash: u64, now_min: u16) -> Option<usize> {
+    fn evict(&self, hash: u64, now_min: u16) -> Option<usize> {
         let candidates: Vec<usize> = self.positions(hash).filter(|&i| self.at(i).evictable()).collect();
         if candidates.is_empty() {
             return None;
@@ -385,17 +384,17 @@ impl<'a> Stripe<'a> {
         let i = self.oldest(&candidates, now_min);
         let m = self.at(i);
         if !m.is_member() {
-            if (m.pool_slot as usize) < sh.pools.len() && m.day != NEVER && m.used > 0 {
-                sh.pool(m.pool_slot).guests_add(m.day, m.used);
+            if (m.pool_slot as usize) < self.pools.len() && m.day != NEVER && m.used > 0 {
+                self.pools[m.pool_slot as usize].guests_add(m.day, m.used);
             }
-            sh.header.guests_evicted.fetch_add(1, Ordering::Relaxed);
+            self.header.guests_evicted.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         Some(i)
     }
 
-    fn init(&self, sh: &Shared, i: usize, hash: u64, pool_slot: u32, now_min: u16) {
-        let gen = sh.pool(pool_slot).members_gen.load(Ordering::Acquire);
+    fn init(&self, i: usize, hash: u64, pool_slot: u32, now_min: u16) {
+        let gen = self.pools[pool_slot as usize].members_gen.load(Ordering::Acquire);
         *self.at(i) = Member {
             hash,
             pool_slot,
@@ -420,9 +419,9 @@ fn idle_member(m: &Member, today: i32) -> bool {
 }
 
 /// An entry that holds nothing worth keeping.
-fn is_stale(sh: &Shared, m: &Member, today: i32) -> bool {
-    if (m.pool_slot as usize) >= sh.pools.len()
-        || sh.pool(m.pool_slot).members_gen.load(Ordering::Acquire) != m.pool_gen
+fn is_stale(pools: &[PoolSlot], m: &Member, today: i32) -> bool {
+    if (m.pool_slot as usize) >= pools.len()
+        || pools[m.pool_slot as usize].members_gen.load(Ordering::Acquire) != m.pool_gen
     {
         return true;
     }

@@ -3,9 +3,11 @@
 
 pub mod breaker;
 pub mod clock;
+pub mod lock;
 pub mod members;
 pub mod persist;
 pub mod registry;
 pub mod reservation;
 pub mod shmem;
+pub mod slots;
 pub mod txn;

@@ -39,9 +39,10 @@ use crate::policy::window::codec::{get_i32, get_i64, get_u32, get_u64, put_i32, 
 use crate::policy::window::ScopeWindows;
 use crate::state::clock;
 use crate::state::members::STRIPES;
-use crate::state::shmem::{self, Owner, Shared, COUNTERS};
+use crate::state::shmem::{self, Shared};
+use crate::state::slots::{Owner, COUNTERS};
 
-const FILE: &str = "pg_keypool.state";
+pub const FILE: &str = "pg_keypool.state";
 const MAGIC: u64 = 0x5354_4154_454b_5031; // "KPSTATE1"
 /// 5: keys' member counts, members' weight classes and pools' aggregates in the clean save (a
 /// clean restart counts no pool's members from its table). 4: pools' spend of their budgets,
@@ -167,7 +168,7 @@ fn encode(sh: &Shared, writer: Writer, clean: bool, lock: bool, now_ms: i64, che
     put_i64(&mut out, now_ms);
     put_u64(&mut out, writer.system_identifier);
     put_u32(&mut out, writer.timeline);
-    put_u32(&mut out, crate::catalog::failover::catch_up_pending(sh) as u32);
+    put_u32(&mut out, sh.catch_up_pending() as u32);
     let scopes: Vec<_> = sh.scopes.iter().filter(|s| !s.tag.is_free()).collect();
     put_u32(&mut out, scopes.len() as u32);
     for s in scopes {
@@ -271,7 +272,7 @@ fn aggregates_of_loaded_pools(sh: &Shared) -> Vec<AggregateRecord> {
         .iter()
         .filter(|p| {
             !p.tag.is_free()
-                && (p.members_state.load(Ordering::Acquire) == crate::state::shmem::MEMBERS_READY
+                && (p.members_state.load(Ordering::Acquire) == crate::state::slots::MEMBERS_READY
                     || p.aggregates_restored.load(Ordering::Acquire) == 1)
                 && p.after_prepared.load(Ordering::Acquire) == 0
         })
@@ -743,16 +744,9 @@ fn restore_members(sh: &Shared, records: &[MemberRecord]) {
         };
         let stripe = sh.members.stripe_at_unlocked((r.hash % STRIPES as u64) as usize);
         let entry = if r.member {
-            stripe.insert_member(
-                sh,
-                r.hash,
-                slot,
-                r.day,
-                crate::state::members::minute(clock::real_now_ms()),
-            )
+            stripe.insert_member(r.hash, slot, r.day, crate::state::members::minute(clock::real_now_ms()))
         } else {
             stripe.find_or_insert_guest(
-                sh,
                 r.hash,
                 slot,
                 r.spent_from.max(r.day),
@@ -798,27 +792,6 @@ fn pool_slot_for(sh: &Shared, owner: Owner, pool_id: i64) -> Option<u32> {
         }
     };
     Some(i as u32)
-}
-
-/// `keypool_save_state()`: writes the state file now.
-#[pg_extern(volatile, parallel_unsafe)]
-fn keypool_save_state() -> pgrx::datum::TimestampWithTimeZone {
-    let _path = crate::catalog::privilege::pin_search_path();
-    let sh = shmem::shared();
-    let cfg = crate::catalog::config::current();
-    crate::engine::access::require_every_pool(
-        &cfg.grants,
-        "save pg_keypool's state",
-        crate::engine::access::Privilege::Admin,
-    );
-    if let Err(e) = save(sh) {
-        crate::errors::error(
-            crate::errors::Code::ERRCODE_IO_ERROR,
-            format!("could not write {FILE}: {e}"),
-        )
-        .raise();
-    }
-    clock::to_timestamptz(sh.header.state_saved_ms.load(Ordering::Acquire))
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ use std::sync::atomic::Ordering;
 use crate::errors::{self, Code};
 use crate::policy::shares::PoolShares;
 use crate::policy::window::ScopeWindows;
-use crate::state::shmem::{KeySlot, Owner, PoolSlot, ScopeSlot, Shared, Tag, MEMBERS_UNLOADED};
+use crate::state::shmem::Shared;
+use crate::state::slots::{KeySlot, Owner, PoolSlot, ScopeSlot, Tag, MEMBERS_UNLOADED};
 
 /// What the registry needs to know about a kind of slot.
 trait Slot {

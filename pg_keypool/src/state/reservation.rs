@@ -13,10 +13,44 @@
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
-use crate::state::shmem::{ReservationSlot, Shared};
+use crate::state::shmem::Shared;
+use crate::state::slots::ReservationSlot;
 
 const CLAIMING: u64 = u64::MAX;
 const PROBES: u64 = 8;
+
+/// What a reservation took of the budgets.
+#[derive(Clone, Copy, Debug)]
+pub struct Hold {
+    pub amount: u64,
+    /// The day number its period began on.
+    pub period: i32,
+    /// The user's member entry (u32::MAX: none) and hash.
+    pub index: u32,
+    pub hash: u64,
+}
+
+impl Hold {
+    pub const NONE_INDEX: u32 = u32::MAX;
+    const NO_PERIOD: i32 = i32::MIN;
+
+    /// Whether the reservation was made under a budget.
+    pub fn held(&self) -> bool {
+        self.period != Self::NO_PERIOD
+    }
+}
+
+impl Default for Hold {
+    /// No budget held.
+    fn default() -> Self {
+        Hold {
+            amount: 0,
+            period: Self::NO_PERIOD,
+            index: Self::NONE_INDEX,
+            hash: 0,
+        }
+    }
+}
 
 /// This reservation let a key's half-open circuit breaker try one request.
 pub const FLAG_TRIAL: u32 = 1;
@@ -53,7 +87,7 @@ pub struct Record {
     /// The role that reserved (its oid).
     pub role: u32,
     /// What it holds of its pool's budget (budgets.rs).
-    pub hold: crate::engine::budgets::Hold,
+    pub hold: Hold,
 }
 
 /// How a reservation ended.
@@ -135,7 +169,7 @@ fn read(s: &ReservationSlot) -> Record {
         member_hash: s.member_hash.load(Relaxed),
         member_day: s.member_day.load(Relaxed),
         role: s.role.load(Relaxed),
-        hold: crate::engine::budgets::Hold {
+        hold: Hold {
             amount: s.cost_held.load(Relaxed),
             period: s.spend_period.load(Relaxed),
             index: s.spend_index.load(Relaxed),
