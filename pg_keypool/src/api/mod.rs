@@ -4,6 +4,7 @@ pub mod admin;
 pub mod budgets;
 pub mod fallbacks;
 pub mod grants;
+pub mod membership;
 pub mod operations;
 pub mod queue;
 pub mod reserve;

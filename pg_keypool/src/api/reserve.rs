@@ -247,7 +247,7 @@ fn reserve_in(
         ix = pool_index(&cfg, pool_name);
     }
     let now = clock::now_ms();
-    assign::ensure_loaded(sh, &cfg, &cfg.pools[ix]);
+    crate::engine::member_load::ensure_loaded(sh, &cfg, &cfg.pools[ix]);
     // The user's own keys first (bring your own key): outside their share and the pool's budget.
     let owned = &cfg.pools[ix].owned;
     if !owned.is_empty() && owned.contains_key(user) {

@@ -177,7 +177,7 @@ mod keypool {
         let _path = crate::catalog::privilege::pin_search_path();
         let sh = shmem::shared();
         let cfg = config::current();
-        crate::engine::assign::ensure_all_loaded(sh, &cfg);
+        crate::engine::member_load::ensure_all_loaded(sh, &cfg);
         let caller = crate::catalog::privilege::caller();
         let now = clock::now_ms();
         let rows: Vec<_> = cfg
@@ -301,7 +301,7 @@ mod keypool {
             .iter()
             .filter(|pool| cfg.grants.allows(caller, Some(pool.id), Privilege::Read))
             .map(|pool| {
-                crate::engine::assign::ensure_loaded(sh, &cfg, pool);
+                crate::engine::member_load::ensure_loaded(sh, &cfg, pool);
                 let (today, _, day_end) = pool.day(now);
                 let mut shares = *sh.pool(pool.slot).lock();
                 shares.roll(today);

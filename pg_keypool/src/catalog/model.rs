@@ -28,7 +28,7 @@ pub struct Pool {
     pub token_capacity: Option<u64>,
     /// The time zone of its users' daily reset.
     pub tz: Tz,
-    /// Identifies the set of keys that take new users (assign.rs rebuilds its tree when it
+    /// Identifies the set of keys that take new users (engine/key_tree.rs rebuilds its tree when it
     /// changes).
     pub assign_fingerprint: u64,
     /// Users' own keys (`owner`), by owner, in tiers; `keys` and `tiers` hold the shared keys

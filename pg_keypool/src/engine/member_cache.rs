@@ -5,6 +5,7 @@
 //! move, a new weight): that transaction bumps its stripe's epoch when it ends, and a lookup
 //! whose stripe epoch moved while it ran is done again before anything is cached.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::atomic::Ordering;
 use std::sync::LazyLock;
@@ -14,8 +15,9 @@ use pgrx::{pg_sys, IntoDatum};
 
 use crate::catalog::model::{Config, Pool};
 use crate::catalog::privilege;
+use crate::errors;
 use crate::policy::shares::{PoolShares, NEVER, WEIGHT_SCALE};
-use crate::state::members::{Member, Stripe, FLAG_MEMBER};
+use crate::state::members::{self, Member, Stripe, FLAG_MEMBER};
 use crate::state::shmem::Shared;
 
 /// Reads done again at most this often when membership keeps changing under them.
@@ -185,4 +187,75 @@ pub fn cache(
     fill(shares, stripe.at(i), s, today);
     stripe.stats.loads.fetch_add(1, Ordering::Relaxed);
     Some(i)
+}
+
+pub fn as_owner<R>(cfg: &Config, f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> R) -> R {
+    privilege::spi_as_owner(cfg.extension_owner, f)
+}
+
+pub fn rows<T>(
+    table: pgrx::spi::SpiTupleTable<'_>,
+    mut f: impl FnMut(&pgrx::spi::SpiHeapTupleData<'_>) -> T,
+) -> Vec<T> {
+    table.map(|row| f(&row)).collect()
+}
+
+/// The rows of the given users of the pool (by user id), by their hashes.
+pub fn stored_by_user(cfg: &Config, pool: &Pool, users: &[String], hashes: &[u64]) -> HashMap<u64, Stored> {
+    let hash_of: HashMap<&str, u64> = users.iter().map(|u| u.as_str()).zip(hashes.iter().copied()).collect();
+    as_owner(cfg, |client| {
+        let t = errors::spi(client.select(
+            // A join with the ids (one index probe each), not `= ANY`: during a backfill the table
+            // grows within the transaction and a scan of it per batch would be quadratic.
+            &format!(
+                "SELECT m.user_id, {} FROM unnest($2::text[]) AS u(id)
+                   JOIN keypool.member m ON m.pool_id = $1 AND m.user_id = u.id",
+                *STORED_COLUMNS
+            ),
+            None,
+            &[pool.id.into(), users.to_vec().into()],
+        ));
+        rows(t, |r| {
+            let user = r.get::<String>(1).ok().flatten().unwrap_or_default();
+            (user, stored_of(r, 2))
+        })
+        .into_iter()
+        .filter_map(|(u, s)| Some((*hash_of.get(u.as_str())?, s)))
+        .collect()
+    })
+}
+
+/// A `Stored` from `STORED_COLUMNS` at columns `first..first + 6` of a row.
+pub fn stored_of(r: &pgrx::spi::SpiHeapTupleData<'_>, first: usize) -> Stored {
+    let get = |i: usize| r.get::<i64>(first + i).ok().flatten().unwrap_or(0);
+    let day = |i: usize| r.get::<i32>(first + i).ok().flatten().unwrap_or(NEVER);
+    Stored::from_columns(get(0), get(1), day(2), day(3), get(4), get(5))
+}
+
+/// The table's rows of the given users of the pool.
+pub fn stored_members(cfg: &Config, pool: &Pool, hashes: &[u64]) -> HashMap<u64, Stored> {
+    if hashes.is_empty() {
+        return HashMap::new();
+    }
+    let sql_hashes: Vec<i64> = hashes.iter().map(|&h| members::hash_to_sql(h)).collect();
+    // Few: an index probe each; many (a cache restored after a clean shutdown): one scan with a
+    // hashed list.
+    let from = if hashes.len() <= 20_000 {
+        "FROM unnest($2::bigint[]) AS u(h) JOIN keypool.member m ON m.pool_id = $1 AND m.user_hash = u.h"
+    } else {
+        "FROM keypool.member m WHERE m.pool_id = $1 AND m.user_hash = ANY($2)"
+    };
+    as_owner(cfg, |client| {
+        let t = errors::spi(client.select(
+            &format!("SELECT m.user_hash, {} {from}", *STORED_COLUMNS),
+            None,
+            &[pool.id.into(), sql_hashes.into()],
+        ));
+        rows(t, |r| {
+            let hash = members::hash_from_sql(r.get::<i64>(1).ok().flatten().unwrap_or(0));
+            (hash, stored_of(r, 2))
+        })
+        .into_iter()
+        .collect()
+    })
 }

@@ -6,5 +6,7 @@ pub mod args;
 pub mod assign;
 pub mod budgets;
 pub mod composite;
+pub mod key_tree;
 pub mod member_cache;
+pub mod member_load;
 pub mod quota;

@@ -19,7 +19,6 @@ use crate::catalog::grants::Privilege;
 use crate::catalog::model::{Config, Pool};
 use crate::engine::access::{self};
 use crate::engine::args::check_user_id;
-use crate::engine::assign;
 use crate::engine::budgets;
 use crate::engine::member_cache;
 use crate::errors;
@@ -410,7 +409,7 @@ fn keypool_allocation(
     let (cfg, pool_name, user) = arguments(user_id, pool);
     let sh = shmem::shared();
     let pool = access::pool(&cfg, pool_name, Privilege::Use);
-    assign::ensure_loaded(sh, &cfg, pool);
+    crate::engine::member_load::ensure_loaded(sh, &cfg, pool);
     let now = clock::now_ms();
     let (a, _, resets_at) = view(sh, &cfg, pool, user, now);
     let tokens = token_share(sh, &cfg, pool, user, now);
@@ -473,7 +472,7 @@ fn keypool_can_request(user_id: Option<&str>, pool: default!(Option<&str>, "'def
     if !pool.keys.iter().any(|&k| cfg.usable(&cfg.keys[k])) {
         return false;
     }
-    assign::ensure_loaded(sh, &cfg, pool);
+    crate::engine::member_load::ensure_loaded(sh, &cfg, pool);
     let now = clock::now_ms();
     let (a, may_borrow, _) = view(sh, &cfg, pool, user, now);
     let within_budget = pool

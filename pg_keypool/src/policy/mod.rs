@@ -4,6 +4,7 @@ pub mod calendar;
 pub mod money;
 pub mod outcome;
 pub mod provider;
+pub mod rebalance;
 pub mod refusal;
 pub mod seal;
 pub mod shares;

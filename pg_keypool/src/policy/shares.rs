@@ -51,7 +51,7 @@ impl Default for WeightClass {
     }
 }
 
-/// Where the tree of a pool's keys lives in the arena (assign.rs).
+/// Where the tree of a pool's keys lives in the arena (engine/key_tree.rs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TreeMeta {

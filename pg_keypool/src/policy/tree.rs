@@ -2,7 +2,7 @@
 //! keys, each leaf holding (users assigned, key id). Ties go to the lowest key id because the
 //! id is the low half of the packed value.
 //!
-//! The tree lives in a region of shared memory owned by the pool (see `assign.rs`); these are
+//! The tree lives in a region of shared memory owned by the pool (see `engine/key_tree.rs`); these are
 //! the pure operations on that region: `cells[1]` is the root, leaves are `cells[n..2n]`.
 
 /// Packs a key's load and id so that comparing packed values compares (users, key id).

@@ -18,7 +18,7 @@
 //! The clean save also holds what each pool member used of their share today, so that a clean
 //! restart changes nothing for users; periodic saves leave it out (it can be large): after a
 //! crash members' use comes back from `keypool.member`, as the flusher last wrote it
-//! (history.rs, assign.rs).
+//! (history.rs, member_load.rs).
 //!
 //! The file names the system and timeline that wrote it. Only the same system on the same
 //! timeline trusts it; a standby, a restored backup or another timeline loads it as after a
@@ -736,7 +736,7 @@ fn restore_aggregates(sh: &Shared, state: &Decoded) {
 }
 
 /// Puts members' usage of the day back; their pools' slots are bound to them here, and the rest
-/// of each pool's members come from its table when it is first used (assign.rs keeps this usage).
+/// of each pool's members come from its table when it is first used (member_load.rs keeps this usage).
 fn restore_members(sh: &Shared, records: &[MemberRecord]) {
     for r in records {
         let Some(slot) = pool_slot_for(sh, r.owner, r.pool_id) else {

@@ -208,7 +208,7 @@ pub struct KeySlot {
     /// Users assigned to the key (members of its pool); guarded by the pool slot's lock.
     pub assigned: AtomicI64,
     /// The key's leaf in its pool's assignment tree, valid while `tree_build` matches the
-    /// pool's current build (assign.rs).
+    /// pool's current build (engine/key_tree.rs).
     pub tree_pos: AtomicU32,
     pub tree_build: AtomicU64,
 }
