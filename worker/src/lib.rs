@@ -17,23 +17,11 @@
 //! - `import_env`, `validate`: key management commands; `mock`: the mock provider
 //! - key labels come from the `keypool-mask` crate, shared with the extension
 
-pub mod admin;
-pub mod auth;
+pub mod commands;
 pub mod config;
-pub mod dashboard;
 pub mod db;
 pub mod duration;
 pub mod gateway;
-pub mod import_env;
-pub mod keys;
-pub mod listener;
-pub mod metrics;
-pub mod mock;
-pub mod openai;
-pub mod pgtls;
+pub mod http;
+pub mod protocol;
 pub mod providers;
-pub mod queue;
-pub mod serve;
-pub mod server;
-pub mod sse;
-pub mod validate;

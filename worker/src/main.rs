@@ -41,10 +41,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => keypool_worker::serve::run(args).await.map(|_| ExitCode::SUCCESS),
-            Command::ImportEnv(args) => keypool_worker::import_env::run(args).await.map(|_| ExitCode::SUCCESS),
-            Command::Validate(args) => keypool_worker::validate::run(args).await,
-            Command::MockProvider(args) => keypool_worker::mock::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Serve(args) => keypool_worker::commands::serve::run(args)
+                .await
+                .map(|_| ExitCode::SUCCESS),
+            Command::ImportEnv(args) => keypool_worker::commands::import_env::run(args)
+                .await
+                .map(|_| ExitCode::SUCCESS),
+            Command::Validate(args) => keypool_worker::gateway::validate::run(args).await,
+            Command::MockProvider(args) => keypool_worker::commands::mock::run(args)
+                .await
+                .map(|_| ExitCode::SUCCESS),
         }
     });
     match result {

@@ -468,7 +468,7 @@ async fn metrics_need_their_token_and_read_the_database_at_most_once_a_second() 
             "--metrics-token",
             METRICS,
             "--log",
-            "info,keypool_worker::admin=debug",
+            "info,keypool_worker::http::admin=debug",
         ],
     )
     .await;

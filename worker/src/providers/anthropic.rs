@@ -6,8 +6,8 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::{content_parts, Completion, KeyRef, Part, ProviderError, Translate};
-use crate::openai::{self, ChatRequest, Usage};
-use crate::sse;
+use crate::protocol::openai::{self, ChatRequest, Usage};
+use crate::protocol::sse;
 
 pub const VERSION: &str = "2023-06-01";
 

@@ -9,8 +9,8 @@ use serde_json::{json, Map, Value};
 
 use super::{content_parts, Completion, Embeddings, KeyRef, Part, ProviderError, Translate};
 use crate::duration;
-use crate::openai::{self, ChatRequest, EmbeddingInput, EmbeddingsRequest, Usage};
-use crate::sse;
+use crate::protocol::openai::{self, ChatRequest, EmbeddingInput, EmbeddingsRequest, Usage};
+use crate::protocol::sse;
 
 fn model_path(key: &KeyRef, requested: Option<&str>) -> Result<String, String> {
     let model = key

@@ -19,8 +19,8 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use crate::duration;
-use crate::openai::{ChatRequest, EmbeddingsRequest, Usage};
-use crate::sse;
+use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, Usage};
+use crate::protocol::sse;
 
 /// A key granted by `keypool_reserve`, with what is needed to call its provider.
 #[derive(Clone)]

@@ -7,8 +7,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{Completion, Embeddings, KeyRef, ProviderError, Translate};
-use crate::openai::{ChatRequest, EmbeddingsRequest, Usage, WireUsage};
-use crate::sse;
+use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, Usage, WireUsage};
+use crate::protocol::sse;
 
 /// The base URL that `chat/completions` and `models` hang off.
 fn api_base(key: &KeyRef) -> String {

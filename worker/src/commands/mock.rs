@@ -244,7 +244,7 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 fn text_of(v: Option<&Value>) -> String {
-    crate::openai::text_of(v)
+    crate::protocol::openai::text_of(v)
 }
 
 fn prompt_tokens(chars: usize) -> i64 {

@@ -24,9 +24,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_postgres::types::ToSql;
 
-use crate::auth::{self, Principal};
 use crate::db::DbError;
-use crate::server::{self, Endpoint};
+use crate::http::auth::{self, Principal};
+use crate::http::server::{self, Endpoint};
 
 /// The user API: the calling user's own share.
 pub fn user_router() -> Router<Arc<Endpoint>> {
@@ -131,7 +131,7 @@ pub async fn metrics(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Res
         if !fresh {
             tracing::debug!("metrics: read the database");
             let mut db_part = String::new();
-            crate::metrics::render_database(&ep.gateway.db, &mut db_part).await;
+            crate::gateway::metrics::render_database(&ep.gateway.db, &mut db_part).await;
             *cached = Some((Instant::now(), db_part));
         }
         if let Some((_, db_part)) = cached.as_ref() {

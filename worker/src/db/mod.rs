@@ -3,6 +3,8 @@
 //! when it does not), `keypool_release`, and the check that the database has the extension
 //! version this worker was built with.
 
+pub mod tls;
+
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -10,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::config::DbArgs;
-use crate::openai::Usage;
+use crate::protocol::openai::Usage;
 use crate::providers::KeyRef;
 
 /// The pg_keypool version this worker speaks to.
@@ -160,7 +162,7 @@ pub struct Db {
     pool: Pool,
     config: tokio_postgres::Config,
     /// TLS as the connection string's sslmode asks (pgtls.rs), for connections outside the pool.
-    tls: crate::pgtls::Tls,
+    tls: crate::db::tls::Tls,
     settles: mpsc::Sender<SettleMsg>,
 }
 
@@ -188,7 +190,7 @@ impl Db {
     /// Connects, checks the extension, and starts the background settler.
     pub async fn connect(args: &DbArgs) -> anyhow::Result<Db> {
         let (mut config, tls, ssl_mode) =
-            crate::pgtls::configure(&args.database_url).map_err(|e| anyhow::anyhow!(e))?;
+            crate::db::tls::configure(&args.database_url).map_err(|e| anyhow::anyhow!(e))?;
         if config.get_application_name().is_none() {
             config.application_name("keypool-worker");
         }
@@ -222,7 +224,7 @@ impl Db {
                 message.push_str(&format!(
                     " (sslmode={}: verify-ca checks that the server's certificate chains to sslrootcert, \
                      verify-full also that it names the host)",
-                    crate::pgtls::mode_name(ssl_mode)
+                    crate::db::tls::mode_name(ssl_mode)
                 ));
             }
             anyhow::anyhow!(message)
@@ -234,7 +236,9 @@ impl Db {
     }
 
     /// A connection of its own (LISTEN), made as the pool's are.
-    pub async fn dedicated(&self) -> Result<(tokio_postgres::Client, crate::pgtls::Connection), tokio_postgres::Error> {
+    pub async fn dedicated(
+        &self,
+    ) -> Result<(tokio_postgres::Client, crate::db::tls::Connection), tokio_postgres::Error> {
         self.config.connect(self.tls.clone()).await
     }
 
@@ -361,11 +365,11 @@ impl Db {
     }
 
     /// What a database API token allows (`keypool_authenticate_api_token`), if it is valid.
-    pub async fn authenticate_token(&self, token: &str) -> Result<Option<crate::auth::TokenGrant>, DbError> {
+    pub async fn authenticate_token(&self, token: &str) -> Result<Option<crate::http::auth::TokenGrant>, DbError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(AUTHENTICATE).await?;
         let row = client.query_opt(&stmt, &[&token]).await?;
-        Ok(row.map(|r| crate::auth::TokenGrant {
+        Ok(row.map(|r| crate::http::auth::TokenGrant {
             id: r.get(0),
             user: r.get(1),
             pools: r.get(2),

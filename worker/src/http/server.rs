@@ -27,10 +27,10 @@ use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
-use crate::auth::{self, Principal, TokenCache};
 use crate::db::Allocation;
 use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, Gateway, ProxyJob, Served};
-use crate::openai::{error_body, ChatRequest, EmbeddingsRequest};
+use crate::http::auth::{self, Principal, TokenCache};
+use crate::protocol::openai::{error_body, ChatRequest, EmbeddingsRequest};
 
 /// (pool, model) pairs; model is empty for pools whose keys name none.
 type PoolModels = Arc<Vec<(String, String)>>;
@@ -115,19 +115,19 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/proxy/{pool}/{*path}", any(proxy))
-        .merge(crate::keys::user_routes())
+        .merge(crate::http::keys::user_routes())
         .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::api));
-    let user =
-        crate::admin::user_router().route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::user_api));
-    let admin = crate::admin::admin_router()
-        .merge(crate::keys::admin_routes())
+    let user = crate::http::admin::user_router()
+        .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::user_api));
+    let admin = crate::http::admin::admin_router()
+        .merge(crate::http::keys::admin_routes())
         .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::admin));
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/metrics", get(crate::admin::metrics))
-        .route("/dashboard", get(crate::dashboard::page))
-        .route("/dashboard/uplot.min.js", get(crate::dashboard::uplot_js))
-        .route("/dashboard/uplot.min.css", get(crate::dashboard::uplot_css))
+        .route("/metrics", get(crate::http::admin::metrics))
+        .route("/dashboard", get(crate::http::dashboard::page))
+        .route("/dashboard/uplot.min.js", get(crate::http::dashboard::uplot_js))
+        .route("/dashboard/uplot.min.css", get(crate::http::dashboard::uplot_css))
         .merge(api)
         .merge(user)
         .merge(admin)

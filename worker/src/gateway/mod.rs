@@ -8,6 +8,10 @@
 //! `server_error`, and returns `caller_error` and `other` to the caller untouched. Successes are
 //! settled in the background (their class is known), everything else at once.
 
+pub mod metrics;
+pub mod queue;
+pub mod validate;
+
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,10 +24,10 @@ use reqwest::header::HeaderMap;
 use tracing::{info, warn};
 
 use crate::db::{Allocation, Db, DbError, Refusal, Reserved, Settlement};
-use crate::metrics::Metrics;
-use crate::openai::{self, ChatRequest, EmbeddingsRequest, Usage};
+use crate::gateway::metrics::Metrics;
+use crate::protocol::openai::{self, ChatRequest, EmbeddingsRequest, Usage};
+use crate::protocol::sse;
 use crate::providers::{self, KeyRef, ProviderError, Translate, Wire};
-use crate::sse;
 
 /// Counters reported in heartbeats.
 #[derive(Default)]

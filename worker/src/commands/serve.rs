@@ -11,9 +11,10 @@ use tracing::{info, warn};
 
 use crate::config::{hostname, ServeArgs};
 use crate::db::Db;
+use crate::gateway::queue;
 use crate::gateway::{self, Gateway, Stats};
-use crate::server::{self, Endpoint};
-use crate::{listener, queue};
+use crate::http::listener;
+use crate::http::server::{self, Endpoint};
 
 /// Records a clean stop, so that the worker is not reported missing (keypool_alerts).
 async fn stopped(db: &Db, worker_id: &str) -> Result<(), crate::db::DbError> {

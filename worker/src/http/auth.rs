@@ -26,8 +26,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::db::{Db, DbError};
-use crate::openai::error_body;
-use crate::server::Endpoint;
+use crate::http::server::Endpoint;
+use crate::protocol::openai::error_body;
 
 /// How long an answer about a database token is trusted (revocation takes effect within it).
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(2);
@@ -271,12 +271,12 @@ async fn principal(ep: &Endpoint, headers: &HeaderMap, admin_ok: bool) -> Result
 pub async fn admin(State(ep): State<Arc<Endpoint>>, request: Request, next: Next) -> Response {
     match bearer(request.headers()) {
         Some(t) if one_of(&ep.admin_tokens, t) => next.run(request).await,
-        None => crate::admin::problem(
+        None => crate::http::admin::problem(
             StatusCode::UNAUTHORIZED,
             "missing admin token: send `Authorization: Bearer <token>` with one of the worker's KEYPOOL_ADMIN_TOKENS",
             "invalid_admin_token",
         ),
-        Some(_) => crate::admin::problem(
+        Some(_) => crate::http::admin::problem(
             StatusCode::UNAUTHORIZED,
             "the token is not an admin token (one of the worker's KEYPOOL_ADMIN_TOKENS)",
             "invalid_admin_token",

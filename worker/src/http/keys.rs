@@ -19,11 +19,11 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::admin::{act, admin, from_db, key_number, problem, rows_json, KEY_AFTER};
-use crate::auth::Principal;
+use crate::gateway::validate::{self, Verdict};
+use crate::http::admin::{act, admin, from_db, key_number, problem, rows_json, KEY_AFTER};
+use crate::http::auth::Principal;
+use crate::http::server::Endpoint;
 use crate::providers::KeyRef;
-use crate::server::Endpoint;
-use crate::validate::{self, Verdict};
 
 /// How long a provider may take to answer a key check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::db::DbError;
 use crate::gateway::{Answer, ChatJob, Failure, Gateway};
-use crate::openai::ChatRequest;
+use crate::protocol::openai::ChatRequest;
 
 #[derive(Clone, Debug)]
 pub struct Settings {

@@ -1,0 +1,9 @@
+//! The HTTP endpoint: the OpenAI-compatible routes (server.rs), who is calling (auth), the admin
+//! and users' APIs, the dashboard, and the connection loop with its limits (listener.rs).
+
+pub mod admin;
+pub mod auth;
+pub mod dashboard;
+pub mod keys;
+pub mod listener;
+pub mod server;
