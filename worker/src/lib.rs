@@ -2,19 +2,19 @@
 //! API, calls the granted key's provider, and settles what happened; the extension decides
 //! everything else (limits, fairness, cooldowns, which errors disable a key).
 //!
-//! Modules, by concept:
+//! Layers, each importing only from the ones listed before it:
 //! - `config`, `duration`: the command line and its environment mirrors
-//! - `db`: the SQL API (reserve, settle, release) over a connection pool; `pgtls`: TLS to
-//!   PostgreSQL as libpq's sslmode and sslrootcert say
-//! - `openai`, `sse`: OpenAI's chat wire format and server-sent events
+//! - `protocol`: OpenAI's wire format (the worker's lingua franca) and server-sent events
 //! - `providers`: one module per provider wire format
-//! - `gateway`: one request's reserve → call → settle → retry
-//! - `auth`: who is calling (service, API and admin tokens), decided before a body is read
-//! - `server`: the OpenAI-compatible HTTP endpoint; `admin`, `dashboard`, `metrics`: the admin
-//!   and user APIs, the operators' page, Prometheus; `queue`: the SQL request queue's consumer;
-//!   `serve`: both, with heartbeats and graceful shutdown; `listener`: the connection loop and
-//!   its timeouts
-//! - `import_env`, `validate`: key management commands; `mock`: the mock provider
+//! - `db`: the SQL API (reserve, settle, release, tokens) over a connection pool, with TLS to
+//!   PostgreSQL as libpq's sslmode and sslrootcert say (`db::tls`)
+//! - `gateway`: one request's reserve → call → settle → retry; the SQL queue's consumer
+//!   (`queue`), key validation (`validate`), Prometheus counters (`metrics`)
+//! - `http`: the endpoint's state (`endpoint`), who is calling (`credentials`, `auth`), the
+//!   OpenAI-compatible routes (`server`), the admin and users' APIs (`admin`, `keys`), the
+//!   dashboard, error bodies (`problem`), and the connection loop with its timeouts (`listener`)
+//! - `commands`: `serve` (endpoint, queue consumer, heartbeats, graceful shutdown), `import-env`,
+//!   `mock-provider`
 //! - key labels come from the `keypool-mask` crate, shared with the extension
 
 pub mod commands;

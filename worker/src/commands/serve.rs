@@ -13,8 +13,9 @@ use crate::config::{hostname, ServeArgs};
 use crate::db::Db;
 use crate::gateway::queue;
 use crate::gateway::{self, Gateway, Stats};
+use crate::http::endpoint::Endpoint;
 use crate::http::listener;
-use crate::http::server::{self, Endpoint};
+use crate::http::server::{self};
 
 /// Records a clean stop, so that the worker is not reported missing (keypool_alerts).
 async fn stopped(db: &Db, worker_id: &str) -> Result<(), crate::db::DbError> {

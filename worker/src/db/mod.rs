@@ -5,7 +5,7 @@
 
 pub mod tls;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
@@ -365,11 +365,11 @@ impl Db {
     }
 
     /// What a database API token allows (`keypool_authenticate_api_token`), if it is valid.
-    pub async fn authenticate_token(&self, token: &str) -> Result<Option<crate::http::auth::TokenGrant>, DbError> {
+    pub async fn authenticate_token(&self, token: &str) -> Result<Option<TokenGrant>, DbError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(AUTHENTICATE).await?;
         let row = client.query_opt(&stmt, &[&token]).await?;
-        Ok(row.map(|r| crate::http::auth::TokenGrant {
+        Ok(row.map(|r| TokenGrant {
             id: r.get(0),
             user: r.get(1),
             pools: r.get(2),
@@ -504,4 +504,15 @@ async fn try_batch(pool: &Pool, batch: &[Settlement]) -> Result<(), DbError> {
 
 async fn settle_one(pool: &Pool, s: &Settlement) -> Result<(), DbError> {
     try_batch(pool, std::slice::from_ref(s)).await
+}
+
+/// What a database token allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub id: i64,
+    /// The user it acts as, if bound to one.
+    pub user: Option<String>,
+    /// The pools it reaches, if bound to some.
+    pub pools: Option<Vec<String>>,
+    pub expires_at: Option<SystemTime>,
 }

@@ -24,9 +24,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_postgres::types::ToSql;
 
-use crate::db::DbError;
-use crate::http::auth::{self, Principal};
-use crate::http::server::{self, Endpoint};
+use crate::http::credentials::Principal;
+use crate::http::endpoint::Endpoint;
+use crate::http::problem::{from_db, problem};
 
 /// The user API: the calling user's own share.
 pub fn user_router() -> Router<Arc<Endpoint>> {
@@ -49,29 +49,6 @@ pub fn admin_router() -> Router<Arc<Endpoint>> {
         .route("/allocation/keys/{key_id}/disable", post(disable_key))
         .route("/allocation/keys/{key_id}/enable", post(enable_key))
         .route("/allocation/pools/{pool}/reset", post(reset_pool))
-}
-
-pub(crate) fn problem(status: StatusCode, message: &str, code: &str) -> Response {
-    (status, axum::Json(json!({"error": {"message": message, "code": code}}))).into_response()
-}
-
-pub(crate) fn from_db(e: DbError) -> Response {
-    let (status, code) = match e.sqlstate.as_deref() {
-        Some("42704") => (StatusCode::NOT_FOUND, "not_found"),
-        Some(s) if s.starts_with("22") => (StatusCode::BAD_REQUEST, "invalid_input"),
-        Some("42501") => (StatusCode::FORBIDDEN, "insufficient_privilege"),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
-        Some(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database_error"),
-    };
-    let mut message = e.message.clone();
-    if let Some(h) = &e.hint {
-        message.push_str("; hint: ");
-        message.push_str(h);
-    }
-    if code == "insufficient_privilege" {
-        message.push_str(" (the worker's role needs the grants README's Roles section lists for the admin API)");
-    }
-    problem(status, &message, code)
 }
 
 /// Runs `sql` and answers with its rows as a JSON array (or the first row as an object).
@@ -112,9 +89,11 @@ const METRICS_DB_TTL: Duration = Duration::from_secs(1);
 /// at most once per [`METRICS_DB_TTL`], however many scrape).
 pub async fn metrics(State(ep): State<Arc<Endpoint>>, headers: HeaderMap) -> Response {
     if let Some(token) = &ep.metrics_token {
-        let presented = auth::bearer(&headers);
-        if !presented.is_some_and(|t| auth::one_of(std::slice::from_ref(token), t) || auth::one_of(&ep.admin_tokens, t))
-        {
+        let presented = crate::http::credentials::bearer(&headers);
+        if !presented.is_some_and(|t| {
+            crate::http::credentials::one_of(std::slice::from_ref(token), t)
+                || crate::http::credentials::one_of(&ep.admin_tokens, t)
+        }) {
             return problem(
                 StatusCode::UNAUTHORIZED,
                 "scrapes need `Authorization: Bearer <KEYPOOL_METRICS_TOKEN>`",
@@ -160,7 +139,7 @@ async fn user_and_pool(
     headers: &HeaderMap,
     q: &AllocationQuery,
 ) -> Result<(String, String), Response> {
-    let user = server::user_of(ep, principal, headers, q.user.as_deref())?;
+    let user = crate::http::endpoint::user_of(ep, principal, headers, q.user.as_deref())?;
     let model = q.pool.as_deref().filter(|p| !p.is_empty()).or(q.model.as_deref());
     let pool = ep.resolve_pool(principal, headers, model).await?;
     Ok((user, pool))

@@ -1,215 +1,20 @@
-//! Who is calling, decided from the request's headers alone, before its body is read.
-//!
-//! - Service tokens (`KEYPOOL_API_TOKENS`): the operator's own apps, trusted as before: they
-//!   name any user and any pool the worker's role may use.
-//! - API tokens made in the database (`keypool_create_api_token`, `kpt_...`), for end users:
-//!   a token bound to a user always acts as that user (a request naming another is 403), a
-//!   token bound to pools reaches only those (others: 404, as for a pool that does not exist).
-//!   The worker asks `keypool_authenticate_api_token` and keeps the answer for
-//!   [`TOKEN_CACHE_TTL`], so a revoked token is refused within that time on every worker;
-//!   expiry is checked on every request.
-//! - Admin tokens (`KEYPOOL_ADMIN_TOKENS`) for the admin API; `--insecure-no-auth` never
-//!   opens it.
+//! The authentication layers the router puts on each group of routes (server.rs): who is calling
+//! is decided from the request's headers (credentials.rs) before its body is read; the
+//! admin API never opens without an admin token, even with `--insecure-no-auth`.
 
 // Refusals are ready HTTP answers; boxing them would only add noise (as in server.rs).
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
+use axum::response::Response;
 
-use crate::db::{Db, DbError};
-use crate::http::server::Endpoint;
-use crate::protocol::openai::error_body;
-
-/// How long an answer about a database token is trusted (revocation takes effect within it).
-pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(2);
-/// Tokens remembered at most; beyond, stale answers are dropped first.
-const TOKEN_CACHE_SIZE: usize = 10_000;
-/// Database lookups of tokens at once: a flood of made-up tokens cannot take the whole pool.
-const CONCURRENT_LOOKUPS: usize = 8;
-/// What database tokens start with (the extension's `tokens.rs`).
-pub const TOKEN_PREFIX: &str = "kpt_";
-/// A database token is the prefix and 43 characters of base64url.
-const TOKEN_LEN: usize = 4 + 43;
-
-/// What a database token allows.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenGrant {
-    pub id: i64,
-    /// The user it acts as, if bound to one.
-    pub user: Option<String>,
-    /// The pools it reaches, if bound to some.
-    pub pools: Option<Vec<String>>,
-    pub expires_at: Option<SystemTime>,
-}
-
-/// Who sent a request.
-#[derive(Clone, Debug)]
-pub enum Principal {
-    /// `--insecure-no-auth`: nobody checked.
-    Open,
-    /// A service token from the environment.
-    Service,
-    /// A database token.
-    Token(Arc<TokenGrant>),
-}
-
-fn refuse(status: StatusCode, message: &str, code: &str) -> Response {
-    let kind = if status == StatusCode::FORBIDDEN {
-        "permission_error"
-    } else {
-        "invalid_request_error"
-    };
-    (status, axum::Json(error_body(message, kind, Some(code)))).into_response()
-}
-
-impl Principal {
-    /// The user a request acts as. `named` is what the request says (X-Keypool-User header, or
-    /// the body's `user` field); a token bound to a user refuses any other name.
-    pub fn user(&self, named: Option<&str>, default_user: Option<&str>) -> Result<String, Response> {
-        if let Principal::Token(t) = self {
-            if let Some(bound) = &t.user {
-                return match named {
-                    Some(n) if n != bound => Err(refuse(
-                        StatusCode::FORBIDDEN,
-                        "this API token acts for one user only; the request names another",
-                        "user_mismatch",
-                    )),
-                    _ => Ok(bound.clone()),
-                };
-            }
-        }
-        named.or(default_user).map(str::to_string).ok_or_else(|| {
-            refuse(
-                StatusCode::BAD_REQUEST,
-                "no user: set the request's `user` field or the X-Keypool-User header (pg_keypool shares each pool among its users)",
-                "missing_user",
-            )
-        })
-    }
-
-    /// Whether the request may reach `pool` (the database still checks the worker's role).
-    /// The pools a request may reach, when its token limits them (a fallback chain skips the
-    /// others).
-    pub fn pools(&self) -> Option<Vec<String>> {
-        match self {
-            Principal::Token(t) => t.pools.clone(),
-            _ => None,
-        }
-    }
-
-    pub fn reaches(&self, pool: &str) -> bool {
-        match self {
-            Principal::Token(t) => t.pools.as_ref().is_none_or(|p| p.iter().any(|x| x == pool)),
-            _ => true,
-        }
-    }
-}
-
-/// Compares without stopping at the first differing byte.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Whether `token` is one of `tokens` (every comparison takes the same time).
-pub fn one_of(tokens: &[String], token: &str) -> bool {
-    let mut ok = false;
-    for t in tokens {
-        ok |= same(t.as_bytes(), token.as_bytes());
-    }
-    ok
-}
-
-/// The bearer token of a request, if it sent one.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-}
-
-/// Whether `token` has the shape of a database token (anything else is not looked up).
-fn looks_like_db_token(token: &str) -> bool {
-    token.len() == TOKEN_LEN
-        && token.starts_with(TOKEN_PREFIX)
-        && token[TOKEN_PREFIX.len()..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// When the database answered about a token (by its SHA-256), and what (`None`: not valid).
-type Answers = HashMap<[u8; 32], (Instant, Option<Arc<TokenGrant>>)>;
-
-/// Answers about database tokens, kept for [`TOKEN_CACHE_TTL`]. Requests with a known token
-/// only read it (a shared lock).
-pub struct TokenCache {
-    entries: RwLock<Answers>,
-    lookups: Semaphore,
-}
-
-impl Default for TokenCache {
-    fn default() -> Self {
-        TokenCache {
-            entries: RwLock::new(HashMap::new()),
-            lookups: Semaphore::new(CONCURRENT_LOOKUPS),
-        }
-    }
-}
-
-impl TokenCache {
-    fn cached(&self, key: &[u8; 32]) -> Option<Option<Arc<TokenGrant>>> {
-        let entries = self.entries.read().ok()?;
-        entries
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < TOKEN_CACHE_TTL)
-            .map(|(_, g)| g.clone())
-    }
-
-    fn remember(&self, key: [u8; 32], grant: Option<Arc<TokenGrant>>) {
-        if let Ok(mut entries) = self.entries.write() {
-            if entries.len() >= TOKEN_CACHE_SIZE {
-                entries.retain(|_, (at, _)| at.elapsed() < TOKEN_CACHE_TTL);
-                if entries.len() >= TOKEN_CACHE_SIZE {
-                    entries.clear();
-                }
-            }
-            entries.insert(key, (Instant::now(), grant));
-        }
-    }
-
-    /// What `token` allows, or `None` for a token the database does not know (or no longer
-    /// accepts).
-    pub async fn grant(&self, db: &Db, token: &str) -> Result<Option<Arc<TokenGrant>>, DbError> {
-        if !looks_like_db_token(token) {
-            return Ok(None);
-        }
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(g) = self.cached(&key) {
-            return Ok(g);
-        }
-        let _permit = self.lookups.acquire().await.map_err(|_| DbError {
-            sqlstate: None,
-            message: "token lookups stopped".into(),
-            hint: None,
-        })?;
-        // Another request may have looked it up while this one waited.
-        if let Some(g) = self.cached(&key) {
-            return Ok(g);
-        }
-        let grant = db.authenticate_token(token).await?.map(Arc::new);
-        self.remember(key, grant.clone());
-        Ok(grant)
-    }
-}
+use crate::http::credentials::{bearer, one_of, refuse, Principal};
+use crate::http::endpoint::Endpoint;
 
 /// Middleware of the API routes: decides who is calling from the headers (the body is not read
 /// yet) and hands the [`Principal`] to the handler, or answers 401.
@@ -271,59 +76,15 @@ async fn principal(ep: &Endpoint, headers: &HeaderMap, admin_ok: bool) -> Result
 pub async fn admin(State(ep): State<Arc<Endpoint>>, request: Request, next: Next) -> Response {
     match bearer(request.headers()) {
         Some(t) if one_of(&ep.admin_tokens, t) => next.run(request).await,
-        None => crate::http::admin::problem(
+        None => crate::http::problem::problem(
             StatusCode::UNAUTHORIZED,
             "missing admin token: send `Authorization: Bearer <token>` with one of the worker's KEYPOOL_ADMIN_TOKENS",
             "invalid_admin_token",
         ),
-        Some(_) => crate::http::admin::problem(
+        Some(_) => crate::http::problem::problem(
             StatusCode::UNAUTHORIZED,
             "the token is not an admin token (one of the worker's KEYPOOL_ADMIN_TOKENS)",
             "invalid_admin_token",
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn token(user: Option<&str>, pools: Option<&[&str]>) -> Principal {
-        Principal::Token(Arc::new(TokenGrant {
-            id: 1,
-            user: user.map(str::to_string),
-            pools: pools.map(|p| p.iter().map(|s| s.to_string()).collect()),
-            expires_at: None,
-        }))
-    }
-
-    #[test]
-    fn a_user_bound_token_acts_as_its_user_only() {
-        let t = token(Some("alice"), None);
-        assert_eq!(t.user(None, Some("default")).unwrap(), "alice");
-        assert_eq!(t.user(Some("alice"), None).unwrap(), "alice");
-        assert_eq!(t.user(Some("bob"), None).unwrap_err().status(), StatusCode::FORBIDDEN);
-        let free = token(None, None);
-        assert_eq!(free.user(Some("bob"), None).unwrap(), "bob");
-        assert_eq!(free.user(None, None).unwrap_err().status(), StatusCode::BAD_REQUEST);
-        assert_eq!(Principal::Service.user(Some("bob"), None).unwrap(), "bob");
-    }
-
-    #[test]
-    fn a_pool_bound_token_reaches_its_pools_only() {
-        let t = token(None, Some(&["chat"]));
-        assert!(t.reaches("chat"));
-        assert!(!t.reaches("image"));
-        assert!(token(None, None).reaches("image"));
-        assert!(Principal::Service.reaches("image"));
-    }
-
-    #[test]
-    fn only_well_formed_tokens_are_looked_up() {
-        let good = format!("{TOKEN_PREFIX}{}", "A".repeat(43));
-        assert!(looks_like_db_token(&good));
-        assert!(!looks_like_db_token(&good[..good.len() - 1]));
-        assert!(!looks_like_db_token(&format!("xyz_{}", "A".repeat(43))));
-        assert!(!looks_like_db_token(&format!("{TOKEN_PREFIX}{}!", "A".repeat(42))));
     }
 }

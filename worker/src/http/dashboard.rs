@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::http::server::Endpoint;
+use crate::http::endpoint::Endpoint;
 
 const PAGE: &str = include_str!("dashboard.html");
 /// The chart library, vendored (vendor/uplot/README.md): the page needs no network.
@@ -41,7 +41,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 /// alone, is there a dashboard).
 pub async fn page(State(ep): State<Arc<Endpoint>>) -> Response {
     if ep.admin_tokens.is_empty() {
-        return crate::http::admin::problem(
+        return crate::http::problem::problem(
             StatusCode::NOT_FOUND,
             "the dashboard is off: start the worker with KEYPOOL_ADMIN_TOKENS",
             "dashboard_off",

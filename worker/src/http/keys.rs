@@ -20,9 +20,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::gateway::validate::{self, Verdict};
-use crate::http::admin::{act, admin, from_db, key_number, problem, rows_json, KEY_AFTER};
-use crate::http::auth::Principal;
-use crate::http::server::Endpoint;
+use crate::http::admin::{act, admin, key_number, rows_json, KEY_AFTER};
+use crate::http::credentials::Principal;
+use crate::http::endpoint::Endpoint;
+use crate::http::problem::{from_db, problem};
 use crate::providers::KeyRef;
 
 /// How long a provider may take to answer a key check.

@@ -3,7 +3,10 @@
 
 pub mod admin;
 pub mod auth;
+pub mod credentials;
 pub mod dashboard;
+pub mod endpoint;
 pub mod keys;
 pub mod listener;
+pub mod problem;
 pub mod server;

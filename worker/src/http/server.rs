@@ -13,6 +13,7 @@
 // Handlers return early with a ready HTTP answer; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
 
+use crate::http::endpoint::{header_str, user_of, Endpoint, PoolModels, MODELS_TTL};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,88 +25,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use serde_json::{json, Value};
-use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::db::Allocation;
-use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, Gateway, ProxyJob, Served};
-use crate::http::auth::{self, Principal, TokenCache};
+use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, ProxyJob, Served};
+use crate::http::auth::{self};
+use crate::http::credentials::Principal;
 use crate::protocol::openai::{error_body, ChatRequest, EmbeddingsRequest};
-
-/// (pool, model) pairs; model is empty for pools whose keys name none.
-type PoolModels = Arc<Vec<(String, String)>>;
-
-/// How long the pool/model list is trusted before it is read again.
-const MODELS_TTL: Duration = Duration::from_secs(5);
-
-pub struct Endpoint {
-    pub gateway: Arc<Gateway>,
-    pub tokens: Vec<String>,
-    /// Tokens of the admin API and the dashboard.
-    pub admin_tokens: Vec<String>,
-    pub insecure_no_auth: bool,
-    pub default_user: Option<String>,
-    pub request_deadline: Duration,
-    pub capacity_wait: Duration,
-    pub worker_id: String,
-    /// Largest request body read (KEYPOOL_MAX_BODY).
-    pub max_body: usize,
-    /// Longest pause in a request body (KEYPOOL_IDLE_TIMEOUT).
-    pub idle_timeout: Duration,
-    /// Requests handled at once (KEYPOOL_MAX_IN_FLIGHT), and their permits.
-    pub max_in_flight: usize,
-    in_flight: Arc<Semaphore>,
-    /// Token /metrics scrapes must present, if set (KEYPOOL_METRICS_TOKEN).
-    pub metrics_token: Option<String>,
-    /// Answers about database API tokens.
-    pub token_cache: TokenCache,
-    models: RwLock<Option<(Instant, PoolModels)>>,
-    /// The database part of the last /metrics answer, and when it was read.
-    pub(crate) metrics_cache: tokio::sync::Mutex<Option<(Instant, String)>>,
-}
-
-pub const DEFAULT_MAX_BODY: usize = 4 << 20;
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
-impl Endpoint {
-    /// Sets KEYPOOL_MAX_IN_FLIGHT.
-    pub fn with_max_in_flight(mut self, n: usize) -> Endpoint {
-        self.max_in_flight = n;
-        self.in_flight = Arc::new(Semaphore::new(n));
-        self
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        gateway: Arc<Gateway>,
-        tokens: Vec<String>,
-        insecure_no_auth: bool,
-        default_user: Option<String>,
-        request_deadline: Duration,
-        capacity_wait: Duration,
-        worker_id: String,
-    ) -> Endpoint {
-        Endpoint {
-            gateway,
-            tokens,
-            admin_tokens: Vec::new(),
-            insecure_no_auth,
-            default_user,
-            request_deadline,
-            capacity_wait,
-            worker_id,
-            max_body: DEFAULT_MAX_BODY,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
-            metrics_token: None,
-            token_cache: TokenCache::default(),
-            models: RwLock::new(None),
-            metrics_cache: tokio::sync::Mutex::new(None),
-        }
-    }
-}
 
 pub fn router(endpoint: Arc<Endpoint>) -> Router {
     // Callers are known before any body is read: the auth layers run before the handlers'
@@ -272,33 +199,6 @@ async fn not_found(uri: Uri) -> Response {
         "invalid_request_error",
         Some("unknown_url"),
     )
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-}
-
-/// The user a request acts as: the token's, else the X-Keypool-User header, else `field` (the
-/// body's `user`), else the default user. A token bound to a user refuses any other name (403).
-pub(crate) fn user_of(
-    ep: &Endpoint,
-    principal: &Principal,
-    headers: &HeaderMap,
-    field: Option<&str>,
-) -> Result<String, Response> {
-    let header = header_str(headers, "x-keypool-user");
-    if let (Some(h), Some(f)) = (header, field) {
-        if h != f {
-            // Both name a user: the token check below sees the header; a bound token must
-            // not be passed a different user in the body either.
-            principal.user(Some(f), None)?;
-        }
-    }
-    principal.user(header.or(field), ep.default_user.as_deref())
 }
 
 impl Endpoint {
