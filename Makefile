@@ -1,5 +1,5 @@
 # The two commands README opens with, and a few more.
-.PHONY: demo test bench bench-members bench-worker bench-trust bench-record soak stop
+.PHONY: demo test bench bench-members bench-worker bench-trust bench-record bench-litellm soak stop
 demo:
 	scripts/demo.sh
 test:
@@ -14,6 +14,8 @@ bench-trust:
 	bench/trust.sh
 bench-record:
 	bench/record.sh
+bench-litellm:
+	bench/vs-litellm.sh
 soak:
 	bench/soak.sh
 stop:

@@ -71,3 +71,25 @@ pub fn keyless_names() -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_provider_has_a_valid_day_zone_and_a_unique_name() {
+        for p in PROVIDERS {
+            assert!(
+                p.day_zone.parse::<chrono_tz::Tz>().is_ok(),
+                "{}: {}",
+                p.name,
+                p.day_zone
+            );
+            assert_eq!(PROVIDERS.iter().filter(|q| q.name == p.name).count(), 1, "{}", p.name);
+        }
+        // Gemini's daily quotas reset at midnight Pacific time (seed 000).
+        assert_eq!(find("gemini").map(|p| p.day_zone), Some("America/Los_Angeles"));
+        assert!(find("OpenAI").is_none(), "names are exact");
+        assert_eq!(keyless_names(), "ollama, openai_compatible");
+    }
+}

@@ -22,3 +22,25 @@ impl Refusal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_too_large_estimate_reads_as_an_exhausted_pool() {
+        // Callers see the four documented codes only.
+        assert_eq!(Refusal::TooLarge.code(), Refusal::PoolExhausted.code());
+        let codes = [
+            Refusal::PoolExhausted,
+            Refusal::NoKeys,
+            Refusal::QuotaExceeded,
+            Refusal::BudgetExceeded,
+        ]
+        .map(|r| r.code());
+        assert_eq!(
+            codes,
+            ["POOL_EXHAUSTED", "NO_KEYS", "QUOTA_EXCEEDED", "BUDGET_EXCEEDED"]
+        );
+    }
+}
