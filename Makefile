@@ -1,9 +1,13 @@
 # The two commands README opens with, and a few more.
-.PHONY: demo test bench bench-members bench-worker bench-trust bench-record bench-litellm soak stop
+.PHONY: demo test package test-packages bench bench-members bench-worker bench-trust bench-record bench-litellm soak stop
 demo:
 	scripts/demo.sh
 test:
 	scripts/test.sh
+package:
+	scripts/package.sh
+test-packages:
+	scripts/test-packages.sh
 bench:
 	bench/reserve.sh
 bench-members:

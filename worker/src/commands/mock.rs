@@ -23,7 +23,8 @@
 //!
 //! With `--call-log FILE`, every call with a key is appended to FILE as one JSON line:
 //! `{"at_ms", "key" (masked), "granted_at_ms" (the worker's X-Keypool-Granted-At, or null),
-//! "fault" (null, or what was injected)}`: the soak's record of what reached the provider.
+//! "fault" (null, or what was injected), "path"}`: the soak's record of what reached the
+//! provider.
 
 // Handlers return early with a ready HTTP answer; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
@@ -173,6 +174,7 @@ impl Mock {
                 "key": if secret.is_empty() { NO_KEY.to_string() } else { mask(secret) },
                 "granted_at_ms": granted_at,
                 "fault": injected.as_ref().map(|i| format!("{:?}", i.kind)),
+                "path": path,
             })
             .to_string()
                 + "\n";
