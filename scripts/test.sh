@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting and lints, unit tests and #[pg_test]s, the pg_regress suite,
 # and the integration tests against private clusters (the extension's, and the worker's against
-# the mock provider, the official OpenAI Python client and headless Chromium for the dashboard).
+# the mock provider, the official OpenAI Python client and headless Chromium for the dashboard),
+# and last the Debian packages (built, installed with dpkg, tested, removed).
 # Sets up the machine first if needed.
 . "$(dirname "$0")/lib.sh"
 
@@ -28,5 +29,8 @@ say "integration tests (engine over tokio-postgres; worker against the mock prov
 ensure_python_client
 ensure_browser
 cargo test --workspace --exclude pg_keypool
+
+say "the Debian packages, installed as a user installs them (scripts/test-packages.sh)"
+"$REPO/scripts/test-packages.sh"
 
 say "all tests passed"

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# make package: the two Debian packages, into target/debian/:
+#   postgresql-15-pg-keypool_<version>_amd64.deb  the library, control file and every SQL script
+#       (the current install script from `cargo pgrx package`, the frozen install scripts of
+#       earlier releases, the upgrade scripts) at the paths pg_config reports; README.Debian
+#   keypool-worker_<version>_amd64.deb  (cargo-deb) the binary, keypool-worker.service, the
+#       environment file /etc/keypool-worker/env, its --help as documentation
+# Versions come from the crates. Sets up what it needs; a fresh clone is enough.
+. "$(dirname "$0")/lib.sh"
+
+CARGO_DEB_VERSION=3.8.0
+OUT="$REPO/target/debian"
+
+ensure_setup
+if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+    say "installing cargo-deb $CARGO_DEB_VERSION (once per machine)"
+    cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked
+fi
+mkdir -p "$OUT"
+version="$(cd "$REPO" && cargo metadata --no-deps --format-version 1 |
+    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "pg_keypool"))')"
+arch="$(dpkg --print-architecture)"
+pg_major="$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')"
+pkglibdir="$("$PG_CONFIG" --pkglibdir)"
+sharedir="$("$PG_CONFIG" --sharedir)"
+docdir() { echo "/usr/share/doc/$1"; }
+
+# --- the extension ------------------------------------------------------------------------------
+ext_pkg="postgresql-$pg_major-pg-keypool"
+say "cargo pgrx package (release)"
+stage="$OUT/stage-$ext_pkg"
+rm -rf "$stage"
+(cd "$REPO/pg_keypool" && cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$stage" >/dev/null)
+# The frozen install scripts of earlier releases and every upgrade script.
+for f in "$REPO"/pg_keypool/sql/pg_keypool--*.sql; do
+    install -D -m 644 "$f" "$stage$sharedir/extension/$(basename "$f")"
+done
+for f in "$stage$pkglibdir/pg_keypool.so" "$stage$sharedir/extension/pg_keypool.control" \
+    "$stage$sharedir/extension/pg_keypool--$version.sql"; do
+    [[ -f "$f" ]] || { echo "cargo pgrx package did not produce $f" >&2; exit 1; }
+done
+install -D -m 644 "$REPO/ops/debian/$ext_pkg/README.Debian" "$stage$(docdir "$ext_pkg")/README.Debian"
+install -D -m 644 "$REPO/README.md" "$stage$(docdir "$ext_pkg")/README.md"
+install -D -m 644 "$REPO/ops/debian/copyright" "$stage$(docdir "$ext_pkg")/copyright"
+strip --strip-unneeded "$stage$pkglibdir/pg_keypool.so"
+find "$stage" -type d -exec chmod 755 {} +
+install -d -m 755 "$stage/DEBIAN"
+cat >"$stage/DEBIAN/control" <<EOF
+Package: $ext_pkg
+Version: $version
+Architecture: $arch
+Maintainer: pg_keypool maintainers <maintainers@pg-keypool.invalid>
+Section: database
+Priority: optional
+Depends: postgresql-$pg_major, libc6
+Installed-Size: $(du -sk --exclude=DEBIAN "$stage" | cut -f1)
+Description: governed pools of LLM and API provider keys inside PostgreSQL $pg_major
+ pg_keypool turns provider keys into one governed pool: quota scopes and limits, atomic
+ reservation (keypool_reserve), fair shares, least-loaded assignment at signup, outcome
+ accounting, budgets and stats views, all in SQL. Needs shared_preload_libraries =
+ 'pg_keypool' (see README.Debian).
+EOF
+dpkg-deb --root-owner-group -Zxz --build "$stage" "$OUT/${ext_pkg}_${version}_${arch}.deb" >/dev/null
+rm -rf "$stage"
+
+# --- the worker ---------------------------------------------------------------------------------
+say "cargo deb -p keypool-worker"
+(cd "$REPO" && cargo build --release -q -p keypool-worker)
+{
+    for cmd in "" serve import-env validate mock-provider; do
+        echo "\$ keypool-worker $cmd --help"
+        # shellcheck disable=SC2086
+        "$REPO/target/release/keypool-worker" $cmd --help
+        echo
+    done
+} >"$REPO/target/release/keypool-worker.help.txt"
+(cd "$REPO" && cargo deb -p keypool-worker --no-build --output "$OUT/keypool-worker_${version}_${arch}.deb" >/dev/null)
+
+say "built:"
+ls -1 "$OUT"/*_"$version"_"$arch".deb
