@@ -122,7 +122,7 @@ pub fn apply(sh: &Shared, shares: &mut PoolShares, pool_slot: u32, c: &Change) {
 /// the table keeps what it had), or keep what they hold and are only unpinned (another
 /// transaction's assignment of the same user won: it committed first, and its own change is in
 /// the entry).
-pub fn revert(sh: &Shared, pool_slot: u32, changes: &[Change], entries: bool) {
+fn revert(sh: &Shared, pool_slot: u32, changes: &[Change], entries: bool) {
     let slot = sh.pool(pool_slot);
     let mut shares = slot.lock();
     for c in changes.iter().rev() {
@@ -401,7 +401,7 @@ pub fn assign(user: &str, pool_name: &str) -> (Rc<Config>, i64) {
 }
 
 /// Makes a cached entry of the user a member on the stored key (its use of the day stays).
-pub fn set_cached_key(sh: &'static Shared, pool_name: &str, hash: u64, stored: &Stored) {
+fn set_cached_key(sh: &'static Shared, pool_name: &str, hash: u64, stored: &Stored) {
     with_pool(pool_name, |_, pool, shares| {
         let class = shares.class_of(stored.weight_milli).unwrap_or(0) as u8;
         let stripe = sh.members.stripe(hash);

@@ -226,7 +226,7 @@ pub fn stored_by_user(cfg: &Config, pool: &Pool, users: &[String], hashes: &[u64
 }
 
 /// A `Stored` from `STORED_COLUMNS` at columns `first..first + 6` of a row.
-pub fn stored_of(r: &pgrx::spi::SpiHeapTupleData<'_>, first: usize) -> Stored {
+fn stored_of(r: &pgrx::spi::SpiHeapTupleData<'_>, first: usize) -> Stored {
     let get = |i: usize| r.get::<i64>(first + i).ok().flatten().unwrap_or(0);
     let day = |i: usize| r.get::<i32>(first + i).ok().flatten().unwrap_or(NEVER);
     Stored::from_columns(get(0), get(1), day(2), day(3), get(4), get(5))

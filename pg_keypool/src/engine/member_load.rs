@@ -77,7 +77,7 @@ pub fn ensure_loaded(sh: &'static Shared, cfg: &Config, pool: &Pool) {
 /// or rolled back), the members are read again from the table, which then says what happened.
 /// Entries keep today's use; only membership, keys, weights and counts are rebuilt.
 #[cold]
-pub fn reload_after_prepared(slot: &PoolSlot) {
+fn reload_after_prepared(slot: &PoolSlot) {
     let _path = privilege::pin_search_path();
     let none_left = Spi::get_one::<bool>(
         "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE database OPERATOR(pg_catalog.=) pg_catalog.current_database())",
@@ -198,7 +198,7 @@ pub fn load(sh: &'static Shared, cfg: &Config, pool: &Pool, slot: &PoolSlot) {
 }
 
 /// Users the cache holds for the pool slot's current generation.
-pub fn cached_hashes(sh: &Shared, pool_slot: u32) -> Vec<u64> {
+fn cached_hashes(sh: &Shared, pool_slot: u32) -> Vec<u64> {
     let gen = sh.pool(pool_slot).members_gen.load(Acquire);
     let mut out = Vec::new();
     for s in 0..members::STRIPES {
