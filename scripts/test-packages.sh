@@ -14,6 +14,14 @@
 PORT="${KEYPOOL_PACKAGES_PORT:-54361}"
 OUT="$REPO/target/debian"
 
+# systemd-analyze (package systemd) checks the unit; adduser is what the worker's postinst calls.
+for p in systemd adduser; do
+    if ! dpkg -s "$p" >/dev/null 2>&1; then
+        say "installing Debian package: $p"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null
+    fi
+done
 "$REPO/scripts/package.sh"
 version="$(cd "$REPO" && cargo metadata --no-deps --format-version 1 |
     python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "pg_keypool"))')"
