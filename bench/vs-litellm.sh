@@ -62,7 +62,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # wait_for URL NAME LOG: until URL answers (the process may take a while to import), bounded.
 wait_for() {
-    for _ in $(seq 600); do
+    for _ in $(seq 1200); do
         curl -fs -o /dev/null "$1" 2>/dev/null && return 0
         sleep 0.1
     done

@@ -137,7 +137,7 @@ done <"$test_env"
 # shellcheck disable=SC2086
 runuser -u "$user" -- env -i "${env_args[@]}" $exec_start >"$dir/worker.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do
+for _ in $(seq 300); do
     curl -fs "http://127.0.0.1:$worker_port/healthz" >/dev/null 2>&1 && break
     kill -0 "${pids[-1]}" 2>/dev/null || { cat "$dir/worker.log" >&2; fail "the worker exited"; }
     sleep 0.1
