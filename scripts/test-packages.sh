@@ -3,12 +3,12 @@
 #
 # Builds them (scripts/package.sh), checks what they hold, installs both with dpkg -i over the
 # development build, runs the pg_regress suite against a private cluster that preloads the
-# installed library, checks the unit with systemd-analyze verify (PID 1 here is not systemd),
-# updates an installation of 0.1.0 with the packaged scripts, starts the worker the way the unit
-# does (its user, its ExecStart line, an environment file)
-# and sends a chat request through it to the mock provider, then removes both packages with
-# dpkg -r (nothing left but the worker's configuration) and purges them. The development build
-# is installed again at the end, whatever happened.
+# installed library, updates an installation of 0.1.0 with the packaged scripts, checks the unit
+# with systemd-analyze verify (PID 1 here is not systemd), starts the worker the way the unit does
+# (its user, its ExecStart line, an environment file) and sends a chat request through it to the
+# mock provider, then removes both packages with dpkg -r (nothing left but the worker's
+# configuration) and purges them. The development build is installed again at the end, whatever
+# happened.
 . "$(dirname "$0")/lib.sh"
 
 PORT="${KEYPOOL_PACKAGES_PORT:-54361}"
@@ -33,7 +33,13 @@ pkglibdir="$("$PG_CONFIG" --pkglibdir)"
 extdir="$("$PG_CONFIG" --sharedir)/extension"
 
 fail() { echo "test-packages: $*" >&2; exit 1; }
-has() { dpkg-deb -c "$1" | awk '{print $6}' | sed 's|^\./|/|' | grep -qx "$2" || fail "$(basename "$1") lacks $2"; }
+# has DEB PATH: the package holds PATH (the listing is read whole first: grep -q stopping early
+# would make the listing's writer fail under pipefail).
+has() {
+    local listing
+    listing="$(dpkg-deb -c "$1" | awk '{print $6}' | sed 's|^\./|/|')"
+    grep -qx -- "$2" <<<"$listing" || fail "$(basename "$1") lacks $2"
+}
 
 say "what the packages hold"
 for f in "$pkglibdir/pg_keypool.so" "$extdir/pg_keypool.control" "$extdir/pg_keypool--$version.sql" \
@@ -41,7 +47,9 @@ for f in "$pkglibdir/pg_keypool.so" "$extdir/pg_keypool.control" "$extdir/pg_key
     "/usr/share/doc/$EXT/README.Debian"; do
     has "$EXT_DEB" "$f"
 done
-dpkg-deb -f "$EXT_DEB" Depends | grep -qw 'postgresql-15' || fail "$EXT does not depend on postgresql-15"
+depends="$(dpkg-deb -f "$EXT_DEB" Depends)"
+[[ ", $depends," == *", postgresql-15,"* || ", $depends," == *", postgresql-15 ("* ]] ||
+    fail "$EXT does not depend on postgresql-15 (Depends: $depends)"
 for f in /usr/bin/keypool-worker /lib/systemd/system/keypool-worker.service /etc/keypool-worker/env \
     /usr/share/doc/keypool-worker/keypool-worker.help.txt; do
     has "$WORKER_DEB" "$f"
