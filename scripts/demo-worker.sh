@@ -23,7 +23,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 psql_demo() { cluster_psql demo "$PORT" -d "$DB" -X -q -P footer=off "$@"; }
 # Pretty-prints the parts of a JSON answer that matter, given as a Python expression over `v`.
@@ -96,7 +95,7 @@ done
 psql_demo -c "SELECT key_id, group_no, label, state, reason, cooling_until IS NOT NULL AS cooling
                 FROM keypool_keys WHERE pool = 'xai' ORDER BY key_id"
 echo "The worker's log names the key of every attempt (id and masked label, never the secret):"
-grep -E 'user=(carol|dave) ' "$dir/demo-worker.log" | sed -E 's/^[^ ]+ +//' | cut -c1-230
+grep -E 'user="?(carol|dave)"? ' "$dir/demo-worker.log" | sed -E 's/^[^ ]+ +//' | cut -c1-230
 
 section "13. The SQL request queue: keypool_submit, a worker carries it out, keypool_result"
 id=$(psql_demo -At -c "SELECT keypool_submit('frank', 'xai',
