@@ -59,28 +59,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-# wait_for URL NAME LOG: until URL answers (the process may take a while to import), bounded.
-wait_for() {
-    for _ in $(seq 1200); do
-        curl -fs -o /dev/null "$1" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    say "$2 did not start:"; tail -20 "$3" >&2; exit 1
-}
 
 mock_port=$(free_port)
 : >"$dir/calls.jsonl"
 "$WORKER" mock-provider --listen "127.0.0.1:$mock_port" --call-log "$dir/calls.jsonl" >"$dir/mock.log" 2>&1 &
 pids+=($!)
 MOCK="http://127.0.0.1:$mock_port"
-wait_for "$MOCK/_mock/stats" "the mock provider" "$dir/mock.log"
+wait_for_url "$MOCK/_mock/stats" "the mock provider" "$dir/mock.log"
 # Throughput runs against a second mock that keeps no call log.
 mock2_port=$(free_port)
 "$WORKER" mock-provider --listen "127.0.0.1:$mock2_port" >"$dir/mock2.log" 2>&1 &
 pids+=($!)
 MOCK2="http://127.0.0.1:$mock2_port"
-wait_for "$MOCK2/_mock/stats" "the second mock provider" "$dir/mock2.log"
+wait_for_url "$MOCK2/_mock/stats" "the second mock provider" "$dir/mock2.log"
 
 redis_port=$(free_port)
 LD_LIBRARY_PATH="$REDIS_LIBS" "$HERE/redis/usr/bin/redis-server" --bind 127.0.0.1 --port "$redis_port" \
@@ -172,8 +163,8 @@ for r in 1 2 3; do
     worker_urls+=("http://127.0.0.1:$p")
 done
 for r in 0 1 2; do
-    wait_for "${worker_urls[$r]}/healthz" "keypool-worker $((r + 1))" "$dir/worker-$((r + 1)).log"
-    wait_for "${litellm_urls[$r]}/health/liveliness" "LiteLLM replica $((r + 1))" "$dir/litellm-$((r + 1)).log"
+    wait_for_url "${worker_urls[$r]}/healthz" "keypool-worker $((r + 1))" "$dir/worker-$((r + 1)).log"
+    wait_for_url "${litellm_urls[$r]}/health/liveliness" "LiteLLM replica $((r + 1))" "$dir/litellm-$((r + 1)).log"
 done
 
 plan=$(python3 - "$dir" "$MOCK2" "$TOKEN" "$MASTER" "$RPM" "$SECONDS_EACH" "${worker_urls[*]}" "${litellm_urls[*]}" "${experiments[@]}" <<'PY'

@@ -37,7 +37,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 say "starting the mock provider"
 mock_port=$(free_port)
@@ -66,11 +65,7 @@ KEYPOOL_DATABASE_URL="host=$dir/sock port=$PORT user=postgres dbname=bench" KEYP
     >"$dir/worker.log" 2>&1 &
 pids+=($!)
 WORKER_URL="http://127.0.0.1:$worker_port"
-for _ in $(seq 100); do
-    curl -fs "$WORKER_URL/healthz" >/dev/null 2>&1 && break
-    sleep 0.1
-done
-curl -fs "$WORKER_URL/healthz" >/dev/null || { cat "$dir/worker.log"; exit 1; }
+wait_for_url "$WORKER_URL/healthz" keypool-worker "$dir/worker.log" "${pids[-1]}"
 
 # The same body both ways (model: the pool for the worker, the model for the mock).
 cat >"$dir/chat.lua" <<'LUA'

@@ -145,3 +145,28 @@ cluster_psql() {
     shift 2
     as_postgres psql -X -h "$(cluster_dir "$name")/sock" -p "$port" -U postgres "$@"
 }
+
+# --- local servers and the crates ---------------------------------------------------------------
+
+# A free TCP port on loopback.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# wait_for_url URL WHAT LOG [PID]: until URL answers 2xx, bounded at 120 s; fails with the end of
+# LOG when it does not, or at once when the process PID has exited.
+wait_for_url() {
+    local _
+    for _ in $(seq 1200); do
+        curl -fs -o /dev/null "$1" 2>/dev/null && return 0
+        if [[ -n "${4:-}" ]] && ! kill -0 "$4" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    say "$2 did not start:"
+    tail -20 "$3" >&2
+    exit 1
+}
+
+# The version of a crate of the workspace (default: pg_keypool).
+crate_version() {
+    (cd "$REPO" && cargo metadata --no-deps --format-version 1) |
+        python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == sys.argv[1]))' "${1:-pg_keypool}"
+}

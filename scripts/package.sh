@@ -17,8 +17,7 @@ if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
     cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked
 fi
 mkdir -p "$OUT"
-version="$(cd "$REPO" && cargo metadata --no-deps --format-version 1 |
-    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "pg_keypool"))')"
+version="$(crate_version)"
 arch="$(dpkg --print-architecture)"
 pg_major="$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')"
 pkglibdir="$("$PG_CONFIG" --pkglibdir)"

@@ -23,8 +23,7 @@ for p in systemd adduser; do
     fi
 done
 "$REPO/scripts/package.sh"
-version="$(cd "$REPO" && cargo metadata --no-deps --format-version 1 |
-    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "pg_keypool"))')"
+version="$(crate_version)"
 arch="$(dpkg --print-architecture)"
 EXT=postgresql-15-pg-keypool
 EXT_DEB="$OUT/${EXT}_${version}_${arch}.deb"
@@ -103,7 +102,6 @@ say "the worker as the unit starts it"
 cluster_start packages "$PORT"
 dir="$(cluster_dir packages)"
 cluster_psql packages "$PORT" -q -d postgres -c "DROP DATABASE IF EXISTS pkg WITH (FORCE)" -c "CREATE DATABASE pkg"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 mock_port=$(free_port)
 /usr/bin/keypool-worker mock-provider --listen "127.0.0.1:$mock_port" >"$dir/mock.log" 2>&1 &
 pids+=($!)
@@ -145,11 +143,7 @@ done <"$test_env"
 # shellcheck disable=SC2086
 runuser -u "$user" -- env -i "${env_args[@]}" $exec_start >"$dir/worker.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 300); do
-    curl -fs "http://127.0.0.1:$worker_port/healthz" >/dev/null 2>&1 && break
-    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$dir/worker.log" >&2; fail "the worker exited"; }
-    sleep 0.1
-done
+wait_for_url "http://127.0.0.1:$worker_port/healthz" "the packaged worker" "$dir/worker.log" "${pids[-1]}"
 answer="$(curl -fsS "http://127.0.0.1:$worker_port/v1/chat/completions" -H "Authorization: Bearer $token" \
     -H 'Content-Type: application/json' -H 'X-Keypool-User: u1' \
     -d '{"model": "chat", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}')" ||
