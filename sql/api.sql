@@ -20,10 +20,11 @@ CREATE TYPE keypool_reservation AS (
     allocated_today bigint,
     warning_level  text,
     granted_at     timestamptz,
-    pool           text
+    pool           text,
+    budget_held    numeric
 );
 COMMENT ON TYPE keypool_reservation IS
-    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, when the grant was charged, and the pool that served';
+    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, when the grant was charged, the pool that served, and what it holds of a spend budget';
 
 CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_tokens bigint DEFAULT 0,
                                 within text[] DEFAULT NULL)
@@ -504,6 +505,8 @@ COMMENT ON FUNCTION keypool_revoke_api_token(bigint) IS
     'Revokes an API token (every worker refuses it within seconds)';
 COMMENT ON FUNCTION keypool_authenticate_api_token(text) IS
     'For the worker: the user and pools of a valid API token (no row for an unknown, revoked or expired one)';
+COMMENT ON FUNCTION keypool_authenticate_api_token_sha256(bytea) IS
+    'For the worker: as keypool_authenticate_api_token, given the token''s SHA-256, so that no token reaches a log';
 COMMENT ON FUNCTION keypool.allowed(bigint, text) IS
     'Internal: whether the calling role holds a privilege on a pool (NULL: on every pool), for the views';
 COMMENT ON FUNCTION keypool.scope_readable(bigint) IS
@@ -584,6 +587,7 @@ REVOKE ALL ON FUNCTION
     keypool_create_api_token(text, text, text[], timestamptz),
     keypool_revoke_api_token(bigint),
     keypool_authenticate_api_token(text),
+    keypool_authenticate_api_token_sha256(bytea),
     keypool_submit(text, text, jsonb, interval, integer),
     keypool_result(bigint),
     keypool_claim_requests(text, integer, interval),

@@ -26,6 +26,8 @@ pub static MASTER_KEY_FILE: GucSetting<Option<CString>> =
 pub static MAX_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(86_400_000);
 pub static MAX_REQUEST_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
 pub static REQUEST_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
+pub static MAX_OWNED_KEYS_PER_USER: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static OWNED_KEY_SHARE: GucSetting<f64> = GucSetting::<f64>::new(0.5);
 
 /// Registers the settings. Called from `_PG_init`. The sizes of shared memory can only be
 /// defined while the server starts (`preloading`); when the library is loaded later they would
@@ -222,6 +224,27 @@ fn define_reloadable() {
         &CONCURRENT_USER_RPM,
         0.001,
         1_000_000.0,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keypool.max_owned_keys_per_user",
+        c"Most own keys one user may have in one pool (bring your own key).",
+        c"keypool_add_key(..., owner => ...) beyond it is refused with SQLSTATE 53400.",
+        &MAX_OWNED_KEYS_PER_USER,
+        0,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"pg_keypool.owned_key_share",
+        c"Fraction of pg_keypool.max_keys and pg_keypool.max_scopes that users' own keys may take.",
+        c"Counted over every database of the server; the rest is kept for the pools' shared keys. \
+          An own key beyond it is refused with SQLSTATE 53400 when it is added.",
+        &OWNED_KEY_SHARE,
+        0.0,
+        1.0,
         GucContext::Sighup,
         GucFlags::default(),
     );

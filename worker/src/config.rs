@@ -93,9 +93,16 @@ pub struct ServeArgs {
     /// Longest wait for a request's head, and for the next request on an idle connection.
     #[arg(long, env = "KEYPOOL_HEADER_TIMEOUT", default_value = "10s", value_parser = duration::parse)]
     pub header_timeout: Duration,
-    /// Longest pause while a request body arrives (longer: 408).
+    /// HTTP requests one caller (an API token, else a user) may have in flight at once (more: 429).
+    #[arg(long, env = "KEYPOOL_MAX_IN_FLIGHT_PER_CALLER", default_value_t = 64)]
+    pub max_in_flight_per_caller: usize,
+    /// Longest pause while a request body arrives (longer: 408), and while an answer waits for
+    /// the client to read it (longer: the connection is closed and the call settled).
     #[arg(long, env = "KEYPOOL_IDLE_TIMEOUT", default_value = "30s", value_parser = duration::parse)]
     pub idle_timeout: Duration,
+    /// Longest time a whole request body may take to arrive, however steadily (longer: 408).
+    #[arg(long, env = "KEYPOOL_BODY_TIMEOUT", default_value = "60s", value_parser = duration::parse)]
+    pub body_timeout: Duration,
     /// Turns the HTTP endpoint off (queue consumer only).
     #[arg(long, env = "KEYPOOL_NO_HTTP")]
     pub no_http: bool,
@@ -225,8 +232,17 @@ impl ServeArgs {
         if self.max_in_flight == 0 || self.max_in_flight > 1_000_000 {
             return Err("--max-in-flight must be between 1 and 1000000".into());
         }
-        if self.header_timeout < Duration::from_millis(100) || self.idle_timeout < Duration::from_millis(100) {
-            return Err("--header-timeout and --idle-timeout must be at least 100ms".into());
+        if self.max_in_flight_per_caller == 0 || self.max_in_flight_per_caller > self.max_in_flight {
+            return Err(format!(
+                "--max-in-flight-per-caller must be between 1 and --max-in-flight ({})",
+                self.max_in_flight
+            ));
+        }
+        if self.header_timeout < Duration::from_millis(100)
+            || self.idle_timeout < Duration::from_millis(100)
+            || self.body_timeout < Duration::from_millis(100)
+        {
+            return Err("--header-timeout, --idle-timeout and --body-timeout must be at least 100ms".into());
         }
         let admin = self.admin_tokens();
         if let Some(short) = admin.iter().find(|t| t.len() < 16) {
@@ -404,6 +420,13 @@ pub struct MockArgs {
     /// counted under the key "(no key)".
     #[arg(long, env = "KEYPOOL_MOCK_KEYLESS")]
     pub keyless: bool,
+    /// Accepts only the keys it issued (`--issue`, `POST /_mock/keys`), as a real provider
+    /// does; without it every key is accepted (but those whose secret names a failure).
+    #[arg(long)]
+    pub issued_keys_only: bool,
+    /// A key the mock issued (repeatable; with --issued-keys-only).
+    #[arg(long = "issue")]
+    pub issue: Vec<String>,
 }
 
 #[cfg(test)]

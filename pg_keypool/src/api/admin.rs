@@ -20,6 +20,7 @@ use crate::policy::calendar;
 use crate::policy::provider;
 use crate::policy::seal;
 use crate::policy::shares::MAX_WINDOW_DAYS;
+use crate::settings;
 use crate::state::breaker;
 use crate::state::clock;
 use crate::state::shmem;
@@ -164,7 +165,7 @@ fn keypool_create_pool(
     let timezone = check_zone(timezone).filter(|z| !z.is_empty());
     let grants = access::grants();
     access::require_every_pool(&grants, "create pools", Privilege::Admin);
-    as_owner(grants.owner, |client| {
+    let id = as_owner(grants.owner, |client| {
         let id: Option<i64> = one(
             client,
             "INSERT INTO keypool.pool (name, description, min_share, active_days, borrowing, timezone)
@@ -188,7 +189,9 @@ fn keypool_create_pool(
         };
         record_event(client, "pool_created", Some(id), None, None, None);
         id
-    })
+    });
+    config::refuse_unless_it_fits();
+    id
 }
 
 /// `keypool_alter_pool`: changes a pool's options; NULL leaves an option as it is. An
@@ -336,15 +339,34 @@ fn keypool_add_key(
         },
     );
     // Where a key is called is the pool administrators' choice: a user's own key goes where the
-    // pool's shared keys of its provider go (else to the provider's address) unless an
-    // administrator adds it; no user picks the address the worker calls.
-    if owner.is_some() && base_url_given && !grants.allows(privilege::caller(), Some(pool_id), Privilege::Admin) {
-        errors::error(
-            Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("only an administrator of pool \"{pool}\" may set base_url for a user's own key"),
-        )
-        .hint("Leave base_url NULL: the key is called where the pool's keys of its provider are.")
-        .raise();
+    // pool's shared keys of its provider go (else to a cloud provider's public address) unless
+    // an administrator adds it; no user picks the address the worker calls. Nor may a user add
+    // a key whose provider cannot say whether the key is real (a keyless server, a plain HTTP
+    // API): such a "key" would only reach the shared backend beside the shared keys' limits.
+    let by_admin = grants.allows(privilege::caller(), Some(pool_id), Privilege::Admin);
+    if owner.is_some() && !by_admin {
+        if base_url_given {
+            errors::error(
+                Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("only an administrator of pool \"{pool}\" may set base_url for a user's own key"),
+            )
+            .hint("Leave base_url NULL: the key is called where the pool's keys of its provider are.")
+            .raise();
+        }
+        if provider.keyless || !provider.checks_keys {
+            errors::error(
+                Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "users may not add own keys of provider \"{}\": it cannot tell a real key from a made-up one",
+                    provider.name
+                ),
+            )
+            .hint(format!(
+                "Own keys are for providers that check keys: {}.",
+                provider::checked_names()
+            ))
+            .raise();
+        }
     }
     let inherited_url: Option<String> = match (owner, explicit_url) {
         (Some(_), None) => as_owner(grants.owner, |client| {
@@ -358,9 +380,23 @@ fn keypool_add_key(
         }),
         _ => None,
     };
-    let base_url = match explicit_url.or(inherited_url.as_deref()).or(provider.default_base_url) {
+    // Without a shared key of its provider, a user's own key goes only to a cloud provider's
+    // public address, never to a default on the worker's own host.
+    let default_url = match owner {
+        Some(_) if provider.keyless || !provider.checks_keys => None,
+        _ => provider.default_base_url,
+    };
+    let base_url = match explicit_url.or(inherited_url.as_deref()).or(default_url) {
         Some(url) if url.starts_with("http://") || url.starts_with("https://") => url.trim_end_matches('/').to_string(),
         Some(url) => errors::invalid(format!("base_url must start with http:// or https://, not \"{url}\"")).raise(),
+        None if owner.is_some() => errors::error(
+            Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "pool \"{pool}\" has no shared key of provider \"{}\": a user's own key is called only where an administrator configured that provider",
+                provider.name
+            ),
+        )
+        .raise(),
         None => errors::invalid(format!("provider \"{}\" needs a base_url", provider.name))
             .hint("Pass base_url => 'https://host/v1'.")
             .raise(),
@@ -372,7 +408,7 @@ fn keypool_add_key(
     };
     let identity = vault::identity(secret, provider.name, &base_url, model);
 
-    as_owner(grants.owner, |client| {
+    let (key_id, new_scope, new_key) = as_owner(grants.owner, |client| {
         // Locking the pool row serializes additions to the pool (group numbers).
         let locked: Option<i64> = one(
             client,
@@ -436,9 +472,28 @@ fn keypool_add_key(
                     errors::spi(client.update(set_limits, None, &limit_args(scope_id)));
                 }
             }
-            return key_id;
+            return (key_id, None, false);
         }
 
+        if let Some(o) = owner {
+            // The pool row is locked: the count cannot change under us.
+            let cap = settings::MAX_OWNED_KEYS_PER_USER.get().max(0) as i64;
+            let held: i64 = one(
+                client,
+                "SELECT count(*) FROM keypool.key WHERE pool_id = $1 AND owner = $2 AND removed_at IS NULL",
+                &[pool_id.into(), o.into()],
+            )
+            .unwrap_or(0);
+            if held >= cap {
+                errors::error(
+                    Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                    format!("user \"{o}\" has {held} own keys in pool \"{pool}\", the most allowed"),
+                )
+                .detail(format!("pg_keypool.max_owned_keys_per_user = {cap}"))
+                .hint("Remove one of the user's keys first.")
+                .raise();
+            }
+        }
         let zone = zone.unwrap_or(provider.day_zone);
         let find_account = "SELECT id FROM keypool.scope
                              WHERE provider = $1 AND account = $2 AND model IS NOT DISTINCT FROM $3";
@@ -448,6 +503,7 @@ fn keypool_add_key(
             Some(_) => one(client, find_account, &account_args()),
             None => None,
         };
+        let mut new_scope: Option<i64> = None;
         let scope_id: i64 = match existing_scope {
             Some(id) => {
                 // The account exists: its limits are replaced by the ones given, if any.
@@ -481,6 +537,7 @@ fn keypool_add_key(
                         zone.into(),
                     ],
                 );
+                new_scope = inserted;
                 // Created concurrently by another session: use theirs.
                 inserted
                     .or_else(|| one(client, find_account, &account_args()))
@@ -538,6 +595,7 @@ fn keypool_add_key(
                 owner.into(),
             ],
         );
+        let new_key = inserted.is_some();
         let key_id = match inserted {
             Some(id) => id,
             // Added concurrently by another session.
@@ -563,8 +621,41 @@ fn keypool_add_key(
             Some(scope_id),
             detail.as_deref(),
         );
-        key_id
-    })
+        (key_id, new_scope, new_key)
+    });
+    // The one who adds learns that the configuration does not fit shared memory (53400, and
+    // nothing is added), never everyone's next reservation.
+    let cfg = config::refuse_unless_it_fits();
+    if let (Some(cfg), true) = (cfg, new_key) {
+        give_back_slots_on_abort(&cfg, key_id, new_scope);
+    }
+    key_id
+}
+
+/// If this transaction rolls back, the slots bound to the key it added (and to the account it
+/// made for it) go back at once: nobody else can have used a row that never committed, and an
+/// add that keeps failing (a dry run, a rejected check) must not leave slots behind.
+fn give_back_slots_on_abort(cfg: &Config, key_id: i64, new_scope: Option<i64>) {
+    let Some(key) = cfg.key_by_id(key_id) else {
+        return;
+    };
+    let (key_slot, owner) = (key.slot, cfg.owner);
+    let scope = new_scope.and_then(|id| cfg.scope_by_id(id)).map(|s| (s.slot, s.id));
+    crate::state::txn::on_abort(move || {
+        let Some(sh) = shmem::try_shared() else {
+            return;
+        };
+        let k = sh.key(key_slot);
+        if k.tag.is(owner, key_id) {
+            k.tag.clear();
+        }
+        if let Some((slot, id)) = scope {
+            let s = sh.scope(slot);
+            if s.tag.is(owner, id) {
+                s.tag.clear();
+            }
+        }
+    });
 }
 
 /// `keypool_rotate_secret`: replaces a key's secret in place (seed 002's "rotate keys

@@ -518,6 +518,9 @@ fn keypool_remove_key(key_id: Option<i64>) -> i64 {
     };
     let cfg = config::current();
     access::key(&cfg, key_id, Privilege::Admin);
+    if remove_owned_key(sh, &cfg, key_id) {
+        return 0;
+    }
     // Known before the removal: afterwards the configuration no longer has the key.
     let removed_slot = cfg.key_by_id(key_id).map(|k| k.slot);
     let pool_name: Option<String> = as_owner(&cfg, |client| {
@@ -588,6 +591,67 @@ fn keypool_remove_key(key_id: Option<i64>) -> i64 {
         &format!("{} users reassigned", moves.len()),
     );
     moves.len() as i64
+}
+
+/// Removes a user's own key for good, with its account (an owned key's account is its own) and
+/// history, so that adding and removing own keys accumulates no rows; its shared-memory slots
+/// are given back when the transaction commits. False when the key is not an owned one (it is
+/// then removed as a shared key: history kept, users reassigned).
+fn remove_owned_key(sh: &'static Shared, cfg: &Config, key_id: i64) -> bool {
+    let removed: Option<(String, i64, String)> = as_owner(cfg, |client| {
+        let t = errors::spi(client.update(
+            "DELETE FROM keypool.key k USING keypool.pool p
+              WHERE k.id = $1 AND k.owner IS NOT NULL AND k.removed_at IS NULL AND p.id = k.pool_id
+          RETURNING p.name, k.scope_id, k.owner",
+            None,
+            &[key_id.into()],
+        ));
+        let row = rows(t, |r| {
+            Some((
+                r.get::<String>(1).ok().flatten()?,
+                r.get::<i64>(2).ok().flatten()?,
+                r.get::<String>(3).ok().flatten()?,
+            ))
+        })
+        .into_iter()
+        .next()
+        .flatten();
+        if let Some((_, scope_id, _)) = &row {
+            errors::spi(client.update(
+                "DELETE FROM keypool.scope s WHERE s.id = $1
+                    AND NOT EXISTS (SELECT 1 FROM keypool.key k WHERE k.scope_id = s.id)",
+                None,
+                &[(*scope_id).into()],
+            ));
+        }
+        row
+    });
+    let Some((pool_name, scope_id, owner)) = removed else {
+        return false;
+    };
+    let slots = cfg.key_by_id(key_id).map(|k| (k.slot, cfg.scope_of(k).slot));
+    let db_owner = cfg.owner;
+    txn::at_end(move |committed| {
+        if let (true, Some((key_slot, scope_slot))) = (committed, slots) {
+            let k = sh.key(key_slot);
+            if k.tag.is(db_owner, key_id) {
+                k.tag.clear();
+            }
+            let s = sh.scope(scope_slot);
+            if s.tag.is(db_owner, scope_id) {
+                s.tag.clear();
+            }
+        }
+    });
+    let pool_id = cfg.pool_by_name(&pool_name).map(|p| p.id);
+    record_event(
+        cfg,
+        "key_removed",
+        pool_id,
+        Some(key_id),
+        &format!("own key of {owner} removed with its account and history"),
+    );
+    true
 }
 
 /// `keypool_set_user_weight`: the user's weight in the pool's fair share (tiers: free 1, pro 5

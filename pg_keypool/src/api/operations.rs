@@ -16,8 +16,9 @@ use crate::engine::access::{self};
 use crate::engine::composite::{self, Value};
 use crate::errors::{self, Code};
 
-/// `keypool_models()`: every pool the caller may use or read and the models its keys serve
-/// (no secrets). A pool without keys, or with keys that name no model, has a row with model NULL.
+/// `keypool_models()`: every pool the caller may use or read and the models its shared keys
+/// serve (no secrets; users' own keys never make a model name route to a pool). A pool without
+/// keys, or with keys that name no model, has a row with model NULL.
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_models() -> TableIterator<'static, (name!(pool, String), name!(model, Option<String>))> {
     let _path = privilege::pin_search_path();
@@ -33,7 +34,8 @@ fn keypool_models() -> TableIterator<'static, (name!(pool, String), name!(model,
     let rows = privilege::spi_as_owner(grants.owner, |client| {
         let t = errors::spi(client.select(
             "SELECT DISTINCT p.name, k.model
-               FROM keypool.pool p LEFT JOIN keypool.key k ON k.pool_id = p.id AND k.removed_at IS NULL
+               FROM keypool.pool p
+               LEFT JOIN keypool.key k ON k.pool_id = p.id AND k.removed_at IS NULL AND k.owner IS NULL
               WHERE p.id = ANY ($1)
               ORDER BY 1, 2",
             None,

@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::AnyNumeric;
 
 use crate::api::fallbacks::{self, ChainRefusal};
 use crate::catalog::config::{self};
@@ -53,6 +54,8 @@ pub enum Answer {
         /// When the key's windows were charged (this database's clock).
         granted_at_ms: i64,
         allocation: Allocation,
+        /// What it holds of the pool's spend budget (millionths), when one applies.
+        held: Option<u64>,
     },
     Refused {
         refusal: Refusal,
@@ -170,7 +173,12 @@ fn reserve_own(
         let outcome = try_reserve(sh, &cfg, (ix, Some(user)), est_tokens, &share);
         let pool = &cfg.pools[ix];
         match outcome {
-            Ok(Ok((key, reservation_id, granted_at_ms))) => {
+            Ok(Ok(Granted {
+                key,
+                reservation_id,
+                at_ms: granted_at_ms,
+                held,
+            })) => {
                 let (allocation, _, _) = quota::view(sh, &cfg, pool, user, granted_at_ms);
                 let answer = Answer::Granted {
                     key,
@@ -178,6 +186,7 @@ fn reserve_own(
                     reservation_id,
                     granted_at_ms,
                     allocation,
+                    held,
                 };
                 return (cfg, Some(answer));
             }
@@ -339,7 +348,12 @@ fn reserve_in(
     };
     for _ in 0..3 {
         match try_reserve(sh, &cfg, (ix, None), est_tokens, &share) {
-            Ok(Ok((key, reservation_id, granted_at_ms))) => {
+            Ok(Ok(Granted {
+                key,
+                reservation_id,
+                at_ms: granted_at_ms,
+                held,
+            })) => {
                 return (
                     cfg,
                     Answer::Granted {
@@ -348,6 +362,7 @@ fn reserve_in(
                         reservation_id,
                         granted_at_ms,
                         allocation,
+                        held,
                     },
                 );
             }
@@ -380,8 +395,18 @@ fn reserve_in(
     .raise()
 }
 
-/// The key (index), reservation id and grant time, or why not.
-type Outcome = Result<(usize, u64, i64), (Refusal, Option<i64>)>;
+/// A key that took the request.
+struct Granted {
+    /// Index into `Config::keys`.
+    key: usize,
+    reservation_id: u64,
+    at_ms: i64,
+    /// What the reservation holds of a spend budget, if one applies.
+    held: Option<u64>,
+}
+
+/// A granted key, or why not.
+type Outcome = Result<Granted, (Refusal, Option<i64>)>;
 
 /// Pools of up to this many keys spread load exactly evenly over their ready keys (one pass to
 /// count them); larger pools go round the keys from the shared cursor, which stays O(1) while
@@ -406,15 +431,16 @@ fn try_reserve(
     let tokens = est_tokens as u64;
     let mut wait: Option<Wait> = None;
     let mut enabled = 0;
-    // Tries one key: its reservation id if granted; otherwise notes when it could be.
-    let mut attempt = |key: &Key| -> Result<Option<u64>, Rebound> {
+    // Tries one key: its reservation id (and budget hold) if granted; otherwise notes when it
+    // could be.
+    let mut attempt = |key: &Key| -> Result<Option<(u64, Option<u64>)>, Rebound> {
         let w = match readiness(sh, cfg, key, now, lease) {
             Readiness::Disabled => return Ok(None),
             Readiness::Later(w) => w,
             Readiness::Ready => match try_key(sh, cfg, key, now, lease, est_tokens, tokens, share)? {
-                Ok(reservation_id) => {
+                Ok(granted) => {
                     enabled += 1;
-                    return Ok(Some(reservation_id));
+                    return Ok(Some(granted));
                 }
                 Err(w) => w,
             },
@@ -441,8 +467,13 @@ fn try_reserve(
         // The user's assigned key first, within its tier.
         let preferred = preferred.filter(|&k| cfg.keys[k].priority == tier.priority);
         if let Some(k) = preferred {
-            if let Some(reservation_id) = attempt(&cfg.keys[k])? {
-                return Ok(Ok((k, reservation_id, now)));
+            if let Some((reservation_id, held)) = attempt(&cfg.keys[k])? {
+                return Ok(Ok(Granted {
+                    key: k,
+                    reservation_id,
+                    at_ms: now,
+                    held,
+                }));
             }
         }
         // Then round the tier from where the cursor points.
@@ -470,8 +501,13 @@ fn try_reserve(
             if Some(key_index) == preferred {
                 continue;
             }
-            if let Some(reservation_id) = attempt(&cfg.keys[key_index])? {
-                return Ok(Ok((key_index, reservation_id, now)));
+            if let Some((reservation_id, held)) = attempt(&cfg.keys[key_index])? {
+                return Ok(Ok(Granted {
+                    key: key_index,
+                    reservation_id,
+                    at_ms: now,
+                    held,
+                }));
             }
         }
     }
@@ -507,8 +543,8 @@ fn readiness(sh: &Shared, cfg: &Config, key: &Key, now: i64, lease: i64) -> Read
     }
 }
 
-/// Tries to charge one request to `key`'s scope and open a reservation: the reservation id, or
-/// how long until the scope has room.
+/// Tries to charge one request to `key`'s scope and open a reservation: the reservation id and
+/// what it holds of a budget, or how long until the scope has room.
 #[allow(clippy::too_many_arguments)]
 fn try_key(
     sh: &Shared,
@@ -519,7 +555,7 @@ fn try_key(
     est_tokens: i64,
     tokens: u64,
     share: &Share,
-) -> Result<Result<u64, Wait>, Rebound> {
+) -> Result<Result<(u64, Option<u64>), Wait>, Rebound> {
     let scope = cfg.scope_of(key);
     let key_slot = sh.key(key.slot);
     if !key_slot.tag.is(cfg.owner, key.id) {
@@ -581,7 +617,7 @@ fn try_key(
             let reservation_id = reservation::open(sh, &record, now, lease);
             key_slot.add(Counter::Requests, 1);
             key_slot.last_used_ms.store(now, Ordering::Relaxed);
-            Ok(Ok(reservation_id))
+            Ok(Ok((reservation_id, held.held().then_some(held.amount))))
         }
         Err(w) => {
             if trial {
@@ -593,7 +629,7 @@ fn try_key(
 }
 
 /// The result row, in the column order of the `keypool_reservation` type.
-fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 15] {
+fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 16] {
     let share = |a: &Allocation| {
         [
             a.remaining().map_or(Value::Null, |r| Value::Int8(r as i64)),
@@ -608,6 +644,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 15] {
             reservation_id,
             granted_at_ms,
             allocation,
+            held,
         } => {
             let k = &cfg.keys[*key];
             let served = cfg.pools.get(*pool).map_or(Value::Null, |p| Value::Text(&p.name));
@@ -629,6 +666,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 15] {
                 warning,
                 Value::Int8(clock::timestamptz_datum(*granted_at_ms)),
                 served,
+                held.map_or(Value::Null, |micros| Value::Datum(money_datum(micros))),
             ]
         }
         Answer::Refused {
@@ -653,8 +691,18 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 15] {
                 warning,
                 Value::Null,
                 Value::Null,
+                Value::Null,
             ]
         }
+    }
+}
+
+/// A `numeric` datum of an amount in millionths.
+fn money_datum(micros: u64) -> pg_sys::Datum {
+    let text = crate::policy::money::to_decimal(micros);
+    match AnyNumeric::try_from(text.as_str()) {
+        Ok(n) => n.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+        Err(_) => errors::error(Code::ERRCODE_INTERNAL_ERROR, "pg_keypool: cannot form an amount").raise(),
     }
 }
 

@@ -19,7 +19,7 @@ use crate::engine::budgets;
 use crate::engine::quota::{self, Ticket};
 use crate::errors::{self, Code};
 use crate::policy::calendar;
-use crate::policy::outcome::{classify, Outcome};
+use crate::policy::outcome::{classify, needs_key_check, strip_prefix, Outcome, KEY_UNCHECKED, NEEDS_KEY_CHECK};
 use crate::policy::window::Charge;
 use crate::settings;
 use crate::state::breaker;
@@ -73,6 +73,27 @@ fn may_close(cfg: &Config, caller: pgrx::pg_sys::Oid, r: &Record) -> bool {
     }
     let pool = cfg.key_by_id(r.key_id).map(|k| k.pool_id);
     cfg.grants.allows(caller, pool, Privilege::Admin)
+}
+
+/// Checks that reservation `id` is open and the caller's to close, without closing it.
+fn peek(sh: &Shared, cfg: &Config, id: Option<i64>) {
+    let Some(id) = id else {
+        errors::null_argument("reservation_id").raise()
+    };
+    if id <= 0 {
+        not_open(id, NotOpen::Unknown);
+    }
+    let caller = privilege::caller();
+    if let Err(why) = reservation::peek(
+        sh,
+        id as u64,
+        cfg.owner.dboid,
+        clock::now_ms(),
+        settings::lease_ms(),
+        |r| may_close(cfg, caller, r),
+    ) {
+        not_open(id, why);
+    }
 }
 
 fn take(sh: &Shared, cfg: &Config, id: Option<i64>, how: Closed) -> (i64, Record) {
@@ -160,6 +181,13 @@ fn keypool_settle(
         errors::invalid(format!("error_code is longer than {MAX_ERROR_CODE} bytes")).raise();
     }
     let cfg = config::current();
+    if needs_key_check(status, error_code) {
+        // Nothing is settled: the worker asks the provider about the key and settles again.
+        peek(sh, &cfg, reservation_id);
+        return NEEDS_KEY_CHECK.to_string();
+    }
+    // What is recorded is the provider's code (classify strips the prefix the same way).
+    let error_code = error_code.map(|c| strip_prefix(c, KEY_UNCHECKED).unwrap_or(c));
     let (_, r) = take(sh, &cfg, reservation_id, Closed::Settled);
     let now = clock::now_ms();
     let outcome = classify(status, error_code);

@@ -207,13 +207,8 @@ fn keypool_revoke_api_token(id: Option<i64>) {
     });
 }
 
-/// `keypool_authenticate_api_token(token)`: the token's id, user and pools when it is valid
-/// (known, not revoked, not expired); no row otherwise. For the worker.
-#[pg_extern(volatile, parallel_unsafe)]
-#[allow(clippy::type_complexity)]
-fn keypool_authenticate_api_token(
-    token: Option<&str>,
-) -> TableIterator<
+/// The columns both authentication functions answer with.
+type Authenticated = TableIterator<
     'static,
     (
         name!(token_id, i64),
@@ -221,11 +216,33 @@ fn keypool_authenticate_api_token(
         name!(pools, Option<Vec<String>>),
         name!(expires_at, Option<TimestampWithTimeZone>),
     ),
-> {
+>;
+
+/// `keypool_authenticate_api_token(token)`: the token's id, user and pools when it is valid
+/// (known, not revoked, not expired); no row otherwise. The worker uses
+/// `keypool_authenticate_api_token_sha256`, so that no token reaches a server log.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_authenticate_api_token(token: Option<&str>) -> Authenticated {
     let _path = privilege::pin_search_path();
     let Some(token) = token.filter(|t| t.starts_with(PREFIX) && t.len() <= MAX_TOKEN) else {
         return TableIterator::new(Vec::new());
     };
+    authenticate(digest(token))
+}
+
+/// `keypool_authenticate_api_token_sha256(token_sha256)`: as `keypool_authenticate_api_token`,
+/// given the token's SHA-256 (32 bytes) instead of the token. A bind parameter may be logged
+/// (`log_statement`, `log_min_duration_statement`); a digest in a log opens nothing.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_authenticate_api_token_sha256(token_sha256: Option<&[u8]>) -> Authenticated {
+    let _path = privilege::pin_search_path();
+    let Some(digest) = token_sha256.filter(|d| d.len() == 32) else {
+        return TableIterator::new(Vec::new());
+    };
+    authenticate(digest.to_vec())
+}
+
+fn authenticate(digest: Vec<u8>) -> Authenticated {
     let owner = access::grants().owner;
     let rows = privilege::spi_as_owner(owner, |client| {
         let t = errors::spi(client.update(
@@ -246,7 +263,7 @@ fn keypool_authenticate_api_token(
                     hit.expires_at
                FROM hit",
             None,
-            &[digest(token).into()],
+            &[digest.into()],
         ));
         t.filter_map(|r| {
             Some((

@@ -27,7 +27,7 @@ use crate::policy::money::{Budget, Period, Price};
 use crate::policy::shares::Policy;
 use crate::policy::window::Limits;
 use crate::state::clock;
-use crate::state::registry::{self, Wanted};
+use crate::state::registry::{self, Fit, Wanted};
 use crate::state::shmem::{self, Shared};
 use crate::state::slots::Owner;
 
@@ -59,9 +59,21 @@ pub fn reload_now() -> Rc<Config> {
 
 fn reload(sh: &Shared, generation: u64) -> Rc<Config> {
     STALE.set(false);
-    let cfg = Rc::new(load(sh, generation));
+    let cfg = Rc::new(load(sh, generation, Fit::Lenient));
     CACHE.with_borrow_mut(|c| *c = Some(cfg.clone()));
     cfg
+}
+
+/// Reloads with the configuration as this transaction sees it (its own changes included) and
+/// refuses with 53400 when it does not fit in shared memory: for the functions that add keys
+/// and pools, so that the one who adds learns it, and nobody's next reservation does.
+/// Without the preloaded library there is no shared memory to fit into, and nothing is checked
+/// (`None`).
+pub fn refuse_unless_it_fits() -> Option<Rc<Config>> {
+    let sh = shmem::try_shared()?;
+    let cfg = Rc::new(load(sh, sh.config_generation(), Fit::Strict));
+    CACHE.with_borrow_mut(|c| *c = Some(cfg.clone()));
+    Some(cfg)
 }
 
 /// Called by the trigger on the configuration tables.
@@ -84,7 +96,7 @@ fn end_of_change() {
     }
 }
 
-fn load(sh: &Shared, generation: u64) -> Config {
+fn load(sh: &Shared, generation: u64, fit: Fit) -> Config {
     let extension_owner = extension_owner();
     let now = clock::now_ms();
     privilege::as_owner(extension_owner, || {
@@ -200,8 +212,12 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 |r| (r.get::<i32>(0) as u32, r.get::<Vec<u8>>(1)),
             );
 
-            let scope_ids: Vec<i64> = scopes.iter().map(|s| s.0).collect();
-            let key_ids: Vec<i64> = keys.iter().map(|k| k.id).collect();
+            // Only accounts that live keys use take slots: those of removed keys give theirs
+            // back once idle. An owned key's account is its own.
+            let key_scopes: HashMap<i64, bool> = keys.iter().map(|k| (k.scope_id, k.owner.is_some())).collect();
+            let scopes: Vec<_> = scopes.into_iter().filter(|s| key_scopes.contains_key(&s.0)).collect();
+            let scope_ids: Vec<(i64, bool)> = scopes.iter().map(|s| (s.0, key_scopes[&s.0])).collect();
+            let key_ids: Vec<(i64, bool)> = keys.iter().map(|k| (k.id, k.owner.is_some())).collect();
             let pool_ids: Vec<i64> = pools.iter().map(|p| p.id).collect();
             let scope_limits: HashMap<i64, Limits> = scopes.iter().map(|s| (s.0, s.1)).collect();
             let bound = registry::bind(
@@ -214,6 +230,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 },
                 &live_databases,
                 now,
+                fit,
             );
 
             let mut cfg = Config {
@@ -230,7 +247,10 @@ fn load(sh: &Shared, generation: u64) -> Config {
                 scopes_by_id: HashMap::with_capacity(scopes.len()),
             };
             for (id, limits, tz, disabled) in scopes {
-                let slot = bound.scopes[&id];
+                // Left out of shared memory (no room): its keys take no traffic.
+                let Some(&slot) = bound.scopes.get(&id) else {
+                    continue;
+                };
                 let tz = calendar::parse_zone(&tz).unwrap_or(Tz::UTC);
                 let s = sh.scope(slot);
                 {
@@ -290,8 +310,11 @@ fn load(sh: &Shared, generation: u64) -> Config {
             // Users' own keys, by pool and owner (their tiers are built below).
             let mut owned: Vec<HashMap<String, Vec<usize>>> = vec![HashMap::new(); cfg.pools.len()];
             for k in keys {
-                let (Some(&pool), Some(&scope)) = (pool_index.get(&k.pool_id), cfg.scopes_by_id.get(&k.scope_id))
-                else {
+                let (Some(&pool), Some(&scope), Some(&key_slot)) = (
+                    pool_index.get(&k.pool_id),
+                    cfg.scopes_by_id.get(&k.scope_id),
+                    bound.keys.get(&k.id),
+                ) else {
                     continue;
                 };
                 cfg.keys_by_id.insert(k.id, cfg.keys.len());
@@ -312,7 +335,7 @@ fn load(sh: &Shared, generation: u64) -> Config {
                     price,
                     pool_id: k.pool_id,
                     scope,
-                    slot: bound.keys[&k.id],
+                    slot: key_slot,
                     provider: k.provider,
                     model: k.model,
                     base_url: k.base_url,

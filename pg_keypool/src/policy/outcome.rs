@@ -81,9 +81,47 @@ const DAILY_MARKERS: &[&str] = &["perday", "per_day", "daily", "requests_per_day
 /// not the key's).
 pub const CALLER_PATH: &str = "proxy:";
 
+/// The worker checked the key with its provider after this answer, and the provider accepted
+/// the key: a 401 or 403 was about the request (its model, its shape), not the key. No penalty.
+pub const KEY_CHECKED: &str = "checked:";
+
+/// Error codes of answers to requests whose shape the caller chose (chat, embeddings) start with
+/// this: an answer that would disable the key is not settled (`keypool_settle` returns
+/// [`NEEDS_KEY_CHECK`] and the reservation stays open) until the worker has asked the provider
+/// about the key itself and settles again, with the plain code (the provider rejected the key:
+/// it is disabled) or with [`KEY_CHECKED`] (the provider accepted it). Any other outcome is
+/// settled at once, as without the prefix.
+pub const KEY_UNCHECKED: &str = "unchecked:";
+
+/// What `keypool_settle` returns for an unchecked answer that would disable the key.
+pub const NEEDS_KEY_CHECK: &str = "key_unchecked";
+
+/// `code` without `prefix` (compared without case), if it starts with it.
+pub fn strip_prefix<'a>(code: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = code.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &code[prefix.len()..])
+}
+
+/// Whether settling `status` with `error_code` must wait for a check of the key: the caller
+/// chose the request's shape and the answer would disable the key.
+pub fn needs_key_check(status: i32, error_code: Option<&str>) -> bool {
+    error_code
+        .and_then(|c| strip_prefix(c, KEY_UNCHECKED))
+        .is_some_and(|rest| classify(status, Some(rest).filter(|c| !c.is_empty())) == Outcome::KeyInvalid)
+}
+
 /// Classifies a provider answer. `status` is the HTTP status, or 0 when no answer came.
 pub fn classify(status: i32, error_code: Option<&str>) -> Outcome {
     let code = error_code.map(|c| c.trim().to_ascii_lowercase()).unwrap_or_default();
+    if let Some(code) = code.strip_prefix(KEY_UNCHECKED) {
+        return classify(status, Some(code).filter(|c| !c.is_empty()));
+    }
+    if let Some(code) = code.strip_prefix(KEY_CHECKED) {
+        return match classify(status, Some(code).filter(|c| !c.is_empty())) {
+            Outcome::KeyInvalid => Outcome::Other,
+            outcome => outcome,
+        };
+    }
     if let Some(code) = code.strip_prefix(CALLER_PATH) {
         return match classify(status, Some(code).filter(|c| !c.is_empty())) {
             Outcome::KeyInvalid | Outcome::Billing => Outcome::Other,
@@ -125,6 +163,19 @@ pub fn classify(status: i32, error_code: Option<&str>) -> Outcome {
 mod tests {
     use super::*;
     use Outcome::*;
+
+    #[test]
+    fn only_answers_that_would_disable_a_key_wait_for_a_check() {
+        assert!(needs_key_check(401, Some("unchecked:invalid_api_key")));
+        assert!(needs_key_check(403, Some("UNCHECKED:")));
+        assert!(needs_key_check(400, Some("unchecked:API_KEY_INVALID")));
+        assert!(!needs_key_check(401, Some("invalid_api_key")));
+        assert!(!needs_key_check(429, Some("unchecked:rate_limit_exceeded")));
+        assert!(!needs_key_check(401, Some("checked:invalid_api_key")));
+        assert!(!needs_key_check(401, None));
+        assert_eq!(strip_prefix("Unchecked:x", KEY_UNCHECKED), Some("x"));
+        assert_eq!(strip_prefix("unch", KEY_UNCHECKED), None);
+    }
 
     #[test]
     fn provider_facts_table() {
@@ -178,6 +229,13 @@ mod tests {
             (429, Some("proxy:insufficient_quota"), Other),
             (429, Some("proxy:rate_limit_exceeded"), RateLimited),
             (429, Some("proxy:GenerateRequestsPerDayPerProjectPerModel"), RateLimited),
+            // chat and embeddings: the same classes; a key checked after a 401/403 is not blamed
+            (401, Some("unchecked:invalid_api_key"), KeyInvalid),
+            (429, Some("unchecked:rate_limit_exceeded"), RateLimited),
+            (401, Some("checked:invalid_api_key"), Other),
+            (403, Some("checked:"), Other),
+            (429, Some("checked:rate_limit_exceeded"), RateLimited),
+            (429, Some("checked:insufficient_quota"), Billing),
             (503, Some("proxy:"), ServerError),
             (200, Some("proxy:"), Success),
             (404, Some("proxy:not_found"), CallerError),

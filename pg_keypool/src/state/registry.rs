@@ -100,7 +100,8 @@ impl Slot for PoolSlot {
 /// How long a slot stays bound after the last backend that wanted it bound or confirmed it.
 const RECLAIM_GRACE_MS: i64 = 10_000;
 
-/// Slot numbers bound to the rows of one configuration.
+/// Slot numbers bound to the rows of one configuration. A row that did not fit (see [`Fit`])
+/// has no entry: its key takes no traffic until room is made.
 #[derive(Default)]
 pub struct Bindings {
     pub scopes: HashMap<i64, u32>,
@@ -108,64 +109,104 @@ pub struct Bindings {
     pub pools: HashMap<i64, u32>,
 }
 
-/// The rows a configuration needs slots for.
+/// The rows a configuration needs slots for; scopes and keys say whether they are (of) a
+/// user's own key.
 pub struct Wanted<'a> {
-    pub scopes: &'a [i64],
-    pub keys: &'a [i64],
+    pub scopes: &'a [(i64, bool)],
+    pub keys: &'a [(i64, bool)],
     pub pools: &'a [i64],
 }
 
-/// Binds a slot to every wanted row. `live_databases` are the OIDs in `pg_database`.
-pub fn bind(sh: &Shared, owner: Owner, wanted: Wanted<'_>, live_databases: &HashSet<u32>, now_ms: i64) -> Bindings {
+/// What to do with rows that do not fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// Refuse (53400) before binding anything: the transaction that adds a key or a pool learns
+    /// that its configuration does not fit, and nobody else ever does.
+    Strict,
+    /// Bind what fits, shared keys' rows before users' own; leave the rest out. Every backend's
+    /// reload binds this way, so that a configuration that cannot fit (another database filled
+    /// the slots, the server restarted with smaller settings) never fails anyone's reservation.
+    /// Pools are always strict.
+    Lenient,
+}
+
+/// Binds a slot to every wanted row (see [`Fit`]). `live_databases` are the OIDs in
+/// `pg_database`. Users' own keys (and their scopes) never take more than
+/// `pg_keypool.owned_key_share` of a slot array, counted over every database.
+pub fn bind(
+    sh: &Shared,
+    owner: Owner,
+    wanted: Wanted<'_>,
+    live_databases: &HashSet<u32>,
+    now_ms: i64,
+    fit: Fit,
+) -> Bindings {
     let _registry = sh.header.registry.exclusive();
     let dead =
         |o: Owner| !live_databases.contains(&o.dboid) || (o.dboid == owner.dboid && o.instance != owner.instance);
+    let share = crate::settings::OWNED_KEY_SHARE.get().clamp(0.0, 1.0);
+    let pools: Vec<(i64, bool)> = wanted.pools.iter().map(|&id| (id, false)).collect();
     Bindings {
         scopes: bind_kind(
             sh.scopes,
-            owner,
+            Kind::new(owner, "scopes", "pg_keypool.max_scopes", fit, share),
             wanted.scopes,
             &dead,
             now_ms,
-            "scopes",
-            "pg_keypool.max_scopes",
         ),
         keys: bind_kind(
             sh.keys,
-            owner,
+            Kind::new(owner, "keys", "pg_keypool.max_keys", fit, share),
             wanted.keys,
             &dead,
             now_ms,
-            "keys",
-            "pg_keypool.max_keys",
         ),
         pools: bind_kind(
             sh.pools,
-            owner,
-            wanted.pools,
+            Kind::new(owner, "pools", "pg_keypool.max_pools", Fit::Strict, share),
+            &pools,
             &dead,
             now_ms,
-            "pools",
-            "pg_keypool.max_pools",
         ),
+    }
+}
+
+/// One kind of slot being bound, and how.
+struct Kind {
+    owner: Owner,
+    what: &'static str,
+    setting: &'static str,
+    fit: Fit,
+    owned_share: f64,
+}
+
+impl Kind {
+    fn new(owner: Owner, what: &'static str, setting: &'static str, fit: Fit, owned_share: f64) -> Kind {
+        Kind {
+            owner,
+            what,
+            setting,
+            fit,
+            owned_share,
+        }
     }
 }
 
 fn bind_kind<S: Slot>(
     slots: &[S],
-    owner: Owner,
-    wanted: &[i64],
+    kind: Kind,
+    wanted: &[(i64, bool)],
     dead: &dyn Fn(Owner) -> bool,
     now_ms: i64,
-    what: &str,
-    setting: &str,
 ) -> HashMap<i64, u32> {
-    let wanted_set: HashSet<i64> = wanted.iter().copied().collect();
-    let newest_wanted = wanted.iter().copied().max().unwrap_or(0);
+    let owner = kind.owner;
+    let wanted_set: HashMap<i64, bool> = wanted.iter().copied().collect();
+    let newest_wanted = wanted.iter().map(|w| w.0).max().unwrap_or(0);
     let mut bound: HashMap<i64, u32> = HashMap::with_capacity(wanted.len());
     let mut free: Vec<u32> = Vec::new();
     // Real time, not keypool_now(): a frozen test clock must not pin slots forever.
     let wall = crate::state::clock::real_now_ms();
+    let mut owned_in_use = 0usize;
     for (i, slot) in slots.iter().enumerate() {
         let id = slot.tag().id();
         if id == 0 {
@@ -176,8 +217,9 @@ fn bind_kind<S: Slot>(
         if o == owner {
             // Rows newer than any this configuration knows may belong to a transaction that
             // committed after our snapshot: never take those back.
-            if wanted_set.contains(&id) {
+            if let Some(&owned) = wanted_set.get(&id) {
                 slot.tag().confirm(wall);
+                slot.tag().mark_owned(owned);
                 bound.insert(id, i as u32);
             } else if id <= newest_wanted
                 && wall - slot.tag().confirmed_ms() >= RECLAIM_GRACE_MS
@@ -185,36 +227,94 @@ fn bind_kind<S: Slot>(
             {
                 slot.tag().clear();
                 free.push(i as u32);
+                continue;
             }
         } else if dead(o) {
             slot.tag().clear();
             free.push(i as u32);
+            continue;
+        }
+        if slot.tag().is_owned() {
+            owned_in_use += 1;
         }
     }
-    let missing: Vec<i64> = wanted.iter().copied().filter(|id| !bound.contains_key(id)).collect();
-    if missing.len() > free.len() {
-        errors::error(
-            Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            format!("too many {what} for pg_keypool's shared memory"),
-        )
-        .detail(format!(
-            "{} {what} are configured in this database and {} more slots are needed, but only {} are free ({setting} = {}).",
-            wanted.len(),
-            missing.len(),
-            free.len(),
-            slots.len()
-        ))
-        .hint(format!("Raise {setting} in postgresql.conf and restart the server."))
-        .raise();
+    // Shared keys' rows first, then users' own, each oldest first.
+    let mut missing: Vec<(i64, bool)> = wanted
+        .iter()
+        .copied()
+        .filter(|(id, _)| !bound.contains_key(id))
+        .collect();
+    missing.sort_unstable_by_key(|&(id, owned)| (owned, id));
+    let owned_cap = (kind.owned_share * slots.len() as f64).floor() as usize;
+    let owned_missing = missing.iter().filter(|m| m.1).count();
+    if kind.fit == Fit::Strict {
+        if missing.len() > free.len() {
+            errors::error(
+                Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                format!("too many {} for pg_keypool's shared memory", kind.what),
+            )
+            .detail(format!(
+                "{} {} are configured in this database and {} more slots are needed, but only {} are free ({} = {}).",
+                wanted.len(),
+                kind.what,
+                missing.len(),
+                free.len(),
+                kind.setting,
+                slots.len()
+            ))
+            .hint(format!(
+                "Raise {} in postgresql.conf and restart the server.",
+                kind.setting
+            ))
+            .raise();
+        }
+        if owned_missing > 0 && owned_in_use + owned_missing > owned_cap {
+            errors::error(
+                Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                format!(
+                    "users' own keys would take more than their share of pg_keypool's {}",
+                    kind.what
+                ),
+            )
+            .detail(format!(
+                "Users' own keys hold {owned_in_use} of the {owned_cap} slots they may take \
+                 ({} = {} times pg_keypool.owned_key_share = {}); the rest is kept for shared keys.",
+                kind.setting,
+                slots.len(),
+                kind.owned_share
+            ))
+            .hint("Remove unused own keys, or raise pg_keypool.owned_key_share or the size setting.")
+            .raise();
+        }
     }
     // Take the lowest free slots first: a compact region is faster to scan.
     free.sort_unstable_by(|a, b| b.cmp(a));
-    for id in missing {
-        let Some(i) = free.pop() else { break };
+    let mut left_out = 0usize;
+    for (id, owned) in missing {
+        if owned && owned_in_use >= owned_cap {
+            left_out += 1;
+            continue;
+        }
+        let Some(i) = free.pop() else {
+            left_out += 1;
+            continue;
+        };
         let slot = &slots[i as usize];
         slot.reset();
         slot.tag().set(owner, id, wall);
+        slot.tag().mark_owned(owned);
+        if owned {
+            owned_in_use += 1;
+        }
         bound.insert(id, i);
+    }
+    if left_out > 0 {
+        pgrx::log!(
+            "pg_keypool: {left_out} {} did not fit in shared memory ({} = {}); their keys take no traffic until room is made",
+            kind.what,
+            kind.setting,
+            slots.len()
+        );
     }
     bound
 }

@@ -220,6 +220,40 @@ pub fn open(sh: &Shared, record: &Record, now_ms: i64, lease_ms: i64) -> u64 {
     }
 }
 
+/// What open reservation `id` of database `dboid` holds, without closing it, if `may_close`
+/// allows the caller to close it; the same refusals as [`close`] otherwise.
+pub fn peek(
+    sh: &Shared,
+    id: u64,
+    dboid: u32,
+    now_ms: i64,
+    lease_ms: i64,
+    may_close: impl Fn(&Record) -> bool,
+) -> Result<Record, NotOpen> {
+    for p in 0..PROBES {
+        let s = slot(sh, id + p);
+        if s.id.load(Acquire) != id {
+            continue;
+        }
+        let record = read(s);
+        // Still the same reservation after the read: its fields are its own.
+        if s.id.load(Acquire) != id {
+            break;
+        }
+        if record.dboid != dboid {
+            return Err(NotOpen::Unknown);
+        }
+        if !may_close(&record) {
+            return Err(NotOpen::Forbidden);
+        }
+        if now_ms - record.at_ms > lease_ms {
+            return Err(NotOpen::Expired);
+        }
+        return Ok(record);
+    }
+    Err(why_not_open(sh, id, dboid, may_close))
+}
+
 /// Closes reservation `id` of database `dboid` and returns what it held, if `may_close` allows
 /// the caller to (it is asked before anything changes or is told about the reservation).
 pub fn close(
@@ -254,29 +288,34 @@ pub fn close(
         }
         break;
     }
+    Err(why_not_open(sh, id, dboid, may_close))
+}
+
+/// Why reservation `id` is not open (asking `may_close` before telling anything about it).
+fn why_not_open(sh: &Shared, id: u64, dboid: u32, may_close: impl Fn(&Record) -> bool) -> NotOpen {
     for p in 0..PROBES {
         let s = slot(sh, id + p);
         if s.closed_id.load(Acquire) == id {
             // The slot still holds the closed reservation's fields until it is reused.
             let record = read(s);
             if record.dboid != dboid {
-                return Err(NotOpen::Unknown);
+                return NotOpen::Unknown;
             }
             if !may_close(&record) {
-                return Err(NotOpen::Forbidden);
+                return NotOpen::Forbidden;
             }
-            return Err(match Closed::from_u32(s.closed_how.load(Relaxed)) {
+            return match Closed::from_u32(s.closed_how.load(Relaxed)) {
                 Some(Closed::Expired) => NotOpen::Expired,
                 Some(how) => NotOpen::Closed(how),
                 None => NotOpen::Gone,
-            });
+            };
         }
     }
     let first = sh.header.first_reservation.load(Relaxed);
     let next = sh.header.next_reservation.load(Relaxed);
     if id < first || id >= next {
-        Err(NotOpen::Unknown)
+        NotOpen::Unknown
     } else {
-        Err(NotOpen::Gone)
+        NotOpen::Gone
     }
 }

@@ -32,6 +32,8 @@ pub struct Tag {
     id: AtomicI64,
     /// Wall-clock ms when a backend last bound or confirmed this slot (registry.rs).
     confirmed_ms: AtomicI64,
+    /// 1 when the row is (of) a user's own key: such slots may take only a share of the array.
+    owned: AtomicU32,
 }
 
 impl Tag {
@@ -55,6 +57,7 @@ impl Tag {
     }
 
     pub(crate) fn set(&self, owner: Owner, id: i64, now_wall_ms: i64) {
+        self.owned.store(0, Ordering::Relaxed);
         self.dboid.store(owner.dboid, Ordering::Relaxed);
         self.instance.store(owner.instance, Ordering::Relaxed);
         self.confirmed_ms.store(now_wall_ms, Ordering::Relaxed);
@@ -64,6 +67,16 @@ impl Tag {
     /// Notes that a backend's configuration still wants this slot's row.
     pub(crate) fn confirm(&self, now_wall_ms: i64) {
         self.confirmed_ms.store(now_wall_ms, Ordering::Relaxed);
+    }
+
+    /// Whether the slot's row belongs to a user's own key (set by the registry when it binds or
+    /// confirms the slot).
+    pub(crate) fn is_owned(&self) -> bool {
+        self.owned.load(Ordering::Relaxed) != 0
+    }
+
+    pub(crate) fn mark_owned(&self, owned: bool) {
+        self.owned.store(owned as u32, Ordering::Relaxed);
     }
 
     /// Wall-clock ms of the last bind or confirmation.

@@ -21,6 +21,10 @@
 //! - `GET /_mock/stats`: requests in total and per key (masked), `GET /_mock/requests`: the last
 //!   100 requests (path, wire, masked key, body)
 //!
+//! With `--issued-keys-only`, the mock accepts only the keys it issued (`--issue KEY`, or
+//! `POST /_mock/keys {"issue": "<secret>"}`) and rejects any other key as a real provider
+//! does (401, Gemini's API_KEY_INVALID), model lists included.
+//!
 //! With `--call-log FILE`, every call with a key is appended to FILE as one JSON line:
 //! `{"at_ms", "key" (masked), "granted_at_ms" (the worker's X-Keypool-Granted-At, or null),
 //! "fault" (null, or what was injected), "path"}`: the soak's record of what reached the
@@ -156,6 +160,9 @@ struct Mock {
     call_log: Option<Mutex<std::fs::File>>,
     /// Requests without a key are served (a local server), not refused.
     keyless: bool,
+    /// With `--issued-keys-only`: the keys this provider issued (`--issue`, `POST /_mock/keys`);
+    /// any other key is rejected as a real provider rejects a key it never issued.
+    issued: Option<Mutex<std::collections::HashSet<String>>>,
 }
 
 type Shared = Arc<Mock>;
@@ -446,6 +453,13 @@ async fn start(
             return Err(missing_key(wire));
         }
     };
+    if let Some(issued) = &mock.issued {
+        if !secret.is_empty() && !issued.lock().is_ok_and(|k| k.contains(&secret)) {
+            mock.admit(wire, path, &secret, body, headers);
+            pause(mock.latency).await;
+            return Err(failure(wire, FaultKind::InvalidKey, 0.0, &secret));
+        }
+    }
     let fault = mock.admit(wire, path, &secret, body, headers);
     pause(mock.latency).await;
     if let Some(f) = fault {
@@ -940,6 +954,29 @@ async fn reset(State(mock): State<Shared>) -> Response {
     Json(json!({"ok": true})).into_response()
 }
 
+#[derive(Deserialize)]
+struct IssueBody {
+    issue: String,
+}
+
+/// `POST /_mock/keys {"issue": "<secret>"}`: a key this provider now accepts
+/// (`--issued-keys-only`).
+async fn issue_key(State(mock): State<Shared>, Json(b): Json<IssueBody>) -> Response {
+    match &mock.issued {
+        Some(issued) => {
+            if let Ok(mut k) = issued.lock() {
+                k.insert(b.issue);
+            }
+            Json(json!({"ok": true})).into_response()
+        }
+        None => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "start the mock with --issued-keys-only to issue keys"})),
+        )
+            .into_response(),
+    }
+}
+
 async fn stats(State(mock): State<Shared>) -> Response {
     let by_key = mock.by_key.lock().map(|m| m.clone()).unwrap_or_default();
     Json(json!({"requests": mock.requests.load(Ordering::Relaxed), "by_key": by_key})).into_response()
@@ -965,6 +1002,9 @@ pub fn router(args: &MockArgs) -> Router {
         by_key: Mutex::new(HashMap::new()),
         recent: Mutex::new(VecDeque::new()),
         keyless: args.keyless,
+        issued: args
+            .issued_keys_only
+            .then(|| Mutex::new(args.issue.iter().cloned().collect())),
         call_log: args.call_log.as_ref().and_then(|p| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -989,6 +1029,7 @@ pub fn router(args: &MockArgs) -> Router {
         .route("/_mock/reset", post(reset))
         .route("/_mock/stats", get(stats))
         .route("/_mock/requests", get(recent))
+        .route("/_mock/keys", post(issue_key))
         .with_state(mock)
 }
 

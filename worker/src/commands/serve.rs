@@ -127,19 +127,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         endpoint.metrics_token = args.metrics_token.clone();
         endpoint.max_body = args.max_body;
         endpoint.idle_timeout = args.idle_timeout;
-        let endpoint = Arc::new(endpoint.with_max_in_flight(args.max_in_flight));
+        endpoint.body_timeout = args.body_timeout;
+        let endpoint = Arc::new(
+            endpoint
+                .with_max_in_flight(args.max_in_flight)
+                .with_max_in_flight_per_caller(args.max_in_flight_per_caller),
+        );
         if args.insecure_no_auth {
             warn!("the API routes accept requests without a token (--insecure-no-auth); the admin API still needs an admin token");
         }
         let app = server::router(endpoint);
         let mut stop = stop_rx.clone();
-        let header_timeout = args.header_timeout;
+        let timeouts = listener::Timeouts {
+            header: args.header_timeout,
+            write_stall: args.idle_timeout,
+        };
         info!(%addr, "HTTP endpoint listening");
         Some(tokio::spawn(async move {
             let stopping = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            listener::serve(listener, app, header_timeout, stopping).await;
+            listener::serve(listener, app, timeouts, stopping).await;
         }))
     };
 

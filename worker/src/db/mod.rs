@@ -109,6 +109,8 @@ pub struct Grant {
     pub pool: String,
     pub key: KeyRef,
     pub allocation: Allocation,
+    /// A spend budget holds the reservation's estimate: the call must not generate more.
+    pub budgeted: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -143,14 +145,15 @@ enum SettleMsg {
 
 const RESERVE: &str = "SELECT granted, reservation_id, key_id, provider, model, base_url, secret, error, \
                        retry_after_ms, key_label, remaining_today, allocated_today, warning_level, \
-                       (extract(epoch FROM granted_at) * 1000)::bigint, pool \
+                       (extract(epoch FROM granted_at) * 1000)::bigint, pool, budget_held IS NOT NULL \
                        FROM keypool_reserve($1, $2, $3, $4)";
 const SETTLE: &str = "SELECT keypool_settle($1, $2, $3, $4, $5, $6)";
 const SETTLE_MANY: &str = "SELECT keypool_settle(r, s, p, c, ra, e) \
                            FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[]) \
                            AS t(r, s, p, c, ra, e)";
 const RELEASE: &str = "SELECT keypool_release($1)";
-const AUTHENTICATE: &str = "SELECT token_id, user_id, pools, expires_at FROM keypool_authenticate_api_token($1)";
+/// Tokens are looked up by their SHA-256: a bind parameter may reach the server log.
+const AUTHENTICATE: &str = "SELECT token_id, user_id, pools, expires_at FROM keypool_authenticate_api_token_sha256($1)";
 /// Settlements waiting for the background settler at most; beyond, senders wait for room
 /// (back-pressure: nothing is dropped).
 const SETTLE_QUEUE: usize = 4096;
@@ -230,6 +233,7 @@ impl Db {
             anyhow::anyhow!(message)
         })?;
         check_extension(&client, &db.config).await?;
+        warn_if_parameters_are_logged(&client).await;
         drop(client);
         tokio::spawn(settler(db.pool.clone(), rx));
         Ok(db)
@@ -291,6 +295,7 @@ impl Db {
                     label: row.get::<_, Option<String>>(9).unwrap_or_default(),
                 },
                 allocation,
+                budgeted: row.get::<_, Option<bool>>(15).unwrap_or(false),
             }))
         } else {
             Ok(Reserved::Refused(Refusal {
@@ -364,11 +369,13 @@ impl Db {
         }
     }
 
-    /// What a database API token allows (`keypool_authenticate_api_token`), if it is valid.
-    pub async fn authenticate_token(&self, token: &str) -> Result<Option<TokenGrant>, DbError> {
+    /// What a database API token allows, if it is valid, asked by the token's SHA-256
+    /// (`keypool_authenticate_api_token_sha256`): the token itself never leaves the worker.
+    pub async fn authenticate_token(&self, token_sha256: &[u8; 32]) -> Result<Option<TokenGrant>, DbError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(AUTHENTICATE).await?;
-        let row = client.query_opt(&stmt, &[&token]).await?;
+        let digest: &[u8] = token_sha256;
+        let row = client.query_opt(&stmt, &[&digest]).await?;
         Ok(row.map(|r| TokenGrant {
             id: r.get(0),
             user: r.get(1),
@@ -408,6 +415,44 @@ async fn check_extension(client: &Object, config: &tokio_postgres::Config) -> an
         );
     }
     Ok(())
+}
+
+/// Warns when this role's settings make the server log bind parameters: provider secrets pass
+/// through the worker's statements as parameters (the keys routes, `import-env`, `validate`).
+async fn warn_if_parameters_are_logged(client: &Object) {
+    let Ok(row) = client
+        .query_one(
+            "SELECT current_setting('log_parameter_max_length')::int, current_setting('log_statement'),
+                    current_setting('log_min_duration_statement')::int,
+                    current_setting('log_parameter_max_length_on_error')::int, current_user::text",
+            &[],
+        )
+        .await
+    else {
+        return;
+    };
+    let (max_length, statement, min_duration, on_error, role): (i32, String, i32, i32, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if parameters_are_logged(max_length, &statement, min_duration, on_error) {
+        warn!(
+            role = %role,
+            log_parameter_max_length = max_length,
+            log_statement = %statement,
+            log_min_duration_statement = min_duration,
+            log_parameter_max_length_on_error = on_error,
+            "the server logs this role's bind parameters, and provider secrets pass through them \
+             (adding or rotating keys): ALTER ROLE {role} SET log_parameter_max_length = 0 (and \
+             log_parameter_max_length_on_error = 0), as a superuser"
+        );
+    }
+}
+
+/// Whether statements with their parameters reach the log under these settings: every
+/// statement (`log_statement = 'all'`) or slow ones (`log_min_duration_statement`) with
+/// `log_parameter_max_length` not 0, or failing ones with `log_parameter_max_length_on_error`
+/// not 0. (`mod` and `ddl` do not log the worker's SELECTs; `log_duration` logs no text.)
+pub fn parameters_are_logged(max_length: i32, log_statement: &str, min_duration_ms: i32, on_error: i32) -> bool {
+    (max_length != 0 && (log_statement == "all" || min_duration_ms >= 0)) || on_error != 0
 }
 
 /// Sends settlements in batches: whatever queued up while the previous batch was in flight

@@ -53,6 +53,41 @@ pub struct Metrics {
     http_latency: Mutex<BTreeMap<String, Histogram>>,
 }
 
+/// Requests kept in [`RecentFailures`].
+pub const RECENT_FAILURES: usize = 100;
+
+/// The last requests that every attempt failed for, with what each attempt ran into (keys,
+/// provider messages). Callers get a generic reason; operators read these through the admin
+/// API (`GET /allocation/failures`) and the log.
+#[derive(Default)]
+pub struct RecentFailures {
+    list: Mutex<std::collections::VecDeque<serde_json::Value>>,
+}
+
+impl RecentFailures {
+    pub fn record(&self, pool: &str, user: &str, attempts: u32, detail: &str) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut list = lock(&self.list);
+        if list.len() >= RECENT_FAILURES {
+            list.pop_front();
+        }
+        list.push_back(serde_json::json!({
+            "at_ms": at,
+            "pool": pool,
+            "user": user,
+            "attempts": attempts,
+            "detail": detail,
+        }));
+    }
+
+    /// Newest first.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        lock(&self.list).iter().rev().cloned().collect()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

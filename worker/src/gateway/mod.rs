@@ -24,7 +24,7 @@ use reqwest::header::HeaderMap;
 use tracing::{info, warn};
 
 use crate::db::{Allocation, Db, DbError, Refusal, Reserved, Settlement};
-use crate::gateway::metrics::Metrics;
+use crate::gateway::metrics::{Metrics, RecentFailures};
 use crate::protocol::openai::{self, ChatRequest, EmbeddingsRequest, Usage};
 use crate::protocol::sse;
 use crate::providers::{self, KeyRef, ProviderError, Translate, Wire};
@@ -53,10 +53,10 @@ pub struct Settings {
 pub const GRANTED_AT_HEADER: &str = "x-keypool-granted-at";
 
 /// Error answers are read up to this much (their message and code are near the start).
-const MAX_ERROR_BODY: usize = 64 * 1024;
+pub(crate) const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Why an answer's body could not be read whole.
-enum BodyError {
+pub(crate) enum BodyError {
     /// Larger than the limit: the rest was never read.
     TooLarge,
     /// The connection broke off.
@@ -64,7 +64,7 @@ enum BodyError {
 }
 
 /// Reads an answer's body, holding at most `limit` bytes of it.
-async fn read_capped(response: reqwest::Response, limit: usize) -> Result<Bytes, BodyError> {
+pub(crate) async fn read_capped(response: reqwest::Response, limit: usize) -> Result<Bytes, BodyError> {
     if response.content_length().is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge);
     }
@@ -245,6 +245,47 @@ pub struct Gateway {
     pub settings: Settings,
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
+    /// Keys their provider accepted lately (after a 401 or 403 that was the request's).
+    key_checks: KeyChecks,
+    /// Requests every attempt of which failed, with the details their callers are not shown.
+    pub failures: RecentFailures,
+}
+
+/// What `keypool_settle` is told of an answer to a request whose shape the caller chose, and what
+/// it answers when that needs a check of the key (the extension's outcome.rs).
+const KEY_UNCHECKED: &str = "unchecked:";
+const KEY_CHECKED: &str = "checked:";
+const NEEDS_KEY_CHECK: &str = "key_unchecked";
+/// How long a key check may take.
+const KEY_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a key the provider accepted is not checked again.
+const KEY_CHECK_TTL: Duration = Duration::from_secs(60);
+
+/// Keys their provider accepted within [`KEY_CHECK_TTL`]: a caller sending request after
+/// request that the provider refuses with 403 causes one check per key and minute, not one
+/// per request.
+#[derive(Default)]
+struct KeyChecks {
+    accepted: std::sync::Mutex<std::collections::HashMap<i64, Instant>>,
+}
+
+impl KeyChecks {
+    fn recently_accepted(&self, key_id: i64) -> bool {
+        self.accepted
+            .lock()
+            .map(|m| m.get(&key_id).is_some_and(|at| at.elapsed() < KEY_CHECK_TTL))
+            .unwrap_or(false)
+    }
+
+    fn accepted(&self, key_id: i64) {
+        if let Ok(mut m) = self.accepted.lock() {
+            // Keys are few (the extension's pg_keypool.max_keys); old verdicts go when it grows.
+            if m.len() >= 4096 {
+                m.retain(|_, at| at.elapsed() < KEY_CHECK_TTL);
+            }
+            m.insert(key_id, Instant::now());
+        }
+    }
 }
 
 /// A reservation whose call went out; settled as "the caller went away" (HTTP 499, no penalty
@@ -306,6 +347,8 @@ impl Gateway {
             settings,
             stats: Arc::new(Stats::default()),
             metrics: Arc::new(Metrics::default()),
+            key_checks: KeyChecks::default(),
+            failures: RecentFailures::default(),
         })
     }
 
@@ -362,15 +405,27 @@ impl Gateway {
             started: Instant::now(),
         };
         let default_max_tokens = self.settings.default_max_tokens;
+        // Under a budget the output is capped at what the reservation holds.
+        let cap = job.request.max_tokens().is_none().then_some(default_max_tokens as u64);
         let result = self
             .attempts(
                 &plan,
-                |key| providers::chat_request(&self.http, key, &job.request, job.stream, default_max_tokens),
+                |key, budgeted| {
+                    providers::chat_request(
+                        &self.http,
+                        key,
+                        &job.request,
+                        job.stream,
+                        default_max_tokens,
+                        cap.filter(|_| budgeted),
+                    )
+                },
                 |accepted| self.chat_answer(&plan, &job, accepted),
             )
             .await;
-        if result.is_err() {
+        if let Err(f) = &result {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            self.note_failure(plan.pool, plan.user, f);
         }
         result
     }
@@ -434,7 +489,7 @@ impl Gateway {
         let result = self
             .attempts(
                 &plan,
-                |key| providers::embeddings_request(&self.http, key, &job.request),
+                |key, _| providers::embeddings_request(&self.http, key, &job.request),
                 |accepted| async {
                     let shown_model = shown_model(&accepted.key, job.request.model(), &job.pool);
                     let counted = plan.prompt_est;
@@ -452,8 +507,9 @@ impl Gateway {
                 },
             )
             .await;
-        if result.is_err() {
+        if let Err(f) = &result {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            self.note_failure(plan.pool, plan.user, f);
         }
         result
     }
@@ -464,7 +520,7 @@ impl Gateway {
     /// and settles it.
     async fn attempts<T, B, A, F>(&self, plan: &Plan<'_>, build: B, accept: A) -> Result<T, Failure>
     where
-        B: Fn(&KeyRef) -> Result<reqwest::RequestBuilder, String>,
+        B: Fn(&KeyRef, bool) -> Result<reqwest::RequestBuilder, String>,
         A: FnOnce(Accepted) -> F,
         F: std::future::Future<Output = Result<T, Failure>>,
     {
@@ -505,7 +561,7 @@ impl Gateway {
             attempts += 1;
             let key = grant.key;
             let served_pool = grant.pool;
-            let builder = match build(&key) {
+            let builder = match build(&key, grant.budgeted) {
                 Ok(b) => self.stamp(b, grant.granted_at_ms),
                 Err(msg) => {
                     // Never sent: give the capacity back.
@@ -586,13 +642,7 @@ impl Gateway {
             let error = providers::read_error(&key, status, &headers, &body);
             held.disarm();
             let outcome = self
-                .settle_now(
-                    grant.reservation_id,
-                    status as i32,
-                    Usage::default(),
-                    error.retry_after_ms,
-                    error.code.clone(),
-                )
+                .settle_error(grant.reservation_id, &key, status, &error)
                 .await
                 .map_err(|e| Failure::from_db(e, plan.pool))?;
             self.metrics.provider_call(&served_pool, &key.provider, &outcome, took);
@@ -702,6 +752,67 @@ impl Gateway {
         Ok((body, served))
     }
 
+    /// Settles a provider's error answer to a request whose shape the caller chose. An answer
+    /// that would disable the key (401, 403, API_KEY_INVALID ...) may be about the request (its
+    /// model, its fields): the extension then settles nothing until the key itself was checked
+    /// with its provider (its model list), and the key is disabled only if the provider rejects
+    /// it there; otherwise the answer costs the key nothing.
+    async fn settle_error(
+        &self,
+        reservation_id: i64,
+        key: &KeyRef,
+        status: u16,
+        error: &ProviderError,
+    ) -> Result<String, DbError> {
+        let code = error.code.as_deref().unwrap_or("");
+        let outcome = self
+            .settle_now(
+                reservation_id,
+                status as i32,
+                Usage::default(),
+                error.retry_after_ms,
+                Some(format!("{KEY_UNCHECKED}{code}")),
+            )
+            .await?;
+        if outcome != NEEDS_KEY_CHECK {
+            return Ok(outcome);
+        }
+        let rejected = if self.key_checks.recently_accepted(key.id) {
+            false
+        } else {
+            let verdict = tokio::time::timeout(KEY_CHECK_TIMEOUT, validate::check(&self.http, &self.db, key)).await;
+            let said = match &verdict {
+                Ok(Ok(v)) => validate::describe(v),
+                Ok(Err(e)) => format!("not known: {e}"),
+                Err(_) => "not known: no answer in time".to_string(),
+            };
+            info!(key_id = key.id, key = %key.label, status, code = %code, check = %said,
+                  "checked the key after an answer that may be about the request");
+            match verdict {
+                Ok(Ok(validate::Verdict::Accepted(_))) => {
+                    self.key_checks.accepted(key.id);
+                    false
+                }
+                Ok(Ok(validate::Verdict::Rejected { .. })) => true,
+                // No clear verdict on the key itself: it keeps serving.
+                _ => false,
+            }
+        };
+        let settled_code = if rejected {
+            code.to_string()
+        } else {
+            format!("{KEY_CHECKED}{code}")
+        };
+        self.settle_now(
+            reservation_id,
+            status as i32,
+            Usage::default(),
+            error.retry_after_ms,
+            Some(settled_code),
+        )
+        .await
+    }
+
     async fn settle_now(
         &self,
         reservation_id: i64,
@@ -721,8 +832,33 @@ impl Gateway {
             .await
     }
 
+    /// Keeps what failed attempts ran into for operators (log, admin API): callers are told
+    /// only a generic reason (server.rs), never shared keys' labels or providers' messages.
+    fn note_failure(&self, pool: &str, user: &str, f: &Failure) {
+        let attempts = match f {
+            Failure::Exhausted { attempts, .. } => *attempts,
+            Failure::Refused {
+                attempts,
+                after: Some(_),
+                ..
+            } => *attempts,
+            _ => return,
+        };
+        let detail = f.describe();
+        warn!(user = ?user, pool = ?pool, attempts, detail = %detail, "request failed");
+        self.failures.record(pool, user, attempts, &detail);
+    }
+
     /// Forwards a plain HTTP request (`/v1/proxy/<pool>/<path>`) with a key of the pool.
     pub async fn proxy(&self, job: ProxyJob) -> Result<ProxyAnswer, Failure> {
+        let result = self.proxy_attempts(&job).await;
+        if let Err(f) = &result {
+            self.note_failure(&job.pool, &job.user, f);
+        }
+        result
+    }
+
+    async fn proxy_attempts(&self, job: &ProxyJob) -> Result<ProxyAnswer, Failure> {
         let mut attempts = 0u32;
         let mut waited = Duration::ZERO;
         let mut last: Option<(String, Option<i64>)> = None;
@@ -938,22 +1074,40 @@ fn proxy_request(http: &reqwest::Client, key: &KeyRef, job: &ProxyJob) -> Result
     Ok(builder)
 }
 
-/// Tokens in a JSON answer of any of the known shapes (OpenAI, Gemini, Anthropic), if any.
+/// Tokens in a JSON answer of any of the known shapes (OpenAI, Gemini, Anthropic), if any. Read
+/// into a few numbers: the rest of the answer (a proxied API's, of any shape and up to
+/// KEYPOOL_MAX_RESPONSE) is skipped, not built into a tree.
 fn usage_in(body: &[u8]) -> Usage {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+    #[derive(serde::Deserialize, Default)]
+    #[allow(non_snake_case)]
+    struct Counts {
+        prompt_tokens: Option<i64>,
+        completion_tokens: Option<i64>,
+        input_tokens: Option<i64>,
+        output_tokens: Option<i64>,
+        promptTokenCount: Option<i64>,
+        candidatesTokenCount: Option<i64>,
+    }
+    #[derive(serde::Deserialize)]
+    #[allow(non_snake_case)]
+    struct Answer {
+        usage: Option<Counts>,
+        usageMetadata: Option<Counts>,
+    }
+    let Ok(a) = serde_json::from_slice::<Answer>(body) else {
         return Usage::default();
     };
-    let n = |o: Option<&serde_json::Value>, f: &str| o.and_then(|o| o.get(f)).and_then(|x| x.as_i64()).unwrap_or(0);
-    if let Some(u) = v.get("usageMetadata") {
+    let n = |v: Option<i64>| v.unwrap_or(0).clamp(0, 1_000_000_000);
+    if let Some(u) = a.usageMetadata {
         return Usage {
-            prompt_tokens: n(Some(u), "promptTokenCount"),
-            completion_tokens: n(Some(u), "candidatesTokenCount"),
+            prompt_tokens: n(u.promptTokenCount),
+            completion_tokens: n(u.candidatesTokenCount),
         };
     }
-    let u = v.get("usage");
+    let u = a.usage.unwrap_or_default();
     Usage {
-        prompt_tokens: n(u, "prompt_tokens") + n(u, "input_tokens"),
-        completion_tokens: n(u, "completion_tokens") + n(u, "output_tokens"),
+        prompt_tokens: n(u.prompt_tokens) + n(u.input_tokens),
+        completion_tokens: n(u.completion_tokens) + n(u.output_tokens),
     }
 }
 

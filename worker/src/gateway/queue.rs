@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
-use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio_postgres::AsyncMessage;
@@ -23,7 +22,10 @@ use tracing::{debug, info, warn};
 
 use crate::db::DbError;
 use crate::gateway::{Answer, ChatJob, Failure, Gateway};
-use crate::protocol::openai::ChatRequest;
+use crate::protocol::openai::{check_model_name, ChatRequest};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio_postgres::types::Json;
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -39,14 +41,16 @@ struct Claimed {
     id: i64,
     user_id: String,
     pool: String,
-    request: Value,
+    /// The request as JSON text: parsed with bounded memory, as an HTTP body is.
+    request: String,
     attempts: i32,
 }
 
 /// How a request ended, for `keypool_complete_request`.
 struct Completion {
     outcome: &'static str,
-    response: Option<Value>,
+    /// The answer as it came (checked to be JSON), stored as jsonb.
+    response: Option<Box<RawValue>>,
     error: Option<String>,
     retry_at: Option<SystemTime>,
 }
@@ -216,7 +220,7 @@ async fn claim(gateway: &Gateway, settings: &Settings, n: usize) -> Result<Vec<C
     let client = gateway.db.client().await?;
     let stmt = client
         .prepare_cached(
-            "SELECT id, user_id, pool, request, attempts \
+            "SELECT id, user_id, pool, request::text, attempts \
              FROM keypool_claim_requests($1, $2, make_interval(secs => $3))",
         )
         .await?;
@@ -260,7 +264,14 @@ async fn complete(gateway: &Gateway, settings: &Settings, id: i64, c: Completion
     let row = client
         .query_one(
             &stmt,
-            &[&id, &settings.worker_id, &c.outcome, &c.response, &c.error, &c.retry_at],
+            &[
+                &id,
+                &settings.worker_id,
+                &c.outcome,
+                &c.response.as_deref().map(Json),
+                &c.error,
+                &c.retry_at,
+            ],
         )
         .await?;
     Ok(row.get(0))
@@ -272,7 +283,14 @@ fn backoff(attempts: i32) -> Duration {
 
 async fn carry_out(gateway: &Gateway, settings: &Settings, c: Claimed) {
     let started = Instant::now();
-    let completion = match ChatRequest::from_value(c.request.clone()) {
+    let parsed = ChatRequest::parse(Bytes::from(c.request.clone().into_bytes())).and_then(|r| {
+        // A model other than the pool may reach the provider's URL.
+        match r.model() {
+            Some(m) if m != c.pool => check_model_name(m).map(|_| r),
+            _ => Ok(r),
+        }
+    });
+    let completion = match parsed {
         Err(m) => Completion {
             outcome: "failed",
             response: None,
@@ -294,7 +312,7 @@ async fn carry_out(gateway: &Gateway, settings: &Settings, c: Claimed) {
                 capacity_wait: Duration::ZERO,
             };
             match gateway.chat(job).await {
-                Ok(Answer::Complete { body, served }) => match serde_json::from_slice::<Value>(&body) {
+                Ok(Answer::Complete { body, served }) => match serde_json::from_slice::<Box<RawValue>>(&body) {
                     Ok(v) => {
                         debug!(request = c.id, key_id = served.key_id, "queued request done");
                         Completion {

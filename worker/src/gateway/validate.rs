@@ -62,7 +62,10 @@ pub async fn check(http: &reqwest::Client, db: &Db, key: &KeyRef) -> Result<Verd
         return Ok(Verdict::Accepted(format!("HTTP {status}")));
     }
     let headers = response.headers().clone();
-    let body = response.bytes().await.unwrap_or_default();
+    // An error answer's message and code are near its start: never read more.
+    let body = crate::gateway::read_capped(response, crate::gateway::MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
     let error = providers::read_error(key, status, &headers, &body);
     let outcome = classify(db, status as i32, error.code.as_deref()).await?;
     let reason = format!(

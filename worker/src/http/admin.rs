@@ -42,6 +42,7 @@ pub fn admin_router() -> Router<Arc<Endpoint>> {
         .route("/allocation/health", get(health))
         .route("/allocation/alerts", get(alerts))
         .route("/allocation/events", get(events))
+        .route("/allocation/failures", get(failures))
         .route("/allocation/key-pool/stats", get(key_stats))
         .route("/allocation/key-pool/available", get(available))
         .route("/allocation/usage-report", get(usage_report))
@@ -243,6 +244,12 @@ async fn health(State(ep): State<Arc<Endpoint>>) -> Response {
 
 async fn alerts(State(ep): State<Arc<Endpoint>>) -> Response {
     admin(ep, |ep| async move { rows_json(&ep, ALERTS, &[], false).await }).await
+}
+
+/// `GET /allocation/failures`: this worker's last requests that every attempt failed for, with
+/// what each attempt ran into (callers are told only a generic reason), newest first.
+async fn failures(State(ep): State<Arc<Endpoint>>) -> Response {
+    axum::Json(Value::Array(ep.gateway.failures.list())).into_response()
 }
 
 #[derive(Deserialize)]

@@ -14,7 +14,8 @@
 // Refusals are ready HTTP answers; boxing them would only add noise (as in server.rs).
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -28,8 +29,6 @@ use crate::protocol::openai::error_body;
 
 /// How long an answer about a database token is trusted (revocation takes effect within it).
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(2);
-/// Tokens remembered at most; beyond, stale answers are dropped first.
-const TOKEN_CACHE_SIZE: usize = 10_000;
 /// Database lookups of tokens at once: a flood of made-up tokens cannot take the whole pool.
 const CONCURRENT_LOOKUPS: usize = 8;
 /// What database tokens start with (the extension's `tokens.rs`).
@@ -92,6 +91,16 @@ impl Principal {
         }
     }
 
+    /// Who counts against KEYPOOL_MAX_IN_FLIGHT_PER_CALLER before the request's user is known:
+    /// a token bound to a user (its id). Other callers are counted by the user a request acts
+    /// as, once the body said it.
+    pub fn caller(&self) -> Option<String> {
+        match self {
+            Principal::Token(t) if t.user.is_some() => Some(format!("token {}", t.id)),
+            _ => None,
+        }
+    }
+
     pub fn reaches(&self, pool: &str) -> bool {
         match self {
             Principal::Token(t) => t.pools.as_ref().is_none_or(|p| p.iter().any(|x| x == pool)),
@@ -132,66 +141,151 @@ pub(crate) fn looks_like_db_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// When the database answered about a token (by its SHA-256), and what (`None`: not valid).
-type Answers = HashMap<[u8; 32], (Instant, Option<Arc<TokenGrant>>)>;
+/// Tokens remembered at most, valid and not valid apart: a flood of made-up tokens churns only
+/// the second.
+const TOKEN_CACHE_SIZE: usize = 10_000;
+/// Lookups that may wait for a turn at once; beyond, a request is answered 503 at once (it
+/// holds no in-flight slot meanwhile: lookups happen before a request is admitted).
+const MAX_WAITING_LOOKUPS: usize = 256;
+
+/// Answers about tokens, by SHA-256, evicted oldest first.
+struct Answers {
+    entries: HashMap<[u8; 32], (Instant, Option<Arc<TokenGrant>>)>,
+    /// Insertion order (key, when): an entry whose time differs was answered again since.
+    order: VecDeque<([u8; 32], Instant)>,
+}
+
+impl Answers {
+    fn new() -> Answers {
+        Answers {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn insert(&mut self, key: [u8; 32], grant: Option<Arc<TokenGrant>>) {
+        let now = Instant::now();
+        self.entries.insert(key, (now, grant));
+        self.order.push_back((key, now));
+        // The oldest answers go first, one at a time, never the whole cache at once.
+        while self.entries.len() > TOKEN_CACHE_SIZE || self.order.len() > 4 * TOKEN_CACHE_SIZE {
+            let Some((old, at)) = self.order.pop_front() else { break };
+            if self.entries.get(&old).is_some_and(|(t, _)| *t == at) {
+                self.entries.remove(&old);
+            }
+        }
+    }
+}
 
 /// Answers about database tokens, kept for [`TOKEN_CACHE_TTL`]. Requests with a known token
-/// only read it (a shared lock).
+/// only read them (a shared lock). The database is asked with the token's SHA-256, never the
+/// token. Tokens that were valid when last asked are looked up again on turns of their own, so
+/// that a flood of made-up tokens never delays a real caller whose answer just expired.
 pub struct TokenCache {
-    entries: RwLock<Answers>,
-    lookups: Semaphore,
+    valid: RwLock<Answers>,
+    invalid: RwLock<Answers>,
+    known_lookups: Semaphore,
+    unknown_lookups: Semaphore,
+    waiting: AtomicUsize,
 }
 
 impl Default for TokenCache {
     fn default() -> Self {
         TokenCache {
-            entries: RwLock::new(HashMap::new()),
-            lookups: Semaphore::new(CONCURRENT_LOOKUPS),
+            valid: RwLock::new(Answers::new()),
+            invalid: RwLock::new(Answers::new()),
+            known_lookups: Semaphore::new(CONCURRENT_LOOKUPS),
+            unknown_lookups: Semaphore::new(CONCURRENT_LOOKUPS),
+            waiting: AtomicUsize::new(0),
         }
     }
 }
 
+/// What the cache knows of a token.
+enum Known {
+    /// A fresh answer.
+    Fresh(Option<Arc<TokenGrant>>),
+    /// It was valid when last asked, but that answer expired.
+    WasValid,
+    Unknown,
+}
+
+/// Why a token could not be checked.
+#[derive(Debug)]
+pub enum LookupError {
+    /// Too many lookups are waiting already.
+    Busy,
+    Database(DbError),
+}
+
 impl TokenCache {
-    fn cached(&self, key: &[u8; 32]) -> Option<Option<Arc<TokenGrant>>> {
-        let entries = self.entries.read().ok()?;
-        entries
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < TOKEN_CACHE_TTL)
-            .map(|(_, g)| g.clone())
+    fn known(&self, key: &[u8; 32]) -> Known {
+        let fresh = |(at, g): &(Instant, Option<Arc<TokenGrant>>)| (at.elapsed() < TOKEN_CACHE_TTL).then(|| g.clone());
+        if let Ok(v) = self.valid.read() {
+            if let Some(e) = v.entries.get(key) {
+                return fresh(e).map_or(Known::WasValid, Known::Fresh);
+            }
+        }
+        if let Ok(i) = self.invalid.read() {
+            if let Some(g) = i.entries.get(key).and_then(fresh) {
+                return Known::Fresh(g);
+            }
+        }
+        Known::Unknown
     }
 
     fn remember(&self, key: [u8; 32], grant: Option<Arc<TokenGrant>>) {
-        if let Ok(mut entries) = self.entries.write() {
-            if entries.len() >= TOKEN_CACHE_SIZE {
-                entries.retain(|_, (at, _)| at.elapsed() < TOKEN_CACHE_TTL);
-                if entries.len() >= TOKEN_CACHE_SIZE {
-                    entries.clear();
+        match grant {
+            Some(g) => {
+                if let Ok(mut v) = self.valid.write() {
+                    v.insert(key, Some(g));
                 }
             }
-            entries.insert(key, (Instant::now(), grant));
+            None => {
+                if let Ok(mut v) = self.valid.write() {
+                    v.entries.remove(&key);
+                }
+                if let Ok(mut i) = self.invalid.write() {
+                    i.insert(key, None);
+                }
+            }
         }
     }
 
     /// What `token` allows, or `None` for a token the database does not know (or no longer
     /// accepts).
-    pub async fn grant(&self, db: &Db, token: &str) -> Result<Option<Arc<TokenGrant>>, DbError> {
+    pub async fn grant(&self, db: &Db, token: &str) -> Result<Option<Arc<TokenGrant>>, LookupError> {
         if !looks_like_db_token(token) {
             return Ok(None);
         }
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(g) = self.cached(&key) {
-            return Ok(g);
+        let turns = match self.known(&key) {
+            Known::Fresh(g) => return Ok(g),
+            Known::WasValid => &self.known_lookups,
+            Known::Unknown => &self.unknown_lookups,
+        };
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_LOOKUPS {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(LookupError::Busy);
         }
-        let _permit = self.lookups.acquire().await.map_err(|_| DbError {
-            sqlstate: None,
-            message: "token lookups stopped".into(),
-            hint: None,
+        let permit = turns.acquire().await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        let _permit = permit.map_err(|_| {
+            LookupError::Database(DbError {
+                sqlstate: None,
+                message: "token lookups stopped".into(),
+                hint: None,
+            })
         })?;
         // Another request may have looked it up while this one waited.
-        if let Some(g) = self.cached(&key) {
+        if let Known::Fresh(g) = self.known(&key) {
             return Ok(g);
         }
-        let grant = db.authenticate_token(token).await?.map(Arc::new);
+        let grant = db
+            .authenticate_token(&key)
+            .await
+            .map_err(LookupError::Database)?
+            .map(Arc::new);
         self.remember(key, grant.clone());
         Ok(grant)
     }
@@ -229,6 +323,29 @@ mod tests {
         assert!(!t.reaches("image"));
         assert!(token(None, None).reaches("image"));
         assert!(Principal::Service.reaches("image"));
+    }
+
+    #[test]
+    fn the_cache_evicts_its_oldest_answers_one_by_one() {
+        let mut a = Answers::new();
+        let key = |i: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k
+        };
+        for i in 0..TOKEN_CACHE_SIZE as u32 + 10 {
+            a.insert(key(i), None);
+        }
+        assert_eq!(a.entries.len(), TOKEN_CACHE_SIZE);
+        assert!(!a.entries.contains_key(&key(9)), "the oldest went");
+        assert!(a.entries.contains_key(&key(10)));
+        assert!(a.entries.contains_key(&key(TOKEN_CACHE_SIZE as u32 + 9)));
+        // Answering one token again and again keeps the order bounded.
+        for _ in 0..10 * TOKEN_CACHE_SIZE {
+            a.insert(key(42), None);
+        }
+        assert!(a.order.len() <= 4 * TOKEN_CACHE_SIZE + 1);
+        assert!(a.entries.contains_key(&key(42)));
     }
 
     #[test]

@@ -7,18 +7,24 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use tokio::sync::{RwLock, Semaphore};
 
 use crate::gateway::Gateway;
-use crate::http::credentials::{Principal, TokenCache};
+use crate::http::credentials::{refuse, Principal, TokenCache};
 
 /// (pool, model) pairs; model is empty for pools whose keys name none.
 pub(crate) type PoolModels = Arc<Vec<(String, String)>>;
 
 /// How long the pool/model list is trusted before it is read again.
 pub(crate) const MODELS_TTL: Duration = Duration::from_secs(5);
+
+/// How often the list is read again at most for a model it does not hold.
+pub(crate) const MODELS_FRESH: Duration = Duration::from_secs(1);
 
 pub struct Endpoint {
     pub gateway: Arc<Gateway>,
@@ -34,9 +40,13 @@ pub struct Endpoint {
     pub max_body: usize,
     /// Longest pause in a request body (KEYPOOL_IDLE_TIMEOUT).
     pub idle_timeout: Duration,
+    /// Longest time a whole request body may take (KEYPOOL_BODY_TIMEOUT).
+    pub body_timeout: Duration,
     /// Requests handled at once (KEYPOOL_MAX_IN_FLIGHT), and their permits.
     pub max_in_flight: usize,
     pub(crate) in_flight: Arc<Semaphore>,
+    /// Requests one caller may have in flight (KEYPOOL_MAX_IN_FLIGHT_PER_CALLER).
+    pub(crate) per_caller: Arc<CallerLimits>,
     /// Token /metrics scrapes must present, if set (KEYPOOL_METRICS_TOKEN).
     pub metrics_token: Option<String>,
     /// Answers about database API tokens.
@@ -52,11 +62,21 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub const DEFAULT_MAX_IN_FLIGHT_PER_CALLER: usize = 64;
+
 impl Endpoint {
     /// Sets KEYPOOL_MAX_IN_FLIGHT.
     pub fn with_max_in_flight(mut self, n: usize) -> Endpoint {
         self.max_in_flight = n;
         self.in_flight = Arc::new(Semaphore::new(n));
+        self
+    }
+
+    /// Sets KEYPOOL_MAX_IN_FLIGHT_PER_CALLER.
+    pub fn with_max_in_flight_per_caller(mut self, n: usize) -> Endpoint {
+        self.per_caller = Arc::new(CallerLimits::new(n));
         self
     }
 
@@ -81,8 +101,10 @@ impl Endpoint {
             worker_id,
             max_body: DEFAULT_MAX_BODY,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT)),
+            per_caller: Arc::new(CallerLimits::new(DEFAULT_MAX_IN_FLIGHT_PER_CALLER)),
             metrics_token: None,
             token_cache: TokenCache::default(),
             models: RwLock::new(None),
@@ -100,13 +122,22 @@ pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a s
 }
 
 /// The user a request acts as: the token's, else the X-Keypool-User header, else `field` (the
-/// body's `user`), else the default user. A token bound to a user refuses any other name (403).
+/// body's `user`), else the default user. A token bound to a user refuses any other name (403);
+/// a header that is there but cannot be read (not visible ASCII, or empty) is 400, never passed
+/// over for the body's `user`.
 pub(crate) fn user_of(
     ep: &Endpoint,
     principal: &Principal,
     headers: &HeaderMap,
     field: Option<&str>,
 ) -> Result<String, Response> {
+    if headers.contains_key("x-keypool-user") && header_str(headers, "x-keypool-user").is_none() {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "X-Keypool-User must be a non-empty ASCII user id; send other user ids in the body's `user` field",
+            "invalid_user",
+        ));
+    }
     let header = header_str(headers, "x-keypool-user");
     if let (Some(h), Some(f)) = (header, field) {
         if h != f {
@@ -116,4 +147,103 @@ pub(crate) fn user_of(
         }
     }
     principal.user(header.or(field), ep.default_user.as_deref())
+}
+
+/// In-flight requests per caller: an API token (by id), else the user a request acts as.
+pub struct CallerLimits {
+    max: usize,
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+impl CallerLimits {
+    pub fn new(max: usize) -> CallerLimits {
+        CallerLimits {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A permit for one more request of `caller`, unless it has `max` in flight already.
+    pub fn try_acquire(self: &Arc<Self>, caller: String) -> Option<CallerPermit> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(caller.clone()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(CallerPermit {
+            limits: self.clone(),
+            caller,
+        })
+    }
+
+    /// Requests `caller` has in flight.
+    pub fn in_flight(&self, caller: &str) -> usize {
+        self.counts
+            .lock()
+            .map(|c| c.get(caller).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+/// One in-flight request of a caller; given back when dropped (with the answer's body).
+pub struct CallerPermit {
+    limits: Arc<CallerLimits>,
+    caller: String,
+}
+
+impl Drop for CallerPermit {
+    fn drop(&mut self) {
+        let mut counts = self.limits.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.caller) {
+            *n -= 1;
+            // Callers with nothing in flight take no memory.
+            if *n == 0 {
+                counts.remove(&self.caller);
+            }
+        }
+    }
+}
+
+/// `response` with its body holding `held` (permits) until the body is sent or dropped: a
+/// stream counts until it ends.
+pub(crate) fn holding<T: Send + Sync + Unpin + 'static>(response: Response, held: T) -> Response {
+    let (parts, body) = response.into_parts();
+    Response::from_parts(
+        parts,
+        axum::body::Body::new(Holding {
+            inner: body,
+            _held: held,
+        }),
+    )
+}
+
+/// A response body and what it holds.
+struct Holding<T> {
+    inner: axum::body::Body,
+    _held: T,
+}
+
+impl<T: Unpin> http_body::Body for Holding<T> {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -24,6 +24,7 @@ use crate::http::admin::{act, admin, key_number, rows_json, KEY_AFTER};
 use crate::http::credentials::Principal;
 use crate::http::endpoint::Endpoint;
 use crate::http::problem::{from_db, problem};
+use crate::protocol::openai::check_model_name;
 use crate::providers::KeyRef;
 
 /// How long a provider may take to answer a key check.
@@ -311,8 +312,15 @@ struct OwnKeyBody {
 }
 
 /// `POST /v1/keys` `{pool, provider, secret, model?, rpm?, ...}`: adds a key owned by the
-/// token's user to a pool the token may use, after the provider accepted it (always checked;
-/// called where the pool's shared keys of that provider are, else at the provider's address).
+/// token's user to a pool the token may use. In three steps, so that nothing a user sends can
+/// take room, capacity or an address from anyone else:
+/// 1. a dry run of `keypool_add_key` (rolled back): every rule of the extension applies first
+///    (the user's cap, the share of shared memory owned keys may take, providers that check keys
+///    only, the address: where the pool's shared keys of the provider are called);
+/// 2. the provider's verdict at that address, on the key and on a made-up key of the same shape:
+///    the key must be accepted and the made-up one rejected (a server that accepts any key would
+///    let an "own key" reach the shared backend beside the shared keys' limits);
+/// 3. the key is added.
 async fn add_own_key(
     State(ep): State<Arc<Endpoint>>,
     Extension(principal): Extension<Principal>,
@@ -331,10 +339,14 @@ async fn add_own_key(
                 "model_not_found",
             ));
         }
+        if let Some(m) = &b.model {
+            check_model_name(m).map_err(|why| problem(StatusCode::BAD_REQUEST, &why, "invalid_model"))?;
+        }
+        let secret = non_empty(&b.secret)?;
         let add = AddBody {
             pool: b.pool,
             provider: b.provider,
-            secret: b.secret,
+            secret: secret.clone(),
             model: b.model,
             account: None,
             rpm: b.rpm,
@@ -344,34 +356,154 @@ async fn add_own_key(
             base_url: None,
             priority: b.priority,
             owner: None,
-            validate: None,
+            validate: Some(false),
         };
-        // Her key is called where the pool's keys of that provider are (as the extension adds
-        // it): check it there.
-        let at = shared_address(&ep, &add.pool, &add.provider).await;
-        let mut answer = add_checked(&ep, add, Some(user), at).await?;
+        let at = dry_run(&ep, &add, &user).await?;
+        let key = KeyRef {
+            id: 0,
+            provider: add.provider.clone(),
+            model: add.model.clone(),
+            base_url: at.clone(),
+            label: keypool_mask::mask(&secret),
+            secret,
+        };
+        let said = check_own(&ep, &key).await?;
+        let mut answer = add_checked(&ep, add, Some(user), None).await?;
+        let key_id = answer["key_id"].as_i64().unwrap_or(0);
+        if called_at(&ep, key_id).await.as_deref() != Some(at.as_str()) {
+            // The pool's shared keys moved while the key was checked: not where it was checked.
+            let _ = act(&ep, "SELECT keypool_remove_key($1)", &[&key_id]).await;
+            return Err(problem(
+                StatusCode::CONFLICT,
+                "the pool's keys of that provider changed while the key was checked; try again",
+                "key_moved",
+            ));
+        }
         if let Some(o) = answer.as_object_mut() {
             o.remove("reason");
+            o.insert("check".into(), json!(said));
         }
         Ok(answer)
     })
     .await
 }
 
-/// Where the pool's shared keys of `provider` are called (what a user's own key inherits), if
-/// the worker's role may read it.
-async fn shared_address(ep: &Endpoint, pool: &str, provider: &str) -> Option<String> {
+/// Runs `keypool_add_key` for `owner` in a transaction that is rolled back: the extension's
+/// refusal if it would refuse, else where the key would be called.
+async fn dry_run(ep: &Endpoint, b: &AddBody, owner: &str) -> Result<String, Response> {
+    let mut client = ep.gateway.db.client().await.map_err(from_db)?;
+    let tx = client.transaction().await.map_err(|e| from_db(e.into()))?;
+    let row = tx
+        .query_one(
+            ADD,
+            &[
+                &b.pool,
+                &b.provider,
+                &b.secret,
+                &b.model,
+                &b.account,
+                &b.rpm,
+                &b.rpd,
+                &b.tpm,
+                &b.tpd,
+                &b.base_url,
+                &b.priority,
+                &owner,
+            ],
+        )
+        .await
+        .map_err(user_refusal)?;
+    let key_id: i64 = row.get(0);
+    let at = tx
+        .query_one("SELECT base_url FROM keypool_key_credentials($1)", &[&key_id])
+        .await
+        .map_err(|e| from_db(e.into()))?;
+    let at: String = at.get(0);
+    tx.rollback().await.map_err(|e| from_db(e.into()))?;
+    Ok(at)
+}
+
+/// Where key `key_id` is called, as the database has it.
+async fn called_at(ep: &Endpoint, key_id: i64) -> Option<String> {
     let client = ep.gateway.db.client().await.ok()?;
     client
-        .query_opt(
-            "SELECT c.base_url FROM keypool_keys k, LATERAL keypool_key_credentials(k.key_id) c
-              WHERE k.pool = $1 AND k.provider = $2 AND k.owner IS NULL ORDER BY k.key_id LIMIT 1",
-            &[&pool, &provider],
-        )
+        .query_opt("SELECT base_url FROM keypool_key_credentials($1)", &[&key_id])
         .await
         .ok()
         .flatten()
         .map(|r| r.get(0))
+}
+
+/// The provider's verdict on a user's key: accepted, while a made-up key of the same shape is
+/// rejected at the same address. Anything less is refused, nothing is stored.
+async fn check_own(ep: &Endpoint, key: &KeyRef) -> Result<String, Response> {
+    let verdict = verdict_of(ep, key).await?;
+    let said = keypool_mask::scrub(&validate::describe(&verdict), &key.secret);
+    match verdict {
+        Verdict::Accepted(_) => {}
+        Verdict::Rejected { .. } => {
+            return Err(problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("the provider rejected the key, {said}; nothing changed"),
+                "key_rejected",
+            ))
+        }
+        Verdict::NotCheckable(_) | Verdict::Unknown(_) => {
+            return Err(problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("the key could not be checked ({said}); own keys must be accepted by their provider, so nothing changed"),
+                "key_unchecked",
+            ))
+        }
+    }
+    let probe = KeyRef {
+        secret: made_up_like(&key.secret),
+        label: "(made-up key)".into(),
+        ..key.clone()
+    };
+    match verdict_of(ep, &probe).await? {
+        Verdict::Rejected { .. } => Ok(said),
+        _ => Err(problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the provider at this address accepts made-up keys too, so it cannot vouch for yours; nothing changed",
+            "key_unchecked",
+        )),
+    }
+}
+
+async fn verdict_of(ep: &Endpoint, key: &KeyRef) -> Result<Verdict, Response> {
+    tokio::time::timeout(CHECK_TIMEOUT, validate::check(&ep.gateway.http, &ep.gateway.db, key))
+        .await
+        .map_err(|_| {
+            problem(
+                StatusCode::BAD_GATEWAY,
+                "the provider did not answer the key check in time; nothing changed",
+                "provider_timeout",
+            )
+        })?
+        .map_err(from_db)
+}
+
+/// A key of the same provider prefix and length as `secret`, made up at random.
+fn made_up_like(secret: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let prefix = keypool_mask::prefix_of(secret);
+    let n = secret.chars().count().saturating_sub(prefix.chars().count()).max(24);
+    let mut out = String::from(prefix);
+    for _ in 0..n {
+        out.push(ALPHABET[rand::random_range(0..ALPHABET.len())] as char);
+    }
+    out
+}
+
+/// The extension's refusal of a user's key, in its own words (a 42501 here is about the key,
+/// not about the worker's grants).
+fn user_refusal(e: tokio_postgres::Error) -> Response {
+    let e = crate::db::DbError::from(e);
+    match e.sqlstate.as_deref() {
+        Some("42501") => problem(StatusCode::FORBIDDEN, &e.message, "not_allowed"),
+        _ => from_db(e),
+    }
 }
 
 /// The user's own keys: `key_id, pool, provider, model, label, state, requests_today`.

@@ -16,6 +16,8 @@ pub(crate) fn from_db(e: DbError) -> Response {
         Some("42704") => (StatusCode::NOT_FOUND, "not_found"),
         Some(s) if s.starts_with("22") => (StatusCode::BAD_REQUEST, "invalid_input"),
         Some("42501") => (StatusCode::FORBIDDEN, "insufficient_privilege"),
+        Some("53400") => (StatusCode::CONFLICT, "limit_reached"),
+        Some("23505") => (StatusCode::CONFLICT, "already_exists"),
         None => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
         Some(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database_error"),
     };

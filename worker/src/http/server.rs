@@ -13,7 +13,10 @@
 // Handlers return early with a ready HTTP answer; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
 
-use crate::http::endpoint::{header_str, user_of, Endpoint, PoolModels, MODELS_TTL};
+use crate::http::endpoint::{
+    header_str, holding, user_of, CallerPermit, Endpoint, PoolModels, MODELS_FRESH, MODELS_TTL,
+};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,18 +28,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use serde_json::{json, Value};
-use tokio::sync::OwnedSemaphorePermit;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::db::Allocation;
 use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, ProxyJob, Served};
 use crate::http::auth::{self};
 use crate::http::credentials::Principal;
-use crate::protocol::openai::{error_body, ChatRequest, EmbeddingsRequest};
+use crate::protocol::openai::{check_model_name, error_body, ChatRequest, EmbeddingsRequest};
 
 pub fn router(endpoint: Arc<Endpoint>) -> Router {
     // Callers are known before any body is read: the auth layers run before the handlers'
-    // extractors.
+    // extractors, and admit the request (KEYPOOL_MAX_IN_FLIGHT, and per caller) only then.
     let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
@@ -49,12 +51,15 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
     let admin = crate::http::admin::admin_router()
         .merge(crate::http::keys::admin_routes())
         .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::admin));
-    Router::new()
+    let public = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(crate::http::admin::metrics))
         .route("/dashboard", get(crate::http::dashboard::page))
         .route("/dashboard/uplot.min.js", get(crate::http::dashboard::uplot_js))
         .route("/dashboard/uplot.min.css", get(crate::http::dashboard::uplot_css))
+        .route_layer(axum::middleware::from_fn_with_state(endpoint.clone(), auth::public));
+    Router::new()
+        .merge(public)
         .merge(api)
         .merge(user)
         .merge(admin)
@@ -62,37 +67,50 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(endpoint.max_body))
         .layer(RequestBodyTimeoutLayer::new(endpoint.idle_timeout))
-        .layer(axum::middleware::from_fn_with_state(endpoint.clone(), in_flight))
+        .layer(axum::middleware::from_fn_with_state(endpoint.clone(), body_deadline))
         .with_state(endpoint)
 }
 
-/// At most KEYPOOL_MAX_IN_FLIGHT requests at once; a request counts until its answer's body
-/// (a stream, too) is sent or dropped. Beyond: 503, before anything else is done.
-async fn in_flight(
+/// A request body must arrive whole within KEYPOOL_BODY_TIMEOUT, however steadily it trickles
+/// (the idle timeout alone restarts at every byte).
+async fn body_deadline(
     State(ep): State<Arc<Endpoint>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Ok(permit) = ep.in_flight.clone().try_acquire_owned() else {
-        return overloaded(ep.max_in_flight);
-    };
-    let (parts, body) = next.run(request).await.into_parts();
-    Response::from_parts(
-        parts,
-        Body::new(Counted {
-            inner: body,
-            _permit: permit,
-        }),
-    )
+    let deadline = tokio::time::Instant::now() + ep.body_timeout;
+    next.run(request.map(|body| Body::new(Deadline::new(body, deadline))))
+        .await
 }
 
-/// A response body that holds its request's in-flight permit until it is done.
-struct Counted {
+/// The error a body past its deadline fails with.
+#[derive(Debug)]
+struct BodyDeadline;
+
+impl std::fmt::Display for BodyDeadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body took longer than KEYPOOL_BODY_TIMEOUT")
+    }
+}
+
+impl std::error::Error for BodyDeadline {}
+
+/// A request body that fails once its deadline has passed.
+struct Deadline {
     inner: Body,
-    _permit: OwnedSemaphorePermit,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
-impl http_body::Body for Counted {
+impl Deadline {
+    fn new(inner: Body, at: tokio::time::Instant) -> Deadline {
+        Deadline {
+            inner,
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+}
+
+impl http_body::Body for Deadline {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -100,7 +118,13 @@ impl http_body::Body for Counted {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        if let std::task::Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return std::task::Poll::Ready(frame);
+        }
+        match self.sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Some(Err(axum::Error::new(BodyDeadline)))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -112,18 +136,6 @@ impl http_body::Body for Counted {
     }
 }
 
-/// The answer when KEYPOOL_MAX_IN_FLIGHT requests are running already.
-fn overloaded(max_in_flight: usize) -> Response {
-    let mut r = error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &format!("the worker is handling {max_in_flight} requests (KEYPOOL_MAX_IN_FLIGHT); try again shortly"),
-        "server_error",
-        Some("overloaded"),
-    );
-    r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
-    r
-}
-
 /// The body of a request, or the answer to give when it could not be read: 413 when it is
 /// larger than KEYPOOL_MAX_BODY (only that much was read), 408 when it stopped arriving for
 /// KEYPOOL_IDLE_TIMEOUT.
@@ -133,7 +145,7 @@ pub(crate) fn body_or_error(body: Result<Bytes, BytesRejection>, max_body: usize
         if timed_out(&e) {
             error(
                 StatusCode::REQUEST_TIMEOUT,
-                "the request body stopped arriving (KEYPOOL_IDLE_TIMEOUT)",
+                "the request body stopped arriving (KEYPOOL_IDLE_TIMEOUT) or took too long (KEYPOOL_BODY_TIMEOUT)",
                 "invalid_request_error",
                 Some("request_timeout"),
             )
@@ -159,7 +171,7 @@ pub(crate) fn body_or_error(body: Result<Bytes, BytesRejection>, max_body: usize
 fn timed_out(e: &BytesRejection) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
-        if s.is::<tower_http::timeout::TimeoutError>() {
+        if s.is::<tower_http::timeout::TimeoutError>() || s.is::<BodyDeadline>() {
             return true;
         }
         source = s.source();
@@ -202,12 +214,14 @@ async fn not_found(uri: Uri) -> Response {
 }
 
 impl Endpoint {
+    /// The pools and models the worker's role may use, read at most every [`MODELS_TTL`], or
+    /// with `fresh` at most once a second (requests naming models nobody serves must not each
+    /// cost a query).
     async fn pool_models(&self, fresh: bool) -> Result<PoolModels, Response> {
-        if !fresh {
-            if let Some((at, list)) = self.models.read().await.as_ref() {
-                if at.elapsed() < MODELS_TTL {
-                    return Ok(list.clone());
-                }
+        let max_age = if fresh { MODELS_FRESH } else { MODELS_TTL };
+        if let Some((at, list)) = self.models.read().await.as_ref() {
+            if at.elapsed() < max_age {
+                return Ok(list.clone());
             }
         }
         let client = self
@@ -233,7 +247,7 @@ impl Endpoint {
         headers: &HeaderMap,
         model: Option<&str>,
     ) -> Result<String, Response> {
-        let pool = self.resolve_pool_name(headers, model).await?;
+        let pool = self.resolve_pool_name(principal, headers, model).await?;
         if principal.reaches(&pool) {
             Ok(pool)
         } else {
@@ -241,7 +255,14 @@ impl Endpoint {
         }
     }
 
-    async fn resolve_pool_name(&self, headers: &HeaderMap, model: Option<&str>) -> Result<String, Response> {
+    /// A model name routes among the pools the caller reaches only: a pool it may not use
+    /// neither makes a name ambiguous nor is named to it.
+    async fn resolve_pool_name(
+        &self,
+        principal: &Principal,
+        headers: &HeaderMap,
+        model: Option<&str>,
+    ) -> Result<String, Response> {
         if let Some(pool) = header_str(headers, "x-keypool-pool") {
             return Ok(pool.to_string());
         }
@@ -260,7 +281,7 @@ impl Endpoint {
             }
             let mut serving: Vec<&str> = list
                 .iter()
-                .filter(|(_, m)| m == model)
+                .filter(|(p, m)| m == model && principal.reaches(p))
                 .map(|(p, _)| p.as_str())
                 .collect();
             serving.dedup();
@@ -386,8 +407,10 @@ pub fn failure_response(pool: &str, f: Failure) -> Response {
                         format!("{other}: pool \"{pool}\" refused"),
                     ),
                 };
+            // What earlier attempts ran into (keys, providers' messages) is for the log and the
+            // admin API (gateway::note_failure), not for the caller.
             let message = match after {
-                Some(a) => format!("{message}; earlier attempts: {a}"),
+                Some(_) => format!("{message} (after earlier attempts on other keys failed)"),
                 None => message,
             };
             let kind = if status == StatusCode::TOO_MANY_REQUESTS {
@@ -436,13 +459,12 @@ pub fn failure_response(pool: &str, f: Failure) -> Response {
             resp
         }
         Failure::Exhausted {
-            last,
+            last: _,
             attempts,
             retry_after_ms,
             timed_out,
         } => {
-            let message =
-                format!("no key of pool \"{pool}\" could serve the request after {attempts} attempts; last: {last}");
+            let message = format!("no key of pool \"{pool}\" could serve the request after {attempts} attempts");
             let mut resp = match (retry_after_ms, timed_out) {
                 (Some(_), _) => error(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -480,10 +502,17 @@ async fn healthz(State(ep): State<Arc<Endpoint>>) -> Response {
         Ok::<_, crate::db::DbError>(())
     })
     .await;
+    // Anyone may ask: the answer says whether, never why (the log says why).
     let (status, database) = match db {
-        Ok(Ok(())) => (StatusCode::OK, "ok".to_string()),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "no answer within 2 s".to_string()),
+        Ok(Ok(())) => (StatusCode::OK, "ok"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "healthz: the database does not answer");
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
+        Err(_) => {
+            tracing::warn!("healthz: the database did not answer within 2 s");
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
     };
     let body = json!({
         "status": if status == StatusCode::OK { "ok" } else { "unavailable" },
@@ -521,13 +550,13 @@ async fn models(State(ep): State<Arc<Endpoint>>, Extension(principal): Extension
 
 /// What the API routes need of a request body: parsing, and the user and model it names.
 trait RoutedRequest: Sized {
-    fn parse(body: &[u8]) -> Result<Self, String>;
+    fn parse(body: Bytes) -> Result<Self, String>;
     fn user(&self) -> Option<&str>;
     fn model(&self) -> Option<&str>;
 }
 
 impl RoutedRequest for ChatRequest {
-    fn parse(body: &[u8]) -> Result<Self, String> {
+    fn parse(body: Bytes) -> Result<Self, String> {
         ChatRequest::parse(body)
     }
     fn user(&self) -> Option<&str> {
@@ -539,7 +568,7 @@ impl RoutedRequest for ChatRequest {
 }
 
 impl RoutedRequest for EmbeddingsRequest {
-    fn parse(body: &[u8]) -> Result<Self, String> {
+    fn parse(body: Bytes) -> Result<Self, String> {
         EmbeddingsRequest::parse(body)
     }
     fn user(&self) -> Option<&str> {
@@ -550,19 +579,41 @@ impl RoutedRequest for EmbeddingsRequest {
     }
 }
 
-/// Reads and parses an API request's body (within KEYPOOL_MAX_BODY), and finds the user it acts
-/// for and the pool it goes to, as the caller's token allows: the request, the user, the pool.
+/// Reads and parses an API request's body (within KEYPOOL_MAX_BODY), finds the user it acts for
+/// and the pool it goes to, as the caller's token allows, and admits it for that caller
+/// (KEYPOOL_MAX_IN_FLIGHT_PER_CALLER): the request, the user, the pool, and the permit.
 async fn routed<R: RoutedRequest>(
     ep: &Endpoint,
     principal: &Principal,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(R, String, String), Response> {
+) -> Result<(R, String, String, Option<CallerPermit>), Response> {
     let body = body_or_error(body, ep.max_body)?;
-    let request = R::parse(&body).map_err(|m| error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None))?;
+    let request = R::parse(body).map_err(|m| error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None))?;
     let user = user_of(ep, principal, headers, request.user())?;
     let pool = ep.resolve_pool(principal, headers, request.model()).await?;
-    Ok((request, user, pool))
+    // A model the caller chose (not the pool's name) may reach a provider's URL.
+    if let Some(m) = request.model().filter(|m| *m != pool) {
+        check_model_name(m).map_err(|why| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &why,
+                "invalid_request_error",
+                Some("invalid_model"),
+            )
+        })?;
+    }
+    let permit = admit_user(ep, principal, &user)?;
+    Ok((request, user, pool, permit))
+}
+
+/// Callers that are not a user-bound token count against their limit by the user a request
+/// acts as (the token was admitted already).
+fn admit_user(ep: &Endpoint, principal: &Principal, user: &str) -> Result<Option<CallerPermit>, Response> {
+    if principal.caller().is_some() {
+        return Ok(None);
+    }
+    auth::admit_caller(ep, format!("user {user}")).map(Some)
 }
 
 async fn chat(
@@ -571,10 +622,20 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (request, user, pool) = match routed::<ChatRequest>(&ep, &principal, &headers, body).await {
+    let (request, user, pool, permit) = match routed::<ChatRequest>(&ep, &principal, &headers, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
+    holding(chat_answer(&ep, &principal, request, user, pool).await, permit)
+}
+
+async fn chat_answer(
+    ep: &Endpoint,
+    principal: &Principal,
+    request: ChatRequest,
+    user: String,
+    pool: String,
+) -> Response {
     let stream = request.stream();
     let job = ChatJob {
         user,
@@ -611,7 +672,7 @@ async fn embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (request, user, pool) = match routed::<EmbeddingsRequest>(&ep, &principal, &headers, body).await {
+    let (request, user, pool, permit) = match routed::<EmbeddingsRequest>(&ep, &principal, &headers, body).await {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -623,7 +684,7 @@ async fn embeddings(
         deadline: Instant::now() + ep.request_deadline,
         capacity_wait: ep.capacity_wait,
     };
-    match ep.gateway.embed(job).await {
+    let resp = match ep.gateway.embed(job).await {
         Ok(answer) => {
             let mut resp = Response::new(Body::from(answer.body));
             resp.headers_mut()
@@ -632,7 +693,8 @@ async fn embeddings(
             resp
         }
         Err(f) => failure_response(&pool, f),
-    }
+    };
+    holding(resp, permit)
 }
 
 async fn proxy(
@@ -655,6 +717,28 @@ async fn proxy(
         Ok(u) => u,
         Err(r) => return r,
     };
+    let permit = match admit_user(&ep, &principal, &user) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    holding(
+        proxy_answer(&ep, &principal, pool, path, method, uri, headers, body, user).await,
+        permit,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn proxy_answer(
+    ep: &Endpoint,
+    principal: &Principal,
+    pool: String,
+    path: String,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    user: String,
+) -> Response {
     let Ok(method) = reqwest::Method::from_bytes(method.as_str().as_bytes()) else {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::{content_parts, Completion, KeyRef, Part, ProviderError, Translate};
+use super::{content_pieces, Completion, KeyRef, Piece, ProviderError, Translate};
 use crate::protocol::openai::{self, ChatRequest, Usage};
 use crate::protocol::sse;
 
@@ -14,20 +14,19 @@ pub const VERSION: &str = "2023-06-01";
 pub fn body(req: &ChatRequest, model: &str, stream: bool, default_max_tokens: u32) -> Result<Value, String> {
     let mut system: Vec<String> = Vec::new();
     let mut messages: Vec<Value> = Vec::new();
-    for m in req.messages() {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-        let parts = content_parts(m.get("content"))?;
-        match role {
-            "system" | "developer" => system.extend(parts.into_iter().filter_map(|p| match p {
-                Part::Text(t) => Some(t),
-                Part::Image { .. } => None,
+    for m in req.messages()? {
+        let pieces = content_pieces(&m.content)?;
+        match m.role.as_ref() {
+            "system" | "developer" => system.extend(pieces.into_iter().filter_map(|p| match p {
+                Piece::Text(t) => Some(t),
+                Piece::Image { .. } => None,
             })),
-            "user" | "assistant" => {
-                let content: Vec<Value> = parts
+            role @ ("user" | "assistant") => {
+                let content: Vec<Value> = pieces
                     .into_iter()
                     .map(|p| match p {
-                        Part::Text(t) => json!({"type": "text", "text": t}),
-                        Part::Image { mime, data } => {
+                        Piece::Text(t) => json!({"type": "text", "text": t}),
+                        Piece::Image { mime, data } => {
                             json!({"type": "image", "source": {"type": "base64", "media_type": mime, "data": data}})
                         }
                     })
@@ -36,11 +35,13 @@ pub fn body(req: &ChatRequest, model: &str, stream: bool, default_max_tokens: u3
             }
             other => {
                 return Err(format!(
-                    "messages with role \"{other}\" are not supported with Anthropic keys"
+                    "messages with role \"{}\" are not supported with Anthropic keys",
+                    other.chars().take(40).collect::<String>()
                 ))
             }
         }
     }
+    let sampling = req.sampling()?;
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
     out.insert(
@@ -51,20 +52,14 @@ pub fn body(req: &ChatRequest, model: &str, stream: bool, default_max_tokens: u3
     if !system.is_empty() {
         out.insert("system".into(), json!(system.join("\n\n")));
     }
-    let b = &req.body;
-    for (from, to) in [("temperature", "temperature"), ("top_p", "top_p")] {
-        if let Some(v) = b.get(from).filter(|v| !v.is_null()) {
-            out.insert(to.into(), v.clone());
-        }
+    if let Some(t) = sampling.temperature {
+        out.insert("temperature".into(), json!(t));
     }
-    match b.get("stop") {
-        Some(Value::String(s)) => {
-            out.insert("stop_sequences".into(), json!([s]));
-        }
-        Some(Value::Array(a)) => {
-            out.insert("stop_sequences".into(), Value::Array(a.clone()));
-        }
-        _ => {}
+    if let Some(p) = sampling.top_p {
+        out.insert("top_p".into(), json!(p));
+    }
+    if !sampling.stop.is_empty() {
+        out.insert("stop_sequences".into(), json!(sampling.stop));
     }
     if stream {
         out.insert("stream".into(), Value::Bool(true));
@@ -270,9 +265,9 @@ mod tests {
 
     #[test]
     fn request_translation() {
-        let req = ChatRequest::parse(
+        let req = ChatRequest::parse(bytes::Bytes::from_static(
             br#"{"model":"chat","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],"stop":["x"]}"#,
-        )
+        ))
         .unwrap();
         let b = body(&req, "claude-sonnet-4-5", true, 333).unwrap();
         assert_eq!(b["model"], "claude-sonnet-4-5");

@@ -7,39 +7,41 @@ use base64::Engine;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::{content_parts, Completion, Embeddings, KeyRef, Part, ProviderError, Translate};
+use super::{content_pieces, Completion, Embeddings, KeyRef, Piece, ProviderError, Translate};
 use crate::duration;
 use crate::protocol::openai::{self, ChatRequest, EmbeddingInput, EmbeddingsRequest, Usage};
 use crate::protocol::sse;
 
+/// The model's segment of the URL: the key's model, else the one requested (checked by the
+/// endpoint), escaped so that it stays one path segment whatever it holds.
 fn model_path(key: &KeyRef, requested: Option<&str>) -> Result<String, String> {
     let model = key
         .model_for(requested)
         .ok_or_else(|| format!("Gemini key {} has no model and the request names none", key.id))?;
-    Ok(model.strip_prefix("models/").unwrap_or(model).to_string())
+    Ok(super::path_segment(model.strip_prefix("models/").unwrap_or(model)))
 }
 
-/// The request body in Gemini's shape.
-pub fn body(req: &ChatRequest) -> Result<Value, String> {
+/// The request body in Gemini's shape. `output_cap`: `maxOutputTokens` when the app set none.
+pub fn body(req: &ChatRequest, output_cap: Option<u64>) -> Result<Value, String> {
     let mut system: Vec<Value> = Vec::new();
     let mut contents: Vec<Value> = Vec::new();
-    for m in req.messages() {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-        let parts: Vec<Value> = content_parts(m.get("content"))?
+    for m in req.messages()? {
+        let parts: Vec<Value> = content_pieces(&m.content)?
             .into_iter()
             .map(|p| match p {
-                Part::Text(t) => json!({"text": t}),
-                Part::Image { mime, data } => json!({"inlineData": {"mimeType": mime, "data": data}}),
+                Piece::Text(t) => json!({"text": t}),
+                Piece::Image { mime, data } => json!({"inlineData": {"mimeType": mime, "data": data}}),
             })
             .collect();
-        match role {
+        match m.role.as_ref() {
             "system" | "developer" => system.extend(parts),
             "user" => contents.push(json!({"role": "user", "parts": parts})),
             "assistant" => contents.push(json!({"role": "model", "parts": parts})),
             other => {
                 return Err(format!(
-                    "messages with role \"{other}\" are not supported with native Gemini keys \
-                     (give the key the base URL of Gemini's OpenAI-compatible endpoint, .../v1beta/openai)"
+                    "messages with role \"{}\" are not supported with native Gemini keys \
+                     (give the key the base URL of Gemini's OpenAI-compatible endpoint, .../v1beta/openai)",
+                    other.chars().take(40).collect::<String>()
                 ))
             }
         }
@@ -49,37 +51,32 @@ pub fn body(req: &ChatRequest) -> Result<Value, String> {
     if !system.is_empty() {
         out.insert("systemInstruction".into(), json!({"parts": system}));
     }
-    let b = &req.body;
+    let sampling = req.sampling()?;
     let mut config = Map::new();
-    if let Some(n) = req.max_tokens() {
+    if let Some(n) = req.max_tokens().or(output_cap) {
         config.insert("maxOutputTokens".into(), json!(n));
     }
-    for (from, to) in [
-        ("temperature", "temperature"),
-        ("top_p", "topP"),
-        ("n", "candidateCount"),
-        ("presence_penalty", "presencePenalty"),
-        ("frequency_penalty", "frequencyPenalty"),
-        ("seed", "seed"),
-    ] {
-        if let Some(v) = b.get(from).filter(|v| !v.is_null()) {
-            config.insert(to.into(), v.clone());
+    let numbers = [
+        ("temperature", sampling.temperature),
+        ("topP", sampling.top_p),
+        ("presencePenalty", sampling.presence_penalty),
+        ("frequencyPenalty", sampling.frequency_penalty),
+    ];
+    for (to, v) in numbers {
+        if let Some(v) = v {
+            config.insert(to.into(), json!(v));
         }
     }
-    match b.get("stop") {
-        Some(Value::String(s)) => {
-            config.insert("stopSequences".into(), json!([s]));
-        }
-        Some(Value::Array(a)) => {
-            config.insert("stopSequences".into(), Value::Array(a.clone()));
-        }
-        _ => {}
+    if req.choices() > 1 {
+        config.insert("candidateCount".into(), json!(req.choices()));
     }
-    if b.get("response_format")
-        .and_then(|f| f.get("type"))
-        .and_then(Value::as_str)
-        == Some("json_object")
-    {
+    if let Some(seed) = sampling.seed {
+        config.insert("seed".into(), json!(seed));
+    }
+    if !sampling.stop.is_empty() {
+        config.insert("stopSequences".into(), json!(sampling.stop));
+    }
+    if sampling.response_format.as_deref() == Some("json_object") {
         config.insert("responseMimeType".into(), json!("application/json"));
     }
     if !config.is_empty() {
@@ -93,6 +90,7 @@ pub fn chat_request(
     key: &KeyRef,
     req: &ChatRequest,
     stream: bool,
+    output_cap: Option<u64>,
 ) -> Result<reqwest::RequestBuilder, String> {
     let model = model_path(key, req.model())?;
     let base = key.base_url.trim_end_matches('/');
@@ -101,7 +99,10 @@ pub fn chat_request(
     } else {
         format!("{base}/v1beta/models/{model}:generateContent")
     };
-    Ok(http.post(url).header("x-goog-api-key", &key.secret).json(&body(req)?))
+    Ok(http
+        .post(url)
+        .header("x-goog-api-key", &key.secret)
+        .json(&body(req, output_cap)?))
 }
 
 /// `models/{model}:batchEmbedContents`, one request per input text.
@@ -110,7 +111,7 @@ pub fn embeddings_request(
     key: &KeyRef,
     req: &EmbeddingsRequest,
 ) -> Result<reqwest::RequestBuilder, String> {
-    let EmbeddingInput::Texts(texts) = req.input()? else {
+    let EmbeddingInput::Texts(texts) = req.input() else {
         return Err("Gemini embeds text only: send `input` as a string or an array of strings".into());
     };
     let model = model_path(key, req.model())?;
@@ -373,21 +374,58 @@ mod tests {
 
     #[test]
     fn request_translation() {
-        let req = ChatRequest::parse(
+        let req = ChatRequest::parse(bytes::Bytes::from_static(
             br#"{"model":"chat","max_tokens":50,"temperature":0.2,"stop":"END",
                 "messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"},
                             {"role":"assistant","content":"hello"},{"role":"user","content":[{"type":"text","text":"more"}]}]}"#,
-        )
+        ))
         .unwrap();
-        let b = body(&req).unwrap();
+        let b = body(&req, None).unwrap();
         assert_eq!(b["systemInstruction"]["parts"][0]["text"], "be brief");
         assert_eq!(b["contents"].as_array().unwrap().len(), 3);
         assert_eq!(b["contents"][1]["role"], "model");
         assert_eq!(b["contents"][2]["parts"][0]["text"], "more");
         assert_eq!(b["generationConfig"]["maxOutputTokens"], 50);
         assert_eq!(b["generationConfig"]["stopSequences"][0], "END");
-        let tool = ChatRequest::parse(br#"{"messages":[{"role":"tool","content":"x"}]}"#).unwrap();
-        assert!(body(&tool).unwrap_err().contains("tool"));
+        let tool = ChatRequest::parse(bytes::Bytes::from_static(
+            br#"{"messages":[{"role":"tool","content":"x"}]}"#,
+        ))
+        .unwrap();
+        assert!(body(&tool, None).unwrap_err().contains("tool"));
+        // A budget's cap when the app set none; the app's own when it did.
+        let uncapped = ChatRequest::parse(bytes::Bytes::from_static(
+            br#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+        ))
+        .unwrap();
+        let b = body(&uncapped, Some(77)).unwrap();
+        assert_eq!(b["generationConfig"]["maxOutputTokens"], 77);
+        assert_eq!(b["generationConfig"]["candidateCount"], 2);
+        assert_eq!(body(&req, Some(77)).unwrap()["generationConfig"]["maxOutputTokens"], 50);
+    }
+
+    #[test]
+    fn a_model_name_stays_one_path_segment() {
+        let key = KeyRef {
+            id: 1,
+            provider: "gemini".into(),
+            model: None,
+            base_url: "https://g.test".into(),
+            secret: "AIza-test".into(),
+            label: String::new(),
+        };
+        let req = ChatRequest::parse(bytes::Bytes::from_static(
+            br#"{"model":"../../_mock/reset?","messages":[{"role":"user","content":"x"}]}"#,
+        ))
+        .unwrap();
+        let built = chat_request(&reqwest::Client::new(), &key, &req, false, None)
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(
+            built.url().path(),
+            "/v1beta/models/..%2F..%2F_mock%2Freset%3F:generateContent"
+        );
+        assert_eq!(built.url().query(), None);
     }
 
     #[test]

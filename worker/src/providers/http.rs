@@ -41,7 +41,7 @@ pub fn proxy_request(
     query: Option<&str>,
 ) -> Result<reqwest::RequestBuilder, String> {
     let (base, auth) = split(&key.base_url)?;
-    let mut url = format!("{base}/{}", path.trim_start_matches('/'));
+    let mut url = format!("{base}/{}", under_base(path)?);
     let mut params: Vec<String> = query
         .filter(|q| !q.is_empty())
         .map(|q| vec![q.to_string()])
@@ -59,6 +59,35 @@ pub fn proxy_request(
         Auth::Header(name) => builder.header(name, &key.secret),
         Auth::Query(_) => builder,
     })
+}
+
+/// The path a caller asked for (already percent-decoded by the router), as segments under the
+/// key's base URL: `.` and `..` segments are refused (they would leave the base URL's path, in
+/// whatever encoding they came), and each segment is encoded again, so that nothing in it (a
+/// `?`, a `#`, an encoded slash) changes where the request goes.
+pub fn under_base(path: &str) -> Result<String, String> {
+    let mut out = Vec::new();
+    for segment in path.trim_start_matches('/').split('/') {
+        if segment == "." || segment == ".." {
+            return Err("the path must not contain `.` or `..` segments".into());
+        }
+        out.push(path_segment(segment));
+    }
+    Ok(out.join("/"))
+}
+
+/// Percent-encodes a path segment: RFC 3986's unreserved characters, sub-delimiters, `:` and
+/// `@` stay as they are.
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Percent-encodes a query component.
@@ -129,5 +158,19 @@ mod tests {
         .unwrap();
         assert_eq!(r.url().as_str(), "https://x.test/v2/find");
         assert_eq!(r.headers()["x-api-key"], "serp key+1");
+        // Nothing leaves the base URL's path, whatever the encoding (the router decoded it).
+        let base = key("https://x.test/api/v1#header=X-API-KEY");
+        for bad in ["../../admin", "a/../../b", "./x", "a/..", ".."] {
+            assert!(
+                proxy_request(&http, &base, reqwest::Method::GET, bad, None).is_err(),
+                "{bad}"
+            );
+        }
+        let r = proxy_request(&http, &base, reqwest::Method::GET, "search/a b?c#d/..%2f", None)
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(r.url().as_str(), "https://x.test/api/v1/search/a%20b%3Fc%23d/..%252f");
+        assert!(r.url().path().starts_with("/api/v1/"));
     }
 }

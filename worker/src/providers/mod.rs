@@ -19,7 +19,7 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use crate::duration;
-use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, Usage};
+use crate::protocol::openai::{ChatRequest, Content, EmbeddingsRequest, Part, Usage};
 use crate::protocol::sse;
 
 /// A key granted by `keypool_reserve`, with what is needed to call its provider.
@@ -84,17 +84,20 @@ pub struct ProviderError {
     pub message: String,
 }
 
-/// Builds the provider request for a chat call. The error is the caller's (HTTP 400).
+/// Builds the provider request for a chat call. `output_cap`, when given, is the most tokens
+/// each choice may generate, set on the request when the app set none (a spend budget holds
+/// only that much). The error is the caller's (HTTP 400).
 pub fn chat_request(
     http: &reqwest::Client,
     key: &KeyRef,
     req: &ChatRequest,
     stream: bool,
     default_max_tokens: u32,
+    output_cap: Option<u64>,
 ) -> Result<reqwest::RequestBuilder, String> {
     match key.wire() {
-        Wire::OpenAi => Ok(openai_style::chat_request(http, key, req, stream)),
-        Wire::Gemini => gemini::chat_request(http, key, req, stream),
+        Wire::OpenAi => Ok(openai_style::chat_request(http, key, req, stream, output_cap)),
+        Wire::Gemini => gemini::chat_request(http, key, req, stream, output_cap),
         Wire::Anthropic => anthropic::chat_request(http, key, req, stream, default_max_tokens),
         Wire::Http => Err(format!(
             "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
@@ -246,49 +249,52 @@ pub fn list_models_request(http: &reqwest::Client, key: &KeyRef) -> Option<reqwe
     }
 }
 
-/// The text and parts of a message, for the translating providers.
-pub(crate) fn content_parts(content: Option<&Value>) -> Result<Vec<Part>, String> {
+/// The pieces of a message, for the translating providers: texts, and images given as `data:`
+/// URLs (the providers that translate take no image addresses).
+pub(crate) fn content_pieces(content: &Content<'_>) -> Result<Vec<Piece>, String> {
     match content {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![Part::Text(s.clone())]),
-        Some(Value::Array(parts)) => parts
+        Content::None => Ok(Vec::new()),
+        Content::Text(s) => Ok(vec![Piece::Text(s.to_string())]),
+        Content::Parts(parts) => parts
             .iter()
-            .map(|p| match p.get("type").and_then(Value::as_str) {
-                Some("text") => Ok(Part::Text(
-                    p.get("text").and_then(Value::as_str).unwrap_or("").to_string(),
-                )),
-                Some("image_url") => {
-                    let url = p
-                        .get("image_url")
-                        .and_then(|u| u.get("url").or(Some(u)))
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    parse_data_url(url).ok_or_else(|| {
-                        "only data: URLs (base64) are supported for images with this provider".to_string()
-                    })
-                }
-                other => Err(format!(
-                    "content part type {other:?} is not supported with this provider"
+            .map(|p| match p {
+                Part::Text(t) => Ok(Piece::Text(t.to_string())),
+                Part::Image(url) => parse_data_url(url)
+                    .ok_or_else(|| "only data: URLs (base64) are supported for images with this provider".to_string()),
+                Part::Other(kind) => Err(format!(
+                    "content part type {kind:?} is not supported with this provider"
                 )),
             })
             .collect(),
-        Some(_) => Err("`content` must be a string or an array of parts".into()),
     }
 }
 
-pub(crate) enum Part {
+pub(crate) enum Piece {
     Text(String),
     Image { mime: String, data: String },
 }
 
-fn parse_data_url(url: &str) -> Option<Part> {
+fn parse_data_url(url: &str) -> Option<Piece> {
     let rest = url.strip_prefix("data:")?;
     let (meta, data) = rest.split_once(',')?;
     let mime = meta.strip_suffix(";base64")?;
-    Some(Part::Image {
+    Some(Piece::Image {
         mime: mime.to_string(),
         data: data.to_string(),
     })
+}
+
+/// Percent-encodes one path segment of a provider URL: anything but `A-Z a-z 0-9 - . _ ~`.
+pub(crate) fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{Completion, Embeddings, KeyRef, ProviderError, Translate};
+use crate::protocol::json;
 use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, Usage, WireUsage};
 use crate::protocol::sse;
 
@@ -29,35 +30,59 @@ fn authorized(builder: reqwest::RequestBuilder, key: &KeyRef) -> reqwest::Reques
     }
 }
 
-pub fn chat_request(http: &reqwest::Client, key: &KeyRef, req: &ChatRequest, stream: bool) -> reqwest::RequestBuilder {
-    let mut body = req.body.clone();
-    if let Some(model) = &key.model {
-        body.insert("model".into(), Value::String(model.clone()));
+/// `POST {base}/chat/completions` with the app's body as it arrived, changed only where the
+/// worker must: the key's model, the stream flags (and the final usage chunk a stream settles
+/// with), and the output cap a budget holds when the app set none.
+pub fn chat_request(
+    http: &reqwest::Client,
+    key: &KeyRef,
+    req: &ChatRequest,
+    stream: bool,
+    output_cap: Option<u64>,
+) -> reqwest::RequestBuilder {
+    let model = key.model.as_ref().map(|m| Value::String(m.clone()).to_string());
+    let options = req
+        .body()
+        .get("stream_options")
+        .and_then(|o| json::render_nested(o, &[("include_usage", Some("true"))]).ok())
+        .unwrap_or_else(|| r#"{"include_usage":true}"#.to_string());
+    let cap = output_cap.map(|n| n.to_string());
+    // OpenAI's newer models take only max_completion_tokens; the others know max_tokens.
+    let cap_field = if key.provider == "openai" {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let mut changes: Vec<(&str, Option<&str>)> = Vec::with_capacity(4);
+    if let Some(m) = &model {
+        changes.push(("model", Some(m)));
     }
     if stream {
-        body.insert("stream".into(), Value::Bool(true));
-        let options = body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Value::Object(o) = options {
-            o.insert("include_usage".into(), Value::Bool(true));
-        } else {
-            *options = json!({"include_usage": true});
-        }
+        changes.push(("stream", Some("true")));
+        changes.push(("stream_options", Some(&options)));
     } else {
-        body.remove("stream");
-        body.remove("stream_options");
+        changes.push(("stream", None));
+        changes.push(("stream_options", None));
+    }
+    if let Some(c) = &cap {
+        changes.push((cap_field, Some(c)));
     }
     let url = format!("{}/chat/completions", api_base(key));
-    authorized(http.post(url), key).json(&body)
+    json_body(authorized(http.post(url), key), req.body().render(&changes))
 }
 
 /// `POST {base}/embeddings` with the app's body (and the key's model, if it names one).
 pub fn embeddings_request(http: &reqwest::Client, key: &KeyRef, req: &EmbeddingsRequest) -> reqwest::RequestBuilder {
-    let mut body = req.body.clone();
-    if let Some(model) = &key.model {
-        body.insert("model".into(), Value::String(model.clone()));
-    }
+    let model = key.model.as_ref().map(|m| Value::String(m.clone()).to_string());
+    let changes: Vec<(&str, Option<&str>)> = model.iter().map(|m| ("model", Some(m.as_str()))).collect();
     let url = format!("{}/embeddings", api_base(key));
-    authorized(http.post(url), key).json(&body)
+    json_body(authorized(http.post(url), key), req.body().render(&changes))
+}
+
+fn json_body(builder: reqwest::RequestBuilder, body: Vec<u8>) -> reqwest::RequestBuilder {
+    builder
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
 }
 
 /// The answer passes through unchanged; only its usage is read.
@@ -244,12 +269,28 @@ mod tests {
             secret: String::new(),
             label: String::new(),
         };
-        let req = ChatRequest::parse(br#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
-        let built = chat_request(&http, &key, &req, true).build().unwrap();
+        let req = ChatRequest::parse(bytes::Bytes::from_static(
+            br#"{"model":"chat","messages":[{"role":"user","content":"hi"}],"stream_options":{"x":1},"future_field":[1,{}]}"#,
+        ))
+        .unwrap();
+        let built = chat_request(&http, &key, &req, true, Some(64)).build().unwrap();
         assert_eq!(built.url().as_str(), "http://localhost:11434/v1/chat/completions");
         assert!(built.headers().get("authorization").is_none());
         let body: Value = serde_json::from_slice(built.body().unwrap().as_bytes().unwrap()).unwrap();
         assert_eq!(body["model"], "llama3");
         assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["stream_options"]["x"], 1);
+        assert_eq!(body["max_tokens"], 64);
+        assert_eq!(
+            body["future_field"][1],
+            serde_json::json!({}),
+            "fields the worker does not know pass through"
+        );
+        let plain = chat_request(&http, &key, &req, false, None).build().unwrap();
+        let body: Value = serde_json::from_slice(plain.body().unwrap().as_bytes().unwrap()).unwrap();
+        assert!(
+            body.get("stream_options").is_none() && body.get("max_tokens").is_none(),
+            "{body}"
+        );
     }
 }
