@@ -282,6 +282,17 @@ CREATE  FUNCTION "keypool_authenticate_api_token"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_authenticate_api_token_wrapper';
+CREATE  FUNCTION "keypool_authenticate_api_token_sha256"(
+	"token_sha256" bytea /* Option < & [u8] > */
+) RETURNS TABLE (
+	"token_id" bigint,  /* i64 */
+	"user_id" TEXT,  /* Option < String > */
+	"pools" TEXT[],  /* :: std :: option :: Option < Vec < String > > */
+	"expires_at" timestamp with time zone  /* Option < TimestampWithTimeZone > */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_authenticate_api_token_sha256_wrapper';
 CREATE OR REPLACE FUNCTION "keypool_claim_requests"(
 	"worker" TEXT, /* Option < & str > */
 	"max_n" INT, /* Option < i32 > */

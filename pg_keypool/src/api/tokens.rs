@@ -207,7 +207,8 @@ fn keypool_revoke_api_token(id: Option<i64>) {
     });
 }
 
-/// The columns both authentication functions answer with.
+/// The columns both authentication functions answer with (pgrx needs them spelled out in the
+/// signatures).
 type Authenticated = TableIterator<
     'static,
     (
@@ -222,7 +223,16 @@ type Authenticated = TableIterator<
 /// (known, not revoked, not expired); no row otherwise. The worker uses
 /// `keypool_authenticate_api_token_sha256`, so that no token reaches a server log.
 #[pg_extern(volatile, parallel_unsafe)]
-fn keypool_authenticate_api_token(token: Option<&str>) -> Authenticated {
+#[allow(clippy::type_complexity)]
+fn keypool_authenticate_api_token(token: Option<&str>) -> TableIterator<
+    'static,
+    (
+        name!(token_id, i64),
+        name!(user_id, Option<String>),
+        name!(pools, Option<Vec<String>>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
     let _path = privilege::pin_search_path();
     let Some(token) = token.filter(|t| t.starts_with(PREFIX) && t.len() <= MAX_TOKEN) else {
         return TableIterator::new(Vec::new());
@@ -234,7 +244,16 @@ fn keypool_authenticate_api_token(token: Option<&str>) -> Authenticated {
 /// given the token's SHA-256 (32 bytes) instead of the token. A bind parameter may be logged
 /// (`log_statement`, `log_min_duration_statement`); a digest in a log opens nothing.
 #[pg_extern(volatile, parallel_unsafe)]
-fn keypool_authenticate_api_token_sha256(token_sha256: Option<&[u8]>) -> Authenticated {
+#[allow(clippy::type_complexity)]
+fn keypool_authenticate_api_token_sha256(token_sha256: Option<&[u8]>) -> TableIterator<
+    'static,
+    (
+        name!(token_id, i64),
+        name!(user_id, Option<String>),
+        name!(pools, Option<Vec<String>>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
     let _path = privilege::pin_search_path();
     let Some(digest) = token_sha256.filter(|d| d.len() == 32) else {
         return TableIterator::new(Vec::new());

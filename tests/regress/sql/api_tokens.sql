@@ -43,9 +43,18 @@ SELECT count(*) AS forged FROM keypool_authenticate_api_token('kpt_' || repeat('
 RESET search_path;
 DROP FUNCTION public.sha256(bytea);
 
+-- The worker asks with the token's SHA-256, so that no token reaches a log; the digest of an
+-- unknown token, or something that is not a digest, finds nothing.
+SELECT user_id, pools FROM keypool_authenticate_api_token_sha256(pg_catalog.sha256(convert_to(:'alice', 'UTF8')));
+SELECT count(*) AS unknown_digest FROM keypool_authenticate_api_token_sha256(pg_catalog.sha256('kpt_nothing'::bytea));
+SELECT count(*) AS not_a_digest FROM keypool_authenticate_api_token_sha256('\x0102'::bytea);
+SELECT count(*) AS null_digest FROM keypool_authenticate_api_token_sha256(NULL);
+
 -- The worker's role authenticates, and reads nothing else.
+GRANT EXECUTE ON FUNCTION keypool_authenticate_api_token_sha256(bytea) TO regress_kt_worker;
 SET ROLE regress_kt_worker;
 SELECT user_id FROM keypool_authenticate_api_token(:'alice');
+SELECT user_id FROM keypool_authenticate_api_token_sha256(pg_catalog.sha256(convert_to(:'alice', 'UTF8')));
 SELECT try($$SELECT * FROM keypool.api_token$$);
 SELECT try($$SELECT * FROM keypool_api_tokens$$);
 SELECT try($$SELECT keypool_create_api_token('mine')$$);

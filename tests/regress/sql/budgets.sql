@@ -15,6 +15,12 @@ SELECT keypool_set_budget('spend', 1.00, 'day');
 SELECT pool, budget, budget_per_user, budget_period, spent, budget_resets_at, default_cost
   FROM keypool_pool_stats WHERE pool = 'spend';
 
+-- A grant says what it holds of the budget (the worker caps the call's output at it);
+-- releasing it gives the hold back.
+SELECT budget_held, reservation_id AS held_id FROM keypool_reserve('user-1', 'spend', 5000) \gset
+SELECT :'budget_held' AS budget_held, keypool_release(:held_id);
+SELECT spent FROM keypool_pool_stats WHERE pool = 'spend';
+
 -- 100 x 0.01 is exactly 1.00: the 101st reservation is refused until midnight (12 h).
 CREATE TABLE spend_grants AS
 SELECT i, (r).granted, (r).reservation_id, (r).error, (r).retry_after_ms

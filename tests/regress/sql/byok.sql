@@ -59,4 +59,70 @@ SELECT keypool_set_clock('2030-11-04 12:05:00+00');
 SELECT granted, key_id = :shared_key AS shared FROM keypool_reserve('alice', 'byok');
 SELECT used_today, own_keys_requests_today FROM keypool_allocation('alice', 'byok');
 SELECT kind, reason FROM keypool_events WHERE kind = 'key_added' AND reason IS NOT NULL ORDER BY id;
+
+-- Issue 25: own keys are bounded and contained.
+-- Users' own keys never make a model name route to a pool.
+SELECT keypool_add_key('byok', 'openai', 'sk-byok-carol-00000000010', 'carols-private-model', owner => 'carol') AS carol_key \gset
+SELECT count(*) AS routes_carols_model FROM keypool_models() WHERE model = 'carols-private-model';
+SELECT count(*) AS routes_shared_model FROM keypool_models() WHERE pool = 'byok' AND model = 'gpt-4o-mini';
+-- At most pg_keypool.max_owned_keys_per_user (5) own keys per user and pool.
+SELECT count(keypool_add_key('byok', 'openai', 'sk-byok-carol-cap-' || lpad(i::text, 8, '0'), owner => 'carol')) AS added
+  FROM generate_series(1, 4) i;
+SELECT try($$SELECT keypool_add_key('byok', 'openai', 'sk-byok-carol-cap-00000099', owner => 'carol')$$);
+SELECT count(*) AS carols_keys FROM keypool_keys WHERE owner = 'carol';
+-- Removing an own key takes its account and history with it: add/remove loops leave no rows.
+SELECT count(*) AS scopes_before FROM keypool.scope \gset
+SELECT keypool_remove_key(:carol_key) AS users_moved;
+SELECT :scopes_before - count(*) AS scope_rows_freed FROM keypool.scope;
+SELECT count(*) AS scopes_before FROM keypool.scope \gset
+SELECT count(*) AS key_rows_before FROM keypool.key \gset
+DO $$
+BEGIN
+    FOR i IN 1..20 LOOP
+        PERFORM keypool_remove_key(keypool_add_key('byok', 'openai', 'sk-byok-loop-' || lpad(i::text, 12, '0'), owner => 'carol'));
+    END LOOP;
+END
+$$;
+SELECT count(*) - :scopes_before AS scope_rows_added, (SELECT count(*) FROM keypool.key) - :key_rows_before AS key_rows_added
+  FROM keypool.scope;
+SELECT count(*) AS carols_keys FROM keypool_keys WHERE owner = 'carol';
+
+-- Users (roles that are not the pool's administrators) add own keys only of providers that
+-- check keys, called only where an administrator configured that provider (else a cloud
+-- provider's public address); administrators may add any.
+CREATE ROLE byok_app2;
+GRANT EXECUTE ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text)
+    TO byok_app2;
+SELECT keypool_grant('byok', 'byok_app2', 'use');
+SET ROLE byok_app2;
+SELECT try($$SELECT keypool_add_key('byok', 'ollama', NULL, 'llama3', owner => 'dave')$$);
+SELECT try($$SELECT keypool_add_key('byok', 'ollama', 'made-up-secret-000001', 'llama3', owner => 'dave')$$);
+SELECT try($$SELECT keypool_add_key('byok', 'openai_compatible', 'made-up-secret-000002', owner => 'dave')$$);
+SELECT try($$SELECT keypool_add_key('byok', 'http', 'made-up-secret-000003', owner => 'dave')$$);
+SELECT keypool_add_key('byok', 'gemini', 'AIza-byok-dave-0000000004', 'gemini-2.5-flash', owner => 'dave') AS dave_gemini \gset
+RESET ROLE;
+SELECT provider, base_url FROM keypool.key WHERE id = :dave_gemini;
+SELECT keypool_add_key('byok', 'ollama', NULL, 'llama3', base_url => 'http://gpu-box:11434', owner => 'dave') > 0 AS admin_added_keyless;
+SELECT keypool_revoke('byok', 'byok_app2', 'use');
+REVOKE ALL ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text)
+    FROM byok_app2;
+DROP ROLE byok_app2;
+
+-- A 401 on a request whose shape the caller chose settles nothing until the key was checked:
+-- then the plain code disables it (the provider rejected the key), `checked:` does not.
+SELECT reservation_id AS r1 FROM keypool_reserve('user-1', 'byok') \gset
+SELECT keypool_settle(:r1, 401, error_code => 'unchecked:invalid_api_key') AS first_answer;
+SELECT state FROM keypool_keys WHERE key_id = :shared_key;
+SELECT keypool_settle(:r1, 401, error_code => 'checked:invalid_api_key') AS after_the_key_passed;
+SELECT state FROM keypool_keys WHERE key_id = :shared_key;
+SELECT try(format('SELECT keypool_settle(%s, 200)', :r1));
+SELECT reservation_id AS r2 FROM keypool_reserve('user-1', 'byok') \gset
+SELECT keypool_settle(:r2, 429, error_code => 'unchecked:rate_limit_exceeded', retry_after_ms => 1) AS rate_limited_at_once;
+SELECT keypool_set_clock('2030-11-04 12:06:00+00') IS NOT NULL AS a_minute_later;
+SELECT reservation_id AS r3 FROM keypool_reserve('user-2', 'byok') \gset
+SELECT keypool_settle(:r3, 403, error_code => 'unchecked:') AS forbidden;
+SELECT keypool_settle(:r3, 403) AS after_the_key_failed;
+SELECT state, reason FROM keypool_keys WHERE key_id = :shared_key;
+SELECT try(format('SELECT keypool_settle(%s, 401, error_code => %L)', :r3, 'unchecked:x'));
+SELECT keypool_enable_key(:shared_key);
 SELECT keypool_set_clock(NULL) IS NOT NULL AS clock_back;
