@@ -505,6 +505,8 @@ COMMENT ON FUNCTION keypool_revoke_api_token(bigint) IS
     'Revokes an API token (every worker refuses it within seconds)';
 COMMENT ON FUNCTION keypool_authenticate_api_token(text) IS
     'For the worker: the user and pools of a valid API token (no row for an unknown, revoked or expired one)';
+COMMENT ON FUNCTION keypool_transport_key() IS
+    'This database''s public transport key: clients seal secrets to it (kps1.) so that no statement log holds them';
 COMMENT ON FUNCTION keypool_authenticate_api_token_sha256(bytea) IS
     'For the worker: as keypool_authenticate_api_token, given the token''s SHA-256, so that no token reaches a log';
 COMMENT ON FUNCTION keypool.allowed(bigint, text) IS
@@ -588,6 +590,7 @@ REVOKE ALL ON FUNCTION
     keypool_revoke_api_token(bigint),
     keypool_authenticate_api_token(text),
     keypool_authenticate_api_token_sha256(bytea),
+    keypool_transport_key(),
     keypool_submit(text, text, jsonb, interval, integer),
     keypool_result(bigint),
     keypool_claim_requests(text, integer, interval),

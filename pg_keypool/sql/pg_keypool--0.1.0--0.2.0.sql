@@ -293,6 +293,10 @@ CREATE  FUNCTION "keypool_authenticate_api_token_sha256"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_authenticate_api_token_sha256_wrapper';
+CREATE  FUNCTION "keypool_transport_key"() RETURNS bytea /* Vec < u8 > */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_transport_key_wrapper';
 CREATE OR REPLACE FUNCTION "keypool_claim_requests"(
 	"worker" TEXT, /* Option < & str > */
 	"max_n" INT, /* Option < i32 > */
@@ -1110,6 +1114,8 @@ COMMENT ON FUNCTION keypool_revoke_api_token(bigint) IS
     'Revokes an API token (every worker refuses it within seconds)';
 COMMENT ON FUNCTION keypool_authenticate_api_token(text) IS
     'For the worker: the user and pools of a valid API token (no row for an unknown, revoked or expired one)';
+COMMENT ON FUNCTION keypool_transport_key() IS
+    'This database''s public transport key: clients seal secrets to it (kps1.) so that no statement log holds them';
 COMMENT ON FUNCTION keypool_authenticate_api_token_sha256(bytea) IS
     'For the worker: as keypool_authenticate_api_token, given the token''s SHA-256, so that no token reaches a log';
 COMMENT ON FUNCTION keypool.allowed(bigint, text) IS
@@ -1168,6 +1174,7 @@ REVOKE ALL ON FUNCTION
     keypool_revoke_api_token(bigint),
     keypool_authenticate_api_token(text),
     keypool_authenticate_api_token_sha256(bytea),
+    keypool_transport_key(),
     keypool_status(),
     keypool_reserve(text, text, bigint, text[]),
     keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text),

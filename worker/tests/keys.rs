@@ -241,7 +241,14 @@ async fn keys_are_checked_added_and_removed_through_the_admin_api() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_manages_their_own_keys_with_their_token() {
     let db = shared().fresh_db().await;
-    let mock = Mock::start(&[]);
+    // A provider that accepts only the keys it issued, as real ones do.
+    let mock = Mock::start(&[
+        "--issued-keys-only",
+        "--issue",
+        "sk-own-keys-shared-0001",
+        "--issue",
+        "sk-own-keys-alices-00005",
+    ]);
     exec(
         &db,
         &format!(
@@ -361,7 +368,7 @@ async fn a_user_manages_their_own_keys_with_their_token() {
         .await
         .expect("chat");
     assert_eq!(r.status(), 200);
-    // Once for the check, once for her request.
+    // Once for the check, once for her request (the made-up key of the second check is not hers).
     assert_eq!(mock.calls_with(mine).await, 2);
     let (status, body) = send(&w, reqwest::Method::GET, "/v1/keys", &alice, None).await;
     assert_eq!((status, body[0]["requests_today"].clone()), (200, json!(1)), "{body}");

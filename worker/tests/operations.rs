@@ -956,7 +956,7 @@ async fn the_admin_api_runs_with_only_the_documented_grants() {
                  keypool_release(bigint), keypool_models(), keypool_claim_requests(text, integer, interval),
                  keypool_complete_request(bigint, text, text, jsonb, text, timestamptz), keypool_queue_wake_at(),
                  keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint),
-                 keypool_worker_stopped(text), keypool_authenticate_api_token(text)
+                 keypool_worker_stopped(text), keypool_authenticate_api_token_sha256(bytea), keypool_classify(integer, text)
                TO {worker};
              GRANT {ops} TO {worker};
              GRANT SELECT ON keypool_requests, keypool_workers, keypool_queue_depth TO {worker};

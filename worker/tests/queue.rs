@@ -108,7 +108,8 @@ async fn requests_end_done_or_failed_with_their_reason() {
     let r = of(over);
     assert_eq!((r.1.as_str(), r.2), ("failed", 1));
     assert!(r.3.starts_with("QUOTA_EXCEEDED"), "{r:?}");
-    assert_eq!(mock.stats().await["requests"], 3);
+    // Three calls, and the check of the rejected key (its model list) before it was disabled.
+    assert_eq!(mock.stats().await["requests"], 4);
 
     // Results are announced.
     let notices = w.log();

@@ -290,7 +290,8 @@ fn keypool_add_key(
                 provider::keyless_names()
             ))
             .raise(),
-        s => required("secret", s, MAX_SECRET),
+        // Sealed for transport it is longer; the plaintext is checked once opened.
+        s => required("secret", s, 2 * MAX_SECRET),
     };
     let model = optional("model", model, MAX_NAME);
     let account = optional("account", account, MAX_NAME);
@@ -338,6 +339,18 @@ fn keypool_add_key(
             Privilege::Admin
         },
     );
+    // A secret sealed for transport (the worker seals every secret it passes, so that no
+    // statement log holds it) opens for this pool and owner only.
+    let opened = as_owner(grants.owner, |client| {
+        vault::unsealed(client, secret, &keypool_transport::context_add(pool, owner))
+    });
+    let secret: &str = opened.as_str();
+    if secret.len() > MAX_SECRET {
+        errors::invalid(format!("secret is longer than {MAX_SECRET} bytes")).raise();
+    }
+    if secret.trim().is_empty() && !(secret.is_empty() && provider.keyless) {
+        errors::invalid("secret must not be empty").raise();
+    }
     // Where a key is called is the pool administrators' choice: a user's own key goes where the
     // pool's shared keys of its provider go (else to a cloud provider's public address) unless
     // an administrator adds it; no user picks the address the worker calls. Nor may a user add
@@ -668,10 +681,18 @@ fn keypool_rotate_secret(key_id: Option<i64>, new_secret: Option<&str>) {
     let Some(key_id) = key_id else {
         errors::null_argument("key_id").raise()
     };
-    let secret = required("new_secret", new_secret, MAX_SECRET);
+    let secret = required("new_secret", new_secret, 2 * MAX_SECRET);
     let grants = access::grants();
     access::key_pool(&grants, key_id, Privilege::Admin);
     as_owner(grants.owner, |client| {
+        let opened = vault::unsealed(client, secret, &keypool_transport::context_rotate(key_id));
+        let secret: &str = opened.as_str();
+        if secret.len() > MAX_SECRET {
+            errors::invalid(format!("new_secret is longer than {MAX_SECRET} bytes")).raise();
+        }
+        if secret.trim().is_empty() {
+            errors::invalid("new_secret must not be empty").raise();
+        }
         // The row is locked until the end of the transaction: two rotations of one key queue.
         let table = errors::spi(client.update(
             "SELECT pool_id, provider, base_url, model, label FROM keypool.key

@@ -7,9 +7,22 @@ use pgrx::prelude::*;
 use crate::catalog::grants::Privilege;
 use crate::catalog::keyring;
 use crate::catalog::privilege;
-use crate::catalog::vault::{identity, open, record, recorded, seal_secret, sealing_key, verified};
+use crate::catalog::vault::{identity, open, record, recorded, seal_secret, sealing_key, transport_secret, verified};
 use crate::engine::access;
 use crate::errors;
+
+/// `keypool_transport_key()`: this database's public transport key (X25519, 32 bytes). A
+/// client seals a secret to it (keypool-transport, `kps1.`) before passing it to
+/// `keypool_add_key` or `keypool_rotate_secret`, so that no statement log holds the secret. It
+/// is public, and changes when the master key is rotated.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_transport_key() -> Vec<u8> {
+    let _path = privilege::pin_search_path();
+    let grants = access::grants();
+    privilege::spi_as_owner(grants.owner, |client| {
+        keypool_transport::public_key(&transport_secret(client)).to_vec()
+    })
+}
 
 /// `keypool_rotate_master_key()`: adds a new master key to the keyring and reseals every secret
 /// of this database with it. Returns the new key's number. Needs `admin` on every pool.

@@ -224,7 +224,9 @@ type Authenticated = TableIterator<
 /// `keypool_authenticate_api_token_sha256`, so that no token reaches a server log.
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
-fn keypool_authenticate_api_token(token: Option<&str>) -> TableIterator<
+fn keypool_authenticate_api_token(
+    token: Option<&str>,
+) -> TableIterator<
     'static,
     (
         name!(token_id, i64),
@@ -245,7 +247,9 @@ fn keypool_authenticate_api_token(token: Option<&str>) -> TableIterator<
 /// (`log_statement`, `log_min_duration_statement`); a digest in a log opens nothing.
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
-fn keypool_authenticate_api_token_sha256(token_sha256: Option<&[u8]>) -> TableIterator<
+fn keypool_authenticate_api_token_sha256(
+    token_sha256: Option<&[u8]>,
+) -> TableIterator<
     'static,
     (
         name!(token_id, i64),

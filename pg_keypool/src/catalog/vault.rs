@@ -194,3 +194,32 @@ pub fn identity<'a>(secret: &'a str, provider: &str, base_url: &str, model: Opti
         secret.into()
     }
 }
+
+/// This database's transport secret (keypool-transport): derived from the master key new
+/// secrets are sealed with and the installation's id, so that it changes with a rotation and
+/// differs between databases. Never stored.
+pub fn transport_secret(client: &mut pgrx::spi::SpiClient<'_>) -> Zeroizing<[u8; 32]> {
+    let master = sealing_key(client);
+    let instance = errors::spi(client.select("SELECT id FROM keypool.instance", None, &[]))
+        .first()
+        .get_one::<i64>()
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    keypool_transport::secret_from_master(master.bytes(), instance)
+}
+
+/// A secret as a caller passed it: sealed for transport (`kps1.`, opened here for `context`), or
+/// as it is. A sealed secret that does not open is refused without a word about it.
+pub fn unsealed(client: &mut pgrx::spi::SpiClient<'_>, secret: &str, context: &[u8]) -> Zeroizing<String> {
+    if !secret.starts_with(keypool_transport::PREFIX) {
+        return Zeroizing::new(secret.to_string());
+    }
+    let key = transport_secret(client);
+    match keypool_transport::open(&key, secret, context) {
+        Ok(plain) => plain,
+        Err(why) => errors::invalid(why)
+            .hint("Seal it again with the database's current keypool_transport_key().")
+            .raise(),
+    }
+}

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use crate::config::ImportArgs;
-use crate::db::{Db, DbError};
+use crate::db::{seal_with, Db, DbError};
 use keypool_mask::mask;
 
 /// One key to import.
@@ -375,6 +375,11 @@ pub fn collect(vars: &BTreeMap<String, String>, args: &ImportArgs) -> Result<(Ve
 
 async fn add(db: &Db, c: &Candidate, group_no: Option<i32>) -> Result<i64, DbError> {
     let client = db.client().await?;
+    // Sealed for this call, so that no statement log holds the secret.
+    let secret = match c.secret.is_empty() {
+        true => c.secret.clone(),
+        false => seal_with(&client, &c.secret, &keypool_transport::context_add(&c.pool, None)).await?,
+    };
     let row = client
         .query_one(
             "SELECT keypool_add_key(pool => $1, provider => $2, secret => $3, model => $4, account => $5, \
@@ -382,7 +387,7 @@ async fn add(db: &Db, c: &Candidate, group_no: Option<i32>) -> Result<i64, DbErr
             &[
                 &c.pool,
                 &c.provider,
-                &c.secret,
+                &secret,
                 &c.model,
                 &c.account,
                 &c.rpm,

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -876,6 +876,7 @@ async fn serp_search(
     State(mock): State<Shared>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
+    RawQuery(raw): RawQuery,
 ) -> Response {
     let key = query
         .get("api_key")
@@ -886,7 +887,10 @@ async fn serp_search(
     if let Err(r) = start(&mock, Wire::Serp, "/search", key, &json!({"q": q}), &headers).await {
         return r;
     }
+    // Like APIs that echo the request they served, the query string as it arrived (with the
+    // key in it when it came that way: the worker must scrub it, in every encoding).
     Json(json!({
+        "search_metadata": {"raw_query": raw.unwrap_or_default()},
         "search_parameters": {"q": q},
         "organic_results": [
             {"position": 1, "title": format!("Mock result for {q}"), "link": "https://example.com/1"},

@@ -384,6 +384,15 @@ impl Db {
         }))
     }
 
+    /// `secret` sealed to the database for `context` (keypool-transport): what the worker
+    /// passes to `keypool_add_key` and `keypool_rotate_secret` in its place, so that no
+    /// statement log holds a provider secret. The transport key is read each time (it changes
+    /// with a master key rotation; adding keys is rare).
+    pub async fn seal_secret(&self, secret: &str, context: &[u8]) -> Result<String, DbError> {
+        let client = self.client().await?;
+        seal_with(&client, secret, context).await
+    }
+
     /// Gives back a reservation whose call was never sent.
     pub async fn release(&self, reservation_id: i64) -> Result<(), DbError> {
         let client = self.client().await?;
@@ -391,6 +400,24 @@ impl Db {
         client.execute(&stmt, &[&reservation_id]).await?;
         Ok(())
     }
+}
+
+/// [`Db::seal_secret`] on a connection of the caller's (a transaction, a one-off connection).
+pub async fn seal_with(
+    client: &impl tokio_postgres::GenericClient,
+    secret: &str,
+    context: &[u8],
+) -> Result<String, DbError> {
+    let row = client.query_one("SELECT keypool_transport_key()", &[]).await?;
+    let bytes: Vec<u8> = row.get(0);
+    let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| DbError {
+        sqlstate: None,
+        message: "keypool_transport_key() did not answer with 32 bytes".into(),
+        hint: None,
+    })?;
+    let mut random = [0u8; 56];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
+    Ok(keypool_transport::seal(&key, secret, context, random))
 }
 
 async fn check_extension(client: &Object, config: &tokio_postgres::Config) -> anyhow::Result<()> {

@@ -128,10 +128,12 @@ pub async fn run(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             Verdict::Accepted(_) => {
                 if let Some(pool) = &args.add_to {
                     let client = db.client().await?;
+                    let sealed =
+                        crate::db::seal_with(&client, &key.secret, &keypool_transport::context_add(pool, None)).await?;
                     let row = client
                         .query_one(
                             "SELECT keypool_add_key(pool => $1, provider => $2, secret => $3, model => $4, base_url => $5)",
-                            &[pool, provider, &key.secret, &args.model, &args.base_url],
+                            &[pool, provider, &sealed, &args.model, &args.base_url],
                         )
                         .await
                         .map_err(DbError::from)?;

@@ -23,9 +23,6 @@ pub(crate) type PoolModels = Arc<Vec<(String, String)>>;
 /// How long the pool/model list is trusted before it is read again.
 pub(crate) const MODELS_TTL: Duration = Duration::from_secs(5);
 
-/// How often the list is read again at most for a model it does not hold.
-pub(crate) const MODELS_FRESH: Duration = Duration::from_secs(1);
-
 pub struct Endpoint {
     pub gateway: Arc<Gateway>,
     pub tokens: Vec<String>,
@@ -52,6 +49,8 @@ pub struct Endpoint {
     /// Answers about database API tokens.
     pub token_cache: TokenCache,
     pub(crate) models: RwLock<Option<(Instant, PoolModels)>>,
+    /// Held while the list is read, so that concurrent misses share one query.
+    pub(crate) models_refresh: tokio::sync::Mutex<()>,
     /// The database part of the last /metrics answer, and when it was read.
     pub(crate) metrics_cache: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
@@ -108,6 +107,7 @@ impl Endpoint {
             metrics_token: None,
             token_cache: TokenCache::default(),
             models: RwLock::new(None),
+            models_refresh: tokio::sync::Mutex::new(()),
             metrics_cache: tokio::sync::Mutex::new(None),
         }
     }

@@ -19,6 +19,7 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::db::seal_with;
 use crate::gateway::validate::{self, Verdict};
 use crate::http::admin::{act, admin, key_number, rows_json, KEY_AFTER};
 use crate::http::credentials::Principal;
@@ -181,13 +182,21 @@ async fn add_checked(
         check(ep, &key).await?
     };
     let client = ep.gateway.db.client().await.map_err(from_db)?;
+    // Sealed for this call: the statement log, if any, never holds the secret.
+    let sealed = seal_with(
+        &client,
+        &secret,
+        &keypool_transport::context_add(&b.pool, owner.as_deref()),
+    )
+    .await
+    .map_err(from_db)?;
     let row = client
         .query_one(
             ADD,
             &[
                 &b.pool,
                 &b.provider,
-                &secret,
+                &sealed,
                 &b.model,
                 &b.account,
                 &b.rpm,
@@ -275,7 +284,13 @@ async fn rotate_key(State(ep): State<Arc<Endpoint>>, Path(key_id): Path<String>,
             };
             check(&ep, &key).await?
         };
-        act(&ep, "SELECT keypool_rotate_secret($1, $2)", &[&key_id, &secret]).await?;
+        let sealed = ep
+            .gateway
+            .db
+            .seal_secret(&secret, &keypool_transport::context_rotate(key_id))
+            .await
+            .map_err(from_db)?;
+        act(&ep, "SELECT keypool_rotate_secret($1, $2)", &[&key_id, &sealed]).await?;
         let mut answer = rows_json(&ep, KEY_AFTER, &[&key_id], true).await?;
         answer["check"] = json!(checked);
         Ok(answer)
@@ -393,13 +408,16 @@ async fn add_own_key(
 async fn dry_run(ep: &Endpoint, b: &AddBody, owner: &str) -> Result<String, Response> {
     let mut client = ep.gateway.db.client().await.map_err(from_db)?;
     let tx = client.transaction().await.map_err(|e| from_db(e.into()))?;
+    let sealed = seal_with(&tx, &b.secret, &keypool_transport::context_add(&b.pool, Some(owner)))
+        .await
+        .map_err(from_db)?;
     let row = tx
         .query_one(
             ADD,
             &[
                 &b.pool,
                 &b.provider,
-                &b.secret,
+                &sealed,
                 &b.model,
                 &b.account,
                 &b.rpm,

@@ -215,12 +215,19 @@ async fn not_found(uri: Uri) -> Response {
 
 impl Endpoint {
     /// The pools and models the worker's role may use, read at most every [`MODELS_TTL`], or
-    /// with `fresh` at most once a second (requests naming models nobody serves must not each
-    /// cost a query).
+    /// with `fresh` once more (a pool made a moment ago routes at once). Reads are shared:
+    /// however many requests name a model nobody serves at once, they wait for one query.
     async fn pool_models(&self, fresh: bool) -> Result<PoolModels, Response> {
-        let max_age = if fresh { MODELS_FRESH } else { MODELS_TTL };
+        let asked = Instant::now();
         if let Some((at, list)) = self.models.read().await.as_ref() {
-            if at.elapsed() < max_age {
+            if (!fresh && at.elapsed() < MODELS_TTL) || (fresh && *at >= asked) {
+                return Ok(list.clone());
+            }
+        }
+        let _reading = self.models_refresh.lock().await;
+        // Read while this request waited its turn: that answer is fresh enough.
+        if let Some((at, list)) = self.models.read().await.as_ref() {
+            if *at >= asked || (!fresh && at.elapsed() < MODELS_TTL) {
                 return Ok(list.clone());
             }
         }
