@@ -28,6 +28,7 @@ pub static MAX_REQUEST_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
 pub static REQUEST_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
 pub static MAX_OWNED_KEYS_PER_USER: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static OWNED_KEY_SHARE: GucSetting<f64> = GucSetting::<f64>::new(0.5);
+pub static ACTING_FOR_USER: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// Registers the settings. Called from `_PG_init`. The sizes of shared memory can only be
 /// defined while the server starts (`preloading`); when the library is loaded later they would
@@ -246,6 +247,15 @@ fn define_reloadable() {
         0.0,
         1.0,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_keypool.acting_for_user",
+        c"The session adds keys for an end user: users' rules for own keys apply, whatever its role may do.",
+        c"keypool-worker sets it (SET LOCAL) on its users' key routes, so that an end user never gets \
+          an administrator's latitude through the worker's role. It only restricts: anyone may set it.",
+        &ACTING_FOR_USER,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

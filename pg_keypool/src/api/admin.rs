@@ -356,7 +356,8 @@ fn keypool_add_key(
     // an administrator adds it; no user picks the address the worker calls. Nor may a user add
     // a key whose provider cannot say whether the key is real (a keyless server, a plain HTTP
     // API): such a "key" would only reach the shared backend beside the shared keys' limits.
-    let by_admin = grants.allows(privilege::caller(), Some(pool_id), Privilege::Admin);
+    let by_admin =
+        grants.allows(privilege::caller(), Some(pool_id), Privilege::Admin) && !settings::ACTING_FOR_USER.get();
     if owner.is_some() && !by_admin {
         if base_url_given {
             errors::error(

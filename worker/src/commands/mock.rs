@@ -16,7 +16,7 @@
 //! - `POST /_mock/faults` `{"match": "<part of a secret, or *>", "fault": "429" | "daily" |
 //!   "401" | "403" | "billing" | "400" | "500" | "503" | "529" | "hang" | "redirect",
 //!   "times": <n, default unlimited>, "retry_after_s": <seconds, default 30>,
-//!   "location": "<URL a redirect points to>"}`
+//!   "location": "<URL a redirect points to>", "path": "<part of the path it applies to>"}`
 //! - `DELETE /_mock/faults`, `POST /_mock/reset` (faults and counters)
 //! - `GET /_mock/stats`: requests in total and per key (masked), `GET /_mock/requests`: the last
 //!   100 requests (path, wire, masked key, body)
@@ -136,6 +136,7 @@ struct Fault {
     remaining: Option<u64>,
     retry_after_s: f64,
     location: Option<String>,
+    path: Option<String>,
 }
 
 /// The failure a request gets.
@@ -227,7 +228,11 @@ impl Mock {
         let mut faults = self.faults.lock().ok()?;
         let i = faults
             .iter()
-            .position(|f| f.remaining != Some(0) && (f.matches == "*" || secret.contains(&f.matches)))?;
+            .position(|f| {
+                f.remaining != Some(0)
+                    && (f.matches == "*" || secret.contains(&f.matches))
+                    && f.path.as_deref().is_none_or(|p| path.contains(p))
+            })?;
         let f = &mut faults[i];
         if let Some(n) = f.remaining.as_mut() {
             *n -= 1;
@@ -908,6 +913,9 @@ struct FaultRequest {
     times: Option<u64>,
     retry_after_s: Option<f64>,
     location: Option<String>,
+    /// Only calls whose path contains this get the fault (say, `chat/completions` and not the
+    /// model list).
+    path: Option<String>,
 }
 
 async fn add_fault(State(mock): State<Shared>, Json(f): Json<FaultRequest>) -> Response {
@@ -932,6 +940,7 @@ async fn add_fault(State(mock): State<Shared>, Json(f): Json<FaultRequest>) -> R
             remaining: f.times,
             retry_after_s: f.retry_after_s.unwrap_or(30.0).clamp(0.0, 86400.0),
             location: f.location,
+            path: f.path,
         });
     }
     Json(json!({"ok": true})).into_response()

@@ -404,7 +404,7 @@ impl Db {
 
 /// [`Db::seal_secret`] on a connection of the caller's (a transaction, a one-off connection).
 pub async fn seal_with(
-    client: &impl tokio_postgres::GenericClient,
+    client: &impl deadpool_postgres::GenericClient,
     secret: &str,
     context: &[u8],
 ) -> Result<String, DbError> {

@@ -159,14 +159,9 @@ const ADD: &str = "SELECT keypool_add_key(pool => $1, provider => $2, secret => 
                                           rpm => $6, rpd => $7, tpm => $8, tpd => $9, base_url => $10,
                                           priority => $11, owner => $12)";
 
-/// Checks (unless `validate: false`) and adds a key; its row as keypool_keys shows it.
-/// `check_at`: the address the key will be called at, when the body does not say.
-async fn add_checked(
-    ep: &Endpoint,
-    b: AddBody,
-    owner: Option<String>,
-    check_at: Option<String>,
-) -> Result<Value, Response> {
+/// Checks (unless `validate: false`) and adds a key for an administrator; its row as
+/// keypool_keys shows it.
+async fn add_checked(ep: &Endpoint, b: AddBody, owner: Option<String>) -> Result<Value, Response> {
     let secret = non_empty(&b.secret)?;
     let check_said = if b.validate == Some(false) {
         "not checked (validate: false)".to_string()
@@ -175,22 +170,42 @@ async fn add_checked(
             id: 0,
             provider: b.provider.clone(),
             model: b.model.clone(),
-            base_url: base_url_of(&b.provider, b.base_url.as_deref().or(check_at.as_deref()))?,
+            base_url: base_url_of(&b.provider, b.base_url.as_deref())?,
             label: keypool_mask::mask(&secret),
             secret: secret.clone(),
         };
         check(ep, &key).await?
     };
-    let client = ep.gateway.db.client().await.map_err(from_db)?;
-    // Sealed for this call: the statement log, if any, never holds the secret.
-    let sealed = seal_with(
-        &client,
-        &secret,
-        &keypool_transport::context_add(&b.pool, owner.as_deref()),
-    )
-    .await
-    .map_err(from_db)?;
-    let row = client
+    let (key_id, _) = add_in_transaction(ep, &b, &secret, owner.as_deref(), false, true).await?;
+    let mut answer = rows_json(ep, KEY_AFTER, &[&key_id], true).await?;
+    answer["check"] = json!(check_said);
+    Ok(answer)
+}
+
+/// `keypool_add_key` in a transaction of its own, with the secret sealed for the call (no
+/// statement log holds it) and, for an end user's key, users' rules whatever the worker's role
+/// may do (`pg_keypool.acting_for_user`). The key's id and the address it is called at;
+/// without `commit` nothing stays (a dry run: what the extension would say, and where).
+async fn add_in_transaction(
+    ep: &Endpoint,
+    b: &AddBody,
+    secret: &str,
+    owner: Option<&str>,
+    for_user: bool,
+    commit: bool,
+) -> Result<(i64, String), Response> {
+    let refused = |e: tokio_postgres::Error| if for_user { user_refusal(e) } else { from_db(e.into()) };
+    let mut client = ep.gateway.db.client().await.map_err(from_db)?;
+    let tx = client.transaction().await.map_err(|e| from_db(e.into()))?;
+    if for_user {
+        tx.batch_execute("SET LOCAL pg_keypool.acting_for_user = on")
+            .await
+            .map_err(|e| from_db(e.into()))?;
+    }
+    let sealed = seal_with(&tx, secret, &keypool_transport::context_add(&b.pool, owner))
+        .await
+        .map_err(from_db)?;
+    let row = tx
         .query_one(
             ADD,
             &[
@@ -209,12 +224,19 @@ async fn add_checked(
             ],
         )
         .await
-        .map_err(|e| from_db(e.into()))?;
-    drop(client);
+        .map_err(refused)?;
     let key_id: i64 = row.get(0);
-    let mut answer = rows_json(ep, KEY_AFTER, &[&key_id], true).await?;
-    answer["check"] = json!(check_said);
-    Ok(answer)
+    let at: String = tx
+        .query_one("SELECT base_url FROM keypool_key_credentials($1)", &[&key_id])
+        .await
+        .map_err(|e| from_db(e.into()))?
+        .get(0);
+    if commit {
+        tx.commit().await.map_err(|e| from_db(e.into()))?;
+    } else {
+        tx.rollback().await.map_err(|e| from_db(e.into()))?;
+    }
+    Ok((key_id, at))
 }
 
 /// `POST /allocation/keys` `{pool, provider, secret, model, account?, rpm?, rpd?, tpm?, tpd?,
@@ -227,7 +249,7 @@ async fn add_key(State(ep): State<Arc<Endpoint>>, body: axum::body::Bytes) -> Re
             r#"{"pool": "...", "provider": "...", "secret": "...", "model"?, ...}"#,
         )?;
         let owner = b.owner.clone();
-        add_checked(&ep, b, owner, None).await
+        add_checked(&ep, b, owner).await
     })
     .await
 }
@@ -373,19 +395,19 @@ async fn add_own_key(
             owner: None,
             validate: Some(false),
         };
-        let at = dry_run(&ep, &add, &user).await?;
+        let (_, at) = add_in_transaction(&ep, &add, &secret, Some(&user), true, false).await?;
         let key = KeyRef {
             id: 0,
             provider: add.provider.clone(),
             model: add.model.clone(),
             base_url: at.clone(),
             label: keypool_mask::mask(&secret),
-            secret,
+            secret: secret.clone(),
         };
         let said = check_own(&ep, &key).await?;
-        let mut answer = add_checked(&ep, add, Some(user), None).await?;
-        let key_id = answer["key_id"].as_i64().unwrap_or(0);
-        if called_at(&ep, key_id).await.as_deref() != Some(at.as_str()) {
+        let (key_id, now_at) = add_in_transaction(&ep, &add, &secret, Some(&user), true, true).await?;
+        let mut answer = rows_json(&ep, KEY_AFTER, &[&key_id], true).await?;
+        if now_at != at {
             // The pool's shared keys moved while the key was checked: not where it was checked.
             let _ = act(&ep, "SELECT keypool_remove_key($1)", &[&key_id]).await;
             return Err(problem(
@@ -401,55 +423,6 @@ async fn add_own_key(
         Ok(answer)
     })
     .await
-}
-
-/// Runs `keypool_add_key` for `owner` in a transaction that is rolled back: the extension's
-/// refusal if it would refuse, else where the key would be called.
-async fn dry_run(ep: &Endpoint, b: &AddBody, owner: &str) -> Result<String, Response> {
-    let mut client = ep.gateway.db.client().await.map_err(from_db)?;
-    let tx = client.transaction().await.map_err(|e| from_db(e.into()))?;
-    let sealed = seal_with(&tx, &b.secret, &keypool_transport::context_add(&b.pool, Some(owner)))
-        .await
-        .map_err(from_db)?;
-    let row = tx
-        .query_one(
-            ADD,
-            &[
-                &b.pool,
-                &b.provider,
-                &sealed,
-                &b.model,
-                &b.account,
-                &b.rpm,
-                &b.rpd,
-                &b.tpm,
-                &b.tpd,
-                &b.base_url,
-                &b.priority,
-                &owner,
-            ],
-        )
-        .await
-        .map_err(user_refusal)?;
-    let key_id: i64 = row.get(0);
-    let at = tx
-        .query_one("SELECT base_url FROM keypool_key_credentials($1)", &[&key_id])
-        .await
-        .map_err(|e| from_db(e.into()))?;
-    let at: String = at.get(0);
-    tx.rollback().await.map_err(|e| from_db(e.into()))?;
-    Ok(at)
-}
-
-/// Where key `key_id` is called, as the database has it.
-async fn called_at(ep: &Endpoint, key_id: i64) -> Option<String> {
-    let client = ep.gateway.db.client().await.ok()?;
-    client
-        .query_opt("SELECT base_url FROM keypool_key_credentials($1)", &[&key_id])
-        .await
-        .ok()
-        .flatten()
-        .map(|r| r.get(0))
 }
 
 /// The provider's verdict on a user's key: accepted, while a made-up key of the same shape is

@@ -13,9 +13,7 @@
 // Handlers return early with a ready HTTP answer; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
 
-use crate::http::endpoint::{
-    header_str, holding, user_of, CallerPermit, Endpoint, PoolModels, MODELS_FRESH, MODELS_TTL,
-};
+use crate::http::endpoint::{header_str, holding, user_of, CallerPermit, Endpoint, PoolModels, MODELS_TTL};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

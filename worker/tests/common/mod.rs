@@ -79,6 +79,16 @@ impl Mock {
         assert!(r.status().is_success(), "mock refused the fault {fault}");
     }
 
+    /// Removes every injected fault.
+    pub async fn clear_faults(&self) {
+        let r = http()
+            .delete(format!("{}/_mock/faults", self.url))
+            .send()
+            .await
+            .expect("mock faults");
+        assert!(r.status().is_success());
+    }
+
     /// Waits until the mock has received `n` requests (counted when they arrive).
     pub async fn wait_for_requests(&self, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(20);
