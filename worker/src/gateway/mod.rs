@@ -890,7 +890,7 @@ impl Gateway {
             attempts += 1;
             let key = grant.key;
             let served_pool = grant.pool;
-            let builder = match proxy_request(&self.http, &key, &job) {
+            let builder = match proxy_request(&self.http, &key, job) {
                 Ok(b) => self.stamp(b, grant.granted_at_ms),
                 Err(msg) => {
                     let _ = self.db.release(grant.reservation_id).await;
