@@ -83,7 +83,13 @@ async fn a_flood_of_own_keys_takes_no_room_capacity_or_rows_from_anyone() {
     .await;
     let mallory = token(&db, "mallory", &["chat"]).await;
     let bob = token(&db, "bob", &["chat"]).await;
-    let w = Worker::start(&conninfo(&db), "abuse-keys", &["--no-queue"]).await;
+    // (More attempts a minute than the default 10, to see every other limit.)
+    let w = Worker::start(
+        &conninfo(&db),
+        "abuse-keys",
+        &["--no-queue", "--key-adds-per-minute", "1000"],
+    )
+    .await;
     assert_eq!(chat_as(&w, &bob, hello("chat")).await.0, 200);
     let scopes_before: i64 = one(&db.client, "SELECT count(*) FROM keypool.scope").await;
 
@@ -264,6 +270,28 @@ async fn an_own_key_never_serves_beside_the_shared_keys_limits() {
         one::<i64>(&db.client, "SELECT count(*) FROM keypool_keys WHERE owner IS NOT NULL").await,
         0
     );
+    // Ten attempts a minute, then 429 with the wait: each attempt costs the database and the
+    // provider something.
+    for i in 0..6 {
+        let (status, _) = add_own(
+            &w,
+            &mallory,
+            json!({"pool": "lax", "provider": "openai", "secret": format!("sk-made-up-{i:016}")}),
+        )
+        .await;
+        assert_eq!(status, 422);
+    }
+    let (status, body) = add_own(
+        &w,
+        &mallory,
+        json!({"pool": "lax", "provider": "openai", "secret": "sk-made-up-one-too-many1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (429, json!("too_many_key_additions")),
+        "{body}"
+    );
     // So she gets what the shared keys allow: one request a minute in each pool.
     for pool in ["local", "lax"] {
         let mut served = 0;
@@ -403,6 +431,8 @@ async fn caller_chosen_names_and_paths_never_steer_routing_or_addresses() {
         "search/../../_mock/reset",
         ".%2e/_mock/reset",
         "%2E%2E%2F%2E%2E%2F_mock%2Freset",
+        "..;/_mock/reset",
+        "..%5C_mock%5Creset",
     ] {
         let head = format!(
             "POST /v1/proxy/serp/{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {mallory}\r\nContent-Length: 0\r\n\r\n"
@@ -568,6 +598,7 @@ async fn slow_unread_and_many_connections_of_one_caller_hold_nothing_of_anyone_e
     )
     .await;
     let mallory = token(&db, "mallory", &["chat"]).await;
+    let mallory_too = token(&db, "mallory", &["chat"]).await;
     let bob = token(&db, "bob", &["chat"]).await;
     let w = Worker::start(
         &conninfo(&db),
@@ -623,8 +654,15 @@ async fn slow_unread_and_many_connections_of_one_caller_hold_nothing_of_anyone_e
     );
     let mut unread = raw_request(&w.url, &head, body.as_bytes()).await;
     assert_eq!(read_status(&mut unread).await, 200);
-    // While it is open, her second request is refused (one at a time for her); bob is served.
+    // While it is open, her second request is refused (one at a time for her, whichever of her
+    // tokens she uses); bob is served.
     let (status, body) = chat_as(&w, &mallory, hello("chat")).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (429, json!("too_many_concurrent_requests")),
+        "{body}"
+    );
+    let (status, body) = chat_as(&w, &mallory_too, hello("chat")).await;
     assert_eq!(
         (status, body["error"]["code"].clone()),
         (429, json!("too_many_concurrent_requests")),
@@ -881,6 +919,23 @@ async fn without_auth_only_json_to_a_loopback_host_is_served() {
     assert_eq!(post("application/x-www-form-urlencoded", None).await, 415);
     assert_eq!(post("application/json", Some("evil.example")).await, 403);
     assert_eq!(post("application/json", Some("localhost:8080")).await, 200);
+    // What another site's page sends, whatever its method.
+    for (name, value) in [("origin", "https://evil.example"), ("sec-fetch-site", "cross-site")] {
+        let r = http()
+            .get(format!("{}/v1/models", w.url))
+            .header(name, value)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 403, "{name}: {value}");
+    }
+    let r = http()
+        .get(format!("{}/v1/models", w.url))
+        .header("origin", "http://localhost:5173")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
     assert_eq!(post("application/json; charset=utf-8", None).await, 200);
 }
 
@@ -903,7 +958,8 @@ async fn a_403_to_a_callers_request_checks_the_key_and_disables_nothing() {
     let w = Worker::start(&conninfo(&db), "abuse-403", &["--no-queue"]).await;
     // Whatever she sends, the provider answers 403 on the first key ("no access to this
     // model"): an answer about her request, not about the key.
-    mock.fault_json(json!({"match": first, "fault": "403", "path": "chat/completions"})).await;
+    mock.fault_json(json!({"match": first, "fault": "403", "path": "chat/completions"}))
+        .await;
     let mut forbidden = 0;
     for _ in 0..10 {
         let (status, body) = chat_as(&w, &mallory, hello("chat")).await;

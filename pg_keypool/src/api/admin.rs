@@ -190,7 +190,7 @@ fn keypool_create_pool(
         record_event(client, "pool_created", Some(id), None, None, None);
         id
     });
-    config::refuse_unless_it_fits();
+    config::refuse_unless_it_fits(&[], &[]);
     id
 }
 
@@ -639,7 +639,8 @@ fn keypool_add_key(
     });
     // The one who adds learns that the configuration does not fit shared memory (53400, and
     // nothing is added), never everyone's next reservation.
-    let cfg = config::refuse_unless_it_fits();
+    let scopes: Vec<i64> = new_scope.into_iter().collect();
+    let cfg = config::refuse_unless_it_fits(&[key_id], &scopes);
     if let (Some(cfg), true) = (cfg, new_key) {
         give_back_slots_on_abort(&cfg, key_id, new_scope);
     }
@@ -656,18 +657,8 @@ fn give_back_slots_on_abort(cfg: &Config, key_id: i64, new_scope: Option<i64>) {
     let (key_slot, owner) = (key.slot, cfg.owner);
     let scope = new_scope.and_then(|id| cfg.scope_by_id(id)).map(|s| (s.slot, s.id));
     crate::state::txn::on_abort(move || {
-        let Some(sh) = shmem::try_shared() else {
-            return;
-        };
-        let k = sh.key(key_slot);
-        if k.tag.is(owner, key_id) {
-            k.tag.clear();
-        }
-        if let Some((slot, id)) = scope {
-            let s = sh.scope(slot);
-            if s.tag.is(owner, id) {
-                s.tag.clear();
-            }
+        if let Some(sh) = shmem::try_shared() {
+            crate::state::registry::release(sh, owner, Some((key_slot, key_id)), scope);
         }
     });
 }

@@ -25,6 +25,7 @@ use crate::policy::rebalance::rebalance_plan;
 use crate::policy::shares::{NEVER, WEIGHT_SCALE};
 use crate::state::clock;
 use crate::state::members::{self};
+use crate::state::registry;
 use crate::state::shmem::{self, Shared};
 use crate::state::txn;
 
@@ -631,16 +632,13 @@ fn remove_owned_key(sh: &'static Shared, cfg: &Config, key_id: i64) -> bool {
     };
     let slots = cfg.key_by_id(key_id).map(|k| (k.slot, cfg.scope_of(k).slot));
     let db_owner = cfg.owner;
+    // Only if the removal itself commits: a savepoint rolled back around it keeps the key.
+    let undone = std::rc::Rc::new(std::cell::Cell::new(false));
+    let mark = undone.clone();
+    txn::on_abort(move || mark.set(true));
     txn::at_end(move |committed| {
-        if let (true, Some((key_slot, scope_slot))) = (committed, slots) {
-            let k = sh.key(key_slot);
-            if k.tag.is(db_owner, key_id) {
-                k.tag.clear();
-            }
-            let s = sh.scope(scope_slot);
-            if s.tag.is(db_owner, scope_id) {
-                s.tag.clear();
-            }
+        if let (true, false, Some((key_slot, scope_slot))) = (committed, undone.get(), slots) {
+            registry::release(sh, db_owner, Some((key_slot, key_id)), Some((scope_slot, scope_id)));
         }
     });
     let pool_id = cfg.pool_by_name(&pool_name).map(|p| p.id);

@@ -67,11 +67,11 @@ fn reload(sh: &Shared, generation: u64) -> Rc<Config> {
 /// Reloads with the configuration as this transaction sees it (its own changes included) and
 /// refuses with 53400 when it does not fit in shared memory: for the functions that add keys
 /// and pools, so that the one who adds learns it, and nobody's next reservation does.
-/// Without the preloaded library there is no shared memory to fit into, and nothing is checked
-/// (`None`).
-pub fn refuse_unless_it_fits() -> Option<Rc<Config>> {
+/// `keys` and `scopes` are the rows the transaction adds. Without the preloaded library there is
+/// no shared memory to fit into, and nothing is checked (`None`).
+pub fn refuse_unless_it_fits(keys: &[i64], scopes: &[i64]) -> Option<Rc<Config>> {
     let sh = shmem::try_shared()?;
-    let cfg = Rc::new(load(sh, sh.config_generation(), Fit::Strict));
+    let cfg = Rc::new(load(sh, sh.config_generation(), Fit::Strict { keys, scopes }));
     CACHE.with_borrow_mut(|c| *c = Some(cfg.clone()));
     Some(cfg)
 }
@@ -96,7 +96,7 @@ fn end_of_change() {
     }
 }
 
-fn load(sh: &Shared, generation: u64, fit: Fit) -> Config {
+fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
     let extension_owner = extension_owner();
     let now = clock::now_ms();
     privilege::as_owner(extension_owner, || {

@@ -97,6 +97,25 @@ impl Slot for PoolSlot {
     }
 }
 
+/// Gives the slots of a key and of its account back at once, if they are still bound to those
+/// rows: the rows are gone (a user's own key removed, an add rolled back), so nothing in the
+/// slots matters. Under the registry lock, so that no slot re-bound meanwhile is cleared.
+pub fn release(sh: &Shared, owner: Owner, key: Option<(u32, i64)>, scope: Option<(u32, i64)>) {
+    let _registry = sh.header.registry.exclusive();
+    if let Some((slot, id)) = key {
+        let k = sh.key(slot);
+        if k.tag.is(owner, id) {
+            k.tag.clear();
+        }
+    }
+    if let Some((slot, id)) = scope {
+        let s = sh.scope(slot);
+        if s.tag.is(owner, id) {
+            s.tag.clear();
+        }
+    }
+}
+
 /// How long a slot stays bound after the last backend that wanted it bound or confirmed it.
 const RECLAIM_GRACE_MS: i64 = 10_000;
 
@@ -118,11 +137,12 @@ pub struct Wanted<'a> {
 }
 
 /// What to do with rows that do not fit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fit {
-    /// Refuse (53400) before binding anything: the transaction that adds a key or a pool learns
-    /// that its configuration does not fit, and nobody else ever does.
-    Strict,
+#[derive(Clone, Copy, Debug)]
+pub enum Fit<'a> {
+    /// Refuse (53400) before binding anything when one of these rows (the key and account a
+    /// transaction adds) does not fit: the one who adds learns that the configuration does not
+    /// fit, and nobody else ever does. Other rows are bound as [`Fit::Lenient`] binds them.
+    Strict { keys: &'a [i64], scopes: &'a [i64] },
     /// Bind what fits, shared keys' rows before users' own; leave the rest out. Every backend's
     /// reload binds this way, so that a configuration that cannot fit (another database filled
     /// the slots, the server restarted with smaller settings) never fails anyone's reservation.
@@ -139,31 +159,35 @@ pub fn bind(
     wanted: Wanted<'_>,
     live_databases: &HashSet<u32>,
     now_ms: i64,
-    fit: Fit,
+    fit: Fit<'_>,
 ) -> Bindings {
     let _registry = sh.header.registry.exclusive();
     let dead =
         |o: Owner| !live_databases.contains(&o.dboid) || (o.dboid == owner.dboid && o.instance != owner.instance);
     let share = crate::settings::OWNED_KEY_SHARE.get().clamp(0.0, 1.0);
     let pools: Vec<(i64, bool)> = wanted.pools.iter().map(|&id| (id, false)).collect();
+    let (keys, scopes): (Option<&[i64]>, Option<&[i64]>) = match fit {
+        Fit::Strict { keys, scopes } => (Some(keys), Some(scopes)),
+        Fit::Lenient => (None, None),
+    };
     Bindings {
         scopes: bind_kind(
             sh.scopes,
-            Kind::new(owner, "scopes", "pg_keypool.max_scopes", fit, share),
+            Kind::new(owner, "scopes", "pg_keypool.max_scopes", scopes, share),
             wanted.scopes,
             &dead,
             now_ms,
         ),
         keys: bind_kind(
             sh.keys,
-            Kind::new(owner, "keys", "pg_keypool.max_keys", fit, share),
+            Kind::new(owner, "keys", "pg_keypool.max_keys", keys, share),
             wanted.keys,
             &dead,
             now_ms,
         ),
         pools: bind_kind(
             sh.pools,
-            Kind::new(owner, "pools", "pg_keypool.max_pools", Fit::Strict, share),
+            Kind::new(owner, "pools", "pg_keypool.max_pools", Some(wanted.pools), share),
             &pools,
             &dead,
             now_ms,
@@ -172,29 +196,40 @@ pub fn bind(
 }
 
 /// One kind of slot being bound, and how.
-struct Kind {
+struct Kind<'a> {
     owner: Owner,
     what: &'static str,
     setting: &'static str,
-    fit: Fit,
+    /// The rows that must fit (refused with 53400 otherwise), if any must.
+    required: Option<&'a [i64]>,
     owned_share: f64,
 }
 
-impl Kind {
-    fn new(owner: Owner, what: &'static str, setting: &'static str, fit: Fit, owned_share: f64) -> Kind {
+impl<'a> Kind<'a> {
+    fn new(
+        owner: Owner,
+        what: &'static str,
+        setting: &'static str,
+        required: Option<&'a [i64]>,
+        owned_share: f64,
+    ) -> Kind<'a> {
         Kind {
             owner,
             what,
             setting,
-            fit,
+            required,
             owned_share,
         }
+    }
+
+    fn requires(&self, id: i64) -> bool {
+        self.required.is_some_and(|r| r.contains(&id))
     }
 }
 
 fn bind_kind<S: Slot>(
     slots: &[S],
-    kind: Kind,
+    kind: Kind<'_>,
     wanted: &[(i64, bool)],
     dead: &dyn Fn(Owner) -> bool,
     now_ms: i64,
@@ -238,17 +273,18 @@ fn bind_kind<S: Slot>(
             owned_in_use += 1;
         }
     }
-    // Shared keys' rows first, then users' own, each oldest first.
+    // The rows that must fit first, then shared keys' rows, then users' own, each oldest first.
     let mut missing: Vec<(i64, bool)> = wanted
         .iter()
         .copied()
         .filter(|(id, _)| !bound.contains_key(id))
         .collect();
-    missing.sort_unstable_by_key(|&(id, owned)| (owned, id));
+    missing.sort_unstable_by_key(|&(id, owned)| (!kind.requires(id), owned, id));
     let owned_cap = (kind.owned_share * slots.len() as f64).floor() as usize;
-    let owned_missing = missing.iter().filter(|m| m.1).count();
-    if kind.fit == Fit::Strict {
-        if missing.len() > free.len() {
+    let needed: Vec<(i64, bool)> = missing.iter().copied().filter(|(id, _)| kind.requires(*id)).collect();
+    let owned_missing = needed.iter().filter(|m| m.1).count();
+    if !needed.is_empty() {
+        if needed.len() > free.len() {
             errors::error(
                 Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
                 format!("too many {} for pg_keypool's shared memory", kind.what),
@@ -257,7 +293,7 @@ fn bind_kind<S: Slot>(
                 "{} {} are configured in this database and {} more slots are needed, but only {} are free ({} = {}).",
                 wanted.len(),
                 kind.what,
-                missing.len(),
+                needed.len(),
                 free.len(),
                 kind.setting,
                 slots.len()

@@ -226,13 +226,11 @@ impl Mock {
             }
         }
         let mut faults = self.faults.lock().ok()?;
-        let i = faults
-            .iter()
-            .position(|f| {
-                f.remaining != Some(0)
-                    && (f.matches == "*" || secret.contains(&f.matches))
-                    && f.path.as_deref().is_none_or(|p| path.contains(p))
-            })?;
+        let i = faults.iter().position(|f| {
+            f.remaining != Some(0)
+                && (f.matches == "*" || secret.contains(&f.matches))
+                && f.path.as_deref().is_none_or(|p| path.contains(p))
+        })?;
         let f = &mut faults[i];
         if let Some(n) = f.remaining.as_mut() {
             *n -= 1;

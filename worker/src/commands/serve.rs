@@ -128,6 +128,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         endpoint.max_body = args.max_body;
         endpoint.idle_timeout = args.idle_timeout;
         endpoint.body_timeout = args.body_timeout;
+        endpoint.key_adds_per_minute = args.key_adds_per_minute;
         let endpoint = Arc::new(
             endpoint
                 .with_max_in_flight(args.max_in_flight)

@@ -178,12 +178,15 @@ pub enum Failure {
         key_label: String,
         attempts: u32,
     },
-    /// Every attempt failed on the provider side, or the deadline passed.
+    /// Every attempt failed on the provider side, or the deadline passed. `last` is for the
+    /// log and the admin API (keys, providers' messages); `reason`, when set, the worker's own
+    /// reason that the caller may be told (a limit of its own, such as KEYPOOL_MAX_RESPONSE).
     Exhausted {
         last: String,
         attempts: u32,
         retry_after_ms: Option<i64>,
         timed_out: bool,
+        reason: Option<String>,
     },
     Database(DbError),
 }
@@ -536,6 +539,7 @@ impl Gateway {
                     attempts,
                     retry_after_ms: None,
                     timed_out: true,
+                    reason: None,
                 });
             }
             let grant = match self
@@ -640,11 +644,14 @@ impl Gateway {
             .and_then(Result::ok)
             .unwrap_or_default();
             let error = providers::read_error(&key, status, &headers, &body);
-            held.disarm();
+            // Still armed while the key may be checked: a caller that goes away meanwhile
+            // leaves no reservation open.
+            held.usage = Usage::default();
             let outcome = self
                 .settle_error(grant.reservation_id, &key, status, &error)
                 .await
                 .map_err(|e| Failure::from_db(e, plan.pool))?;
+            held.disarm();
             self.metrics.provider_call(&served_pool, &key.provider, &outcome, took);
             if !worth_another_key(&outcome) {
                 return Err(Failure::Provider {
@@ -725,6 +732,7 @@ impl Gateway {
                     attempts: served.attempts,
                     retry_after_ms: None,
                     timed_out: false,
+                    reason: Some(why),
                 });
             }
         };
@@ -744,6 +752,7 @@ impl Gateway {
             attempts: served.attempts,
             retry_after_ms: None,
             timed_out: false,
+            reason: Some("the provider's answer could not be read".into()),
         })?;
         self.stats.served.fetch_add(1, Ordering::Relaxed);
         info!(user = ?plan.user, pool = ?plan.pool, key_id = key.id, key = %key.label, provider = %key.provider,
@@ -793,7 +802,9 @@ impl Gateway {
                     self.key_checks.accepted(key.id);
                     false
                 }
-                Ok(Ok(validate::Verdict::Rejected { .. })) => true,
+                // A 403 to the model list is a key without that permission (a restricted
+                // key), not a bad one.
+                Ok(Ok(validate::Verdict::Rejected { status, .. })) => status != 403,
                 // No clear verdict on the key itself: it keeps serving.
                 _ => false,
             }
@@ -1007,6 +1018,7 @@ fn exhausted(last: Option<(String, Option<i64>)>, attempts: u32) -> Failure {
         attempts,
         retry_after_ms,
         timed_out: false,
+        reason: None,
     }
 }
 

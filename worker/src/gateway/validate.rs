@@ -15,7 +15,12 @@ use keypool_mask::mask;
 #[derive(Debug)]
 pub enum Verdict {
     Accepted(String),
-    Rejected { outcome: String, reason: String },
+    Rejected {
+        outcome: String,
+        reason: String,
+        /// The HTTP status the check got.
+        status: u16,
+    },
     Unknown(String),
     NotCheckable(&'static str),
 }
@@ -74,7 +79,11 @@ pub async fn check(http: &reqwest::Client, db: &Db, key: &KeyRef) -> Result<Verd
         error.message.chars().take(160).collect::<String>()
     );
     Ok(match outcome.as_str() {
-        "key_invalid" => Verdict::Rejected { outcome, reason },
+        "key_invalid" => Verdict::Rejected {
+            outcome,
+            reason,
+            status,
+        },
         // The key works; its account is busy or out of today's quota.
         "rate_limited" | "daily_quota" => Verdict::Accepted(format!("valid, but {outcome}: {reason}")),
         _ => Verdict::Unknown(format!("{outcome}: {reason}")),
@@ -226,7 +235,7 @@ pub async fn run(args: ValidateArgs) -> anyhow::Result<ExitCode> {
 pub fn describe(v: &Verdict) -> String {
     match v {
         Verdict::Accepted(how) => format!("accepted ({how})"),
-        Verdict::Rejected { outcome, reason } => format!("rejected: {outcome} ({reason})"),
+        Verdict::Rejected { outcome, reason, .. } => format!("rejected: {outcome} ({reason})"),
         Verdict::Unknown(why) => format!("not known: {why}"),
         Verdict::NotCheckable(why) => format!("cannot be checked: {why}"),
     }

@@ -39,13 +39,15 @@ async fn with_principal(ep: &Endpoint, admin_ok: bool, mut request: Request, nex
         Ok(p) => p,
         Err(r) => return r,
     };
-    let caller = match principal.caller().map(|c| admit_caller(ep, c)) {
-        Some(Ok(p)) => Some(p),
-        Some(Err(r)) => return r,
-        None => None,
-    };
+    let mut callers = Vec::new();
+    for c in principal.callers() {
+        match admit_caller(ep, c) {
+            Ok(p) => callers.push(p),
+            Err(r) => return r,
+        }
+    }
     request.extensions_mut().insert(principal);
-    holding(next.run(request).await, (global, caller))
+    holding(next.run(request).await, (global, callers))
 }
 
 /// One of the KEYPOOL_MAX_IN_FLIGHT slots, or 503 at once.
@@ -97,7 +99,29 @@ fn open_request_allowed(headers: &HeaderMap, method: &Method) -> Result<(), Resp
             "forbidden_host",
         ));
     }
-    let has_body = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    // A browser says where a request comes from: another site's page (an <img>, a form, a
+    // fetch) is refused whatever the method.
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("cross-site"));
+    let foreign_origin = headers.get("origin").is_some_and(|o| {
+        let o = o.to_str().unwrap_or("");
+        let host = o.split("://").nth(1).unwrap_or("");
+        let name = match host.strip_prefix('[') {
+            Some(rest) => rest.split(']').next().unwrap_or(""),
+            None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+        };
+        !matches!(name.to_ascii_lowercase().as_str(), "localhost" | "127.0.0.1" | "::1")
+    });
+    if cross_site || foreign_origin || *method == Method::OPTIONS {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "without a token (--insecure-no-auth) the worker serves no request from another site's page",
+            "forbidden_origin",
+        ));
+    }
+    let has_body = !matches!(*method, Method::GET | Method::HEAD);
     let json = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())

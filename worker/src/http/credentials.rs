@@ -91,13 +91,16 @@ impl Principal {
         }
     }
 
-    /// Who counts against KEYPOOL_MAX_IN_FLIGHT_PER_CALLER before the request's user is known:
-    /// a token bound to a user (its id). Other callers are counted by the user a request acts
-    /// as, once the body said it.
-    pub fn caller(&self) -> Option<String> {
+    /// Who counts against KEYPOOL_MAX_IN_FLIGHT_PER_CALLER before the request's body is read:
+    /// a token bound to a user, as that token and as that user (one user may hold several
+    /// tokens). Other callers are counted by the user a request acts as, once the body said it.
+    pub fn callers(&self) -> Vec<String> {
         match self {
-            Principal::Token(t) if t.user.is_some() => Some(format!("token {}", t.id)),
-            _ => None,
+            Principal::Token(t) => match &t.user {
+                Some(u) => vec![format!("token {}", t.id), format!("user {u}")],
+                None => Vec::new(),
+            },
+            _ => Vec::new(),
         }
     }
 
@@ -186,7 +189,9 @@ pub struct TokenCache {
     invalid: RwLock<Answers>,
     known_lookups: Semaphore,
     unknown_lookups: Semaphore,
-    waiting: AtomicUsize,
+    /// Lookups waiting for a turn, for known and for unknown tokens apart.
+    known_waiting: AtomicUsize,
+    unknown_waiting: AtomicUsize,
 }
 
 impl Default for TokenCache {
@@ -196,7 +201,8 @@ impl Default for TokenCache {
             invalid: RwLock::new(Answers::new()),
             known_lookups: Semaphore::new(CONCURRENT_LOOKUPS),
             unknown_lookups: Semaphore::new(CONCURRENT_LOOKUPS),
-            waiting: AtomicUsize::new(0),
+            known_waiting: AtomicUsize::new(0),
+            unknown_waiting: AtomicUsize::new(0),
         }
     }
 }
@@ -259,17 +265,17 @@ impl TokenCache {
             return Ok(None);
         }
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let turns = match self.known(&key) {
+        let (turns, waiting) = match self.known(&key) {
             Known::Fresh(g) => return Ok(g),
-            Known::WasValid => &self.known_lookups,
-            Known::Unknown => &self.unknown_lookups,
+            Known::WasValid => (&self.known_lookups, &self.known_waiting),
+            Known::Unknown => (&self.unknown_lookups, &self.unknown_waiting),
         };
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_LOOKUPS {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        if waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING_LOOKUPS {
+            waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(LookupError::Busy);
         }
         let permit = turns.acquire().await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        waiting.fetch_sub(1, Ordering::AcqRel);
         let _permit = permit.map_err(|_| {
             LookupError::Database(DbError {
                 sqlstate: None,

@@ -51,6 +51,10 @@ pub struct Endpoint {
     pub(crate) models: RwLock<Option<(Instant, PoolModels)>>,
     /// Held while the list is read, so that concurrent misses share one query.
     pub(crate) models_refresh: tokio::sync::Mutex<()>,
+    /// Own keys each user tried to add in the current minute (`POST /v1/keys`), and how many
+    /// they may (KEYPOOL_KEY_ADDS_PER_MINUTE).
+    pub(crate) key_adds: Mutex<HashMap<String, (Instant, u32)>>,
+    pub key_adds_per_minute: u32,
     /// The database part of the last /metrics answer, and when it was read.
     pub(crate) metrics_cache: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
@@ -65,7 +69,29 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CALLER: usize = 64;
 
+/// Own keys one user may try to add per minute by default (KEYPOOL_KEY_ADDS_PER_MINUTE): each
+/// attempt asks the database (a dry run that every backend's configuration follows) and the
+/// provider twice.
+pub const DEFAULT_KEY_ADDS_PER_MINUTE: u32 = 10;
+
 impl Endpoint {
+    /// Whether `user` may try to add another own key now; when not, how long until they may.
+    pub(crate) fn may_add_key(&self, user: &str) -> Result<(), Duration> {
+        let mut adds = self.key_adds.lock().unwrap_or_else(|p| p.into_inner());
+        if adds.len() > 10_000 {
+            adds.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(60));
+        }
+        let entry = adds.entry(user.to_string()).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= Duration::from_secs(60) {
+            *entry = (Instant::now(), 0);
+        }
+        if entry.1 >= self.key_adds_per_minute {
+            return Err(Duration::from_secs(60).saturating_sub(entry.0.elapsed()));
+        }
+        entry.1 += 1;
+        Ok(())
+    }
+
     /// Sets KEYPOOL_MAX_IN_FLIGHT.
     pub fn with_max_in_flight(mut self, n: usize) -> Endpoint {
         self.max_in_flight = n;
@@ -108,6 +134,8 @@ impl Endpoint {
             token_cache: TokenCache::default(),
             models: RwLock::new(None),
             models_refresh: tokio::sync::Mutex::new(()),
+            key_adds: Mutex::new(HashMap::new()),
+            key_adds_per_minute: DEFAULT_KEY_ADDS_PER_MINUTE,
             metrics_cache: tokio::sync::Mutex::new(None),
         }
     }

@@ -365,6 +365,20 @@ async fn add_own_key(
 ) -> Response {
     admin(ep, |ep| async move {
         let user = token_user(&principal)?;
+        if let Err(wait) = ep.may_add_key(&user) {
+            let mut r = problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "at most {} own keys may be tried per minute (KEYPOOL_KEY_ADDS_PER_MINUTE)",
+                    ep.key_adds_per_minute
+                ),
+                "too_many_key_additions",
+            );
+            if let Ok(v) = axum::http::HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+                r.headers_mut().insert("retry-after", v);
+            }
+            return Err(r);
+        }
         let b: OwnKeyBody = secret_body(
             &body,
             r#"{"pool": "...", "provider": "...", "secret": "...", "model"?}"#,

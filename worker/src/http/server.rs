@@ -468,8 +468,13 @@ pub fn failure_response(pool: &str, f: Failure) -> Response {
             attempts,
             retry_after_ms,
             timed_out,
+            reason,
         } => {
-            let message = format!("no key of pool \"{pool}\" could serve the request after {attempts} attempts");
+            let mut message = format!("no key of pool \"{pool}\" could serve the request after {attempts} attempts");
+            if let Some(r) = reason {
+                message.push_str(": ");
+                message.push_str(&r);
+            }
             let mut resp = match (retry_after_ms, timed_out) {
                 (Some(_), _) => error(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -615,7 +620,7 @@ async fn routed<R: RoutedRequest>(
 /// Callers that are not a user-bound token count against their limit by the user a request
 /// acts as (the token was admitted already).
 fn admit_user(ep: &Endpoint, principal: &Principal, user: &str) -> Result<Option<CallerPermit>, Response> {
-    if principal.caller().is_some() {
+    if !principal.callers().is_empty() {
         return Ok(None);
     }
     auth::admit_caller(ep, format!("user {user}")).map(Some)

@@ -8,6 +8,7 @@ use std::fmt;
 use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::protocol::json::{Capped, Object};
@@ -44,6 +45,8 @@ impl WireUsage {
 pub const MAX_MESSAGES: usize = 10_000;
 /// Content parts one message may carry.
 pub const MAX_PARTS: usize = 1_000;
+/// Content parts one request may carry in all.
+pub const MAX_PARTS_IN_ALL: usize = 10_000;
 /// Stop sequences one request may carry.
 pub const MAX_STOP: usize = 64;
 /// Choices one request may ask for (OpenAI's `n` goes up to 128).
@@ -83,9 +86,21 @@ impl ChatRequest {
         if sizes.0.is_empty() {
             return Err("`messages` must not be empty".into());
         }
+        let parts: usize = sizes.0.iter().map(|m| m.parts).sum();
+        if parts > MAX_PARTS_IN_ALL {
+            return Err(format!(
+                "`messages` hold {parts} content parts; at most {MAX_PARTS_IN_ALL} are allowed in one request"
+            ));
+        }
+        // Tools and schemas are input the provider bills as well.
+        let described: usize = ["tools", "functions", "response_format"]
+            .iter()
+            .filter_map(|m| body.get(m))
+            .map(str::len)
+            .sum();
         let prompt = PromptSize {
             messages: sizes.0.len(),
-            chars: sizes.0.iter().map(|m| m.chars).sum(),
+            chars: sizes.0.iter().map(|m| m.chars).sum::<usize>() + described,
         };
         let model: Option<String> = body
             .value("model")
@@ -95,6 +110,10 @@ impl ChatRequest {
             .value("stream")
             .map_err(|_| "`stream` must be true or false".to_string())?;
         let options: Option<StreamOptions> = body.value("stream_options")?;
+        if body.has("max_tokens") && body.has("max_completion_tokens") {
+            // A provider might read either: the hold must cover the one it reads.
+            return Err("set either `max_completion_tokens` or `max_tokens`, not both".into());
+        }
         let mut max_tokens = None;
         for field in ["max_completion_tokens", "max_tokens"] {
             let v: Option<u64> = body
@@ -410,10 +429,17 @@ impl<'de> Deserialize<'de> for ImageUrl<'de> {
 }
 
 /// What one message weighs, read without keeping it: it must be an object with a string
-/// `role`; its characters are those of its text (`content`, or its parts' `text`).
+/// `role`; its weight is the characters of its text (`content`, or its parts' `text`), the JSON
+/// of its tool calls, and [`CHARS_PER_MEDIA_PART`] for each part that is not text.
+#[derive(Default)]
 struct MessageSize {
     chars: usize,
+    parts: usize,
 }
+
+/// What an image, audio or file part is counted as, in characters: about 1,500 tokens, more
+/// than OpenAI, Anthropic or Gemini charge for a typical image.
+pub const CHARS_PER_MEDIA_PART: usize = 6_000;
 
 impl<'de> Deserialize<'de> for MessageSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -424,14 +450,22 @@ impl<'de> Deserialize<'de> for MessageSize {
                 f.write_str("a message object with a `role`")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let (mut role, mut chars) = (false, 0);
+                let (mut role, mut size) = (false, MessageSize::default());
                 while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
                     match key.as_ref() {
                         "role" => {
                             map.next_value::<Text<'de>>()?;
                             role = true;
                         }
-                        "content" => chars = map.next_value::<Chars>()?.0,
+                        "content" => {
+                            let c = map.next_value::<Chars>()?;
+                            size.chars += c.chars;
+                            size.parts += c.parts;
+                        }
+                        // What the model reads back of its own tool calls is billed as input.
+                        "tool_calls" | "function_call" => {
+                            size.chars += map.next_value::<&'de RawValue>()?.get().len();
+                        }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -440,15 +474,18 @@ impl<'de> Deserialize<'de> for MessageSize {
                 if !role {
                     return Err(de::Error::custom("a message has no `role`"));
                 }
-                Ok(MessageSize { chars })
+                Ok(size)
             }
         }
         d.deserialize_map(V)
     }
 }
 
-/// The characters of text in a `content` (a string, parts, or a part's fields).
-struct Chars(usize);
+/// The weight of a `content` (a string, or parts) and how many parts it has.
+struct Chars {
+    chars: usize,
+    parts: usize,
+}
 
 impl<'de> Deserialize<'de> for Chars {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -459,27 +496,31 @@ impl<'de> Deserialize<'de> for Chars {
                 f.write_str("`content` as a string or an array of parts")
             }
             fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(Chars(0))
+                Ok(Chars { chars: 0, parts: 0 })
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Chars(v.chars().count()))
+                Ok(Chars {
+                    chars: v.chars().count(),
+                    parts: 0,
+                })
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let (mut n, mut parts) = (0, 0usize);
+                let (mut chars, mut parts) = (0, 0usize);
                 while let Some(PartChars(c)) = seq.next_element::<PartChars>()? {
                     parts += 1;
                     if parts > MAX_PARTS {
                         return Err(de::Error::custom(format!("a message has more than {MAX_PARTS} parts")));
                     }
-                    n += c;
+                    chars += c;
                 }
-                Ok(Chars(n))
+                Ok(Chars { chars, parts })
             }
         }
         d.deserialize_any(V)
     }
 }
 
+/// The weight of one content part: its text, or [`CHARS_PER_MEDIA_PART`] for any other part.
 struct PartChars(usize);
 
 impl<'de> Deserialize<'de> for PartChars {
@@ -491,15 +532,17 @@ impl<'de> Deserialize<'de> for PartChars {
                 f.write_str("a content part object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut n = 0;
+                let (mut text, mut media) = (0, false);
                 while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
-                    if key == "text" {
-                        n = map.next_value::<Text<'de>>()?.0.chars().count();
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
+                    match key.as_ref() {
+                        "text" => text = map.next_value::<Text<'de>>()?.0.chars().count(),
+                        "type" => media = map.next_value::<Text<'de>>()?.0 != "text",
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
                     }
                 }
-                Ok(PartChars(n))
+                Ok(PartChars(if media { CHARS_PER_MEDIA_PART } else { text }))
             }
         }
         d.deserialize_map(V)
@@ -822,6 +865,43 @@ mod tests {
         assert!(chat(br#"{"messages":[{"role":"user"}],"n":129}"#).is_err());
         let no_max = chat(br#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
         assert_eq!(no_max.estimate_tokens(256), 1 + 4 + 256);
+    }
+
+    #[test]
+    fn the_estimate_counts_what_the_provider_bills() {
+        let plain = chat(br#"{"messages":[{"role":"user","content":"abcd"}]}"#).unwrap();
+        let with_image = chat(
+            br#"{"messages":[{"role":"user","content":[{"type":"text","text":"abcd"},{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            with_image.estimate_prompt_tokens() - plain.estimate_prompt_tokens(),
+            (CHARS_PER_MEDIA_PART / 4) as i64
+        );
+        let tools = format!(
+            r#"{{"messages":[{{"role":"user","content":"abcd"}}],"tools":[{{"type":"function","function":{{"name":"f","description":"{}"}}}}]}}"#,
+            "d".repeat(4000)
+        );
+        assert!(chat(tools.as_bytes()).unwrap().estimate_prompt_tokens() > 1000);
+        let calls = chat(br#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{\"q\":\"0123456789012345678901234567890123456789\"}"}}]}]}"#).unwrap();
+        assert!(
+            calls.estimate_prompt_tokens() > 20,
+            "{}",
+            calls.estimate_prompt_tokens()
+        );
+        // Both output caps: refused, a provider might read either.
+        assert!(
+            chat(br#"{"messages":[{"role":"user"}],"max_tokens":5,"max_completion_tokens":1}"#)
+                .unwrap_err()
+                .contains("not both")
+        );
+        // Parts are capped per request too.
+        let message = format!(
+            r#"{{"role":"user","content":[{}]}}"#,
+            vec![r#"{"type":"text"}"#; 1000].join(",")
+        );
+        let many = format!(r#"{{"messages":[{}]}}"#, vec![message.as_str(); 11].join(","));
+        assert!(chat(many.as_bytes()).unwrap_err().contains("in one request"));
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub struct Event {
 #[derive(Default)]
 pub struct Parser {
     buf: BytesMut,
+    /// How much of `buf` holds no event end: scanning goes on from there (a long event that
+    /// arrives in many chunks is scanned once, not once per chunk).
+    scanned: usize,
 }
 
 /// Longest event accepted; a provider that sends more without a blank line is broken.
@@ -26,12 +29,15 @@ impl Parser {
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<Event>, String> {
         self.buf.extend_from_slice(chunk);
         let mut events = Vec::new();
-        while let Some(end) = event_end(&self.buf) {
+        // An event end is at most three bytes long: look again at the last two already seen.
+        while let Some(end) = event_end(&self.buf, self.scanned.saturating_sub(2)) {
             let raw = self.buf.split_to(end).freeze();
+            self.scanned = 0;
             if let Some(e) = parse(raw) {
                 events.push(e);
             }
         }
+        self.scanned = self.buf.len();
         if self.buf.len() > MAX_EVENT {
             return Err(format!("an event longer than {MAX_EVENT} bytes"));
         }
@@ -47,9 +53,9 @@ impl Parser {
     }
 }
 
-/// The index just past the blank line that ends the first complete event.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
+/// The index just past the blank line that ends the first complete event, looking from `from`.
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
     while i < buf.len() {
         if buf[i] == b'\n' {
             // "\n\n" or "\n\r\n"

@@ -68,7 +68,9 @@ pub fn proxy_request(
 pub fn under_base(path: &str) -> Result<String, String> {
     let mut out = Vec::new();
     for segment in path.trim_start_matches('/').split('/') {
-        if segment == "." || segment == ".." {
+        // Servers differ in what else separates (`\`) or ends (`;` parameters) a segment:
+        // a dot segment in any of those readings is refused too.
+        if segment.split(['\\', ';']).any(|p| p == "." || p == "..") {
             return Err("the path must not contain `.` or `..` segments".into());
         }
         out.push(path_segment(segment));
@@ -76,12 +78,12 @@ pub fn under_base(path: &str) -> Result<String, String> {
     Ok(out.join("/"))
 }
 
-/// Percent-encodes a path segment: RFC 3986's unreserved characters, sub-delimiters, `:` and
-/// `@` stay as they are.
+/// Percent-encodes a path segment: RFC 3986's unreserved characters, sub-delimiters but `;`,
+/// `:` and `@` stay as they are.
 fn path_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b) {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -160,7 +162,17 @@ mod tests {
         assert_eq!(r.headers()["x-api-key"], "serp key+1");
         // Nothing leaves the base URL's path, whatever the encoding (the router decoded it).
         let base = key("https://x.test/api/v1#header=X-API-KEY");
-        for bad in ["../../admin", "a/../../b", "./x", "a/..", ".."] {
+        for bad in [
+            "../../admin",
+            "a/../../b",
+            "./x",
+            "a/..",
+            "..",
+            "..;/admin",
+            "x/..;jsessionid=1/y",
+            "..\\admin",
+            "a\\..\\b",
+        ] {
             assert!(
                 proxy_request(&http, &base, reqwest::Method::GET, bad, None).is_err(),
                 "{bad}"
