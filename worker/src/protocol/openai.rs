@@ -900,7 +900,7 @@ mod tests {
             r#"{{"role":"user","content":[{}]}}"#,
             vec![r#"{"type":"text"}"#; 1000].join(",")
         );
-        let many = format!(r#"{{"messages":[{}]}}"#, vec![message.as_str(); 11].join(","));
+        let many = format!(r#"{{"messages":[{}]}}"#, [message.as_str(); 11].join(","));
         assert!(chat(many.as_bytes()).unwrap_err().contains("in one request"));
     }
 
