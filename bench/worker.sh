@@ -10,7 +10,8 @@
 # pool) instead of a service token from KEYPOOL_API_TOKENS, measured right after them: requests/s
 # within 10 % at every connection count, and p50 within 0.05 ms at one connection.
 #
-# Usage: bench/worker.sh    (BENCH_SECONDS=15 per measurement by default)
+# Usage: bench/worker.sh    (BENCH_SECONDS=15 per measurement by default; BENCH_WORKER=<binary>
+#        runs another build of the worker, e.g. an earlier commit's, for a before/after)
 . "$(dirname "$0")/../scripts/lib.sh"
 
 SECONDS_EACH="${BENCH_SECONDS:-15}"
@@ -25,7 +26,8 @@ fi
 install_extension release
 say "building keypool-worker (release)"
 (cd "$REPO" && cargo build --release -q -p keypool-worker)
-WORKER="$REPO/target/release/keypool-worker"
+# BENCH_WORKER=<binary> measures another build (say, an earlier commit's) against this database.
+WORKER="${BENCH_WORKER:-$REPO/target/release/keypool-worker}"
 
 cluster_start benchw "$PORT" "max_connections = 200" "pg_keypool.flush_interval = '1h'"
 dir="$(cluster_dir benchw)"

@@ -114,7 +114,13 @@ pub fn needs_key_check(status: i32, error_code: Option<&str>) -> bool {
 pub fn classify(status: i32, error_code: Option<&str>) -> Outcome {
     let code = error_code.map(|c| c.trim().to_ascii_lowercase()).unwrap_or_default();
     if let Some(code) = code.strip_prefix(KEY_UNCHECKED) {
-        return classify(status, Some(code).filter(|c| !c.is_empty()));
+        return match classify(status, Some(code).filter(|c| !c.is_empty())) {
+            // Gemini's FAILED_PRECONDITION also answers requests that ask for what the model
+            // or project does not allow: about the request as much as the account, so the
+            // account only cools (a billing code of the account itself still disables it).
+            Outcome::Billing if code == "failed_precondition" => Outcome::RateLimited,
+            outcome => outcome,
+        };
     }
     if let Some(code) = code.strip_prefix(KEY_CHECKED) {
         return match classify(status, Some(code).filter(|c| !c.is_empty())) {
@@ -236,6 +242,9 @@ mod tests {
             (403, Some("checked:"), Other),
             (429, Some("checked:rate_limit_exceeded"), RateLimited),
             (429, Some("checked:insufficient_quota"), Billing),
+            (429, Some("unchecked:insufficient_quota"), Billing),
+            (400, Some("unchecked:FAILED_PRECONDITION"), RateLimited),
+            (400, Some("FAILED_PRECONDITION"), Billing),
             (503, Some("proxy:"), ServerError),
             (200, Some("proxy:"), Success),
             (404, Some("proxy:not_found"), CallerError),

@@ -410,18 +410,29 @@ impl Gateway {
         let default_max_tokens = self.settings.default_max_tokens;
         // Under a budget the output is capped at what the reservation holds.
         let cap = job.request.max_tokens().is_none().then_some(default_max_tokens as u64);
+        // Bodies built so far, by what they depend on: attempts on like keys share one.
+        let bodies: std::sync::Mutex<Vec<(providers::BodyShape, Bytes)>> = Default::default();
         let result = self
             .attempts(
                 &plan,
                 |key, budgeted| {
-                    providers::chat_request(
-                        &self.http,
-                        key,
-                        &job.request,
-                        job.stream,
-                        default_max_tokens,
-                        cap.filter(|_| budgeted),
-                    )
+                    let cap = cap.filter(|_| budgeted);
+                    let shape = providers::BodyShape::of(key, cap);
+                    let known = bodies
+                        .lock()
+                        .ok()
+                        .and_then(|b| b.iter().find(|(s, _)| *s == shape).map(|(_, body)| body.clone()));
+                    let body = match known {
+                        Some(body) => body,
+                        None => {
+                            let body = providers::chat_body(key, &job.request, job.stream, default_max_tokens, cap)?;
+                            if let Ok(mut b) = bodies.lock() {
+                                b.push((shape, body.clone()));
+                            }
+                            body
+                        }
+                    };
+                    providers::chat_request(&self.http, key, &job.request, job.stream, body)
                 },
                 |accepted| self.chat_answer(&plan, &job, accepted),
             )

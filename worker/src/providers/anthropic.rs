@@ -67,22 +67,24 @@ pub fn body(req: &ChatRequest, model: &str, stream: bool, default_max_tokens: u3
     Ok(Value::Object(out))
 }
 
-pub fn chat_request(
-    http: &reqwest::Client,
-    key: &KeyRef,
-    req: &ChatRequest,
-    stream: bool,
-    default_max_tokens: u32,
-) -> Result<reqwest::RequestBuilder, String> {
+/// The request body in Anthropic's shape for `key`'s model, as JSON bytes.
+pub fn chat_body(key: &KeyRef, req: &ChatRequest, stream: bool, default_max_tokens: u32) -> Result<Bytes, String> {
     let model = key
         .model_for(req.model())
         .ok_or_else(|| format!("Anthropic key {} has no model and the request names none", key.id))?;
+    serde_json::to_vec(&body(req, model, stream, default_max_tokens)?)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
+}
+
+/// `POST {base}/v1/messages` with `body`.
+pub fn chat_request(http: &reqwest::Client, key: &KeyRef, body: Bytes) -> reqwest::RequestBuilder {
     let base = key.base_url.trim_end_matches('/');
-    Ok(http
-        .post(format!("{base}/v1/messages"))
+    http.post(format!("{base}/v1/messages"))
         .header("x-api-key", &key.secret)
         .header("anthropic-version", VERSION)
-        .json(&body(req, model, stream, default_max_tokens)?))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
 }
 
 pub fn list_models_request(http: &reqwest::Client, key: &KeyRef) -> reqwest::RequestBuilder {

@@ -85,12 +85,20 @@ pub fn body(req: &ChatRequest, output_cap: Option<u64>) -> Result<Value, String>
     Ok(Value::Object(out))
 }
 
+/// The request body in Gemini's shape, as JSON bytes.
+pub fn chat_body(req: &ChatRequest, output_cap: Option<u64>) -> Result<Bytes, String> {
+    serde_json::to_vec(&body(req, output_cap)?)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
+}
+
+/// `models/{model}:generateContent` (or `:streamGenerateContent?alt=sse`) with `body`.
 pub fn chat_request(
     http: &reqwest::Client,
     key: &KeyRef,
     req: &ChatRequest,
     stream: bool,
-    output_cap: Option<u64>,
+    body: Bytes,
 ) -> Result<reqwest::RequestBuilder, String> {
     let model = model_path(key, req.model())?;
     let base = key.base_url.trim_end_matches('/');
@@ -102,7 +110,8 @@ pub fn chat_request(
     Ok(http
         .post(url)
         .header("x-goog-api-key", &key.secret)
-        .json(&body(req, output_cap)?))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body))
 }
 
 /// `models/{model}:batchEmbedContents`, one request per input text.
@@ -417,10 +426,16 @@ mod tests {
             br#"{"model":"../../_mock/reset?","messages":[{"role":"user","content":"x"}]}"#,
         ))
         .unwrap();
-        let built = chat_request(&reqwest::Client::new(), &key, &req, false, None)
-            .unwrap()
-            .build()
-            .unwrap();
+        let built = chat_request(
+            &reqwest::Client::new(),
+            &key,
+            &req,
+            false,
+            chat_body(&req, None).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
         assert_eq!(
             built.url().path(),
             "/v1beta/models/..%2F..%2F_mock%2Freset%3F:generateContent"

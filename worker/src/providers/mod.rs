@@ -84,21 +84,60 @@ pub struct ProviderError {
     pub message: String,
 }
 
-/// Builds the provider request for a chat call. `output_cap`, when given, is the most tokens
+/// What a chat call's body depends on besides the request: keys that agree on it share one
+/// body (built once for all the attempts of a request, not copied per attempt).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BodyShape {
+    wire: Wire,
+    provider: String,
+    model: Option<String>,
+    output_cap: Option<u64>,
+}
+
+impl BodyShape {
+    pub fn of(key: &KeyRef, output_cap: Option<u64>) -> BodyShape {
+        BodyShape {
+            wire: key.wire(),
+            provider: key.provider.clone(),
+            model: key.model.clone(),
+            output_cap,
+        }
+    }
+}
+
+/// The body of a chat call to `key`'s provider. `output_cap`, when given, is the most tokens
 /// each choice may generate, set on the request when the app set none (a spend budget holds
 /// only that much). The error is the caller's (HTTP 400).
-pub fn chat_request(
-    http: &reqwest::Client,
+pub fn chat_body(
     key: &KeyRef,
     req: &ChatRequest,
     stream: bool,
     default_max_tokens: u32,
     output_cap: Option<u64>,
+) -> Result<Bytes, String> {
+    match key.wire() {
+        Wire::OpenAi => Ok(openai_style::chat_body(key, req, stream, output_cap)),
+        Wire::Gemini => gemini::chat_body(req, output_cap),
+        Wire::Anthropic => anthropic::chat_body(key, req, stream, default_max_tokens),
+        Wire::Http => Err(format!(
+            "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
+            key.id, key.label
+        )),
+    }
+}
+
+/// The provider request for a chat call with `body` (from [`chat_body`]).
+pub fn chat_request(
+    http: &reqwest::Client,
+    key: &KeyRef,
+    req: &ChatRequest,
+    stream: bool,
+    body: Bytes,
 ) -> Result<reqwest::RequestBuilder, String> {
     match key.wire() {
-        Wire::OpenAi => Ok(openai_style::chat_request(http, key, req, stream, output_cap)),
-        Wire::Gemini => gemini::chat_request(http, key, req, stream, output_cap),
-        Wire::Anthropic => anthropic::chat_request(http, key, req, stream, default_max_tokens),
+        Wire::OpenAi => Ok(openai_style::chat_request(http, key, body)),
+        Wire::Gemini => gemini::chat_request(http, key, req, stream, body),
+        Wire::Anthropic => Ok(anthropic::chat_request(http, key, body)),
         Wire::Http => Err(format!(
             "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
             key.id, key.label

@@ -30,16 +30,10 @@ fn authorized(builder: reqwest::RequestBuilder, key: &KeyRef) -> reqwest::Reques
     }
 }
 
-/// `POST {base}/chat/completions` with the app's body as it arrived, changed only where the
-/// worker must: the key's model, the stream flags (and the final usage chunk a stream settles
-/// with), and the output cap a budget holds when the app set none.
-pub fn chat_request(
-    http: &reqwest::Client,
-    key: &KeyRef,
-    req: &ChatRequest,
-    stream: bool,
-    output_cap: Option<u64>,
-) -> reqwest::RequestBuilder {
+/// The app's body as it arrived, changed only where the worker must: the key's model, the
+/// stream flags (and the final usage chunk a stream settles with), and the output cap a budget
+/// holds when the app set none.
+pub fn chat_body(key: &KeyRef, req: &ChatRequest, stream: bool, output_cap: Option<u64>) -> Bytes {
     let model = key.model.as_ref().map(|m| Value::String(m.clone()).to_string());
     let options = req
         .body()
@@ -67,8 +61,13 @@ pub fn chat_request(
     if let Some(c) = &cap {
         changes.push((cap_field, Some(c)));
     }
+    Bytes::from(req.body().render(&changes))
+}
+
+/// `POST {base}/chat/completions` with `body`.
+pub fn chat_request(http: &reqwest::Client, key: &KeyRef, body: Bytes) -> reqwest::RequestBuilder {
     let url = format!("{}/chat/completions", api_base(key));
-    json_body(authorized(http.post(url), key), req.body().render(&changes))
+    json_body(authorized(http.post(url), key), body)
 }
 
 /// `POST {base}/embeddings` with the app's body (and the key's model, if it names one).
@@ -79,7 +78,7 @@ pub fn embeddings_request(http: &reqwest::Client, key: &KeyRef, req: &Embeddings
     json_body(authorized(http.post(url), key), req.body().render(&changes))
 }
 
-fn json_body(builder: reqwest::RequestBuilder, body: Vec<u8>) -> reqwest::RequestBuilder {
+fn json_body(builder: reqwest::RequestBuilder, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
     builder
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body)
@@ -273,7 +272,9 @@ mod tests {
             br#"{"model":"chat","messages":[{"role":"user","content":"hi"}],"stream_options":{"x":1},"future_field":[1,{}]}"#,
         ))
         .unwrap();
-        let built = chat_request(&http, &key, &req, true, Some(64)).build().unwrap();
+        let built = chat_request(&http, &key, chat_body(&key, &req, true, Some(64)))
+            .build()
+            .unwrap();
         assert_eq!(built.url().as_str(), "http://localhost:11434/v1/chat/completions");
         assert!(built.headers().get("authorization").is_none());
         let body: Value = serde_json::from_slice(built.body().unwrap().as_bytes().unwrap()).unwrap();
@@ -286,7 +287,9 @@ mod tests {
             serde_json::json!({}),
             "fields the worker does not know pass through"
         );
-        let plain = chat_request(&http, &key, &req, false, None).build().unwrap();
+        let plain = chat_request(&http, &key, chat_body(&key, &req, false, None))
+            .build()
+            .unwrap();
         let body: Value = serde_json::from_slice(plain.body().unwrap().as_bytes().unwrap()).unwrap();
         assert!(
             body.get("stream_options").is_none() && body.get("max_tokens").is_none(),
