@@ -14,6 +14,8 @@
 //! The sealed form is `kps1.` followed by base64url (no padding) of the sender's ephemeral
 //! public key (32 bytes), the nonce (24) and the ciphertext with its tag.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
@@ -117,36 +119,12 @@ pub fn open(transport_secret: &[u8; 32], sealed: &str, context: &[u8]) -> Result
     String::from_utf8(plain).map(Zeroizing::new).map_err(|_| REFUSED)
 }
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
 fn base64url(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
-        for i in 0..chunk.len() + 1 {
-            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn from_base64url(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text.bytes() {
-        let v = ALPHABET.iter().position(|&a| a == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    URL_SAFE_NO_PAD.decode(text).ok()
 }
 
 #[cfg(test)]
@@ -156,7 +134,7 @@ mod tests {
     fn random(seed: u8) -> [u8; 56] {
         let mut r = [0u8; 56];
         for (i, b) in r.iter_mut().enumerate() {
-            *b = seed.wrapping_mul(31).wrapping_add(i as u8 * 7);
+            *b = seed.wrapping_mul(31).wrapping_add((i as u8).wrapping_mul(7));
         }
         r
     }

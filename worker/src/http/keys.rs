@@ -68,16 +68,7 @@ fn non_empty(secret: &str) -> Result<String, Response> {
 /// Asks the provider whether `key` works: what the check said, or the refusal to answer (422 a
 /// rejected key, 502 no clear answer).
 async fn check(ep: &Endpoint, key: &KeyRef) -> Result<String, Response> {
-    let verdict = tokio::time::timeout(CHECK_TIMEOUT, validate::check(&ep.gateway.http, &ep.gateway.db, key))
-        .await
-        .map_err(|_| {
-            problem(
-                StatusCode::BAD_GATEWAY,
-                "the provider did not answer the key check in time; nothing changed",
-                "provider_timeout",
-            )
-        })?
-        .map_err(from_db)?;
+    let verdict = verdict_of(ep, key).await?;
     let said = keypool_mask::scrub(&validate::describe(&verdict), &key.secret);
     match verdict {
         Verdict::Accepted(_) | Verdict::NotCheckable(_) => Ok(said),

@@ -74,13 +74,7 @@ impl Object {
 
     /// Member `name` parsed as `T`; absent and `null` are `None`. The error names the member.
     pub fn value<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, String> {
-        match self.get(name) {
-            None => Ok(None),
-            Some("null") => Ok(None),
-            Some(text) => serde_json::from_str(text)
-                .map(Some)
-                .map_err(|e| format!("`{name}`: {}", short(&e))),
-        }
+        self.borrowed(name)
     }
 
     /// Member `name` parsed as `T`, borrowing from the body where `T` can.
@@ -90,7 +84,7 @@ impl Object {
             Some("null") => Ok(None),
             Some(text) => serde_json::from_str(text)
                 .map(Some)
-                .map_err(|e| format!("`{name}`: {}", short(&e))),
+                .map_err(|e| format!("`{name}`: {e}")),
         }
     }
 
@@ -104,11 +98,6 @@ impl Object {
     pub fn render(&self, changes: &[(&str, Option<&str>)]) -> Vec<u8> {
         render(&self.raw, &self.members, changes)
     }
-}
-
-/// A serde_json error without the input it was reading.
-fn short(e: &serde_json::Error) -> String {
-    e.to_string()
 }
 
 /// The members of the object `text` holds, with byte ranges into `text`.

@@ -18,7 +18,7 @@ fn model_path(key: &KeyRef, requested: Option<&str>) -> Result<String, String> {
     let model = key
         .model_for(requested)
         .ok_or_else(|| format!("Gemini key {} has no model and the request names none", key.id))?;
-    Ok(super::path_segment(model.strip_prefix("models/").unwrap_or(model)))
+    Ok(super::percent_encoded(model.strip_prefix("models/").unwrap_or(model)))
 }
 
 /// The request body in Gemini's shape. `output_cap`: `maxOutputTokens` when the app set none.

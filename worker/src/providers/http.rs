@@ -5,7 +5,7 @@
 //! `https://api.example.com#header=X-API-KEY` in that header; without a fragment it goes in
 //! `Authorization: Bearer`.
 
-use super::KeyRef;
+use super::{percent_encoded, KeyRef};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Auth {
@@ -47,7 +47,7 @@ pub fn proxy_request(
         .map(|q| vec![q.to_string()])
         .unwrap_or_default();
     if let Auth::Query(name) = &auth {
-        params.push(format!("{}={}", encode(name), encode(&key.secret)));
+        params.push(format!("{}={}", percent_encoded(name), percent_encoded(&key.secret)));
     }
     if !params.is_empty() {
         url.push('?');
@@ -84,19 +84,6 @@ fn path_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Percent-encodes a query component.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));

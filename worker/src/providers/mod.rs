@@ -323,8 +323,9 @@ fn parse_data_url(url: &str) -> Option<Piece> {
     })
 }
 
-/// Percent-encodes one path segment of a provider URL: anything but `A-Z a-z 0-9 - . _ ~`.
-pub(crate) fn path_segment(s: &str) -> String {
+/// Percent-encodes anything but `A-Z a-z 0-9 - . _ ~`: one path segment of a provider URL, or a
+/// query component.
+pub(crate) fn percent_encoded(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
