@@ -101,9 +101,15 @@ struct Counts {
 /// time (the 60 s ending at it) holds more than rpm calls, and per UTC day the calls beyond rpd.
 fn over_grants(calls: &[Value], limits: &HashMap<String, (u64, u64)>) -> (u64, Vec<String>) {
     let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
-    let mut unstamped = 0u64;
+    let (mut unstamped, mut checks) = (0u64, 0u64);
     for c in calls {
         let Some(key) = c["key"].as_str() else { continue };
+        // The worker asks for a key's model list (no reservation) only after the provider
+        // answered a call with 401 or 403, to learn whether the key itself is bad.
+        if c["path"] == "/v1/models" {
+            checks += 1;
+            continue;
+        }
         match c["granted_at_ms"].as_i64() {
             Some(t) => by_key.entry(key.to_string()).or_default().push(t),
             None => unstamped += 1,
@@ -111,6 +117,9 @@ fn over_grants(calls: &[Value], limits: &HashMap<String, (u64, u64)>) -> (u64, V
     }
     let mut over = unstamped;
     let mut notes = Vec::new();
+    if checks > 0 {
+        notes.push(format!("{checks} key checks (model lists after a 401 or 403)"));
+    }
     if unstamped > 0 {
         notes.push(format!("{unstamped} calls carried no grant time"));
     }
