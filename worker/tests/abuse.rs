@@ -338,7 +338,7 @@ async fn caller_chosen_names_and_paths_never_steer_routing_or_addresses() {
              SELECT keypool_create_pool('gem');
              SELECT keypool_add_key('gem', 'gemini', 'AIza-abuse-gemini-000001', base_url => '{u}');
              SELECT keypool_create_pool('serp');
-             SELECT keypool_add_key('serp', 'http', 'serp key+/abuse=1', base_url => '{u}#query=api_key');",
+             SELECT keypool_add_key('serp', 'http', 'serp key+/abuse=1', base_url => '{u}/api#query=api_key');",
             u = mock.url
         ),
     )
@@ -421,6 +421,27 @@ async fn caller_chosen_names_and_paths_never_steer_routing_or_addresses() {
         one::<i64>(&db.client, "SELECT count(*) FROM keypool_keys WHERE state <> 'active'").await,
         0
     );
+    // A model she picked whose day's quota is used up at the provider: the shared key's account
+    // cools as for a per-minute limit, never until the day's end.
+    mock.fault("AIza-abuse-gemini", "daily", Some(1), Some(30.0)).await;
+    let r = http()
+        .post(format!("{}/v1/chat/completions", w.url))
+        .bearer_auth(&mallory)
+        .header("x-keypool-pool", "gem")
+        .json(&json!({"model": "gemini-2.5-pro", "messages": user_message("hi")}))
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        one::<String>(
+            &db.client,
+            "SELECT format('%s %s', cooling_until > now(), cooling_until < now() + interval '2 minutes')
+               FROM keypool_scopes WHERE provider = 'gemini'"
+        )
+        .await,
+        "t t"
+    );
 
     // Proxy paths that would leave the base URL's path, in any encoding: refused.
     // (Sent as raw bytes: an HTTP client library would normalise some of them away.)
@@ -439,9 +460,13 @@ async fn caller_chosen_names_and_paths_never_steer_routing_or_addresses() {
         );
         let mut s = raw_request(&w.url, &head, b"").await;
         let status = read_status(&mut s).await;
-        assert!(status == 400 || status == 404, "{path}: {status}");
+        assert_eq!(status, 400, "{path}");
     }
     assert!(mock.stats().await["requests"].as_u64().unwrap_or(0) >= calls);
+    for r in mock.recent().await {
+        let path = r["path"].as_str().unwrap_or("");
+        assert!(!path.contains("_mock") && !path.contains(".."), "{r}");
+    }
     // An API that echoes its query string: the key is scrubbed in whatever encoding it came.
     let r = http()
         .get(format!("{}/v1/proxy/serp/search?q=rust", w.url))
@@ -680,18 +705,56 @@ async fn slow_unread_and_many_connections_of_one_caller_hold_nothing_of_anyone_e
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(unread);
-    // The stream was settled with what was generated before it was cut (more than nothing,
-    // less than the 200,000 it asked for).
+    // A token bound to no user counts as itself too: naming another user for each request
+    // takes no more slots.
+    let service: String = one(
+        &db.client,
+        "SELECT keypool_create_api_token('a service', NULL, ARRAY['chat'])",
+    )
+    .await;
+    let body =
+        json!({"model": "chat", "user": "u1", "messages": user_message("hi"), "stream": true, "max_tokens": 200000})
+            .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {service}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut held = raw_request(&w.url, &head, body.as_bytes()).await;
+    assert_eq!(read_status(&mut held).await, 200);
+    let (status, body) = chat_as(
+        &w,
+        &service,
+        json!({"model": "chat", "user": "u2", "messages": user_message("hi"), "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (429, json!("too_many_concurrent_requests")),
+        "{body}"
+    );
+    drop(held);
+    // Both streams were settled, as abandoned by their clients (no penalty for the key), with
+    // what was generated before they were cut: more than nothing, less than the 200,000 they
+    // asked for. Every other request asked for 3 tokens.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         exec(&db, "SELECT keypool_flush()").await;
-        let counted = value(&db, "SELECT max(completion_tokens) FROM keypool.usage_hourly").await;
-        let counted: i64 = counted.and_then(|c| c.parse().ok()).unwrap_or(0);
-        if counted > 0 {
-            assert!(counted < 200_000, "{counted}");
+        let row = value(
+            &db,
+            "SELECT format('%s %s %s', sum(other), sum(success), sum(completion_tokens)) FROM keypool.usage_hourly",
+        )
+        .await
+        .unwrap_or_default();
+        let n: Vec<i64> = row.split(' ').map(|x| x.parse().unwrap_or(0)).collect();
+        let (abandoned, served, completion) = (n[0], n[1], n[2]);
+        if abandoned >= 2 {
+            assert_eq!(abandoned, 2, "{row}");
+            let of_the_streams = completion - 3 * served;
+            assert!(of_the_streams > 0 && of_the_streams < 400_000, "{row}");
             break;
         }
-        assert!(Instant::now() < deadline, "the cut stream was never settled");
+        assert!(Instant::now() < deadline, "the cut stream was never settled: {row}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -815,7 +878,12 @@ async fn the_small_ones_give_nothing_away() {
     .await;
     let mallory = token(&db, "mallory", &["chat", "paid"]).await;
     let admin = "admin-token-abuse-small-0123456";
-    let w = Worker::start(&conninfo(&db), "abuse-small", &["--no-queue", "--admin-tokens", admin]).await;
+    let w = Worker::start(
+        &conninfo(&db),
+        "abuse-small",
+        &["--no-queue", "--admin-tokens", admin, "--provider-timeout", "1s"],
+    )
+    .await;
 
     // Every attempt fails: she is told that, not which keys or what the provider said; the
     // operator finds the details in the admin API.
@@ -859,6 +927,26 @@ async fn the_small_ones_give_nothing_away() {
     assert!(sent.last().expect("a call")["body"]
         .get("max_completion_tokens")
         .is_none());
+    // A call whose answer never came may have been billed in full: it is charged what it held
+    // (2 × 1,024 output tokens at $2 a million, and the prompt), not only its prompt. So is the
+    // attempt after it, which the provider answers.
+    const SPENT: &str = "SELECT spent::float8 FROM keypool_pool_stats WHERE pool = 'paid'";
+    let before: f64 = one(&db.client, SPENT).await;
+    mock.fault("sk-abuse-small-paid", "hang", Some(1), None).await;
+    let (status, body) = chat_as(
+        &w,
+        &mallory,
+        json!({"model": "paid", "messages": user_message("hi"), "n": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 12, "{body}");
+    let charged = one::<f64>(&db.client, SPENT).await - before;
+    assert!(
+        charged >= 2.0 * 1024.0 * 2.0 / 1e6,
+        "the timed-out call was charged {charged}, less than the output it held"
+    );
+    mock.clear_faults().await;
 
     // An X-Keypool-User that cannot be read is refused, not passed over for the body's user.
     let r = http()

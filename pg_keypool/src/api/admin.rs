@@ -352,8 +352,8 @@ fn keypool_add_key(
         errors::invalid("secret must not be empty").raise();
     }
     // Where a key is called is the pool administrators' choice: a user's own key goes where the
-    // pool's shared keys of its provider go (else to a cloud provider's public address) unless
-    // an administrator adds it; no user picks the address the worker calls. Nor may a user add
+    // pool's shared keys of its provider go (with none, it is refused) unless an administrator
+    // adds it; no user picks the address the worker calls. Nor may a user add
     // a key whose provider cannot say whether the key is real (a keyless server, a plain HTTP
     // API): such a "key" would only reach the shared backend beside the shared keys' limits.
     let by_admin =
@@ -394,10 +394,11 @@ fn keypool_add_key(
         }),
         _ => None,
     };
-    // Without a shared key of its provider, a user's own key goes only to a cloud provider's
-    // public address, never to a default on the worker's own host.
+    // Without a shared key of its provider, a user's own key goes nowhere: not to a cloud
+    // provider's public address nor to a default on the worker's own host, neither of which an
+    // administrator chose for this pool.
     let default_url = match owner {
-        Some(_) if provider.keyless || !provider.checks_keys => None,
+        Some(_) if !by_admin || provider.keyless || !provider.checks_keys => None,
         _ => provider.default_base_url,
     };
     let base_url = match explicit_url.or(inherited_url.as_deref()).or(default_url) {

@@ -19,7 +19,7 @@ use crate::engine::budgets;
 use crate::engine::quota::{self, Ticket};
 use crate::errors::{self, Code};
 use crate::policy::calendar;
-use crate::policy::outcome::{classify, needs_key_check, strip_prefix, Outcome, KEY_UNCHECKED, NEEDS_KEY_CHECK};
+use crate::policy::outcome::{bare, caller_shaped, classify, needs_key_check, Outcome, NEEDS_KEY_CHECK};
 use crate::policy::window::Charge;
 use crate::settings;
 use crate::state::breaker;
@@ -186,11 +186,17 @@ fn keypool_settle(
         peek(sh, &cfg, reservation_id);
         return NEEDS_KEY_CHECK.to_string();
     }
-    // What is recorded is the provider's code (classify strips the prefix the same way).
-    let error_code = error_code.map(|c| strip_prefix(c, KEY_UNCHECKED).unwrap_or(c));
+    let outcome = classify(status, error_code);
+    // A caller's choice (the path, the model) cools an account for the default cooldown at most.
+    let longest_cooldown = if error_code.is_some_and(caller_shaped) {
+        settings::max_cooldown_ms().min(settings::DEFAULT_COOLDOWN_MS.get() as i64)
+    } else {
+        settings::max_cooldown_ms()
+    };
+    // What is recorded is the provider's code, without the worker's prefixes.
+    let error_code = error_code.map(bare);
     let (_, r) = take(sh, &cfg, reservation_id, Closed::Settled);
     let now = clock::now_ms();
-    let outcome = classify(status, error_code);
 
     let actual = (prompt + completion).min(MAX_TOKENS);
     correct(sh, &cfg, &r, 0, actual - r.est_tokens, now);
@@ -221,7 +227,7 @@ fn keypool_settle(
             // What a caller asks for is capped: a report cannot take an account out for long.
             let ms = retry_after_ms
                 .unwrap_or(settings::DEFAULT_COOLDOWN_MS.get() as i64)
-                .clamp(1, settings::max_cooldown_ms());
+                .clamp(1, longest_cooldown.max(1));
             scope_slot.cool_until(now + ms, CoolingReason::RateLimited);
             let until = scope_slot.cooling_until_ms.load(Ordering::Acquire);
             admin::record_outcome_event(

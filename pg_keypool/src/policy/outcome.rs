@@ -102,6 +102,33 @@ pub fn strip_prefix<'a>(code: &'a str, prefix: &str) -> Option<&'a str> {
     head.eq_ignore_ascii_case(prefix).then(|| &code[prefix.len()..])
 }
 
+/// `code` without any of the worker's prefixes.
+pub fn bare(code: &str) -> &str {
+    let mut code = code;
+    while let Some(rest) = [KEY_UNCHECKED, KEY_CHECKED, CALLER_PATH, CALLER_MODEL]
+        .iter()
+        .find_map(|p| strip_prefix(code, p))
+    {
+        code = rest;
+    }
+    code
+}
+
+/// Whether the caller chose what made the provider answer so (the path: `proxy:`, or the model:
+/// `model:`): such an answer may cool an account only briefly, however long the provider says.
+pub fn caller_shaped(code: &str) -> bool {
+    let mut code = code;
+    loop {
+        if strip_prefix(code, CALLER_PATH).is_some() || strip_prefix(code, CALLER_MODEL).is_some() {
+            return true;
+        }
+        match [KEY_UNCHECKED, KEY_CHECKED].iter().find_map(|p| strip_prefix(code, p)) {
+            Some(rest) => code = rest,
+            None => return false,
+        }
+    }
+}
+
 /// Whether settling `status` with `error_code` must wait for a check of the key: the caller
 /// chose the request's shape and the answer would disable the key.
 pub fn needs_key_check(status: i32, error_code: Option<&str>) -> bool {
@@ -110,28 +137,41 @@ pub fn needs_key_check(status: i32, error_code: Option<&str>) -> bool {
         .is_some_and(|rest| classify(status, Some(rest).filter(|c| !c.is_empty())) == Outcome::KeyInvalid)
 }
 
+/// Error codes of answers to requests whose model the caller chose (the key names none) start
+/// with this: a per-day quota of that model is no verdict on the key's account for the day, so
+/// the account only cools (for at most `pg_keypool.max_cooldown`), as for a per-minute limit;
+/// likewise Gemini's FAILED_PRECONDITION (a model the project may not use).
+pub const CALLER_MODEL: &str = "model:";
+
 /// Classifies a provider answer. `status` is the HTTP status, or 0 when no answer came.
 pub fn classify(status: i32, error_code: Option<&str>) -> Outcome {
     let code = error_code.map(|c| c.trim().to_ascii_lowercase()).unwrap_or_default();
-    if let Some(code) = code.strip_prefix(KEY_UNCHECKED) {
-        return match classify(status, Some(code).filter(|c| !c.is_empty())) {
+    if let Some(rest) = code.strip_prefix(KEY_UNCHECKED) {
+        return match classify(status, Some(rest).filter(|c| !c.is_empty())) {
             // Gemini's FAILED_PRECONDITION also answers requests that ask for what the model
             // or project does not allow: about the request as much as the account, so the
             // account only cools (a billing code of the account itself still disables it).
-            Outcome::Billing if code == "failed_precondition" => Outcome::RateLimited,
+            Outcome::Billing if bare(rest) == "failed_precondition" => Outcome::RateLimited,
             outcome => outcome,
         };
     }
-    if let Some(code) = code.strip_prefix(KEY_CHECKED) {
-        return match classify(status, Some(code).filter(|c| !c.is_empty())) {
+    if let Some(rest) = code.strip_prefix(KEY_CHECKED) {
+        return match classify(status, Some(rest).filter(|c| !c.is_empty())) {
             Outcome::KeyInvalid => Outcome::Other,
             outcome => outcome,
         };
     }
-    if let Some(code) = code.strip_prefix(CALLER_PATH) {
-        return match classify(status, Some(code).filter(|c| !c.is_empty())) {
+    if let Some(rest) = code.strip_prefix(CALLER_PATH) {
+        return match classify(status, Some(rest).filter(|c| !c.is_empty())) {
             Outcome::KeyInvalid | Outcome::Billing => Outcome::Other,
             Outcome::DailyQuota => Outcome::RateLimited,
+            outcome => outcome,
+        };
+    }
+    if let Some(rest) = code.strip_prefix(CALLER_MODEL) {
+        return match classify(status, Some(rest).filter(|c| !c.is_empty())) {
+            Outcome::DailyQuota => Outcome::RateLimited,
+            Outcome::Billing if rest == "failed_precondition" => Outcome::RateLimited,
             outcome => outcome,
         };
     }
@@ -179,6 +219,12 @@ mod tests {
         assert!(!needs_key_check(429, Some("unchecked:rate_limit_exceeded")));
         assert!(!needs_key_check(401, Some("checked:invalid_api_key")));
         assert!(!needs_key_check(401, None));
+        assert!(needs_key_check(401, Some("unchecked:model:invalid_api_key")));
+        assert!(!needs_key_check(429, Some("unchecked:model:GenerateRequestsPerDay")));
+        assert_eq!(bare("unchecked:model:x"), "x");
+        assert!(caller_shaped("unchecked:model:x") && caller_shaped("proxy:") && caller_shaped("checked:model:"));
+        assert!(!caller_shaped("unchecked:x") && !caller_shaped("rate_limit_exceeded"));
+        assert_eq!(bare("Checked:MODEL:x"), "x");
         assert_eq!(strip_prefix("Unchecked:x", KEY_UNCHECKED), Some("x"));
         assert_eq!(strip_prefix("unch", KEY_UNCHECKED), None);
     }
@@ -235,6 +281,22 @@ mod tests {
             (429, Some("proxy:insufficient_quota"), Other),
             (429, Some("proxy:rate_limit_exceeded"), RateLimited),
             (429, Some("proxy:GenerateRequestsPerDayPerProjectPerModel"), RateLimited),
+            // a model the caller chose: its day's quota or its unavailability only cools
+            (
+                429,
+                Some("model:GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
+                RateLimited,
+            ),
+            (
+                429,
+                Some("unchecked:model:GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
+                RateLimited,
+            ),
+            (400, Some("unchecked:model:FAILED_PRECONDITION"), RateLimited),
+            (400, Some("model:FAILED_PRECONDITION"), RateLimited),
+            (429, Some("model:insufficient_quota"), Billing),
+            (401, Some("model:invalid_api_key"), KeyInvalid),
+            (401, Some("checked:model:invalid_api_key"), Other),
             // chat and embeddings: the same classes; a key checked after a 401/403 is not blamed
             (401, Some("unchecked:invalid_api_key"), KeyInvalid),
             (429, Some("unchecked:rate_limit_exceeded"), RateLimited),

@@ -88,8 +88,8 @@ SELECT count(*) - :scopes_before AS scope_rows_added, (SELECT count(*) FROM keyp
 SELECT count(*) AS carols_keys FROM keypool_keys WHERE owner = 'carol';
 
 -- Users (roles that are not the pool's administrators) add own keys only of providers that
--- check keys, called only where an administrator configured that provider (else a cloud
--- provider's public address); administrators may add any.
+-- check keys, called only where an administrator configured that provider (where the pool's
+-- shared keys of the provider are); administrators may add any.
 CREATE ROLE byok_app2;
 GRANT EXECUTE ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text)
     TO byok_app2;
@@ -99,9 +99,12 @@ SELECT try($$SELECT keypool_add_key('byok', 'ollama', NULL, 'llama3', owner => '
 SELECT try($$SELECT keypool_add_key('byok', 'ollama', 'made-up-secret-000001', 'llama3', owner => 'dave')$$);
 SELECT try($$SELECT keypool_add_key('byok', 'openai_compatible', 'made-up-secret-000002', owner => 'dave')$$);
 SELECT try($$SELECT keypool_add_key('byok', 'http', 'made-up-secret-000003', owner => 'dave')$$);
-SELECT keypool_add_key('byok', 'gemini', 'AIza-byok-dave-0000000004', 'gemini-2.5-flash', owner => 'dave') AS dave_gemini \gset
+-- No shared key of that provider: no address an administrator configured.
+SELECT try($$SELECT keypool_add_key('byok', 'gemini', 'AIza-byok-dave-0000000004', 'gemini-2.5-flash', owner => 'dave')$$);
+SELECT keypool_add_key('byok', 'openai', 'sk-byok-dave-000000000005', 'gpt-4o-mini', owner => 'dave') AS dave_openai \gset
 RESET ROLE;
-SELECT provider, base_url FROM keypool.key WHERE id = :dave_gemini;
+SELECT provider, base_url = (SELECT base_url FROM keypool.key WHERE id = :shared_key) AS where_the_shared_key_is
+  FROM keypool.key WHERE id = :dave_openai;
 SELECT keypool_add_key('byok', 'ollama', NULL, 'llama3', base_url => 'http://gpu-box:11434', owner => 'dave') > 0 AS admin_added_keyless;
 SELECT keypool_revoke('byok', 'byok_app2', 'use');
 REVOKE ALL ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text)
@@ -125,4 +128,20 @@ SELECT keypool_settle(:r3, 403) AS after_the_key_failed;
 SELECT state, reason FROM keypool_keys WHERE key_id = :shared_key;
 SELECT try(format('SELECT keypool_settle(%s, 401, error_code => %L)', :r3, 'unchecked:x'));
 SELECT keypool_enable_key(:shared_key);
+-- A model the caller chose (the key names none; the worker adds `model:`): that model's day's
+-- quota, or Gemini's FAILED_PRECONDITION, cools the account briefly, never for the day.
+SELECT reservation_id AS r4 FROM keypool_reserve('user-3', 'byok') \gset
+SELECT keypool_settle(:r4, 429, error_code => 'unchecked:model:GenerateRequestsPerDayPerProjectPerModel-FreeTier', retry_after_ms => 36000000) AS callers_models_day;
+-- However long the provider asked to wait (10 hours): the default cooldown (60 s) at most.
+SELECT cooling_until - keypool_now() AS cooling_for
+  FROM keypool_scopes WHERE scope_id = (SELECT scope_id FROM keypool.key WHERE id = :shared_key);
+SELECT keypool_set_clock('2030-11-04 12:07:00+00') IS NOT NULL AS a_minute_later;
+SELECT reservation_id AS r5 FROM keypool_reserve('user-3', 'byok') \gset
+SELECT keypool_settle(:r5, 400, error_code => 'unchecked:FAILED_PRECONDITION') AS unchecked_precondition;
+SELECT keypool_set_clock('2030-11-04 12:08:00+00') IS NOT NULL AS a_minute_later;
+SELECT reservation_id AS r6 FROM keypool_reserve('user-3', 'byok') \gset
+SELECT keypool_settle(:r6, 400, error_code => 'model:FAILED_PRECONDITION') AS callers_model_precondition;
+SELECT keypool_set_clock('2030-11-04 12:09:00+00') IS NOT NULL AS three_minutes_later;
+SELECT state FROM keypool_keys WHERE key_id = :shared_key;
+SELECT granted, key_id = :shared_key AS shared FROM keypool_reserve('user-3', 'byok');
 SELECT keypool_set_clock(NULL) IS NOT NULL AS clock_back;

@@ -880,6 +880,7 @@ async fn serp_search(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     RawQuery(raw): RawQuery,
+    uri: axum::http::Uri,
 ) -> Response {
     let key = query
         .get("api_key")
@@ -887,7 +888,7 @@ async fn serp_search(
         .or_else(|| header(&headers, "x-api-key"))
         .or_else(|| bearer(&headers));
     let q = query.get("q").cloned().unwrap_or_default();
-    if let Err(r) = start(&mock, Wire::Serp, "/search", key, &json!({"q": q}), &headers).await {
+    if let Err(r) = start(&mock, Wire::Serp, uri.path(), key, &json!({"q": q}), &headers).await {
         return r;
     }
     // Like APIs that echo the request they served, the query string as it arrived (with the
@@ -1036,6 +1037,8 @@ pub fn router(args: &MockArgs) -> Router {
         .route("/v1beta/models/{action}", post(gemini_generate))
         .route("/v1/messages", post(anthropic_messages))
         .route("/search", get(serp_search).post(serp_search))
+        // The same API under a path: a base URL with a path, for tests of proxy paths.
+        .route("/api/search", get(serp_search).post(serp_search))
         .route("/_mock/faults", post(add_fault).delete(clear_faults))
         .route("/_mock/reset", post(reset))
         .route("/_mock/stats", get(stats))

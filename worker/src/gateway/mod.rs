@@ -248,7 +248,8 @@ pub struct Gateway {
     pub settings: Settings,
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
-    /// Keys their provider accepted lately (after a 401 or 403 that was the request's).
+    /// Keys checked lately that their provider did not reject (after a 401 or 403 that was the
+    /// request's).
     key_checks: KeyChecks,
     /// Requests every attempt of which failed, with the details their callers are not shown.
     pub failures: RecentFailures,
@@ -259,28 +260,29 @@ pub struct Gateway {
 const KEY_UNCHECKED: &str = "unchecked:";
 const KEY_CHECKED: &str = "checked:";
 const NEEDS_KEY_CHECK: &str = "key_unchecked";
+const CALLER_MODEL: &str = "model:";
 /// How long a key check may take.
 const KEY_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a key the provider accepted is not checked again.
 const KEY_CHECK_TTL: Duration = Duration::from_secs(60);
 
-/// Keys their provider accepted within [`KEY_CHECK_TTL`]: a caller sending request after
-/// request that the provider refuses with 403 causes one check per key and minute, not one
-/// per request.
+/// Keys checked within [`KEY_CHECK_TTL`] that their provider did not reject: a caller sending
+/// request after request that the provider refuses with 403 causes one check per key and
+/// minute, not one per request.
 #[derive(Default)]
 struct KeyChecks {
     accepted: std::sync::Mutex<std::collections::HashMap<i64, Instant>>,
 }
 
 impl KeyChecks {
-    fn recently_accepted(&self, key_id: i64) -> bool {
+    fn recently_passed(&self, key_id: i64) -> bool {
         self.accepted
             .lock()
             .map(|m| m.get(&key_id).is_some_and(|at| at.elapsed() < KEY_CHECK_TTL))
             .unwrap_or(false)
     }
 
-    fn accepted(&self, key_id: i64) {
+    fn passed(&self, key_id: i64) {
         if let Ok(mut m) = self.accepted.lock() {
             // Keys are few (the extension's pg_keypool.max_keys); old verdicts go when it grows.
             if m.len() >= 4096 {
@@ -586,12 +588,14 @@ impl Gateway {
                     return Err(Failure::Caller(msg));
                 }
             };
+            // Until the answer says otherwise, the call may cost all it holds: a call whose
+            // answer never arrives (a timeout, the caller gone) may well have been billed.
             let mut held = Held {
                 db: self.db.clone(),
                 reservation_id: grant.reservation_id,
                 usage: Usage {
                     prompt_tokens: plan.prompt_est,
-                    completion_tokens: 0,
+                    completion_tokens: plan.est - plan.prompt_est,
                 },
                 armed: true,
             };
@@ -603,6 +607,11 @@ impl Gateway {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) | Err(_) => {
                     let class = if sent.is_err() { "timeout" } else { "unreachable" };
+                    // A connection that was never made carried nothing to bill.
+                    let usage = match &sent {
+                        Ok(Err(e)) if e.is_connect() => Usage::default(),
+                        _ => held.usage,
+                    };
                     let why = match sent {
                         Err(_) => format!("no answer within {} ms", call_timeout.as_millis()),
                         Ok(Err(e)) => format!("connection failed: {}", without_url(&e)),
@@ -610,7 +619,7 @@ impl Gateway {
                     };
                     held.disarm();
                     let outcome = self
-                        .settle_now(grant.reservation_id, 0, held.usage, None, None)
+                        .settle_now(grant.reservation_id, 0, usage, None, None)
                         .await
                         .map_err(|e| Failure::from_db(e, plan.pool))?;
                     self.metrics.provider_call(&served_pool, &key.provider, class, took);
@@ -784,7 +793,13 @@ impl Gateway {
         status: u16,
         error: &ProviderError,
     ) -> Result<String, DbError> {
-        let code = error.code.as_deref().unwrap_or("");
+        // A model the caller chose (the key names none): what the provider says of that model
+        // (its day's quota) is no verdict on the key's account for the day.
+        let code = match key.model {
+            None => format!("{CALLER_MODEL}{}", error.code.as_deref().unwrap_or("")),
+            Some(_) => error.code.clone().unwrap_or_default(),
+        };
+        let code = code.as_str();
         let outcome = self
             .settle_now(
                 reservation_id,
@@ -797,7 +812,7 @@ impl Gateway {
         if outcome != NEEDS_KEY_CHECK {
             return Ok(outcome);
         }
-        let rejected = if self.key_checks.recently_accepted(key.id) {
+        let rejected = if self.key_checks.recently_passed(key.id) {
             false
         } else {
             let verdict = tokio::time::timeout(KEY_CHECK_TIMEOUT, validate::check(&self.http, &self.db, key)).await;
@@ -808,17 +823,19 @@ impl Gateway {
             };
             info!(key_id = key.id, key = %key.label, status, code = %code, check = %said,
                   "checked the key after an answer that may be about the request");
-            match verdict {
-                Ok(Ok(validate::Verdict::Accepted(_))) => {
-                    self.key_checks.accepted(key.id);
-                    false
-                }
+            let rejected = match verdict {
                 // A 403 to the model list is a key without that permission (a restricted
                 // key), not a bad one.
                 Ok(Ok(validate::Verdict::Rejected { status, .. })) => status != 403,
-                // No clear verdict on the key itself: it keeps serving.
+                // Accepted, or no clear verdict on the key itself: it keeps serving.
                 _ => false,
+            };
+            if !rejected {
+                // Not asked again for a while, whatever the verdict: a caller sending request
+                // after request the provider refuses costs one check per key and minute.
+                self.key_checks.passed(key.id);
             }
+            rejected
         };
         let settled_code = if rejected {
             code.to_string()

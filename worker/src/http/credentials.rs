@@ -92,15 +92,24 @@ impl Principal {
     }
 
     /// Who counts against KEYPOOL_MAX_IN_FLIGHT_PER_CALLER before the request's body is read:
-    /// a token bound to a user, as that token and as that user (one user may hold several
-    /// tokens). Other callers are counted by the user a request acts as, once the body said it.
+    /// an API token, as that token, and, bound to a user, as that user (one user may hold
+    /// several tokens). Requests of other callers, and of tokens bound to no user, count by the
+    /// user they act as too, once the body said it ([`Principal::bound_user`] is `None`).
     pub fn callers(&self) -> Vec<String> {
         match self {
             Principal::Token(t) => match &t.user {
                 Some(u) => vec![format!("token {}", t.id), format!("user {u}")],
-                None => Vec::new(),
+                None => vec![format!("token {}", t.id)],
             },
             _ => Vec::new(),
+        }
+    }
+
+    /// The user an API token is bound to, if it is.
+    pub fn bound_user(&self) -> Option<&str> {
+        match self {
+            Principal::Token(t) => t.user.as_deref(),
+            _ => None,
         }
     }
 

@@ -618,9 +618,9 @@ async fn routed<R: RoutedRequest>(
 }
 
 /// Callers that are not a user-bound token count against their limit by the user a request
-/// acts as (the token was admitted already).
+/// acts as too (a token was admitted as itself already).
 fn admit_user(ep: &Endpoint, principal: &Principal, user: &str) -> Result<Option<CallerPermit>, Response> {
-    if !principal.callers().is_empty() {
+    if principal.bound_user().is_some() {
         return Ok(None);
     }
     auth::admit_caller(ep, format!("user {user}")).map(Some)

@@ -204,6 +204,8 @@ pub fn read_error(key: &KeyRef, status: u16, headers: &HeaderMap, body: &[u8]) -
         e.message = format!("HTTP {status}");
     }
     e.message = keypool_mask::scrub(&e.message, &key.secret);
+    // An API may echo the key into any field: the code goes to the database and the caller too.
+    e.code = e.code.map(|c| keypool_mask::scrub(&c, &key.secret));
     e
 }
 
