@@ -4,8 +4,10 @@
 //!
 //! Layers, each importing only from the ones listed before it:
 //! - `config`, `duration`: the command line and its environment mirrors
-//! - `protocol`: OpenAI's wire format (the worker's lingua franca) and server-sent events
-//! - `providers`: one module per provider wire format
+//! - `protocol`: the conversation model every dialect parses into and renders from, a codec per
+//!   dialect (OpenAI chat and embeddings, Gemini, Anthropic), streams translated event by event,
+//!   bounded JSON reading, server-sent events
+//! - `providers`: what differs per provider: address, authentication, its dialect, error meaning
 //! - `db`: the SQL API (reserve, settle, release, tokens) over a connection pool, with TLS to
 //!   PostgreSQL as libpq's sslmode and sslrootcert say (`db::tls`)
 //! - `gateway`: one request's reserve → call → settle → retry; the SQL queue's consumer

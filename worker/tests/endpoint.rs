@@ -258,7 +258,7 @@ async fn non_streamed_answers_are_translated_and_settled() {
         .iter()
         .find(|r| r["wire"] == "anthropic")
         .expect("an Anthropic call");
-    assert_eq!(anthropic["body"]["system"], "abcd");
+    assert_eq!(anthropic["body"]["system"], json!([{"type": "text", "text": "abcd"}]));
     assert_eq!(anthropic["body"]["messages"].as_array().map(Vec::len), Some(1));
 }
 

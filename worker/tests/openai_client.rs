@@ -37,7 +37,13 @@ async fn the_official_openai_python_client_works_against_the_endpoint() {
              SELECT keypool_add_key('chat', 'gemini', 'AIza-python-b-00000002', 'gemini-2.5-flash', base_url => '{u}');
              SELECT keypool_create_pool('tight');
              SELECT keypool_add_key('tight', 'anthropic', 'sk-ant-python-000003', 'claude-sonnet-4-5', rpd => 4, base_url => '{u}');
-             SELECT keypool_assign('tight-user', 'tight'), keypool_assign('other-user', 'tight');",
+             SELECT keypool_assign('tight-user', 'tight'), keypool_assign('other-user', 'tight');
+             SELECT keypool_create_pool('oa');
+             SELECT keypool_add_key('oa', 'openai', 'sk-python-oa-000000004', 'gpt-4o-mini', base_url => '{u}/v1');
+             SELECT keypool_create_pool('gem');
+             SELECT keypool_add_key('gem', 'gemini', 'AIza-python-gem-000005', 'gemini-3-flash-preview', base_url => '{u}');
+             SELECT keypool_create_pool('ant');
+             SELECT keypool_add_key('ant', 'anthropic', 'sk-ant-python-000006', 'claude-sonnet-4-5', base_url => '{u}');",
             u = mock.url
         ),
     )
@@ -46,7 +52,7 @@ async fn the_official_openai_python_client_works_against_the_endpoint() {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
     let out = Command::new(python())
         .arg(&script)
-        .args([w.url.as_str(), TOKEN])
+        .args([w.url.as_str(), TOKEN, "oa", "gem", "ant"])
         .output()
         .expect("run the Python client");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -71,9 +77,45 @@ async fn the_official_openai_python_client_works_against_the_endpoint() {
     assert_eq!(seen["stream_usage"], serde_json::json!([2, 5]));
     assert_eq!(
         seen["models"],
-        serde_json::json!(["chat", "claude-sonnet-4-5", "gemini-2.5-flash", "gpt-4o-mini", "tight"])
+        serde_json::json!([
+            "ant",
+            "chat",
+            "claude-sonnet-4-5",
+            "gem",
+            "gemini-2.5-flash",
+            "gemini-3-flash-preview",
+            "gpt-4o-mini",
+            "oa",
+            "tight"
+        ])
     );
     assert_eq!(seen["bad_token"], serde_json::json!([401, "invalid_api_key"]));
     assert_eq!(seen["unknown_model"], serde_json::json!([404, "model_not_found"]));
     assert_eq!(seen["quota"], serde_json::json!([429, "QUOTA_EXCEEDED", true]));
+    // Tools, streamed tools and structured output on every kind of key.
+    for pool in ["oa", "gem", "ant"] {
+        let quoted = "Tool results: Sunny in city-1";
+        assert_eq!(
+            seen["pools"][pool],
+            serde_json::json!({
+                "tools": ["weather", "tool_calls", quoted],
+                "stream_tools": ["weather", "tool_calls", quoted],
+                "parsed": {"name": "name-1", "age": 1},
+            }),
+            "{pool}: {seen}"
+        );
+    }
+    // The client retried nothing: one refusal reached the worker.
+    let metrics = http()
+        .get(format!("{}/metrics", w.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        metrics.contains(r#"keypool_worker_refusals_total{pool="tight",reason="QUOTA_EXCEEDED"} 1"#),
+        "{metrics}"
+    );
 }

@@ -25,9 +25,11 @@ use tracing::{info, warn};
 
 use crate::db::{Allocation, Db, DbError, Refusal, Reserved, Settlement};
 use crate::gateway::metrics::{Metrics, RecentFailures};
-use crate::protocol::openai::{self, ChatRequest, EmbeddingsRequest, Usage};
+use crate::protocol::conversation::{CarryError, Conversation, Usage};
+use crate::protocol::openai::{self, ChatRequest, EmbeddingsRequest};
 use crate::protocol::sse;
-use crate::providers::{self, KeyRef, ProviderError, Translate, Wire};
+use crate::protocol::stream::Translate;
+use crate::providers::{self, KeyRef, ProviderError, Wire};
 
 /// Counters reported in heartbeats.
 #[derive(Default)]
@@ -167,6 +169,12 @@ pub enum Failure {
     },
     /// The request itself is wrong (before any provider saw it).
     Caller(String),
+    /// The request holds a field the granted key's provider has no place for (before any
+    /// provider saw it).
+    Unsupported {
+        field: String,
+        provider: String,
+    },
     /// No such pool.
     UnknownPool(String),
     /// The provider answered with an error that is the caller's (or nobody's) to fix; passed on.
@@ -192,6 +200,13 @@ pub enum Failure {
 }
 
 impl Failure {
+    fn from_carry(e: CarryError) -> Failure {
+        match e {
+            CarryError::Unsupported { field, provider } => Failure::Unsupported { field, provider },
+            CarryError::Invalid(why) => Failure::Caller(why),
+        }
+    }
+
     fn from_db(e: DbError, pool: &str) -> Failure {
         if e.is_undefined() {
             Failure::UnknownPool(pool.to_string())
@@ -216,6 +231,7 @@ impl Failure {
                 s
             }
             Failure::Caller(m) => format!("invalid request: {m}"),
+            Failure::Unsupported { field, provider } => format!("`{field}` cannot be carried to {provider}"),
             Failure::UnknownPool(p) => format!("pool \"{p}\" does not exist"),
             Failure::Provider {
                 status,
@@ -411,9 +427,15 @@ impl Gateway {
         };
         let default_max_tokens = self.settings.default_max_tokens;
         // Under a budget the output is capped at what the reservation holds.
-        let cap = job.request.max_tokens().is_none().then_some(default_max_tokens as u64);
-        // Bodies built so far, by what they depend on: attempts on like keys share one.
+        let cap = job
+            .request
+            .max_tokens()
+            .is_none()
+            .then(|| job.request.default_output_cap(default_max_tokens));
+        // Bodies built so far, by what they depend on: attempts on like keys share one. The
+        // request is read as a conversation once, when a key of another dialect needs it.
         let bodies: std::sync::Mutex<Vec<(providers::BodyShape, Bytes)>> = Default::default();
+        let conversation: std::sync::OnceLock<Result<Conversation<'_>, String>> = std::sync::OnceLock::new();
         let result = self
             .attempts(
                 &plan,
@@ -427,14 +449,22 @@ impl Gateway {
                     let body = match known {
                         Some(body) => body,
                         None => {
-                            let body = providers::chat_body(key, &job.request, job.stream, default_max_tokens, cap)?;
+                            let body = providers::chat_body(
+                                key,
+                                &job.request,
+                                || conversation.get_or_init(|| job.request.conversation()),
+                                job.stream,
+                                default_max_tokens,
+                                cap,
+                            )
+                            .map_err(Failure::from_carry)?;
                             if let Ok(mut b) = bodies.lock() {
                                 b.push((shape, body.clone()));
                             }
                             body
                         }
                     };
-                    providers::chat_request(&self.http, key, &job.request, job.stream, body)
+                    providers::chat_request(&self.http, key, &job.request, job.stream, body).map_err(Failure::Caller)
                 },
                 |accepted| self.chat_answer(&plan, &job, accepted),
             )
@@ -479,12 +509,8 @@ impl Gateway {
         let prompt_est = plan.prompt_est;
         let (body, served) = self
             .read_answer(plan, accepted, |key, body| {
-                let c = providers::read_completion(key, body, &shown_model)?;
-                let usage = c.usage.unwrap_or(Usage {
-                    prompt_tokens: prompt_est,
-                    completion_tokens: openai::count_tokens(c.generated_chars),
-                });
-                Ok((c.body, usage))
+                let c = providers::read_completion(key, body, &shown_model, prompt_est)?;
+                Ok((c.body, c.usage))
             })
             .await?;
         Ok(Answer::Complete { body, served })
@@ -505,17 +531,14 @@ impl Gateway {
         let result = self
             .attempts(
                 &plan,
-                |key, _| providers::embeddings_request(&self.http, key, &job.request),
+                |key, _| providers::embeddings_request(&self.http, key, &job.request).map_err(Failure::Caller),
                 |accepted| async {
                     let shown_model = shown_model(&accepted.key, job.request.model(), &job.pool);
                     let counted = plan.prompt_est;
                     let (body, served) = self
                         .read_answer(&plan, accepted, |key, body| {
                             let e = providers::read_embeddings(key, body, &job.request, &shown_model)?;
-                            let usage = e.usage.unwrap_or(Usage {
-                                prompt_tokens: counted,
-                                completion_tokens: 0,
-                            });
+                            let usage = e.usage.unwrap_or(Usage::new(counted, 0));
                             Ok((e.body, usage))
                         })
                         .await?;
@@ -532,11 +555,11 @@ impl Gateway {
 
     /// Reserve → call → settle, trying another key while the extension's outcome class says the
     /// key (not the request) was the problem. `build` makes the provider request for a granted
-    /// key (an error is the caller's, and gives the capacity back); `accept` reads a 2xx answer
-    /// and settles it.
+    /// key (an error is the caller's, and gives the capacity back: no provider sees the
+    /// request); `accept` reads a 2xx answer and settles it.
     async fn attempts<T, B, A, F>(&self, plan: &Plan<'_>, build: B, accept: A) -> Result<T, Failure>
     where
-        B: Fn(&KeyRef, bool) -> Result<reqwest::RequestBuilder, String>,
+        B: Fn(&KeyRef, bool) -> Result<reqwest::RequestBuilder, Failure>,
         A: FnOnce(Accepted) -> F,
         F: std::future::Future<Output = Result<T, Failure>>,
     {
@@ -580,12 +603,12 @@ impl Gateway {
             let served_pool = grant.pool;
             let builder = match build(&key, grant.budgeted) {
                 Ok(b) => self.stamp(b, grant.granted_at_ms),
-                Err(msg) => {
+                Err(refused) => {
                     // Never sent: give the capacity back.
                     if let Err(e) = self.db.release(grant.reservation_id).await {
                         warn!(reservation = grant.reservation_id, error = %e, "release failed");
                     }
-                    return Err(Failure::Caller(msg));
+                    return Err(refused);
                 }
             };
             // Until the answer says otherwise, the call may cost all it holds: a call whose
@@ -593,10 +616,7 @@ impl Gateway {
             let mut held = Held {
                 db: self.db.clone(),
                 reservation_id: grant.reservation_id,
-                usage: Usage {
-                    prompt_tokens: plan.prompt_est,
-                    completion_tokens: plan.est - plan.prompt_est,
-                },
+                usage: Usage::new(plan.prompt_est, plan.est - plan.prompt_est),
                 armed: true,
             };
             let call_timeout = self.settings.provider_timeout.min(remaining(plan.deadline));
@@ -1139,16 +1159,13 @@ fn usage_in(body: &[u8]) -> Usage {
     };
     let n = |v: Option<i64>| v.unwrap_or(0).clamp(0, 1_000_000_000);
     if let Some(u) = a.usageMetadata {
-        return Usage {
-            prompt_tokens: n(u.promptTokenCount),
-            completion_tokens: n(u.candidatesTokenCount),
-        };
+        return Usage::new(n(u.promptTokenCount), n(u.candidatesTokenCount));
     }
     let u = a.usage.unwrap_or_default();
-    Usage {
-        prompt_tokens: n(u.prompt_tokens) + n(u.input_tokens),
-        completion_tokens: n(u.completion_tokens) + n(u.output_tokens),
-    }
+    Usage::new(
+        n(u.prompt_tokens) + n(u.input_tokens),
+        n(u.completion_tokens) + n(u.output_tokens),
+    )
 }
 
 struct StreamLog {
@@ -1181,17 +1198,14 @@ struct Relay {
 impl Relay {
     /// Usage as the provider reported it; what it did not report is counted from the stream.
     fn usage(&self) -> Usage {
-        let counted = openai::count_tokens(self.translator.generated_chars());
+        let counted = openai::count_tokens(self.translator.generated_bytes());
         match self.translator.reported_usage() {
             Some(u) if u.completion_tokens > 0 || counted == 0 => u,
             Some(u) => Usage {
-                prompt_tokens: u.prompt_tokens,
                 completion_tokens: counted,
+                ..u
             },
-            None => Usage {
-                prompt_tokens: self.held.usage.prompt_tokens,
-                completion_tokens: counted,
-            },
+            None => Usage::new(self.held.usage.prompt_tokens, counted),
         }
     }
 

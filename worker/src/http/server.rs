@@ -32,6 +32,7 @@ use crate::db::Allocation;
 use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, ProxyJob, Served};
 use crate::http::auth::{self};
 use crate::http::credentials::Principal;
+use crate::protocol::conversation::CarryError;
 use crate::protocol::openai::{check_model_name, error_body, ChatRequest, EmbeddingsRequest};
 
 pub fn router(endpoint: Arc<Endpoint>) -> Router {
@@ -424,6 +425,11 @@ pub fn failure_response(pool: &str, f: Failure) -> Response {
                 "server_error"
             };
             let mut resp = error(status, &message, kind, Some(&refusal.code));
+            if matches!(refusal.code.as_str(), "QUOTA_EXCEEDED" | "BUDGET_EXCEEDED") {
+                // Nothing changes before the day or the period ends: the official clients, which
+                // retry a 429 on their own, are told not to.
+                set(resp.headers_mut(), "x-should-retry", "false");
+            }
             allocation_headers(resp.headers_mut(), &refusal.allocation);
             if let Some(ms) = refusal.retry_after_ms {
                 retry_headers(resp.headers_mut(), ms);
@@ -431,6 +437,14 @@ pub fn failure_response(pool: &str, f: Failure) -> Response {
             resp
         }
         Failure::Caller(m) => error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None),
+        Failure::Unsupported { field, provider } => {
+            let e = CarryError::Unsupported { field, provider };
+            let mut body = error_body(&e.message(), "invalid_request_error", Some("unsupported_parameter"));
+            if let CarryError::Unsupported { field, .. } = e {
+                body["error"]["param"] = Value::String(field);
+            }
+            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+        }
         Failure::UnknownPool(p) => error(
             StatusCode::NOT_FOUND,
             &format!("pool \"{p}\" does not exist"),

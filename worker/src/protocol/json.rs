@@ -8,6 +8,7 @@
 //! A body passed on to a provider of the same format is re-assembled from the original bytes
 //! with only the members the worker must change changed ([`Object::render`]).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -193,6 +194,38 @@ fn render(raw: &[u8], members: &[Member], changes: &[(&str, Option<&str>)]) -> V
 pub fn render_nested(text: &str, changes: &[(&str, Option<&str>)]) -> Result<String, String> {
     let members = index(text.as_bytes())?;
     String::from_utf8(render(text.as_bytes(), &members, changes)).map_err(|e| e.to_string())
+}
+
+/// A string borrowed from the body when it has no escapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text<'a>(pub Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// JSON text borrowed from the body: any value, kept as it was written.
+pub fn raw<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Cow<'de, str>, A::Error> {
+    let v: &'de RawValue = map.next_value()?;
+    Ok(Cow::Borrowed(v.get()))
 }
 
 /// A list read with at most `N` items: longer lists are refused while they are read, before

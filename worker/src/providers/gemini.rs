@@ -1,106 +1,40 @@
 //! Gemini's native API: `models/{model}:generateContent` (and `:streamGenerateContent?alt=sse`),
-//! key in `x-goog-api-key`. Requests and answers are translated from and to OpenAI's shape.
-//! Errors carry their meaning in `details`: `ErrorInfo.reason` (API_KEY_INVALID), the
-//! `QuotaFailure` quota id (per minute or per day), and `RetryInfo.retryDelay`.
+//! key in `x-goog-api-key`; bodies in its dialect (protocol::gemini). Embeddings through
+//! `:batchEmbedContents`. Errors carry their meaning in `details`: `ErrorInfo.reason`
+//! (API_KEY_INVALID), the `QuotaFailure` quota id (per minute or per day), and
+//! `RetryInfo.retryDelay`.
 
 use base64::Engine;
 use bytes::Bytes;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use super::{content_pieces, Completion, Embeddings, KeyRef, Piece, ProviderError, Translate};
+use super::{Embeddings, KeyRef, ProviderError};
 use crate::duration;
-use crate::protocol::openai::{self, ChatRequest, EmbeddingInput, EmbeddingsRequest, Usage};
-use crate::protocol::sse;
+use crate::protocol::openai::{EmbeddingInput, EmbeddingsRequest};
 
-/// The model's segment of the URL: the key's model, else the one requested (checked by the
-/// endpoint), escaped so that it stays one path segment whatever it holds.
-fn model_path(key: &KeyRef, requested: Option<&str>) -> Result<String, String> {
+/// The model a call asks for: the key's, else the one requested (checked by the endpoint),
+/// without Gemini's `models/` prefix.
+pub fn model_name<'a>(key: &'a KeyRef, requested: Option<&'a str>) -> Result<&'a str, String> {
     let model = key
         .model_for(requested)
         .ok_or_else(|| format!("Gemini key {} has no model and the request names none", key.id))?;
-    Ok(super::percent_encoded(model.strip_prefix("models/").unwrap_or(model)))
+    Ok(model.strip_prefix("models/").unwrap_or(model))
 }
 
-/// The request body in Gemini's shape. `output_cap`: `maxOutputTokens` when the app set none.
-pub fn body(req: &ChatRequest, output_cap: Option<u64>) -> Result<Value, String> {
-    let mut system: Vec<Value> = Vec::new();
-    let mut contents: Vec<Value> = Vec::new();
-    for m in req.messages()? {
-        let parts: Vec<Value> = content_pieces(&m.content)?
-            .into_iter()
-            .map(|p| match p {
-                Piece::Text(t) => json!({"text": t}),
-                Piece::Image { mime, data } => json!({"inlineData": {"mimeType": mime, "data": data}}),
-            })
-            .collect();
-        match m.role.as_ref() {
-            "system" | "developer" => system.extend(parts),
-            "user" => contents.push(json!({"role": "user", "parts": parts})),
-            "assistant" => contents.push(json!({"role": "model", "parts": parts})),
-            other => {
-                return Err(format!(
-                    "messages with role \"{}\" are not supported with native Gemini keys \
-                     (give the key the base URL of Gemini's OpenAI-compatible endpoint, .../v1beta/openai)",
-                    other.chars().take(40).collect::<String>()
-                ))
-            }
-        }
-    }
-    let mut out = Map::new();
-    out.insert("contents".into(), Value::Array(contents));
-    if !system.is_empty() {
-        out.insert("systemInstruction".into(), json!({"parts": system}));
-    }
-    let sampling = req.sampling()?;
-    let mut config = Map::new();
-    if let Some(n) = req.max_tokens().or(output_cap) {
-        config.insert("maxOutputTokens".into(), json!(n));
-    }
-    let numbers = [
-        ("temperature", sampling.temperature),
-        ("topP", sampling.top_p),
-        ("presencePenalty", sampling.presence_penalty),
-        ("frequencyPenalty", sampling.frequency_penalty),
-    ];
-    for (to, v) in numbers {
-        if let Some(v) = v {
-            config.insert(to.into(), json!(v));
-        }
-    }
-    if req.choices() > 1 {
-        config.insert("candidateCount".into(), json!(req.choices()));
-    }
-    if let Some(seed) = sampling.seed {
-        config.insert("seed".into(), json!(seed));
-    }
-    if !sampling.stop.is_empty() {
-        config.insert("stopSequences".into(), json!(sampling.stop));
-    }
-    if sampling.response_format.as_deref() == Some("json_object") {
-        config.insert("responseMimeType".into(), json!("application/json"));
-    }
-    if !config.is_empty() {
-        out.insert("generationConfig".into(), Value::Object(config));
-    }
-    Ok(Value::Object(out))
-}
-
-/// The request body in Gemini's shape, as JSON bytes.
-pub fn chat_body(req: &ChatRequest, output_cap: Option<u64>) -> Result<Bytes, String> {
-    serde_json::to_vec(&body(req, output_cap)?)
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
+/// The model's segment of the URL, escaped so that it stays one path segment whatever it holds.
+fn model_path(key: &KeyRef, requested: Option<&str>) -> Result<String, String> {
+    Ok(super::percent_encoded(model_name(key, requested)?))
 }
 
 /// `models/{model}:generateContent` (or `:streamGenerateContent?alt=sse`) with `body`.
 pub fn chat_request(
     http: &reqwest::Client,
     key: &KeyRef,
-    req: &ChatRequest,
+    requested: Option<&str>,
     stream: bool,
     body: Bytes,
 ) -> Result<reqwest::RequestBuilder, String> {
-    let model = model_path(key, req.model())?;
+    let model = model_path(key, requested)?;
     let base = key.base_url.trim_end_matches('/');
     let url = if stream {
         format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
@@ -223,194 +157,9 @@ pub fn read_error(v: &Value) -> ProviderError {
     }
 }
 
-fn finish_reason(gemini: &str) -> &'static str {
-    match gemini {
-        "MAX_TOKENS" => "length",
-        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" => "content_filter",
-        _ => "stop",
-    }
-}
-
-fn candidate_text(c: &Value) -> String {
-    c.get("content")
-        .and_then(|c| c.get("parts"))
-        .and_then(Value::as_array)
-        .map(|parts| {
-            parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect::<String>()
-        })
-        .unwrap_or_default()
-}
-
-/// Gemini counts thoughts apart; they are output the key paid for.
-fn usage_of(v: &Value) -> Option<Usage> {
-    let m = v.get("usageMetadata")?;
-    let n = |f: &str| m.get(f).and_then(Value::as_i64).unwrap_or(0);
-    Some(Usage {
-        prompt_tokens: n("promptTokenCount"),
-        completion_tokens: n("candidatesTokenCount") + n("thoughtsTokenCount"),
-    })
-}
-
-pub fn read_completion(body: &[u8], shown_model: &str) -> Result<Completion, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("Gemini's answer is not JSON: {e}"))?;
-    let candidates = v
-        .get("candidates")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let usage = usage_of(&v);
-    let id = openai::completion_id();
-    let choices: Vec<Value> = candidates
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            json!({
-                "index": i,
-                "message": {"role": "assistant", "content": candidate_text(c)},
-                "finish_reason": finish_reason(c.get("finishReason").and_then(Value::as_str).unwrap_or("STOP")),
-                "logprobs": Value::Null,
-            })
-        })
-        .collect();
-    let generated_chars = candidates.iter().map(|c| candidate_text(c).chars().count()).sum();
-    let u = usage.unwrap_or_default();
-    let answer = json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": openai::unix_now(),
-        "model": shown_model,
-        "choices": choices,
-        "usage": openai::usage_json(u),
-    });
-    Ok(Completion {
-        body: Bytes::from(answer.to_string()),
-        usage,
-        generated_chars,
-    })
-}
-
-/// `streamGenerateContent?alt=sse` events (each a `GenerateContentResponse`) as OpenAI chunks.
-pub struct StreamTranslator {
-    id: String,
-    model: String,
-    created: u64,
-    wants_usage: bool,
-    started: bool,
-    finished: bool,
-    usage: Option<Usage>,
-    chars: usize,
-}
-
-impl StreamTranslator {
-    pub fn new(model: &str, wants_usage: bool) -> StreamTranslator {
-        StreamTranslator {
-            id: openai::completion_id(),
-            model: model.to_string(),
-            created: openai::unix_now(),
-            wants_usage,
-            started: false,
-            finished: false,
-            usage: None,
-            chars: 0,
-        }
-    }
-
-    fn push(&self, delta: Value, finish: Option<&str>, out: &mut Vec<Bytes>) {
-        out.push(sse::data(
-            &openai::chunk(&self.id, &self.model, self.created, delta, finish).to_string(),
-        ));
-    }
-}
-
-impl Translate for StreamTranslator {
-    fn event(&mut self, ev: sse::Event, out: &mut Vec<Bytes>) {
-        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
-            return;
-        };
-        if let Some(e) = v.get("error") {
-            out.push(sse::data(&json!({"error": e}).to_string()));
-            return;
-        }
-        if let Some(u) = usage_of(&v) {
-            self.usage = Some(u);
-        }
-        let Some(c) = v.get("candidates").and_then(Value::as_array).and_then(|c| c.first()) else {
-            return;
-        };
-        if !self.started {
-            self.started = true;
-            self.push(json!({"role": "assistant", "content": ""}), None, out);
-        }
-        let text = candidate_text(c);
-        if !text.is_empty() {
-            self.chars += text.chars().count();
-            self.push(json!({"content": text}), None, out);
-        }
-        if let Some(reason) = c.get("finishReason").and_then(Value::as_str) {
-            self.finished = true;
-            self.push(json!({}), Some(finish_reason(reason)), out);
-        }
-    }
-
-    fn finish(&mut self, usage: Usage, out: &mut Vec<Bytes>) {
-        if self.wants_usage {
-            out.push(sse::data(
-                &openai::usage_chunk(&self.id, &self.model, self.created, usage).to_string(),
-            ));
-        }
-        out.push(sse::data("[DONE]"));
-    }
-
-    fn reported_usage(&self) -> Option<Usage> {
-        self.usage
-    }
-
-    fn generated_chars(&self) -> usize {
-        self.chars
-    }
-
-    fn completed(&self) -> bool {
-        self.finished
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_translation() {
-        let req = ChatRequest::parse(bytes::Bytes::from_static(
-            br#"{"model":"chat","max_tokens":50,"temperature":0.2,"stop":"END",
-                "messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"},
-                            {"role":"assistant","content":"hello"},{"role":"user","content":[{"type":"text","text":"more"}]}]}"#,
-        ))
-        .unwrap();
-        let b = body(&req, None).unwrap();
-        assert_eq!(b["systemInstruction"]["parts"][0]["text"], "be brief");
-        assert_eq!(b["contents"].as_array().unwrap().len(), 3);
-        assert_eq!(b["contents"][1]["role"], "model");
-        assert_eq!(b["contents"][2]["parts"][0]["text"], "more");
-        assert_eq!(b["generationConfig"]["maxOutputTokens"], 50);
-        assert_eq!(b["generationConfig"]["stopSequences"][0], "END");
-        let tool = ChatRequest::parse(bytes::Bytes::from_static(
-            br#"{"messages":[{"role":"tool","content":"x"}]}"#,
-        ))
-        .unwrap();
-        assert!(body(&tool, None).unwrap_err().contains("tool"));
-        // A budget's cap when the app set none; the app's own when it did.
-        let uncapped = ChatRequest::parse(bytes::Bytes::from_static(
-            br#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
-        ))
-        .unwrap();
-        let b = body(&uncapped, Some(77)).unwrap();
-        assert_eq!(b["generationConfig"]["maxOutputTokens"], 77);
-        assert_eq!(b["generationConfig"]["candidateCount"], 2);
-        assert_eq!(body(&req, Some(77)).unwrap()["generationConfig"]["maxOutputTokens"], 50);
-    }
 
     #[test]
     fn a_model_name_stays_one_path_segment() {
@@ -422,16 +171,12 @@ mod tests {
             secret: "AIza-test".into(),
             label: String::new(),
         };
-        let req = ChatRequest::parse(bytes::Bytes::from_static(
-            br#"{"model":"../../_mock/reset?","messages":[{"role":"user","content":"x"}]}"#,
-        ))
-        .unwrap();
         let built = chat_request(
             &reqwest::Client::new(),
             &key,
-            &req,
+            Some("../../_mock/reset?"),
             false,
-            chat_body(&req, None).unwrap(),
+            Bytes::from_static(b"{}"),
         )
         .unwrap()
         .build()
@@ -466,26 +211,5 @@ mod tests {
         assert_eq!(e.retry_after_ms, Some(26_000));
         let bare: Value = serde_json::from_str(r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED"}}"#).unwrap();
         assert_eq!(read_error(&bare).code.as_deref(), Some("RESOURCE_EXHAUSTED"));
-    }
-
-    #[test]
-    fn answer_translation() {
-        let c = read_completion(
-            br#"{"candidates":[{"content":{"parts":[{"text":"Hel"},{"text":"lo"}],"role":"model"},"finishReason":"MAX_TOKENS"}],
-                "usageMetadata":{"promptTokenCount":7,"candidatesTokenCount":2,"thoughtsTokenCount":3,"totalTokenCount":12}}"#,
-            "gemini-2.5-flash",
-        )
-        .unwrap();
-        let v: Value = serde_json::from_slice(&c.body).unwrap();
-        assert_eq!(v["choices"][0]["message"]["content"], "Hello");
-        assert_eq!(v["choices"][0]["finish_reason"], "length");
-        assert_eq!(v["usage"]["completion_tokens"], 5);
-        assert_eq!(
-            c.usage,
-            Some(Usage {
-                prompt_tokens: 7,
-                completion_tokens: 5
-            })
-        );
     }
 }

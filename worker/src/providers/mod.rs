@@ -1,6 +1,7 @@
-//! Providers: for each wire format, how a chat request is built and authenticated, how usage is
-//! read from the answer, and what an error answer says (its code and retry delay, which
-//! `keypool_settle` turns into an outcome; the worker does not judge errors itself).
+//! Providers: what differs per provider: its address and authentication, which dialect its
+//! bodies are in (rendered and read by `protocol`), and what an error answer says (its code and
+//! retry delay, which `keypool_settle` turns into an outcome; the worker does not judge errors
+//! itself).
 //!
 //! - [`openai_style`]: OpenAI, xAI, Ollama, any OpenAI-compatible base URL, and Gemini's
 //!   OpenAI-compatible endpoint (a Gemini key whose base URL ends in `/openai`)
@@ -19,8 +20,11 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use crate::duration;
-use crate::protocol::openai::{ChatRequest, Content, EmbeddingsRequest, Part, Usage};
-use crate::protocol::sse;
+use crate::protocol::conversation::{Answer, CarryError, Conversation, Usage};
+use crate::protocol::openai::chat_render::{self, ChunkWriter};
+use crate::protocol::openai::{self, ChatRequest, EmbeddingsRequest};
+use crate::protocol::stream::{Reader, Translate, Translated, Writer};
+use crate::protocol::{anthropic as anthropic_dialect, gemini as gemini_dialect};
 
 /// A key granted by `keypool_reserve`, with what is needed to call its provider.
 #[derive(Clone)]
@@ -105,24 +109,42 @@ impl BodyShape {
     }
 }
 
-/// The body of a chat call to `key`'s provider. `output_cap`, when given, is the most tokens
-/// each choice may generate, set on the request when the app set none (a spend budget holds
-/// only that much). The error is the caller's (HTTP 400).
-pub fn chat_body(
+/// The body of a chat call to `key`'s provider: the app's own body changed only where the
+/// worker must when the provider speaks its dialect, else the request read as a conversation
+/// (`conversation`, made on first need and shared by all attempts) rendered in the provider's.
+/// `output_cap`, when given, is the most tokens each choice may generate, set on the request
+/// when the app set none (a spend budget holds only that much). The error is the caller's.
+pub fn chat_body<'c>(
     key: &KeyRef,
     req: &ChatRequest,
+    conversation: impl FnOnce() -> &'c Result<Conversation<'c>, String>,
     stream: bool,
     default_max_tokens: u32,
     output_cap: Option<u64>,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, CarryError> {
+    let translated = |render: &dyn Fn(&Conversation<'_>) -> Result<Vec<u8>, CarryError>| {
+        let c = conversation().as_ref().map_err(|e| CarryError::Invalid(e.clone()))?;
+        render(c).map(Bytes::from)
+    };
     match key.wire() {
         Wire::OpenAi => Ok(openai_style::chat_body(key, req, stream, output_cap)),
-        Wire::Gemini => gemini::chat_body(req, output_cap),
-        Wire::Anthropic => anthropic::chat_body(key, req, stream, default_max_tokens),
-        Wire::Http => Err(format!(
+        Wire::Gemini => {
+            let model = gemini::model_name(key, req.model()).map_err(CarryError::Invalid)?;
+            translated(&|c| gemini_dialect::request(c, model, output_cap))
+        }
+        Wire::Anthropic => {
+            let model = key.model_for(req.model()).ok_or_else(|| {
+                CarryError::Invalid(format!(
+                    "Anthropic key {} has no model and the request names none",
+                    key.id
+                ))
+            })?;
+            translated(&|c| anthropic_dialect::request(c, model, stream, output_cap, default_max_tokens as u64))
+        }
+        Wire::Http => Err(CarryError::Invalid(format!(
             "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
             key.id, key.label
-        )),
+        ))),
     }
 }
 
@@ -136,7 +158,7 @@ pub fn chat_request(
 ) -> Result<reqwest::RequestBuilder, String> {
     match key.wire() {
         Wire::OpenAi => Ok(openai_style::chat_request(http, key, body)),
-        Wire::Gemini => gemini::chat_request(http, key, req, stream, body),
+        Wire::Gemini => gemini::chat_request(http, key, req.model(), stream, body),
         Wire::Anthropic => Ok(anthropic::chat_request(http, key, body)),
         Wire::Http => Err(format!(
             "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
@@ -234,46 +256,55 @@ fn clamp_ms(ms: f64) -> i64 {
     }
 }
 
-/// A 2xx chat answer turned into OpenAI's shape, with the usage it reports.
+/// A 2xx chat answer in the app's shape, and the usage to settle.
 pub struct Completion {
     pub body: Bytes,
-    pub usage: Option<Usage>,
-    pub generated_chars: usize,
+    pub usage: Usage,
 }
 
 /// Reads a 2xx chat answer. `shown_model` is the model name the app sees in translated
-/// answers.
-pub fn read_completion(key: &KeyRef, body: Bytes, shown_model: &str) -> Result<Completion, String> {
+/// answers; `prompt_est` the prompt's tokens, settled when the provider reports none (the
+/// output is then counted from what was generated).
+pub fn read_completion(key: &KeyRef, body: Bytes, shown_model: &str, prompt_est: i64) -> Result<Completion, String> {
+    let translated = |answer: Answer| {
+        let usage = answer
+            .usage
+            .unwrap_or_else(|| Usage::new(prompt_est, openai::count_tokens(answer.generated_bytes())));
+        Completion {
+            body: chat_render::completion(
+                &answer,
+                &openai::completion_id(),
+                shown_model,
+                openai::unix_now(),
+                usage,
+            ),
+            usage,
+        }
+    };
     match key.wire() {
-        Wire::OpenAi => openai_style::read_completion(body),
-        Wire::Gemini => gemini::read_completion(&body, shown_model),
-        Wire::Anthropic => anthropic::read_completion(&body, shown_model),
+        Wire::OpenAi => openai_style::read_completion(body, prompt_est),
+        Wire::Gemini => gemini_dialect::answer(&body).map(translated),
+        Wire::Anthropic => anthropic_dialect::answer(&body).map(translated),
         Wire::Http => Ok(Completion {
             body,
-            usage: None,
-            generated_chars: 0,
+            usage: Usage::new(prompt_est, 0),
         }),
     }
 }
 
-/// Turns a provider's event stream into OpenAI's, event by event.
-pub trait Translate: Send {
-    /// Handles one upstream event, pushing what the app should receive.
-    fn event(&mut self, ev: sse::Event, out: &mut Vec<Bytes>);
-    /// The upstream stream ended: pushes the closing events.
-    fn finish(&mut self, usage: Usage, out: &mut Vec<Bytes>);
-    /// Usage as the provider reported it, if it did.
-    fn reported_usage(&self) -> Option<Usage>;
-    /// Characters of generated text seen so far (to count usage a provider did not report).
-    fn generated_chars(&self) -> usize;
-    /// Whether the upstream said the answer is complete.
-    fn completed(&self) -> bool;
-}
-
+/// Turns `key`'s provider's event stream into OpenAI chat chunks.
 pub fn stream_translator(key: &KeyRef, shown_model: &str, wants_usage: bool) -> Box<dyn Translate> {
+    let writer = || {
+        Writer::OpenAiChat(ChunkWriter::new(
+            openai::completion_id(),
+            shown_model.to_string(),
+            openai::unix_now(),
+            wants_usage,
+        ))
+    };
     match key.wire() {
-        Wire::Gemini => Box::new(gemini::StreamTranslator::new(shown_model, wants_usage)),
-        Wire::Anthropic => Box::new(anthropic::StreamTranslator::new(shown_model, wants_usage)),
+        Wire::Gemini => Box::new(Translated::new(Reader::Gemini(Default::default()), writer())),
+        Wire::Anthropic => Box::new(Translated::new(Reader::Anthropic(Default::default()), writer())),
         Wire::OpenAi | Wire::Http => Box::new(openai_style::Passthrough::new(wants_usage)),
     }
 }
@@ -288,41 +319,6 @@ pub fn list_models_request(http: &reqwest::Client, key: &KeyRef) -> Option<reqwe
         Wire::Anthropic => Some(anthropic::list_models_request(http, key)),
         Wire::Http => None,
     }
-}
-
-/// The pieces of a message, for the translating providers: texts, and images given as `data:`
-/// URLs (the providers that translate take no image addresses).
-pub(crate) fn content_pieces(content: &Content<'_>) -> Result<Vec<Piece>, String> {
-    match content {
-        Content::None => Ok(Vec::new()),
-        Content::Text(s) => Ok(vec![Piece::Text(s.to_string())]),
-        Content::Parts(parts) => parts
-            .iter()
-            .map(|p| match p {
-                Part::Text(t) => Ok(Piece::Text(t.to_string())),
-                Part::Image(url) => parse_data_url(url)
-                    .ok_or_else(|| "only data: URLs (base64) are supported for images with this provider".to_string()),
-                Part::Other(kind) => Err(format!(
-                    "content part type {kind:?} is not supported with this provider"
-                )),
-            })
-            .collect(),
-    }
-}
-
-pub(crate) enum Piece {
-    Text(String),
-    Image { mime: String, data: String },
-}
-
-fn parse_data_url(url: &str) -> Option<Piece> {
-    let rest = url.strip_prefix("data:")?;
-    let (meta, data) = rest.split_once(',')?;
-    let mime = meta.strip_suffix(";base64")?;
-    Some(Piece::Image {
-        mime: mime.to_string(),
-        data: data.to_string(),
-    })
 }
 
 /// Percent-encodes anything but `A-Z a-z 0-9 - . _ ~`: one path segment of a provider URL, or a

@@ -6,10 +6,11 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Completion, Embeddings, KeyRef, ProviderError, Translate};
+use super::{Completion, Embeddings, KeyRef, ProviderError};
 use crate::protocol::json;
-use crate::protocol::openai::{ChatRequest, EmbeddingsRequest, Usage, WireUsage};
+use crate::protocol::openai::{self, ChatRequest, EmbeddingsRequest, Usage, WireUsage};
 use crate::protocol::sse;
+use crate::protocol::stream::Translate;
 
 /// The base URL that `chat/completions` and `models` hang off.
 fn api_base(key: &KeyRef) -> String {
@@ -146,20 +147,20 @@ struct MessageText {
 
 /// The answer passes through unchanged; only its usage (and length, in case there is none) is
 /// read.
-pub fn read_completion(body: Bytes) -> Result<Completion, String> {
+pub fn read_completion(body: Bytes, prompt_est: i64) -> Result<Completion, String> {
     let parsed: UsageOnly =
         serde_json::from_slice(&body).map_err(|e| format!("the provider's answer is not JSON: {e}"))?;
-    let generated_chars = parsed
+    let generated: usize = parsed
         .choices
         .iter()
         .filter_map(|c| c.message.as_ref().and_then(|m| m.content.as_ref()))
-        .map(|s| s.chars().count())
+        .map(String::len)
         .sum();
-    Ok(Completion {
-        usage: parsed.usage.and_then(|u| u.usage()),
-        body,
-        generated_chars,
-    })
+    let usage = parsed
+        .usage
+        .and_then(|u| u.usage())
+        .unwrap_or_else(|| Usage::new(prompt_est, openai::count_tokens(generated)));
+    Ok(Completion { usage, body })
 }
 
 /// Passes an OpenAI stream through event by event, reading the usage chunk (which the worker
@@ -167,7 +168,7 @@ pub fn read_completion(body: Bytes) -> Result<Completion, String> {
 pub struct Passthrough {
     wants_usage: bool,
     usage: Option<Usage>,
-    chars: usize,
+    generated: usize,
     done: bool,
 }
 
@@ -176,7 +177,7 @@ impl Passthrough {
         Passthrough {
             wants_usage,
             usage: None,
-            chars: 0,
+            generated: 0,
             done: false,
         }
     }
@@ -190,11 +191,11 @@ impl Translate for Passthrough {
             return;
         }
         if let Ok(chunk) = serde_json::from_str::<UsageOnly>(&ev.data) {
-            self.chars += chunk
+            self.generated += chunk
                 .choices
                 .iter()
                 .filter_map(|c| c.delta.as_ref().and_then(|d| d.content.as_ref()))
-                .map(|s| s.chars().count())
+                .map(String::len)
                 .sum::<usize>();
             if let Some(u) = chunk.usage.and_then(|u| u.usage()) {
                 self.usage = Some(u);
@@ -212,8 +213,8 @@ impl Translate for Passthrough {
         self.usage
     }
 
-    fn generated_chars(&self) -> usize {
-        self.chars
+    fn generated_bytes(&self) -> usize {
+        self.generated
     }
 
     fn completed(&self) -> bool {
@@ -245,14 +246,8 @@ mod tests {
             );
             p.event(event("[DONE]"), &mut out);
             assert_eq!(out.len(), if wants { 3 } else { 2 });
-            assert_eq!(
-                p.reported_usage(),
-                Some(Usage {
-                    prompt_tokens: 3,
-                    completion_tokens: 2
-                })
-            );
-            assert_eq!(p.generated_chars(), 5);
+            assert_eq!(p.reported_usage(), Some(Usage::new(3, 2)));
+            assert_eq!(p.generated_bytes(), 5);
             assert!(p.completed());
         }
     }

@@ -1,12 +1,18 @@
 //! `keypool-worker mock-provider`: a local stand-in for OpenAI, Gemini, Anthropic and a SERP-like
 //! API, so that the demo, the tests and the benchmarks run without any real provider.
 //!
+//! Chat in three formats (OpenAI's `chat/completions`, Gemini's `generateContent` and
+//! `streamGenerateContent`, Anthropic's `messages`; `openai`, `gemini`, `anthropic`), each read
+//! into one provider-neutral question whose answer is decided once (`script`): plain text, tool
+//! calls and answers that quote tool results, JSON that follows a requested schema, reasoning
+//! tokens when reasoning is asked for; streamed and not. Usage: prompt tokens are the prompt
+//! text's characters divided by four (rounded up), output tokens the reply's words (a tool
+//! call's JSON / 4), reasoning apart. Each format checks what its provider checks: tool results
+//! answering calls of the turn before, Gemini 3's thought signatures on function calls, Anthropic's
+//! tool ids and signed thinking before a tool use, thinking budgets.
+//!
 //! Embeddings (`/v1/embeddings`, Gemini's `:batchEmbedContents`) are 8 numbers (or
 //! `dimensions`) derived from each input's text; OpenAI-style answers report prompt tokens.
-//!
-//! Answers are deterministic: the reply is the first `min(reply_words, max_tokens)` words of a
-//! fixed text, completion tokens are its word count, prompt tokens are the prompt's characters
-//! divided by four (rounded up). Streams send one event per word.
 //!
 //! Failures, by the key's secret (always on): a secret containing `invalid` is rejected (401, or
 //! Gemini's 400 API_KEY_INVALID), `ratelimited` gets 429 with a retry delay, `daily` a per-day
@@ -33,6 +39,11 @@
 // Handlers return early with a ready HTTP answer; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
 
+mod anthropic;
+mod gemini;
+mod openai;
+mod script;
+
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -50,33 +61,6 @@ use serde_json::{json, Value};
 
 use crate::config::MockArgs;
 use keypool_mask::mask;
-
-const WORDS: &[&str] = &[
-    "This",
-    "is",
-    "a",
-    "mock",
-    "reply",
-    "from",
-    "the",
-    "pg_keypool",
-    "mock",
-    "provider,",
-    "with",
-    "words",
-    "that",
-    "never",
-    "change",
-    "so",
-    "that",
-    "tests",
-    "can",
-    "count",
-    "every",
-    "token",
-    "they",
-    "settle.",
-];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Wire {
@@ -137,6 +121,18 @@ struct Fault {
     retry_after_s: f64,
     location: Option<String>,
     path: Option<String>,
+}
+
+/// An error answer in `wire`'s shape for a request the mock refuses as its provider would.
+fn invalid(wire: Wire, message: &str) -> Response {
+    let body = match wire {
+        Wire::Gemini => json!({"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}),
+        Wire::Anthropic => json!({"type": "error", "error": {"type": "invalid_request_error", "message": message}}),
+        Wire::OpenAi | Wire::Serp => {
+            json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}})
+        }
+    };
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
 /// The failure a request gets.
@@ -253,31 +249,6 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
-}
-
-fn text_of(v: Option<&Value>) -> String {
-    crate::protocol::openai::text_of(v)
-}
-
-fn prompt_tokens(chars: usize) -> i64 {
-    ((chars as i64) + 3) / 4
-}
-
-/// The reply's words for a request allowing `max_tokens`.
-fn reply(words: usize, max_tokens: Option<u64>) -> (Vec<&'static str>, bool) {
-    let n = words
-        .min(max_tokens.unwrap_or(u64::MAX).min(usize::MAX as u64) as usize)
-        .max(1);
-    let out: Vec<&str> = WORDS.iter().cycle().take(n).copied().collect();
-    (out, n < words)
-}
-
-fn piece(words: &[&str], i: usize) -> String {
-    if i + 1 < words.len() {
-        format!("{} ", words[i])
-    } else {
-        words[i].to_string()
-    }
 }
 
 async fn pause(d: Duration) {
@@ -492,83 +463,6 @@ fn parse_json(body: &Bytes) -> Result<Value, Response> {
     })
 }
 
-async fn openai_chat(State(mock): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let req = match parse_json(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    if let Err(r) = start(
-        &mock,
-        Wire::OpenAi,
-        "/v1/chat/completions",
-        bearer(&headers),
-        &req,
-        &headers,
-    )
-    .await
-    {
-        return r;
-    }
-    let Some(messages) = req.get("messages").and_then(Value::as_array) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": {"message": "'messages' is a required property", "type": "invalid_request_error", "param": "messages", "code": null}})),
-        )
-            .into_response();
-    };
-    let chars: usize = messages.iter().map(|m| text_of(m.get("content")).chars().count()).sum();
-    let prompt = prompt_tokens(chars);
-    let max = req
-        .get("max_completion_tokens")
-        .or(req.get("max_tokens"))
-        .and_then(Value::as_u64);
-    let (words, cut) = reply(mock.reply_words, max);
-    let model = req
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock-model")
-        .to_string();
-    let finish = if cut { "length" } else { "stop" };
-    let id = format!("chatcmpl-mock{}", mock.next_id.fetch_add(1, Ordering::Relaxed));
-    let usage =
-        json!({"prompt_tokens": prompt, "completion_tokens": words.len(), "total_tokens": prompt + words.len() as i64});
-    if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        let chunk = |delta: Value, finish: Option<&str>| {
-            format!(
-                "data: {}\n\n",
-                json!({"id": id, "object": "chat.completion.chunk", "created": 1, "model": model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-            )
-        };
-        let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
-        for i in 0..words.len() {
-            events.push(chunk(json!({"content": piece(&words, i)}), None));
-        }
-        events.push(chunk(json!({}), Some(finish)));
-        let include_usage = req
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            == Some(true);
-        if include_usage {
-            events.push(format!(
-                "data: {}\n\n",
-                json!({"id": id, "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [], "usage": usage})
-            ));
-        }
-        events.push("data: [DONE]\n\n".into());
-        return sse_body(events, mock.stream_delay);
-    }
-    let text: String = words.join(" ");
-    Json(json!({
-        "id": id, "object": "chat.completion", "created": 1, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": usage,
-    }))
-    .into_response()
-}
-
-/// A deterministic embedding of `text`: `dims` numbers in [-1, 1].
 fn embedding_of(text: &str, dims: usize) -> Vec<f64> {
     (0..dims)
         .map(|i| {
@@ -587,292 +481,6 @@ fn mock_dims(req: &Value, field: &str) -> usize {
     req.get(field)
         .and_then(Value::as_u64)
         .map_or(8, |d| d.clamp(1, 4096) as usize)
-}
-
-async fn openai_embeddings(State(mock): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let req = match parse_json(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    if let Err(r) = start(&mock, Wire::OpenAi, "/v1/embeddings", bearer(&headers), &req, &headers).await {
-        return r;
-    }
-    let inputs: Vec<String> = match req.get("input") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) if !items.is_empty() => items
-            .iter()
-            .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
-            .collect(),
-        _ => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": {"message": "'input' is a required property", "type": "invalid_request_error", "param": "input", "code": null}})),
-            )
-                .into_response()
-        }
-    };
-    let dims = mock_dims(&req, "dimensions");
-    let base64 = req.get("encoding_format").and_then(Value::as_str) == Some("base64");
-    let data: Vec<Value> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let v = embedding_of(t, dims);
-            let embedding = if base64 {
-                use base64::Engine;
-                let raw: Vec<u8> = v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(raw))
-            } else {
-                json!(v)
-            };
-            json!({"object": "embedding", "index": i, "embedding": embedding})
-        })
-        .collect();
-    let tokens: i64 = inputs.iter().map(|t| prompt_tokens(t.chars().count())).sum();
-    let model = req
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("text-embedding-3-small");
-    Json(json!({"object": "list", "data": data, "model": model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
-    .into_response()
-}
-
-async fn models(State(mock): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(key) = header(&headers, "x-api-key") {
-        if let Err(r) = start(&mock, Wire::Anthropic, "/v1/models", Some(key), &Value::Null, &headers).await {
-            return r;
-        }
-        return Json(json!({"data": [{"type": "model", "id": "claude-sonnet-4-5", "display_name": "Claude Sonnet 4.5"}], "has_more": false}))
-            .into_response();
-    }
-    if let Err(r) = start(
-        &mock,
-        Wire::OpenAi,
-        "/v1/models",
-        bearer(&headers),
-        &Value::Null,
-        &headers,
-    )
-    .await
-    {
-        return r;
-    }
-    Json(json!({"object": "list", "data": [
-        {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "mock"},
-        {"id": "grok-3", "object": "model", "created": 0, "owned_by": "mock"}
-    ]}))
-    .into_response()
-}
-
-fn gemini_key(headers: &HeaderMap, query: &HashMap<String, String>) -> Option<String> {
-    header(headers, "x-goog-api-key").or_else(|| query.get("key").cloned())
-}
-
-async fn gemini_models(
-    State(mock): State<Shared>,
-    headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
-    if let Err(r) = start(
-        &mock,
-        Wire::Gemini,
-        "/v1beta/models",
-        gemini_key(&headers, &query),
-        &Value::Null,
-        &headers,
-    )
-    .await
-    {
-        return r;
-    }
-    Json(json!({"models": [{"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash"}]})).into_response()
-}
-
-async fn gemini_generate(
-    State(mock): State<Shared>,
-    Path(action): Path<String>,
-    headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
-    body: Bytes,
-) -> Response {
-    let req = match parse_json(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let path = format!("/v1beta/models/{action}");
-    if let Err(r) = start(&mock, Wire::Gemini, &path, gemini_key(&headers, &query), &req, &headers).await {
-        return r;
-    }
-    let Some((model, method)) = action.split_once(':') else {
-        return (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})),
-        )
-            .into_response();
-    };
-    if method == "batchEmbedContents" {
-        let requests = req
-            .get("requests")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        let embeddings: Vec<Value> = requests
-            .iter()
-            .map(|r| {
-                let text = r
-                    .get("content")
-                    .and_then(|c| c.get("parts"))
-                    .and_then(Value::as_array)
-                    .map(|p| {
-                        p.iter()
-                            .filter_map(|x| x.get("text").and_then(Value::as_str))
-                            .collect::<String>()
-                    })
-                    .unwrap_or_default();
-                json!({"values": embedding_of(&text, mock_dims(r, "outputDimensionality"))})
-            })
-            .collect();
-        return Json(json!({"embeddings": embeddings})).into_response();
-    }
-    let parts_text = |c: &Value| -> usize {
-        c.get("parts")
-            .and_then(Value::as_array)
-            .map(|p| {
-                p.iter()
-                    .filter_map(|x| x.get("text").and_then(Value::as_str))
-                    .map(|t| t.chars().count())
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
-    let mut chars: usize = req
-        .get("contents")
-        .and_then(Value::as_array)
-        .map(|cs| cs.iter().map(parts_text).sum())
-        .unwrap_or(0);
-    if let Some(s) = req.get("systemInstruction") {
-        chars += parts_text(s);
-    }
-    let prompt = prompt_tokens(chars);
-    let max = req
-        .get("generationConfig")
-        .and_then(|g| g.get("maxOutputTokens"))
-        .and_then(Value::as_u64);
-    let (words, cut) = reply(mock.reply_words, max);
-    let finish = if cut { "MAX_TOKENS" } else { "STOP" };
-    match method {
-        "generateContent" => Json(json!({
-            "candidates": [{"content": {"parts": [{"text": words.join(" ")}], "role": "model"}, "finishReason": finish, "index": 0}],
-            "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": words.len(), "totalTokenCount": prompt + words.len() as i64},
-            "modelVersion": model,
-        }))
-        .into_response(),
-        "streamGenerateContent" => {
-            let mut events = Vec::new();
-            for i in 0..words.len() {
-                let last = i + 1 == words.len();
-                let mut cand = json!({"content": {"parts": [{"text": piece(&words, i)}], "role": "model"}, "index": 0});
-                if last {
-                    cand["finishReason"] = json!(finish);
-                }
-                let ev = json!({
-                    "candidates": [cand],
-                    "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": i + 1, "totalTokenCount": prompt + i as i64 + 1},
-                    "modelVersion": model,
-                });
-                events.push(format!("data: {ev}\r\n\r\n"));
-            }
-            sse_body(events, mock.stream_delay)
-        }
-        _ => (StatusCode::NOT_FOUND, Json(json!({"error": {"code": 404, "message": "unknown method", "status": "NOT_FOUND"}}))).into_response(),
-    }
-}
-
-async fn anthropic_messages(State(mock): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let req = match parse_json(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    if let Err(r) = start(
-        &mock,
-        Wire::Anthropic,
-        "/v1/messages",
-        header(&headers, "x-api-key"),
-        &req,
-        &headers,
-    )
-    .await
-    {
-        return r;
-    }
-    if header(&headers, "anthropic-version").is_none() {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"type": "error", "error": {"type": "invalid_request_error", "message": "anthropic-version: header is required"}})),
-        )
-            .into_response();
-    }
-    let Some(max) = req.get("max_tokens").and_then(Value::as_u64) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}})),
-        )
-            .into_response();
-    };
-    let mut chars: usize = req
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(|ms| ms.iter().map(|m| text_of(m.get("content")).chars().count()).sum())
-        .unwrap_or(0);
-    chars += req
-        .get("system")
-        .and_then(Value::as_str)
-        .map(|s| s.chars().count())
-        .unwrap_or(0);
-    let prompt = prompt_tokens(chars);
-    let (words, cut) = reply(mock.reply_words, Some(max));
-    let stop = if cut { "max_tokens" } else { "end_turn" };
-    let model = req.get("model").and_then(Value::as_str).unwrap_or("claude").to_string();
-    let id = format!("msg_mock{}", mock.next_id.fetch_add(1, Ordering::Relaxed));
-    if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
-        let mut events = vec![
-            ev(
-                "message_start",
-                json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model,
-                        "content": [], "stop_reason": null, "usage": {"input_tokens": prompt, "output_tokens": 1}}}),
-            ),
-            ev(
-                "content_block_start",
-                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            ),
-            ev("ping", json!({"type": "ping"})),
-        ];
-        for i in 0..words.len() {
-            events.push(ev(
-                "content_block_delta",
-                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece(&words, i)}}),
-            ));
-        }
-        events.push(ev(
-            "content_block_stop",
-            json!({"type": "content_block_stop", "index": 0}),
-        ));
-        events.push(ev(
-            "message_delta",
-            json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": words.len()}}),
-        ));
-        events.push(ev("message_stop", json!({"type": "message_stop"})));
-        return sse_body(events, mock.stream_delay);
-    }
-    Json(json!({
-        "id": id, "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": words.join(" ")}],
-        "stop_reason": stop, "stop_sequence": null,
-        "usage": {"input_tokens": prompt, "output_tokens": words.len()},
-    }))
-    .into_response()
 }
 
 async fn serp_search(
@@ -1027,15 +635,15 @@ pub fn router(args: &MockArgs) -> Router {
         }),
     });
     Router::new()
-        .route("/v1/chat/completions", post(openai_chat))
-        .route("/v1beta/openai/chat/completions", post(openai_chat))
-        .route("/v1/embeddings", post(openai_embeddings))
-        .route("/v1beta/openai/embeddings", post(openai_embeddings))
-        .route("/v1/models", get(models))
-        .route("/v1beta/openai/models", get(models))
-        .route("/v1beta/models", get(gemini_models))
-        .route("/v1beta/models/{action}", post(gemini_generate))
-        .route("/v1/messages", post(anthropic_messages))
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1beta/openai/chat/completions", post(openai::chat))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1beta/openai/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
+        .route("/v1beta/openai/models", get(openai::models))
+        .route("/v1beta/models", get(gemini::models))
+        .route("/v1beta/models/{action}", post(gemini::generate))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/search", get(serp_search).post(serp_search))
         // The same API under a path: a base URL with a path, for tests of proxy paths.
         .route("/api/search", get(serp_search).post(serp_search))

@@ -1,0 +1,11 @@
+//! Anthropic's Messages dialect (`/v1/messages`): a conversation rendered as its request
+//! (`request`), its answers and event streams read into the model (`answer`).
+
+pub mod answer;
+pub mod request;
+
+pub use answer::{answer, StreamReader};
+pub use request::request;
+
+/// The API version the worker speaks (`anthropic-version`).
+pub const VERSION: &str = "2023-06-01";
