@@ -522,11 +522,25 @@ async fn bodies_of_millions_of_tiny_values_keep_the_workers_memory_bounded() {
         let n = SIZE / (item.len() + 1);
         vec![item; n].join(",")
     };
-    // Three shapes: tiny objects in a field passed on as it is, tiny messages, tiny content
-    // parts for a provider that translates them.
+    // Five shapes: tiny objects in a field passed on as it is, tiny messages, tiny content
+    // parts for a provider that translates them, a tool schema of tiny properties converted for
+    // Gemini, and a tool call id carrying (as other providers' state rides in ids) a list of
+    // tiny values.
+    let carried = {
+        use base64::Engine;
+        let list = format!("[{}]", vec!["0"; 1_320_000].join(","));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(list)
+    };
     let bodies: Vec<(String, String)> = (0..16)
         .map(|i| {
-            let body = match i % 3 {
+            let body = match i % 5 {
+                3 => format!(
+                    r#"{{"model":"gem","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{{"type":"object","properties":{{{}}}}}}}}}]}}"#,
+                    (0..SIZE / 10).map(|i| format!(r#""{i:x}":{{}}"#)).collect::<Vec<_>>().join(",")
+                ),
+                4 => format!(
+                    r#"{{"model":"gem","messages":[{{"role":"tool","tool_call_id":"x.kpa.{carried}","content":"y"}}]}}"#
+                ),
                 0 => format!(
                     r#"{{"model":"chat","messages":[{{"role":"user","content":"hi"}}],"max_tokens":2,"metadata":[{}]}}"#,
                     repeat("{}")
@@ -537,7 +551,7 @@ async fn bodies_of_millions_of_tiny_values_keep_the_workers_memory_bounded() {
                     repeat(r#"{"type":"text","text":""}"#)
                 ),
             };
-            assert!(body.len() >= SIZE - 100 && body.len() < 4 << 20);
+            assert!(body.len() >= SIZE - 100 && body.len() < 4 << 20, "{}", body.len());
             (mallory.clone(), body)
         })
         .collect();

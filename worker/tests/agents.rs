@@ -220,14 +220,16 @@ async fn tools_take_two_steps_on_every_provider_streamed_and_not() {
     for pool in POOLS {
         let body = json!({"model": pool, "user": "agent-user", "tools": weather_tool(), "tool_choice": {"type": "function", "function": {"name": "time"}},
                           "messages": [{"role": "user", "content": "hi"}]});
-        let (_, answer) = send(&w, &body).await;
+        let (status, answer) = send(&w, &body).await;
+        assert_eq!(status, 200, "{pool}: {answer}");
         assert_eq!(
             answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "time",
             "{pool}: {answer}"
         );
         let mut none = body.clone();
         none["tool_choice"] = json!("none");
-        let (_, answer) = send(&w, &none).await;
+        let (status, answer) = send(&w, &none).await;
+        assert_eq!(status, 200, "{pool}: {answer}");
         assert!(
             answer["choices"][0]["message"]["tool_calls"].is_null(),
             "{pool}: {answer}"
@@ -273,6 +275,49 @@ async fn anthropic_thinking_goes_back_with_the_tool_call_it_led_to() {
         answer["error"]["message"].as_str().unwrap_or("").contains("thinking"),
         "{answer}"
     );
+    // A forced tool while the model thinks is what Anthropic does not take: refused here.
+    let (status, answer) = send(
+        &w,
+        &json!({"model": "ant", "user": "agent-user", "tools": weather_tool(), "reasoning_effort": "low", "tool_choice": "required",
+                "messages": user_message("x")}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (400, json!("unsupported_parameter")),
+        "{answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn empty_texts_and_refusals_make_turns_every_provider_takes() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    setup(&db, &mock).await;
+    let w = Worker::start(&conninfo(&db), "agents-empty", &["--no-queue"]).await;
+    for pool in POOLS {
+        // A tool that returned nothing, an empty system message, an earlier refusal.
+        let (_, first) = send(
+            &w,
+            &json!({"model": pool, "user": "agent-user", "tools": weather_tool(), "messages": user_message("weather?")}),
+        )
+        .await;
+        let message = first["choices"][0]["message"].clone();
+        let id = message["tool_calls"][0]["id"].clone();
+        let body = json!({"model": pool, "user": "agent-user", "tools": weather_tool(), "messages": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": "insult me"},
+            {"role": "assistant", "content": null, "refusal": "I won't."},
+            {"role": "user", "content": "weather?"},
+            message,
+            {"role": "tool", "tool_call_id": id, "content": ""}]});
+        let (status, answer) = send(&w, &body).await;
+        assert_eq!(status, 200, "{pool}: {answer}");
+        assert_eq!(
+            answer["choices"][0]["message"]["content"], "Tool results:",
+            "{pool}: {answer}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

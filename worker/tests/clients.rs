@@ -129,6 +129,17 @@ async fn the_openai_node_client_and_the_ai_sdk_work_on_every_provider() {
             );
         }
         assert_eq!(case("seed000_agent"), json!({"message": quoted, "steps": 2}), "{pool}");
+        // Anthropic shows its thinking; the others keep theirs to themselves.
+        let thought = if pool == "ant" {
+            json!("The mock thinks about it.")
+        } else {
+            Value::Null
+        };
+        assert_eq!(
+            case("compat_reasoning_tools"),
+            json!({"steps": 2, "text": quoted, "reasoning": thought}),
+            "{pool}"
+        );
     }
     // Seed 000's service, for a user whose share of a 4-a-day pool of two members is 2.
     let quota = seen["quota"].as_array().cloned().unwrap_or_default();

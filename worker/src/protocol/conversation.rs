@@ -9,6 +9,8 @@
 
 use std::borrow::Cow;
 
+use crate::protocol::json::Object;
+
 /// Tools one request may declare (OpenAI allows 128; Gemini and Anthropic a few hundred).
 pub const MAX_TOOLS: usize = 512;
 
@@ -243,6 +245,25 @@ pub struct JsonSchema<'a> {
     /// JSON text of the schema.
     pub schema: Cow<'a, str>,
     pub strict: bool,
+}
+
+impl JsonSchema<'_> {
+    /// The schema, carrying the format's description as its own when it has none (for providers
+    /// whose structured output takes a schema alone). Edited as text, never built into a tree.
+    pub fn described(&self) -> Result<Cow<'_, str>, CarryError> {
+        let Some(d) = &self.description else {
+            return Ok(Cow::Borrowed(&self.schema));
+        };
+        let schema = Object::parse(bytes::Bytes::copy_from_slice(self.schema.as_bytes()))
+            .map_err(|e| CarryError::Invalid(format!("response_format.json_schema.schema: {e}")))?;
+        if schema.has("description") {
+            return Ok(Cow::Borrowed(&self.schema));
+        }
+        let text = serde_json::Value::String(d.to_string()).to_string();
+        String::from_utf8(schema.render(&[("description", Some(&text))]))
+            .map(Cow::Owned)
+            .map_err(|e| CarryError::Invalid(e.to_string()))
+    }
 }
 
 /// How hard a reasoning model thinks before it answers.

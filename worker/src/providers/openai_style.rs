@@ -48,7 +48,12 @@ pub fn chat_body(key: &KeyRef, req: &ChatRequest, stream: bool, output_cap: Opti
     } else {
         "max_tokens"
     };
-    let mut changes: Vec<(&str, Option<&str>)> = Vec::with_capacity(4);
+    // Ids of tool calls another provider made carry its state: not this provider's to see.
+    let messages = req.messages_without_carried_state();
+    let mut changes: Vec<(&str, Option<&str>)> = Vec::with_capacity(5);
+    if let Some(m) = &messages {
+        changes.push(("messages", Some(m)));
+    }
     if let Some(m) = &model {
         changes.push(("model", Some(m)));
     }

@@ -161,6 +161,16 @@ async function casesFor(pool) {
     return { steps: (await r.steps).length, text: await r.text };
   }, out);
 
+  // Reasoning on: the provider's signed reasoning rides in the tool call ids and must come back
+  // with the next step (Anthropic refuses the step otherwise; Gemini 3 wants its signatures).
+  await run("compat_reasoning_tools", async () => {
+    const r = await generateText({
+      model: compat.chatModel(pool), tools: { weather }, stopWhen: stepCountIs(3), prompt: "What is the weather in Oslo?",
+      providerOptions: { keypool: { reasoningEffort: "low" } }, maxOutputTokens: 4096,
+    });
+    return { steps: r.steps.length, text: r.text, reasoning: r.steps[0].reasoningText ?? null };
+  }, out);
+
   await run("compat_object", async () => {
     const r = await generateObject({ model: compat.chatModel(pool), schema: person, prompt: "a person" });
     return { object: r.object };

@@ -55,9 +55,34 @@ fn ask(req: &Value) -> Result<Ask, String> {
             return Err("`max_tokens` must be greater than `thinking.budget_tokens`.".into());
         }
     }
+    if thinking.is_some() {
+        let forced = req
+            .get("tool_choice")
+            .and_then(|t| t.get("type"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| t == "any" || t == "tool");
+        if forced {
+            return Err("Thinking may not be enabled when tool_choice forces tool use.".into());
+        }
+        if req.get("temperature").and_then(Value::as_f64).is_some_and(|t| t != 1.0) {
+            return Err("`temperature` may only be set to 1 when thinking is enabled.".into());
+        }
+    }
     let mut uses_before: Vec<String> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let b = blocks(m);
+        if b.is_empty() {
+            return Err(format!("messages.{i}: all messages must have non-empty content"));
+        }
+        let empty_text = |x: &Value| kind(x) == "text" && x.get("text").and_then(Value::as_str) == Some("");
+        let nested = b
+            .iter()
+            .filter_map(|x| x.get("content").and_then(Value::as_array))
+            .flatten()
+            .any(empty_text);
+        if b.iter().any(empty_text) || nested {
+            return Err(format!("messages.{i}: text content blocks must be non-empty"));
+        }
         match m.get("role").and_then(Value::as_str) {
             Some("assistant") => {
                 uses_before = b

@@ -42,6 +42,13 @@ fn ask(req: &Value, model: &str) -> Result<Ask, String> {
     // Each user turn of function responses answers the calls of the model turn before it.
     let mut calls_before: Vec<String> = Vec::new();
     for c in contents {
+        if parts(c).is_empty()
+            || parts(c)
+                .iter()
+                .any(|p| p.get("text").and_then(Value::as_str) == Some(""))
+        {
+            return Err("Unable to submit request because it has an empty text parameter. Add a value to the parameter and try again.".into());
+        }
         let names = |kind: &str| -> Vec<String> {
             parts(c)
                 .iter()
@@ -137,7 +144,17 @@ fn ask(req: &Value, model: &str) -> Result<Ask, String> {
         thinking.and_then(|t| t.get("thinkingLevel")).and_then(Value::as_str),
     ) {
         (Some(_), Some(_)) => return Err("You can only set one of thinking budget and thinking level.".into()),
+        (Some(0), None) if model.contains("-pro") => {
+            return Err("Budget 0 is invalid. This model only works in thinking mode.".into())
+        }
         (Some(budget), None) => script::reasoning_for_budget(budget),
+        (None, Some(level))
+            if model.starts_with("gemini-3")
+                && model.contains("-pro")
+                && !matches!(level, "low" | "high" | "LOW" | "HIGH") =>
+        {
+            return Err(format!("Thinking level {level} is not supported for this model."))
+        }
         (None, Some(level)) => script::reasoning_for_effort(&level.to_ascii_lowercase()),
         (None, None) => 0,
     };

@@ -11,13 +11,22 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::protocol::conversation::{
-    is_json_object, CarryError, Conversation, Dialect, Image, Part, ResponseFormat, Role, ToolChoice,
+    is_json_object, CarryError, Conversation, Dialect, Effort, Image, Part, ResponseFormat, Role, ToolChoice,
 };
 
 const PROVIDER: &str = "anthropic";
 
 /// The smallest thinking budget Anthropic takes.
 const MIN_THINKING: u64 = 1_024;
+
+/// Models that only think adaptively (`thinking: {"type": "adaptive"}` with an effort), as the
+/// AI SDK's model table has them; the others take a thinking budget.
+const ADAPTIVE_ONLY: &[&str] = &[
+    "claude-opus-5-5",
+    "claude-sonnet-5-5",
+    "claude-haiku-5-5",
+    "claude-fable-5",
+];
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -39,9 +48,24 @@ struct Body<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     thinking: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    output_config: Option<Value>,
+    output_config: Option<OutputConfig>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
+}
+
+#[derive(Serialize)]
+struct OutputConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<Format>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    effort: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Format {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    schema: Box<RawValue>,
 }
 
 #[derive(Serialize)]
@@ -66,6 +90,7 @@ enum Block<'a> {
     },
     ToolResult {
         tool_use_id: String,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
         content: Vec<Block<'a>>,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         is_error: bool,
@@ -150,10 +175,11 @@ pub fn request(
             Role::User => "user",
             Role::Assistant => "assistant",
         };
-        let mut thinking = Vec::new();
         let mut blocks = Vec::with_capacity(m.parts.len());
         for p in &m.parts {
             match p {
+                // Anthropic refuses empty text blocks; an empty text says nothing.
+                Part::Text(t) if t.is_empty() => {}
                 Part::Text(t) => blocks.push(Block::Text { text: t }),
                 Part::Image(i) => blocks.push(Block::Image { source: image(i) }),
                 Part::ToolCall(call) => {
@@ -175,6 +201,7 @@ pub fn request(
                     let mut content = Vec::with_capacity(r.content.len());
                     for p in &r.content {
                         match p {
+                            Part::Text(t) if t.is_empty() => {}
                             Part::Text(t) => content.push(Block::Text { text: t }),
                             Part::Image(i) => content.push(Block::Image { source: image(i) }),
                             _ => {}
@@ -186,11 +213,11 @@ pub fn request(
                         is_error: r.is_error,
                     });
                 }
-                // Thinking Anthropic signed goes back unchanged, first in its turn; reasoning
-                // of other providers means nothing here.
+                // Thinking Anthropic signed goes back unchanged, where it stood in its turn;
+                // reasoning of other providers means nothing here.
                 Part::Reasoning(r) => match (&r.redacted, &r.signature) {
-                    (Some(data), _) => thinking.push(Block::RedactedThinking { data }),
-                    (None, Some(sig)) if sig.dialect == Dialect::Anthropic => thinking.push(Block::Thinking {
+                    (Some(data), _) => blocks.push(Block::RedactedThinking { data }),
+                    (None, Some(sig)) if sig.dialect == Dialect::Anthropic => blocks.push(Block::Thinking {
                         thinking: &r.text,
                         signature: &sig.value,
                     }),
@@ -198,14 +225,14 @@ pub fn request(
                 },
             }
         }
-        thinking.extend(blocks);
+        if blocks.is_empty() {
+            // Nothing left to say (an empty text): Anthropic refuses an empty message.
+            continue;
+        }
         match messages.last_mut() {
             // One message per role in a row: a turn's tool results travel together.
-            Some(last) if last.role == role => last.content.extend(thinking),
-            _ => messages.push(MessageOut {
-                role,
-                content: thinking,
-            }),
+            Some(last) if last.role == role => last.content.extend(blocks),
+            _ => messages.push(MessageOut { role, content: blocks }),
         }
     }
 
@@ -247,12 +274,35 @@ pub fn request(
 
     // Anthropic's max_tokens counts thinking, as OpenAI's output caps count reasoning.
     let cap = c.max_output_tokens.or(output_cap);
-    let (max_tokens, thinking) = match c.reasoning.map(|e| e.budget_tokens()).filter(|b| *b > 0) {
+    let adaptive_only = ADAPTIVE_ONLY.iter().any(|m| model.starts_with(m));
+    let mut effort = None;
+    let (max_tokens, thinking) = match c.reasoning {
         None => (cap.unwrap_or(default_max_tokens), None),
-        Some(wanted) => {
+        // These models think as they see fit; effort says how much.
+        Some(e) if adaptive_only => {
+            effort = Some(match e {
+                Effort::None => {
+                    return Err(CarryError::unsupported(
+                        "reasoning_effort: none (this model always thinks)",
+                        PROVIDER,
+                    ))
+                }
+                Effort::Minimal | Effort::Low => "low",
+                Effort::Medium => "medium",
+                Effort::High => "high",
+                Effort::XHigh => "xhigh",
+            });
+            (
+                cap.unwrap_or(default_max_tokens + e.budget_tokens()),
+                Some(json!({"type": "adaptive"})),
+            )
+        }
+        Some(e) if e.budget_tokens() == 0 => (cap.unwrap_or(default_max_tokens), None),
+        Some(e) => {
+            let wanted = e.budget_tokens().max(MIN_THINKING);
             let (max_tokens, budget) = match cap {
                 Some(cap) => (cap, wanted.min(cap / 2).max(MIN_THINKING)),
-                None => (default_max_tokens + wanted.max(MIN_THINKING), wanted.max(MIN_THINKING)),
+                None => (default_max_tokens + wanted, wanted),
             };
             if budget >= max_tokens {
                 return Err(CarryError::Invalid(format!(
@@ -262,19 +312,46 @@ pub fn request(
             (max_tokens, Some(json!({"type": "enabled", "budget_tokens": budget})))
         }
     };
-    let output_config = match &c.response_format {
-        ResponseFormat::JsonSchema(js) => {
-            let schema: &RawValue = serde_json::from_str(&js.schema)
-                .map_err(|e| CarryError::Invalid(format!("response_format.json_schema.schema: {e}")))?;
-            Some(json!({"format": {"type": "json_schema", "schema": schema}}))
+    if thinking.is_some() {
+        // What Anthropic does not take while the model thinks: refused, not left out.
+        for (set, field) in [
+            (
+                matches!(c.tool_choice, ToolChoice::Required | ToolChoice::Named(_)) && !c.tools.is_empty(),
+                "tool_choice (a forced tool) with reasoning_effort",
+            ),
+            (
+                s.temperature.is_some_and(|t| t != 1.0),
+                "temperature with reasoning_effort",
+            ),
+            (
+                s.top_p.is_some_and(|p| p < 0.95),
+                "top_p below 0.95 with reasoning_effort",
+            ),
+        ] {
+            if set {
+                return Err(CarryError::unsupported(field, PROVIDER));
+            }
         }
+    }
+    let format = match &c.response_format {
+        ResponseFormat::JsonSchema(js) => Some(Format {
+            kind: "json_schema",
+            schema: RawValue::from_string(js.described()?.into_owned())
+                .map_err(|e| CarryError::Invalid(format!("response_format.json_schema.schema: {e}")))?,
+        }),
         _ => None,
     };
+    let output_config = (format.is_some() || effort.is_some()).then_some(OutputConfig { format, effort });
     let body = Body {
         model,
         max_tokens,
         messages,
-        system: c.system.iter().map(|t| json!({"type": "text", "text": t})).collect(),
+        system: c
+            .system
+            .iter()
+            .filter(|t| !t.is_empty())
+            .map(|t| json!({"type": "text", "text": t}))
+            .collect(),
         tools,
         tool_choice,
         temperature: s.temperature,
@@ -340,7 +417,7 @@ mod tests {
                                                                          {{"id":"call.2","type":"function","function":{{"name":"weather","arguments":"{{}}"}}}}]}},
                 {{"role":"tool","tool_call_id":"{id}","content":"sunny"}},{{"role":"tool","tool_call_id":"call.2","content":"rain"}}],
               "tools":[{{"type":"function","function":{{"name":"weather","description":"d","parameters":{{"type":"object"}},"strict":true}}}}],
-              "tool_choice":"required","parallel_tool_calls":false,"reasoning_effort":"low","max_completion_tokens":4096,
+              "tool_choice":"auto","parallel_tool_calls":false,"reasoning_effort":"low","max_completion_tokens":4096,
               "response_format":{{"type":"json_schema","json_schema":{{"name":"o","schema":{{"type":"object"}}}}}}}}"#
         );
         let b = body_of(&body, false, None).unwrap();
@@ -350,7 +427,7 @@ mod tests {
         );
         assert_eq!(
             b["tool_choice"],
-            json!({"type": "any", "disable_parallel_tool_use": true})
+            json!({"type": "auto", "disable_parallel_tool_use": true})
         );
         let turn = &b["messages"][1]["content"];
         assert_eq!(
@@ -389,6 +466,38 @@ mod tests {
     }
 
     #[test]
+    fn empty_texts_are_left_out_and_adaptive_models_get_an_effort() {
+        let b = body_of(
+            r#"{"messages":[{"role":"system","content":""},{"role":"user","content":"hi"},{"role":"assistant","content":""},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"t1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+                {"role":"tool","tool_call_id":"t1","content":""}]}"#,
+            false,
+            None,
+        )
+        .unwrap();
+        assert!(b.get("system").is_none(), "{b}");
+        assert_eq!(
+            b["messages"][1]["content"],
+            json!([{"type": "tool_use", "id": "t1", "name": "f", "input": {}}])
+        );
+        assert_eq!(
+            b["messages"][2]["content"][0],
+            json!({"type": "tool_result", "tool_use_id": "t1"})
+        );
+        let r = ChatRequest::parse(bytes::Bytes::from_static(
+            br#"{"messages":[{"role":"user","content":"x"}],"reasoning_effort":"medium"}"#,
+        ))
+        .unwrap();
+        let b: Value =
+            serde_json::from_slice(&request(&r.conversation().unwrap(), "claude-opus-5-5", false, None, 333).unwrap())
+                .unwrap();
+        assert_eq!(
+            (b["thinking"].clone(), b["output_config"].clone()),
+            (json!({"type": "adaptive"}), json!({"effort": "medium"}))
+        );
+    }
+
+    #[test]
     fn what_anthropic_cannot_carry_is_refused() {
         for (extra, field) in [
             (r#""n":2"#, "n"),
@@ -405,6 +514,22 @@ mod tests {
                 body_of(&body, false, None).unwrap_err(),
                 CarryError::unsupported(field, "anthropic"),
                 "{body}"
+            );
+        }
+        // What Anthropic does not take while the model thinks.
+        for (extra, field) in [
+            (
+                r#""tool_choice":"required""#,
+                "tool_choice (a forced tool) with reasoning_effort",
+            ),
+            (r#""temperature":0.7"#, "temperature with reasoning_effort"),
+        ] {
+            let body = format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}}],"reasoning_effort":"low","tools":[{{"type":"function","function":{{"name":"f"}}}}],{extra}}}"#
+            );
+            assert_eq!(
+                body_of(&body, false, None).unwrap_err(),
+                CarryError::unsupported(field, "anthropic")
             );
         }
         let e = body_of(

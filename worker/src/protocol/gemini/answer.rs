@@ -24,8 +24,21 @@ struct Response {
     #[serde(default)]
     usage_metadata: Option<UsageMetadata>,
     #[serde(default)]
+    prompt_feedback: Option<PromptFeedback>,
+    #[serde(default)]
     error: Option<Box<RawValue>>,
 }
+
+/// Why Gemini answered a prompt with no candidate at all.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    #[serde(default)]
+    block_reason: Option<String>,
+}
+
+/// Finish reasons that say the model failed to call a function as asked: no answer to pass on.
+const FAILED_CALLS: &[&str] = &["MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS"];
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -135,6 +148,29 @@ fn arguments(args: Option<Box<RawValue>>) -> String {
 /// A whole `generateContent` answer.
 pub fn answer(body: &[u8]) -> Result<Answer, String> {
     let r: Response = serde_json::from_slice(body).map_err(|e| format!("Gemini's answer cannot be read: {e}"))?;
+    if r.candidates.is_empty() {
+        // A prompt Gemini blocked: an answer filtered away, as OpenAI says it.
+        return match r.prompt_feedback.and_then(|f| f.block_reason) {
+            Some(_) => Ok(Answer {
+                choices: vec![Choice {
+                    parts: Vec::new(),
+                    finish: Finish::ContentFilter,
+                }],
+                usage: r.usage_metadata.map(|u| u.usage()),
+            }),
+            None => Err("Gemini's answer has no candidates".into()),
+        };
+    }
+    if let Some(failed) = r
+        .candidates
+        .iter()
+        .filter_map(|c| c.finish_reason.as_deref())
+        .find(|f| FAILED_CALLS.contains(f))
+    {
+        return Err(format!(
+            "Gemini answered {failed}: the model did not make a usable function call"
+        ));
+    }
     let mut ids = CallIds::new();
     let mut choices = Vec::with_capacity(r.candidates.len());
     for c in r.candidates {
@@ -204,6 +240,12 @@ impl StreamReader {
             });
             return;
         }
+        if r.candidates.is_empty() && r.prompt_feedback.is_some_and(|f| f.block_reason.is_some()) {
+            out.push(Delta::Finish {
+                choice: 0,
+                finish: Finish::ContentFilter,
+            });
+        }
         for (position, c) in r.candidates.into_iter().enumerate() {
             let choice = c.index.unwrap_or(position as u32);
             let slot = (choice as usize).min(1023);
@@ -240,6 +282,11 @@ impl StreamReader {
                 }
             }
             if let Some(reason) = c.finish_reason {
+                if FAILED_CALLS.contains(&reason.as_str()) {
+                    out.push(Delta::Error {
+                        message: format!("Gemini answered {reason}: the model did not make a usable function call"),
+                    });
+                }
                 out.push(Delta::Finish {
                     choice,
                     finish: finish(&reason, self.calls[slot] > 0),
@@ -298,6 +345,14 @@ mod tests {
                 .unwrap();
         assert!(matches!(&own.choices[0].parts[0], Part::ToolCall(c) if c.id == "abc"));
         assert!(answer(b"not json").is_err());
+        // A blocked prompt is an answer filtered away; a failed function call is no answer.
+        let blocked =
+            answer(br#"{"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":4}}"#).unwrap();
+        assert_eq!(blocked.choices[0].finish, Finish::ContentFilter);
+        assert!(answer(br#"{"candidates":[]}"#).is_err());
+        let e = answer(br#"{"candidates":[{"content":{"parts":[]},"finishReason":"MALFORMED_FUNCTION_CALL"}]}"#)
+            .unwrap_err();
+        assert!(e.contains("MALFORMED_FUNCTION_CALL"), "{e}");
     }
 
     #[test]

@@ -141,20 +141,40 @@ fn raw(text: String) -> Result<Box<RawValue>, CarryError> {
     RawValue::from_string(text).map_err(|e| CarryError::Invalid(format!("a schema is not valid JSON: {e}")))
 }
 
-/// Gemini 3 thinks in levels, Gemini 2.5 in a token budget.
-fn thinking_config(model: &str, effort: Effort) -> Value {
+/// Gemini 3 thinks in levels (Pro: low and high only), Gemini 2.5 in a token budget within its
+/// model's range (Pro cannot stop thinking).
+fn thinking_config(model: &str, effort: Effort) -> Result<Value, CarryError> {
     let name = model.strip_prefix("models/").unwrap_or(model);
+    let pro = name.contains("-pro");
     if name.starts_with("gemini-3") {
         let level = match effort {
+            Effort::None | Effort::Minimal | Effort::Low if pro => "low",
+            _ if pro => "high",
             Effort::None | Effort::Minimal => "minimal",
             Effort::Low => "low",
             Effort::Medium => "medium",
             Effort::High | Effort::XHigh => "high",
         };
-        json!({"thinkingLevel": level})
-    } else {
-        json!({"thinkingBudget": effort.budget_tokens()})
+        return Ok(json!({"thinkingLevel": level}));
     }
+    let (least, most) = if pro {
+        (128, 32_768)
+    } else if name.contains("flash-lite") {
+        (512, 24_576)
+    } else {
+        (1, 24_576)
+    };
+    let budget = match effort.budget_tokens() {
+        0 if pro => {
+            return Err(CarryError::unsupported(
+                "reasoning_effort: none (this model always thinks)",
+                PROVIDER,
+            ))
+        }
+        0 => 0,
+        b => b.clamp(least, most),
+    };
+    Ok(json!({"thinkingBudget": budget}))
 }
 
 /// The `generateContent` body for `c` and `model`. `output_cap`: `maxOutputTokens` when the
@@ -178,6 +198,8 @@ pub fn request(c: &Conversation<'_>, model: &str, output_cap: Option<u64>) -> Re
         let mut first_call = true;
         for p in &m.parts {
             match p {
+                // An empty text says nothing (and Gemini refuses an empty part).
+                Part::Text(t) if t.is_empty() => {}
                 Part::Text(t) => parts.push(PartOut {
                     text: Some(t),
                     ..PartOut::default()
@@ -251,6 +273,9 @@ pub fn request(c: &Conversation<'_>, model: &str, output_cap: Option<u64>) -> Re
                 Part::Reasoning(_) => {}
             }
         }
+        if parts.is_empty() {
+            continue;
+        }
         match contents.last_mut() {
             // Gemini wants one turn per role in a row: results of one step's calls together.
             Some(last) if last.role == Some(role) => last.parts.extend(parts),
@@ -261,11 +286,12 @@ pub fn request(c: &Conversation<'_>, model: &str, output_cap: Option<u64>) -> Re
         }
     }
 
-    let system_instruction = (!c.system.is_empty()).then(|| Content {
+    let system_instruction = c.system.iter().any(|t| !t.is_empty()).then(|| Content {
         role: None,
         parts: c
             .system
             .iter()
+            .filter(|t| !t.is_empty())
             .map(|t| PartOut {
                 text: Some(t),
                 ..PartOut::default()
@@ -333,7 +359,7 @@ pub fn request(c: &Conversation<'_>, model: &str, output_cap: Option<u64>) -> Re
         }
     }
     if let Some(effort) = c.reasoning {
-        config.thinking_config = Some(thinking_config(model, effort));
+        config.thinking_config = Some(thinking_config(model, effort)?);
     }
     let body = Body {
         contents,
@@ -475,6 +501,37 @@ mod tests {
         assert_eq!(b["contents"][1]["parts"][0]["thoughtSignature"], NO_SIGNATURE);
         assert!(b["contents"][1]["parts"][1].get("thoughtSignature").is_none());
         assert_eq!(b["generationConfig"]["thinkingConfig"], json!({"thinkingLevel": "low"}));
+        // Each model's range: Pro thinks always, 3 Pro in two levels.
+        for (model, effort, want) in [
+            (
+                "gemini-3-pro-preview",
+                Effort::Medium,
+                Ok(json!({"thinkingLevel": "high"})),
+            ),
+            (
+                "gemini-3-pro-preview",
+                Effort::Minimal,
+                Ok(json!({"thinkingLevel": "low"})),
+            ),
+            (
+                "gemini-3-flash-preview",
+                Effort::Medium,
+                Ok(json!({"thinkingLevel": "medium"})),
+            ),
+            ("gemini-2.5-flash", Effort::XHigh, Ok(json!({"thinkingBudget": 24_576}))),
+            ("gemini-2.5-flash", Effort::None, Ok(json!({"thinkingBudget": 0}))),
+            ("gemini-2.5-pro", Effort::Minimal, Ok(json!({"thinkingBudget": 512}))),
+            (
+                "gemini-2.5-pro",
+                Effort::None,
+                Err(CarryError::unsupported(
+                    "reasoning_effort: none (this model always thinks)",
+                    "gemini",
+                )),
+            ),
+        ] {
+            assert_eq!(thinking_config(model, effort), want, "{model} {effort:?}");
+        }
     }
 
     #[test]

@@ -56,11 +56,12 @@ const ANNOTATIONS: &[&str] = &[
 /// `schema` (JSON text) as Gemini takes it. The error names the keyword and where it stands.
 pub fn for_gemini(schema: &str) -> Result<String, String> {
     let problem = RefCell::new(None);
+    let path = RefCell::new(Vec::new());
     let mut out = String::with_capacity(schema.len());
     let mut de = serde_json::Deserializer::from_str(schema);
     let seed = SchemaSeed {
         out: &mut out,
-        path: String::new(),
+        path: &path,
         problem: &problem,
     };
     let result = seed.deserialize(&mut de).and_then(|()| de.end());
@@ -71,35 +72,39 @@ pub fn for_gemini(schema: &str) -> Result<String, String> {
     }
 }
 
-/// Writes one schema (an object, or `true` / `false`) to `out`.
+/// Writes one schema (an object, or `true` / `false`) to `out`. `path` is where it stands (the
+/// steps from the root, shared by all seeds: entering a child pushes a step, leaving pops it),
+/// joined only when something is refused.
 struct SchemaSeed<'o, 'p> {
     out: &'o mut String,
-    path: String,
+    path: &'p RefCell<Vec<String>>,
     problem: &'p RefCell<Option<String>>,
 }
 
 impl SchemaSeed<'_, '_> {
     fn refuse<E: de::Error>(&self, why: String) -> E {
-        let place = if self.path.is_empty() {
+        let path = self.path.borrow();
+        let place = if path.is_empty() {
             String::new()
         } else {
-            format!(" (at {})", self.path)
+            format!(" (at {})", path.join("."))
         };
         *self.problem.borrow_mut() = Some(format!("{why}{place}"));
         E::custom("refused")
     }
 
+    /// The seed of a child at `step`; [`Self::up`] once it is read.
     fn child(&mut self, step: &str) -> SchemaSeed<'_, '_> {
-        let path = if self.path.is_empty() {
-            step.to_string()
-        } else {
-            format!("{}.{step}", self.path)
-        };
+        self.path.borrow_mut().push(step.to_string());
         SchemaSeed {
             out: self.out,
-            path,
+            path: self.path,
             problem: self.problem,
         }
+    }
+
+    fn up(&self) {
+        self.path.borrow_mut().pop();
     }
 }
 
@@ -151,12 +156,15 @@ impl<'de> Visitor<'de> for SchemaSeed<'_, '_> {
             } else if SCHEMA_KEYWORDS.contains(&k) {
                 push_key(self.out, &mut first, k);
                 map.next_value_seed(self.child(k))?;
+                self.up();
             } else if SCHEMA_LIST_KEYWORDS.contains(&k) {
                 push_key(self.out, &mut first, k);
                 map.next_value_seed(ListSeed(self.child(k)))?;
+                self.up();
             } else if SCHEMA_MAP_KEYWORDS.contains(&k) {
                 push_key(self.out, &mut first, k);
                 map.next_value_seed(MapSeed(self.child(k)))?;
+                self.up();
             } else if ANNOTATIONS.contains(&k) {
                 map.next_value::<IgnoredAny>()?;
             } else {
@@ -199,6 +207,7 @@ impl<'de> Visitor<'de> for ListSeed<'_, '_> {
                 }
                 seq.next_element_seed(probe)?
             };
+            self.0.up();
             if more.is_none() {
                 if i > 0 {
                     self.0.out.pop();
@@ -233,6 +242,7 @@ impl<'de> Visitor<'de> for MapSeed<'_, '_> {
         while let Some(name) = map.next_key::<String>()? {
             push_key(self.0.out, &mut first, &name);
             map.next_value_seed(self.0.child(&name))?;
+            self.0.up();
         }
         self.0.out.push('}');
         Ok(())
@@ -308,6 +318,14 @@ mod tests {
                 .join(",")
         );
         assert_eq!(for_gemini(&wide).unwrap().len(), wide.len());
+        // A long name above many list items: the name is not copied per item (this would take
+        // 400 GB of copying if it were).
+        let long = format!(
+            "{{\"properties\":{{\"{}\":{{\"anyOf\":[{}]}}}}}}",
+            "n".repeat(1 << 20),
+            vec!["true"; 400_000].join(",")
+        );
+        assert_eq!(for_gemini(&long).unwrap().len(), long.len());
         let deep = format!("{}{{}}{}", "{\"items\":".repeat(200), "}".repeat(200));
         assert!(for_gemini(&deep).is_err());
     }

@@ -160,6 +160,67 @@ impl ChatRequest {
         super::chat_parse::conversation(&self.body, self.max_tokens, self.choices, self.effort)
     }
 
+    /// `messages` without the state other providers left in tool call ids (`chat_render::carry`),
+    /// for a provider that speaks this dialect (OpenAI takes ids of at most 40 characters, and
+    /// the state is not its own); `None` when no id carries any.
+    pub fn messages_without_carried_state(&self) -> Option<String> {
+        let messages = self.body.get("messages")?;
+        if !super::chat_render::MARKERS.iter().any(|m| messages.contains(m)) {
+            return None;
+        }
+        let list: Capped<&RawValue, MAX_MESSAGES> = serde_json::from_str(messages).ok()?;
+        let strip = |id: &str| -> Option<String> {
+            let base = super::chat_render::base_id(&std::borrow::Cow::Borrowed(id));
+            (base.len() != id.len()).then(|| serde_json::Value::String(base.into_owned()).to_string())
+        };
+        let mut out = String::with_capacity(messages.len());
+        out.push('[');
+        for (i, m) in list.0.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let text = m.get();
+            let edited = (super::chat_render::MARKERS.iter().any(|k| text.contains(k)))
+                .then(|| Object::parse(Bytes::copy_from_slice(text.as_bytes())).ok())
+                .flatten()
+                .map(|message| {
+                    let call_id = message
+                        .value::<String>("tool_call_id")
+                        .ok()
+                        .flatten()
+                        .and_then(|id| strip(&id));
+                    let calls = message.get("tool_calls").and_then(|calls| {
+                        let list: Capped<&RawValue, MAX_PARTS> = serde_json::from_str(calls).ok()?;
+                        let rendered: Vec<String> = list
+                            .0
+                            .iter()
+                            .map(|c| {
+                                Object::parse(Bytes::copy_from_slice(c.get().as_bytes()))
+                                    .ok()
+                                    .and_then(|call| {
+                                        let id = call.value::<String>("id").ok().flatten().and_then(|id| strip(&id))?;
+                                        String::from_utf8(call.render(&[("id", Some(&id))])).ok()
+                                    })
+                                    .unwrap_or_else(|| c.get().to_string())
+                            })
+                            .collect();
+                        Some(format!("[{}]", rendered.join(",")))
+                    });
+                    let mut changes: Vec<(&str, Option<&str>)> = Vec::new();
+                    if let Some(id) = &call_id {
+                        changes.push(("tool_call_id", Some(id)));
+                    }
+                    if let Some(calls) = &calls {
+                        changes.push(("tool_calls", Some(calls)));
+                    }
+                    String::from_utf8(message.render(&changes)).unwrap_or_else(|_| text.to_string())
+                });
+            out.push_str(edited.as_deref().unwrap_or(text));
+        }
+        out.push(']');
+        Some(out)
+    }
+
     /// Prompt tokens, estimated the way providers do before they count: about four characters
     /// per token plus a few per message.
     pub fn estimate_prompt_tokens(&self) -> i64 {
@@ -229,8 +290,16 @@ impl<'de> Deserialize<'de> for MessageSize {
                             size.chars += c.chars;
                             size.parts += c.parts;
                         }
-                        // What the model reads back of its own tool calls is billed as input.
-                        "tool_calls" | "function_call" => {
+                        // What the model reads back of its own tool calls is billed as input;
+                        // each call counts as a part.
+                        "tool_calls" => {
+                            let raw = map.next_value::<&'de RawValue>()?.get();
+                            size.chars += raw.len();
+                            if let Ok(calls) = serde_json::from_str::<Capped<IgnoredAny, MAX_PARTS>>(raw) {
+                                size.parts += calls.0.len();
+                            }
+                        }
+                        "function_call" | "tool_call_id" => {
                             size.chars += map.next_value::<&'de RawValue>()?.get().len();
                         }
                         _ => {
@@ -394,5 +463,32 @@ mod tests {
         assert_eq!(r.estimate_completion_tokens(1024), 150);
         let r = chat(br#"{"messages":[{"role":"user","content":"hi"}],"n":2}"#).unwrap();
         assert_eq!(r.estimate_completion_tokens(1000), 2000);
+    }
+
+    #[test]
+    fn state_carried_in_ids_is_taken_out_for_an_openai_style_key() {
+        let id = super::super::chat_render::carry(
+            "call_1",
+            Some(&crate::protocol::conversation::Signature {
+                dialect: crate::protocol::conversation::Dialect::Gemini,
+                value: "sig".into(),
+            }),
+            &[],
+        );
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":"a .kpg. in text stays"}},
+                {{"role":"assistant","content":null,"tool_calls":[{{"id":"{id}","type":"function","function":{{"name":"f","arguments":"{{}}"}}}},{{"id":"call_2","type":"function","function":{{"name":"f","arguments":"{{}}"}}}}]}},
+                {{"role":"tool","tool_call_id":"{id}","content":"ok"}}]}}"#
+        );
+        let r = chat(body.as_bytes()).unwrap();
+        let messages: serde_json::Value = serde_json::from_str(&r.messages_without_carried_state().unwrap()).unwrap();
+        assert_eq!(messages[0]["content"], "a .kpg. in text stays");
+        assert_eq!(messages[1]["tool_calls"][0]["id"], "call_1");
+        assert_eq!(messages[1]["tool_calls"][1]["id"], "call_2");
+        assert_eq!(messages[2]["tool_call_id"], "call_1");
+        assert!(chat(br#"{"messages":[{"role":"user","content":"x"}]}"#)
+            .unwrap()
+            .messages_without_carried_state()
+            .is_none());
     }
 }

@@ -13,10 +13,10 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::chat::{MAX_MESSAGES, MAX_PARTS, MAX_STOP};
-use super::chat_render::uncarry;
+use super::chat_render::{base_id, uncarry};
 use crate::protocol::conversation::{
-    Conversation, Effort, Image, JsonSchema, Message, Part, ResponseFormat, Role, Sampling, Tool, ToolCall, ToolChoice,
-    ToolResult, MAX_TOOLS,
+    Conversation, Effort, Image, JsonSchema, Message, Part, Reasoning, ResponseFormat, Role, Sampling, Tool, ToolCall,
+    ToolChoice, ToolResult, MAX_TOOLS,
 };
 use crate::protocol::json::{raw, Capped, Object, Text};
 
@@ -68,7 +68,9 @@ pub fn conversation(
         ..Conversation::default()
     };
     for name in body.names() {
-        if !CONSUMED.contains(&name) && !CARRIED.contains(&name) && body.get(name) != Some("null") {
+        // `null` and `false` ask for nothing (`logprobs: false`).
+        let asks = !matches!(body.get(name), Some("null" | "false"));
+        if !CONSUMED.contains(&name) && !CARRIED.contains(&name) && asks {
             c.unsupported.push(name.chars().take(64).collect());
         }
     }
@@ -111,8 +113,9 @@ pub fn conversation(
     c.sampling = Sampling {
         temperature: number("temperature")?,
         top_p: number("top_p")?,
-        presence_penalty: number("presence_penalty")?,
-        frequency_penalty: number("frequency_penalty")?,
+        // A penalty of 0 is none.
+        presence_penalty: number("presence_penalty")?.filter(|p| *p != 0.0),
+        frequency_penalty: number("frequency_penalty")?.filter(|p| *p != 0.0),
         seed: body
             .value("seed")
             .map_err(|_| "`seed` must be an integer".to_string())?,
@@ -154,18 +157,14 @@ fn printable(s: &str) -> String {
 
 /// Fills each tool result's name from the call it answers (Gemini matches results by name).
 fn name_results(messages: &mut [Message<'_>]) {
-    let mut names: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
+    let mut names: std::collections::HashMap<Cow<'_, str>, Cow<'_, str>> = std::collections::HashMap::new();
     for m in messages.iter_mut() {
         for p in m.parts.iter_mut() {
             match p {
-                Part::ToolCall(call) => names.push((call.id.clone(), call.name.clone())),
-                Part::ToolResult(r) if r.name.is_none() => {
-                    r.name = names
-                        .iter()
-                        .rev()
-                        .find(|(id, _)| *id == r.call_id)
-                        .map(|(_, n)| n.clone());
+                Part::ToolCall(call) => {
+                    names.insert(call.id.clone(), call.name.clone());
                 }
+                Part::ToolResult(r) if r.name.is_none() => r.name = names.get(&r.call_id).cloned(),
                 _ => {}
             }
         }
@@ -202,6 +201,7 @@ impl<'de> Deserialize<'de> for MessageIn<'de> {
                 let mut content: Option<ContentIn<'de>> = None;
                 let mut calls: Vec<ToolCall<'de>> = Vec::new();
                 let mut call_id: Option<Cow<'de, str>> = None;
+                let mut refusal: Option<Cow<'de, str>> = None;
                 let mut unsupported = Vec::new();
                 while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
                     match key.as_ref() {
@@ -217,14 +217,15 @@ impl<'de> Deserialize<'de> for MessageIn<'de> {
                             }
                         }
                         "tool_call_id" => call_id = Some(map.next_value::<Text<'de>>()?.0),
-                        // Reasoning an OpenAI-compatible server showed: the model keeps its own.
+                        // What the assistant refused with is what it said.
+                        "refusal" => refusal = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0),
+                        // Reasoning an OpenAI-compatible server showed in an earlier turn: providers
+                        // keep their own (signed reasoning rides in the tool call ids).
                         "reasoning_content" | "reasoning" => {
                             map.next_value::<IgnoredAny>()?;
                         }
                         other => {
-                            let present = map.next_value::<Option<IgnoredAny>>()?.is_some();
-                            // An empty refusal is no refusal.
-                            if present && other != "refusal" {
+                            if map.next_value::<Option<IgnoredAny>>()?.is_some() {
                                 unsupported.push(printable(other));
                             }
                         }
@@ -256,7 +257,7 @@ impl<'de> Deserialize<'de> for MessageIn<'de> {
                             match p {
                                 PartIn::Part(Part::Text(t)) => m.texts.push(t),
                                 PartIn::Part(_) => m.unsupported.push("content (an image in a system message)".into()),
-                                PartIn::Other(kind) => m.unsupported.push(format!("content part of type \"{kind}\"")),
+                                PartIn::Other(what) => m.unsupported.push(what),
                             }
                         }
                     }
@@ -265,7 +266,7 @@ impl<'de> Deserialize<'de> for MessageIn<'de> {
                             .take()
                             .ok_or_else(|| de::Error::custom("a `tool` message needs its `tool_call_id`"))?;
                         let mut result = ToolResult {
-                            call_id: uncarry(&call_id).0,
+                            call_id: base_id(&call_id),
                             name: None,
                             content: Vec::new(),
                             is_error: false,
@@ -273,35 +274,52 @@ impl<'de> Deserialize<'de> for MessageIn<'de> {
                         for p in content {
                             match p {
                                 PartIn::Part(p) => result.content.push(p),
-                                PartIn::Other(kind) => m.unsupported.push(format!("content part of type \"{kind}\"")),
+                                PartIn::Other(what) => m.unsupported.push(what),
                             }
                         }
                         m.parts.push(Part::ToolResult(result));
                     }
                     RoleIn::User | RoleIn::Assistant => {
-                        for p in content {
-                            match p {
-                                PartIn::Part(p) => m.parts.push(p),
-                                PartIn::Other(kind) => m.unsupported.push(format!("content part of type \"{kind}\"")),
-                            }
-                        }
                         if role == RoleIn::User && !calls.is_empty() {
                             m.unsupported.push("tool_calls (in a user message)".into());
                         }
-                        for call in calls {
-                            let (id, carried) = uncarry(&call.id);
-                            // A provider's reasoning rides on the first call of its turn.
-                            m.parts.extend(carried.reasoning.into_iter().map(Part::Reasoning));
-                            m.parts.push(Part::ToolCall(ToolCall {
-                                id,
-                                signature: carried.signature,
-                                ..call
-                            }));
+                        let mut calls: Vec<(ToolCall<'de>, Vec<Reasoning<'static>>)> = calls
+                            .into_iter()
+                            .map(|call| {
+                                let (id, carried) = uncarry(&call.id);
+                                let call = ToolCall {
+                                    id,
+                                    signature: carried.signature,
+                                    ..call
+                                };
+                                (call, carried.reasoning)
+                            })
+                            .collect();
+                        // Reasoning that rode on the first call came before the turn's text, as
+                        // the provider gave it; on later calls, right before them.
+                        if let Some((_, first)) = calls.first_mut() {
+                            m.parts.extend(std::mem::take(first).into_iter().map(Part::Reasoning));
+                        }
+                        for p in content {
+                            match p {
+                                PartIn::Part(p) => m.parts.push(p),
+                                PartIn::Other(what) => m.unsupported.push(what),
+                            }
+                        }
+                        if role == RoleIn::Assistant {
+                            m.parts.extend(refusal.take().map(Part::Text));
+                        }
+                        for (call, reasoning) in calls {
+                            m.parts.extend(reasoning.into_iter().map(Part::Reasoning));
+                            m.parts.push(Part::ToolCall(call));
                         }
                     }
                 }
                 if call_id.is_some() {
                     m.unsupported.push("tool_call_id (outside a tool message)".into());
+                }
+                if refusal.is_some() {
+                    m.unsupported.push("refusal (outside an assistant message)".into());
                 }
                 Ok(m)
             }
@@ -316,7 +334,7 @@ struct ContentIn<'a>(Vec<PartIn<'a>>);
 
 enum PartIn<'a> {
     Part(Part<'a>),
-    /// A part of a type the model does not have (named).
+    /// A part the model cannot carry, described.
     Other(String),
 }
 
@@ -354,25 +372,33 @@ impl<'de> Deserialize<'de> for PartIn<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let (mut kind, mut text, mut url) = (None, None, None);
+                let mut unknown: Option<String> = None;
                 while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
                     match key.as_ref() {
                         "type" => kind = Some(map.next_value::<Text<'de>>()?.0),
                         // An assistant's refusal is text it said.
                         "text" | "refusal" => text = Some(map.next_value::<Text<'de>>()?.0),
                         "image_url" => url = Some(map.next_value::<ImageUrl<'de>>()?.0),
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
+                        other => {
+                            if map.next_value::<Option<IgnoredAny>>()?.is_some() && unknown.is_none() {
+                                unknown = Some(printable(other));
+                            }
                         }
                     }
                 }
-                match kind.as_deref() {
-                    Some("text" | "refusal") => Ok(PartIn::Part(Part::Text(text.unwrap_or_default()))),
-                    Some("image_url") => match url {
+                let kind = kind.ok_or_else(|| de::Error::custom("a content part has no `type`"))?;
+                if !matches!(kind.as_ref(), "text" | "refusal" | "image_url") {
+                    return Ok(PartIn::Other(format!("content part of type \"{}\"", printable(&kind))));
+                }
+                if let Some(field) = unknown {
+                    return Ok(PartIn::Other(format!("content part field `{field}`")));
+                }
+                match kind.as_ref() {
+                    "image_url" => match url {
                         Some(url) if !url.is_empty() => Ok(PartIn::Part(Part::Image(Image::from_url(url)))),
                         _ => Err(de::Error::custom("an `image_url` part has no `url`")),
                     },
-                    Some(other) => Ok(PartIn::Other(printable(other))),
-                    None => Err(de::Error::custom("a content part has no `type`")),
+                    _ => Ok(PartIn::Part(Part::Text(text.unwrap_or_default()))),
                 }
             }
         }
@@ -840,7 +866,7 @@ mod tests {
     #[test]
     fn what_the_model_cannot_carry_is_named() {
         let (r, _) = conv(
-            r#"{"messages":[{"role":"user","name":"bob","content":[{"type":"input_audio","input_audio":{}},{"type":"text","text":"x"}]}],
+            r#"{"messages":[{"role":"user","name":"bob","content":[{"type":"input_audio","input_audio":{}},{"type":"text","text":"x","cache_control":{}}]}],
                 "logit_bias":{"1":2},"logprobs":true,"tools":[{"type":"web_search"},{"type":"function","function":{"name":"f","x":1}}],
                 "tool_choice":{"type":"allowed_tools","allowed_tools":{}}}"#,
         )
@@ -853,10 +879,26 @@ mod tests {
                 "logprobs",
                 "messages[0].name",
                 "messages[0].content part of type \"input_audio\"",
+                "messages[0].content part field `cache_control`",
                 "tools[0] of type \"web_search\"",
                 "tools[1].function.x",
                 "tool_choice of type \"allowed_tools\""
             ]
+        );
+    }
+
+    #[test]
+    fn refusals_are_said_and_settings_that_ask_nothing_pass() {
+        let (r, _) = conv(
+            r#"{"messages":[{"role":"assistant","content":null,"refusal":"I can't"}],"logprobs":false,"presence_penalty":0,"frequency_penalty":0.0}"#,
+        )
+        .unwrap();
+        let c = r.conversation().unwrap();
+        assert_eq!(c.unsupported, Vec::<String>::new());
+        assert_eq!(c.messages[0].parts, vec![Part::Text("I can't".into())]);
+        assert_eq!(
+            (c.sampling.presence_penalty, c.sampling.frequency_penalty),
+            (None, None)
         );
     }
 

@@ -15,10 +15,14 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use crate::protocol::conversation::{Answer, Delta, Dialect, Finish, Part, Reasoning, Signature, Usage};
+use crate::protocol::json::Capped;
 use crate::protocol::sse;
 
 /// What marks carried state in a tool call's id.
 const MARK: &str = ".kp";
+
+/// The markers of carried state as they stand in an id (a quick test before reading further).
+pub const MARKERS: [&str; 2] = [".kpg.", ".kpa."];
 
 /// A tool call id with the provider's state carried in it: the signature of the call, and the
 /// signed reasoning that came before it in the same turn.
@@ -61,43 +65,78 @@ pub struct Carried {
     pub reasoning: Vec<Reasoning<'static>>,
 }
 
+/// Most carried state one id may hold (base64url): signatures are a few hundred bytes, thinking
+/// blocks a few tens of kilobytes.
+const MAX_CARRIED: usize = 1 << 20;
+
+/// Most signed reasoning blocks one id may carry.
+const MAX_CARRIED_BLOCKS: usize = 16;
+
+/// Where the carried state of `id` starts (the marker), its dialect and payload, if it carries
+/// any.
+fn carried_part(id: &str) -> Option<(usize, Dialect, &str)> {
+    let at = id.rfind(MARK)?;
+    let (tag, payload) = id[at + MARK.len()..].split_once('.')?;
+    let dialect = Dialect::from_tag(tag)?;
+    let plain = payload
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (!payload.is_empty() && plain).then_some((at, dialect, payload))
+}
+
+/// A tool call id without the state [`carry`] put in it (not decoded).
+pub fn base_id<'a>(id: &Cow<'a, str>) -> Cow<'a, str> {
+    match (carried_part(id), id) {
+        (None, id) => id.clone(),
+        (Some((at, ..)), Cow::Borrowed(s)) => Cow::Borrowed(&s[..at]),
+        (Some((at, ..)), Cow::Owned(s)) => Cow::Owned(s[..at].to_string()),
+    }
+}
+
+/// One signed reasoning block as [`carry`] writes it.
+#[derive(serde::Deserialize)]
+struct Block {
+    #[serde(default)]
+    t: Option<String>,
+    #[serde(default)]
+    s: Option<String>,
+    #[serde(default)]
+    r: Option<String>,
+}
+
 /// A tool call id without the state [`carry`] put in it, and that state. An id that carries
-/// nothing (or nothing readable) is returned as it is.
+/// nothing (or nothing readable, or more than [`MAX_CARRIED`]) is returned as it is.
 pub fn uncarry<'a>(id: &Cow<'a, str>) -> (Cow<'a, str>, Carried) {
-    let Some(at) = id.rfind(MARK) else {
-        return (id.clone(), Carried::default());
+    let nothing = || (id.clone(), Carried::default());
+    let Some((_, dialect, payload)) = carried_part(id) else {
+        return nothing();
     };
-    let rest = &id[at + MARK.len()..];
-    let Some((tag, payload)) = rest.split_once('.').filter(|(_, p)| !p.is_empty()) else {
-        return (id.clone(), Carried::default());
-    };
-    let (Some(dialect), Ok(bytes)) = (Dialect::from_tag(tag), URL_SAFE_NO_PAD.decode(payload)) else {
-        return (id.clone(), Carried::default());
-    };
-    let Ok(text) = String::from_utf8(bytes) else {
-        return (id.clone(), Carried::default());
-    };
-    let base = match id {
-        Cow::Borrowed(s) => Cow::Borrowed(&s[..at]),
-        Cow::Owned(s) => Cow::Owned(s[..at].to_string()),
+    if payload.len() > MAX_CARRIED {
+        return nothing();
+    }
+    let Some(text) = URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+    else {
+        return nothing();
     };
     let mut carried = Carried::default();
     match dialect {
         Dialect::Anthropic => {
-            let Ok(blocks) = serde_json::from_str::<Vec<Value>>(&text) else {
-                return (id.clone(), Carried::default());
+            let Ok(blocks) = serde_json::from_str::<Capped<Block, MAX_CARRIED_BLOCKS>>(&text) else {
+                return nothing();
             };
-            for b in blocks {
-                let field = |f: &str| b.get(f).and_then(Value::as_str).map(str::to_string);
-                carried.reasoning.push(match field("r") {
+            for b in blocks.0 {
+                carried.reasoning.push(match b.r {
                     Some(data) => Reasoning {
                         text: Cow::Borrowed(""),
                         signature: None,
                         redacted: Some(Cow::Owned(data)),
                     },
                     None => Reasoning {
-                        text: Cow::Owned(field("t").unwrap_or_default()),
-                        signature: field("s").map(|s| Signature {
+                        text: Cow::Owned(b.t.unwrap_or_default()),
+                        signature: b.s.map(|s| Signature {
                             dialect,
                             value: Cow::Owned(s),
                         }),
@@ -113,7 +152,7 @@ pub fn uncarry<'a>(id: &Cow<'a, str>) -> (Cow<'a, str>, Carried) {
             })
         }
     }
-    (base, carried)
+    (base_id(id), carried)
 }
 
 pub fn finish_reason(f: Finish) -> &'static str {
@@ -416,10 +455,28 @@ mod tests {
         assert_eq!(base, "toolu_01");
         assert_eq!(carried.reasoning, thinking.to_vec());
         // Ids that carry nothing, or nothing readable, stay as they are.
-        for plain in ["call_x", "a.kpg.", "a.kpz.AAAA", "a.kpg.!!", "a.kpa.bm90IGpzb24"] {
+        let huge = format!(
+            "a.kpa.{}",
+            URL_SAFE_NO_PAD.encode(format!("[{}]", vec!["{}"; 500_000].join(",")))
+        );
+        for plain in [
+            "call_x",
+            "a.kpg.",
+            "a.kpz.AAAA",
+            "a.kpg.!!",
+            "a.kpa.bm90IGpzb24",
+            huge.as_str(),
+        ] {
             let (base, carried) = uncarry(&Cow::Borrowed(plain));
             assert_eq!((base.as_ref(), carried), (plain, Carried::default()));
         }
+        // More blocks than one turn has: nothing is read.
+        let many = format!(
+            "a.kpa.{}",
+            URL_SAFE_NO_PAD.encode(format!("[{}]", vec![r#"{"r":"x"}"#; 17].join(",")))
+        );
+        assert_eq!(uncarry(&Cow::Borrowed(many.as_str())).1, Carried::default());
+        assert_eq!(base_id(&Cow::Borrowed("toolu_1.kpa.AAAA")), "toolu_1");
     }
 
     #[test]
