@@ -82,6 +82,7 @@ async fn the_openai_node_client_and_the_ai_sdk_work_on_every_provider() {
 
     let reply = "This is a mock reply";
     let quoted = "Tool results: Sunny in city-1";
+    let whole = "This is a mock reply from the pg_keypool mock provider, with words";
     for pool in pools {
         let s = &seen[pool];
         let case = |name: &str| {
@@ -129,6 +130,26 @@ async fn the_openai_node_client_and_the_ai_sdk_work_on_every_provider() {
             );
         }
         assert_eq!(case("seed000_agent"), json!({"message": quoted, "steps": 2}), "{pool}");
+        assert_eq!(case("responses_text")["text"], reply, "{pool}");
+        assert_eq!(case("responses_text")["finish"], "length", "{pool}");
+        for name in ["responses_tools", "responses_stream_tools"] {
+            assert_eq!(case(name), json!({"steps": 2, "text": quoted}), "{pool} {name}");
+        }
+        assert_eq!(
+            case("responses_object"),
+            json!({"object": {"name": "name-1", "age": 1}}),
+            "{pool}"
+        );
+        assert_eq!(
+            case("openai_responses"),
+            json!({"text": reply, "status": "incomplete"}),
+            "{pool}"
+        );
+        assert_eq!(
+            case("openai_responses_stream"),
+            json!({"text": whole, "deltas": whole, "status": "completed"}),
+            "{pool}"
+        );
         // Anthropic shows its thinking; the others keep theirs to themselves.
         let thought = if pool == "ant" {
             json!("The mock thinks about it.")

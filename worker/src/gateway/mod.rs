@@ -26,7 +26,8 @@ use tracing::{info, warn};
 use crate::db::{Allocation, Db, DbError, Refusal, Reserved, Settlement};
 use crate::gateway::metrics::{Metrics, RecentFailures};
 use crate::protocol::conversation::{CarryError, Conversation, Usage};
-use crate::protocol::openai::{self, ChatRequest, EmbeddingsRequest};
+use crate::protocol::inbound::Inbound;
+use crate::protocol::openai::{self, EmbeddingsRequest};
 use crate::protocol::sse;
 use crate::protocol::stream::Translate;
 use crate::providers::{self, KeyRef, ProviderError, Wire};
@@ -89,7 +90,7 @@ pub struct ChatJob {
     /// The pools the caller may reach (an API token's), if limited: the fallback chain skips
     /// the others.
     pub within: Option<Vec<String>>,
-    pub request: ChatRequest,
+    pub request: Inbound,
     pub stream: bool,
     pub deadline: Instant,
     /// How long to wait for capacity when the pool is exhausted before answering with the
@@ -487,7 +488,12 @@ impl Gateway {
                 served,
                 ..
             } = accepted;
-            let translator = providers::stream_translator(&key, &shown_model, job.request.wants_stream_usage());
+            let translator = providers::stream_translator(
+                &key,
+                job.request.dialect(),
+                &shown_model,
+                job.request.wants_stream_usage(),
+            );
             let events = relay(
                 response,
                 translator,
@@ -509,7 +515,7 @@ impl Gateway {
         let prompt_est = plan.prompt_est;
         let (body, served) = self
             .read_answer(plan, accepted, |key, body| {
-                let c = providers::read_completion(key, body, &shown_model, prompt_est)?;
+                let c = providers::read_completion(key, job.request.dialect(), body, &shown_model, prompt_est)?;
                 Ok((c.body, c.usage))
             })
             .await?;

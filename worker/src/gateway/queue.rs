@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::db::DbError;
 use crate::gateway::{Answer, ChatJob, Failure, Gateway};
+use crate::protocol::inbound::Inbound;
 use crate::protocol::openai::{check_model_name, ChatRequest};
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -306,7 +307,7 @@ async fn carry_out(gateway: &Gateway, settings: &Settings, c: Claimed) {
                 user: c.user_id.clone(),
                 pool: c.pool.clone(),
                 within: None,
-                request,
+                request: Inbound::Chat(request),
                 stream: false,
                 deadline: Instant::now() + budget,
                 capacity_wait: Duration::ZERO,

@@ -33,7 +33,8 @@ use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, ProxyJob, Served};
 use crate::http::auth::{self};
 use crate::http::credentials::Principal;
 use crate::protocol::conversation::CarryError;
-use crate::protocol::openai::{check_model_name, error_body, ChatRequest, EmbeddingsRequest};
+use crate::protocol::inbound::Inbound;
+use crate::protocol::openai::{check_model_name, error_body, ChatRequest, EmbeddingsRequest, ResponsesRequest};
 
 pub fn router(endpoint: Arc<Endpoint>) -> Router {
     // Callers are known before any body is read: the auth layers run before the handlers'
@@ -41,6 +42,7 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
     let api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/proxy/{pool}/{*path}", any(proxy))
         .merge(crate::http::keys::user_routes())
@@ -204,7 +206,7 @@ async fn not_found(uri: Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         &format!(
-            "no route {}; this endpoint serves /v1/chat/completions, /v1/embeddings, /v1/models and /v1/proxy/<pool>/<path>",
+            "no route {}; this endpoint serves /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/models and /v1/proxy/<pool>/<path>",
             uri.path()
         ),
         "invalid_request_error",
@@ -591,6 +593,18 @@ impl RoutedRequest for ChatRequest {
     }
 }
 
+impl RoutedRequest for ResponsesRequest {
+    fn parse(body: Bytes) -> Result<Self, String> {
+        ResponsesRequest::parse(body)
+    }
+    fn user(&self) -> Option<&str> {
+        ResponsesRequest::user(self)
+    }
+    fn model(&self) -> Option<&str> {
+        ResponsesRequest::model(self)
+    }
+}
+
 impl RoutedRequest for EmbeddingsRequest {
     fn parse(body: Bytes) -> Result<Self, String> {
         EmbeddingsRequest::parse(body)
@@ -650,16 +664,30 @@ async fn chat(
         Ok(r) => r,
         Err(r) => return r,
     };
-    holding(chat_answer(&ep, &principal, request, user, pool).await, permit)
+    holding(
+        chat_answer(&ep, &principal, Inbound::Chat(request), user, pool).await,
+        permit,
+    )
 }
 
-async fn chat_answer(
-    ep: &Endpoint,
-    principal: &Principal,
-    request: ChatRequest,
-    user: String,
-    pool: String,
+/// `POST /v1/responses`: the Responses API, carried to any provider.
+async fn responses(
+    State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let (request, user, pool, permit) = match routed::<ResponsesRequest>(&ep, &principal, &headers, body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    holding(
+        chat_answer(&ep, &principal, Inbound::Responses(request), user, pool).await,
+        permit,
+    )
+}
+
+async fn chat_answer(ep: &Endpoint, principal: &Principal, request: Inbound, user: String, pool: String) -> Response {
     let stream = request.stream();
     let job = ChatJob {
         user,

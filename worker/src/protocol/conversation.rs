@@ -182,6 +182,7 @@ pub struct Signature<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dialect {
     OpenAiChat,
+    OpenAiResponses,
     Gemini,
     Anthropic,
 }
@@ -191,6 +192,7 @@ impl Dialect {
     pub fn tag(self) -> &'static str {
         match self {
             Dialect::OpenAiChat => "o",
+            Dialect::OpenAiResponses => "r",
             Dialect::Gemini => "g",
             Dialect::Anthropic => "a",
         }
@@ -199,6 +201,7 @@ impl Dialect {
     pub fn from_tag(tag: &str) -> Option<Dialect> {
         match tag {
             "o" => Some(Dialect::OpenAiChat),
+            "r" => Some(Dialect::OpenAiResponses),
             "g" => Some(Dialect::Gemini),
             "a" => Some(Dialect::Anthropic),
             _ => None,

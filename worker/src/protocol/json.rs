@@ -126,7 +126,7 @@ fn index(text: &[u8]) -> Result<Vec<Member>, String> {
 }
 
 /// A name as it may be quoted in an error: at most 40 characters, no control characters.
-fn printable(name: &str) -> String {
+pub fn printable(name: &str) -> String {
     name.chars()
         .take(40)
         .map(|c| if c.is_control() { '?' } else { c })
@@ -226,6 +226,98 @@ impl<'de> Deserialize<'de> for Text<'de> {
 pub fn raw<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Cow<'de, str>, A::Error> {
     let v: &'de RawValue = map.next_value()?;
     Ok(Cow::Borrowed(v.get()))
+}
+
+/// What a JSON value weighs as a prompt, read without keeping it: the bytes of its strings, its
+/// media (images, files: their data is not text and is counted apart), and how many list items it
+/// holds (to refuse requests of more parts than any provider takes, before they take memory).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Weight {
+    pub text_bytes: usize,
+    pub media: usize,
+    pub items: usize,
+}
+
+/// Members whose value is media (OpenAI's `image_url`, `file_data`, Anthropic's `source`,
+/// Gemini's `inlineData` / `fileData`): counted as one medium each.
+const MEDIA_MEMBERS: &[&str] = &[
+    "image_url",
+    "file_data",
+    "source",
+    "inlineData",
+    "inline_data",
+    "fileData",
+];
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Weight;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Weight, E> {
+                Ok(Weight {
+                    text_bytes: v.len(),
+                    ..Weight::default()
+                })
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Weight, E> {
+                Ok(Weight::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Weight, E> {
+                Ok(Weight::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Weight, E> {
+                Ok(Weight::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Weight, E> {
+                Ok(Weight::default())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Weight, E> {
+                Ok(Weight::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Weight, A::Error> {
+                let mut w = Weight::default();
+                while let Some(item) = seq.next_element::<Weight>()? {
+                    w.add(item);
+                    w.items += 1;
+                }
+                Ok(w)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Weight, A::Error> {
+                let mut w = Weight::default();
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                    if MEDIA_MEMBERS.contains(&key.as_ref()) {
+                        map.next_value::<de::IgnoredAny>()?;
+                        w.media += 1;
+                    } else {
+                        w.add(map.next_value::<Weight>()?);
+                        w.text_bytes += key.len();
+                    }
+                }
+                Ok(w)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Weight {
+    pub fn add(&mut self, other: Weight) {
+        self.text_bytes += other.text_bytes;
+        self.media += other.media;
+        self.items += other.items;
+    }
+
+    /// The weight of member `name` of `body` (nothing when absent).
+    pub fn of(body: &Object, name: &str) -> Result<Weight, String> {
+        match body.get(name) {
+            None => Ok(Weight::default()),
+            Some(text) => serde_json::from_str(text).map_err(|e| format!("`{name}`: {e}")),
+        }
+    }
 }
 
 /// A list read with at most `N` items: longer lists are refused while they are read, before

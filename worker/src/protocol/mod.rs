@@ -6,6 +6,7 @@
 pub mod anthropic;
 pub mod conversation;
 pub mod gemini;
+pub mod inbound;
 pub mod json;
 pub mod openai;
 pub mod sse;

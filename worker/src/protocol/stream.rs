@@ -8,7 +8,9 @@ use bytes::Bytes;
 use crate::protocol::anthropic;
 use crate::protocol::conversation::{Delta, Usage};
 use crate::protocol::gemini;
+use crate::protocol::openai::chat_answer;
 use crate::protocol::openai::chat_render::ChunkWriter;
+use crate::protocol::openai::responses_render::EventWriter;
 use crate::protocol::sse;
 
 /// Turns a provider's event stream into the app's.
@@ -28,6 +30,7 @@ pub trait Translate: Send {
 
 /// A provider's stream, read into deltas.
 pub enum Reader {
+    OpenAiChat(chat_answer::StreamReader),
     Gemini(gemini::StreamReader),
     Anthropic(anthropic::StreamReader),
 }
@@ -35,6 +38,7 @@ pub enum Reader {
 impl Reader {
     fn read(&mut self, ev: &sse::Event, out: &mut Vec<Delta>) {
         match self {
+            Reader::OpenAiChat(r) => r.event(&ev.data, out),
             Reader::Gemini(r) => r.event(&ev.data, out),
             Reader::Anthropic(r) => r.event(ev.name.as_deref(), &ev.data, out),
         }
@@ -44,18 +48,21 @@ impl Reader {
 /// Deltas written in the app's dialect.
 pub enum Writer {
     OpenAiChat(ChunkWriter),
+    Responses(EventWriter),
 }
 
 impl Writer {
     fn write(&mut self, d: Delta, out: &mut Vec<Bytes>) {
         match self {
             Writer::OpenAiChat(w) => w.write(d, out),
+            Writer::Responses(w) => w.write(d, out),
         }
     }
 
     fn finish(&mut self, usage: Usage, out: &mut Vec<Bytes>) {
         match self {
             Writer::OpenAiChat(w) => w.finish(usage, out),
+            Writer::Responses(w) => w.finish(usage, out),
         }
     }
 }

@@ -20,9 +20,11 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use crate::duration;
-use crate::protocol::conversation::{Answer, CarryError, Conversation, Usage};
+use crate::protocol::conversation::{Answer, CarryError, Conversation, Dialect, Usage};
+use crate::protocol::inbound::Inbound;
 use crate::protocol::openai::chat_render::{self, ChunkWriter};
-use crate::protocol::openai::{self, ChatRequest, EmbeddingsRequest};
+use crate::protocol::openai::responses_render::{self, EventWriter};
+use crate::protocol::openai::{self, EmbeddingsRequest};
 use crate::protocol::stream::{Reader, Translate, Translated, Writer};
 use crate::protocol::{anthropic as anthropic_dialect, gemini as gemini_dialect};
 
@@ -116,7 +118,7 @@ impl BodyShape {
 /// when the app set none (a spend budget holds only that much). The error is the caller's.
 pub fn chat_body<'c>(
     key: &KeyRef,
-    req: &ChatRequest,
+    req: &Inbound,
     conversation: impl FnOnce() -> &'c Result<Conversation<'c>, String>,
     stream: bool,
     default_max_tokens: u32,
@@ -126,13 +128,20 @@ pub fn chat_body<'c>(
         let c = conversation().as_ref().map_err(|e| CarryError::Invalid(e.clone()))?;
         render(c).map(Bytes::from)
     };
-    match key.wire() {
-        Wire::OpenAi => Ok(openai_style::chat_body(key, req, stream, output_cap)),
-        Wire::Gemini => {
+    match (key.wire(), req) {
+        (Wire::OpenAi, Inbound::Chat(req)) => Ok(openai_style::chat_body(key, req, stream, output_cap)),
+        (Wire::OpenAi, _) => {
+            let model = key.model_for(req.model()).ok_or_else(|| {
+                CarryError::Invalid(format!("key {} has no model and the request names none", key.id))
+            })?;
+            let openai_cap = key.provider == "openai";
+            translated(&|c| openai::chat_request::request(c, (&key.provider, model), stream, output_cap, openai_cap))
+        }
+        (Wire::Gemini, _) => {
             let model = gemini::model_name(key, req.model()).map_err(CarryError::Invalid)?;
             translated(&|c| gemini_dialect::request(c, model, output_cap))
         }
-        Wire::Anthropic => {
+        (Wire::Anthropic, _) => {
             let model = key.model_for(req.model()).ok_or_else(|| {
                 CarryError::Invalid(format!(
                     "Anthropic key {} has no model and the request names none",
@@ -141,7 +150,7 @@ pub fn chat_body<'c>(
             })?;
             translated(&|c| anthropic_dialect::request(c, model, stream, output_cap, default_max_tokens as u64))
         }
-        Wire::Http => Err(CarryError::Invalid(format!(
+        (Wire::Http, _) => Err(CarryError::Invalid(format!(
             "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
             key.id, key.label
         ))),
@@ -152,7 +161,7 @@ pub fn chat_body<'c>(
 pub fn chat_request(
     http: &reqwest::Client,
     key: &KeyRef,
-    req: &ChatRequest,
+    req: &Inbound,
     stream: bool,
     body: Bytes,
 ) -> Result<reqwest::RequestBuilder, String> {
@@ -262,50 +271,62 @@ pub struct Completion {
     pub usage: Usage,
 }
 
-/// Reads a 2xx chat answer. `shown_model` is the model name the app sees in translated
-/// answers; `prompt_est` the prompt's tokens, settled when the provider reports none (the
-/// output is then counted from what was generated).
-pub fn read_completion(key: &KeyRef, body: Bytes, shown_model: &str, prompt_est: i64) -> Result<Completion, String> {
-    let translated = |answer: Answer| {
+/// Reads a 2xx chat answer, in the app's dialect (`to`): passed through when the provider
+/// speaks it, else read into the model and rendered. `shown_model` is the model name the app
+/// sees in rendered answers; `prompt_est` the prompt's tokens, settled when the provider reports
+/// none (the output is then counted from what was generated).
+pub fn read_completion(
+    key: &KeyRef,
+    to: Dialect,
+    body: Bytes,
+    shown_model: &str,
+    prompt_est: i64,
+) -> Result<Completion, String> {
+    let rendered = |answer: Answer| {
         let usage = answer
             .usage
             .unwrap_or_else(|| Usage::new(prompt_est, openai::count_tokens(answer.generated_bytes())));
-        Completion {
-            body: chat_render::completion(
-                &answer,
-                &openai::completion_id(),
-                shown_model,
-                openai::unix_now(),
-                usage,
-            ),
-            usage,
-        }
+        let now = openai::unix_now();
+        let body = match to {
+            Dialect::OpenAiResponses => {
+                responses_render::response(&answer, &responses_render::response_id(), shown_model, now, usage)
+            }
+            _ => chat_render::completion(&answer, &openai::completion_id(), shown_model, now, usage),
+        };
+        Completion { body, usage }
     };
-    match key.wire() {
-        Wire::OpenAi => openai_style::read_completion(body, prompt_est),
-        Wire::Gemini => gemini_dialect::answer(&body).map(translated),
-        Wire::Anthropic => anthropic_dialect::answer(&body).map(translated),
-        Wire::Http => Ok(Completion {
+    match (key.wire(), to) {
+        (Wire::OpenAi, Dialect::OpenAiChat) => openai_style::read_completion(body, prompt_est),
+        (Wire::OpenAi, _) => openai::chat_answer::answer(&body).map(rendered),
+        (Wire::Gemini, _) => gemini_dialect::answer(&body).map(rendered),
+        (Wire::Anthropic, _) => anthropic_dialect::answer(&body).map(rendered),
+        (Wire::Http, _) => Ok(Completion {
             body,
             usage: Usage::new(prompt_est, 0),
         }),
     }
 }
 
-/// Turns `key`'s provider's event stream into OpenAI chat chunks.
-pub fn stream_translator(key: &KeyRef, shown_model: &str, wants_usage: bool) -> Box<dyn Translate> {
-    let writer = || {
-        Writer::OpenAiChat(ChunkWriter::new(
+/// Turns `key`'s provider's event stream into the app's (`to`).
+pub fn stream_translator(key: &KeyRef, to: Dialect, shown_model: &str, wants_usage: bool) -> Box<dyn Translate> {
+    let writer = || match to {
+        Dialect::OpenAiResponses => Writer::Responses(EventWriter::new(
+            responses_render::response_id(),
+            shown_model.to_string(),
+            openai::unix_now(),
+        )),
+        _ => Writer::OpenAiChat(ChunkWriter::new(
             openai::completion_id(),
             shown_model.to_string(),
             openai::unix_now(),
             wants_usage,
-        ))
+        )),
     };
-    match key.wire() {
-        Wire::Gemini => Box::new(Translated::new(Reader::Gemini(Default::default()), writer())),
-        Wire::Anthropic => Box::new(Translated::new(Reader::Anthropic(Default::default()), writer())),
-        Wire::OpenAi | Wire::Http => Box::new(openai_style::Passthrough::new(wants_usage)),
+    match (key.wire(), to) {
+        (Wire::OpenAi | Wire::Http, Dialect::OpenAiChat) => Box::new(openai_style::Passthrough::new(wants_usage)),
+        (Wire::OpenAi | Wire::Http, _) => Box::new(Translated::new(Reader::OpenAiChat(Default::default()), writer())),
+        (Wire::Gemini, _) => Box::new(Translated::new(Reader::Gemini(Default::default()), writer())),
+        (Wire::Anthropic, _) => Box::new(Translated::new(Reader::Anthropic(Default::default()), writer())),
     }
 }
 

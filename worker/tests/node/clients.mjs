@@ -176,6 +176,42 @@ async function casesFor(pool) {
     return { object: r.object };
   }, out);
 
+  // The Responses API: the AI SDK's default provider (seed 000's literal `openai(model)`) and the
+  // official client's responses.create / responses.stream.
+  await run("responses_text", async () => {
+    const r = await generateText({ model: aisdk(pool), prompt: "hi", maxOutputTokens: 5 });
+    return { text: r.text, finish: r.finishReason, usage: [r.usage.inputTokens, r.usage.outputTokens] };
+  }, out);
+
+  await run("responses_tools", async () => {
+    const r = await generateText({ model: aisdk(pool), tools: { weather }, stopWhen: stepCountIs(3), prompt: "What is the weather in Oslo?" });
+    return { steps: r.steps.length, text: r.text };
+  }, out);
+
+  await run("responses_stream_tools", async () => {
+    const r = streamText({ model: aisdk(pool), tools: { weather }, stopWhen: stepCountIs(3), prompt: "What is the weather in Oslo?" });
+    return { steps: (await r.steps).length, text: await r.text };
+  }, out);
+
+  await run("responses_object", async () => {
+    const r = await generateObject({ model: aisdk(pool), schema: person, prompt: "a person" });
+    return { object: r.object };
+  }, out);
+
+  await run("openai_responses", async () => {
+    const r = await client.responses.create({ model: pool, input: "hi", max_output_tokens: 5, user });
+    return { text: r.output_text, status: r.status };
+  }, out);
+
+  await run("openai_responses_stream", async () => {
+    const stream = client.responses.stream({ model: pool, input: "hi", user });
+    let deltas = "";
+    stream.on("response.output_text.delta", (e) => { deltas += e.delta; });
+    const r = await stream.finalResponse();
+    const text = r.output.filter((i) => i.type === "message").flatMap((i) => i.content).map((c) => c.text).join("");
+    return { text, deltas, status: r.status };
+  }, out);
+
   await run("seed000_agent", async () => {
     const service = new AgentService(pool);
     return await service.chat({ message: "What is the weather in Oslo?", tools: { weather }, stopWhen: stepCountIs(3) }, { id: `seed000-${pool}` });

@@ -368,7 +368,7 @@ pub fn request(
 mod tests {
     use super::*;
     use crate::protocol::conversation::{Reasoning, Signature};
-    use crate::protocol::openai::chat_render::carry;
+    use crate::protocol::openai::carry::carry;
     use crate::protocol::openai::ChatRequest;
 
     fn body_of(json_body: &str, stream: bool, cap: Option<u64>) -> Result<Value, CarryError> {

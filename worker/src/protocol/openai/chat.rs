@@ -165,12 +165,12 @@ impl ChatRequest {
     /// the state is not its own); `None` when no id carries any.
     pub fn messages_without_carried_state(&self) -> Option<String> {
         let messages = self.body.get("messages")?;
-        if !super::chat_render::MARKERS.iter().any(|m| messages.contains(m)) {
+        if !super::carry::MARKERS.iter().any(|m| messages.contains(m)) {
             return None;
         }
         let list: Capped<&RawValue, MAX_MESSAGES> = serde_json::from_str(messages).ok()?;
         let strip = |id: &str| -> Option<String> {
-            let base = super::chat_render::base_id(&std::borrow::Cow::Borrowed(id));
+            let base = super::carry::base_id(&std::borrow::Cow::Borrowed(id));
             (base.len() != id.len()).then(|| serde_json::Value::String(base.into_owned()).to_string())
         };
         let mut out = String::with_capacity(messages.len());
@@ -180,7 +180,7 @@ impl ChatRequest {
                 out.push(',');
             }
             let text = m.get();
-            let edited = (super::chat_render::MARKERS.iter().any(|k| text.contains(k)))
+            let edited = (super::carry::MARKERS.iter().any(|k| text.contains(k)))
                 .then(|| Object::parse(Bytes::copy_from_slice(text.as_bytes())).ok())
                 .flatten()
                 .map(|message| {
@@ -467,7 +467,7 @@ mod tests {
 
     #[test]
     fn state_carried_in_ids_is_taken_out_for_an_openai_style_key() {
-        let id = super::super::chat_render::carry(
+        let id = super::super::carry::carry(
             "call_1",
             Some(&crate::protocol::conversation::Signature {
                 dialect: crate::protocol::conversation::Dialect::Gemini,

@@ -12,13 +12,13 @@ use std::fmt;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use super::carry::{base_id, uncarry};
 use super::chat::{MAX_MESSAGES, MAX_PARTS, MAX_STOP};
-use super::chat_render::{base_id, uncarry};
 use crate::protocol::conversation::{
     Conversation, Effort, Image, JsonSchema, Message, Part, Reasoning, ResponseFormat, Role, Sampling, Tool, ToolCall,
     ToolChoice, ToolResult, MAX_TOOLS,
 };
-use crate::protocol::json::{raw, Capped, Object, Text};
+use crate::protocol::json::{printable, raw, Capped, Object, Text};
 
 /// Top-level fields the worker reads itself, or that ask nothing of the model: they are not
 /// forwarded to a provider of another dialect, and nothing is lost by that.
@@ -145,14 +145,6 @@ pub fn conversation(
         c.response_format = format.0;
     }
     Ok(c)
-}
-
-/// At most 40 characters of a caller's string, without control characters, for a message.
-fn printable(s: &str) -> String {
-    s.chars()
-        .take(40)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
 }
 
 /// Fills each tool result's name from the call it answers (Gemini matches results by name).
@@ -932,7 +924,7 @@ mod tests {
 
     #[test]
     fn carried_state_comes_back_out_of_tool_call_ids() {
-        let id = super::super::chat_render::carry(
+        let id = super::super::carry::carry(
             "call_9",
             Some(&Signature {
                 dialect: Dialect::Gemini,

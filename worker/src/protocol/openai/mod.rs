@@ -2,13 +2,19 @@
 //! the request as a conversation; `chat_render`: answers and streams in its shape) and
 //! embeddings (`embeddings`); the error body and the helpers the other dialects share.
 
+pub mod carry;
 pub mod chat;
+pub mod chat_answer;
 pub mod chat_parse;
 pub mod chat_render;
+pub mod chat_request;
 pub mod embeddings;
+pub mod responses;
+pub mod responses_render;
 
 pub use chat::ChatRequest;
 pub use embeddings::{EmbeddingInput, EmbeddingsRequest};
+pub use responses::ResponsesRequest;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
