@@ -1,6 +1,7 @@
 //! Real client libraries against the worker, on an OpenAI-style, a native Gemini and an
-//! Anthropic pool: the official `openai` Node client and the AI SDK (`ai` with `@ai-sdk/openai`'s
-//! `.chat()` and `@ai-sdk/openai-compatible`), pinned in tests/node/package-lock.json and
+//! Anthropic pool: the official `openai` Node client, the AI SDK (`ai` with `@ai-sdk/openai`,
+//! its default Responses provider and `.chat()`, and `@ai-sdk/openai-compatible`) and the
+//! Anthropic SDK (`@anthropic-ai/sdk`), pinned in tests/node/package-lock.json and
 //! installed by this test (`npm ci`) when they are not yet; plain, streamed, multi-step tools
 //! with `stopWhen`, streamed tools, `generateObject`, and seed 000's agent service, including a
 //! user past their share.
@@ -150,6 +151,23 @@ async fn the_openai_node_client_and_the_ai_sdk_work_on_every_provider() {
             json!({"text": whole, "deltas": whole, "status": "completed"}),
             "{pool}"
         );
+        assert_eq!(
+            case("anthropic_plain"),
+            json!({"text": reply, "stop": "max_tokens", "usage": [1, 5]}),
+            "{pool}"
+        );
+        assert_eq!(
+            case("anthropic_stream"),
+            json!({"text": reply, "deltas": reply, "stop": "max_tokens"}),
+            "{pool}"
+        );
+        for name in ["anthropic_tools", "anthropic_stream_tools"] {
+            assert_eq!(
+                case(name),
+                json!({"stop": "tool_use", "called": "weather", "text": quoted}),
+                "{pool} {name}"
+            );
+        }
         // Anthropic shows its thinking; the others keep theirs to themselves.
         let thought = if pool == "ant" {
             json!("The mock thinks about it.")

@@ -14,7 +14,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::http::credentials::{bearer, one_of, refuse, LookupError, Principal};
+use crate::http::credentials::{bearer, one_of, presented_token, refuse, LookupError, Principal};
 use crate::http::endpoint::{holding, CallerPermit, Endpoint};
 
 /// Middleware of the API routes: decides who is calling from the headers (the body is not read
@@ -138,7 +138,7 @@ fn open_request_allowed(headers: &HeaderMap, method: &Method) -> Result<(), Resp
 }
 
 async fn principal(ep: &Endpoint, headers: &HeaderMap, method: &Method, admin_ok: bool) -> Result<Principal, Response> {
-    let token = bearer(headers);
+    let token = presented_token(headers);
     if let Some(t) = token {
         if one_of(&ep.tokens, t) || (admin_ok && one_of(&ep.admin_tokens, t)) {
             return Ok(Principal::Service);
@@ -151,7 +151,7 @@ async fn principal(ep: &Endpoint, headers: &HeaderMap, method: &Method, admin_ok
     let Some(token) = token else {
         return Err(refuse(
             StatusCode::UNAUTHORIZED,
-            "missing API token: send `Authorization: Bearer <token>`",
+            "missing API token: send `Authorization: Bearer <token>` (or `x-api-key`)",
             "invalid_api_key",
         ));
     };

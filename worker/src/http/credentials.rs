@@ -75,7 +75,7 @@ impl Principal {
         named.or(default_user).map(str::to_string).ok_or_else(|| {
             refuse(
                 StatusCode::BAD_REQUEST,
-                "no user: set the request's `user` field or the X-Keypool-User header (pg_keypool shares each pool among its users)",
+                "no user: set the request's `user` field (`metadata.user_id` on /v1/messages) or the X-Keypool-User header (pg_keypool shares each pool among its users)",
                 "missing_user",
             )
         })
@@ -142,6 +142,16 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
+}
+
+/// The API token a request presents, as each dialect's clients send it: `Authorization: Bearer`
+/// (OpenAI's), `x-api-key` (Anthropic's SDKs), `x-goog-api-key` (Google's).
+pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
+    bearer(headers).or_else(|| {
+        ["x-api-key", "x-goog-api-key"]
+            .iter()
+            .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(str::trim))
+    })
 }
 
 /// Whether `token` has the shape of a database token (anything else is not looked up).

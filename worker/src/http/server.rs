@@ -32,6 +32,7 @@ use crate::db::Allocation;
 use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, ProxyJob, Served};
 use crate::http::auth::{self};
 use crate::http::credentials::Principal;
+use crate::protocol::anthropic::MessagesRequest;
 use crate::protocol::conversation::CarryError;
 use crate::protocol::inbound::Inbound;
 use crate::protocol::openai::{check_model_name, error_body, ChatRequest, EmbeddingsRequest, ResponsesRequest};
@@ -43,6 +44,8 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/responses", post(responses))
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/proxy/{pool}/{*path}", any(proxy))
         .merge(crate::http::keys::user_routes())
@@ -69,6 +72,7 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .layer(DefaultBodyLimit::max(endpoint.max_body))
         .layer(RequestBodyTimeoutLayer::new(endpoint.idle_timeout))
         .layer(axum::middleware::from_fn_with_state(endpoint.clone(), body_deadline))
+        .layer(axum::middleware::from_fn(anthropic_errors))
         .with_state(endpoint)
 }
 
@@ -605,6 +609,18 @@ impl RoutedRequest for ResponsesRequest {
     }
 }
 
+impl RoutedRequest for MessagesRequest {
+    fn parse(body: Bytes) -> Result<Self, String> {
+        MessagesRequest::parse(body)
+    }
+    fn user(&self) -> Option<&str> {
+        MessagesRequest::user(self)
+    }
+    fn model(&self) -> Option<&str> {
+        MessagesRequest::model(self)
+    }
+}
+
 impl RoutedRequest for EmbeddingsRequest {
     fn parse(body: Bytes) -> Result<Self, String> {
         EmbeddingsRequest::parse(body)
@@ -685,6 +701,88 @@ async fn responses(
         chat_answer(&ep, &principal, Inbound::Responses(request), user, pool).await,
         permit,
     )
+}
+
+/// `POST /v1/messages`: Anthropic's Messages API, carried to any provider.
+async fn messages(
+    State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let (request, user, pool, permit) = match routed::<MessagesRequest>(&ep, &principal, &headers, body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    holding(
+        chat_answer(&ep, &principal, Inbound::Messages(request), user, pool).await,
+        permit,
+    )
+}
+
+/// `POST /v1/messages/count_tokens`: the worker's count of a Messages request's input tokens (what
+/// a reservation for it is charged up front), with no provider call.
+async fn count_tokens(
+    State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body_or_error(body, ep.max_body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    // count_tokens takes no max_tokens: the request is read as one of a single token.
+    let with_cap = match crate::protocol::json::Object::parse(body) {
+        Ok(o) if !o.has("max_tokens") => Bytes::from(o.render(&[("max_tokens", Some("1"))])),
+        Ok(o) => o.raw().clone(),
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None),
+    };
+    let request = match MessagesRequest::parse(with_cap) {
+        Ok(r) => r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None),
+    };
+    if let Err(r) = ep.resolve_pool(&principal, &headers, request.model()).await {
+        return r;
+    }
+    axum::Json(json!({"input_tokens": request.estimate_prompt_tokens()})).into_response()
+}
+
+/// Errors of the Messages routes in Anthropic's shape (`{"type": "error", "error": {"type",
+/// "message"}}`), as the Anthropic SDKs read them; headers (the wait) are kept.
+async fn anthropic_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let anthropic = request.uri().path().starts_with("/v1/messages");
+    let response = next.run(request).await;
+    let status = response.status();
+    if !anthropic || status.is_success() {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let openai: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let e = &openai["error"];
+    let message = match (e["message"].as_str(), e["code"].as_str()) {
+        (Some(m), Some(code)) if !m.starts_with(code) => format!("{code}: {m}"),
+        (Some(m), _) => m.to_string(),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let kind = match status.as_u16() {
+        400 | 408 | 415 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    };
+    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, Body::from(body.to_string()))
 }
 
 async fn chat_answer(ep: &Endpoint, principal: &Principal, request: Inbound, user: String, pool: String) -> Response {

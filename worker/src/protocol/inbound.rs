@@ -2,6 +2,7 @@
 //! (the model and user it names, whether it streams, its estimate and output cap) and the
 //! request read as a conversation for a provider of another dialect.
 
+use crate::protocol::anthropic::MessagesRequest;
 use crate::protocol::conversation::{Conversation, Dialect};
 use crate::protocol::openai::{ChatRequest, ResponsesRequest};
 
@@ -11,6 +12,8 @@ pub enum Inbound {
     Chat(ChatRequest),
     /// OpenAI's Responses API.
     Responses(ResponsesRequest),
+    /// Anthropic's Messages.
+    Messages(MessagesRequest),
 }
 
 impl Inbound {
@@ -18,6 +21,7 @@ impl Inbound {
         match self {
             Inbound::Chat(_) => Dialect::OpenAiChat,
             Inbound::Responses(_) => Dialect::OpenAiResponses,
+            Inbound::Messages(_) => Dialect::Anthropic,
         }
     }
 
@@ -25,6 +29,7 @@ impl Inbound {
         match self {
             Inbound::Chat(r) => r.model(),
             Inbound::Responses(r) => r.model(),
+            Inbound::Messages(r) => r.model(),
         }
     }
 
@@ -32,6 +37,7 @@ impl Inbound {
         match self {
             Inbound::Chat(r) => r.user(),
             Inbound::Responses(r) => r.user(),
+            Inbound::Messages(r) => r.user(),
         }
     }
 
@@ -39,6 +45,7 @@ impl Inbound {
         match self {
             Inbound::Chat(r) => r.stream(),
             Inbound::Responses(r) => r.stream(),
+            Inbound::Messages(r) => r.stream(),
         }
     }
 
@@ -46,7 +53,7 @@ impl Inbound {
     pub fn wants_stream_usage(&self) -> bool {
         match self {
             Inbound::Chat(r) => r.wants_stream_usage(),
-            Inbound::Responses(_) => true,
+            Inbound::Responses(_) | Inbound::Messages(_) => true,
         }
     }
 
@@ -55,6 +62,7 @@ impl Inbound {
         match self {
             Inbound::Chat(r) => r.max_tokens(),
             Inbound::Responses(r) => r.max_tokens(),
+            Inbound::Messages(r) => Some(r.max_tokens()),
         }
     }
 
@@ -63,6 +71,7 @@ impl Inbound {
         match self {
             Inbound::Chat(r) => r.default_output_cap(default_max_tokens),
             Inbound::Responses(r) => r.default_output_cap(default_max_tokens),
+            Inbound::Messages(r) => r.max_tokens(),
         }
     }
 
@@ -70,6 +79,7 @@ impl Inbound {
         match self {
             Inbound::Chat(r) => r.estimate_prompt_tokens(),
             Inbound::Responses(r) => r.estimate_prompt_tokens(),
+            Inbound::Messages(r) => r.estimate_prompt_tokens(),
         }
     }
 
@@ -78,6 +88,7 @@ impl Inbound {
         match self {
             Inbound::Chat(r) => r.estimate_tokens(default_max_tokens),
             Inbound::Responses(r) => r.estimate_prompt_tokens() + r.estimate_completion_tokens(default_max_tokens),
+            Inbound::Messages(r) => r.estimate_tokens(),
         }
     }
 
@@ -86,6 +97,7 @@ impl Inbound {
         match self {
             Inbound::Chat(r) => r.conversation(),
             Inbound::Responses(r) => r.conversation(),
+            Inbound::Messages(r) => r.conversation(),
         }
     }
 }

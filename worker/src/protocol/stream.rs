@@ -6,6 +6,7 @@
 use bytes::Bytes;
 
 use crate::protocol::anthropic;
+use crate::protocol::anthropic::render::EventWriter as MessagesWriter;
 use crate::protocol::conversation::{Delta, Usage};
 use crate::protocol::gemini;
 use crate::protocol::openai::chat_answer;
@@ -49,6 +50,7 @@ impl Reader {
 pub enum Writer {
     OpenAiChat(ChunkWriter),
     Responses(EventWriter),
+    Messages(MessagesWriter),
 }
 
 impl Writer {
@@ -56,6 +58,7 @@ impl Writer {
         match self {
             Writer::OpenAiChat(w) => w.write(d, out),
             Writer::Responses(w) => w.write(d, out),
+            Writer::Messages(w) => w.write(d, out),
         }
     }
 
@@ -63,6 +66,7 @@ impl Writer {
         match self {
             Writer::OpenAiChat(w) => w.finish(usage, out),
             Writer::Responses(w) => w.finish(usage, out),
+            Writer::Messages(w) => w.finish(usage, out),
         }
     }
 }
@@ -109,6 +113,58 @@ impl Translate for Translated {
     fn finish(&mut self, usage: Usage, out: &mut Vec<Bytes>) {
         self.writer.finish(usage, out);
     }
+
+    fn reported_usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    fn generated_bytes(&self) -> usize {
+        self.generated
+    }
+
+    fn completed(&self) -> bool {
+        self.finished
+    }
+}
+
+/// A stream passed on as it came, in the app's own dialect, read on the way for its usage and
+/// what it generated.
+pub struct Observed {
+    reader: Reader,
+    usage: Option<Usage>,
+    generated: usize,
+    finished: bool,
+    deltas: Vec<Delta>,
+}
+
+impl Observed {
+    pub fn new(reader: Reader) -> Observed {
+        Observed {
+            reader,
+            usage: None,
+            generated: 0,
+            finished: false,
+            deltas: Vec::new(),
+        }
+    }
+}
+
+impl Translate for Observed {
+    fn event(&mut self, ev: sse::Event, out: &mut Vec<Bytes>) {
+        self.reader.read(&ev, &mut self.deltas);
+        for d in self.deltas.drain(..) {
+            match d {
+                Delta::Usage(u) => self.usage = Some(u),
+                Delta::Text { text, .. } | Delta::Reasoning { text, .. } => self.generated += text.len(),
+                Delta::ToolArguments { fragment, .. } => self.generated += fragment.len(),
+                Delta::Finish { .. } => self.finished = true,
+                _ => {}
+            }
+        }
+        out.push(ev.raw);
+    }
+
+    fn finish(&mut self, _usage: Usage, _out: &mut Vec<Bytes>) {}
 
     fn reported_usage(&self) -> Option<Usage> {
         self.usage

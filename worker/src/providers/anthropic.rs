@@ -6,7 +6,19 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{KeyRef, ProviderError};
-use crate::protocol::anthropic::VERSION;
+use crate::protocol::anthropic::{MessagesRequest, VERSION};
+
+/// The app's own Messages body for `key`: changed only where the worker must (the key's model,
+/// the stream flag); fields the worker does not know pass through.
+pub fn messages_body(key: &KeyRef, req: &MessagesRequest, stream: bool) -> Bytes {
+    let model = key.model.as_ref().map(|m| Value::String(m.clone()).to_string());
+    let mut changes: Vec<(&str, Option<&str>)> = Vec::with_capacity(2);
+    if let Some(m) = &model {
+        changes.push(("model", Some(m)));
+    }
+    changes.push(("stream", stream.then_some("true")));
+    Bytes::from(req.body().render(&changes))
+}
 
 /// `POST {base}/v1/messages` with `body`.
 pub fn chat_request(http: &reqwest::Client, key: &KeyRef, body: Bytes) -> reqwest::RequestBuilder {

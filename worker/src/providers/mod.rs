@@ -25,7 +25,7 @@ use crate::protocol::inbound::Inbound;
 use crate::protocol::openai::chat_render::{self, ChunkWriter};
 use crate::protocol::openai::responses_render::{self, EventWriter};
 use crate::protocol::openai::{self, EmbeddingsRequest};
-use crate::protocol::stream::{Reader, Translate, Translated, Writer};
+use crate::protocol::stream::{Observed, Reader, Translate, Translated, Writer};
 use crate::protocol::{anthropic as anthropic_dialect, gemini as gemini_dialect};
 
 /// A key granted by `keypool_reserve`, with what is needed to call its provider.
@@ -141,6 +141,7 @@ pub fn chat_body<'c>(
             let model = gemini::model_name(key, req.model()).map_err(CarryError::Invalid)?;
             translated(&|c| gemini_dialect::request(c, model, output_cap))
         }
+        (Wire::Anthropic, Inbound::Messages(req)) => Ok(anthropic::messages_body(key, req, stream)),
         (Wire::Anthropic, _) => {
             let model = key.model_for(req.model()).ok_or_else(|| {
                 CarryError::Invalid(format!(
@@ -291,6 +292,12 @@ pub fn read_completion(
             Dialect::OpenAiResponses => {
                 responses_render::response(&answer, &responses_render::response_id(), shown_model, now, usage)
             }
+            Dialect::Anthropic => anthropic_dialect::render::message(
+                &answer,
+                &anthropic_dialect::render::message_id(),
+                shown_model,
+                usage,
+            ),
             _ => chat_render::completion(&answer, &openai::completion_id(), shown_model, now, usage),
         };
         Completion { body, usage }
@@ -299,6 +306,14 @@ pub fn read_completion(
         (Wire::OpenAi, Dialect::OpenAiChat) => openai_style::read_completion(body, prompt_est),
         (Wire::OpenAi, _) => openai::chat_answer::answer(&body).map(rendered),
         (Wire::Gemini, _) => gemini_dialect::answer(&body).map(rendered),
+        // The app's own dialect: the answer as it came, read for its usage.
+        (Wire::Anthropic, Dialect::Anthropic) => {
+            let answer = anthropic_dialect::answer(&body)?;
+            let usage = answer
+                .usage
+                .unwrap_or_else(|| Usage::new(prompt_est, openai::count_tokens(answer.generated_bytes())));
+            Ok(Completion { body, usage })
+        }
         (Wire::Anthropic, _) => anthropic_dialect::answer(&body).map(rendered),
         (Wire::Http, _) => Ok(Completion {
             body,
@@ -315,6 +330,10 @@ pub fn stream_translator(key: &KeyRef, to: Dialect, shown_model: &str, wants_usa
             shown_model.to_string(),
             openai::unix_now(),
         )),
+        Dialect::Anthropic => Writer::Messages(anthropic_dialect::render::EventWriter::new(
+            anthropic_dialect::render::message_id(),
+            shown_model.to_string(),
+        )),
         _ => Writer::OpenAiChat(ChunkWriter::new(
             openai::completion_id(),
             shown_model.to_string(),
@@ -326,6 +345,7 @@ pub fn stream_translator(key: &KeyRef, to: Dialect, shown_model: &str, wants_usa
         (Wire::OpenAi | Wire::Http, Dialect::OpenAiChat) => Box::new(openai_style::Passthrough::new(wants_usage)),
         (Wire::OpenAi | Wire::Http, _) => Box::new(Translated::new(Reader::OpenAiChat(Default::default()), writer())),
         (Wire::Gemini, _) => Box::new(Translated::new(Reader::Gemini(Default::default()), writer())),
+        (Wire::Anthropic, Dialect::Anthropic) => Box::new(Observed::new(Reader::Anthropic(Default::default()))),
         (Wire::Anthropic, _) => Box::new(Translated::new(Reader::Anthropic(Default::default()), writer())),
     }
 }

@@ -7,6 +7,7 @@
 // Prints one JSON object: for each pool, what each case saw (or the error it ended with).
 // worker/tests/clients.rs runs it and asserts what it prints.
 
+import Anthropic from "@anthropic-ai/sdk";
 import OpenAI from "openai";
 import { createOpenAI } from "@ai-sdk/openai";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
@@ -211,6 +212,39 @@ async function casesFor(pool) {
     const text = r.output.filter((i) => i.type === "message").flatMap((i) => i.content).map((c) => c.text).join("");
     return { text, deltas, status: r.status };
   }, out);
+
+  // Anthropic's SDK (and Claude Code) against /v1/messages, the token as x-api-key.
+  const anthropic = new Anthropic({ baseURL: url, apiKey: token, maxRetries: 0 });
+  const weatherToolAnthropic = {
+    name: "weather",
+    description: "The weather in a city",
+    input_schema: { type: "object", properties: { city: { type: "string" } }, required: ["city"] },
+  };
+  const anthropicLoop = async (create) => {
+    const messages = [{ role: "user", content: "What is the weather in Oslo?" }];
+    const first = await create({ model: pool, max_tokens: 1024, tools: [weatherToolAnthropic], messages, metadata: { user_id: user } });
+    const use = first.content.find((b) => b.type === "tool_use");
+    messages.push({ role: "assistant", content: first.content });
+    messages.push({ role: "user", content: [{ type: "tool_result", tool_use_id: use.id, content: `Sunny in ${use.input.city}` }] });
+    const second = await create({ model: pool, max_tokens: 1024, tools: [weatherToolAnthropic], messages, metadata: { user_id: user } });
+    return { stop: first.stop_reason, called: use.name, text: second.content.filter((b) => b.type === "text").map((b) => b.text).join("") };
+  };
+
+  await run("anthropic_plain", async () => {
+    const m = await anthropic.messages.create({ model: pool, max_tokens: 5, messages: [{ role: "user", content: "hi" }], metadata: { user_id: user } });
+    return { text: m.content.map((b) => b.text).join(""), stop: m.stop_reason, usage: [m.usage.input_tokens, m.usage.output_tokens] };
+  }, out);
+
+  await run("anthropic_stream", async () => {
+    const stream = anthropic.messages.stream({ model: pool, max_tokens: 5, messages: [{ role: "user", content: "hi" }], metadata: { user_id: user } });
+    let deltas = "";
+    stream.on("text", (t) => { deltas += t; });
+    const m = await stream.finalMessage();
+    return { text: m.content.map((b) => b.text).join(""), deltas, stop: m.stop_reason };
+  }, out);
+
+  await run("anthropic_tools", () => anthropicLoop((p) => anthropic.messages.create(p)), out);
+  await run("anthropic_stream_tools", () => anthropicLoop((p) => anthropic.messages.stream(p).finalMessage()), out);
 
   await run("seed000_agent", async () => {
     const service = new AgentService(pool);
