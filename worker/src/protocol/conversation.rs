@@ -61,6 +61,25 @@ pub struct Conversation<'a> {
     pub unsupported: Vec<String>,
 }
 
+impl Conversation<'_> {
+    /// Fills each tool result's name from the call it answers (Gemini matches results by name;
+    /// OpenAI's and Anthropic's results carry only the call's id).
+    pub fn name_tool_results(&mut self) {
+        let mut names: std::collections::HashMap<Cow<'_, str>, Cow<'_, str>> = std::collections::HashMap::new();
+        for m in self.messages.iter_mut() {
+            for p in m.parts.iter_mut() {
+                match p {
+                    Part::ToolCall(call) => {
+                        names.insert(call.id.clone(), call.name.clone());
+                    }
+                    Part::ToolResult(r) if r.name.is_none() => r.name = names.get(&r.call_id).cloned(),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
 /// Who said a message. Tool results are parts of a user message (as Anthropic and Gemini have
 /// them); OpenAI's `tool` messages become such parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -205,7 +205,7 @@ impl MessagesRequest {
                 parts: m.parts,
             });
         }
-        name_results(&mut c.messages);
+        c.name_tool_results();
         let number = |f: &str| -> Result<Option<f64>, String> {
             b.value(f).map_err(|_| format!("{f}: Input should be a valid number"))
         };
@@ -240,22 +240,6 @@ impl MessagesRequest {
             }
         }
         Ok(c)
-    }
-}
-
-/// Fills each tool result's name from the call it answers.
-fn name_results(messages: &mut [Message<'_>]) {
-    let mut names: std::collections::HashMap<Cow<'_, str>, Cow<'_, str>> = std::collections::HashMap::new();
-    for m in messages.iter_mut() {
-        for p in m.parts.iter_mut() {
-            match p {
-                Part::ToolCall(call) => {
-                    names.insert(call.id.clone(), call.name.clone());
-                }
-                Part::ToolResult(r) if r.name.is_none() => r.name = names.get(&r.call_id).cloned(),
-                _ => {}
-            }
-        }
     }
 }
 

@@ -105,7 +105,7 @@ pub fn conversation(
             },
         }
     }
-    name_results(&mut c.messages);
+    c.name_tool_results();
 
     let number =
         |f: &str| -> Result<Option<f64>, String> { body.value(f).map_err(|_| format!("`{f}` must be a number")) };
@@ -145,22 +145,6 @@ pub fn conversation(
         c.response_format = format.0;
     }
     Ok(c)
-}
-
-/// Fills each tool result's name from the call it answers (Gemini matches results by name).
-fn name_results(messages: &mut [Message<'_>]) {
-    let mut names: std::collections::HashMap<Cow<'_, str>, Cow<'_, str>> = std::collections::HashMap::new();
-    for m in messages.iter_mut() {
-        for p in m.parts.iter_mut() {
-            match p {
-                Part::ToolCall(call) => {
-                    names.insert(call.id.clone(), call.name.clone());
-                }
-                Part::ToolResult(r) if r.name.is_none() => r.name = names.get(&r.call_id).cloned(),
-                _ => {}
-            }
-        }
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -208,7 +208,7 @@ impl ResponsesRequest {
                 ItemIn::Unsupported(what) => c.unsupported.push(what),
             }
         }
-        name_results(&mut c.messages);
+        c.name_tool_results();
 
         let number =
             |f: &str| -> Result<Option<f64>, String> { b.value(f).map_err(|_| format!("`{f}` must be a number")) };
@@ -262,22 +262,6 @@ fn is_results(m: &Message<'_>) -> bool {
 
 fn is_results_parts(parts: &[Part<'_>]) -> bool {
     !parts.is_empty() && parts.iter().all(|p| matches!(p, Part::ToolResult(_)))
-}
-
-/// Fills each tool result's name from the call it answers.
-fn name_results(messages: &mut [Message<'_>]) {
-    let mut names: std::collections::HashMap<Cow<'_, str>, Cow<'_, str>> = std::collections::HashMap::new();
-    for m in messages.iter_mut() {
-        for p in m.parts.iter_mut() {
-            match p {
-                Part::ToolCall(call) => {
-                    names.insert(call.id.clone(), call.name.clone());
-                }
-                Part::ToolResult(r) if r.name.is_none() => r.name = names.get(&r.call_id).cloned(),
-                _ => {}
-            }
-        }
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
