@@ -175,3 +175,53 @@ async fn the_official_anthropic_python_sdk_works_on_every_provider() {
         assert!(s["count"].as_i64().is_some_and(|n| n > 0), "{pool}: {s}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn googles_genai_python_sdk_works_on_every_provider() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('oa');
+             SELECT keypool_add_key('oa', 'openai', 'sk-pygenai-oa-00000001', 'gpt-4o-mini', base_url => '{u}/v1');
+             SELECT keypool_create_pool('gem');
+             SELECT keypool_add_key('gem', 'gemini', 'AIza-pygenai-gem-00002', 'gemini-3-flash-preview', base_url => '{u}');
+             SELECT keypool_create_pool('ant');
+             SELECT keypool_add_key('ant', 'anthropic', 'sk-ant-pygenai-000003', 'claude-sonnet-4-5', base_url => '{u}');",
+            u = mock.url
+        ),
+    )
+    .await;
+    let w = Worker::start(&conninfo(&db), "python-genai", &["--no-queue"]).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/genai_client.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .args([w.url.as_str(), TOKEN, "oa", "gem", "ant"])
+        .output()
+        .expect("run the google-genai client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the google-genai client failed:\n{stdout}\n{}\nworker log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.log()
+    );
+    let seen: Value = serde_json::from_str(stdout.trim()).expect("the script's JSON");
+    for pool in ["oa", "gem", "ant"] {
+        let s = &seen[pool];
+        assert!(s.get("error").is_none(), "{pool}: {s}\nworker log:\n{}", w.log());
+        assert_eq!(
+            s["plain"],
+            serde_json::json!(["This is a mock reply", "MAX_TOKENS"]),
+            "{pool}"
+        );
+        assert_eq!(s["stream"], "This is a mock reply", "{pool}");
+        assert_eq!(
+            s["tools"],
+            serde_json::json!(["weather", "Tool results: Sunny in city-1"]),
+            "{pool}"
+        );
+        assert_eq!(s["json"], serde_json::json!({"name": "name-1"}), "{pool}");
+    }
+}

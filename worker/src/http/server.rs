@@ -34,6 +34,8 @@ use crate::http::auth::{self};
 use crate::http::credentials::Principal;
 use crate::protocol::anthropic::MessagesRequest;
 use crate::protocol::conversation::CarryError;
+use crate::protocol::conversation::Dialect;
+use crate::protocol::gemini::GeminiRequest;
 use crate::protocol::inbound::Inbound;
 use crate::protocol::openai::{check_model_name, error_body, ChatRequest, EmbeddingsRequest, ResponsesRequest};
 
@@ -45,6 +47,8 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/responses", post(responses))
         .route("/v1/messages", post(messages))
+        .route("/v1beta/models/{action}", post(gemini_generate))
+        .route("/v1/models/{action}", post(gemini_generate))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/proxy/{pool}/{*path}", any(proxy))
@@ -72,7 +76,8 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .layer(DefaultBodyLimit::max(endpoint.max_body))
         .layer(RequestBodyTimeoutLayer::new(endpoint.idle_timeout))
         .layer(axum::middleware::from_fn_with_state(endpoint.clone(), body_deadline))
-        .layer(axum::middleware::from_fn(anthropic_errors))
+        .layer(axum::middleware::from_fn(dialect_errors))
+        .layer(axum::middleware::from_fn(gemini_query_key))
         .with_state(endpoint)
 }
 
@@ -748,15 +753,100 @@ async fn count_tokens(
     axum::Json(json!({"input_tokens": request.estimate_prompt_tokens()})).into_response()
 }
 
-/// Errors of the Messages routes in Anthropic's shape (`{"type": "error", "error": {"type",
-/// "message"}}`), as the Anthropic SDKs read them; headers (the wait) are kept.
-async fn anthropic_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let anthropic = request.uri().path().starts_with("/v1/messages");
+/// Gemini's own routes: `POST /v1beta/models/{model}:generateContent` and
+/// `:streamGenerateContent?alt=sse` (Google's SDKs; `/v1/models/...` alike), carried to any
+/// provider. The model is the
+/// URL's: a pool's name or a model a pool serves.
+async fn gemini_generate(
+    State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
+    Path(action): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some((model, method)) = action.rsplit_once(':') else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no such method: use models/{model}:generateContent",
+            "invalid_request_error",
+            None,
+        );
+    };
+    let stream = match method {
+        "generateContent" => false,
+        "streamGenerateContent" if uri.query().is_some_and(|q| q.split('&').any(|p| p == "alt=sse")) => true,
+        "streamGenerateContent" => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "streamGenerateContent is served as server-sent events: add ?alt=sse (Google's SDKs do)",
+                "invalid_request_error",
+                None,
+            )
+        }
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no such method: this endpoint serves :generateContent and :streamGenerateContent",
+                "invalid_request_error",
+                None,
+            )
+        }
+    };
+    let model = model.strip_prefix("models/").unwrap_or(model);
+    let body = match body_or_error(body, ep.max_body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let request = match GeminiRequest::parse(model, stream, body) {
+        Ok(r) => r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m, "invalid_request_error", None),
+    };
+    let user = match user_of(&ep, &principal, &headers, None) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let pool = match ep.resolve_pool(&principal, &headers, Some(model)).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if model != pool {
+        if let Err(why) = check_model_name(model) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &why,
+                "invalid_request_error",
+                Some("invalid_model"),
+            );
+        }
+    }
+    let permit = match admit_user(&ep, &principal, &user) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    holding(
+        chat_answer(&ep, &principal, Inbound::Gemini(request), user, pool).await,
+        permit,
+    )
+}
+
+/// Errors of the Messages and Gemini routes in their own shapes, as their SDKs read them
+/// (Anthropic's `{"type": "error", "error": {"type", "message"}}`, Google's `{"error": {"code",
+/// "message", "status"}}`); headers (the wait) are kept.
+async fn dialect_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = request.uri().path();
+    let dialect = if path.starts_with("/v1/messages") {
+        Some(Dialect::Anthropic)
+    } else if is_gemini_path(path) {
+        Some(Dialect::Gemini)
+    } else {
+        None
+    };
     let response = next.run(request).await;
     let status = response.status();
-    if !anthropic || status.is_success() {
+    let Some(dialect) = dialect.filter(|_| !status.is_success()) else {
         return response;
-    }
+    };
     let (mut parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
     let openai: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -766,23 +856,61 @@ async fn anthropic_errors(request: axum::extract::Request, next: axum::middlewar
         (Some(m), _) => m.to_string(),
         _ => status.canonical_reason().unwrap_or("error").to_string(),
     };
-    let kind = match status.as_u16() {
-        400 | 408 | 415 | 422 => "invalid_request_error",
-        401 => "authentication_error",
-        402 => "billing_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        503 | 529 => "overloaded_error",
-        _ => "api_error",
+    let body = match dialect {
+        Dialect::Gemini => {
+            let grpc = match status.as_u16() {
+                400 | 413 | 415 | 422 => "INVALID_ARGUMENT",
+                401 => "UNAUTHENTICATED",
+                403 => "PERMISSION_DENIED",
+                404 => "NOT_FOUND",
+                408 | 504 => "DEADLINE_EXCEEDED",
+                429 => "RESOURCE_EXHAUSTED",
+                503 => "UNAVAILABLE",
+                _ => "INTERNAL",
+            };
+            json!({"error": {"code": status.as_u16(), "message": message, "status": grpc}})
+        }
+        _ => {
+            let kind = match status.as_u16() {
+                400 | 408 | 415 | 422 => "invalid_request_error",
+                401 => "authentication_error",
+                402 => "billing_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                503 | 529 => "overloaded_error",
+                _ => "api_error",
+            };
+            json!({"type": "error", "error": {"type": kind, "message": message}})
+        }
     };
-    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     parts
         .headers
         .insert("content-type", HeaderValue::from_static("application/json"));
     Response::from_parts(parts, Body::from(body.to_string()))
+}
+
+/// Gemini's routes: under `/v1beta/` or `/v1/` (Google's SDKs use either version), a model's method.
+fn is_gemini_path(path: &str) -> bool {
+    path.starts_with("/v1beta/") || (path.starts_with("/v1/models/") && path.contains(':'))
+}
+
+/// Google's SDKs may send the key as `?key=`: it is taken as the request's token (an
+/// `x-goog-api-key` header) before the token is checked.
+async fn gemini_query_key(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if is_gemini_path(request.uri().path()) && !request.headers().contains_key("x-goog-api-key") {
+        let key = request.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|p| p.strip_prefix("key="))
+                .and_then(|k| HeaderValue::from_str(k).ok())
+        });
+        if let Some(k) = key {
+            request.headers_mut().insert("x-goog-api-key", k);
+        }
+    }
+    next.run(request).await
 }
 
 async fn chat_answer(ep: &Endpoint, principal: &Principal, request: Inbound, user: String, pool: String) -> Response {

@@ -4,6 +4,7 @@
 
 use crate::protocol::anthropic::MessagesRequest;
 use crate::protocol::conversation::{Conversation, Dialect};
+use crate::protocol::gemini::GeminiRequest;
 use crate::protocol::openai::{ChatRequest, ResponsesRequest};
 
 #[derive(Debug, Clone)]
@@ -14,6 +15,8 @@ pub enum Inbound {
     Responses(ResponsesRequest),
     /// Anthropic's Messages.
     Messages(MessagesRequest),
+    /// Gemini's own `generateContent`.
+    Gemini(GeminiRequest),
 }
 
 impl Inbound {
@@ -22,6 +25,7 @@ impl Inbound {
             Inbound::Chat(_) => Dialect::OpenAiChat,
             Inbound::Responses(_) => Dialect::OpenAiResponses,
             Inbound::Messages(_) => Dialect::Anthropic,
+            Inbound::Gemini(_) => Dialect::Gemini,
         }
     }
 
@@ -30,6 +34,7 @@ impl Inbound {
             Inbound::Chat(r) => r.model(),
             Inbound::Responses(r) => r.model(),
             Inbound::Messages(r) => r.model(),
+            Inbound::Gemini(r) => r.model(),
         }
     }
 
@@ -38,6 +43,7 @@ impl Inbound {
             Inbound::Chat(r) => r.user(),
             Inbound::Responses(r) => r.user(),
             Inbound::Messages(r) => r.user(),
+            Inbound::Gemini(_) => None,
         }
     }
 
@@ -46,6 +52,7 @@ impl Inbound {
             Inbound::Chat(r) => r.stream(),
             Inbound::Responses(r) => r.stream(),
             Inbound::Messages(r) => r.stream(),
+            Inbound::Gemini(r) => r.stream(),
         }
     }
 
@@ -53,7 +60,7 @@ impl Inbound {
     pub fn wants_stream_usage(&self) -> bool {
         match self {
             Inbound::Chat(r) => r.wants_stream_usage(),
-            Inbound::Responses(_) | Inbound::Messages(_) => true,
+            Inbound::Responses(_) | Inbound::Messages(_) | Inbound::Gemini(_) => true,
         }
     }
 
@@ -63,6 +70,7 @@ impl Inbound {
             Inbound::Chat(r) => r.max_tokens(),
             Inbound::Responses(r) => r.max_tokens(),
             Inbound::Messages(r) => Some(r.max_tokens()),
+            Inbound::Gemini(r) => r.max_tokens(),
         }
     }
 
@@ -72,6 +80,7 @@ impl Inbound {
             Inbound::Chat(r) => r.default_output_cap(default_max_tokens),
             Inbound::Responses(r) => r.default_output_cap(default_max_tokens),
             Inbound::Messages(r) => r.max_tokens(),
+            Inbound::Gemini(r) => r.default_output_cap(default_max_tokens),
         }
     }
 
@@ -80,6 +89,7 @@ impl Inbound {
             Inbound::Chat(r) => r.estimate_prompt_tokens(),
             Inbound::Responses(r) => r.estimate_prompt_tokens(),
             Inbound::Messages(r) => r.estimate_prompt_tokens(),
+            Inbound::Gemini(r) => r.estimate_prompt_tokens(),
         }
     }
 
@@ -89,6 +99,7 @@ impl Inbound {
             Inbound::Chat(r) => r.estimate_tokens(default_max_tokens),
             Inbound::Responses(r) => r.estimate_prompt_tokens() + r.estimate_completion_tokens(default_max_tokens),
             Inbound::Messages(r) => r.estimate_tokens(),
+            Inbound::Gemini(r) => r.estimate_tokens(default_max_tokens),
         }
     }
 
@@ -98,6 +109,7 @@ impl Inbound {
             Inbound::Chat(r) => r.conversation(),
             Inbound::Responses(r) => r.conversation(),
             Inbound::Messages(r) => r.conversation(),
+            Inbound::Gemini(r) => r.conversation(),
         }
     }
 }

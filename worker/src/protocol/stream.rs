@@ -9,6 +9,7 @@ use crate::protocol::anthropic;
 use crate::protocol::anthropic::render::EventWriter as MessagesWriter;
 use crate::protocol::conversation::{Delta, Usage};
 use crate::protocol::gemini;
+use crate::protocol::gemini::render::EventWriter as GeminiWriter;
 use crate::protocol::openai::chat_answer;
 use crate::protocol::openai::chat_render::ChunkWriter;
 use crate::protocol::openai::responses_render::EventWriter;
@@ -51,6 +52,7 @@ pub enum Writer {
     OpenAiChat(ChunkWriter),
     Responses(EventWriter),
     Messages(MessagesWriter),
+    Gemini(GeminiWriter),
 }
 
 impl Writer {
@@ -59,6 +61,7 @@ impl Writer {
             Writer::OpenAiChat(w) => w.write(d, out),
             Writer::Responses(w) => w.write(d, out),
             Writer::Messages(w) => w.write(d, out),
+            Writer::Gemini(w) => w.write(d, out),
         }
     }
 
@@ -67,6 +70,7 @@ impl Writer {
             Writer::OpenAiChat(w) => w.finish(usage, out),
             Writer::Responses(w) => w.finish(usage, out),
             Writer::Messages(w) => w.finish(usage, out),
+            Writer::Gemini(w) => w.finish(usage, out),
         }
     }
 }

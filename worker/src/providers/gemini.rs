@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 
 use super::{Embeddings, KeyRef, ProviderError};
 use crate::duration;
+use crate::protocol::gemini::GeminiRequest;
+use crate::protocol::json;
 use crate::protocol::openai::{EmbeddingInput, EmbeddingsRequest};
 
 /// The model a call asks for: the key's, else the one requested (checked by the endpoint),
@@ -24,6 +26,27 @@ pub fn model_name<'a>(key: &'a KeyRef, requested: Option<&'a str>) -> Result<&'a
 /// The model's segment of the URL, escaped so that it stays one path segment whatever it holds.
 fn model_path(key: &KeyRef, requested: Option<&str>) -> Result<String, String> {
     Ok(super::percent_encoded(model_name(key, requested)?))
+}
+
+/// The app's own `generateContent` body, changed only where the worker must: the output cap a
+/// spend budget holds (`generationConfig.maxOutputTokens`) when the app set none.
+pub fn generate_body(req: &GeminiRequest, output_cap: Option<u64>) -> Bytes {
+    let Some(cap) = output_cap.filter(|_| req.max_tokens().is_none()) else {
+        return req.body().raw().clone();
+    };
+    let cap = cap.to_string();
+    // Written as the app wrote its names (Gemini reads camelCase and snake_case alike).
+    let (config_name, cap_name) = if req.body().has("generation_config") {
+        ("generation_config", "max_output_tokens")
+    } else {
+        ("generationConfig", "maxOutputTokens")
+    };
+    let config = req
+        .body()
+        .get(config_name)
+        .and_then(|g| json::render_nested(g, &[(cap_name, Some(&cap))]).ok())
+        .unwrap_or_else(|| format!("{{\"{cap_name}\":{cap}}}"));
+    Bytes::from(req.body().render(&[(config_name, Some(&config))]))
 }
 
 /// `models/{model}:generateContent` (or `:streamGenerateContent?alt=sse`) with `body`.

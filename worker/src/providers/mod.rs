@@ -137,6 +137,7 @@ pub fn chat_body<'c>(
             let openai_cap = key.provider == "openai";
             translated(&|c| openai::chat_request::request(c, (&key.provider, model), stream, output_cap, openai_cap))
         }
+        (Wire::Gemini, Inbound::Gemini(req)) => Ok(gemini::generate_body(req, output_cap)),
         (Wire::Gemini, _) => {
             let model = gemini::model_name(key, req.model()).map_err(CarryError::Invalid)?;
             translated(&|c| gemini_dialect::request(c, model, output_cap))
@@ -298,6 +299,7 @@ pub fn read_completion(
                 shown_model,
                 usage,
             ),
+            Dialect::Gemini => gemini_dialect::render::response(&answer, shown_model, usage),
             _ => chat_render::completion(&answer, &openai::completion_id(), shown_model, now, usage),
         };
         Completion { body, usage }
@@ -305,6 +307,13 @@ pub fn read_completion(
     match (key.wire(), to) {
         (Wire::OpenAi, Dialect::OpenAiChat) => openai_style::read_completion(body, prompt_est),
         (Wire::OpenAi, _) => openai::chat_answer::answer(&body).map(rendered),
+        (Wire::Gemini, Dialect::Gemini) => {
+            let answer = gemini_dialect::answer(&body)?;
+            let usage = answer
+                .usage
+                .unwrap_or_else(|| Usage::new(prompt_est, openai::count_tokens(answer.generated_bytes())));
+            Ok(Completion { body, usage })
+        }
         (Wire::Gemini, _) => gemini_dialect::answer(&body).map(rendered),
         // The app's own dialect: the answer as it came, read for its usage.
         (Wire::Anthropic, Dialect::Anthropic) => {
@@ -330,6 +339,7 @@ pub fn stream_translator(key: &KeyRef, to: Dialect, shown_model: &str, wants_usa
             shown_model.to_string(),
             openai::unix_now(),
         )),
+        Dialect::Gemini => Writer::Gemini(gemini_dialect::render::EventWriter::new(shown_model.to_string())),
         Dialect::Anthropic => Writer::Messages(anthropic_dialect::render::EventWriter::new(
             anthropic_dialect::render::message_id(),
             shown_model.to_string(),
@@ -344,6 +354,7 @@ pub fn stream_translator(key: &KeyRef, to: Dialect, shown_model: &str, wants_usa
     match (key.wire(), to) {
         (Wire::OpenAi | Wire::Http, Dialect::OpenAiChat) => Box::new(openai_style::Passthrough::new(wants_usage)),
         (Wire::OpenAi | Wire::Http, _) => Box::new(Translated::new(Reader::OpenAiChat(Default::default()), writer())),
+        (Wire::Gemini, Dialect::Gemini) => Box::new(Observed::new(Reader::Gemini(Default::default()))),
         (Wire::Gemini, _) => Box::new(Translated::new(Reader::Gemini(Default::default()), writer())),
         (Wire::Anthropic, Dialect::Anthropic) => Box::new(Observed::new(Reader::Anthropic(Default::default()))),
         (Wire::Anthropic, _) => Box::new(Translated::new(Reader::Anthropic(Default::default()), writer())),

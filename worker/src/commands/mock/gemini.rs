@@ -14,6 +14,29 @@ use serde_json::{json, Value};
 use super::script::{self, Ask, Choice, Reply};
 use super::{embedding_of, header, invalid, mock_dims, parse_json, sse_body, start, Shared, Wire};
 
+/// Gemini reads its members in camelCase or snake_case (protobuf JSON); so does the mock.
+trait Member {
+    fn member(&self, camel: &str) -> Option<&Value>;
+}
+
+impl Member for Value {
+    fn member(&self, camel: &str) -> Option<&Value> {
+        self.get(camel).or_else(|| {
+            let snake: String = camel
+                .chars()
+                .flat_map(|c| {
+                    if c.is_ascii_uppercase() {
+                        vec!['_', c.to_ascii_lowercase()]
+                    } else {
+                        vec![c]
+                    }
+                })
+                .collect();
+            self.get(snake)
+        })
+    }
+}
+
 /// What Gemini documents as the stand-in for an unknown thought signature.
 const NO_SIGNATURE: &str = "skip_thought_signature_validator";
 
@@ -52,7 +75,7 @@ fn ask(req: &Value, model: &str) -> Result<Ask, String> {
         let names = |kind: &str| -> Vec<String> {
             parts(c)
                 .iter()
-                .filter_map(|p| p.get(kind).and_then(|f| f.get("name")).and_then(Value::as_str))
+                .filter_map(|p| p.member(kind).and_then(|f| f.get("name")).and_then(Value::as_str))
                 .map(str::to_string)
                 .collect()
         };
@@ -70,12 +93,12 @@ fn ask(req: &Value, model: &str) -> Result<Ask, String> {
             .iter()
             .rposition(|c| {
                 c.get("role").and_then(Value::as_str) == Some("user")
-                    && parts(c).iter().any(|p| p.get("functionResponse").is_none())
+                    && parts(c).iter().any(|p| p.member("functionResponse").is_none())
             })
             .unwrap_or(0);
         for c in &contents[turn_start..] {
-            if let Some(first) = parts(c).iter().find(|p| p.get("functionCall").is_some()) {
-                let sig = first.get("thoughtSignature").and_then(Value::as_str).unwrap_or("");
+            if let Some(first) = parts(c).iter().find(|p| p.member("functionCall").is_some()) {
+                let sig = first.member("thoughtSignature").and_then(Value::as_str).unwrap_or("");
                 if !(script::is_mock_signature(sig) || sig == NO_SIGNATURE) {
                     return Err("Function call is missing a thought_signature in functionCall parts. This is required for tools to work correctly, and missing thought_signature may lead to degraded model performance.".into());
                 }
@@ -87,7 +110,7 @@ fn ask(req: &Value, model: &str) -> Result<Ask, String> {
         .map(parts)
         .unwrap_or(&[])
         .iter()
-        .filter_map(|p| p.get("functionResponse"))
+        .filter_map(|p| p.member("functionResponse"))
         .map(|f| {
             let r = f.get("response").cloned().unwrap_or(Value::Null);
             match r.get("output").or(r.get("error")) {
@@ -108,21 +131,21 @@ fn ask(req: &Value, model: &str) -> Result<Ask, String> {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|t| t.get("functionDeclarations").and_then(Value::as_array))
+        .filter_map(|t| t.member("functionDeclarations").and_then(Value::as_array))
         .flatten()
         .map(|d| {
             (
                 d.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
-                d.get("parametersJsonSchema")
+                d.member("parametersJsonSchema")
                     .or(d.get("parameters"))
                     .cloned()
                     .unwrap_or(json!({})),
             )
         })
         .collect();
-    let fc = req.get("toolConfig").and_then(|t| t.get("functionCallingConfig"));
+    let fc = req.member("toolConfig").and_then(|t| t.member("functionCallingConfig"));
     let allowed: Vec<String> = fc
-        .and_then(|f| f.get("allowedFunctionNames"))
+        .and_then(|f| f.member("allowedFunctionNames"))
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
         .unwrap_or_default();
@@ -132,16 +155,18 @@ fn ask(req: &Value, model: &str) -> Result<Ask, String> {
         Some("ANY") => Choice::Required,
         _ => Choice::Auto,
     };
-    let g = req.get("generationConfig");
-    let json_mode = g.and_then(|g| g.get("responseMimeType")).and_then(Value::as_str) == Some("application/json");
+    let g = req.member("generationConfig");
+    let json_mode = g.and_then(|g| g.member("responseMimeType")).and_then(Value::as_str) == Some("application/json");
     let schema = g
-        .and_then(|g| g.get("responseJsonSchema").or(g.get("responseSchema")))
+        .and_then(|g| g.member("responseJsonSchema").or(g.member("responseSchema")))
         .cloned()
         .or(json_mode.then_some(Value::Null));
-    let thinking = g.and_then(|g| g.get("thinkingConfig"));
+    let thinking = g.and_then(|g| g.member("thinkingConfig"));
     let reasoning = match (
-        thinking.and_then(|t| t.get("thinkingBudget")).and_then(Value::as_i64),
-        thinking.and_then(|t| t.get("thinkingLevel")).and_then(Value::as_str),
+        thinking
+            .and_then(|t| t.member("thinkingBudget"))
+            .and_then(Value::as_i64),
+        thinking.and_then(|t| t.member("thinkingLevel")).and_then(Value::as_str),
     ) {
         (Some(_), Some(_)) => return Err("You can only set one of thinking budget and thinking level.".into()),
         (Some(0), None) if model.contains("-pro") => {
@@ -159,7 +184,7 @@ fn ask(req: &Value, model: &str) -> Result<Ask, String> {
         (None, None) => 0,
     };
     let mut prompt_chars: usize = contents.iter().map(|c| text_of(c).chars().count()).sum();
-    if let Some(s) = req.get("systemInstruction") {
+    if let Some(s) = req.member("systemInstruction") {
         prompt_chars += text_of(s).chars().count();
     }
     Ok(Ask {
@@ -170,7 +195,7 @@ fn ask(req: &Value, model: &str) -> Result<Ask, String> {
         last_text,
         schema,
         reasoning,
-        max_tokens: g.and_then(|g| g.get("maxOutputTokens")).and_then(Value::as_u64),
+        max_tokens: g.and_then(|g| g.member("maxOutputTokens")).and_then(Value::as_u64),
         prompt_chars,
     })
 }
