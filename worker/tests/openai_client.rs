@@ -43,7 +43,9 @@ async fn the_official_openai_python_client_works_against_the_endpoint() {
              SELECT keypool_create_pool('gem');
              SELECT keypool_add_key('gem', 'gemini', 'AIza-python-gem-000005', 'gemini-3-flash-preview', base_url => '{u}');
              SELECT keypool_create_pool('ant');
-             SELECT keypool_add_key('ant', 'anthropic', 'sk-ant-python-000006', 'claude-sonnet-4-5', base_url => '{u}');",
+             SELECT keypool_add_key('ant', 'anthropic', 'sk-ant-python-000006', 'claude-sonnet-4-5', base_url => '{u}');
+             SELECT keypool_create_pool('img');
+             SELECT keypool_add_key('img', 'gemini', 'AIza-python-img-000007', 'gemini-2.5-flash-image', rpm => 2, base_url => '{u}');",
             u = mock.url
         ),
     )
@@ -83,8 +85,10 @@ async fn the_official_openai_python_client_works_against_the_endpoint() {
             "claude-sonnet-4-5",
             "gem",
             "gemini-2.5-flash",
+            "gemini-2.5-flash-image",
             "gemini-3-flash-preview",
             "gpt-4o-mini",
+            "img",
             "oa",
             "tight"
         ])
@@ -92,6 +96,11 @@ async fn the_official_openai_python_client_works_against_the_endpoint() {
     assert_eq!(seen["bad_token"], serde_json::json!([401, "invalid_api_key"]));
     assert_eq!(seen["unknown_model"], serde_json::json!([404, "model_not_found"]));
     assert_eq!(seen["quota"], serde_json::json!([429, "QUOTA_EXCEEDED", true]));
+    assert_eq!(
+        seen["images"],
+        serde_json::json!([true, true, [429, "POOL_EXHAUSTED", true]]),
+        "{seen}"
+    );
     // Tools, streamed tools and structured output on every kind of key.
     for pool in ["oa", "gem", "ant"] {
         let quoted = "Tool results: Sunny in city-1";

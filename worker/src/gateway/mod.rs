@@ -27,6 +27,7 @@ use crate::db::{Allocation, Db, DbError, Refusal, Reserved, Settlement};
 use crate::gateway::metrics::{Metrics, RecentFailures};
 use crate::protocol::conversation::{CarryError, Conversation, Usage};
 use crate::protocol::inbound::Inbound;
+use crate::protocol::openai::images::{self, ImagesRequest};
 use crate::protocol::openai::{self, EmbeddingsRequest};
 use crate::protocol::sse;
 use crate::protocol::stream::Translate;
@@ -106,6 +107,24 @@ pub struct EmbedJob {
     pub request: EmbeddingsRequest,
     pub deadline: Instant,
     pub capacity_wait: Duration,
+}
+
+/// An image generation request on its way: each image its own call and reservation.
+pub struct ImagesJob {
+    pub user: String,
+    pub pool: String,
+    pub within: Option<Vec<String>>,
+    pub request: ImagesRequest,
+    pub deadline: Instant,
+    pub capacity_wait: Duration,
+}
+
+/// The images made, in OpenAI's shape, and why fewer than asked were made (the refusal or
+/// failure of the first image not made), if any.
+pub struct ImagesAnswer {
+    pub body: Bytes,
+    pub served: Served,
+    pub short: Option<Failure>,
 }
 
 /// What every attempt of one request needs.
@@ -557,6 +576,68 @@ impl Gateway {
             self.note_failure(plan.pool, plan.user, f);
         }
         result
+    }
+
+    /// Carries out an image generation request: one call and one reservation per image, so each
+    /// image counts against the key's requests per minute and day. When an image after the first
+    /// cannot be made (the user's share or the pool's minute is used up), the images made so far
+    /// are the answer and `short` says why the rest are missing.
+    pub async fn images(&self, job: ImagesJob) -> Result<ImagesAnswer, Failure> {
+        let plan = Plan {
+            user: &job.user,
+            pool: &job.pool,
+            within: job.within.as_deref(),
+            est: job.request.estimate_tokens_per_image(),
+            prompt_est: job.request.estimate_prompt_tokens(),
+            deadline: job.deadline,
+            capacity_wait: job.capacity_wait,
+            started: Instant::now(),
+        };
+        let mut data: Vec<serde_json::Value> = Vec::new();
+        let (mut served, mut short) = (None, None);
+        for _ in 0..job.request.n() {
+            let one = self
+                .attempts(
+                    &plan,
+                    |key, _| providers::image_request(&self.http, key, &job.request).map_err(Failure::from_carry),
+                    |accepted| async {
+                        let prompt_est = plan.prompt_est;
+                        let mut made = Vec::new();
+                        let (_, served) = self
+                            .read_answer(&plan, accepted, |key, body| {
+                                let i = providers::read_image(key, &body)?;
+                                let usage = i.usage.unwrap_or(Usage::new(prompt_est, images::TOKENS_PER_IMAGE));
+                                made = i.data;
+                                Ok((Bytes::new(), usage))
+                            })
+                            .await?;
+                        Ok((made, served))
+                    },
+                )
+                .await;
+            match one {
+                Ok((made, s)) => {
+                    data.extend(made);
+                    served = Some(s);
+                }
+                Err(f) if served.is_none() => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    self.note_failure(plan.pool, plan.user, &f);
+                    return Err(f);
+                }
+                Err(f) => {
+                    short = Some(f);
+                    break;
+                }
+            }
+        }
+        let served = served.ok_or_else(|| Failure::Caller("no image was asked for".into()))?;
+        let body = serde_json::json!({"created": openai::unix_now(), "data": data});
+        Ok(ImagesAnswer {
+            body: Bytes::from(body.to_string()),
+            served,
+            short,
+        })
     }
 
     /// Reserve → call → settle, trying another key while the extension's outcome class says the

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::db::Allocation;
-use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, ProxyJob, Served};
+use crate::gateway::{Answer, ChatJob, EmbedJob, Failure, ImagesJob, ProxyJob, Served};
 use crate::http::auth::{self};
 use crate::http::credentials::Principal;
 use crate::protocol::anthropic::MessagesRequest;
@@ -37,6 +37,7 @@ use crate::protocol::conversation::CarryError;
 use crate::protocol::conversation::Dialect;
 use crate::protocol::gemini::GeminiRequest;
 use crate::protocol::inbound::Inbound;
+use crate::protocol::openai::images::ImagesRequest;
 use crate::protocol::openai::{check_model_name, error_body, ChatRequest, EmbeddingsRequest, ResponsesRequest};
 
 pub fn router(endpoint: Arc<Endpoint>) -> Router {
@@ -47,6 +48,7 @@ pub fn router(endpoint: Arc<Endpoint>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/responses", post(responses))
         .route("/v1/messages", post(messages))
+        .route("/v1/images/generations", post(images))
         .route("/v1beta/models/{action}", post(gemini_generate))
         .route("/v1/models/{action}", post(gemini_generate))
         .route("/v1/messages/count_tokens", post(count_tokens))
@@ -626,6 +628,18 @@ impl RoutedRequest for MessagesRequest {
     }
 }
 
+impl RoutedRequest for ImagesRequest {
+    fn parse(body: Bytes) -> Result<Self, String> {
+        ImagesRequest::parse(body)
+    }
+    fn user(&self) -> Option<&str> {
+        ImagesRequest::user(self)
+    }
+    fn model(&self) -> Option<&str> {
+        ImagesRequest::model(self)
+    }
+}
+
 impl RoutedRequest for EmbeddingsRequest {
     fn parse(body: Bytes) -> Result<Self, String> {
         EmbeddingsRequest::parse(body)
@@ -942,6 +956,50 @@ async fn chat_answer(ep: &Endpoint, principal: &Principal, request: Inbound, use
         }
         Err(f) => failure_response(&pool, f),
     }
+}
+
+/// `POST /v1/images/generations`: OpenAI's image API, on OpenAI-style and Gemini image models;
+/// every image its own call and reservation. When the images after the first cannot all be made
+/// (the user's share or the pool's minute used up) the answer holds those made, and
+/// `x-keypool-images-short` says why the others are missing.
+async fn images(
+    State(ep): State<Arc<Endpoint>>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let (request, user, pool, permit) = match routed::<ImagesRequest>(&ep, &principal, &headers, body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let job = ImagesJob {
+        user,
+        pool: pool.clone(),
+        within: principal.pools(),
+        request,
+        deadline: Instant::now() + ep.request_deadline,
+        capacity_wait: ep.capacity_wait,
+    };
+    let resp = match ep.gateway.images(job).await {
+        Ok(answer) => {
+            let mut resp = Response::new(Body::from(answer.body));
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            served_headers(resp.headers_mut(), &answer.served);
+            if let Some(f) = answer.short {
+                // What the caller may be told: a refusal's code, never keys or providers' words.
+                let why = match &f {
+                    Failure::Refused { refusal, .. } => refusal.code.clone(),
+                    Failure::Provider { status, .. } => format!("UPSTREAM_ERROR {status}"),
+                    _ => "UPSTREAM_FAILED".to_string(),
+                };
+                set(resp.headers_mut(), "x-keypool-images-short", why);
+            }
+            resp
+        }
+        Err(f) => failure_response(&pool, f),
+    };
+    holding(resp, permit)
 }
 
 async fn embeddings(

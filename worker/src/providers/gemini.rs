@@ -10,8 +10,10 @@ use serde_json::{json, Value};
 
 use super::{Embeddings, KeyRef, ProviderError};
 use crate::duration;
+use crate::protocol::conversation::{CarryError, Usage};
 use crate::protocol::gemini::GeminiRequest;
 use crate::protocol::json;
+use crate::protocol::openai::images::ImagesRequest;
 use crate::protocol::openai::{EmbeddingInput, EmbeddingsRequest};
 
 /// The model a call asks for: the key's, else the one requested (checked by the endpoint),
@@ -137,6 +139,76 @@ pub fn read_embeddings(body: &[u8], req: &EmbeddingsRequest, shown_model: &str) 
         body: Bytes::from(answer.to_string()),
         usage: None,
     })
+}
+
+/// An OpenAI image size as Gemini's aspect ratio.
+fn aspect_ratio(size: &str) -> Option<&'static str> {
+    Some(match size {
+        "1024x1024" | "512x512" | "256x256" | "auto" => "1:1",
+        "1536x1024" => "3:2",
+        "1024x1536" => "2:3",
+        "1792x1024" => "16:9",
+        "1024x1792" => "9:16",
+        _ => return None,
+    })
+}
+
+/// `models/{model}:generateContent` asking for one image of the prompt. What only OpenAI's image
+/// API takes (`quality`, `style` ..., URLs instead of the image's bytes) is refused.
+pub fn image_request(
+    http: &reqwest::Client,
+    key: &KeyRef,
+    req: &ImagesRequest,
+) -> Result<reqwest::RequestBuilder, CarryError> {
+    if let Some(field) = req.provider_specific().into_iter().next() {
+        return Err(CarryError::unsupported(field, "gemini"));
+    }
+    if !req.wants_base64() {
+        return Err(CarryError::unsupported(
+            "response_format: url (Gemini answers with the image itself)",
+            "gemini",
+        ));
+    }
+    let mut config = json!({"responseModalities": ["IMAGE"]});
+    if let Some(size) = req.size() {
+        let ratio = aspect_ratio(size).ok_or_else(|| CarryError::unsupported(format!("size \"{size}\""), "gemini"))?;
+        config["imageConfig"] = json!({"aspectRatio": ratio});
+    }
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": req.prompt()}]}], "generationConfig": config});
+    let model = model_path(key, req.model()).map_err(CarryError::Invalid)?;
+    let base = key.base_url.trim_end_matches('/');
+    Ok(http
+        .post(format!("{base}/v1beta/models/{model}:generateContent"))
+        .header("x-goog-api-key", &key.secret)
+        .json(&body))
+}
+
+/// The images of a `generateContent` answer (`inlineData` parts) as `{"b64_json"}` entries.
+pub fn read_image(body: &[u8]) -> Result<super::Images, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("Gemini's answer is not JSON: {e}"))?;
+    let data: Vec<Value> = v["candidates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["content"]["parts"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| {
+            p.get("inlineData")
+                .and_then(|d| d["data"].as_str())
+                .map(|d| json!({"b64_json": d}))
+        })
+        .collect();
+    if data.is_empty() {
+        return Err("Gemini's answer holds no image".into());
+    }
+    let n = |f: &str| v["usageMetadata"][f].as_i64();
+    let usage = (!v["usageMetadata"].is_null()).then(|| {
+        Usage::new(
+            crate::protocol::openai::tokens(n("promptTokenCount")),
+            crate::protocol::openai::tokens(n("candidatesTokenCount"))
+                + crate::protocol::openai::tokens(n("thoughtsTokenCount")),
+        )
+    });
+    Ok(super::Images { data, usage })
 }
 
 pub fn list_models_request(http: &reqwest::Client, key: &KeyRef) -> reqwest::RequestBuilder {

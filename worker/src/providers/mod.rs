@@ -23,6 +23,7 @@ use crate::duration;
 use crate::protocol::conversation::{Answer, CarryError, Conversation, Dialect, Usage};
 use crate::protocol::inbound::Inbound;
 use crate::protocol::openai::chat_render::{self, ChunkWriter};
+use crate::protocol::openai::images::ImagesRequest;
 use crate::protocol::openai::responses_render::{self, EventWriter};
 use crate::protocol::openai::{self, EmbeddingsRequest};
 use crate::protocol::stream::{Observed, Reader, Translate, Translated, Writer};
@@ -195,6 +196,40 @@ pub fn embeddings_request(
             "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
             key.id, key.label
         )),
+    }
+}
+
+/// The provider request for one image of `req` (each image is its own call and reservation).
+pub fn image_request(
+    http: &reqwest::Client,
+    key: &KeyRef,
+    req: &ImagesRequest,
+) -> Result<reqwest::RequestBuilder, CarryError> {
+    match key.wire() {
+        Wire::OpenAi => Ok(openai_style::image_request(http, key, req)),
+        Wire::Gemini => gemini::image_request(http, key, req),
+        Wire::Anthropic => Err(CarryError::Invalid(format!(
+            "pool's key {} is an Anthropic key: Anthropic makes no images",
+            key.id
+        ))),
+        Wire::Http => Err(CarryError::Invalid(format!(
+            "key {} is a plain HTTP key ({}); call it through /v1/proxy/<pool>/<path>",
+            key.id, key.label
+        ))),
+    }
+}
+
+/// One image answer: the `data` entries in OpenAI's shape (`{"b64_json"}` or `{"url"}`), and the
+/// usage it reports.
+pub struct Images {
+    pub data: Vec<Value>,
+    pub usage: Option<Usage>,
+}
+
+pub fn read_image(key: &KeyRef, body: &[u8]) -> Result<Images, String> {
+    match key.wire() {
+        Wire::Gemini => gemini::read_image(body),
+        _ => openai_style::read_image(body),
     }
 }
 

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::{Completion, Embeddings, KeyRef, ProviderError};
 use crate::protocol::json;
+use crate::protocol::openai::images::ImagesRequest;
 use crate::protocol::openai::{self, ChatRequest, EmbeddingsRequest, Usage, WireUsage};
 use crate::protocol::sse;
 use crate::protocol::stream::Translate;
@@ -101,6 +102,46 @@ pub fn read_embeddings(body: Bytes) -> Result<Embeddings, String> {
     Ok(Embeddings {
         usage: parsed.usage.and_then(|u| u.usage()),
         body,
+    })
+}
+
+/// `POST {base}/images/generations` for one image: the app's body with `n` 1 and the key's model.
+pub fn image_request(http: &reqwest::Client, key: &KeyRef, req: &ImagesRequest) -> reqwest::RequestBuilder {
+    let model = key.model.as_ref().map(|m| Value::String(m.clone()).to_string());
+    let mut changes: Vec<(&str, Option<&str>)> = vec![("n", Some("1"))];
+    if let Some(m) = &model {
+        changes.push(("model", Some(m)));
+    }
+    let url = format!("{}/images/generations", api_base(key));
+    json_body(authorized(http.post(url), key), req.body().render(&changes))
+}
+
+/// An image answer: its `data` entries as they came, and `usage` (`input_tokens`,
+/// `output_tokens`) when the provider reports it.
+pub fn read_image(body: &[u8]) -> Result<super::Images, String> {
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        data: Vec<Value>,
+        #[serde(default)]
+        usage: Option<ImageUsage>,
+    }
+    #[derive(Deserialize)]
+    struct ImageUsage {
+        #[serde(default)]
+        input_tokens: Option<i64>,
+        #[serde(default)]
+        output_tokens: Option<i64>,
+    }
+    let a: Answer = serde_json::from_slice(body).map_err(|e| format!("the provider's answer is not JSON: {e}"))?;
+    if a.data.is_empty() {
+        return Err("the provider's answer holds no image".into());
+    }
+    Ok(super::Images {
+        data: a.data,
+        usage: a
+            .usage
+            .map(|u| Usage::new(openai::tokens(u.input_tokens), openai::tokens(u.output_tokens))),
     })
 }
 

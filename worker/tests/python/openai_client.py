@@ -103,6 +103,16 @@ def streamed(**kwargs):
         return s.get_final_completion()
 
 
+# Images of a pool whose key makes 2 a minute: two, then a refusal with the wait.
+images = []
+for _ in range(3):
+    try:
+        r = client.images.generate(model="img", prompt="a cat", user="py-images")
+        images.append(len(r.data[0].b64_json or "") > 0)
+    except openai.RateLimitError as e:
+        images.append([e.status_code, e.code, e.response.headers.get("retry-after") is not None])
+seen["images"] = images
+
 for pool in tool_pools:
     out = seen.setdefault("pools", {}).setdefault(pool, {})
     try:

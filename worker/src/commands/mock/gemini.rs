@@ -237,6 +237,22 @@ pub(super) async fn generate(
             .collect();
         return Json(json!({"embeddings": embeddings})).into_response();
     }
+    // An image model asked for images: one 1×1 PNG, 1,290 tokens.
+    let modalities = req
+        .member("generationConfig")
+        .and_then(|g| g.member("responseModalities"))
+        .and_then(Value::as_array);
+    if method == "generateContent" && modalities.is_some_and(|m| m.iter().any(|x| x == "IMAGE")) {
+        let prompt = req["contents"][0]["parts"][0]["text"].as_str().unwrap_or("");
+        let input = script::prompt_tokens(prompt.chars().count());
+        return Json(json!({
+            "candidates": [{"content": {"role": "model", "parts": [{"inlineData": {"mimeType": "image/png", "data": super::openai::PNG}}]},
+                            "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": input, "candidatesTokenCount": 1290, "totalTokenCount": input + 1290},
+            "modelVersion": model,
+        }))
+        .into_response();
+    }
     let ask = match ask(&req, model) {
         Ok(a) => a,
         Err(why) => return invalid(Wire::Gemini, &why),

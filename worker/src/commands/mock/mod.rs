@@ -638,6 +638,7 @@ pub fn router(args: &MockArgs) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1beta/openai/chat/completions", post(openai::chat))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/images/generations", post(openai::images))
         .route("/v1beta/openai/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))
         .route("/v1beta/openai/models", get(openai::models))

@@ -298,3 +298,46 @@ pub(super) async fn models(State(mock): State<Shared>, headers: HeaderMap) -> Re
     ]}))
     .into_response()
 }
+
+/// A 1×1 PNG, base64: every image the mock makes.
+pub(super) const PNG: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=";
+
+/// `POST /v1/images/generations`: `n` images (a 1×1 PNG each), usage as gpt-image reports it
+/// (the prompt's tokens in, 1,290 tokens an image out).
+pub(super) async fn images(State(mock): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse_json(&body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Err(r) = start(
+        &mock,
+        Wire::OpenAi,
+        "/v1/images/generations",
+        bearer(&headers),
+        &req,
+        &headers,
+    )
+    .await
+    {
+        return r;
+    }
+    let Some(prompt) = req.get("prompt").and_then(Value::as_str) else {
+        return invalid(Wire::OpenAi, "'prompt' is a required property");
+    };
+    let n = req.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 10) as i64;
+    let url = req.get("response_format").and_then(Value::as_str) == Some("url");
+    let data: Vec<Value> = (0..n)
+        .map(|i| {
+            if url {
+                json!({"url": format!("https://images.mock.invalid/{i}.png")})
+            } else {
+                json!({"b64_json": PNG, "revised_prompt": prompt})
+            }
+        })
+        .collect();
+    let input = script::prompt_tokens(prompt.chars().count());
+    Json(json!({"created": 1, "data": data,
+                "usage": {"input_tokens": input, "output_tokens": 1290 * n, "total_tokens": input + 1290 * n}}))
+    .into_response()
+}

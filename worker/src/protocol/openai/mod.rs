@@ -9,6 +9,7 @@ pub mod chat_parse;
 pub mod chat_render;
 pub mod chat_request;
 pub mod embeddings;
+pub mod images;
 pub mod responses;
 pub mod responses_render;
 

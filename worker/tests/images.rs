@@ -1,0 +1,101 @@
+//! Image generation (`POST /v1/images/generations`) on OpenAI-style keys (passed through) and
+//! Gemini image models (through `generateContent`, answered as `b64_json`): each image its own
+//! call and reservation, so the key's requests per minute count images.
+
+mod common;
+
+use common::*;
+use keypool_tests::shared;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_image_counts_and_what_gemini_cannot_carry_is_refused() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('image');
+             SELECT keypool_add_key('image', 'gemini', 'AIza-images-gemini-0001', 'gemini-2.5-flash-image', rpm => 2, base_url => '{u}');
+             SELECT keypool_create_pool('image2');
+             SELECT keypool_add_key('image2', 'gemini', 'AIza-images-gemini-0002', 'gemini-2.5-flash-image', base_url => '{u}');
+             SELECT keypool_create_pool('oimage');
+             SELECT keypool_add_key('oimage', 'openai', 'sk-images-openai-000001', 'gpt-image-1', base_url => '{u}/v1');",
+            u = mock.url
+        ),
+    )
+    .await;
+    let w = Worker::start(&conninfo(&db), "images", &["--no-queue"]).await;
+    let post = |body: Value| {
+        let w = &w;
+        async move {
+            let r = w.post("/v1/images/generations", &body).await;
+            let status = r.status().as_u16();
+            let headers = r.headers().clone();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null), headers)
+        }
+    };
+    // Three images asked of a key of 2 a minute: two made, the third refused and said so.
+    let (status, r, headers) = post(json!({"model": "image", "user": "i-1", "prompt": "a cat", "n": 3})).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["data"].as_array().map(Vec::len), Some(2), "{r}");
+    assert!(
+        r["data"][0]["b64_json"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("iVBOR")),
+        "{r}"
+    );
+    assert_eq!(headers["x-keypool-images-short"], "POOL_EXHAUSTED");
+    assert_eq!(mock.calls_with("AIza-images-gemini-0001").await, 2);
+    // The next is refused whole: 429 with the wait.
+    let (status, r, headers) = post(json!({"model": "image", "user": "i-1", "prompt": "a dog"})).await;
+    assert_eq!(
+        (status, r["error"]["code"].clone()),
+        (429, json!("POOL_EXHAUSTED")),
+        "{r}"
+    );
+    assert!(headers.get("retry-after").is_some());
+    // Gemini makes the image itself: OpenAI-only fields and URLs are refused before any call.
+    for (extra, field) in [
+        (json!({"quality": "high"}), "quality"),
+        (
+            json!({"response_format": "url"}),
+            "response_format: url (Gemini answers with the image itself)",
+        ),
+        (json!({"size": "333x777"}), "size \"333x777\""),
+    ] {
+        let mut body = json!({"model": "image2", "user": "i-2", "prompt": "x"});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        let (status, r, _) = post(body).await;
+        assert_eq!((status, r["error"]["param"].clone()), (400, json!(field)), "{r}");
+    }
+    assert_eq!(mock.calls_with("AIza-images-gemini-0002").await, 0);
+    let (status, r, _) = post(json!({"model": "image2", "user": "i-2", "prompt": "x", "size": "1792x1024"})).await;
+    assert_eq!(status, 200, "{r}");
+    let sent = mock.recent().await;
+    assert_eq!(
+        sent.last().expect("a call")["body"]["generationConfig"]["imageConfig"]["aspectRatio"],
+        "16:9"
+    );
+    // An OpenAI-style key takes them all, each image its own call of n = 1.
+    let (status, r, _) = post(json!({"model": "oimage", "user": "i-3", "prompt": "a cat", "n": 2, "quality": "high", "response_format": "url"})).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["data"].as_array().map(Vec::len), Some(2));
+    assert!(r["data"][0]["url"].is_string(), "{r}");
+    let sent = mock.recent().await;
+    let last = &sent.last().expect("a call")["body"];
+    assert_eq!(
+        (last["n"].clone(), last["quality"].clone(), last["model"].clone()),
+        (json!(1), json!("high"), json!("gpt-image-1"))
+    );
+    // Tokens settled per image: 2 × 1,290 and the prompts, in the key's minute.
+    eventually(
+        &db,
+        "SELECT s.tokens_this_minute >= 2 * 1290 FROM keypool_scopes s JOIN keypool.key k ON k.scope_id = s.scope_id
+           JOIN keypool.pool p ON p.id = k.pool_id WHERE p.name = 'oimage'",
+        "t",
+    )
+    .await;
+}
