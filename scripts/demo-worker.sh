@@ -2,18 +2,18 @@
 # The demo's second part: keypool-worker in front of the demo cluster. Keys come in with
 # import-env from seed 004's variables (XAI_API_KEY, XAI_API_KEY_2, XAI_API_KEY_3), pointed at
 # the mock provider since no real provider is reachable; then the OpenAI-compatible endpoint
-# (an answer, a stream, failover around a 429) and the SQL request queue. The mock and the
-# worker are stopped by PID at the end; the cluster keeps running.
+# (an answer, a stream, failover around a 429), the SQL request queue, and seed 003's three
+# pools through Google's own API, a JSON schema and image generation. The worker is stopped by
+# PID at the end; the cluster keeps running.
 #
-# Usage: scripts/demo-worker.sh PORT DATABASE (called by scripts/demo.sh)
+# Usage: scripts/demo-worker.sh PORT DATABASE MOCK_URL (called by scripts/demo.sh)
 . "$(dirname "$0")/lib.sh"
 
 PORT="$1"
 DB="$2"
 dir="$(cluster_dir demo)"
 
-say "building keypool-worker (release)"
-(cd "$REPO" && cargo build --release -q -p keypool-worker)
+MOCK="$3"
 WORKER="$REPO/target/release/keypool-worker"
 
 pids=()
@@ -27,12 +27,6 @@ section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 psql_demo() { cluster_psql demo "$PORT" -d "$DB" -X -q -P footer=off "$@"; }
 # Pretty-prints the parts of a JSON answer that matter, given as a Python expression over `v`.
 show_json() { python3 -c "import json, sys; v = json.load(sys.stdin); print($1)"; }
-
-mock_port=$(free_port)
-"$WORKER" mock-provider --listen "127.0.0.1:$mock_port" >"$dir/demo-mock.log" 2>&1 &
-pids+=($!)
-MOCK="http://127.0.0.1:$mock_port"
-for _ in $(seq 100); do curl -fs "$MOCK/_mock/stats" >/dev/null 2>&1 && break; sleep 0.1; done
 
 export KEYPOOL_DATABASE_URL="host=$dir/sock port=$PORT user=postgres dbname=$DB"
 export XAI_API_KEY="xai-demo-first-7Gq2mVx9TzL4pR8sK1wN"
@@ -128,7 +122,60 @@ echo "GET /allocation/daily?model=xai as alice: $(curl -s -H "Authorization: Bea
     -H 'X-Keypool-User: alice' "$URL/allocation/daily?model=xai")"
 echo "The operators' page: $URL/dashboard (asks for the admin token)"
 
-section "16. SIGTERM: the worker finishes what is in flight and exits"
+section "16. Seed 003's three pools through the worker: Google's own API, a JSON schema, a tool, images"
+echo "Sections 2-7 used this minute's chat and artifact requests; an operator's reset starts them afresh:"
+psql_demo -c "SELECT p AS pool, keypool_reset_usage(p) AS scopes_reset FROM unnest(ARRAY['chat', 'artifact', 'image']) p"
+gemini() { # gemini USER -> Google's generateContent on pool 'chat', as @google/genai sends it
+    curl -s -D "$dir/demo-headers" -H "x-goog-api-key: $TOKEN" -H "X-Keypool-User: $1" -H 'Content-Type: application/json' \
+        "$URL/v1beta/models/chat:generateContent" \
+        -d '{"contents": [{"role": "user", "parts": [{"text": "Say hello to the chat pool."}]}],
+             "generationConfig": {"maxOutputTokens": 16}}'
+}
+echo
+echo "POST /v1beta/models/chat:generateContent (Google's own API; the token as x-goog-api-key), 2 keys x 2 RPM:"
+for u in user-1 user-2 user-3 user-4 user-5; do
+    gemini "$u" | show_json "'  $u: ' + (repr(v['candidates'][0]['content']['parts'][0]['text']) + ', usage %s' % v['usageMetadata']['totalTokenCount'] if 'candidates' in v else '%s %s' % (v['error']['code'], v['error']['status']))"
+    if [ -n "$(header x-keypool-key-id)" ]; then
+        echo "    served by key $(header x-keypool-key-id)"
+    else
+        echo "    refused in Google's error shape, retry-after: $(header retry-after) s"
+    fi
+done
+
+echo
+echo "POST /v1/chat/completions {model: artifact, response_format: json_schema} (generate-artifact on gemini-2.5-pro):"
+curl -s -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' "$URL/v1/chat/completions" \
+    -d '{"model": "artifact", "user": "user-1", "max_tokens": 200,
+         "messages": [{"role": "user", "content": "Write a counter component."}],
+         "response_format": {"type": "json_schema", "json_schema": {"name": "artifact", "strict": true, "schema": {
+             "type": "object", "additionalProperties": false, "required": ["title", "language", "code"],
+             "properties": {"title": {"type": "string"}, "language": {"type": "string", "enum": ["tsx", "html"]},
+                            "code": {"type": "string"}}}}}}' |
+    show_json "'  content: ' + v['choices'][0]['message']['content']"
+
+echo
+echo "POST /v1/messages with a tool (Anthropic's Messages API, generate-artifact-fix on the same pool):"
+curl -s -H "x-api-key: $TOKEN" -H 'anthropic-version: 2023-06-01' -H 'Content-Type: application/json' "$URL/v1/messages" \
+    -d '{"model": "artifact", "max_tokens": 200, "metadata": {"user_id": "user-2"},
+         "messages": [{"role": "user", "content": "The counter does not increment; fix it."}],
+         "tools": [{"name": "apply_fix", "description": "Replaces the artifact code",
+                    "input_schema": {"type": "object", "required": ["code"], "properties": {"code": {"type": "string"}}}}]}' |
+    show_json "'  stop_reason: %s, blocks: %s' % (v['stop_reason'], [(b['type'], b.get('name'), b.get('input')) for b in v['content']])"
+
+echo
+echo "POST /v1/images/generations {model: image, n: 2, response_format: b64_json} (generate-image):"
+curl -s -D "$dir/demo-headers" -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \
+    "$URL/v1/images/generations" \
+    -d '{"model": "image", "user": "user-1", "prompt": "A lighthouse at dusk", "n": 2, "size": "1024x1024",
+         "response_format": "b64_json"}' |
+    show_json "'  ' + ', '.join('image %d: %s, %d bytes' % (i + 1, 'PNG' if __import__('base64').b64decode(d['b64_json']).startswith(b'\\x89PNG') else '?', len(__import__('base64').b64decode(d['b64_json']))) for i, d in enumerate(v['data']))"
+echo "  (each image is its own reservation, counted against the key's RPM and RPD and the user's share)"
+psql_demo -c "SELECT k.pool, s.model, sum(s.requests_this_minute) AS requests_this_minute, sum(s.rpm) AS rpm,
+                     sum(s.requests_today) AS requests_today
+                FROM keypool_scopes s JOIN keypool_keys k ON k.scope_id = s.scope_id
+               WHERE k.pool IN ('chat', 'artifact', 'image') GROUP BY 1, 2 ORDER BY 1"
+
+section "17. SIGTERM: the worker finishes what is in flight and exits"
 kill -TERM "$worker_pid"
 wait "$worker_pid" && echo "keypool-worker exited with status 0"
 tail -n 2 "$dir/demo-worker.log" | sed -E 's/^[^ ]+ +//' | cut -c1-200

@@ -11,18 +11,19 @@ SELECT keypool_create_pool(name, description) AS pool_id, name
   FROM (VALUES ('chat', 'chat: gemini-2.5-flash'),
                ('artifact', 'generate-artifact and generate-artifact-fix: gemini-2.5-pro'),
                ('image', 'generate-image: gemini-2.5-flash-image')) v(name, description);
--- Fake keys shaped like real ones (GOOGLE_KEY_1 .. GOOGLE_KEY_10).
+-- Fake keys shaped like real ones (GOOGLE_KEY_1 .. GOOGLE_KEY_10), pointed at the mock provider
+-- (psql variable mock_url; no real provider is reachable here).
 CREATE TEMP TABLE demo_key AS
 SELECT i, 'AIzaSy' || substr(md5('GOOGLE_KEY_' || i), 1, 33) AS secret FROM generate_series(1, 10) i;
 SELECT count(*) AS keys_added FROM (
     SELECT keypool_add_key('chat', 'gemini', secret, 'gemini-2.5-flash',
-                           account => 'project-' || i, rpm => 2, rpd => 50) FROM demo_key WHERE i BETWEEN 1 AND 2
+                           account => 'project-' || i, base_url => :'mock_url', rpm => 2, rpd => 50) FROM demo_key WHERE i BETWEEN 1 AND 2
     UNION ALL
     SELECT keypool_add_key('artifact', 'gemini', secret, 'gemini-2.5-pro',
-                           account => 'project-' || i, rpm => 2, rpd => 50) FROM demo_key WHERE i BETWEEN 3 AND 6
+                           account => 'project-' || i, base_url => :'mock_url', rpm => 2, rpd => 50) FROM demo_key WHERE i BETWEEN 3 AND 6
     UNION ALL
     SELECT keypool_add_key('image', 'gemini', secret, 'gemini-2.5-flash-image',
-                           account => 'project-' || i, rpm => 15, rpd => 1500) FROM demo_key WHERE i BETWEEN 7 AND 10
+                           account => 'project-' || i, base_url => :'mock_url', rpm => 15, rpd => 1500) FROM demo_key WHERE i BETWEEN 7 AND 10
 ) added;
 SELECT key_id, pool, model, account, label, state FROM keypool_keys ORDER BY key_id;
 

@@ -247,4 +247,29 @@ async fn refusals_and_bad_tokens_speak_anthropics_error_shape() {
     assert_eq!(r.status(), 401);
     let e: Value = r.json().await.unwrap_or(Value::Null);
     assert_eq!(e["error"]["type"], "authentication_error", "{e}");
+    // The route's own counters in /metrics: two served, one refused.
+    let text = http()
+        .get(format!("{}/metrics", w.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let count = |labels: &str| {
+        let name = format!("keypool_worker_http_requests_total{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .map(|v| v.trim().to_string())
+    };
+    assert_eq!(
+        count("route=\"/v1/messages\",status=\"200\"").as_deref(),
+        Some("2"),
+        "{text}"
+    );
+    assert_eq!(
+        count("route=\"/v1/messages\",status=\"429\"").as_deref(),
+        Some("1"),
+        "{text}"
+    );
 }

@@ -268,3 +268,112 @@ async fn what_responses_cannot_carry_or_keep_is_refused_and_refusals_are_429s() 
     );
     assert!(headers.get("retry-after").is_some() && headers["x-should-retry"] == "false");
 }
+
+/// The mock's own `/v1/responses` (what a gateway that passes Responses through to OpenAI
+/// reaches, bench/vs-peers.sh) answers as the worker does over chat completions: the same text,
+/// the same tool loop, the same event sequence; and it refuses stored state as OpenAI does.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mocks_responses_api_answers_as_the_worker_does() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    setup(&db, &mock).await;
+    let w = Worker::start(&conninfo(&db), "responses-mock", &["--no-queue"]).await;
+    let direct = |body: Value, stream: bool| {
+        let url = format!("{}/v1/responses", mock.url);
+        async move {
+            let mut body = body;
+            if stream {
+                body["stream"] = json!(true);
+            }
+            let r = http()
+                .post(url)
+                .bearer_auth("sk-responses-direct-0001")
+                .json(&body)
+                .send()
+                .await
+                .expect("post");
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap_or_default();
+            if !stream || status != 200 {
+                return (status, serde_json::from_str(&text).unwrap_or(Value::Null), Vec::new());
+            }
+            let events: Vec<Value> = text
+                .split("\n\n")
+                .filter(|b| !b.trim().is_empty())
+                .map(|b| {
+                    let data = b.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or("null");
+                    serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {b}"))
+                })
+                .collect();
+            let last = events.last().map(|e| e["response"].clone()).unwrap_or(Value::Null);
+            (status, last, events)
+        }
+    };
+    let ask = json!({"model": "gpt-4o-mini", "input": "hi", "instructions": "be brief", "max_output_tokens": 5});
+    let (status, mine, _) = direct(ask.clone(), false).await;
+    assert_eq!(status, 200, "{mine}");
+    let mut via_worker = ask.clone();
+    via_worker["model"] = json!("oa");
+    via_worker["user"] = json!("u");
+    let (status, worker_answer, _) = post(&w, &via_worker).await;
+    assert_eq!(status, 200, "{worker_answer}");
+    assert_eq!(output_text(&mine), output_text(&worker_answer));
+    assert_eq!(mine["status"], "incomplete");
+    assert_eq!(mine["usage"]["output_tokens"], worker_answer["usage"]["output_tokens"]);
+
+    // The tool loop, whole and streamed.
+    for stream in [false, true] {
+        let mut body = json!({"model": "gpt-4o-mini", "tools": weather(),
+                              "input": [{"role": "user", "content": [{"type": "input_text", "text": "weather in Oslo?"}]}]});
+        let (status, first, events) = direct(body.clone(), stream).await;
+        assert_eq!(status, 200, "{first}");
+        let call = first["output"]
+            .as_array()
+            .and_then(|o| o.iter().find(|i| i["type"] == "function_call"))
+            .cloned()
+            .unwrap_or_else(|| panic!("{first}"));
+        assert_eq!(call["arguments"], r#"{"city":"city-1"}"#);
+        if stream {
+            let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+            assert_eq!(
+                types,
+                [
+                    "response.created",
+                    "response.in_progress",
+                    "response.output_item.added",
+                    "response.function_call_arguments.delta",
+                    "response.function_call_arguments.delta",
+                    "response.function_call_arguments.done",
+                    "response.output_item.done",
+                    "response.completed"
+                ]
+            );
+            let sequence: Vec<u64> = events.iter().filter_map(|e| e["sequence_number"].as_u64()).collect();
+            assert_eq!(sequence, (0..events.len() as u64).collect::<Vec<_>>());
+        }
+        let input = body["input"].as_array_mut().expect("input");
+        input.push(json!({"type": "function_call", "call_id": call["call_id"], "name": "weather", "arguments": call["arguments"]}));
+        input.push(json!({"type": "function_call_output", "call_id": call["call_id"], "output": "Sunny in Oslo"}));
+        let (status, second, events) = direct(body, stream).await;
+        assert_eq!(status, 200, "{second}");
+        assert_eq!(output_text(&second), "Tool results: Sunny in Oslo");
+        if stream {
+            let deltas: String = events
+                .iter()
+                .filter(|e| e["type"] == "response.output_text.delta")
+                .filter_map(|e| e["delta"].as_str())
+                .collect();
+            assert_eq!(deltas, "Tool results: Sunny in Oslo");
+        }
+    }
+    // Nothing is stored: no earlier response, no reference, no output without its call.
+    for bad in [
+        json!({"model": "gpt-4o-mini", "input": "hi", "previous_response_id": "resp_mock1"}),
+        json!({"model": "gpt-4o-mini", "input": [{"type": "item_reference", "id": "msg_mock1"}]}),
+        json!({"model": "gpt-4o-mini", "input": [{"type": "function_call_output", "call_id": "call_x", "output": "?"}]}),
+    ] {
+        let (status, e, _) = direct(bad.clone(), false).await;
+        assert_eq!(status, 400, "{bad}: {e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+    }
+}

@@ -11,6 +11,9 @@
 //! answering calls of the turn before, Gemini 3's thought signatures on function calls, Anthropic's
 //! tool ids and signed thinking before a tool use, thinking budgets.
 //!
+//! OpenAI's Responses API (`/v1/responses`, stateless) answers the same way, for apps and
+//! gateways that pass it through to OpenAI.
+//!
 //! Embeddings (`/v1/embeddings`, Gemini's `:batchEmbedContents`) are 8 numbers (or
 //! `dimensions`) derived from each input's text; OpenAI-style answers report prompt tokens.
 //!
@@ -42,6 +45,7 @@
 mod anthropic;
 mod gemini;
 mod openai;
+mod responses;
 mod script;
 
 use std::collections::{HashMap, VecDeque};
@@ -644,6 +648,7 @@ pub fn router(args: &MockArgs) -> Router {
         .route("/v1beta/openai/models", get(openai::models))
         .route("/v1beta/models", get(gemini::models))
         .route("/v1beta/models/{action}", post(gemini::generate))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/messages", post(anthropic::messages))
         .route("/search", get(serp_search).post(serp_search))
         // The same API under a path: a base URL with a path, for tests of proxy paths.
