@@ -1,5 +1,5 @@
 # The two commands README opens with, and a few more.
-.PHONY: demo test package test-packages bench bench-members bench-worker bench-trust bench-record bench-litellm soak stop
+.PHONY: demo test package test-packages bench bench-members bench-worker bench-trust bench-record bench-litellm bench-peers soak stop
 demo:
 	scripts/demo.sh
 test:
@@ -20,6 +20,8 @@ bench-record:
 	bench/record.sh
 bench-litellm:
 	bench/vs-litellm.sh
+bench-peers:
+	bench/vs-peers.sh
 soak:
 	bench/soak.sh
 stop:

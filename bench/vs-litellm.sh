@@ -15,27 +15,18 @@
 # Not part of `make test`. About 5-8 minutes once installed (the boundary experiments wait for
 # the clock's next minutes). Usage: bench/vs-litellm.sh   (BENCH_SECONDS=10 per throughput run)
 . "$(dirname "$0")/../scripts/lib.sh"
+. "$REPO/bench/peers.sh"
 
-LITELLM_VERSION=1.108.0
 REDIS_PACKAGES=(redis-server redis-tools liblzf1 libjemalloc2)
 SECONDS_EACH="${BENCH_SECONDS:-10}"
 RPM=5
 PORT="${KEYPOOL_BENCH_PORT:-54352}"
-HERE="$REPO/target/vs-litellm"
+HERE="$LITELLM_HOME"
 
 ensure_setup
-if ! command -v wrk >/dev/null; then
-    say "installing wrk"
-    apt-get install -y -qq wrk >/dev/null
-fi
-
+ensure_wrk
 # LiteLLM in a private venv, Redis unpacked into a private directory.
-mkdir -p "$HERE"
-if ! "$HERE/venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('litellm') != '$LITELLM_VERSION')" 2>/dev/null; then
-    say "installing litellm[proxy]==$LITELLM_VERSION into $HERE/venv"
-    python3 -m venv "$HERE/venv"
-    "$HERE/venv/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION" redis
-fi
+ensure_litellm
 if [ ! -x "$HERE/redis/usr/bin/redis-server" ]; then
     say "unpacking Debian's redis-server into $HERE/redis"
     rm -rf "$HERE/debs" && mkdir -p "$HERE/debs" "$HERE/redis"
