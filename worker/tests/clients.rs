@@ -4,7 +4,8 @@
 //! Anthropic SDK (`@anthropic-ai/sdk`), pinned in tests/node/package-lock.json and
 //! installed by this test (`npm ci`) when they are not yet; plain, streamed, multi-step tools
 //! with `stopWhen`, streamed tools, `generateObject`, and seed 000's agent service, including a
-//! user past their share.
+//! user past their share (and the same user through the Anthropic SDK); `images.generate` on an
+//! OpenAI-style and a Gemini image pool.
 
 mod common;
 
@@ -45,6 +46,7 @@ fn run_clients(dir: &Path, url: &str, pools: &[&str], quota: (&str, &str)) -> Va
         .args(pools)
         .env("KEYPOOL_QUOTA_POOL", quota.0)
         .env("KEYPOOL_QUOTA_USER", quota.1)
+        .env("KEYPOOL_IMAGE_POOLS", "oimg,gimg")
         .output()
         .expect("run node");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -72,7 +74,11 @@ async fn the_openai_node_client_and_the_ai_sdk_work_on_every_provider() {
              SELECT keypool_add_key('ant', 'anthropic', 'sk-ant-clients-000001', 'claude-sonnet-4-5', base_url => '{u}');
              SELECT keypool_create_pool('tight');
              SELECT keypool_add_key('tight', 'gemini', 'AIza-clients-tight-00001', 'gemini-2.5-flash', rpd => 4, base_url => '{u}');
-             SELECT keypool_assign('seed000-tight', 'tight'), keypool_assign('someone-else', 'tight');",
+             SELECT keypool_assign('seed000-tight', 'tight'), keypool_assign('someone-else', 'tight');
+             SELECT keypool_create_pool('oimg');
+             SELECT keypool_add_key('oimg', 'openai', 'sk-clients-images-7731', 'gpt-image-1', base_url => '{u}/v1');
+             SELECT keypool_create_pool('gimg');
+             SELECT keypool_add_key('gimg', 'gemini', 'AIza-clients-images-8842', 'gemini-2.5-flash-image', base_url => '{u}');",
             u = mock.url
         ),
     )
@@ -206,4 +212,29 @@ async fn the_openai_node_client_and_the_ai_sdk_work_on_every_provider() {
             .is_some_and(|s| s.parse::<u64>().is_ok()),
         "{quota:?}"
     );
+    // The same user through Anthropic's SDK: a RateLimitError of type rate_limit_error, with the wait.
+    let limited = &seen["anthropic_quota"];
+    assert_eq!(
+        (
+            limited["class"].clone(),
+            limited["status"].clone(),
+            limited["type"].clone()
+        ),
+        (json!("RateLimitError"), json!(429), json!("rate_limit_error")),
+        "{limited}"
+    );
+    assert!(
+        limited["retryAfter"].as_str().is_some_and(|s| s.parse::<u64>().is_ok()),
+        "{limited}"
+    );
+    // images.generate on an OpenAI-style and a Gemini image pool: two PNGs each.
+    for pool in ["oimg", "gimg"] {
+        assert_eq!(
+            seen[format!("images_{pool}")],
+            json!({"count": 2, "png": true}),
+            "{pool}"
+        );
+    }
+    assert_eq!(mock.calls_with("sk-clients-images-7731").await, 2);
+    assert_eq!(mock.calls_with("AIza-clients-images-8842").await, 2);
 }

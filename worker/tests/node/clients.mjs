@@ -1,7 +1,8 @@
 // Real client libraries against keypool-worker: the official `openai` Node client and the AI SDK
 // (`ai` with `@ai-sdk/openai`'s `.chat()` and `@ai-sdk/openai-compatible`), as apps use them,
 // plain, streamed, multi-step tools with stopWhen, streamed tools and generateObject; and seed
-// 000's own shape, an agent service calling generateText with tools for a user id.
+// 000's own shape, an agent service calling generateText with tools for a user id; Anthropic's
+// SDK; images.generate.
 //
 // Usage: node clients.mjs <worker url> <token> <pool> [<pool> ...]
 // Prints one JSON object: for each pool, what each case saw (or the error it ended with).
@@ -271,5 +272,23 @@ if (process.env.KEYPOOL_QUOTA_POOL) {
     }
   }
   results.quota = answers;
+  // The same user through Anthropic's SDK: its RateLimitError, with the wait.
+  const anthropic = new Anthropic({ baseURL: url, apiKey: token, maxRetries: 0 });
+  try {
+    await anthropic.messages.create({ model: process.env.KEYPOOL_QUOTA_POOL, max_tokens: 5,
+                                      messages: [{ role: "user", content: "hi" }], metadata: { user_id: user.id } });
+    results.anthropic_quota = { served: true };
+  } catch (e) {
+    results.anthropic_quota = { class: e?.constructor?.name, status: e?.status ?? null, type: e?.error?.error?.type ?? null,
+                                retryAfter: e?.headers?.get?.("retry-after") ?? null };
+  }
+}
+// Image generation with the official client: KEYPOOL_IMAGE_POOLS=pool,pool.
+for (const pool of (process.env.KEYPOOL_IMAGE_POOLS ?? "").split(",").filter(Boolean)) {
+  const client = new OpenAI({ baseURL, apiKey: token, maxRetries: 0 });
+  await run(`images_${pool}`, async () => {
+    const r = await client.images.generate({ model: pool, prompt: "a lighthouse", n: 2, response_format: "b64_json", user: "node-images" });
+    return { count: r.data.length, png: r.data.every((d) => Buffer.from(d.b64_json, "base64").subarray(0, 4).toString("latin1") === "\x89PNG") };
+  }, results);
 }
 console.log(JSON.stringify(results));
