@@ -99,3 +99,48 @@ async fn every_image_counts_and_what_gemini_cannot_carry_is_refused() {
     )
     .await;
 }
+
+/// The images of one request together stay within KEYPOOL_MAX_RESPONSE: each is read with what
+/// the ones before it left, and the answer holds those that fitted and says why the rest are
+/// missing. (Each mock answer is a few hundred bytes, so a 1 KiB limit holds only some of ten.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_images_of_a_request_together_stay_within_max_response() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('image');
+             SELECT keypool_add_key('image', 'gemini', 'AIza-images-cap-000031', 'gemini-2.5-flash-image', base_url => '{u}');",
+            u = mock.url
+        ),
+    )
+    .await;
+    let w = Worker::start(&conninfo(&db), "images-cap", &["--no-queue", "--max-response", "1024"]).await;
+    let r = w
+        .post(
+            "/v1/images/generations",
+            &json!({"model": "image", "user": "cap", "prompt": "a cat", "n": 10}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let short = r
+        .headers()
+        .get("x-keypool-images-short")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = r.bytes().await.expect("body");
+    let answer: Value = serde_json::from_slice(&body).expect("JSON");
+    let made = answer["data"].as_array().map_or(0, Vec::len);
+    assert!((1..10).contains(&made), "{answer}");
+    assert!(
+        short.starts_with("UPSTREAM_FAILED: the answers together are larger than KEYPOOL_MAX_RESPONSE")
+            || short.starts_with("UPSTREAM_FAILED: the images made fill KEYPOOL_MAX_RESPONSE"),
+        "{short}"
+    );
+    assert!(body.len() <= 1024 + 64, "{} bytes", body.len());
+    // Every call the provider made was one image the answer holds, or the one that did not fit.
+    let calls = mock.calls_with("AIza-images-cap-000031").await as usize;
+    assert!(calls == made || calls == made + 1, "{calls} calls, {made} images");
+}

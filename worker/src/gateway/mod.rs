@@ -56,6 +56,10 @@ pub struct Settings {
 /// The header `Settings::stamp_grants` adds: the grant time, Unix milliseconds.
 pub const GRANTED_AT_HEADER: &str = "x-keypool-granted-at";
 
+/// Below this much of KEYPOOL_MAX_RESPONSE left (or a quarter of it, if smaller), no further
+/// image of a request is asked for: it could not be read.
+const MIN_IMAGE_ANSWER: usize = 64 * 1024;
+
 /// Error answers are read up to this much (their message and code are near the start).
 pub(crate) const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -128,6 +132,7 @@ pub struct ImagesAnswer {
 }
 
 /// What every attempt of one request needs.
+#[derive(Clone, Copy)]
 struct Plan<'a> {
     user: &'a str,
     pool: &'a str,
@@ -139,6 +144,8 @@ struct Plan<'a> {
     deadline: Instant,
     capacity_wait: Duration,
     started: Instant,
+    /// The largest provider answer read whole (KEYPOOL_MAX_RESPONSE, or what is left of it).
+    max_answer: usize,
 }
 
 /// A provider's 2xx answer, still to be read and settled.
@@ -444,6 +451,7 @@ impl Gateway {
             deadline: job.deadline,
             capacity_wait: job.capacity_wait,
             started: Instant::now(),
+            max_answer: self.settings.max_response,
         };
         let default_max_tokens = self.settings.default_max_tokens;
         // Under a budget the output is capped at what the reservation holds.
@@ -552,6 +560,7 @@ impl Gateway {
             deadline: job.deadline,
             capacity_wait: job.capacity_wait,
             started: Instant::now(),
+            max_answer: self.settings.max_response,
         };
         let result = self
             .attempts(
@@ -592,10 +601,28 @@ impl Gateway {
             deadline: job.deadline,
             capacity_wait: job.capacity_wait,
             started: Instant::now(),
+            max_answer: self.settings.max_response,
         };
         let mut data: Vec<serde_json::Value> = Vec::new();
         let (mut served, mut short) = (None, None);
+        // The images together stay within KEYPOOL_MAX_RESPONSE: each is read with what is left.
+        let mut used = 0usize;
         for _ in 0..job.request.n() {
+            let left = self.settings.max_response.saturating_sub(used);
+            if used > 0 && left < MIN_IMAGE_ANSWER.min(self.settings.max_response / 4) {
+                short = Some(Failure::Exhausted {
+                    last: "the images made fill KEYPOOL_MAX_RESPONSE".into(),
+                    attempts: 0,
+                    retry_after_ms: None,
+                    timed_out: false,
+                    reason: Some("the images made fill KEYPOOL_MAX_RESPONSE".into()),
+                });
+                break;
+            }
+            let plan = Plan {
+                max_answer: left,
+                ..plan
+            };
             let one = self
                 .attempts(
                     &plan,
@@ -617,6 +644,7 @@ impl Gateway {
                 .await;
             match one {
                 Ok((made, s)) => {
+                    used += made.iter().map(|d| d.to_string().len()).sum::<usize>();
                     data.extend(made);
                     served = Some(s);
                 }
@@ -829,11 +857,7 @@ impl Gateway {
             served,
             status,
         } = accepted;
-        let read = tokio::time::timeout(
-            remaining(plan.deadline),
-            read_capped(response, self.settings.max_response),
-        )
-        .await;
+        let read = tokio::time::timeout(remaining(plan.deadline), read_capped(response, plan.max_answer)).await;
         held.disarm();
         let body = match read {
             Ok(Ok(b)) => b,
@@ -848,6 +872,10 @@ impl Gateway {
                     })
                     .await;
                 let why = match failed {
+                    Ok(Err(BodyError::TooLarge)) if plan.max_answer < self.settings.max_response => format!(
+                        "the answers together are larger than KEYPOOL_MAX_RESPONSE ({} bytes)",
+                        self.settings.max_response
+                    ),
                     Ok(Err(BodyError::TooLarge)) => format!(
                         "the answer is larger than KEYPOOL_MAX_RESPONSE ({} bytes)",
                         self.settings.max_response

@@ -991,6 +991,8 @@ async fn images(
                 let why = match &f {
                     Failure::Refused { refusal, .. } => refusal.code.clone(),
                     Failure::Provider { status, .. } => format!("UPSTREAM_ERROR {status}"),
+                    // The worker's own words (a limit of its own), never a provider's.
+                    Failure::Exhausted { reason: Some(why), .. } => format!("UPSTREAM_FAILED: {why}"),
                     _ => "UPSTREAM_FAILED".to_string(),
                 };
                 set(resp.headers_mut(), "x-keypool-images-short", why);
