@@ -144,3 +144,74 @@ async fn the_images_of_a_request_together_stay_within_max_response() {
     let calls = mock.calls_with("AIza-images-cap-000031").await as usize;
     assert!(calls == made || calls == made + 1, "{calls} calls, {made} images");
 }
+
+/// Each image is reserved with what the pool's models bill for the quality and size asked (the
+/// most they could bill where left to them); Gemini 3's interim thought images are not answers;
+/// an image Gemini declines is a 400 that says why; a stream of partial images is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_are_reserved_at_their_price_and_declined_ones_say_why() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('gpt');
+             SELECT keypool_add_key('gpt', 'openai', 'sk-images-price-0000041', 'gpt-image-1', tpm => 5000, base_url => '{u}/v1');
+             SELECT keypool_create_pool('gem3');
+             SELECT keypool_add_key('gem3', 'gemini', 'AIza-images-price-000042', 'gemini-3-pro-image-preview', base_url => '{u}');",
+            u = mock.url
+        ),
+    )
+    .await;
+    let w = Worker::start(&conninfo(&db), "images-price", &["--no-queue"]).await;
+    let post = |body: Value| {
+        let w = &w;
+        async move {
+            let r = w.post("/v1/images/generations", &body).await;
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // gpt-image-1 at high quality in portrait bills 6,240 tokens: more than the key's minute
+    // could ever hold (quality left to the model counts as high).
+    let (status, r) = post(json!({"model": "gpt", "user": "p-1", "prompt": "a cat", "size": "1024x1536"})).await;
+    assert_eq!(status, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("(6242) is more than any usable key")),
+        "{r}"
+    );
+    assert_eq!(mock.calls_with("sk-images-price-0000041").await, 0);
+    // At low quality it is 408: served.
+    let (status, r) =
+        post(json!({"model": "gpt", "user": "p-1", "prompt": "a cat", "size": "1024x1536", "quality": "low"})).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(mock.calls_with("sk-images-price-0000041").await, 1);
+
+    // Gemini 3 Pro Image shows interim images as thoughts: they are left out.
+    let (status, r) = post(json!({"model": "gem3", "user": "p-2", "prompt": "a dog", "n": 2})).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["data"].as_array().map(Vec::len), Some(2), "{r}");
+    assert_eq!(r["usage"]["output_tokens"], 2 * 1290, "{r}");
+    // A declined image: 400 saying why, with the prompt billed and no image.
+    let (status, r) = post(json!({"model": "gem3", "user": "p-2", "prompt": "something forbidden"})).await;
+    assert_eq!(status, 400, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("finishReason IMAGE_SAFETY")),
+        "{r}"
+    );
+    // Streams of partial images have no place in the answer: refused before any call.
+    let before = mock.calls_with("AIza-images-price-000042").await;
+    for extra in [json!({"stream": true}), json!({"partial_images": 2})] {
+        let mut body = json!({"model": "gem3", "user": "p-2", "prompt": "x"});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        let (status, r) = post(body).await;
+        assert_eq!(status, 400, "{r}");
+    }
+    assert_eq!(mock.calls_with("AIza-images-price-000042").await, before);
+}

@@ -119,6 +119,8 @@ pub struct ImagesJob {
     pub pool: String,
     pub within: Option<Vec<String>>,
     pub request: ImagesRequest,
+    /// Output tokens each image is reserved with (the most the pool's models bill for it).
+    pub tokens_per_image: i64,
     pub deadline: Instant,
     pub capacity_wait: Duration,
 }
@@ -589,33 +591,49 @@ impl Gateway {
 
     /// Carries out an image generation request: one call and one reservation per image, so each
     /// image counts against the key's requests per minute and day. When an image after the first
-    /// cannot be made (the user's share or the pool's minute is used up), the images made so far
-    /// are the answer and `short` says why the rest are missing.
+    /// cannot be made (the user's share or the pool's minute is used up, the deadline or
+    /// KEYPOOL_MAX_RESPONSE would not hold another, the provider declined it), the images made
+    /// so far are the answer and `short` says why the rest are missing. What no key could carry
+    /// (a field its provider has no place for) fails the request, whichever image it came to.
     pub async fn images(&self, job: ImagesJob) -> Result<ImagesAnswer, Failure> {
         let plan = Plan {
             user: &job.user,
             pool: &job.pool,
             within: job.within.as_deref(),
-            est: job.request.estimate_tokens_per_image(),
+            est: job.request.estimate_prompt_tokens() + job.tokens_per_image,
             prompt_est: job.request.estimate_prompt_tokens(),
             deadline: job.deadline,
             capacity_wait: job.capacity_wait,
             started: Instant::now(),
             max_answer: self.settings.max_response,
         };
-        let mut data: Vec<serde_json::Value> = Vec::new();
+        // The answer is written as the images come, each entry once: `{"created", "data": [...]}`.
+        let mut body = format!("{{\"created\":{},\"data\":[", openai::unix_now());
+        let mut made_count = 0usize;
         let (mut served, mut short) = (None, None);
-        // The images together stay within KEYPOOL_MAX_RESPONSE: each is read with what is left.
-        let mut used = 0usize;
+        // Usage summed over the images, while every answer reported it.
+        let mut usage: Option<(i64, i64)> = Some((0, 0));
+        // What the largest answer so far took to read and how long the last image took: another
+        // image is asked for only while the deadline and KEYPOOL_MAX_RESPONSE can hold one more.
+        let (mut largest, mut slowest) = (0usize, Duration::ZERO);
         for _ in 0..job.request.n() {
-            let left = self.settings.max_response.saturating_sub(used);
-            if used > 0 && left < MIN_IMAGE_ANSWER.min(self.settings.max_response / 4) {
+            let left = self.settings.max_response.saturating_sub(body.len());
+            let stop = if made_count == 0 {
+                None
+            } else if left < largest.max(MIN_IMAGE_ANSWER.min(self.settings.max_response / 4)) {
+                Some((false, "the images made fill KEYPOOL_MAX_RESPONSE"))
+            } else if remaining(plan.deadline) < slowest {
+                Some((true, "the deadline would pass before another image is made"))
+            } else {
+                None
+            };
+            if let Some((timed_out, why)) = stop {
                 short = Some(Failure::Exhausted {
-                    last: "the images made fill KEYPOOL_MAX_RESPONSE".into(),
+                    last: why.into(),
                     attempts: 0,
                     retry_after_ms: None,
-                    timed_out: false,
-                    reason: Some("the images made fill KEYPOOL_MAX_RESPONSE".into()),
+                    timed_out,
+                    reason: Some(why.into()),
                 });
                 break;
             }
@@ -623,32 +641,51 @@ impl Gateway {
                 max_answer: left,
                 ..plan
             };
+            let started = Instant::now();
             let one = self
                 .attempts(
                     &plan,
                     |key, _| providers::image_request(&self.http, key, &job.request).map_err(Failure::from_carry),
                     |accepted| async {
                         let prompt_est = plan.prompt_est;
-                        let mut made = Vec::new();
+                        let mut answer = None;
                         let (_, served) = self
-                            .read_answer(&plan, accepted, |key, body| {
-                                let i = providers::read_image(key, &body)?;
-                                let usage = i.usage.unwrap_or(Usage::new(prompt_est, images::TOKENS_PER_IMAGE));
-                                made = i.data;
-                                Ok((Bytes::new(), usage))
+                            .read_answer(&plan, accepted, |key, raw| {
+                                let size = raw.len();
+                                let i = providers::read_image(key, &raw)?;
+                                let settled = i.usage.unwrap_or(Usage::new(prompt_est, images::TOKENS_PER_IMAGE));
+                                let entries: Vec<String> = i.data.iter().map(|d| d.to_string()).collect();
+                                answer = Some((entries, i.usage, i.declined, size));
+                                Ok((Bytes::new(), settled))
                             })
                             .await?;
-                        Ok((made, served))
+                        match answer {
+                            Some((entries, _, declined, _)) if entries.is_empty() => Err(Failure::Caller(
+                                declined.unwrap_or_else(|| "the provider's answer holds no image".into()),
+                            )),
+                            Some((entries, reported, _, size)) => Ok((entries, reported, size, served)),
+                            None => Err(Failure::Caller("the provider's answer holds no image".into())),
+                        }
                     },
                 )
                 .await;
             match one {
-                Ok((made, s)) => {
-                    used += made.iter().map(|d| d.to_string().len()).sum::<usize>();
-                    data.extend(made);
+                Ok((entries, reported, size, s)) => {
+                    for e in entries {
+                        if made_count > 0 {
+                            body.push(',');
+                        }
+                        body.push_str(&e);
+                        made_count += 1;
+                    }
+                    usage = usage
+                        .zip(reported)
+                        .map(|((p, c), u)| (p + u.prompt_tokens, c + u.completion_tokens));
+                    largest = largest.max(size);
+                    slowest = slowest.max(started.elapsed());
                     served = Some(s);
                 }
-                Err(f) if served.is_none() => {
+                Err(f) if served.is_none() || matches!(f, Failure::Unsupported { .. }) => {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
                     self.note_failure(plan.pool, plan.user, &f);
                     return Err(f);
@@ -660,9 +697,16 @@ impl Gateway {
             }
         }
         let served = served.ok_or_else(|| Failure::Caller("no image was asked for".into()))?;
-        let body = serde_json::json!({"created": openai::unix_now(), "data": data});
+        body.push(']');
+        if let Some((input, output)) = usage {
+            body.push_str(&format!(
+                ",\"usage\":{{\"input_tokens\":{input},\"output_tokens\":{output},\"total_tokens\":{}}}",
+                input + output
+            ));
+        }
+        body.push('}');
         Ok(ImagesAnswer {
-            body: Bytes::from(body.to_string()),
+            body: Bytes::from(body),
             served,
             short,
         })
@@ -858,7 +902,8 @@ impl Gateway {
             status,
         } = accepted;
         let read = tokio::time::timeout(remaining(plan.deadline), read_capped(response, plan.max_answer)).await;
-        held.disarm();
+        // The guard stays armed until the settlement is queued: a caller gone while the queue is
+        // full still has the call settled (by the guard, with all it held).
         let body = match read {
             Ok(Ok(b)) => b,
             failed => {
@@ -871,6 +916,8 @@ impl Gateway {
                         error_code: None,
                     })
                     .await;
+                held.disarm();
+                let timed_out = failed.is_err();
                 let why = match failed {
                     Ok(Err(BodyError::TooLarge)) if plan.max_answer < self.settings.max_response => format!(
                         "the answers together are larger than KEYPOOL_MAX_RESPONSE ({} bytes)",
@@ -880,13 +927,14 @@ impl Gateway {
                         "the answer is larger than KEYPOOL_MAX_RESPONSE ({} bytes)",
                         self.settings.max_response
                     ),
+                    Err(_) => "the answer was not read before the deadline".to_string(),
                     _ => "the answer broke off".to_string(),
                 };
                 return Err(Failure::Exhausted {
                     last: format!("key {} ({}): {why}", key.id, key.label),
                     attempts: served.attempts,
                     retry_after_ms: None,
-                    timed_out: false,
+                    timed_out,
                     reason: Some(why),
                 });
             }
@@ -902,6 +950,7 @@ impl Gateway {
                 error_code: None,
             })
             .await;
+        held.disarm();
         let (body, _) = parsed.map_err(|msg| Failure::Exhausted {
             last: format!("key {} ({}): {msg}", key.id, key.label),
             attempts: served.attempts,

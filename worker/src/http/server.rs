@@ -972,11 +972,23 @@ async fn images(
         Ok(r) => r,
         Err(r) => return r,
     };
+    // Each image is reserved with the most the pool's models bill for the quality and size asked.
+    let models = match ep.pool_models(false).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let tokens_per_image = models
+        .iter()
+        .filter(|(p, _)| *p == pool)
+        .map(|(_, model)| request.estimate_image_tokens(model))
+        .max()
+        .unwrap_or_else(|| request.estimate_image_tokens(""));
     let job = ImagesJob {
         user,
         pool: pool.clone(),
         within: principal.pools(),
         request,
+        tokens_per_image,
         deadline: Instant::now() + ep.request_deadline,
         capacity_wait: ep.capacity_wait,
     };
@@ -992,7 +1004,16 @@ async fn images(
                     Failure::Refused { refusal, .. } => refusal.code.clone(),
                     Failure::Provider { status, .. } => format!("UPSTREAM_ERROR {status}"),
                     // The worker's own words (a limit of its own), never a provider's.
+                    Failure::Exhausted {
+                        timed_out: true,
+                        reason,
+                        ..
+                    } => format!(
+                        "UPSTREAM_TIMEOUT: {}",
+                        reason.as_deref().unwrap_or("the deadline passed")
+                    ),
                     Failure::Exhausted { reason: Some(why), .. } => format!("UPSTREAM_FAILED: {why}"),
+                    Failure::Caller(why) => format!("NO_IMAGE: {why}"),
                     _ => "UPSTREAM_FAILED".to_string(),
                 };
                 set(resp.headers_mut(), "x-keypool-images-short", why);

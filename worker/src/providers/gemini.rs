@@ -183,23 +183,38 @@ pub fn image_request(
         .json(&body))
 }
 
-/// The images of a `generateContent` answer (`inlineData` parts) as `{"b64_json"}` entries.
+/// The image of a `generateContent` answer asked for one: its first `inlineData` part that is
+/// not a thought (Gemini 3 shows interim images as thoughts), as a `{"b64_json"}` entry; or,
+/// when the prompt or the image was blocked, why.
 pub fn read_image(body: &[u8]) -> Result<super::Images, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("Gemini's answer is not JSON: {e}"))?;
-    let data: Vec<Value> = v["candidates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| c["content"]["parts"].as_array().cloned().unwrap_or_default())
-        .filter_map(|p| {
+    let candidates = v["candidates"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let data: Vec<Value> = candidates
+        .iter()
+        .flat_map(|c| c["content"]["parts"].as_array().map(Vec::as_slice).unwrap_or(&[]))
+        .filter(|p| p.get("thought").and_then(Value::as_bool) != Some(true))
+        .find_map(|p| {
             p.get("inlineData")
                 .and_then(|d| d["data"].as_str())
                 .map(|d| json!({"b64_json": d}))
         })
+        .into_iter()
         .collect();
-    if data.is_empty() {
-        return Err("Gemini's answer holds no image".into());
-    }
+    let declined = if data.is_empty() {
+        let finish = candidates.first().and_then(|c| c["finishReason"].as_str());
+        match (v["promptFeedback"]["blockReason"].as_str(), finish) {
+            (Some(block), _) => Some(format!(
+                "Gemini declined the prompt (blockReason {})",
+                json::printable(block)
+            )),
+            (None, Some(f)) if f != "STOP" && f != "MAX_TOKENS" => {
+                Some(format!("Gemini made no image (finishReason {})", json::printable(f)))
+            }
+            _ => return Err("Gemini's answer holds no image".into()),
+        }
+    } else {
+        None
+    };
     let n = |f: &str| v["usageMetadata"][f].as_i64();
     let usage = (!v["usageMetadata"].is_null()).then(|| {
         Usage::new(
@@ -208,7 +223,7 @@ pub fn read_image(body: &[u8]) -> Result<super::Images, String> {
                 + crate::protocol::openai::tokens(n("thoughtsTokenCount")),
         )
     });
-    Ok(super::Images { data, usage })
+    Ok(super::Images { data, usage, declined })
 }
 
 pub fn list_models_request(http: &reqwest::Client, key: &KeyRef) -> reqwest::RequestBuilder {

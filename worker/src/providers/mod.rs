@@ -224,6 +224,8 @@ pub fn image_request(
 pub struct Images {
     pub data: Vec<Value>,
     pub usage: Option<Usage>,
+    /// Why the provider made no image, when it declined the prompt (a safety block).
+    pub declined: Option<String>,
 }
 
 pub fn read_image(key: &KeyRef, body: &[u8]) -> Result<Images, String> {

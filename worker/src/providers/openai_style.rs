@@ -142,6 +142,7 @@ pub fn read_image(body: &[u8]) -> Result<super::Images, String> {
         usage: a
             .usage
             .map(|u| Usage::new(openai::tokens(u.input_tokens), openai::tokens(u.output_tokens))),
+        declined: None,
     })
 }
 

@@ -237,7 +237,9 @@ pub(super) async fn generate(
             .collect();
         return Json(json!({"embeddings": embeddings})).into_response();
     }
-    // An image model asked for images: one 1×1 PNG, 1,290 tokens.
+    // An image model asked for images: one 1×1 PNG, 1,290 tokens; Gemini 3 shows an interim
+    // image as a thought first (and a line of text); a prompt that says "forbidden" is blocked
+    // as Gemini blocks an unsafe image (no parts, finishReason IMAGE_SAFETY, the prompt billed).
     let modalities = req
         .member("generationConfig")
         .and_then(|g| g.member("responseModalities"))
@@ -245,9 +247,24 @@ pub(super) async fn generate(
     if method == "generateContent" && modalities.is_some_and(|m| m.iter().any(|x| x == "IMAGE")) {
         let prompt = req["contents"][0]["parts"][0]["text"].as_str().unwrap_or("");
         let input = script::prompt_tokens(prompt.chars().count());
+        if prompt.contains("forbidden") {
+            return Json(json!({
+                "candidates": [{"finishReason": "IMAGE_SAFETY", "index": 0}],
+                "usageMetadata": {"promptTokenCount": input, "totalTokenCount": input},
+                "modelVersion": model,
+            }))
+            .into_response();
+        }
+        let image = json!({"inlineData": {"mimeType": "image/png", "data": super::openai::PNG}});
+        let parts = if model.starts_with("gemini-3") {
+            json!([{"text": "Here is the image.", "thought": true},
+                   {"inlineData": {"mimeType": "image/png", "data": super::openai::PNG}, "thought": true},
+                   image])
+        } else {
+            json!([image])
+        };
         return Json(json!({
-            "candidates": [{"content": {"role": "model", "parts": [{"inlineData": {"mimeType": "image/png", "data": super::openai::PNG}}]},
-                            "finishReason": "STOP", "index": 0}],
+            "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
             "usageMetadata": {"promptTokenCount": input, "candidatesTokenCount": 1290, "totalTokenCount": input + 1290},
             "modelVersion": model,
         }))

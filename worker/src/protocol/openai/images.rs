@@ -11,9 +11,13 @@ use crate::protocol::json::{printable, Object};
 /// Images one request may ask for (OpenAI's limit).
 pub const MAX_IMAGES: u64 = 10;
 
-/// Output tokens an image is reserved with: about what Gemini's image models bill for one image
-/// (1,290) and OpenAI's image models for a medium-quality square one.
+/// Output tokens an image is settled with when its answer reports no usage: what Gemini 2.5
+/// Flash Image bills for one image (OpenAI's DALL·E, priced per image, reports none).
 pub const TOKENS_PER_IMAGE: i64 = 1_290;
+
+/// Output tokens gpt-image models bill for an image, by quality (low, medium, high) and size
+/// (1024x1024, 1024x1536, 1536x1024), from OpenAI's image generation guide.
+const GPT_IMAGE_TOKENS: [[i64; 3]; 3] = [[272, 408, 400], [1_056, 1_584, 1_568], [4_160, 6_240, 6_208]];
 
 /// Fields the worker reads, or that ask nothing any image model is refused for.
 const KNOWN: &[&str] = &["model", "prompt", "n", "size", "response_format", "user"];
@@ -54,6 +58,14 @@ impl ImagesRequest {
         let n = head.n.unwrap_or(1);
         if !(1..=MAX_IMAGES).contains(&n) {
             return Err(format!("`n` must be from 1 to {MAX_IMAGES}"));
+        }
+        // Images are answered whole: a stream of partial images has no place in the answer.
+        for field in ["stream", "partial_images"] {
+            if matches!(body.get(field), Some(v) if v != "null" && v != "false" && v != "0") {
+                return Err(format!(
+                    "`{field}` is not supported: the worker answers with the images made"
+                ));
+            }
         }
         let base64 = match head.response_format.as_deref() {
             None | Some("b64_json") => true,
@@ -116,9 +128,44 @@ impl ImagesRequest {
             .collect()
     }
 
-    /// Tokens a reservation for one image charges: the prompt, and the image.
-    pub fn estimate_tokens_per_image(&self) -> i64 {
-        (self.prompt.len() as i64 + 3) / 4 + TOKENS_PER_IMAGE
+    /// Output tokens one image of this request is reserved with when `model` makes it: what
+    /// the model bills for the quality and size asked, and the most it could bill where they
+    /// are left to it (`auto`, or not given). A model the worker does not know is taken to bill
+    /// as gpt-image does.
+    pub fn estimate_image_tokens(&self, model: &str) -> i64 {
+        let model = model.to_ascii_lowercase();
+        if model.starts_with("gemini-3") || model.starts_with("nano-banana-pro") {
+            // Gemini 3 Pro Image: 1,120 tokens up to 2K, 2,000 at 4K.
+            return 2_000;
+        }
+        if model.starts_with("gemini") || model.starts_with("imagen") || model.starts_with("dall-e") {
+            return TOKENS_PER_IMAGE;
+        }
+        let text = |field: &str| {
+            self.body
+                .get(field)
+                .and_then(|v| serde_json::from_str::<String>(v).ok())
+        };
+        let quality = match text("quality").as_deref() {
+            Some("low") => Some(0),
+            Some("medium") => Some(1),
+            Some("high") => Some(2),
+            _ => None,
+        };
+        let size = match self.size.as_deref() {
+            Some("1024x1024") => Some(0),
+            Some("1024x1536") => Some(1),
+            Some("1536x1024") => Some(2),
+            _ => None,
+        };
+        let rows: &[[i64; 3]] = match quality {
+            Some(q) => &GPT_IMAGE_TOKENS[q..=q],
+            None => &GPT_IMAGE_TOKENS[..],
+        };
+        rows.iter()
+            .map(|row| size.map_or_else(|| row.iter().copied().max().unwrap_or(0), |s| row[s]))
+            .max()
+            .unwrap_or(TOKENS_PER_IMAGE)
     }
 
     pub fn estimate_prompt_tokens(&self) -> i64 {
@@ -143,5 +190,43 @@ mod tests {
         assert!(req(r#"{"prompt":""}"#).is_err());
         assert!(req(r#"{"prompt":"x","n":11}"#).is_err());
         assert!(req(r#"{"prompt":"x","response_format":"png"}"#).is_err());
+        assert!(req(r#"{"prompt":"x","stream":true}"#).is_err());
+        assert!(req(r#"{"prompt":"x","partial_images":2}"#).is_err());
+        assert!(req(r#"{"prompt":"x","stream":false,"partial_images":0}"#).is_ok());
+    }
+
+    #[test]
+    fn an_image_is_reserved_with_what_its_model_bills() {
+        let r = |body: &str| req(body).unwrap();
+        // Quality and size left to the model: the most it could bill.
+        assert_eq!(r(r#"{"prompt":"x"}"#).estimate_image_tokens("gpt-image-1"), 6_240);
+        assert_eq!(
+            r(r#"{"prompt":"x","size":"1024x1024"}"#).estimate_image_tokens("gpt-image-1"),
+            4_160
+        );
+        assert_eq!(
+            r(r#"{"prompt":"x","quality":"low","size":"1536x1024"}"#).estimate_image_tokens("gpt-image-1"),
+            400
+        );
+        assert_eq!(
+            r(r#"{"prompt":"x","quality":"medium"}"#).estimate_image_tokens(""),
+            1_584
+        );
+        assert_eq!(
+            r(r#"{"prompt":"x","quality":"auto"}"#).estimate_image_tokens("gpt-image-1-mini"),
+            6_240
+        );
+        assert_eq!(
+            r(r#"{"prompt":"x"}"#).estimate_image_tokens("gemini-2.5-flash-image"),
+            1_290
+        );
+        assert_eq!(
+            r(r#"{"prompt":"x"}"#).estimate_image_tokens("gemini-3-pro-image-preview"),
+            2_000
+        );
+        assert_eq!(
+            r(r#"{"prompt":"x","quality":"hd"}"#).estimate_image_tokens("dall-e-3"),
+            1_290
+        );
     }
 }
