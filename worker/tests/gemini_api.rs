@@ -208,3 +208,52 @@ async fn refusals_and_bad_tokens_speak_googles_error_shape() {
     let e: Value = r.json().await.unwrap_or(Value::Null);
     assert_eq!(e["error"]["status"], "UNAUTHENTICATED", "{e}");
 }
+
+/// What Google bills beyond tokens (its own tools) or keeps for the key owner (cached contents,
+/// stored files) is refused on every key, before any provider call, in Google's error shape; a
+/// body naming one member twice (camelCase and snake_case) too.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_pool_cannot_count_is_refused_before_any_call() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    setup(&db, &mock).await;
+    let w = Worker::start(&conninfo(&db), "gemini-api-uncounted", &["--no-queue"]).await;
+    let hi = json!([{"role": "user", "parts": [{"text": "hi"}]}]);
+    for (body, says) in [
+        (
+            json!({"contents": hi, "tools": [{"googleSearch": {}}]}),
+            "tools[0].googleSearch",
+        ),
+        (
+            json!({"contents": hi, "tools": [{"code_execution": {}}]}),
+            "tools[0].code_execution",
+        ),
+        (
+            json!({"contents": hi, "cachedContent": "cachedContents/abc"}),
+            "cachedContent",
+        ),
+        (
+            json!({"contents": [{"role": "user", "parts": [{"fileData": {"fileUri": "https://www.youtube.com/watch?v=x"}}]}]}),
+            "fileData",
+        ),
+        (
+            json!({"contents": hi, "generationConfig": {"maxOutputTokens": 1}, "generation_config": {"max_output_tokens": 60000}}),
+            "same member",
+        ),
+    ] {
+        for pool in ["gem", "oa"] {
+            let (status, e, _) = generate(&w, pool, "g-1", &body).await;
+            assert_eq!(
+                (status, e["error"]["status"].clone()),
+                (400, json!("INVALID_ARGUMENT")),
+                "{pool} {body}: {e}"
+            );
+            assert!(
+                e["error"]["message"].as_str().is_some_and(|m| m.contains(says)),
+                "{pool} {body}: {e}"
+            );
+        }
+    }
+    assert_eq!(mock.calls_with("AIza-gemapi-gemini-0001").await, 0);
+    assert_eq!(mock.calls_with("sk-gemapi-openai-000001").await, 0);
+}

@@ -273,3 +273,50 @@ async fn refusals_and_bad_tokens_speak_anthropics_error_shape() {
         "{text}"
     );
 }
+
+/// Anthropic's server tools (billed per use) and OpenAI's web search are refused on every key,
+/// before any provider call: the pool's budgets and shares cannot count them.
+#[tokio::test(flavor = "multi_thread")]
+async fn provider_run_tools_billed_per_use_are_refused() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    setup(&db, &mock).await;
+    let w = Worker::start(&conninfo(&db), "messages-server-tools", &["--no-queue"]).await;
+    for pool in ["ant", "oa"] {
+        let (status, e, _) = post(
+            &w,
+            "/v1/messages",
+            &json!({"model": pool, "max_tokens": 50, "metadata": {"user_id": "st"},
+                    "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+                    "messages": [{"role": "user", "content": "news?"}]}),
+        )
+        .await;
+        assert_eq!(
+            (status, e["error"]["type"].clone()),
+            (400, json!("invalid_request_error")),
+            "{e}"
+        );
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("web_search_20250305")),
+            "{e}"
+        );
+    }
+    let (status, e, _) = post(
+        &w,
+        "/v1/chat/completions",
+        &json!({"model": "oa", "user": "st", "web_search_options": {},
+                "messages": [{"role": "user", "content": "news?"}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("web_search_options")),
+        "{e}"
+    );
+    assert_eq!(mock.calls_with("sk-ant-messages-000001").await, 0);
+    assert_eq!(mock.calls_with("sk-messages-openai-00001").await, 0);
+}

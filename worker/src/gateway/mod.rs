@@ -1434,10 +1434,13 @@ fn relay(
             let mut out = Vec::new();
             match tokio::time::timeout(st.idle_timeout, st.upstream.next()).await {
                 Ok(Some(Ok(chunk))) if st.read + chunk.len() > st.max_response => {
-                    out.push(stream_error(&format!(
-                        "the answer is larger than KEYPOOL_MAX_RESPONSE ({} bytes); cut here",
-                        st.max_response
-                    )));
+                    st.translator.error(
+                        &format!(
+                            "the answer is larger than KEYPOOL_MAX_RESPONSE ({} bytes); cut here",
+                            st.max_response
+                        ),
+                        &mut out,
+                    );
                     st.settle(200, "stream cut: larger than KEYPOOL_MAX_RESPONSE");
                     st.ended = true;
                 }
@@ -1450,7 +1453,8 @@ fn relay(
                             }
                         }
                         Err(why) => {
-                            out.push(stream_error(&format!("the provider's stream is broken: {why}")));
+                            st.translator
+                                .error(&format!("the provider's stream is broken: {why}"), &mut out);
                             st.settle(200, "stream broken");
                             st.ended = true;
                         }
@@ -1466,7 +1470,7 @@ fn relay(
                     st.ended = true;
                 }
                 Ok(Some(Err(_))) | Err(_) => {
-                    out.push(stream_error("the provider's stream broke off"));
+                    st.translator.error("the provider's stream broke off", &mut out);
                     st.settle(200, "stream broke off");
                     st.ended = true;
                 }
@@ -1475,8 +1479,4 @@ fn relay(
         }
     })
     .boxed()
-}
-
-fn stream_error(message: &str) -> Bytes {
-    sse::data(&openai::error_body(message, "server_error", Some("upstream_stream_error")).to_string())
 }

@@ -217,7 +217,7 @@ async fn not_found(uri: Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         &format!(
-            "no route {}; this endpoint serves /v1/chat/completions, /v1/responses, /v1/embeddings, /v1/models and /v1/proxy/<pool>/<path>",
+            "no route {}; this endpoint serves /v1/chat/completions, /v1/responses, /v1/messages, /v1/messages/count_tokens, /v1beta/models/<model>:generateContent, /v1beta/models/<model>:streamGenerateContent, /v1/images/generations, /v1/embeddings, /v1/models and /v1/proxy/<pool>/<path>",
             uri.path()
         ),
         "invalid_request_error",
@@ -295,7 +295,9 @@ impl Endpoint {
         };
         for fresh in [false, true] {
             let list = self.pool_models(fresh).await?;
-            if list.iter().any(|(pool, _)| pool == model) {
+            // A pool the caller does not reach is looked for no differently from one that does
+            // not exist (the same fresh read, the same answer): its name reveals nothing.
+            if list.iter().any(|(pool, _)| pool == model && principal.reaches(pool)) {
                 return Ok(model.to_string());
             }
             let mut serving: Vec<&str> = list
@@ -879,7 +881,11 @@ async fn dialect_errors(request: axum::extract::Request, next: axum::middleware:
                 404 => "NOT_FOUND",
                 408 | 504 => "DEADLINE_EXCEEDED",
                 429 => "RESOURCE_EXHAUSTED",
-                503 => "UNAVAILABLE",
+                402 | 412 => "FAILED_PRECONDITION",
+                405 | 501 => "UNIMPLEMENTED",
+                409 => "ABORTED",
+                499 => "CANCELLED",
+                502 | 503 => "UNAVAILABLE",
                 _ => "INTERNAL",
             };
             json!({"error": {"code": status.as_u16(), "message": message, "status": grpc}})
@@ -908,7 +914,9 @@ async fn dialect_errors(request: axum::extract::Request, next: axum::middleware:
 
 /// Gemini's routes: under `/v1beta/` or `/v1/` (Google's SDKs use either version), a model's method.
 fn is_gemini_path(path: &str) -> bool {
-    path.starts_with("/v1beta/") || (path.starts_with("/v1/models/") && path.contains(':'))
+    // The colon may come percent-encoded (`%3A`): the route matches the decoded path.
+    let colon = path.contains(':') || path.to_ascii_lowercase().contains("%3a");
+    path.starts_with("/v1beta/") || (path.starts_with("/v1/models/") && colon)
 }
 
 /// Google's SDKs may send the key as `?key=`: it is taken as the request's token (an

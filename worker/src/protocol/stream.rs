@@ -28,6 +28,13 @@ pub trait Translate: Send {
     fn generated_bytes(&self) -> usize;
     /// Whether the upstream said the answer is complete.
     fn completed(&self) -> bool;
+    /// An error the worker itself ends the stream with (the answer cut or broken), in the app's
+    /// dialect. By default OpenAI's.
+    fn error(&mut self, message: &str, out: &mut Vec<Bytes>) {
+        out.push(sse::data(
+            &crate::protocol::openai::error_body(message, "server_error", Some("upstream_stream_error")).to_string(),
+        ));
+    }
 }
 
 /// A provider's stream, read into deltas.
@@ -118,6 +125,15 @@ impl Translate for Translated {
         self.writer.finish(usage, out);
     }
 
+    fn error(&mut self, message: &str, out: &mut Vec<Bytes>) {
+        self.writer.write(
+            Delta::Error {
+                message: message.to_string(),
+            },
+            out,
+        );
+    }
+
     fn reported_usage(&self) -> Option<Usage> {
         self.usage
     }
@@ -180,5 +196,21 @@ impl Translate for Observed {
 
     fn completed(&self) -> bool {
         self.finished
+    }
+
+    fn error(&mut self, message: &str, out: &mut Vec<Bytes>) {
+        match self.reader {
+            Reader::Gemini(_) => out.push(sse::data(
+                &serde_json::json!({"error": {"code": 500, "message": message, "status": "INTERNAL"}}).to_string(),
+            )),
+            Reader::Anthropic(_) => out.push(sse::named(
+                "error",
+                &serde_json::json!({"type": "error", "error": {"type": "api_error", "message": message}}).to_string(),
+            )),
+            Reader::OpenAiChat(_) => out.push(sse::data(
+                &crate::protocol::openai::error_body(message, "server_error", Some("upstream_stream_error"))
+                    .to_string(),
+            )),
+        }
     }
 }

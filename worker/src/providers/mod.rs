@@ -344,20 +344,16 @@ pub fn read_completion(
     match (key.wire(), to) {
         (Wire::OpenAi, Dialect::OpenAiChat) => openai_style::read_completion(body, prompt_est),
         (Wire::OpenAi, _) => openai::chat_answer::answer(&body).map(rendered),
+        // The app's own dialect: the answer as it came (whatever it holds), read for its usage.
         (Wire::Gemini, Dialect::Gemini) => {
-            let answer = gemini_dialect::answer(&body)?;
-            let usage = answer
-                .usage
-                .unwrap_or_else(|| Usage::new(prompt_est, openai::count_tokens(answer.generated_bytes())));
+            let usage = gemini_dialect::usage_of(&body)?
+                .unwrap_or_else(|| Usage::new(prompt_est, openai::count_tokens(body.len())));
             Ok(Completion { body, usage })
         }
         (Wire::Gemini, _) => gemini_dialect::answer(&body).map(rendered),
-        // The app's own dialect: the answer as it came, read for its usage.
         (Wire::Anthropic, Dialect::Anthropic) => {
-            let answer = anthropic_dialect::answer(&body)?;
-            let usage = answer
-                .usage
-                .unwrap_or_else(|| Usage::new(prompt_est, openai::count_tokens(answer.generated_bytes())));
+            let usage = anthropic_dialect::usage_of(&body)?
+                .unwrap_or_else(|| Usage::new(prompt_est, openai::count_tokens(body.len())));
             Ok(Completion { body, usage })
         }
         (Wire::Anthropic, _) => anthropic_dialect::answer(&body).map(rendered),

@@ -91,6 +91,18 @@ fn signed(signature: Option<String>) -> Option<Signature<'static>> {
     })
 }
 
+/// The usage a whole Messages answer reports, read without the rest: what a pass-through needs,
+/// whatever the answer holds.
+pub fn usage_of(body: &[u8]) -> Result<Option<Usage>, String> {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(default)]
+        usage: Option<UsageIn>,
+    }
+    let h: Head = serde_json::from_slice(body).map_err(|e| format!("Anthropic's answer cannot be read: {e}"))?;
+    Ok(h.usage.map(|u| u.usage()))
+}
+
 /// A whole Messages answer.
 pub fn answer(body: &[u8]) -> Result<Answer, String> {
     let m: Message = serde_json::from_slice(body).map_err(|e| format!("Anthropic's answer cannot be read: {e}"))?;

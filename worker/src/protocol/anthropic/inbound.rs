@@ -65,6 +65,41 @@ struct OutputConfigIn {
     effort: Option<String>,
 }
 
+/// Anthropic's server tools: run by Anthropic and billed per use (searches, fetches, container
+/// hours), a cost the pool's budgets and shares do not count, so none is carried. Client tools
+/// (`bash`, `text_editor`, `computer`, `memory` ...) are the app's own to run: they are carried.
+const SERVER_TOOLS: &[&str] = &["web_search", "web_fetch", "code_execution", "mcp_toolset"];
+
+/// Refuses what Anthropic would bill beyond tokens, whichever key serves the request.
+fn refuse_uncounted(body: &Object) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct ToolKind {
+        #[serde(rename = "type", default)]
+        kind: Option<String>,
+    }
+    let tools: Option<Vec<ToolKind>> = body.value("tools")?;
+    for (i, t) in tools.unwrap_or_default().iter().enumerate() {
+        if let Some(kind) = t
+            .kind
+            .as_deref()
+            .filter(|k| SERVER_TOOLS.iter().any(|s| k.starts_with(s)))
+        {
+            return Err(format!(
+                "tools.{i}: the server tool \"{}\" is run and billed by Anthropic per use, which the pool's budgets and shares do not count: not carried",
+                printable(kind)
+            ));
+        }
+    }
+    for field in ["mcp_servers", "container"] {
+        if matches!(body.get(field), Some(v) if v != "null" && v != "[]") {
+            return Err(format!(
+                "{field}: servers and containers Anthropic runs for the key owner are not carried through the pool"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The effort a thinking budget asks for.
 fn effort_of(budget: u64) -> Effort {
     match budget {
@@ -97,6 +132,7 @@ impl MessagesRequest {
                 MAX_PARTS_IN_ALL + MAX_MESSAGES
             ));
         }
+        refuse_uncounted(&body)?;
         let model: Option<String> = body
             .value("model")
             .map_err(|_| "model: Input should be a valid string".to_string())?;
@@ -682,7 +718,7 @@ mod tests {
     fn what_the_model_cannot_carry_is_named() {
         assert!(req(r#"{"messages":[]}"#).unwrap_err().contains("max_tokens"));
         let r = req(
-            r#"{"max_tokens":5,"top_k":3,"mcp_servers":[],"tools":[{"type":"web_search_20250305","name":"web_search"}],
+            r#"{"max_tokens":5,"top_k":3,"mcp_servers":[],"tools":[{"type":"bash_20250124","name":"bash"}],
                 "messages":[{"role":"user","content":[{"type":"document","source":{}}]}]}"#,
         )
         .unwrap();
@@ -692,8 +728,25 @@ mod tests {
                 "top_k".to_string(),
                 "mcp_servers".into(),
                 "messages[0] content block of type \"document\"".into(),
-                "tools[0] of type \"web_search_20250305\"".into()
+                "tools[0] of type \"bash_20250124\"".into()
             ]
+        );
+    }
+
+    #[test]
+    fn what_anthropic_bills_beyond_tokens_is_refused_for_every_key() {
+        for body in [
+            r#"{"max_tokens":5,"tools":[{"type":"web_search_20250305","name":"web_search"}],"messages":[]}"#,
+            r#"{"max_tokens":5,"tools":[{"type":"code_execution_20250825","name":"code_execution"}],"messages":[]}"#,
+            r#"{"max_tokens":5,"mcp_servers":[{"type":"url","url":"https://mcp.example","name":"x"}],"messages":[]}"#,
+            r#"{"max_tokens":5,"container":"container_1","messages":[]}"#,
+        ] {
+            let e = req(body).unwrap_err();
+            assert!(e.contains("not carried"), "{body}: {e}");
+        }
+        assert!(
+            req(r#"{"max_tokens":5,"tools":[{"name":"weather","input_schema":{"type":"object"}}],"messages":[]}"#)
+                .is_ok()
         );
     }
 }

@@ -7,7 +7,7 @@ pub mod inbound;
 pub mod render;
 pub mod request;
 
-pub use answer::{answer, StreamReader};
+pub use answer::{answer, usage_of, StreamReader};
 pub use inbound::MessagesRequest;
 pub use request::request;
 

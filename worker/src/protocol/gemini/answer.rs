@@ -145,6 +145,19 @@ fn arguments(args: Option<Box<RawValue>>) -> String {
         .unwrap_or_else(|| "{}".to_string())
 }
 
+/// The usage a whole `generateContent` answer reports (`usageMetadata`), read without the rest:
+/// what a pass-through needs, whatever the answer holds.
+pub fn usage_of(body: &[u8]) -> Result<Option<Usage>, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Head {
+        #[serde(default)]
+        usage_metadata: Option<UsageMetadata>,
+    }
+    let h: Head = serde_json::from_slice(body).map_err(|e| format!("Gemini's answer cannot be read: {e}"))?;
+    Ok(h.usage_metadata.map(|u| u.usage()))
+}
+
 /// A whole `generateContent` answer.
 pub fn answer(body: &[u8]) -> Result<Answer, String> {
     let r: Response = serde_json::from_slice(body).map_err(|e| format!("Gemini's answer cannot be read: {e}"))?;

@@ -35,6 +35,8 @@ pub struct GeminiRequest {
     max_tokens: Option<u64>,
     choices: u64,
     effort: Option<Effort>,
+    /// Whether the app asked to be shown the model's thoughts (Gemini keys only).
+    include_thoughts: bool,
     weight: Weight,
 }
 
@@ -56,6 +58,59 @@ struct ThinkingIn {
     thinking_budget: Option<i64>,
     #[serde(default, alias = "thinking_level")]
     thinking_level: Option<String>,
+    #[serde(default, alias = "include_thoughts")]
+    include_thoughts: Option<bool>,
+}
+
+/// Tools Google runs itself and bills per use (search, maps, URL fetching, code execution, file
+/// search ...): a cost the pool's budgets and shares do not count, so none is carried. Only
+/// function declarations are.
+const PRICED_TOOL_MESSAGE: &str = "is run and billed by Google per use, which the pool's budgets and shares do not count: only `functionDeclarations` are carried";
+
+/// What of a request the worker refuses before any provider sees it, whichever key serves it:
+/// Google's own tools, cached contents and file references (data stored in the key owner's
+/// project, or fetched from an address the worker cannot weigh), and a member written both in
+/// camelCase and in snake_case (which of the two a reader takes is not defined).
+fn refuse_uncounted(body: &Object) -> Result<(), String> {
+    use std::collections::HashMap;
+    for name in body.names() {
+        if name.contains('_') && body.has(&camel(name)) {
+            return Err(format!(
+                "`{}` and `{}` are the same member: send one",
+                printable(name),
+                printable(&camel(name))
+            ));
+        }
+    }
+    for name in ["cachedContent", "cached_content"] {
+        if matches!(body.get(name), Some(v) if v != "null") {
+            return Err(format!(
+                "`{name}` names contents cached in the key owner's project: not carried through the pool"
+            ));
+        }
+    }
+    let tools: Option<Vec<HashMap<String, IgnoredAny>>> = body.value("tools")?;
+    for (i, tool) in tools.unwrap_or_default().iter().enumerate() {
+        if let Some(other) = tool.keys().find(|k| camel(k) != "functionDeclarations") {
+            return Err(format!("`tools[{i}].{}` {PRICED_TOOL_MESSAGE}", printable(other)));
+        }
+    }
+    #[derive(Deserialize)]
+    struct ContentKeys {
+        #[serde(default)]
+        parts: Option<Vec<HashMap<String, IgnoredAny>>>,
+    }
+    let contents: Option<Vec<ContentKeys>> = body.value("contents")?;
+    for (i, c) in contents.unwrap_or_default().iter().enumerate() {
+        for (j, part) in c.parts.iter().flatten().enumerate() {
+            if part.keys().any(|k| camel(k) == "fileData") {
+                return Err(format!(
+                    "`contents[{i}].parts[{j}].fileData` refers to a file stored with the key owner or at an address: send the data inline (`inlineData`)"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A member's name as Gemini's protobuf JSON writes it: camelCase, though snake_case is read as
@@ -110,7 +165,33 @@ impl GeminiRequest {
                 MAX_PARTS_IN_ALL + MAX_MESSAGES
             ));
         }
+        refuse_uncounted(&body)?;
         let config: ConfigHead = body.value(member(&body, "generationConfig"))?.unwrap_or_default();
+        if config.max_output_tokens == Some(0) {
+            return Err("`generationConfig.maxOutputTokens` must be at least 1".into());
+        }
+        let choices = config.candidate_count.unwrap_or(1);
+        if !(1..=8).contains(&choices) {
+            return Err("`generationConfig.candidateCount` must be from 1 to 8".into());
+        }
+        let include_thoughts = config
+            .thinking_config
+            .as_ref()
+            .and_then(|t| t.include_thoughts)
+            .unwrap_or(false);
+        if let Some(level) = config
+            .thinking_config
+            .as_ref()
+            .and_then(|t| t.thinking_level.as_deref())
+        {
+            let level = level.to_ascii_lowercase();
+            if level != "thinking_level_unspecified" && Effort::parse(&level).is_none() {
+                return Err(format!(
+                    "`generationConfig.thinkingConfig.thinkingLevel` \"{}\" is not a level (MINIMAL, LOW, MEDIUM, HIGH)",
+                    printable(&level)
+                ));
+            }
+        }
         let effort = config
             .thinking_config
             .and_then(|t| match (t.thinking_level.as_deref(), t.thinking_budget) {
@@ -130,8 +211,9 @@ impl GeminiRequest {
             model: model.to_string(),
             stream,
             max_tokens: config.max_output_tokens,
-            choices: config.candidate_count.unwrap_or(1).clamp(1, 8),
+            choices,
             effort,
+            include_thoughts,
             weight,
             body,
         })
@@ -185,6 +267,11 @@ impl GeminiRequest {
             if !CARRIED.contains(&camel(name).as_ref()) && asks {
                 c.unsupported.push(printable(name));
             }
+        }
+        if self.include_thoughts {
+            c.unsupported.push(
+                "generationConfig.thinkingConfig.includeThoughts (thoughts are shown by Gemini keys only)".into(),
+            );
         }
         if let Some(system) = b.borrowed::<ContentIn<'_>>(member(b, "systemInstruction"))? {
             for p in system.parts {
@@ -330,6 +417,12 @@ impl<'de> Deserialize<'de> for PartIn<'de> {
                 if let Some(field) = unknown {
                     return Ok(PartIn::Other(format!("part field `{field}`")));
                 }
+                if let Some(field) = call.as_ref().and_then(|c| c.unknown.clone()) {
+                    return Ok(PartIn::Other(format!("functionCall field `{field}`")));
+                }
+                if let Some(field) = response.as_ref().and_then(|r| r.unknown.clone()) {
+                    return Ok(PartIn::Other(format!("functionResponse field `{field}`")));
+                }
                 let signed = signature.map(|value| Signature {
                     dialect: Dialect::Gemini,
                     value,
@@ -382,6 +475,8 @@ struct CallIn<'a> {
     id: Option<Cow<'a, str>>,
     name: Cow<'a, str>,
     args: Option<Cow<'a, str>>,
+    /// A member the worker does not carry, if any.
+    unknown: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for CallIn<'de> {
@@ -393,14 +488,16 @@ impl<'de> Deserialize<'de> for CallIn<'de> {
                 f.write_str("a functionCall object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let (mut id, mut name, mut args) = (None, None, None);
+                let (mut id, mut name, mut args, mut unknown) = (None, None, None, None);
                 while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
                     match camel(&key).as_ref() {
                         "id" => id = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0),
                         "name" => name = Some(map.next_value::<Text<'de>>()?.0),
                         "args" => args = Some(raw(&mut map)?),
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
+                        other => {
+                            if map.next_value::<Option<IgnoredAny>>()?.is_some() && unknown.is_none() {
+                                unknown = Some(printable(other));
+                            }
                         }
                     }
                 }
@@ -408,6 +505,7 @@ impl<'de> Deserialize<'de> for CallIn<'de> {
                     id,
                     name: name.ok_or_else(|| de::Error::custom("a functionCall has no `name`"))?,
                     args,
+                    unknown,
                 })
             }
         }
@@ -422,6 +520,8 @@ struct ResponseIn<'a> {
     name: Cow<'a, str>,
     text: Cow<'a, str>,
     is_error: bool,
+    /// A member the worker does not carry (`parts`, `willContinue` ...), if any.
+    unknown: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for ResponseIn<'de> {
@@ -433,14 +533,16 @@ impl<'de> Deserialize<'de> for ResponseIn<'de> {
                 f.write_str("a functionResponse object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let (mut id, mut name, mut response) = (None, None, None);
+                let (mut id, mut name, mut response, mut unknown) = (None, None, None, None);
                 while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
                     match camel(&key).as_ref() {
                         "id" => id = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0),
                         "name" => name = Some(map.next_value::<Text<'de>>()?.0),
                         "response" => response = Some(raw(&mut map)?),
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
+                        other => {
+                            if map.next_value::<Option<IgnoredAny>>()?.is_some() && unknown.is_none() {
+                                unknown = Some(printable(other));
+                            }
                         }
                     }
                 }
@@ -462,6 +564,7 @@ impl<'de> Deserialize<'de> for ResponseIn<'de> {
                     name: name.ok_or_else(|| de::Error::custom("a functionResponse has no `name`"))?,
                     text: Cow::Owned(text),
                     is_error,
+                    unknown,
                 })
             }
         }
@@ -598,7 +701,7 @@ struct ToolConfigIn<'a> {
 impl<'de> Deserialize<'de> for ToolConfigIn<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
         struct Calling<'a> {
             #[serde(default)]
             mode: Option<String>,
@@ -610,15 +713,20 @@ impl<'de> Deserialize<'de> for ToolConfigIn<'de> {
         struct Config<'a> {
             #[serde(borrow, default, alias = "function_calling_config")]
             function_calling_config: Option<Calling<'a>>,
+            #[serde(default, alias = "retrieval_config")]
+            retrieval_config: Option<IgnoredAny>,
         }
         let c: Config<'de> = Config::deserialize(d)?;
+        let mut unsupported = Vec::new();
+        if c.retrieval_config.is_some() {
+            unsupported.push("toolConfig.retrievalConfig".into());
+        }
         let calling = c.function_calling_config;
         let mode = calling
             .as_ref()
             .and_then(|c| c.mode.clone())
             .unwrap_or_else(|| "AUTO".into());
         let mut allowed = calling.and_then(|c| c.allowed_function_names).unwrap_or_default();
-        let mut unsupported = Vec::new();
         let choice = match mode.as_str() {
             "AUTO" | "VALIDATED" | "MODE_UNSPECIFIED" => ToolChoice::Auto,
             "NONE" => ToolChoice::None,
@@ -764,20 +872,71 @@ mod tests {
     }
 
     #[test]
+    fn what_google_bills_beyond_tokens_or_keeps_for_the_key_owner_is_refused_for_every_key() {
+        let parse = |body: &str| GeminiRequest::parse("m", false, Bytes::copy_from_slice(body.as_bytes()));
+        let text = r#"{"role":"user","parts":[{"text":"hi"}]}"#;
+        for (body, says) in [
+            (
+                format!(r#"{{"contents":[{text}],"tools":[{{"googleSearch":{{}}}}]}}"#),
+                "tools[0].googleSearch",
+            ),
+            (
+                format!(r#"{{"contents":[{text}],"tools":[{{"function_declarations":[]}},{{"url_context":{{}}}}]}}"#),
+                "tools[1].url_context",
+            ),
+            (
+                format!(r#"{{"contents":[{text}],"cachedContent":"cachedContents/x"}}"#),
+                "cachedContent",
+            ),
+            (
+                r#"{"contents":[{"parts":[{"file_data":{"file_uri":"https://youtu.be/x"}}]}]}"#.to_string(),
+                "parts[0].fileData",
+            ),
+            (
+                format!(
+                    r#"{{"contents":[{text}],"generationConfig":{{"maxOutputTokens":1}},"generation_config":{{"max_output_tokens":9000}}}}"#
+                ),
+                "same member",
+            ),
+            (
+                format!(r#"{{"contents":[{text}],"generationConfig":{{"maxOutputTokens":0}}}}"#),
+                "at least 1",
+            ),
+            (
+                format!(r#"{{"contents":[{text}],"generationConfig":{{"candidateCount":9}}}}"#),
+                "from 1 to 8",
+            ),
+            (
+                format!(
+                    r#"{{"contents":[{text}],"generationConfig":{{"thinkingConfig":{{"thinkingLevel":"extreme"}}}}}}"#
+                ),
+                "not a level",
+            ),
+        ] {
+            let e = parse(&body).unwrap_err();
+            assert!(e.contains(says), "{body}: {e}");
+        }
+        assert!(parse(&format!(
+            r#"{{"contents":[{text}],"tools":[{{"functionDeclarations":[]}}],"cachedContent":null}}"#
+        ))
+        .is_ok());
+    }
+
+    #[test]
     fn what_the_model_cannot_carry_is_named() {
-        let r = req(
-            r#"{"contents":[{"role":"user","parts":[{"fileData":{"fileUri":"gs://x"}}]}],
-                        "tools":[{"googleSearch":{}}],"safetySettings":[{"category":"x"}],"cachedContent":"c",
-                        "generationConfig":{"topK":3}}"#,
-        );
+        let r = req(r#"{"contents":[{"role":"user","parts":[{"videoMetadata":{"fps":1}}]},
+                            {"role":"model","parts":[{"functionCall":{"name":"f","args":{},"willContinue":true}}]}],
+                        "safetySettings":[{"category":"x"}],"toolConfig":{"retrievalConfig":{}},
+                        "generationConfig":{"topK":3,"thinkingConfig":{"includeThoughts":true}}}"#);
         let c = r.conversation().unwrap();
         assert_eq!(
             c.unsupported,
             vec![
                 "safetySettings".to_string(),
-                "cachedContent".into(),
-                "contents[0] part field `fileData`".into(),
-                "tools `googleSearch`".into(),
+                "generationConfig.thinkingConfig.includeThoughts (thoughts are shown by Gemini keys only)".into(),
+                "contents[0] part field `videoMetadata`".into(),
+                "contents[1] functionCall field `willContinue`".into(),
+                "toolConfig.retrievalConfig".into(),
                 "generationConfig.topK".into()
             ]
         );

@@ -9,6 +9,6 @@ pub mod render;
 pub mod request;
 pub mod schema;
 
-pub use answer::{answer, StreamReader};
+pub use answer::{answer, usage_of, StreamReader};
 pub use inbound::GeminiRequest;
 pub use request::request;

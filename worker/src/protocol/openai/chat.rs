@@ -65,6 +65,11 @@ impl ChatRequest {
                 "`messages` hold {parts} content parts; at most {MAX_PARTS_IN_ALL} are allowed in one request"
             ));
         }
+        // OpenAI's search models bill each search apart from tokens, a cost the pool's budgets
+        // and shares do not count.
+        if matches!(body.get("web_search_options"), Some(v) if v != "null") {
+            return Err("`web_search_options`: searches are billed by the provider per use, which the pool's budgets and shares do not count: not carried".into());
+        }
         // Tools and schemas are input the provider bills as well.
         let described: usize = ["tools", "functions", "response_format"]
             .iter()
