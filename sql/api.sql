@@ -36,6 +36,7 @@ LANGUAGE c VOLATILE PARALLEL UNSAFE;
 -- makes the stats views look expensive enough for JIT, which costs more than they do.
 ALTER FUNCTION keypool.scope_state() ROWS 100;
 ALTER FUNCTION keypool.key_state() ROWS 100;
+ALTER FUNCTION keypool.key_load() ROWS 10;
 ALTER FUNCTION keypool.pool_state() ROWS 10;
 ALTER FUNCTION keypool.routing_state() ROWS 10;
 
@@ -65,14 +66,17 @@ SELECT k.id AS key_id,
        k.group_no,
        ks.users,
        k.priority,
-       k.owner
+       k.owner,
+       k.max_concurrent,
+       CASE WHEN k.max_concurrent IS NOT NULL THEN coalesce(kl.open_reservations, 0) END AS open_reservations
   FROM keypool.key k
   JOIN keypool.pool p ON p.id = k.pool_id
   JOIN keypool.scope s ON s.id = k.scope_id
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
   LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id
+  LEFT JOIN keypool.key_load() kl ON kl.key_id = k.id
  WHERE k.removed_at IS NULL AND keypool.allowed(k.pool_id, 'read');
-COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority, owner (a user''s own key)';
+COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority, owner (a user''s own key), max_concurrent and its reservations open now';
 
 -- Every quota scope with its limits and what its windows hold right now.
 CREATE VIEW keypool_scopes WITH (security_barrier) AS
@@ -459,8 +463,8 @@ COMMENT ON FUNCTION keypool_can_request(text, text) IS
     'Whether a reservation by the user would now pass the quota check (changes nothing)';
 COMMENT ON FUNCTION keypool.pool_state() IS 'Internal: how every pool shares its capacity (for keypool_pool_stats)';
 COMMENT ON FUNCTION keypool.routing_state() IS 'Internal: requests each pool''s fallback chain served today, and its spend this budget period (for keypool_pool_stats)';
-COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text) IS
-    'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; owner: a user''s own key; returns the key id';
+COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer) IS
+    'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; owner: a user''s own key; max_concurrent: most reservations open at once; returns the key id';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
     'Reserves one request and est_tokens on a key with room now, in the pool or down its fallback chain (only pools in within, when given); refusals are rows (POOL_EXHAUSTED, NO_KEYS, QUOTA_EXCEEDED)';
 COMMENT ON FUNCTION keypool_settle(bigint, integer, bigint, bigint, bigint, text) IS
@@ -469,8 +473,8 @@ COMMENT ON FUNCTION keypool_classify(integer, text) IS
     'The outcome class keypool_settle would record for an HTTP status and provider error code (changes nothing)';
 COMMENT ON FUNCTION keypool_release(bigint) IS
     'Gives back a reservation whose call was never sent';
-COMMENT ON FUNCTION keypool_alter_key(bigint, integer) IS
-    'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits)';
+COMMENT ON FUNCTION keypool_alter_key(bigint, integer, integer) IS
+    'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits) or max_concurrent (0: no limit)';
 COMMENT ON FUNCTION keypool_rotate_secret(bigint, text) IS
     'Replaces a key''s secret in place: same id, group number, account, limits, history and users';
 COMMENT ON FUNCTION keypool_set_budget(text, numeric, text, numeric) IS
@@ -541,6 +545,7 @@ COMMENT ON FUNCTION keypool_check_alerts() IS
     'Records alerts raised and cleared since the last check as events (NOTIFY keypool_events); returns how many were raised';
 COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of the scopes this role may read (for keypool_scopes)';
 COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of the keys this role may read (for keypool_keys)';
+COMMENT ON FUNCTION keypool.key_load() IS 'Internal: reservations open now on the keys with a max_concurrent this role may read (for keypool_keys)';
 COMMENT ON FUNCTION keypool.note_config_change() IS 'Internal: marks configuration caches stale (trigger helper)';
 COMMENT ON FUNCTION keypool.config_changed() IS 'Internal: trigger on the configuration tables';
 COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory member cache (for keypool_member_memory)';
@@ -560,12 +565,12 @@ REVOKE ALL ON FUNCTION
     keypool_allocation(text, text),
     keypool_can_request(text, text),
     keypool.pool_state(),
-    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text),
+    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer),
     keypool_reserve(text, text, bigint, text[]),
     keypool_settle(bigint, integer, bigint, bigint, bigint, text),
     keypool_release(bigint),
     keypool_classify(integer, text),
-    keypool_alter_key(bigint, integer),
+    keypool_alter_key(bigint, integer, integer),
     keypool_set_fallbacks(text, text[], boolean),
     keypool_set_budget(text, numeric, text, numeric),
     keypool_rotate_secret(bigint, text),
@@ -607,7 +612,7 @@ REVOKE ALL ON FUNCTION
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
 -- Answers only about the pools the calling role may read (so keypool_pool_stats needs no new grant).
-GRANT EXECUTE ON FUNCTION keypool.routing_state() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION keypool.routing_state(), keypool.key_load() TO PUBLIC;
 REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats,
     keypool_key_stats, keypool_prices, keypool_alerts, keypool_health, keypool_requests, keypool_workers,
     keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

@@ -119,6 +119,9 @@ CREATE TABLE keypool.key (
     -- A user's own key (bring your own key): it serves that user only, first, outside their
     -- share; NULL: a shared key of the pool.
     owner           text CHECK (owner <> ''),
+    -- Most reservations the key may have open at once (a self-hosted backend takes only so
+    -- many); NULL: no limit.
+    max_concurrent  integer CHECK (max_concurrent > 0),
     disabled_reason text,
     disabled_at     timestamptz,
     -- Who disabled it: the provider's answer (401, API_KEY_INVALID ...), or an operator.

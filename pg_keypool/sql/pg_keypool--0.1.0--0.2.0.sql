@@ -163,6 +163,8 @@ ALTER TABLE keypool.alert ADD COLUMN pool_id bigint;
 -- Key priorities and fallback chains (issue 14).
 ALTER TABLE keypool.key ADD COLUMN priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
     ADD COLUMN owner text CHECK (owner <> '');
+-- Most reservations a key may have open at once (issue 28).
+ALTER TABLE keypool.key ADD COLUMN max_concurrent integer CHECK (max_concurrent > 0);
 ALTER TABLE keypool.pool ADD COLUMN fallback_on_quota boolean NOT NULL DEFAULT false,
     ADD COLUMN budget_micros bigint CHECK (budget_micros >= 0),
     ADD COLUMN budget_period text CHECK (budget_period IN ('day', 'month')),
@@ -218,7 +220,8 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'member_memory_wrapper';
 CREATE  FUNCTION "keypool_alter_key"(
 	"key_id" bigint, /* Option < i64 > */
-	"priority" INT DEFAULT NULL /* Option < i32 > */
+	"priority" INT DEFAULT NULL, /* Option < i32 > */
+	"max_concurrent" INT DEFAULT NULL /* Option < i32 > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -231,6 +234,14 @@ CREATE  FUNCTION "keypool_set_fallbacks"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_set_fallbacks_wrapper';
+CREATE  FUNCTION keypool."key_load"() RETURNS TABLE (
+	"key_id" bigint,  /* i64 */
+	"open_reservations" INT  /* i32 */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'key_load_wrapper';
+ALTER FUNCTION keypool.key_load() ROWS 10;
 CREATE  FUNCTION keypool."routing_state"() RETURNS TABLE (
 	"pool_id" bigint,  /* i64 */
 	"fell_through_today" bigint,  /* i64 */
@@ -438,7 +449,8 @@ CREATE  FUNCTION "keypool_add_key"(
 	"timezone" TEXT DEFAULT NULL, /* Option < & str > */
 	"group_no" INT DEFAULT NULL, /* Option < i32 > */
 	"priority" INT DEFAULT NULL, /* Option < i32 > */
-	"owner" TEXT DEFAULT NULL /* Option < & str > */
+	"owner" TEXT DEFAULT NULL, /* Option < & str > */
+	"max_concurrent" INT DEFAULT NULL /* Option < i32 > */
 ) RETURNS bigint /* i64 */
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -752,14 +764,17 @@ SELECT k.id AS key_id,
        k.group_no,
        ks.users,
        k.priority,
-       k.owner
+       k.owner,
+       k.max_concurrent,
+       CASE WHEN k.max_concurrent IS NOT NULL THEN coalesce(kl.open_reservations, 0) END AS open_reservations
   FROM keypool.key k
   JOIN keypool.pool p ON p.id = k.pool_id
   JOIN keypool.scope s ON s.id = k.scope_id
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
   LEFT JOIN keypool.key_state() ks ON ks.key_id = k.id
+  LEFT JOIN keypool.key_load() kl ON kl.key_id = k.id
  WHERE k.removed_at IS NULL AND keypool.allowed(k.pool_id, 'read');
-COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority, owner (a user''s own key)';
+COMMENT ON VIEW keypool_keys IS 'Every key: pool, provider, model, masked label, state (active, cooling, disabled) and why, users, priority, owner (a user''s own key), max_concurrent and its reservations open now';
 
 CREATE OR REPLACE VIEW keypool_scopes WITH (security_barrier) AS
 SELECT s.id AS scope_id,
@@ -1088,12 +1103,12 @@ COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, t
 COMMENT ON FUNCTION keypool_allocation(text, text) IS
     'The user''s share of the pool today: allocated, used, remaining, warning level, reset time; their spend and budget this period (changes nothing)';
 COMMENT ON FUNCTION keypool.routing_state() IS 'Internal: requests each pool''s fallback chain served today, and its spend this budget period (for keypool_pool_stats)';
-COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text) IS
-    'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; owner: a user''s own key; returns the key id';
+COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer) IS
+    'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; owner: a user''s own key; max_concurrent: most reservations open at once; returns the key id';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
     'Reserves one request and est_tokens on a key with room now, in the pool or down its fallback chain (only pools in within, when given); refusals are rows (POOL_EXHAUSTED, NO_KEYS, QUOTA_EXCEEDED)';
-COMMENT ON FUNCTION keypool_alter_key(bigint, integer) IS
-    'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits)';
+COMMENT ON FUNCTION keypool_alter_key(bigint, integer, integer) IS
+    'Changes a key''s priority (lower is preferred: worse keys serve only while every better key is at its limits) or max_concurrent (0: no limit)';
 COMMENT ON FUNCTION keypool_rotate_secret(bigint, text) IS
     'Replaces a key''s secret in place: same id, group number, account, limits, history and users';
 COMMENT ON FUNCTION keypool_set_budget(text, numeric, text, numeric) IS
@@ -1150,6 +1165,7 @@ COMMENT ON FUNCTION keypool_check_alerts() IS
     'Records alerts raised and cleared since the last check as events (NOTIFY keypool_events); returns how many were raised';
 COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of the scopes this role may read (for keypool_scopes)';
 COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of the keys this role may read (for keypool_keys)';
+COMMENT ON FUNCTION keypool.key_load() IS 'Internal: reservations open now on the keys with a max_concurrent this role may read (for keypool_keys)';
 COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory member cache (for keypool_member_memory)';
 COMMENT ON FUNCTION keypool.enqueue(regrole, text, text, jsonb, interval, integer) IS
     'Internal: enqueues a request for keypool_submit';
@@ -1177,8 +1193,8 @@ REVOKE ALL ON FUNCTION
     keypool_transport_key(),
     keypool_status(),
     keypool_reserve(text, text, bigint, text[]),
-    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text),
-    keypool_alter_key(bigint, integer),
+    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer),
+    keypool_alter_key(bigint, integer, integer),
     keypool_set_fallbacks(text, text[], boolean),
     keypool_set_budget(text, numeric, text, numeric),
     keypool_rotate_secret(bigint, text),
@@ -1194,5 +1210,5 @@ REVOKE ALL ON FUNCTION
     keypool.check_alerts()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION keypool.routing_state() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION keypool.routing_state(), keypool.key_load() TO PUBLIC;
 REVOKE ALL ON keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

@@ -149,3 +149,78 @@ async fn half_a_million_guests_leave_room_for_every_signup_and_member() {
         0
     );
 }
+
+/// How many times this backend has read `keypool.member` by an index, of what it has not
+/// reported to the statistics yet (it reports between transactions, never within one).
+async fn member_reads(c: &tokio_postgres::Client) -> i64 {
+    one::<i64>(
+        c,
+        "SELECT coalesce(sum(idx_scan), 0)::bigint FROM pg_stat_xact_all_tables
+          WHERE schemaname = 'keypool' AND relname = 'member'",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_is_read_from_the_table_once_and_forgotten_when_they_sign_up() {
+    let db = keypool_tests::shared().fresh_db().await;
+    let c = &db.client;
+    // A pool without shares (seed 000's users never sign up through a trigger): guests are
+    // served by the keys' limits alone, and nothing of theirs needs counting.
+    exec(
+        c,
+        "SELECT keypool_create_pool('open');
+         SELECT keypool_add_key('open', 'openai', 'sk-open-guest-key-' || i || '-0000000', rpm => 100000)
+           FROM generate_series(1, 4) i;
+         CREATE TABLE users (id text PRIMARY KEY, grp integer);
+         CREATE TRIGGER assign BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION keypool_on_signup('open', 'id', 'grp');",
+    )
+    .await;
+    // The pool's first reservation loads its members.
+    exec(c, "SELECT keypool_reserve('first', 'open')").await;
+    // 200 reservations of 20 guests in one transaction: each guest's row is looked for once,
+    // not once per reservation.
+    exec(c, "BEGIN").await;
+    // Counts not reported yet include earlier transactions': take the difference.
+    let before = member_reads(c).await;
+    let granted: i64 = one(
+        c,
+        "SELECT count(*) FILTER (WHERE (keypool_reserve('guest-' || (i % 20), 'open')).granted)
+           FROM generate_series(1, 200) i",
+    )
+    .await;
+    assert_eq!(granted, 200);
+    let reads = member_reads(c).await - before;
+    assert!(reads <= 20, "{reads} reads of keypool.member for 20 guests");
+    exec(c, "COMMIT").await;
+
+    // A guest who signs up (in another session, through the app's trigger) is a member at once:
+    // their reservations go to their key first.
+    let other = db.connect().await;
+    exec(&other, "INSERT INTO users (id) VALUES ('guest-7')").await;
+    let key: i64 = one(
+        c,
+        "SELECT key_id FROM keypool_members WHERE pool = 'open' AND user_id = 'guest-7'",
+    )
+    .await;
+    let on_key: i64 = one(
+        c,
+        &format!(
+            "SELECT count(*) FILTER (WHERE (keypool_reserve('guest-7', 'open')).key_id = {key})
+               FROM generate_series(1, 12)"
+        ),
+    )
+    .await;
+    assert_eq!(on_key, 12, "reservations of the new member on their key {key}");
+    // keypool_assign, in this session, alike.
+    let key: i64 = one(c, "SELECT keypool_assign('guest-8', 'open')").await;
+    let on_key: i64 = one(
+        c,
+        &format!(
+            "SELECT count(*) FILTER (WHERE (keypool_reserve('guest-8', 'open')).key_id = {key})
+               FROM generate_series(1, 12)"
+        ),
+    )
+    .await;
+    assert_eq!(on_key, 12);
+}

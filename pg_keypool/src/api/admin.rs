@@ -273,6 +273,7 @@ fn keypool_add_key(
     group_no: default!(Option<i32>, "NULL"),
     priority: default!(Option<i32>, "NULL"),
     owner: default!(Option<&str>, "NULL"),
+    max_concurrent: default!(Option<i32>, "NULL"),
 ) -> i64 {
     let _path = privilege::pin_search_path();
     let pool = required("pool", pool, MAX_NAME);
@@ -318,6 +319,7 @@ fn keypool_add_key(
         }
     }
     let priority = check_priority(priority);
+    let max_concurrent = positive("max_concurrent", max_concurrent);
     let owner = owner.map(|o| crate::engine::args::check_user_id(Some(o)));
     if owner.is_some() && account.is_some() {
         errors::invalid("a user's own key has an account of its own: leave account NULL")
@@ -477,6 +479,13 @@ fn keypool_add_key(
                     &[key_id.into(), p.into()],
                 ));
             }
+            if let Some(n) = max_concurrent {
+                errors::spi(client.update(
+                    "UPDATE keypool.key SET max_concurrent = $2 WHERE id = $1 AND max_concurrent IS DISTINCT FROM $2",
+                    None,
+                    &[key_id.into(), (n as i32).into()],
+                ));
+            }
             if limits_given {
                 let scope_id: Option<i64> = one(
                     client,
@@ -588,10 +597,10 @@ fn keypool_add_key(
         let inserted: Option<i64> = one(
             client,
             "INSERT INTO keypool.key (id, pool_id, scope_id, provider, model, base_url, secret_sealed, sealed_with,
-                                      secret_hmac, label, group_no, priority, owner)
+                                      secret_hmac, label, group_no, priority, owner, max_concurrent)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
                      coalesce($11, (SELECT coalesce(max(group_no), 0) + 1 FROM keypool.key WHERE pool_id = $2)),
-                     coalesce($12, 0), $13)
+                     coalesce($12, 0), $13, $14)
              ON CONFLICT (pool_id, secret_hmac) DO NOTHING
              RETURNING id",
             &[
@@ -608,6 +617,7 @@ fn keypool_add_key(
                 group_no.into(),
                 priority.into(),
                 owner.into(),
+                max_concurrent.map(|n| n as i32).into(),
             ],
         );
         let new_key = inserted.is_some();
@@ -775,27 +785,50 @@ fn check_priority(priority: Option<i32>) -> Option<i32> {
 
 /// `keypool_alter_key`: changes a key's settings; NULL leaves a setting as it is. A key of a
 /// worse (higher) priority serves only while every better key of its pool is at its limits,
-/// cooling or disabled.
+/// cooling or disabled; a key with `max_concurrent` never has more reservations open at once
+/// (0 removes the limit).
 #[pg_extern(volatile, parallel_unsafe)]
-fn keypool_alter_key(key_id: Option<i64>, priority: default!(Option<i32>, "NULL")) {
+fn keypool_alter_key(
+    key_id: Option<i64>,
+    priority: default!(Option<i32>, "NULL"),
+    max_concurrent: default!(Option<i32>, "NULL"),
+) {
     let _path = privilege::pin_search_path();
     let Some(key_id) = key_id else {
         errors::null_argument("key_id").raise()
     };
     let priority = check_priority(priority);
+    if let Some(n) = max_concurrent.filter(|&n| n < 0) {
+        errors::invalid(format!(
+            "max_concurrent must be a positive number, or 0 for no limit; not {n}"
+        ))
+        .raise();
+    }
     let grants = access::grants();
     access::key_pool(&grants, key_id, Privilege::Admin);
     as_owner(grants.owner, |client| {
         let found: Option<i64> = one(
             client,
-            "UPDATE keypool.key SET priority = coalesce($2, priority)
+            "UPDATE keypool.key SET priority = coalesce($2, priority),
+                    max_concurrent = CASE WHEN $3::integer IS NULL THEN max_concurrent ELSE nullif($3, 0) END
               WHERE id = $1 AND removed_at IS NULL RETURNING pool_id",
-            &[key_id.into(), priority.into()],
+            &[key_id.into(), priority.into(), max_concurrent.into()],
         );
         let Some(pool_id) = found else {
             errors::undefined(format!("key {key_id} does not exist")).raise()
         };
-        let change = priority.map(|p| format!("priority {p}"));
+        let change = [
+            priority.map(|p| format!("priority {p}")),
+            max_concurrent.map(|n| match n {
+                0 => "max_concurrent none".to_string(),
+                n => format!("max_concurrent {n}"),
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+        let change = (!change.is_empty()).then_some(change);
         record_event(
             client,
             "key_altered",

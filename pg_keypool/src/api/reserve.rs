@@ -41,7 +41,7 @@ use crate::state::breaker::{self, Admission};
 use crate::state::clock;
 use crate::state::members;
 use crate::state::reservation::Hold;
-use crate::state::reservation::{self, Record, FLAG_BORROWED, FLAG_TRIAL};
+use crate::state::reservation::{self, Record, FLAG_BORROWED, FLAG_CONCURRENT, FLAG_TRIAL};
 use crate::state::shmem::{self, Shared};
 use crate::state::slots::Counter;
 
@@ -543,6 +543,10 @@ fn readiness(sh: &Shared, cfg: &Config, key: &Key, now: i64, lease: i64) -> Read
     }
 }
 
+/// The longest a caller refused only because keys are at their `max_concurrent` is told to
+/// wait: any open reservation may be settled at any moment.
+const CONCURRENCY_RETRY_MS: i64 = 1_000;
+
 /// Tries to charge one request to `key`'s scope and open a reservation: the reservation id and
 /// what it holds of a budget, or how long until the scope has room.
 #[allow(clippy::too_many_arguments)]
@@ -576,7 +580,22 @@ fn try_key(
             }
             return Err(Rebound);
         }
-        windows.try_charge(now, tokens, |t| calendar::day_bounds(scope.tz, t))
+        if let Some(max) = key.max_concurrent {
+            if key_slot.open.open(now, lease) >= max {
+                drop(windows);
+                if trial {
+                    breaker::abandon_trial(key_slot);
+                }
+                // Any of its reservations may be settled at any moment; the lease ends the last.
+                let wait = key_slot.open.next_expiry_ms(now, lease).min(CONCURRENCY_RETRY_MS);
+                return Ok(Err(Wait::Ms(wait)));
+            }
+        }
+        let charged = windows.try_charge(now, tokens, |t| calendar::day_bounds(scope.tz, t));
+        if let (Ok(charge), Some(_)) = (&charged, key.max_concurrent) {
+            key_slot.open.add(charge.at_ms, lease);
+        }
+        charged
     };
     match charged {
         Ok(charge) => {
@@ -598,6 +617,11 @@ fn try_key(
                 day_start_ms: charge.day_start_ms,
                 est_tokens,
                 flags: if trial { FLAG_TRIAL } else { 0 }
+                    | if key.max_concurrent.is_some() {
+                        FLAG_CONCURRENT
+                    } else {
+                        0
+                    }
                     | if share.ticket.is_some_and(|t| t.borrowed) {
                         FLAG_BORROWED
                     } else {

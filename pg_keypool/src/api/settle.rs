@@ -24,7 +24,7 @@ use crate::policy::window::Charge;
 use crate::settings;
 use crate::state::breaker;
 use crate::state::clock;
-use crate::state::reservation::{self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_TRIAL};
+use crate::state::reservation::{self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_CONCURRENT, FLAG_TRIAL};
 use crate::state::shmem::{self, Shared};
 use crate::state::slots::{CoolingReason, Counter};
 
@@ -113,8 +113,23 @@ fn take(sh: &Shared, cfg: &Config, id: Option<i64>, how: Closed) -> (i64, Record
         how,
         |r| may_close(cfg, caller, r),
     ) {
-        Ok(record) => (id, record),
+        Ok(record) => {
+            stop_counting(sh, cfg, &record);
+            (id, record)
+        }
         Err(why) => not_open(id, why),
+    }
+}
+
+/// A reservation that counted against its key's `max_concurrent` no longer does.
+fn stop_counting(sh: &Shared, cfg: &Config, r: &Record) {
+    if r.flags & FLAG_CONCURRENT == 0 {
+        return;
+    }
+    let _scope = sh.scope(r.scope_slot).lock();
+    let key = sh.key(r.key_slot);
+    if key.tag.is(cfg.owner, r.key_id) {
+        key.open.remove(r.at_ms, settings::lease_ms());
     }
 }
 

@@ -210,6 +210,30 @@ mod keypool {
         TableIterator::new(rows)
     }
 
+    /// Reservations open right now on each key with a `max_concurrent`, of the keys this role
+    /// may read (open to every role, like the views' filters: it answers only about those).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn key_load() -> TableIterator<'static, (name!(key_id, i64), name!(open_reservations, i32))> {
+        let _path = crate::catalog::privilege::pin_search_path();
+        let sh = shmem::shared();
+        let cfg = config::current();
+        let caller = crate::catalog::privilege::caller();
+        let (now, lease) = (clock::now_ms(), crate::settings::lease_ms());
+        let rows: Vec<_> = cfg
+            .keys
+            .iter()
+            .filter(|key| key.max_concurrent.is_some())
+            .filter(|key| cfg.grants.allows(caller, Some(key.pool_id), Privilege::Read))
+            .filter_map(|key| {
+                let slot = sh.key(key.slot);
+                slot.tag
+                    .is(cfg.owner, key.id)
+                    .then(|| (key.id, slot.open.open(now, lease).min(i32::MAX as u32) as i32))
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
     /// The shared-memory member cache of the whole server: its entries and bytes, how many hold
     /// members and guests, how many are free, what guest floods cost (guest entries given to
     /// members, requests served from pools' shared guest allowances), and how the cache does:

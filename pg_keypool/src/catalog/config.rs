@@ -183,7 +183,7 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
             );
             let keys: Vec<KeyRow> = fresh_rows(
                 c"SELECT id, pool_id, scope_id, provider, model, base_url, secret_sealed, label, group_no,
-                         disabled_reason IS NOT NULL, priority, owner
+                         disabled_reason IS NOT NULL, priority, owner, coalesce(max_concurrent, 0)
                     FROM keypool.key WHERE removed_at IS NULL ORDER BY id",
                 |r| KeyRow {
                     id: r.get(0),
@@ -198,6 +198,7 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
                     disabled: r.get(9),
                     priority: r.get(10),
                     owner: r.get_opt(11),
+                    max_concurrent: r.get::<i32>(12).max(0) as u32,
                 },
             );
 
@@ -343,6 +344,7 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
                     label: k.label,
                     group_no: k.group_no,
                     priority: k.priority,
+                    max_concurrent: (k.max_concurrent > 0).then_some(k.max_concurrent),
                     disabled: k.disabled,
                 });
             }
@@ -399,6 +401,8 @@ struct KeyRow {
     disabled: bool,
     priority: i32,
     owner: Option<String>,
+    /// 0: no limit.
+    max_concurrent: u32,
 }
 
 /// A pool's keys (in id order) grouped by priority, best first.

@@ -74,6 +74,8 @@ pub struct Key {
     pub priority: i32,
     /// The price of its provider's model (`keypool_prices`), if one is set.
     pub price: Option<Price>,
+    /// Most reservations it may have open at once (`keypool_add_key(..., max_concurrent)`).
+    pub max_concurrent: Option<u32>,
     pub disabled: bool,
 }
 

@@ -51,6 +51,11 @@ impl Change {
     pub fn write_to(&self, m: &mut Member) {
         m.key_id = self.after_key;
         if !self.key_only {
+            if !m.is_member() {
+                // A guest's entry keeps the day it was last seen there; a member's is the day
+                // the aggregates count them active on.
+                m.last_active = self.last_active;
+            }
             m.class = self.after_class as u8;
             m.flags |= FLAG_MEMBER;
         }
@@ -73,7 +78,7 @@ pub fn before_of(shares: &mut PoolShares, pool: &Pool, cached: Option<&Member>, 
             member: m.is_member(),
             key_id: if m.is_member() { m.key_id } else { 0 },
             class: u16::from(m.class),
-            last_active: m.last_active,
+            last_active: if m.is_member() { m.last_active } else { NEVER },
         },
         (None, Some(s)) => Before {
             member: true,

@@ -100,6 +100,7 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
                 m.touched = now_min;
                 stripe.stats.hits.store(stripe.stats.hits.load(Relaxed) + 1, Relaxed);
                 if policy.capacity.is_none() {
+                    members::seen(m, today);
                     return Take::Granted {
                         ticket: None,
                         preferred: assigned_key(m),
@@ -150,8 +151,12 @@ pub fn take(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
                         }
                         cached
                     }
-                    // A guest of a pool without shares: nothing to track.
-                    (None, None) => None,
+                    // A guest of a pool without shares: nothing to count, but remembered as not
+                    // a member, so that their next reservations do not read the table again
+                    // (a signup makes the entry a member's, assign.rs).
+                    (None, None) => stripe
+                        .find_or_insert_guest(hash, pool.slot, today, now_min)
+                        .inspect(|&i| members::seen(stripe.at(i), today)),
                     (None, Some(_)) => stripe.find_or_insert_guest(hash, pool.slot, today, now_min),
                 }
             }

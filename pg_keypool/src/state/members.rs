@@ -64,7 +64,8 @@ pub struct Member {
     pub flags: u8,
     /// When the entry was last used, in minutes (wrapping; for eviction).
     pub touched: u16,
-    /// Day number of the last reservation, or NEVER.
+    /// Day number of the last reservation, or NEVER. A guest's entry: the day it was last seen
+    /// in a pool without shares (kept so that it is not read from the table again).
     pub last_active: i32,
     /// The day `used` and `share` are for, or NEVER.
     pub day: i32,
@@ -328,7 +329,7 @@ impl<'a> Stripe<'a> {
             .positions(hash)
             .filter(|&i| {
                 let m = self.at(i);
-                m.hash == 0 || is_stale(self.pools, m, today) || idle_member(m, today)
+                m.hash == 0 || is_stale(self.pools, m, today) || idle_member(m, today) || empty_guest(m)
             })
             .collect();
         (room.len() > (self.window() / 4).max(1)).then_some(room)
@@ -418,6 +419,19 @@ fn idle_member(m: &Member, today: i32) -> bool {
     m.is_member() && m.evictable() && m.day < today.saturating_sub(1) && m.last_active < today.saturating_sub(1)
 }
 
+/// A guest's entry that only says the user is not a member (a pool without shares, nothing
+/// spent): any other guest may take it.
+fn empty_guest(m: &Member) -> bool {
+    !m.is_member() && m.day == NEVER && m.spent == 0 && m.flags & FLAG_PINNED == 0
+}
+
+/// Remembers that a guest of a pool without shares was seen today (see `last_active`).
+pub fn seen(m: &mut Member, today: i32) {
+    if !m.is_member() && m.last_active != today {
+        m.last_active = today;
+    }
+}
+
 /// An entry that holds nothing worth keeping.
 fn is_stale(pools: &[PoolSlot], m: &Member, today: i32) -> bool {
     if (m.pool_slot as usize) >= pools.len()
@@ -426,7 +440,8 @@ fn is_stale(pools: &[PoolSlot], m: &Member, today: i32) -> bool {
         return true;
     }
     let spending = m.spent > 0 && m.spent_from >= today.saturating_sub(SPEND_KEPT_DAYS);
-    !m.is_member() && !spending && (m.day == NEVER || m.day < today.saturating_sub(1))
+    let recent = |day: i32| day != NEVER && day >= today.saturating_sub(1);
+    !m.is_member() && !spending && !recent(m.day) && !recent(m.last_active)
 }
 
 /// First reservation of the day: the member counts as active today and gets today's share.

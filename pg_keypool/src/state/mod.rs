@@ -5,6 +5,7 @@ pub mod breaker;
 pub mod clock;
 pub mod lock;
 pub mod members;
+pub mod open_count;
 pub mod persist;
 pub mod registry;
 pub mod reservation;

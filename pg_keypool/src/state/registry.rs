@@ -71,6 +71,7 @@ impl Slot for KeySlot {
         }
         self.assigned.store(0, Ordering::Release);
         self.tree_build.store(0, Ordering::Release);
+        self.open.reset();
     }
 }
 

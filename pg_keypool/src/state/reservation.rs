@@ -56,6 +56,9 @@ impl Default for Hold {
 pub const FLAG_TRIAL: u32 = 1;
 /// This reservation was borrowed beyond the user's share.
 pub const FLAG_BORROWED: u32 = 2;
+/// This reservation counts against its key's `max_concurrent` (state/open_count.rs) until it
+/// is settled or released, or its lease ends.
+pub const FLAG_CONCURRENT: u32 = 4;
 
 /// Reservations open right now: issued, neither settled nor released, within their lease.
 pub fn open_count(sh: &Shared, now_ms: i64, lease_ms: i64) -> usize {

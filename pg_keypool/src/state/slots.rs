@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use crate::policy::shares::PoolShares;
 use crate::policy::window::ScopeWindows;
 use crate::state::lock::{Lock, LockGuard};
+use crate::state::open_count::OpenCount;
 
 /// Databases that may have their own settable clock at once (tests).
 pub const MAX_CLOCKS: usize = 64;
@@ -224,6 +225,9 @@ pub struct KeySlot {
     /// pool's current build (engine/key_tree.rs).
     pub tree_pos: AtomicU32,
     pub tree_build: AtomicU64,
+    /// Its reservations open right now, when the key has a `max_concurrent`; changed under
+    /// its scope's lock.
+    pub open: OpenCount,
 }
 
 impl KeySlot {

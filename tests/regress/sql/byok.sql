@@ -38,7 +38,7 @@ SELECT try($$SELECT keypool_add_key('byok', 'openai', 'sk-byok-bob-000000000003'
 -- A role with `use` adds a user's own key (a service acting for the user), at the provider's
 -- address only; shared keys still need `admin`.
 CREATE ROLE byok_app;
-GRANT EXECUTE ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text)
+GRANT EXECUTE ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer)
     TO byok_app;
 SELECT keypool_grant('byok', 'byok_app', 'use');
 SET ROLE byok_app;
@@ -47,7 +47,7 @@ SELECT try($$SELECT keypool_add_key('byok', 'openai', 'sk-byok-bob-000000000004'
 SELECT try($$SELECT keypool_add_key('byok', 'openai', 'sk-byok-shared-000000009')$$);
 RESET ROLE;
 SELECT keypool_revoke('byok', 'byok_app', 'use');
-REVOKE ALL ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text)
+REVOKE ALL ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer)
     FROM byok_app;
 DROP ROLE byok_app;
 SELECT label, owner FROM keypool_keys WHERE pool = 'byok' ORDER BY key_id;
@@ -91,7 +91,7 @@ SELECT count(*) AS carols_keys FROM keypool_keys WHERE owner = 'carol';
 -- check keys, called only where an administrator configured that provider (where the pool's
 -- shared keys of the provider are); administrators may add any.
 CREATE ROLE byok_app2;
-GRANT EXECUTE ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text)
+GRANT EXECUTE ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer)
     TO byok_app2;
 SELECT keypool_grant('byok', 'byok_app2', 'use');
 SET ROLE byok_app2;
@@ -107,7 +107,7 @@ SELECT provider, base_url = (SELECT base_url FROM keypool.key WHERE id = :shared
   FROM keypool.key WHERE id = :dave_openai;
 SELECT keypool_add_key('byok', 'ollama', NULL, 'llama3', base_url => 'http://gpu-box:11434', owner => 'dave') > 0 AS admin_added_keyless;
 SELECT keypool_revoke('byok', 'byok_app2', 'use');
-REVOKE ALL ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text)
+REVOKE ALL ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer)
     FROM byok_app2;
 DROP ROLE byok_app2;
 

@@ -18,7 +18,7 @@ GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_s
     keypool_queue_wake_at()
     TO regress_kp_app, regress_kp_app2, regress_kp_ops, regress_kp_admin, regress_kp_star;
 GRANT EXECUTE ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text),
-    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text),
+    keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer),
     keypool_disable_key(bigint, text), keypool_enable_key(bigint), keypool_reset_usage(text),
     keypool_grant(text, regrole, text), keypool_revoke(text, regrole, text), keypool_key_credentials(bigint),
     keypool_usage_report(date, date), keypool_rotate_master_key(), keypool_check_alerts(), keypool_enable_keys(text)
