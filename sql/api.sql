@@ -441,10 +441,10 @@ COMMENT ON VIEW keypool_health IS
 -- The installation's identity: inserted last, so that its trigger finds every function.
 INSERT INTO keypool.instance DEFAULT VALUES;
 
-COMMENT ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text) IS
-    'Creates a pool (keys serving one function) and how users share its daily capacity; returns its id';
-COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean) IS
-    'Changes a pool''s min_share, active_window, borrowing, timezone or description (NULL: unchanged)';
+COMMENT ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text, double precision) IS
+    'Creates a pool (keys serving one function), how users share its daily capacity and the most of its minute one user may take; returns its id';
+COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean, double precision, integer, bigint, integer) IS
+    'Changes a pool''s min_share, active_window, borrowing, timezone, description, default_cost, owner_fallback or limits on each user''s minute (NULL: unchanged)';
 COMMENT ON FUNCTION keypool_assign(text, text) IS
     'The user''s key in the pool; a new user gets the usable key with the fewest users (idempotent)';
 COMMENT ON FUNCTION keypool_on_signup() IS
@@ -458,7 +458,7 @@ COMMENT ON FUNCTION keypool_remove_key(bigint) IS
 COMMENT ON FUNCTION keypool_set_user_weight(text, text, numeric) IS
     'Sets the user''s weight in the pool''s fair share (tiers such as free 1, pro 5)';
 COMMENT ON FUNCTION keypool_allocation(text, text) IS
-    'The user''s share of the pool today: allocated, used, remaining, warning level, reset time; their spend and budget this period (changes nothing)';
+    'The user''s share of the pool today: allocated, used, remaining, warning level, reset time; their spend and budget this period; their minute in pools that limit it (changes nothing)';
 COMMENT ON FUNCTION keypool_can_request(text, text) IS
     'Whether a reservation by the user would now pass the quota check (changes nothing)';
 COMMENT ON FUNCTION keypool.pool_state() IS 'Internal: how every pool shares its capacity (for keypool_pool_stats)';
@@ -554,8 +554,8 @@ COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory memb
 -- roles that need them, and privileges on pools with keypool_grant (see README, "Roles"). The
 -- views' filter functions are open: they answer only about the calling role.
 REVOKE ALL ON FUNCTION
-    keypool_create_pool(text, text, integer, interval, boolean, text),
-    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean),
+    keypool_create_pool(text, text, integer, interval, boolean, text, double precision),
+    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean, double precision, integer, bigint, integer),
     keypool_assign(text, text),
     keypool_on_signup(),
     keypool_backfill(regclass, text, text, text),

@@ -49,6 +49,13 @@ CREATE TABLE keypool.pool (
     default_cost_micros    bigint NOT NULL DEFAULT 0 CHECK (default_cost_micros >= 0),
     -- Whether a user whose own keys are all at their limits falls back to the shared keys.
     owner_fallback         boolean NOT NULL DEFAULT true,
+    -- Limits on each user's rolling minute (NULL: none): the most of the pool's requests and
+    -- tokens per minute one user may take (with fair shares while several keep asking), and
+    -- fixed caps of requests, tokens and reservations open at once.
+    minute_share           double precision CHECK (minute_share > 0 AND minute_share <= 1),
+    user_rpm               integer CHECK (user_rpm > 0),
+    user_tpm               bigint CHECK (user_tpm > 0),
+    user_max_concurrent    integer CHECK (user_max_concurrent > 0),
     CHECK ((budget_period IS NULL) = (budget_micros IS NULL AND budget_per_user_micros IS NULL))
 );
 ALTER SEQUENCE keypool.pool_id_seq OWNED BY keypool.pool.id;

@@ -163,6 +163,11 @@ ALTER TABLE keypool.alert ADD COLUMN pool_id bigint;
 -- Key priorities and fallback chains (issue 14).
 ALTER TABLE keypool.key ADD COLUMN priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
     ADD COLUMN owner text CHECK (owner <> '');
+-- Limits on each user's minute (issue 28).
+ALTER TABLE keypool.pool ADD COLUMN minute_share double precision CHECK (minute_share > 0 AND minute_share <= 1),
+    ADD COLUMN user_rpm integer CHECK (user_rpm > 0),
+    ADD COLUMN user_tpm bigint CHECK (user_tpm > 0),
+    ADD COLUMN user_max_concurrent integer CHECK (user_max_concurrent > 0);
 -- Most reservations a key may have open at once (issue 28).
 ALTER TABLE keypool.key ADD COLUMN max_concurrent integer CHECK (max_concurrent > 0);
 ALTER TABLE keypool.pool ADD COLUMN fallback_on_quota boolean NOT NULL DEFAULT false,
@@ -455,6 +460,22 @@ CREATE  FUNCTION "keypool_add_key"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_add_key_wrapper';
+-- keypool_create_pool takes a minute share (issue 28).
+DROP FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text);
+CREATE  FUNCTION "keypool_create_pool"(
+	"name" TEXT, /* Option < & str > */
+	"description" TEXT DEFAULT NULL, /* Option < & str > */
+	"min_share" INT DEFAULT 0, /* Option < i32 > */
+	"active_window" interval DEFAULT NULL, /* Option < Interval > */
+	"borrowing" bool DEFAULT false, /* Option < bool > */
+	"timezone" TEXT DEFAULT NULL, /* Option < & str > */
+	"minute_share" double precision DEFAULT NULL /* Option < f64 > */
+) RETURNS bigint /* i64 */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_create_pool_wrapper';
+COMMENT ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text, double precision) IS
+    'Creates a pool (keys serving one function), how users share its daily capacity and the most of its minute one user may take; returns its id';
 -- keypool_alter_pool takes a default cost; keypool_allocation and keypool_usage_report show budgets.
 DROP FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text);
 CREATE  FUNCTION "keypool_alter_pool"(
@@ -465,7 +486,11 @@ CREATE  FUNCTION "keypool_alter_pool"(
 	"timezone" TEXT DEFAULT NULL, /* Option < & str > */
 	"description" TEXT DEFAULT NULL, /* Option < & str > */
 	"default_cost" NUMERIC DEFAULT NULL, /* Option < AnyNumeric > */
-	"owner_fallback" bool DEFAULT NULL /* Option < bool > */
+	"owner_fallback" bool DEFAULT NULL, /* Option < bool > */
+	"minute_share" double precision DEFAULT NULL, /* Option < f64 > */
+	"user_rpm" INT DEFAULT NULL, /* Option < i32 > */
+	"user_tpm" bigint DEFAULT NULL, /* Option < i64 > */
+	"user_max_concurrent" INT DEFAULT NULL /* Option < i32 > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -484,7 +509,12 @@ CREATE  FUNCTION "keypool_allocation"(
 	"spent" NUMERIC,  /* Option < AnyNumeric > */
 	"budget" NUMERIC,  /* Option < AnyNumeric > */
 	"budget_resets_at" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"own_keys_requests_today" bigint  /* Option < i64 > */
+	"own_keys_requests_today" bigint,  /* Option < i64 > */
+	"requests_this_minute" bigint,  /* Option < i64 > */
+	"minute_request_limit" bigint,  /* Option < i64 > */
+	"tokens_this_minute" bigint,  /* Option < i64 > */
+	"minute_token_limit" bigint,  /* Option < i64 > */
+	"open_reservations" INT  /* Option < i32 > */
 )
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -505,7 +535,8 @@ CREATE  FUNCTION "keypool_status"() RETURNS TABLE (
 	"state_saved_at" timestamp with time zone,  /* Ts */
 	"started_from" TEXT,  /* String */
 	"state_timeline" INT,  /* Option < i32 > */
-	"recovery_ended_at" timestamp with time zone  /* Ts */
+	"recovery_ended_at" timestamp with time zone,  /* Ts */
+	"callers_untracked" bigint  /* i64 */
 )
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -1098,10 +1129,10 @@ SELECT v.status,
 $fn$;
 
 -- Comments (\df+).
-COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean) IS
-    'Changes a pool''s min_share, active_window, borrowing, timezone or description (NULL: unchanged)';
+COMMENT ON FUNCTION keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean, double precision, integer, bigint, integer) IS
+    'Changes a pool''s min_share, active_window, borrowing, timezone, description, default_cost, owner_fallback or limits on each user''s minute (NULL: unchanged)';
 COMMENT ON FUNCTION keypool_allocation(text, text) IS
-    'The user''s share of the pool today: allocated, used, remaining, warning level, reset time; their spend and budget this period (changes nothing)';
+    'The user''s share of the pool today: allocated, used, remaining, warning level, reset time; their spend and budget this period; their minute in pools that limit it (changes nothing)';
 COMMENT ON FUNCTION keypool.routing_state() IS 'Internal: requests each pool''s fallback chain served today, and its spend this budget period (for keypool_pool_stats)';
 COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer) IS
     'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; owner: a user''s own key; max_concurrent: most reservations open at once; returns the key id';
@@ -1183,6 +1214,7 @@ COMMENT ON FUNCTION keypool.notify_event() IS 'Internal: announces every event''
 -- Privileges: the new functions and views are closed like the rest; the filters the views use
 -- answer only about the calling role.
 REVOKE ALL ON FUNCTION
+    keypool_create_pool(text, text, integer, interval, boolean, text, double precision),
     keypool_grant(text, regrole, text),
     keypool_revoke(text, regrole, text),
     keypool_rotate_master_key(),
@@ -1198,7 +1230,7 @@ REVOKE ALL ON FUNCTION
     keypool_set_fallbacks(text, text[], boolean),
     keypool_set_budget(text, numeric, text, numeric),
     keypool_rotate_secret(bigint, text),
-    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean),
+    keypool_alter_pool(text, integer, interval, boolean, text, text, numeric, boolean, double precision, integer, bigint, integer),
     keypool_allocation(text, text),
     keypool_usage_report(date, date),
     keypool.member_memory(),

@@ -9,6 +9,7 @@ pub static MAX_KEYS: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_POOLS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static MAX_RESERVATIONS: GucSetting<i32> = GucSetting::<i32>::new(131_072);
 pub static MAX_MEMBERS: GucSetting<i32> = GucSetting::<i32>::new(1_048_576);
+pub static MAX_CALLERS: GucSetting<i32> = GucSetting::<i32>::new(16_384);
 pub static LEASE_MS: GucSetting<i32> = GucSetting::<i32>::new(600_000);
 pub static DEFAULT_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static BREAKER_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(5);
@@ -97,6 +98,17 @@ fn define_sizes() {
         &MAX_MEMBERS,
         16_384,
         100_000_000,
+    );
+    postmaster(
+        c"pg_keypool.max_callers",
+        c"Entries for users of pools with limits per user and minute, granted within the last minute.",
+        c"Only pools with minute_share, user_rpm, user_tpm or user_max_concurrent use them (about \
+          650 bytes each; the default takes 10 MiB). A user granted when every entry near theirs \
+          is live is served by the keys' limits alone, and counted in keypool_status. Needs a \
+          restart.",
+        &MAX_CALLERS,
+        1_024,
+        16_777_216,
     );
 }
 

@@ -334,7 +334,10 @@ async fn refusals_become_429_with_retry_after_and_allocation_headers() {
              SELECT keypool_assign('user-' || i, 'tight') FROM generate_series(1, 5) i;
              SELECT keypool_create_pool('slow');
              SELECT keypool_add_key('slow', 'openai', 'sk-slow-000000000001176', rpm => 1, base_url => '{u}/v1');
-             SELECT keypool_create_pool('empty');",
+             SELECT keypool_create_pool('empty');
+             SELECT keypool_create_pool('fair');
+             SELECT keypool_add_key('fair', 'openai', 'sk-fair-000000000001913', rpm => 1000, base_url => '{u}/v1');
+             SELECT keypool_alter_pool('fair', user_rpm => 1);",
             u = mock.url
         ),
     )
@@ -372,6 +375,25 @@ async fn refusals_become_429_with_retry_after_and_allocation_headers() {
     let v: Value = r.json().await.expect("JSON");
     assert_eq!(v["error"]["code"], "POOL_EXHAUSTED");
 
+    // One request a minute per user: the user's second waits for their minute, with the
+    // wait; others are served; the official clients may retry it.
+    assert_eq!(w.chat(chat_body("fair", "user-1", "hi", 3)).await.status(), 200);
+    let r = w.chat(chat_body("fair", "user-1", "hi", 3)).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = header(&r, "retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((55..=60).contains(&retry), "{retry}");
+    assert_ne!(header(&r, "x-should-retry").as_deref(), Some("false"));
+    let v: Value = r.json().await.expect("JSON");
+    assert_eq!(v["error"]["code"], "USER_RATE_LIMITED");
+    assert_eq!(v["error"]["type"], "rate_limit_exceeded");
+    assert!(
+        v["error"]["message"].as_str().unwrap_or("").contains("this minute"),
+        "{v}"
+    );
+    assert_eq!(w.chat(chat_body("fair", "user-2", "hi", 3)).await.status(), 200);
+
     let r = w.chat(chat_body("empty", "u", "hi", 3)).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.json::<Value>().await.expect("JSON")["error"]["code"], "NO_KEYS");
@@ -381,7 +403,7 @@ async fn refusals_become_429_with_retry_after_and_allocation_headers() {
         r.json::<Value>().await.expect("JSON")["error"]["code"],
         "model_not_found"
     );
-    assert_eq!(mock.stats().await["requests"], 4);
+    assert_eq!(mock.stats().await["requests"], 6);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -146,8 +146,35 @@ fn check_zone(timezone: Option<&str>) -> Option<&str> {
     timezone
 }
 
+/// A `minute_share` argument: 0 < f <= 1; with `off_at_zero`, 0 switches it off (`Some(None)`).
+fn check_minute_share(f: Option<f64>, off_at_zero: bool) -> Option<Option<f64>> {
+    match f {
+        None => None,
+        Some(f) if off_at_zero && f == 0.0 => Some(None),
+        Some(f) if f > 0.0 && f <= 1.0 => Some(Some(f)),
+        Some(f) => errors::invalid(format!(
+            "minute_share must be more than 0 and at most 1{}; not {f}",
+            if off_at_zero { ", or 0 to switch it off" } else { "" }
+        ))
+        .hint("It is the most of the pool's requests and tokens per minute one user may take, e.g. 0.8.")
+        .raise(),
+    }
+}
+
+/// A per-user cap of `keypool_alter_pool`: positive, 0 for none (`Some(None)`), NULL unchanged.
+fn check_cap(name: &str, v: Option<i64>) -> Option<Option<i64>> {
+    match v {
+        None => None,
+        Some(0) => Some(None),
+        Some(n) if n > 0 => Some(Some(n)),
+        Some(n) => errors::invalid(format!("{name} must be a positive number, or 0 for none; not {n}")).raise(),
+    }
+}
+
 /// `keypool_create_pool`: a named set of keys serving one function (chat, artifact, image...),
-/// and how its daily capacity is shared among its users.
+/// how its daily capacity is shared among its users, and (`minute_share`) the most of its
+/// minute one user may take.
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_create_pool(
     name: Option<&str>,
@@ -156,6 +183,7 @@ fn keypool_create_pool(
     active_window: default!(Option<Interval>, "NULL"),
     borrowing: default!(Option<bool>, false),
     timezone: default!(Option<&str>, "NULL"),
+    minute_share: default!(Option<f64>, "NULL"),
 ) -> i64 {
     let _path = privilege::pin_search_path();
     let name = required("name", name, MAX_NAME);
@@ -163,13 +191,14 @@ fn keypool_create_pool(
     let min_share = check_min_share(min_share).unwrap_or(0);
     let active_days = window_days(active_window).flatten();
     let timezone = check_zone(timezone).filter(|z| !z.is_empty());
+    let minute_share = check_minute_share(minute_share, false).flatten();
     let grants = access::grants();
     access::require_every_pool(&grants, "create pools", Privilege::Admin);
     let id = as_owner(grants.owner, |client| {
         let id: Option<i64> = one(
             client,
-            "INSERT INTO keypool.pool (name, description, min_share, active_days, borrowing, timezone)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING RETURNING id",
+            "INSERT INTO keypool.pool (name, description, min_share, active_days, borrowing, timezone, minute_share)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING RETURNING id",
             &[
                 name.into(),
                 description.into(),
@@ -177,6 +206,7 @@ fn keypool_create_pool(
                 active_days.into(),
                 borrowing.unwrap_or(false).into(),
                 timezone.into(),
+                minute_share.into(),
             ],
         );
         let Some(id) = id else {
@@ -198,7 +228,8 @@ fn keypool_create_pool(
 /// active_window of 0 removes the window; a timezone of '' returns to the keys' time zone;
 /// default_cost is what a reservation without a token estimate holds of a budget;
 /// owner_fallback says whether users whose own keys are all at their limits fall back to the
-/// shared keys.
+/// shared keys; minute_share, user_rpm, user_tpm and user_max_concurrent limit each user's
+/// minute (0 switches one off).
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_alter_pool(
@@ -210,6 +241,10 @@ fn keypool_alter_pool(
     description: default!(Option<&str>, "NULL"),
     default_cost: default!(Option<AnyNumeric>, "NULL"),
     owner_fallback: default!(Option<bool>, "NULL"),
+    minute_share: default!(Option<f64>, "NULL"),
+    user_rpm: default!(Option<i32>, "NULL"),
+    user_tpm: default!(Option<i64>, "NULL"),
+    user_max_concurrent: default!(Option<i32>, "NULL"),
 ) {
     let _path = privilege::pin_search_path();
     let name = required("name", name, MAX_NAME);
@@ -221,6 +256,10 @@ fn keypool_alter_pool(
     let window = window_days(active_window);
     let timezone = check_zone(timezone);
     let description = optional("description", description, MAX_REASON);
+    let minute_share = check_minute_share(minute_share, true);
+    let user_rpm = check_cap("user_rpm", user_rpm.map(i64::from));
+    let user_tpm = check_cap("user_tpm", user_tpm);
+    let user_max_concurrent = check_cap("user_max_concurrent", user_max_concurrent.map(i64::from));
     let grants = access::grants();
     access::pool_id(&grants, name, Privilege::Admin);
     as_owner(grants.owner, |client| {
@@ -233,7 +272,11 @@ fn keypool_alter_pool(
                  timezone = CASE WHEN $6::text IS NULL THEN timezone ELSE nullif($6, '') END,
                  description = coalesce($7, description),
                  default_cost_micros = coalesce($8, default_cost_micros),
-                 owner_fallback = coalesce($9, owner_fallback)
+                 owner_fallback = coalesce($9, owner_fallback),
+                 minute_share = CASE WHEN $10 THEN $11 ELSE minute_share END,
+                 user_rpm = CASE WHEN $12 THEN $13::integer ELSE user_rpm END,
+                 user_tpm = CASE WHEN $14 THEN $15 ELSE user_tpm END,
+                 user_max_concurrent = CASE WHEN $16 THEN $17::integer ELSE user_max_concurrent END
               WHERE name = $1 RETURNING id",
             &[
                 name.into(),
@@ -245,6 +288,14 @@ fn keypool_alter_pool(
                 description.into(),
                 default_cost.into(),
                 owner_fallback.into(),
+                minute_share.is_some().into(),
+                minute_share.flatten().into(),
+                user_rpm.is_some().into(),
+                user_rpm.flatten().into(),
+                user_tpm.is_some().into(),
+                user_tpm.flatten().into(),
+                user_max_concurrent.is_some().into(),
+                user_max_concurrent.flatten().into(),
             ],
         );
         let Some(id) = id else {

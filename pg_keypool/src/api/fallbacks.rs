@@ -24,7 +24,8 @@ pub const MAX_LINKS: usize = 16;
 pub fn falls_through(pool: &Pool, refusal: &Refusal) -> bool {
     match refusal {
         Refusal::PoolExhausted | Refusal::NoKeys | Refusal::TooLarge => true,
-        Refusal::QuotaExceeded => pool.fallback_on_quota,
+        // Past their share of the day or of the minute here: on only if the pool says so.
+        Refusal::QuotaExceeded | Refusal::UserRateLimited => pool.fallback_on_quota,
         // A budget is the pool's owner's decision about money: it never sends users elsewhere.
         Refusal::BudgetExceeded => false,
     }
@@ -46,11 +47,12 @@ pub fn links(cfg: &Config, pool: &Pool, within: Option<&[String]>) -> Vec<String
 }
 
 /// The refusal a whole chain answers: `POOL_EXHAUSTED` if any link was exhausted, else
-/// `BUDGET_EXCEEDED` or `QUOTA_EXCEEDED` if a budget or the user's share refused somewhere, else
-/// `NO_KEYS`; with the smallest wait of the chain.
+/// `USER_RATE_LIMITED`, `BUDGET_EXCEEDED` or `QUOTA_EXCEEDED` if the user's minute, a budget or
+/// the user's share refused somewhere, else `NO_KEYS`; with the smallest wait of the chain.
 #[derive(Default)]
 pub struct ChainRefusal {
     exhausted: bool,
+    user_limited: bool,
     budget: bool,
     quota: bool,
     retry_after_ms: Option<i64>,
@@ -60,6 +62,7 @@ impl ChainRefusal {
     pub fn note(&mut self, refusal: &Refusal, retry_after_ms: Option<i64>) {
         match refusal {
             Refusal::PoolExhausted => self.exhausted = true,
+            Refusal::UserRateLimited => self.user_limited = true,
             Refusal::QuotaExceeded => self.quota = true,
             Refusal::BudgetExceeded => self.budget = true,
             // A link no key of which could ever take the estimate: as if it had none.
@@ -73,6 +76,8 @@ impl ChainRefusal {
     pub fn answer(&self) -> (Refusal, Option<i64>) {
         let refusal = if self.exhausted {
             Refusal::PoolExhausted
+        } else if self.user_limited {
+            Refusal::UserRateLimited
         } else if self.budget {
             Refusal::BudgetExceeded
         } else if self.quota {

@@ -30,6 +30,7 @@ use crate::engine::args::check_user_id;
 use crate::engine::assign;
 use crate::engine::budgets::{self};
 use crate::engine::composite::{self, Value};
+use crate::engine::minute::{self, Counted};
 use crate::engine::quota::{self, Allocation, Take, Ticket};
 use crate::errors::{self, Code};
 use crate::policy::calendar;
@@ -38,10 +39,11 @@ use crate::policy::refusal::Refusal;
 use crate::policy::window::Wait;
 use crate::settings;
 use crate::state::breaker::{self, Admission};
+use crate::state::callers::CallerMark;
 use crate::state::clock;
 use crate::state::members;
 use crate::state::reservation::Hold;
-use crate::state::reservation::{self, Record, FLAG_BORROWED, FLAG_CONCURRENT, FLAG_TRIAL};
+use crate::state::reservation::{self, Record, FLAG_BORROWED, FLAG_CALLER_OPEN, FLAG_CONCURRENT, FLAG_TRIAL};
 use crate::state::shmem::{self, Shared};
 use crate::state::slots::Counter;
 
@@ -73,6 +75,8 @@ struct Share {
     role: pg_sys::Oid,
     /// What it holds of the pool's budget, if the pool has one.
     hold: Option<(Budget, Hold)>,
+    /// Where it was counted against the user's minute, if the pool limits that.
+    caller: Option<Counted>,
 }
 
 /// A slot this backend cached was bound to another row meanwhile: reload and try again.
@@ -168,6 +172,7 @@ fn reserve_own(
         preferred: 0,
         role,
         hold: None,
+        caller: None,
     };
     for _ in 0..3 {
         let outcome = try_reserve(sh, &cfg, (ix, Some(user)), est_tokens, &share);
@@ -332,18 +337,46 @@ fn reserve_in(
             }
         },
     };
+    // The user's minute, in pools that limit it (after the day: a share used up for the day
+    // says more than a wait of seconds).
+    let caller = if pool.user_limits.any() {
+        let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+        match minute::take(sh, pool, hash, est_tokens as u64, now) {
+            Ok(counted) => counted,
+            Err(wait) => {
+                give_back_ticket(sh, pool.slot, &ticket, &mut allocation);
+                if let Some((_, h)) = &hold {
+                    budgets::adjust(sh, pool.slot, h, -(h.amount as i64));
+                }
+                return (
+                    cfg,
+                    Answer::Refused {
+                        refusal: Refusal::UserRateLimited,
+                        retry_after_ms: Some(wait),
+                        allocation,
+                    },
+                );
+            }
+        }
+    } else {
+        None
+    };
     let share = Share {
         pool_slot: pool.slot,
         ticket,
         preferred,
         role,
         hold,
+        caller,
     };
-    // Gives back what the share and budget hold when no key is granted.
-    let give_back = |sh: &Shared, share: &Share, allocation: &mut Allocation| {
+    // Gives back what the share, budget and minute hold when no key is granted.
+    let give_back = |sh: &Shared, cfg: &Config, share: &Share, allocation: &mut Allocation| {
         give_back_ticket(sh, share.pool_slot, &share.ticket, allocation);
         if let Some((_, h)) = &share.hold {
             budgets::adjust(sh, share.pool_slot, h, -(h.amount as i64));
+        }
+        if let (Some(counted), Some(pool)) = (&share.caller, cfg.pools.iter().find(|p| p.slot == share.pool_slot)) {
+            minute::give_back(sh, pool, counted, clock::now_ms());
         }
     };
     for _ in 0..3 {
@@ -367,7 +400,7 @@ fn reserve_in(
                 );
             }
             Ok(Err((refusal, retry_after_ms))) => {
-                give_back(sh, &share, &mut allocation);
+                give_back(sh, &cfg, &share, &mut allocation);
                 return (
                     cfg,
                     Answer::Refused {
@@ -383,7 +416,7 @@ fn reserve_in(
             }
         }
     }
-    give_back(sh, &share, &mut allocation);
+    give_back(sh, &cfg, &share, &mut allocation);
     errors::error(
         Code::ERRCODE_INTERNAL_ERROR,
         "pg_keypool: shared-memory slots kept moving during a reservation",
@@ -626,6 +659,11 @@ fn try_key(
                         FLAG_BORROWED
                     } else {
                         0
+                    }
+                    | if share.caller.is_some_and(|c| c.open) {
+                        FLAG_CALLER_OPEN
+                    } else {
+                        0
                     },
                 pool_slot: share.pool_slot,
                 member_index: share.ticket.map_or(u32::MAX, |t| t.index),
@@ -633,6 +671,7 @@ fn try_key(
                 member_day: share.ticket.map_or(0, |t| t.day),
                 role: share.role.to_u32(),
                 hold: held,
+                caller: share.caller.map_or(CallerMark::NONE, |c| c.mark),
             };
             if let Some((_, h)) = &share.hold {
                 // The hold was for the pool's dearest key: keep what this key's estimate needs.

@@ -16,6 +16,7 @@ use crate::catalog::model::Config;
 use crate::catalog::privilege;
 use crate::engine::args::{check_tokens, MAX_TOKENS};
 use crate::engine::budgets;
+use crate::engine::minute;
 use crate::engine::quota::{self, Ticket};
 use crate::errors::{self, Code};
 use crate::policy::calendar;
@@ -24,7 +25,9 @@ use crate::policy::window::Charge;
 use crate::settings;
 use crate::state::breaker;
 use crate::state::clock;
-use crate::state::reservation::{self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_CONCURRENT, FLAG_TRIAL};
+use crate::state::reservation::{
+    self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_CALLER_OPEN, FLAG_CONCURRENT, FLAG_TRIAL,
+};
 use crate::state::shmem::{self, Shared};
 use crate::state::slots::{CoolingReason, Counter};
 
@@ -215,6 +218,14 @@ fn keypool_settle(
 
     let actual = (prompt + completion).min(MAX_TOKENS);
     correct(sh, &cfg, &r, 0, actual - r.est_tokens, now);
+    minute::settle(
+        sh,
+        r.pool_slot,
+        &r.caller,
+        r.flags & FLAG_CALLER_OPEN != 0,
+        (0, actual - r.est_tokens),
+        now,
+    );
     if r.hold.held() {
         // The true cost replaces the estimate (the estimate stays when the price is gone).
         let cost = cfg
@@ -334,6 +345,14 @@ fn keypool_release(reservation_id: Option<i64>) {
     let (_, r) = take(sh, &cfg, reservation_id, Closed::Released);
     let now = clock::now_ms();
     correct(sh, &cfg, &r, -1, -r.est_tokens, now);
+    minute::settle(
+        sh,
+        r.pool_slot,
+        &r.caller,
+        r.flags & FLAG_CALLER_OPEN != 0,
+        (-1, -r.est_tokens),
+        now,
+    );
     if r.hold.held() {
         budgets::adjust(sh, r.pool_slot, &r.hold, -(r.hold.amount as i64));
     }

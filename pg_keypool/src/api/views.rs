@@ -65,6 +65,7 @@ fn keypool_status() -> TableIterator<
         name!(started_from, String),
         name!(state_timeline, Option<i32>),
         name!(recovery_ended_at, Ts),
+        name!(callers_untracked, i64),
     ),
 > {
     let sh = shmem::shared();
@@ -85,6 +86,7 @@ fn keypool_status() -> TableIterator<
         started.to_string(),
         (timeline > 0).then_some(timeline as i32),
         (ended > 0).then(|| clock::to_timestamptz(ended)),
+        sh.callers.untracked.load(Ordering::Acquire) as i64,
     ))
 }
 

@@ -23,6 +23,7 @@ use crate::catalog::query::fresh_rows;
 use crate::catalog::vault;
 use crate::errors::{self, Code};
 use crate::policy::calendar;
+use crate::policy::minute::{Capacity, UserLimits};
 use crate::policy::money::{Budget, Period, Price};
 use crate::policy::shares::Policy;
 use crate::policy::window::Limits;
@@ -122,7 +123,9 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
             #[allow(clippy::type_complexity)]
             let pools: Vec<PoolRow> = fresh_rows(
                 c"SELECT id, name, min_share, active_days, borrowing, timezone, fallback_on_quota,
-                         budget_micros, budget_per_user_micros, budget_period, default_cost_micros, owner_fallback
+                         budget_micros, budget_per_user_micros, budget_period, default_cost_micros, owner_fallback,
+                         coalesce(round(minute_share * 1000), 0)::bigint, coalesce(user_rpm, 0)::bigint,
+                         coalesce(user_tpm, 0), coalesce(user_max_concurrent, 0)
                     FROM keypool.pool ORDER BY id",
                 |r| PoolRow {
                     id: r.get(0),
@@ -139,6 +142,12 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
                         default_cost: r.get::<i64>(10).max(0) as u64,
                     }),
                     owner_fallback: r.get(11),
+                    user_limits: UserLimits {
+                        share_milli: r.get::<i64>(12).max(0) as u64,
+                        rpm: r.get::<i64>(13).max(0) as u64,
+                        tpm: r.get::<i64>(14).max(0) as u64,
+                        max_concurrent: r.get::<i32>(15).max(0) as u32,
+                    },
                 },
             );
             // Prices in millionths, rounded up (a price finer than that never undercounts).
@@ -276,6 +285,7 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
                 fallback_on_quota,
                 budget,
                 owner_fallback,
+                user_limits,
             } in pools
             {
                 cfg.pools_by_name.insert(name.clone(), cfg.pools.len());
@@ -300,6 +310,8 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
                     fallbacks: Vec::new(),
                     fallback_on_quota,
                     budget,
+                    user_limits,
+                    minute_capacity: Capacity::default(),
                 });
             }
             let pool_index: HashMap<i64, usize> = cfg.pools.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
@@ -358,6 +370,10 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
                 let policy = pool_policy(&cfg, &cfg.pools[i], &scope_limits, min_share, active_days, borrowing);
                 let pool_tz = pool_zone(&cfg, &cfg.pools[i], timezone.as_deref());
                 let tokens = pool_capacity(&cfg, &cfg.pools[i], &scope_limits, |l| l.tpd);
+                let minute = Capacity {
+                    requests: pool_capacity(&cfg, &cfg.pools[i], &scope_limits, |l| l.rpm).unwrap_or(0),
+                    tokens: pool_capacity(&cfg, &cfg.pools[i], &scope_limits, |l| l.tpm).unwrap_or(0),
+                };
                 let fingerprint = {
                     let mut h = std::hash::DefaultHasher::new();
                     for key in cfg.assignable(&cfg.pools[i]) {
@@ -370,6 +386,7 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
                 pool.policy = policy;
                 pool.tz = pool_tz;
                 pool.token_capacity = tokens;
+                pool.minute_capacity = minute;
             }
             cfg
         })
@@ -386,6 +403,7 @@ struct PoolRow {
     fallback_on_quota: bool,
     budget: Option<Budget>,
     owner_fallback: bool,
+    user_limits: UserLimits,
 }
 
 struct KeyRow {

@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::catalog::grants::Grants;
 use crate::policy::calendar;
+use crate::policy::minute::{Capacity, UserLimits};
 use crate::policy::money::{Budget, Price};
 use crate::policy::shares::Policy;
 use crate::state::slots::Owner;
@@ -42,6 +43,10 @@ pub struct Pool {
     pub fallback_on_quota: bool,
     /// The spend budget, if any (budgets.rs).
     pub budget: Option<Budget>,
+    /// Limits on each user's minute (policy/minute.rs).
+    pub user_limits: UserLimits,
+    /// Requests and tokens per minute over its usable shared keys (0: a key without that limit).
+    pub minute_capacity: Capacity,
 }
 
 /// The keys of one priority in a pool.

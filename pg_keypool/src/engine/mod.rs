@@ -1,5 +1,5 @@
-//! What the SQL functions share: access checks, argument checks, quotas and shares, budgets,
-//! membership of pools.
+//! What the SQL functions share: access checks, argument checks, quotas and shares, users'
+//! minutes, budgets, membership of pools.
 
 pub mod access;
 pub mod args;
@@ -9,4 +9,5 @@ pub mod composite;
 pub mod key_tree;
 pub mod member_cache;
 pub mod member_load;
+pub mod minute;
 pub mod quota;

@@ -389,7 +389,8 @@ pub fn view(sh: &Shared, cfg: &Config, pool: &Pool, user: &str, now_ms: i64) -> 
     (allocation, may_borrow, day_end)
 }
 
-/// `keypool_allocation`: the user's share of the pool today, without changing anything.
+/// `keypool_allocation`: the user's share of the pool today (and, in pools that limit it, of
+/// the minute), without changing anything.
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
 fn keypool_allocation(
@@ -408,6 +409,11 @@ fn keypool_allocation(
         name!(budget, Option<AnyNumeric>),
         name!(budget_resets_at, Option<TimestampWithTimeZone>),
         name!(own_keys_requests_today, Option<i64>),
+        name!(requests_this_minute, Option<i64>),
+        name!(minute_request_limit, Option<i64>),
+        name!(tokens_this_minute, Option<i64>),
+        name!(minute_token_limit, Option<i64>),
+        name!(open_reservations, Option<i32>),
     ),
 > {
     let _path = crate::catalog::privilege::pin_search_path();
@@ -452,6 +458,10 @@ fn keypool_allocation(
             })
             .sum::<i64>()
     });
+    // Their minute, in pools that limit it (engine/minute.rs).
+    let hash = members::user_hash(cfg.owner.instance, pool.id, user);
+    let minute = crate::engine::minute::standing(sh, pool, hash, now);
+    let m = minute.as_ref();
     TableIterator::once((
         a.allocated.map(|v| v as i64),
         a.used as i64,
@@ -463,6 +473,11 @@ fn keypool_allocation(
         budget,
         budget_resets_at,
         own,
+        m.map(|m| m.requests as i64),
+        m.and_then(|m| m.request_limit).map(|v| v as i64),
+        m.map(|m| m.tokens as i64),
+        m.and_then(|m| m.token_limit).map(|v| v as i64),
+        m.and_then(|m| m.open).map(|v| v as i32),
     ))
 }
 

@@ -1,6 +1,7 @@
 //! Pure rules and arithmetic: no PostgreSQL in here, unit-tested with plain `#[test]`s.
 
 pub mod calendar;
+pub mod minute;
 pub mod money;
 pub mod outcome;
 pub mod provider;

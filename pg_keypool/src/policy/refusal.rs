@@ -9,6 +9,8 @@ pub enum Refusal {
     BudgetExceeded,
     /// The estimate is more than any usable key allows: an error, unless a fallback serves.
     TooLarge,
+    /// The user (or their API token) is at their limit of the minute (policy/minute.rs).
+    UserRateLimited,
 }
 
 impl Refusal {
@@ -19,6 +21,7 @@ impl Refusal {
             Refusal::QuotaExceeded => "QUOTA_EXCEEDED",
             Refusal::BudgetExceeded => "BUDGET_EXCEEDED",
             Refusal::TooLarge => "POOL_EXHAUSTED",
+            Refusal::UserRateLimited => "USER_RATE_LIMITED",
         }
     }
 }
@@ -29,18 +32,25 @@ mod tests {
 
     #[test]
     fn a_too_large_estimate_reads_as_an_exhausted_pool() {
-        // Callers see the four documented codes only.
+        // Callers see the documented codes only.
         assert_eq!(Refusal::TooLarge.code(), Refusal::PoolExhausted.code());
         let codes = [
             Refusal::PoolExhausted,
             Refusal::NoKeys,
             Refusal::QuotaExceeded,
             Refusal::BudgetExceeded,
+            Refusal::UserRateLimited,
         ]
         .map(|r| r.code());
         assert_eq!(
             codes,
-            ["POOL_EXHAUSTED", "NO_KEYS", "QUOTA_EXCEEDED", "BUDGET_EXCEEDED"]
+            [
+                "POOL_EXHAUSTED",
+                "NO_KEYS",
+                "QUOTA_EXCEEDED",
+                "BUDGET_EXCEEDED",
+                "USER_RATE_LIMITED"
+            ]
         );
     }
 }

@@ -18,11 +18,18 @@
 /// Length of the rolling window, in milliseconds.
 pub const WINDOW_MS: i64 = 60_000;
 
-/// Entries kept per minute log before adjacent entries are merged.
+/// Entries kept per minute log of a scope before adjacent entries are merged.
 pub const LOG_CAPACITY: usize = 64;
-/// Adjacent entries are merged only within one bucket of this width (see
-/// `MinuteLog::merge_closest_pair`); a window holds at most 61 buckets, fewer than LOG_CAPACITY.
-const MERGE_BUCKET_MS: i64 = 1_000;
+/// Entries kept per minute log of a caller (a user of a pool, state/callers.rs).
+pub const CALLER_LOG_CAPACITY: usize = 16;
+
+/// Adjacent entries of a log of `n` entries are merged only within one bucket of this width
+/// (see `Log::merge_closest_pair`): a window holds at most `n - 3` buckets (61 of a second for
+/// 64 entries, 13 of five seconds for 16), fewer than the log's entries.
+const fn merge_bucket_ms(n: usize) -> i64 {
+    let buckets = n as i64 - 4;
+    (WINDOW_MS + buckets - 1) / buckets
+}
 
 /// The four limits of a quota scope. `0` means "no limit" (SQL NULL); limits are always > 0.
 #[repr(C)]
@@ -48,25 +55,30 @@ struct Entry {
     tokens: u64,
 }
 
-/// A bounded log of what was charged in the last minute.
+/// A bounded log of what was charged in the last minute, of `N` entries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct MinuteLog {
+pub struct Log<const N: usize> {
     head: u32,
     len: u32,
     sum_requests: u64,
     sum_tokens: u64,
-    entries: [Entry; LOG_CAPACITY],
+    entries: [Entry; N],
 }
 
-impl Default for MinuteLog {
+/// A scope's log.
+pub type MinuteLog = Log<LOG_CAPACITY>;
+/// A caller's log: fewer entries, merged within five seconds.
+pub type CallerLog = Log<CALLER_LOG_CAPACITY>;
+
+impl<const N: usize> Default for Log<N> {
     fn default() -> Self {
-        MinuteLog {
+        Log {
             head: 0,
             len: 0,
             sum_requests: 0,
             sum_tokens: 0,
-            entries: [Entry::default(); LOG_CAPACITY],
+            entries: [Entry::default(); N],
         }
     }
 }
@@ -98,9 +110,11 @@ impl Wait {
     }
 }
 
-impl MinuteLog {
+impl<const N: usize> Log<N> {
+    const MERGE_BUCKET_MS: i64 = merge_bucket_ms(N);
+
     fn slot(&self, i: usize) -> usize {
-        (self.head as usize + i) % LOG_CAPACITY
+        (self.head as usize + i) % N
     }
 
     fn get(&self, i: usize) -> &Entry {
@@ -123,6 +137,11 @@ impl MinuteLog {
         self.len == 0
     }
 
+    /// When the newest charge in the log was made.
+    pub fn newest_ms(&self) -> Option<i64> {
+        (self.len > 0).then(|| self.get(self.len as usize - 1).at_ms)
+    }
+
     /// Drops the entries that have left the window at `now_ms`.
     pub fn expire(&mut self, now_ms: i64) {
         while self.len > 0 {
@@ -132,7 +151,7 @@ impl MinuteLog {
             }
             self.sum_requests -= e.requests;
             self.sum_tokens -= e.tokens;
-            self.head = ((self.head as usize + 1) % LOG_CAPACITY) as u32;
+            self.head = ((self.head as usize + 1) % N) as u32;
             self.len -= 1;
         }
     }
@@ -191,7 +210,7 @@ impl MinuteLog {
                 return;
             }
         }
-        if self.len as usize == LOG_CAPACITY {
+        if self.len as usize == N {
             self.merge_closest_pair();
         }
         let at = self.slot(self.len as usize);
@@ -224,7 +243,8 @@ impl MinuteLog {
                 closest_gap = gap;
                 closest = i;
             }
-            if a.div_euclid(MERGE_BUCKET_MS) == b.div_euclid(MERGE_BUCKET_MS) && gap < best_gap {
+            let bucket = Self::MERGE_BUCKET_MS;
+            if a.div_euclid(bucket) == b.div_euclid(bucket) && gap < best_gap {
                 best_gap = gap;
                 best = Some(i);
             }
@@ -238,7 +258,7 @@ impl MinuteLog {
             let (from, to) = (self.slot(i), self.slot(i + 1));
             self.entries[to] = self.entries[from];
         }
-        self.head = ((self.head as usize + 1) % LOG_CAPACITY) as u32;
+        self.head = ((self.head as usize + 1) % N) as u32;
         self.len -= 1;
     }
 

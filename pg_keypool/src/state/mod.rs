@@ -2,6 +2,7 @@
 //! the state file that carries them across a restart.
 
 pub mod breaker;
+pub mod callers;
 pub mod clock;
 pub mod lock;
 pub mod members;

@@ -90,6 +90,8 @@ impl Slot for PoolSlot {
         self.guests_reset();
         self.fell_through.reset();
         self.spend.reset();
+        self.active.reset();
+        self.minute.reset();
         let mut shares = self.lock();
         *shares = PoolShares::default();
         // Member entries of the previous binding become stale.

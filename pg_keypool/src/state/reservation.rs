@@ -13,6 +13,7 @@
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
+use crate::state::callers::CallerMark;
 use crate::state::shmem::Shared;
 use crate::state::slots::ReservationSlot;
 
@@ -59,6 +60,8 @@ pub const FLAG_BORROWED: u32 = 2;
 /// This reservation counts against its key's `max_concurrent` (state/open_count.rs) until it
 /// is settled or released, or its lease ends.
 pub const FLAG_CONCURRENT: u32 = 4;
+/// This reservation counts against its user's `user_max_concurrent` (in its caller entry).
+pub const FLAG_CALLER_OPEN: u32 = 8;
 
 /// Reservations open right now: issued, neither settled nor released, within their lease.
 pub fn open_count(sh: &Shared, now_ms: i64, lease_ms: i64) -> usize {
@@ -91,6 +94,8 @@ pub struct Record {
     pub role: u32,
     /// What it holds of its pool's budget (budgets.rs).
     pub hold: Hold,
+    /// Where its grant was counted against its user's minute (callers.rs).
+    pub caller: CallerMark,
 }
 
 /// How a reservation ended.
@@ -153,6 +158,9 @@ fn write(s: &ReservationSlot, id: u64, r: &Record) {
     s.spend_period.store(r.hold.period, Relaxed);
     s.spend_index.store(r.hold.index, Relaxed);
     s.spend_hash.store(r.hold.hash, Relaxed);
+    s.caller_index.store(r.caller.index, Relaxed);
+    s.caller_hash.store(r.caller.hash, Relaxed);
+    s.caller_at_ms.store(r.caller.at_ms, Relaxed);
     s.id.store(id, Release);
 }
 
@@ -177,6 +185,11 @@ fn read(s: &ReservationSlot) -> Record {
             period: s.spend_period.load(Relaxed),
             index: s.spend_index.load(Relaxed),
             hash: s.spend_hash.load(Relaxed),
+        },
+        caller: CallerMark {
+            index: s.caller_index.load(Relaxed),
+            hash: s.caller_hash.load(Relaxed),
+            at_ms: s.caller_at_ms.load(Relaxed),
         },
     }
 }

@@ -6,6 +6,7 @@
 //! ```text
 //! [Header][ScopeSlot; max_scopes][KeySlot; max_keys][PoolSlot; max_pools][ReservationSlot; max_reservations]
 //! [Lock; STRIPES][StripeStats; STRIPES][MemberCell; max_members][TreeCell; 8 * max_keys]
+//! [CallerCell; max_callers]
 //! ```
 //!
 //! Slots are bound to database rows by a [`Tag`] (database, extension instance, row id); see
@@ -20,6 +21,7 @@ use pgrx::pg_sys;
 use crate::errors;
 use crate::policy::shares::PoolShares;
 use crate::settings;
+use crate::state::callers::{CallerCell, CallerTable};
 use crate::state::lock::Lock;
 use crate::state::members::{MemberCell, MemberTable, StripeStats, STRIPES};
 use crate::state::slots::{Header, KeySlot, PoolSlot, ReservationSlot, ScopeSlot, TreeCell};
@@ -37,6 +39,7 @@ pub struct Shared {
     pub reservations: &'static [ReservationSlot],
     pub members: MemberTable,
     pub tree_cells: &'static [TreeCell],
+    pub callers: CallerTable,
 }
 
 static mut SHARED: Option<Shared> = None;
@@ -60,6 +63,7 @@ struct Capacities {
     pools: usize,
     reservations: usize,
     members: usize,
+    callers: usize,
 }
 
 impl Capacities {
@@ -71,6 +75,7 @@ impl Capacities {
             reservations: settings::MAX_RESERVATIONS.get() as usize,
             // A whole number of entries per stripe.
             members: (settings::MAX_MEMBERS.get() as usize).div_ceil(STRIPES) * STRIPES,
+            callers: (settings::MAX_CALLERS.get() as usize).div_ceil(STRIPES) * STRIPES,
         }
     }
 
@@ -79,12 +84,12 @@ impl Capacities {
     }
 
     /// Byte offsets of the parts, and the total size.
-    fn layout(&self) -> ([usize; 9], usize) {
+    fn layout(&self) -> ([usize; 10], usize) {
         fn align(n: usize) -> usize {
             n.div_ceil(64) * 64
         }
         let mut at = 0;
-        let mut offsets = [0; 9];
+        let mut offsets = [0; 10];
         let sizes = [
             std::mem::size_of::<Header>(),
             std::mem::size_of::<ScopeSlot>() * self.scopes,
@@ -95,6 +100,7 @@ impl Capacities {
             std::mem::size_of::<StripeStats>() * STRIPES,
             std::mem::size_of::<MemberCell>() * self.members,
             std::mem::size_of::<TreeCell>() * self.tree_cells(),
+            std::mem::size_of::<CallerCell>() * self.callers,
         ];
         for (i, size) in sizes.iter().enumerate() {
             offsets[i] = at;
@@ -141,6 +147,12 @@ pub unsafe fn attach() -> bool {
                 cells: std::slice::from_raw_parts(base.add(offsets[7]) as *const MemberCell, caps.members),
             },
             tree_cells: std::slice::from_raw_parts(base.add(offsets[8]) as *const TreeCell, caps.tree_cells()),
+            callers: CallerTable {
+                pools: std::slice::from_raw_parts(base.add(offsets[3]) as *const PoolSlot, caps.pools),
+                locks: std::slice::from_raw_parts(base.add(offsets[5]) as *const Lock, STRIPES),
+                cells: std::slice::from_raw_parts(base.add(offsets[9]) as *const CallerCell, caps.callers),
+                untracked: &(*(base.add(offsets[0]) as *const Header)).callers_untracked,
+            },
         };
         if !found {
             let header = &mut *(base.add(offsets[0]) as *mut Header);

@@ -8,7 +8,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use crate::policy::shares::PoolShares;
-use crate::policy::window::ScopeWindows;
+use crate::policy::window::{MinuteLog, ScopeWindows};
 use crate::state::lock::{Lock, LockGuard};
 use crate::state::open_count::OpenCount;
 
@@ -271,6 +271,138 @@ pub struct PoolSlot {
     pub fell_through: DayCount,
     /// What the pool spent of its budget in the current period (budgets.rs).
     pub spend: Spend,
+    /// Its callers asking now (callers.rs), for fair shares of the minute.
+    pub active: ActiveCallers,
+    /// What its users' counted requests took of the last minute, in pools that limit users'
+    /// minutes (engine/minute.rs).
+    pub minute: PoolMinute,
+}
+
+/// A caller counts as active (asking) this long after they last asked.
+pub const ACTIVE_MS: i64 = 10_000;
+/// Buckets of a pool's count of active callers: one per second, and one more.
+const ACTIVE_BUCKETS: usize = (ACTIVE_MS / 1000) as usize + 1;
+
+/// A pool's count of callers who asked in the last [`ACTIVE_MS`] (callers.rs): bucket
+/// `s % ACTIVE_BUCKETS` counts the callers whose latest ask was in second `s` (packed as
+/// second << 32 | count), moved along as each asks again.
+#[repr(C)]
+pub struct ActiveCallers {
+    buckets: [AtomicU64; ACTIVE_BUCKETS],
+}
+
+impl Default for ActiveCallers {
+    fn default() -> Self {
+        ActiveCallers {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+fn pack(second: u64, count: u64) -> u64 {
+    (second << 32) | (count & 0xffff_ffff)
+}
+
+impl ActiveCallers {
+    /// A caller whose previous ask was at `before_ms` (0: not in memory) asks at `now_ms`.
+    pub fn asked(&self, before_ms: i64, now_ms: i64) {
+        let now_s = (now_ms.max(0) / 1000) as u64;
+        if before_ms > 0 && now_ms - before_ms < ACTIVE_MS {
+            let before_s = (before_ms / 1000) as u64;
+            if before_s == now_s {
+                return;
+            }
+            self.change(before_s, -1);
+        }
+        self.change(now_s, 1);
+    }
+
+    fn change(&self, second: u64, delta: i64) {
+        let b = &self.buckets[(second % ACTIVE_BUCKETS as u64) as usize];
+        let mut current = b.load(Ordering::Acquire);
+        loop {
+            let (s, n) = (current >> 32, current & 0xffff_ffff);
+            let next = if s == second {
+                pack(second, (n as i64 + delta).max(0) as u64)
+            } else if delta > 0 {
+                // The bucket held an older second, out of the window.
+                pack(second, delta as u64)
+            } else {
+                // The second it counted is gone already.
+                return;
+            };
+            match b.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Callers who asked in the last [`ACTIVE_MS`].
+    pub fn count(&self, now_ms: i64) -> u64 {
+        let now_s = (now_ms.max(0) / 1000) as u64;
+        let oldest = now_s.saturating_sub((ACTIVE_MS / 1000) as u64);
+        self.buckets
+            .iter()
+            .map(|b| b.load(Ordering::Acquire))
+            .filter(|v| (v >> 32) >= oldest && (v >> 32) <= now_s)
+            .map(|v| v & 0xffff_ffff)
+            .sum()
+    }
+
+    pub fn reset(&self) {
+        for b in &self.buckets {
+            b.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// A pool's requests and tokens of the last minute, counted with its users' minutes. A spin
+/// lock guards it: the critical sections are a few instructions.
+#[repr(C)]
+pub struct PoolMinute {
+    lock: AtomicU32,
+    log: UnsafeCell<MinuteLog>,
+}
+
+// SAFETY: the log is only touched under the spin lock.
+unsafe impl Sync for PoolMinute {}
+
+impl PoolMinute {
+    /// Runs `f` on the log under the lock.
+    pub fn with<R>(&self, f: impl FnOnce(&mut MinuteLog) -> R) -> R {
+        spin_lock(&self.lock);
+        let _unlock = SpinUnlock(&self.lock);
+        // SAFETY: the lock is held.
+        unsafe { f(&mut *self.log.get()) }
+    }
+
+    pub fn reset(&self) {
+        self.with(|log| *log = MinuteLog::default());
+    }
+}
+
+fn spin_lock(lock: &AtomicU32) {
+    let mut spins = 0u32;
+    while lock
+        .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        spins += 1;
+        if spins.is_multiple_of(64) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+struct SpinUnlock<'a>(&'a AtomicU32);
+
+impl Drop for SpinUnlock<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
 }
 
 /// A pool's spend in one budget period, in millionths: settled costs plus the estimates that
@@ -289,26 +421,8 @@ unsafe impl Sync for Spend {}
 impl Spend {
     /// Runs `f` on (period start, spent) under the lock.
     pub fn with<R>(&self, f: impl FnOnce(&mut i32, &mut u64) -> R) -> R {
-        let mut spins = 0u32;
-        while self
-            .lock
-            .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            spins += 1;
-            if spins.is_multiple_of(64) {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-        }
-        struct Unlock<'a>(&'a AtomicU32);
-        impl Drop for Unlock<'_> {
-            fn drop(&mut self) {
-                self.0.store(0, Ordering::Release);
-            }
-        }
-        let _unlock = Unlock(&self.lock);
+        spin_lock(&self.lock);
+        let _unlock = SpinUnlock(&self.lock);
         // SAFETY: the lock is held.
         unsafe { f(&mut *self.period.get(), &mut *self.spent.get()) }
     }
@@ -494,6 +608,11 @@ pub struct ReservationSlot {
     pub spend_period: AtomicI32,
     pub spend_index: AtomicU32,
     pub spend_hash: AtomicU64,
+    /// The caller entry its grant was counted in (callers.rs; u32::MAX: none), its hash, and
+    /// when it was counted there.
+    pub caller_index: AtomicU32,
+    pub caller_hash: AtomicU64,
+    pub caller_at_ms: AtomicI64,
 }
 
 /// A database's settable clock (tests).
@@ -520,6 +639,9 @@ pub struct Header {
     /// The first reservation id of this server run.
     pub first_reservation: AtomicU64,
     pub reservations_evicted: AtomicU64,
+    /// Grants in pools with limits per user and minute made without a caller entry (every
+    /// entry of the user's window was live): only the keys' limits held for them.
+    pub callers_untracked: AtomicU64,
     pub clocks_in_use: AtomicU32,
     pub clocks: [ClockOverride; MAX_CLOCKS],
     /// Process flushing usage history right now (0: none), and since when.
@@ -595,5 +717,29 @@ mod tests {
         assert_eq!(p.guests_used(day + 1), 2);
         p.guests_reset();
         assert_eq!(p.guests_used(day + 1), 0);
+    }
+
+    const T: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn an_active_caller_counts_once_while_they_keep_asking_and_leaves_after_a_pause() {
+        let a = ActiveCallers::default();
+        a.asked(0, T);
+        assert_eq!(a.count(T), 1);
+        a.asked(T, T + 500);
+        a.asked(T + 500, T + 5_000);
+        a.asked(T + 5_000, T + 9_000);
+        assert_eq!(a.count(T + 9_000), 1);
+        a.asked(0, T + 9_500);
+        assert_eq!(a.count(T + 9_500), 2);
+        assert_eq!(a.count(T + 9_500 + ACTIVE_MS + 1_000), 0);
+    }
+
+    #[test]
+    fn a_caller_back_after_a_pause_counts_once() {
+        let a = ActiveCallers::default();
+        a.asked(0, T);
+        a.asked(T, T + 30_000);
+        assert_eq!(a.count(T + 30_000), 1);
     }
 }

@@ -17,7 +17,7 @@ GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_s
     keypool_claim_requests(text, integer, interval), keypool_complete_request(bigint, text, text, jsonb, text, timestamptz),
     keypool_queue_wake_at()
     TO regress_kp_app, regress_kp_app2, regress_kp_ops, regress_kp_admin, regress_kp_star;
-GRANT EXECUTE ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text),
+GRANT EXECUTE ON FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text, double precision),
     keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer),
     keypool_disable_key(bigint, text), keypool_enable_key(bigint), keypool_reset_usage(text),
     keypool_grant(text, regrole, text), keypool_revoke(text, regrole, text), keypool_key_credentials(bigint),

@@ -4,8 +4,8 @@
 //! next request falls due or lease runs out (`keypool_queue_wake_at`), never polling faster.
 //!
 //! How a request ends: an answer is 'done'; QUOTA_EXCEEDED, BUDGET_EXCEEDED, NO_KEYS, caller
-//! errors and unknown pools are 'failed' at once; POOL_EXHAUSTED waits for capacity without counting an attempt (up to
-//! the request's deadline); provider failures on every key are retried later, up to the
+//! errors and unknown pools are 'failed' at once; POOL_EXHAUSTED and USER_RATE_LIMITED wait for
+//! capacity without counting an attempt (up to the request's deadline); provider failures on every key are retried later, up to the
 //! request's max_attempts. On shutdown, requests still running after the grace period go back
 //! to the queue without counting an attempt.
 
@@ -361,12 +361,16 @@ fn settle_failure(c: &Claimed, f: Failure) -> Completion {
     let text = f.describe();
     let in_ms = |ms: i64| SystemTime::now() + Duration::from_millis(ms.max(0) as u64);
     match f {
-        Failure::Refused { ref refusal, .. } if refusal.code == "POOL_EXHAUSTED" => Completion {
-            outcome: "wait",
-            response: None,
-            error: Some(text),
-            retry_at: Some(in_ms(refusal.retry_after_ms.unwrap_or(1000).max(50))),
-        },
+        Failure::Refused { ref refusal, .. }
+            if matches!(refusal.code.as_str(), "POOL_EXHAUSTED" | "USER_RATE_LIMITED") =>
+        {
+            Completion {
+                outcome: "wait",
+                response: None,
+                error: Some(text),
+                retry_at: Some(in_ms(refusal.retry_after_ms.unwrap_or(1000).max(50))),
+            }
+        }
         Failure::Exhausted { retry_after_ms, .. } => Completion {
             outcome: "retry",
             response: None,

@@ -146,8 +146,8 @@ async fn user_and_pool(
     Ok((user, pool))
 }
 
-/// `GET /allocation/daily?model=...`: the calling user's share of the pool today, and their
-/// spend and budget this period when the pool has a budget.
+/// `GET /allocation/daily?model=...`: the calling user's share of the pool today, their spend
+/// and budget this period when the pool has a budget, and their minute when the pool limits it.
 async fn daily(
     State(ep): State<Arc<Endpoint>>,
     Extension(principal): Extension<Principal>,
@@ -164,7 +164,10 @@ async fn daily(
                 used_today AS \"requestsUsedToday\", remaining_today AS \"requestsRemainingToday\",
                 warning_level AS \"warningLevel\", resets_at AS \"resetsAt\",
                 allocated_tokens_today AS \"allocatedTokensToday\",
-                spent AS \"spentThisPeriod\", budget AS \"budget\", budget_resets_at AS \"budgetResetsAt\"
+                spent AS \"spentThisPeriod\", budget AS \"budget\", budget_resets_at AS \"budgetResetsAt\",
+                requests_this_minute AS \"requestsThisMinute\", minute_request_limit AS \"minuteRequestLimit\",
+                tokens_this_minute AS \"tokensThisMinute\", minute_token_limit AS \"minuteTokenLimit\",
+                open_reservations AS \"openReservations\"
            FROM keypool_allocation($1, $2)",
         &[&user, &pool],
         true,

@@ -409,6 +409,16 @@ pub fn failure_response(pool: &str, f: Failure) -> Response {
                         StatusCode::TOO_MANY_REQUESTS,
                         format!("POOL_EXHAUSTED: every key of pool \"{pool}\" is at its limit right now"),
                     ),
+                    "USER_RATE_LIMITED" => (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        format!(
+                            "USER_RATE_LIMITED: you are at your limit of pool \"{pool}\" for this minute{}",
+                            refusal
+                                .retry_after_ms
+                                .map(|ms| format!("; your next request fits in {:.1} s", ms as f64 / 1000.0))
+                                .unwrap_or_default()
+                        ),
+                    ),
                     "BUDGET_EXCEEDED" => (
                         StatusCode::TOO_MANY_REQUESTS,
                         format!(
