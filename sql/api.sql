@@ -31,6 +31,14 @@ CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_t
 RETURNS keypool_reservation
 AS 'MODULE_PATHNAME', 'keypool_reserve_c'
 LANGUAGE c VOLATILE PARALLEL UNSAFE;
+-- The same for a caller holding an API token: the token's limits apply too (the worker passes
+-- the SHA-256 of the token it was given). Its own signature, so that the four-argument calls
+-- and the grants on them stay as they are.
+CREATE FUNCTION keypool_reserve(user_id text, pool text, est_tokens bigint, within text[],
+                                token_sha256 bytea)
+RETURNS keypool_reservation
+AS 'MODULE_PATHNAME', 'keypool_reserve_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
 
 -- The state functions return a row per scope, key or pool. The default estimate (1000 rows)
 -- makes the stats views look expensive enough for JIT, which costs more than they do.
@@ -340,13 +348,14 @@ SELECT t.id, t.label, t.user_id,
        CASE WHEN t.pool_ids IS NOT NULL THEN
            (SELECT array_agg(p.name ORDER BY p.name) FROM keypool.pool p WHERE p.id = ANY (t.pool_ids))
        END AS pools,
-       t.created_by, t.created_at, t.last_used_at, t.expires_at, t.revoked_at
+       t.created_by, t.created_at, t.last_used_at, t.expires_at, t.revoked_at,
+       t.rpm, t.tpm, t.rpd, t.max_concurrent
   FROM keypool.api_token t
  WHERE keypool.acts_for(t.created_by)
     OR CASE WHEN t.pool_ids IS NULL THEN keypool.allowed(NULL, 'admin')
             ELSE NOT EXISTS (SELECT 1 FROM unnest(t.pool_ids) AS i(id) WHERE NOT keypool.allowed(i.id, 'admin')) END;
 COMMENT ON VIEW keypool_api_tokens IS
-    'API tokens of the worker''s callers: label, user, pools, use, expiry, revocation (never the token); those this role made or administers';
+    'API tokens of the worker''s callers: label, user, pools, use, expiry, revocation, limits (never the token); those this role made or administers';
 
 -- The master keys this database's secrets are sealed with (administrators of every pool).
 CREATE VIEW keypool_master_keys WITH (security_barrier) AS
@@ -503,8 +512,12 @@ COMMENT ON FUNCTION keypool_revoke(text, regrole, text) IS
     'Takes back a privilege keypool_grant gave; needs admin on the pool (* = every pool)';
 COMMENT ON FUNCTION keypool_rotate_master_key() IS
     'Adds a master key to the keyring and reseals every secret of this database with it; returns its number';
-COMMENT ON FUNCTION keypool_create_api_token(text, text, text[], timestamptz) IS
-    'Makes an API token for the worker (bound to a user and to pools, or not), returned once; only its hash is kept';
+COMMENT ON FUNCTION keypool_create_api_token(text, text, text[], timestamptz, integer, bigint, integer, integer) IS
+    'Makes an API token for the worker (bound to a user and to pools, or not; with limits or not), returned once; only its hash is kept';
+COMMENT ON FUNCTION keypool_alter_api_token(bigint, integer, bigint, integer, integer) IS
+    'Changes an API token''s limits: rpm, tpm, rpd, max_concurrent (NULL: unchanged, 0: none)';
+COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[], bytea) IS
+    'keypool_reserve for a caller holding an API token (its SHA-256): the token''s limits apply too, across every worker';
 COMMENT ON FUNCTION keypool_revoke_api_token(bigint) IS
     'Revokes an API token (every worker refuses it within seconds)';
 COMMENT ON FUNCTION keypool_authenticate_api_token(text) IS
@@ -591,8 +604,10 @@ REVOKE ALL ON FUNCTION
     keypool_grant(text, regrole, text),
     keypool_revoke(text, regrole, text),
     keypool_rotate_master_key(),
-    keypool_create_api_token(text, text, text[], timestamptz),
+    keypool_create_api_token(text, text, text[], timestamptz, integer, bigint, integer, integer),
     keypool_revoke_api_token(bigint),
+    keypool_alter_api_token(bigint, integer, bigint, integer, integer),
+    keypool_reserve(text, text, bigint, text[], bytea),
     keypool_authenticate_api_token(text),
     keypool_authenticate_api_token_sha256(bytea),
     keypool_transport_key(),

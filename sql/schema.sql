@@ -262,7 +262,13 @@ CREATE TABLE keypool.api_token (
     created_at   timestamptz NOT NULL DEFAULT now(),
     last_used_at timestamptz,
     expires_at   timestamptz,
-    revoked_at   timestamptz
+    revoked_at   timestamptz,
+    -- Limits on the token's use, across every worker (NULL: none): requests and tokens per
+    -- rolling minute, requests per day (UTC), reservations open at once.
+    rpm            integer CHECK (rpm > 0),
+    tpm            bigint CHECK (tpm > 0),
+    rpd            integer CHECK (rpd > 0),
+    max_concurrent integer CHECK (max_concurrent > 0)
 );
 ALTER SEQUENCE keypool.api_token_id_seq OWNED BY keypool.api_token.id;
 

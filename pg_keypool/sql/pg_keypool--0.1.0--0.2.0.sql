@@ -88,7 +88,13 @@ CREATE TABLE keypool.api_token (
     created_at   timestamptz NOT NULL DEFAULT now(),
     last_used_at timestamptz,
     expires_at   timestamptz,
-    revoked_at   timestamptz
+    revoked_at   timestamptz,
+    -- Limits on the token's use, across every worker (NULL: none): requests and tokens per
+    -- rolling minute, requests per day (UTC), reservations open at once.
+    rpm            integer CHECK (rpm > 0),
+    tpm            bigint CHECK (tpm > 0),
+    rpd            integer CHECK (rpd > 0),
+    max_concurrent integer CHECK (max_concurrent > 0)
 );
 ALTER SEQUENCE keypool.api_token_id_seq OWNED BY keypool.api_token.id;
 
@@ -276,11 +282,25 @@ CREATE  FUNCTION "keypool_create_api_token"(
 	"label" TEXT, /* Option < & str > */
 	"user_id" TEXT DEFAULT NULL, /* Option < & str > */
 	"pools" TEXT[] DEFAULT NULL, /* :: std :: option :: Option < Vec < Option < String > > > */
-	"expires_at" timestamp with time zone DEFAULT NULL /* Option < TimestampWithTimeZone > */
+	"expires_at" timestamp with time zone DEFAULT NULL, /* Option < TimestampWithTimeZone > */
+	"rpm" INT DEFAULT NULL, /* Option < i32 > */
+	"tpm" bigint DEFAULT NULL, /* Option < i64 > */
+	"rpd" INT DEFAULT NULL, /* Option < i32 > */
+	"max_concurrent" INT DEFAULT NULL /* Option < i32 > */
 ) RETURNS TEXT /* String */
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_create_api_token_wrapper';
+CREATE  FUNCTION "keypool_alter_api_token"(
+	"id" bigint, /* Option < i64 > */
+	"rpm" INT DEFAULT NULL, /* Option < i32 > */
+	"tpm" bigint DEFAULT NULL, /* Option < i64 > */
+	"rpd" INT DEFAULT NULL, /* Option < i32 > */
+	"max_concurrent" INT DEFAULT NULL /* Option < i32 > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_alter_api_token_wrapper';
 CREATE  FUNCTION "keypool_revoke_api_token"(
 	"id" bigint /* Option < i64 > */
 ) RETURNS void
@@ -434,6 +454,11 @@ COMMENT ON TYPE keypool_reservation IS
 DROP FUNCTION keypool_reserve(text, text, bigint);
 CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_tokens bigint DEFAULT 0,
                                 within text[] DEFAULT NULL)
+RETURNS keypool_reservation
+AS 'MODULE_PATHNAME', 'keypool_reserve_c'
+LANGUAGE c VOLATILE PARALLEL UNSAFE;
+CREATE FUNCTION keypool_reserve(user_id text, pool text, est_tokens bigint, within text[],
+                                token_sha256 bytea)
 RETURNS keypool_reservation
 AS 'MODULE_PATHNAME', 'keypool_reserve_c'
 LANGUAGE c VOLATILE PARALLEL UNSAFE;
@@ -1041,13 +1066,14 @@ SELECT t.id, t.label, t.user_id,
        CASE WHEN t.pool_ids IS NOT NULL THEN
            (SELECT array_agg(p.name ORDER BY p.name) FROM keypool.pool p WHERE p.id = ANY (t.pool_ids))
        END AS pools,
-       t.created_by, t.created_at, t.last_used_at, t.expires_at, t.revoked_at
+       t.created_by, t.created_at, t.last_used_at, t.expires_at, t.revoked_at,
+       t.rpm, t.tpm, t.rpd, t.max_concurrent
   FROM keypool.api_token t
  WHERE keypool.acts_for(t.created_by)
     OR CASE WHEN t.pool_ids IS NULL THEN keypool.allowed(NULL, 'admin')
             ELSE NOT EXISTS (SELECT 1 FROM unnest(t.pool_ids) AS i(id) WHERE NOT keypool.allowed(i.id, 'admin')) END;
 COMMENT ON VIEW keypool_api_tokens IS
-    'API tokens of the worker''s callers: label, user, pools, use, expiry, revocation (never the token); those this role made or administers';
+    'API tokens of the worker''s callers: label, user, pools, use, expiry, revocation, limits (never the token); those this role made or administers';
 
 CREATE VIEW keypool_master_keys WITH (security_barrier) AS
 SELECT m.key_no, encode(substring(m.fingerprint FROM 1 FOR 8), 'hex') AS fingerprint, min(m.created_at) AS created_at,
@@ -1154,8 +1180,12 @@ COMMENT ON FUNCTION keypool_revoke(text, regrole, text) IS
     'Takes back a privilege keypool_grant gave; needs admin on the pool (* = every pool)';
 COMMENT ON FUNCTION keypool_rotate_master_key() IS
     'Adds a master key to the keyring and reseals every secret of this database with it; returns its number';
-COMMENT ON FUNCTION keypool_create_api_token(text, text, text[], timestamptz) IS
-    'Makes an API token for the worker (bound to a user and to pools, or not), returned once; only its hash is kept';
+COMMENT ON FUNCTION keypool_create_api_token(text, text, text[], timestamptz, integer, bigint, integer, integer) IS
+    'Makes an API token for the worker (bound to a user and to pools, or not; with limits or not), returned once; only its hash is kept';
+COMMENT ON FUNCTION keypool_alter_api_token(bigint, integer, bigint, integer, integer) IS
+    'Changes an API token''s limits: rpm, tpm, rpd, max_concurrent (NULL: unchanged, 0: none)';
+COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[], bytea) IS
+    'keypool_reserve for a caller holding an API token (its SHA-256): the token''s limits apply too, across every worker';
 COMMENT ON FUNCTION keypool_revoke_api_token(bigint) IS
     'Revokes an API token (every worker refuses it within seconds)';
 COMMENT ON FUNCTION keypool_authenticate_api_token(text) IS
@@ -1218,8 +1248,10 @@ REVOKE ALL ON FUNCTION
     keypool_grant(text, regrole, text),
     keypool_revoke(text, regrole, text),
     keypool_rotate_master_key(),
-    keypool_create_api_token(text, text, text[], timestamptz),
+    keypool_create_api_token(text, text, text[], timestamptz, integer, bigint, integer, integer),
     keypool_revoke_api_token(bigint),
+    keypool_alter_api_token(bigint, integer, bigint, integer, integer),
+    keypool_reserve(text, text, bigint, text[], bytea),
     keypool_authenticate_api_token(text),
     keypool_authenticate_api_token_sha256(bytea),
     keypool_transport_key(),

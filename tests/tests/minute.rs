@@ -1,7 +1,8 @@
 //! Fair in the minute (issue 28), on the real clock and from many connections at once: a burst
 //! of one user takes at most its `minute_share`, a newcomer right after is served, and a user's
-//! `user_max_concurrent` holds under 32 concurrent callers. (The fair division of a contended
-//! minute is in the pg_regress test `minute`, on the test clock.)
+//! `user_max_concurrent` (and an API token's `max_concurrent`) holds under 32 concurrent callers.
+//! (The fair division of a contended minute is in the pg_regress test `minute`, on the test
+//! clock.)
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -123,4 +124,64 @@ async fn a_user_never_holds_more_reservations_open_than_user_max_concurrent() {
     )
     .await;
     assert_eq!(open_now, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_token_never_holds_more_reservations_open_than_its_max_concurrent() {
+    let db = keypool_tests::shared().fresh_db().await;
+    let c = &db.client;
+    exec(
+        c,
+        "SELECT keypool_create_pool('agents');
+         SELECT keypool_create_pool('more');
+         SELECT keypool_add_key(p, 'openai', 'sk-token-' || p || '-key-' || i || '-00000', rpm => 100000)
+           FROM generate_series(1, 2) i, unnest(ARRAY['agents', 'more']) p;",
+    )
+    .await;
+    let token: String = one(c, "SELECT keypool_create_api_token('agent', max_concurrent => 2)").await;
+    let open = Arc::new((AtomicI64::new(0), AtomicI64::new(0)));
+    let mut tasks = Vec::new();
+    for caller in 0..32 {
+        let client = db.connect().await;
+        let (open, token) = (Arc::clone(&open), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut granted = 0;
+            let pool = if caller % 2 == 0 { "agents" } else { "more" };
+            for round in 0..20 {
+                let row = client
+                    .query_one(
+                        "SELECT granted, reservation_id, error
+                           FROM keypool_reserve($1, $2, 10, NULL, sha256(convert_to($3, 'UTF8')))",
+                        &[&format!("user-{caller}-{round}"), &pool, &token],
+                    )
+                    .await
+                    .expect("keypool_reserve");
+                if !row.get::<_, bool>(0) {
+                    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("USER_RATE_LIMITED"));
+                    continue;
+                }
+                granted += 1;
+                let held = open.0.fetch_add(1, Ordering::SeqCst) + 1;
+                open.1.fetch_max(held, Ordering::SeqCst);
+                client.execute("SELECT pg_sleep(0.002)", &[]).await.expect("sleep");
+                open.0.fetch_sub(1, Ordering::SeqCst);
+                let id: i64 = row.get(1);
+                client
+                    .query_one("SELECT keypool_settle($1, 200, 1, 1)", &[&id])
+                    .await
+                    .expect("settle");
+            }
+            granted
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.expect("a caller failed");
+    }
+    let most = open.1.load(Ordering::SeqCst);
+    assert!(
+        most <= 2,
+        "{most} open at once for one token, across two pools and 32 users"
+    );
+    assert!(granted > 2, "{granted} granted");
 }

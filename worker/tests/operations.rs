@@ -954,7 +954,7 @@ async fn the_admin_api_runs_with_only_the_documented_grants() {
              GRANT EXECUTE ON FUNCTION keypool.scope_state(), keypool.key_state(), keypool.pool_state(), keypool.health(),
                                        keypool_now(), keypool_usage_report(date, date) TO {ops};
              GRANT USAGE ON SCHEMA keypool TO {ops};
-             GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]),
+             GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_reserve(text, text, bigint, text[], bytea),
                  keypool_settle(bigint, integer, bigint, bigint, bigint, text),
                  keypool_release(bigint), keypool_models(), keypool_claim_requests(text, integer, interval),
                  keypool_complete_request(bigint, text, text, jsonb, text, timestamptz), keypool_queue_wake_at(),

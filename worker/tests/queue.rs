@@ -375,7 +375,7 @@ async fn a_worker_runs_with_only_the_documented_grants() {
              SELECT keypool_add_key('chat', 'openai', 'sk-grants-key-00000001', 'gpt-4o-mini', base_url => '{u}/v1');
              DROP ROLE IF EXISTS {worker_role}; DROP ROLE IF EXISTS {app_role};
              CREATE ROLE {worker_role} LOGIN; CREATE ROLE {app_role} LOGIN;
-             GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]),
+             GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_reserve(text, text, bigint, text[], bytea),
                  keypool_settle(bigint, integer, bigint, bigint, bigint, text),
                  keypool_release(bigint), keypool_models(), keypool_claim_requests(text, integer, interval),
                  keypool_complete_request(bigint, text, text, jsonb, text, timestamptz), keypool_queue_wake_at(),

@@ -773,3 +773,64 @@ async fn answers_larger_than_max_response_are_cut_and_settled() {
     assert!(completion > 0, "the cut stream settled no completion tokens");
     assert_eq!(used_today(&db, "u", "chat").await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tokens_requests_per_minute_hold_across_three_workers() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('chat');
+             SELECT keypool_add_key('chat', 'openai', 'sk-three-workers-00000001', base_url => '{u}/v1', model => 'gpt-4o-mini', rpm => 1000);",
+            u = mock.url
+        ),
+    )
+    .await;
+    let limited: String = one(&db.client, "SELECT keypool_create_api_token('agent', rpm => 5)").await;
+    let free: String = one(&db.client, "SELECT keypool_create_api_token('another app')").await;
+    let workers = [
+        Worker::start(&conninfo(&db), "limits-1", &["--no-queue"]).await,
+        Worker::start(&conninfo(&db), "limits-2", &["--no-queue"]).await,
+        Worker::start(&conninfo(&db), "limits-3", &["--no-queue"]).await,
+    ];
+    // Twelve requests in turn through the three workers, each for another user: exactly five
+    // are served, the others are told when the token's next request fits.
+    let mut served = 0;
+    for i in 0..12 {
+        let w = &workers[i % 3];
+        let (status, v) = chat_as(w, &limited, &[("X-Keypool-User", &format!("user-{i}"))], hello("chat")).await;
+        match status {
+            200 => served += 1,
+            429 => assert_eq!(code(&v), "USER_RATE_LIMITED", "{v}"),
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert_eq!(served, 5);
+    let r = http()
+        .post(format!("{}/v1/chat/completions", workers[0].url))
+        .bearer_auth(&limited)
+        .header("X-Keypool-User", "user-99")
+        .json(&hello("chat"))
+        .send()
+        .await
+        .expect("request to the worker");
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Another token on the same pool and workers is not held back.
+    for w in &workers {
+        assert_eq!(
+            chat_as(w, &free, &[("X-Keypool-User", "someone")], hello("chat"))
+                .await
+                .0,
+            200
+        );
+    }
+    assert_eq!(mock.stats().await["requests"], 8);
+}

@@ -20,6 +20,7 @@ use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 
 use crate::api::fallbacks::{self, ChainRefusal};
+use crate::catalog::api_tokens;
 use crate::catalog::config::{self};
 use crate::catalog::grants::Privilege;
 use crate::catalog::model::{Config, Key, Tier};
@@ -39,11 +40,13 @@ use crate::policy::refusal::Refusal;
 use crate::policy::window::Wait;
 use crate::settings;
 use crate::state::breaker::{self, Admission};
-use crate::state::callers::CallerMark;
+use crate::state::callers::{CallerMark, TOKEN_SLOT};
 use crate::state::clock;
 use crate::state::members;
 use crate::state::reservation::Hold;
-use crate::state::reservation::{self, Record, FLAG_BORROWED, FLAG_CALLER_OPEN, FLAG_CONCURRENT, FLAG_TRIAL};
+use crate::state::reservation::{
+    self, Record, FLAG_BORROWED, FLAG_CALLER_OPEN, FLAG_CONCURRENT, FLAG_TOKEN_OPEN, FLAG_TRIAL,
+};
 use crate::state::shmem::{self, Shared};
 use crate::state::slots::Counter;
 
@@ -77,6 +80,8 @@ struct Share {
     hold: Option<(Budget, Hold)>,
     /// Where it was counted against the user's minute, if the pool limits that.
     caller: Option<Counted>,
+    /// Where it was counted against the caller's API token, if it has limits.
+    token: Option<Counted>,
 }
 
 /// A slot this backend cached was bound to another row meanwhile: reload and try again.
@@ -84,8 +89,14 @@ struct Rebound;
 
 /// Reserves capacity for `user`'s request of about `est_tokens` tokens, for the calling role,
 /// which must hold `use` on `pool_name`: in that pool, then down its fallback chain (links the
-/// caller may use and, when `within` is given, that it lists).
-pub fn reserve(user: &str, pool_name: &str, est_tokens: i64, within: Option<&[String]>) -> (Rc<Config>, Answer) {
+/// caller may use and, when `within` is given, that it lists). `token`: the SHA-256 of the API
+/// token the caller holds, whose limits apply too.
+pub fn reserve(
+    user: &str,
+    pool_name: &str,
+    est_tokens: i64,
+    (within, token): (Option<&[String]>, Option<&[u8]>),
+) -> (Rc<Config>, Answer) {
     let sh = shmem::shared();
     if unsafe { pg_sys::RecoveryInProgress() } {
         errors::error(Code::ERRCODE_READ_ONLY_SQL_TRANSACTION, "keypool_reserve cannot run on a standby")
@@ -100,9 +111,52 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64, within: Option<&[St
         // The caller (an API token) may not reach this pool: as if the role could not use it.
         access::denied_pool(pool_name, Privilege::Use);
     }
-    let (cfg, answer) = reserve_in(sh, cfg, pool_name, user, est_tokens);
+    // The API token's limits, across pools and workers, before any pool is tried.
+    let token = match token {
+        None => None,
+        Some(digest) => {
+            let Some(limits) = api_tokens::limits_of(sh, &cfg, digest) else {
+                // Revoked or expired since the caller was let in.
+                errors::error(Code::ERRCODE_INSUFFICIENT_PRIVILEGE, "the API token is not valid").raise()
+            };
+            match minute::take_token(sh, cfg.owner.instance, &limits, est_tokens as u64, clock::now_ms()) {
+                Ok(counted) => counted,
+                Err(wait) => {
+                    let pool = assign::pool_or_error(&cfg, pool_name);
+                    let (allocation, _, _) = quota::view(sh, &cfg, pool, user, clock::now_ms());
+                    let answer = Answer::Refused {
+                        refusal: Refusal::UserRateLimited,
+                        retry_after_ms: Some(wait),
+                        allocation,
+                    };
+                    return (cfg, answer);
+                }
+            }
+        }
+    };
+    let (cfg, answer, too_big) = reserve_chain(sh, cfg, (pool_name, within), user, est_tokens, token);
+    if let (Answer::Refused { .. }, Some(counted)) = (&answer, &token) {
+        minute::give_back(sh, TOKEN_SLOT, counted, clock::now_ms());
+    }
+    if too_big {
+        too_large(est_tokens, pool_name);
+    }
+    (cfg, answer)
+}
+
+/// Reserves in the pool, then down its fallback chain; also says whether the first refusal
+/// was an estimate too large for any key (an error unless a fallback served).
+fn reserve_chain(
+    sh: &'static Shared,
+    cfg: Rc<Config>,
+    (pool_name, within): (&str, Option<&[String]>),
+    user: &str,
+    est_tokens: i64,
+    token: Option<Counted>,
+) -> (Rc<Config>, Answer, bool) {
+    let (cfg, answer) = reserve_in(sh, cfg, pool_name, user, est_tokens, token);
     let (first, first_wait, allocation) = match &answer {
-        Answer::Granted { .. } => return (cfg, answer),
+        Answer::Granted { .. } => return (cfg, answer, false),
         Answer::Refused {
             refusal,
             retry_after_ms,
@@ -116,16 +170,13 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64, within: Option<&[St
         Vec::new()
     };
     if links.is_empty() {
-        if first == Refusal::TooLarge {
-            too_large(est_tokens, pool_name);
-        }
-        return (cfg, answer);
+        return (cfg, answer, first == Refusal::TooLarge);
     }
     let mut chain = ChainRefusal::default();
     chain.note(&first, first_wait);
     let mut cfg = cfg;
     for link in &links {
-        let (c, answer) = reserve_in(sh, cfg, link, user, est_tokens);
+        let (c, answer) = reserve_in(sh, cfg, link, user, est_tokens, token);
         cfg = c;
         match answer {
             Answer::Granted { .. } => {
@@ -133,7 +184,7 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64, within: Option<&[St
                     let today = origin.day(clock::now_ms()).0;
                     sh.pool(origin.slot).fell_through.add(today);
                 }
-                return (cfg, answer);
+                return (cfg, answer, false);
             }
             Answer::Refused {
                 refusal,
@@ -142,18 +193,13 @@ pub fn reserve(user: &str, pool_name: &str, est_tokens: i64, within: Option<&[St
             } => chain.note(&refusal, retry_after_ms),
         }
     }
-    if first == Refusal::TooLarge {
-        too_large(est_tokens, pool_name);
-    }
     let (refusal, retry_after_ms) = chain.answer();
-    (
-        cfg,
-        Answer::Refused {
-            refusal,
-            retry_after_ms,
-            allocation,
-        },
-    )
+    let answer = Answer::Refused {
+        refusal,
+        retry_after_ms,
+        allocation,
+    };
+    (cfg, answer, first == Refusal::TooLarge)
 }
 
 /// Reserves on the user's own keys: the answer, or `None` to go on with the shared keys (their
@@ -164,7 +210,7 @@ fn reserve_own(
     (pool_name, mut ix): (&str, usize),
     user: &str,
     est_tokens: i64,
-    role: pg_sys::Oid,
+    (role, token): (pg_sys::Oid, Option<Counted>),
 ) -> (Rc<Config>, Option<Answer>) {
     let share = Share {
         pool_slot: cfg.pools[ix].slot,
@@ -173,6 +219,7 @@ fn reserve_own(
         role,
         hold: None,
         caller: None,
+        token,
     };
     for _ in 0..3 {
         let outcome = try_reserve(sh, &cfg, (ix, Some(user)), est_tokens, &share);
@@ -248,6 +295,7 @@ fn reserve_in(
     pool_name: &str,
     user: &str,
     est_tokens: i64,
+    token: Option<Counted>,
 ) -> (Rc<Config>, Answer) {
     let role = privilege::caller();
     let mut ix = pool_index(&cfg, pool_name);
@@ -265,7 +313,7 @@ fn reserve_in(
     // The user's own keys first (bring your own key): outside their share and the pool's budget.
     let owned = &cfg.pools[ix].owned;
     if !owned.is_empty() && owned.contains_key(user) {
-        let (c, own) = reserve_own(sh, cfg, (pool_name, ix), user, est_tokens, role);
+        let (c, own) = reserve_own(sh, cfg, (pool_name, ix), user, est_tokens, (role, token));
         cfg = c;
         if let Some(answer) = own {
             return (cfg, answer);
@@ -368,6 +416,7 @@ fn reserve_in(
         role,
         hold,
         caller,
+        token,
     };
     // Gives back what the share, budget and minute hold when no key is granted.
     let give_back = |sh: &Shared, cfg: &Config, share: &Share, allocation: &mut Allocation| {
@@ -376,7 +425,7 @@ fn reserve_in(
             budgets::adjust(sh, share.pool_slot, h, -(h.amount as i64));
         }
         if let (Some(counted), Some(pool)) = (&share.caller, cfg.pools.iter().find(|p| p.slot == share.pool_slot)) {
-            minute::give_back(sh, pool, counted, clock::now_ms());
+            minute::give_back(sh, pool.slot, counted, clock::now_ms());
         }
     };
     for _ in 0..3 {
@@ -664,6 +713,11 @@ fn try_key(
                         FLAG_CALLER_OPEN
                     } else {
                         0
+                    }
+                    | if share.token.is_some_and(|c| c.open) {
+                        FLAG_TOKEN_OPEN
+                    } else {
+                        0
                     },
                 pool_slot: share.pool_slot,
                 member_index: share.ticket.map_or(u32::MAX, |t| t.index),
@@ -672,6 +726,7 @@ fn try_key(
                 role: share.role.to_u32(),
                 hold: held,
                 caller: share.caller.map_or(CallerMark::NONE, |c| c.mark),
+                token: share.token.map_or(CallerMark::NONE, |c| c.mark),
             };
             if let Some((_, h)) = &share.hold {
                 // The hold was for the pool's dearest key: keep what this key's estimate needs.
@@ -801,7 +856,16 @@ pub unsafe extern "C-unwind" fn keypool_reserve_c(fcinfo: pg_sys::FunctionCallIn
             }
             w.into_iter().flatten().collect()
         });
-        let (cfg, answer) = reserve(user, pool, est_tokens, within.as_deref());
+        let token = if (*fcinfo).nargs > 4 {
+            match pgrx::fcinfo::pg_getarg::<&[u8]>(fcinfo, 4) {
+                None => None,
+                Some(digest) if digest.len() == 32 => Some(digest),
+                Some(_) => errors::invalid("token_sha256 must be the 32 bytes of an API token's SHA-256").raise(),
+            }
+        } else {
+            None
+        };
+        let (cfg, answer) = reserve(user, pool, est_tokens, (within.as_deref(), token));
         let row = result_row(&cfg, &answer);
         composite::form(fcinfo, &row)
     }

@@ -24,9 +24,10 @@ use crate::policy::outcome::{bare, caller_shaped, classify, needs_key_check, Out
 use crate::policy::window::Charge;
 use crate::settings;
 use crate::state::breaker;
+use crate::state::callers::TOKEN_SLOT;
 use crate::state::clock;
 use crate::state::reservation::{
-    self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_CALLER_OPEN, FLAG_CONCURRENT, FLAG_TRIAL,
+    self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_CALLER_OPEN, FLAG_CONCURRENT, FLAG_TOKEN_OPEN, FLAG_TRIAL,
 };
 use crate::state::shmem::{self, Shared};
 use crate::state::slots::{CoolingReason, Counter};
@@ -218,14 +219,9 @@ fn keypool_settle(
 
     let actual = (prompt + completion).min(MAX_TOKENS);
     correct(sh, &cfg, &r, 0, actual - r.est_tokens, now);
-    minute::settle(
-        sh,
-        r.pool_slot,
-        &r.caller,
-        r.flags & FLAG_CALLER_OPEN != 0,
-        (0, actual - r.est_tokens),
-        now,
-    );
+    let change = (0, actual - r.est_tokens);
+    minute::settle(sh, r.pool_slot, &r.caller, r.flags & FLAG_CALLER_OPEN != 0, change, now);
+    minute::settle(sh, TOKEN_SLOT, &r.token, r.flags & FLAG_TOKEN_OPEN != 0, change, now);
     if r.hold.held() {
         // The true cost replaces the estimate (the estimate stays when the price is gone).
         let cost = cfg
@@ -345,14 +341,9 @@ fn keypool_release(reservation_id: Option<i64>) {
     let (_, r) = take(sh, &cfg, reservation_id, Closed::Released);
     let now = clock::now_ms();
     correct(sh, &cfg, &r, -1, -r.est_tokens, now);
-    minute::settle(
-        sh,
-        r.pool_slot,
-        &r.caller,
-        r.flags & FLAG_CALLER_OPEN != 0,
-        (-1, -r.est_tokens),
-        now,
-    );
+    let change = (-1, -r.est_tokens);
+    minute::settle(sh, r.pool_slot, &r.caller, r.flags & FLAG_CALLER_OPEN != 0, change, now);
+    minute::settle(sh, TOKEN_SLOT, &r.token, r.flags & FLAG_TOKEN_OPEN != 0, change, now);
     if r.hold.held() {
         budgets::adjust(sh, r.pool_slot, &r.hold, -(r.hold.amount as i64));
     }

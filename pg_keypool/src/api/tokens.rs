@@ -56,16 +56,45 @@ pub fn digest(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
 
-/// `keypool_create_api_token(label, user_id, pools, expires_at)`: a new token, returned once.
+/// A token limit argument: positive; with `none_at_zero`, 0 removes it (`Some(None)`); NULL:
+/// none given.
+fn check_limit(name: &str, v: Option<i64>, none_at_zero: bool) -> Option<Option<i64>> {
+    match v {
+        None => None,
+        Some(0) if none_at_zero => Some(None),
+        Some(n) if n > 0 => Some(Some(n)),
+        Some(n) => errors::invalid(format!(
+            "{name} must be a positive number{}; not {n}",
+            if none_at_zero {
+                ", or 0 for none"
+            } else {
+                ", or NULL for none"
+            }
+        ))
+        .raise(),
+    }
+}
+
+/// `keypool_create_api_token(label, user_id, pools, expires_at, rpm, tpm, rpd, max_concurrent)`:
+/// a new token, returned once; its limits hold across every worker (tokens.rs `limits_of`).
 /// Needs `admin` on every pool it lists (on every pool, `'*'`, for a token bound to none).
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_create_api_token(
     label: Option<&str>,
     user_id: default!(Option<&str>, "NULL"),
     pools: default!(Option<Vec<Option<String>>>, "NULL"),
     expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    rpm: default!(Option<i32>, "NULL"),
+    tpm: default!(Option<i64>, "NULL"),
+    rpd: default!(Option<i32>, "NULL"),
+    max_concurrent: default!(Option<i32>, "NULL"),
 ) -> String {
     let _path = privilege::pin_search_path();
+    let rpm = check_limit("rpm", rpm.map(i64::from), false).flatten();
+    let tpm = check_limit("tpm", tpm, false).flatten();
+    let rpd = check_limit("rpd", rpd.map(i64::from), false).flatten();
+    let max_concurrent = check_limit("max_concurrent", max_concurrent.map(i64::from), false).flatten();
     let Some(label) = label else {
         errors::null_argument("label").raise()
     };
@@ -104,8 +133,9 @@ fn keypool_create_api_token(
     let caller = privilege::caller();
     privilege::spi_as_owner(grants.owner, |client| {
         let id: i64 = errors::spi(client.update(
-            "INSERT INTO keypool.api_token (label, user_id, pool_ids, token_sha256, created_by, expires_at)
-             VALUES ($1, $2, $3, $4, $5::oid::regrole, $6) RETURNING id",
+            "INSERT INTO keypool.api_token (label, user_id, pool_ids, token_sha256, created_by, expires_at,
+                                             rpm, tpm, rpd, max_concurrent)
+             VALUES ($1, $2, $3, $4, $5::oid::regrole, $6, $7::integer, $8, $9::integer, $10::integer) RETURNING id",
             None,
             &[
                 label.into(),
@@ -114,6 +144,10 @@ fn keypool_create_api_token(
                 digest(&token).into(),
                 caller.into(),
                 expires_at.into(),
+                rpm.into(),
+                tpm.into(),
+                rpd.into(),
+                max_concurrent.into(),
             ],
         ))
         .first()
@@ -139,6 +173,7 @@ fn keypool_create_api_token(
             ),
         );
     });
+    token_limits_changed();
     token
 }
 
@@ -159,6 +194,98 @@ fn may_manage(
     }
 }
 
+/// `keypool_alter_api_token(id, rpm, tpm, rpd, max_concurrent)`: changes a token's limits
+/// (NULL: unchanged, 0: none); by the role that made it or an administrator of its pools.
+#[pg_extern(volatile, parallel_unsafe)]
+fn keypool_alter_api_token(
+    id: Option<i64>,
+    rpm: default!(Option<i32>, "NULL"),
+    tpm: default!(Option<i64>, "NULL"),
+    rpd: default!(Option<i32>, "NULL"),
+    max_concurrent: default!(Option<i32>, "NULL"),
+) {
+    let _path = privilege::pin_search_path();
+    let Some(id) = id else {
+        errors::null_argument("id").raise()
+    };
+    let limits = [
+        check_limit("rpm", rpm.map(i64::from), true),
+        check_limit("tpm", tpm, true),
+        check_limit("rpd", rpd.map(i64::from), true),
+        check_limit("max_concurrent", max_concurrent.map(i64::from), true),
+    ];
+    let grants = access::grants();
+    let caller = privilege::caller();
+    privilege::spi_as_owner(grants.owner, |client| {
+        managed(client, &grants, caller, id);
+        let given = |i: usize| limits[i].is_some();
+        let value = |i: usize| limits[i].flatten();
+        errors::spi(client.update(
+            "UPDATE keypool.api_token SET
+                 rpm = CASE WHEN $2 THEN $3::integer ELSE rpm END,
+                 tpm = CASE WHEN $4 THEN $5 ELSE tpm END,
+                 rpd = CASE WHEN $6 THEN $7::integer ELSE rpd END,
+                 max_concurrent = CASE WHEN $8 THEN $9::integer ELSE max_concurrent END
+              WHERE id = $1",
+            None,
+            &[
+                id.into(),
+                given(0).into(),
+                value(0).into(),
+                given(1).into(),
+                value(1).into(),
+                given(2).into(),
+                value(2).into(),
+                given(3).into(),
+                value(3).into(),
+            ],
+        ));
+    });
+    token_limits_changed();
+}
+
+/// The token's creator and pools, when the caller may manage it; raises otherwise (42704 to
+/// those who would see every token, 42501 to others, saying nothing about the token).
+fn managed(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    grants: &crate::catalog::grants::Grants,
+    caller: pg_sys::Oid,
+    id: i64,
+) -> (pg_sys::Oid, Option<Vec<i64>>) {
+    let row = {
+        let t = errors::spi(client.update(
+            "SELECT created_by::oid, pool_ids FROM keypool.api_token WHERE id = $1 FOR UPDATE",
+            None,
+            &[id.into()],
+        ));
+        if t.is_empty() {
+            None
+        } else {
+            let t = t.first();
+            Some((
+                t.get::<pg_sys::Oid>(1).ok().flatten().unwrap_or(pg_sys::Oid::INVALID),
+                t.get::<Vec<i64>>(2).ok().flatten(),
+            ))
+        }
+    };
+    match row {
+        Some((created_by, pools)) if may_manage(grants, caller, created_by, &pools) => (created_by, pools),
+        None if grants.allows(caller, None, Privilege::Admin) => {
+            errors::undefined(format!("API token {id} does not exist")).raise()
+        }
+        _ => errors::error(
+            Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied for API token {id}"),
+        )
+        .hint("A token is changed or revoked by the role that made it, or by an administrator of its pools.")
+        .raise(),
+    }
+}
+
+fn token_limits_changed() {
+    crate::catalog::api_tokens::changed(crate::state::shmem::shared());
+}
+
 /// `keypool_revoke_api_token(id)`: the token stops working (within seconds on every worker).
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_revoke_api_token(id: Option<i64>) {
@@ -169,42 +296,15 @@ fn keypool_revoke_api_token(id: Option<i64>) {
     let grants = access::grants();
     let caller = privilege::caller();
     privilege::spi_as_owner(grants.owner, |client| {
-        let row = {
-            let t = errors::spi(client.update(
-                "SELECT created_by::oid, pool_ids FROM keypool.api_token WHERE id = $1 FOR UPDATE",
-                None,
-                &[id.into()],
-            ));
-            if t.is_empty() {
-                None
-            } else {
-                let t = t.first();
-                Some((
-                    t.get::<pg_sys::Oid>(1).ok().flatten().unwrap_or(pg_sys::Oid::INVALID),
-                    t.get::<Vec<i64>>(2).ok().flatten(),
-                ))
-            }
-        };
-        match row {
-            Some((created_by, pools)) if may_manage(&grants, caller, created_by, &pools) => {
-                errors::spi(client.update(
-                    "UPDATE keypool.api_token SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
-                    None,
-                    &[id.into()],
-                ));
-                errors::spi(client.update("SELECT pg_notify('keypool_api_tokens', $1::text)", None, &[id.into()]));
-            }
-            None if grants.allows(caller, None, Privilege::Admin) => {
-                errors::undefined(format!("API token {id} does not exist")).raise()
-            }
-            _ => errors::error(
-                Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("permission denied for API token {id}"),
-            )
-            .hint("A token is revoked by the role that made it, or by an administrator of its pools.")
-            .raise(),
-        }
+        managed(client, &grants, caller, id);
+        errors::spi(client.update(
+            "UPDATE keypool.api_token SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+            None,
+            &[id.into()],
+        ));
+        errors::spi(client.update("SELECT pg_notify('keypool_api_tokens', $1::text)", None, &[id.into()]));
     });
+    token_limits_changed();
 }
 
 /// The columns both authentication functions answer with (pgrx needs them spelled out in the

@@ -1,27 +1,30 @@
-//! Each user's minute in pools that limit it (`minute_share`, `user_rpm`, `user_tpm`,
-//! `user_max_concurrent`; the rules are policy/minute.rs): checked and counted in the user's
-//! caller entry (state/callers.rs) and the pool's minute before a key is tried, given back when
-//! no key takes the request, corrected when the reservation is settled or released.
+//! Each caller's minute (the rules are policy/minute.rs): a user's in pools that limit it
+//! (`minute_share`, `user_rpm`, `user_tpm`, `user_max_concurrent`), and an API token's
+//! (`rpm`, `tpm`, `rpd`, `max_concurrent`, across pools). Checked and counted in the caller's
+//! entry (state/callers.rs), and for users in the pool's minute, before a key is tried; given
+//! back when no key takes the request; corrected when the reservation is settled or released.
 //!
-//! A user is given an entry only when a request of theirs is counted; a user without one has
-//! nothing in their minute, which every limit lets through. Pools without such limits pay
-//! nothing here.
+//! A caller is given an entry only when a request of theirs is counted; a caller without one
+//! has nothing in their minute, which every limit lets through. Pools and tokens without such
+//! limits pay nothing here.
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::catalog::api_tokens::TokenLimits;
 use crate::catalog::model::Pool;
-use crate::policy::minute::{self, Ask};
+use crate::policy::minute::{self, Ask, Capacity};
 use crate::settings;
-use crate::state::callers::CallerMark;
+use crate::state::callers::{self, CallerMark, TOKEN_SLOT};
+use crate::state::members;
 use crate::state::shmem::Shared;
 
-/// A request counted against its user's minute.
+/// A request counted against a caller's minute.
 #[derive(Clone, Copy, Debug)]
 pub struct Counted {
     pub mark: CallerMark,
     /// The tokens counted.
     pub tokens: u64,
-    /// Whether it counts against `user_max_concurrent` until settled or released.
+    /// Whether it counts as open until settled or released.
     pub open: bool,
 }
 
@@ -73,14 +76,90 @@ pub fn take(sh: &Shared, pool: &Pool, hash: u64, tokens: u64, now_ms: i64) -> Re
             }
         },
     };
+    slot.minute.with(|log| log.charge(now_ms, 1, tokens));
+    Ok(Some(count(&stripe, i, hash, tokens, limits.max_concurrent > 0, now_ms)))
+}
+
+/// The hash of an API token's entry.
+fn token_hash(instance: i64, token_id: i64) -> u64 {
+    // Pool ids are positive: a negative one is no pool's.
+    members::user_hash(instance, -token_id.max(1), "")
+}
+
+/// Checks one request of `tokens` against an API token's limits and counts it, as [`take`].
+pub fn take_token(
+    sh: &Shared,
+    instance: i64,
+    token: &TokenLimits,
+    tokens: u64,
+    now_ms: i64,
+) -> Result<Option<Counted>, i64> {
+    if !token.any() {
+        return Ok(None);
+    }
+    let lease = settings::lease_ms();
+    let hash = token_hash(instance, token.id);
+    let stripe = sh.callers.stripe(hash);
+    let i = match stripe.find(hash, TOKEN_SLOT) {
+        Some(i) => {
+            let c = stripe.at(i);
+            c.log.expire(now_ms);
+            c.asked_ms = now_ms;
+            let ask = Ask {
+                now_ms,
+                tokens,
+                active: 1,
+                pool_used: (0, 0),
+                open: match token.limits.max_concurrent {
+                    0 => 0,
+                    _ => c.open.open(now_ms, lease),
+                },
+            };
+            let mut wait = minute::wait(&c.log, &token.limits, &Capacity::default(), &ask);
+            if token.rpd > 0 && c.day == callers::utc_day(now_ms) && c.day_requests >= token.rpd {
+                let rest_of_day = (callers::utc_day_end(now_ms) - now_ms).max(1);
+                wait = Some(wait.map_or(rest_of_day, |w| w.max(rest_of_day)));
+            }
+            if let Some(wait) = wait {
+                return Err(wait);
+            }
+            i
+        }
+        None => match stripe.find_or_insert(hash, TOKEN_SLOT, now_ms, lease) {
+            Some(i) => {
+                stripe.at(i).asked_ms = now_ms;
+                i
+            }
+            None => {
+                sh.callers.untracked.fetch_add(1, Relaxed);
+                return Ok(None);
+            }
+        },
+    };
+    Ok(Some(count(
+        &stripe,
+        i,
+        hash,
+        tokens,
+        token.limits.max_concurrent > 0,
+        now_ms,
+    )))
+}
+
+/// Counts a request in entry `i`.
+fn count(stripe: &callers::CallerStripe<'_>, i: usize, hash: u64, tokens: u64, open: bool, now_ms: i64) -> Counted {
     let c = stripe.at(i);
     c.log.charge(now_ms, 1, tokens);
-    slot.minute.with(|log| log.charge(now_ms, 1, tokens));
-    let open = limits.max_concurrent > 0;
-    if open {
-        c.open.add(now_ms, lease);
+    let today = callers::utc_day(now_ms);
+    if c.day != today {
+        c.day = today;
+        c.day_requests = 0;
     }
-    Ok(Some(Counted {
+    c.day_requests += 1;
+    if open {
+        c.open.add(now_ms, settings::lease_ms());
+    }
+    Counted {
         mark: CallerMark {
             index: stripe.index_of(i),
             hash,
@@ -88,45 +167,38 @@ pub fn take(sh: &Shared, pool: &Pool, hash: u64, tokens: u64, now_ms: i64) -> Re
         },
         tokens,
         open,
-    }))
-}
-
-/// Takes back a counted request no key took.
-pub fn give_back(sh: &Shared, pool: &Pool, counted: &Counted, now_ms: i64) {
-    let slot = sh.pool(pool.slot);
-    let tokens = counted.tokens.min(i64::MAX as u64) as i64;
-    slot.minute
-        .with(|log| log.adjust(now_ms, counted.mark.at_ms, -1, -tokens));
-    let stripe = sh.callers.stripe(counted.mark.hash);
-    let Some(i) = stripe.holding(&counted.mark, pool.slot) else {
-        return;
-    };
-    let c = stripe.at(i);
-    c.log.adjust(now_ms, counted.mark.at_ms, -1, -tokens);
-    if counted.open {
-        c.open.remove(counted.mark.at_ms, settings::lease_ms());
     }
 }
 
-/// Corrects a settled or released reservation's count in its user's minute and the pool's:
-/// `requests` and `tokens` are added (negative to give back), and it no longer counts as open.
-pub fn settle(sh: &Shared, pool_slot: u32, mark: &CallerMark, counted_open: bool, change: (i64, i64), now_ms: i64) {
+/// Takes back a counted request no key took (`slot`: the pool's slot, or [`TOKEN_SLOT`]).
+pub fn give_back(sh: &Shared, slot: u32, counted: &Counted, now_ms: i64) {
+    let tokens = counted.tokens.min(i64::MAX as u64) as i64;
+    settle(sh, slot, &counted.mark, counted.open, (-1, -tokens), now_ms);
+}
+
+/// Corrects a settled or released reservation's count in its caller's minute (and its pool's,
+/// for a user): `requests` and `tokens` are added (negative to give back), and it no longer
+/// counts as open.
+pub fn settle(sh: &Shared, slot: u32, mark: &CallerMark, counted_open: bool, change: (i64, i64), now_ms: i64) {
     if !mark.is_some() {
         return;
     }
     let (requests, tokens) = change;
-    if requests != 0 || tokens != 0 {
-        sh.pool(pool_slot)
+    if (requests != 0 || tokens != 0) && slot != TOKEN_SLOT && (slot as usize) < sh.pools.len() {
+        sh.pool(slot)
             .minute
             .with(|log| log.adjust(now_ms, mark.at_ms, requests, tokens));
     }
     let stripe = sh.callers.stripe(mark.hash);
-    let Some(i) = stripe.holding(mark, pool_slot) else {
+    let Some(i) = stripe.holding(mark, slot) else {
         return;
     };
     let c = stripe.at(i);
     if requests != 0 || tokens != 0 {
         c.log.adjust(now_ms, mark.at_ms, requests, tokens);
+    }
+    if requests < 0 && c.day == callers::utc_day(mark.at_ms) {
+        c.day_requests = c.day_requests.saturating_sub(requests.unsigned_abs());
     }
     if counted_open {
         c.open.remove(mark.at_ms, settings::lease_ms());

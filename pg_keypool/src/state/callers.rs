@@ -23,6 +23,19 @@ use crate::state::slots::PoolSlot;
 
 /// Entries a caller may live in, from its home position.
 pub const WINDOW: usize = 16;
+/// The `pool_slot` of an API token's entry (its limits hold across pools).
+pub const TOKEN_SLOT: u32 = u32::MAX - 1;
+const DAY_MS: i64 = 86_400_000;
+
+/// The UTC day number of a time.
+pub fn utc_day(ms: i64) -> i32 {
+    ms.div_euclid(DAY_MS) as i32
+}
+
+/// When the UTC day of `ms` ends.
+pub fn utc_day_end(ms: i64) -> i64 {
+    (ms.div_euclid(DAY_MS) + 1) * DAY_MS
+}
 
 /// A grant counted in a caller entry: the entry, the user's hash, and when (reservations
 /// remember it to correct the count when they are settled or released).
@@ -58,13 +71,19 @@ pub struct Caller {
     pub log: CallerLog,
     /// Reservations open now (for `user_max_concurrent`).
     pub open: OpenCount,
+    /// An API token's requests of the UTC day `day` (for its `rpd`).
+    pub day: i32,
+    pub day_requests: u64,
 }
 
 impl Caller {
     /// Whether the entry holds nothing that still counts at `now_ms`.
     fn idle(&mut self, now_ms: i64, lease_ms: i64) -> bool {
         self.log.expire(now_ms);
-        self.log.is_empty() && self.open.open(now_ms, lease_ms) == 0 && now_ms - self.asked_ms >= WINDOW_MS
+        self.log.is_empty()
+            && self.open.open(now_ms, lease_ms) == 0
+            && now_ms - self.asked_ms >= WINDOW_MS
+            && (self.day_requests == 0 || self.day != utc_day(now_ms))
     }
 }
 
@@ -127,10 +146,17 @@ impl CallerStripe<'_> {
         (0..WINDOW.min(n)).map(move |step| (home + step) % n)
     }
 
+    /// The generation of the pool slot's entries (API tokens' entries have none).
+    fn gen_of(&self, pool_slot: u32) -> Option<u32> {
+        match self.pools.get(pool_slot as usize) {
+            Some(p) => Some(p.members_gen.load(Ordering::Acquire)),
+            None if pool_slot == TOKEN_SLOT => Some(0),
+            None => None,
+        }
+    }
+
     fn current(&self, c: &Caller, hash: u64, pool_slot: u32) -> bool {
-        c.hash == hash
-            && c.pool_slot == pool_slot
-            && self.pools[pool_slot as usize].members_gen.load(Ordering::Acquire) == c.pool_gen
+        c.hash == hash && c.pool_slot == pool_slot && self.gen_of(pool_slot) == Some(c.pool_gen)
     }
 
     /// The position of the entry `mark` was counted in, if it still holds that user of that
@@ -152,13 +178,10 @@ impl CallerStripe<'_> {
         if let Some(i) = self.find(hash, pool_slot) {
             return Some(i);
         }
-        let gen = self.pools[pool_slot as usize].members_gen.load(Ordering::Acquire);
+        let gen = self.gen_of(pool_slot)?;
         let i = self.positions(hash).find(|&i| {
             let c = self.at(i);
-            c.hash == 0 || c.pool_slot as usize >= self.pools.len() || {
-                let stale = self.pools[c.pool_slot as usize].members_gen.load(Ordering::Acquire) != c.pool_gen;
-                stale || c.idle(now_ms, lease_ms)
-            }
+            c.hash == 0 || self.gen_of(c.pool_slot) != Some(c.pool_gen) || c.idle(now_ms, lease_ms)
         })?;
         let c = self.at(i);
         c.hash = hash;
@@ -167,6 +190,8 @@ impl CallerStripe<'_> {
         c.asked_ms = 0;
         c.log = CallerLog::default();
         c.open.reset();
+        c.day = 0;
+        c.day_requests = 0;
         Some(i)
     }
 }

@@ -62,6 +62,8 @@ pub const FLAG_BORROWED: u32 = 2;
 pub const FLAG_CONCURRENT: u32 = 4;
 /// This reservation counts against its user's `user_max_concurrent` (in its caller entry).
 pub const FLAG_CALLER_OPEN: u32 = 8;
+/// This reservation counts against its API token's `max_concurrent`.
+pub const FLAG_TOKEN_OPEN: u32 = 16;
 
 /// Reservations open right now: issued, neither settled nor released, within their lease.
 pub fn open_count(sh: &Shared, now_ms: i64, lease_ms: i64) -> usize {
@@ -96,6 +98,8 @@ pub struct Record {
     pub hold: Hold,
     /// Where its grant was counted against its user's minute (callers.rs).
     pub caller: CallerMark,
+    /// Where it was counted against its API token's limits.
+    pub token: CallerMark,
 }
 
 /// How a reservation ended.
@@ -161,6 +165,9 @@ fn write(s: &ReservationSlot, id: u64, r: &Record) {
     s.caller_index.store(r.caller.index, Relaxed);
     s.caller_hash.store(r.caller.hash, Relaxed);
     s.caller_at_ms.store(r.caller.at_ms, Relaxed);
+    s.token_index.store(r.token.index, Relaxed);
+    s.token_hash.store(r.token.hash, Relaxed);
+    s.token_at_ms.store(r.token.at_ms, Relaxed);
     s.id.store(id, Release);
 }
 
@@ -190,6 +197,11 @@ fn read(s: &ReservationSlot) -> Record {
             index: s.caller_index.load(Relaxed),
             hash: s.caller_hash.load(Relaxed),
             at_ms: s.caller_at_ms.load(Relaxed),
+        },
+        token: CallerMark {
+            index: s.token_index.load(Relaxed),
+            hash: s.token_hash.load(Relaxed),
+            at_ms: s.token_at_ms.load(Relaxed),
         },
     }
 }

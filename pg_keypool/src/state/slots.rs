@@ -613,6 +613,10 @@ pub struct ReservationSlot {
     pub caller_index: AtomicU32,
     pub caller_hash: AtomicU64,
     pub caller_at_ms: AtomicI64,
+    /// The same for its API token's entry.
+    pub token_index: AtomicU32,
+    pub token_hash: AtomicU64,
+    pub token_at_ms: AtomicI64,
 }
 
 /// A database's settable clock (tests).
@@ -642,6 +646,8 @@ pub struct Header {
     /// Grants in pools with limits per user and minute made without a caller entry (every
     /// entry of the user's window was live): only the keys' limits held for them.
     pub callers_untracked: AtomicU64,
+    /// Bumped when an API token is created, changed or revoked (catalog/api_tokens.rs).
+    pub tokens_generation: AtomicU64,
     pub clocks_in_use: AtomicU32,
     pub clocks: [ClockOverride; MAX_CLOCKS],
     /// Process flushing usage history right now (0: none), and since when.

@@ -5,7 +5,7 @@ DROP ROLE IF EXISTS regress_kt_admin, regress_kt_user, regress_kt_worker;
 CREATE ROLE regress_kt_admin;
 CREATE ROLE regress_kt_user;
 CREATE ROLE regress_kt_worker;
-GRANT EXECUTE ON FUNCTION keypool_create_api_token(text, text, text[], timestamptz),
+GRANT EXECUTE ON FUNCTION keypool_create_api_token(text, text, text[], timestamptz, integer, bigint, integer, integer),
     keypool_revoke_api_token(bigint) TO regress_kt_admin, regress_kt_user;
 GRANT SELECT ON keypool_api_tokens TO regress_kt_admin, regress_kt_user;
 -- The worker's role: the authentication function, nothing else of the tokens.
@@ -105,6 +105,50 @@ SELECT label, revoked_at IS NOT NULL AS revoked FROM keypool_api_tokens ORDER BY
 -- Revoking twice is harmless.
 SELECT keypool_revoke_api_token(id) FROM keypool_api_tokens WHERE label = 'alice';
 SELECT kind, reason FROM keypool_events WHERE kind = 'api_token_created' ORDER BY id;
+
+-- Limits on a token (issue 28), across pools and workers: the worker names the token by its
+-- SHA-256 in the five-argument keypool_reserve. The test clock stands still.
+SET timezone = 'UTC';
+SELECT keypool_set_clock('2030-11-06 23:58:00+00');
+SELECT keypool_add_key('tok_a', 'openai', 'sk-tok-a-limits-00000000001', rpm => 1000) > 0 AS added;
+SELECT keypool_add_key('tok_b', 'openai', 'sk-tok-b-limits-00000000001', rpm => 1000) > 0 AS added;
+SELECT keypool_create_api_token('agent', pools => ARRAY['tok_a', 'tok_b'], rpm => 5, tpm => 1000, rpd => 7,
+                                max_concurrent => 2) AS agent \gset
+SELECT keypool_create_api_token('other', pools => ARRAY['tok_a']) AS other \gset
+SELECT label, rpm, tpm, rpd, max_concurrent FROM keypool_api_tokens WHERE label IN ('agent', 'other') ORDER BY id;
+SELECT sha256(convert_to(:'agent', 'UTF8')) AS agent_sha \gset
+SELECT sha256(convert_to(:'other', 'UTF8')) AS other_sha \gset
+-- Two open at once, in either pool; the third waits (at most a second).
+SELECT reservation_id AS t1 FROM keypool_reserve('u1', 'tok_a', 10, NULL, :'agent_sha') \gset
+SELECT reservation_id AS t2 FROM keypool_reserve('u2', 'tok_b', 10, NULL, :'agent_sha') \gset
+SELECT granted, error, retry_after_ms FROM keypool_reserve('u3', 'tok_a', 10, NULL, :'agent_sha');
+-- Another token, the same pool: not held back.
+SELECT granted FROM keypool_reserve('u3', 'tok_a', 10, NULL, :'other_sha');
+SELECT keypool_settle(:t1, 200, 5, 5) AS outcome;
+SELECT keypool_release(:t2);
+-- Five a minute, whatever the users and pools: one settled, four more, then the exact wait.
+SELECT count(keypool_settle((keypool_reserve('u' || i, CASE WHEN i % 2 = 0 THEN 'tok_a' ELSE 'tok_b' END, 10, NULL, :'agent_sha')).reservation_id, 200, 5, 5)) AS settled
+  FROM generate_series(1, 4) i;
+SELECT granted, error, retry_after_ms FROM keypool_reserve('u9', 'tok_a', 10, NULL, :'agent_sha');
+-- Seven a day (UTC): two more 90 s later, then the wait until midnight (30 s).
+SELECT keypool_set_clock('2030-11-06 23:59:30+00');
+SELECT count(keypool_settle((keypool_reserve('u' || i, 'tok_a', 10, NULL, :'agent_sha')).reservation_id, 200, 5, 5)) AS settled
+  FROM generate_series(1, 2) i;
+SELECT granted, error, retry_after_ms FROM keypool_reserve('u9', 'tok_a', 10, NULL, :'agent_sha');
+SELECT keypool_set_clock('2030-11-07 00:00:00+00');
+SELECT granted FROM keypool_reserve('u9', 'tok_a', 10, NULL, :'agent_sha');
+-- Limits change at once (0: none); a revoked token reserves nothing.
+SELECT keypool_alter_api_token(id, rpm => 0, max_concurrent => 0, rpd => 0, tpm => 0) FROM keypool_api_tokens WHERE label = 'agent';
+SELECT count(*) FILTER (WHERE (keypool_reserve('u' || i, 'tok_a', 10, NULL, :'agent_sha')).granted) AS granted
+  FROM generate_series(1, 10) i;
+SELECT keypool_revoke_api_token(id) FROM keypool_api_tokens WHERE label = 'agent';
+SELECT try(format('SELECT keypool_reserve(%L, %L, 10, NULL, %L::bytea)', 'u1', 'tok_a', :'agent_sha'));
+SELECT try($$SELECT keypool_reserve('u1', 'tok_a', 10, NULL, '\x01'::bytea)$$);
+-- Bad limits change nothing.
+SELECT try($$SELECT keypool_create_api_token('bad', rpm => 0)$$);
+SELECT try(format('SELECT keypool_alter_api_token(%s, rpm => -1)', (SELECT id FROM keypool_api_tokens WHERE label = 'other')));
+SELECT label, rpm, tpm, rpd, max_concurrent FROM keypool_api_tokens WHERE label IN ('agent', 'other', 'bad') ORDER BY id;
+SELECT keypool_set_clock(NULL) IS NOT NULL AS clock_back;
 
 -- Answers on the worker's proxy route (error codes "proxy:..."): may cool an account for a
 -- bounded time or trip a breaker, never disable a key or an account.

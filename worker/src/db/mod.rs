@@ -147,6 +147,12 @@ const RESERVE: &str = "SELECT granted, reservation_id, key_id, provider, model, 
                        retry_after_ms, key_label, remaining_today, allocated_today, warning_level, \
                        (extract(epoch FROM granted_at) * 1000)::bigint, pool, budget_held IS NOT NULL \
                        FROM keypool_reserve($1, $2, $3, $4)";
+/// The same for a caller with an API token: the token's limits apply too (it is named by its
+/// SHA-256, as when it was authenticated).
+const RESERVE_AS_TOKEN: &str = "SELECT granted, reservation_id, key_id, provider, model, base_url, secret, error, \
+                       retry_after_ms, key_label, remaining_today, allocated_today, warning_level, \
+                       (extract(epoch FROM granted_at) * 1000)::bigint, pool, budget_held IS NOT NULL \
+                       FROM keypool_reserve($1, $2, $3, $4, $5)";
 const SETTLE: &str = "SELECT keypool_settle($1, $2, $3, $4, $5, $6)";
 const SETTLE_MANY: &str = "SELECT keypool_settle(r, s, p, c, ra, e) \
                            FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[]) \
@@ -254,18 +260,24 @@ impl Db {
         Ok(self.pool.get().await?)
     }
 
-    /// Reserves in `pool` or down its fallback chain; `within`, when given, lists the pools
-    /// the caller may reach (an API token's).
-    pub async fn reserve(
-        &self,
-        user: &str,
-        pool: &str,
-        est_tokens: i64,
-        within: Option<&[String]>,
-    ) -> Result<Reserved, DbError> {
+    /// Reserves in `pool` or down its fallback chain; `reach` says which pools the caller may
+    /// reach and which API token's limits the request counts against.
+    pub async fn reserve(&self, user: &str, pool: &str, est_tokens: i64, reach: &Reach) -> Result<Reserved, DbError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(RESERVE).await?;
-        let row = client.query_one(&stmt, &[&user, &pool, &est_tokens, &within]).await?;
+        let within = reach.pools.as_deref();
+        let row = match &reach.token_sha256 {
+            Some(digest) => {
+                let stmt = client.prepare_cached(RESERVE_AS_TOKEN).await?;
+                let digest: &[u8] = digest;
+                client
+                    .query_one(&stmt, &[&user, &pool, &est_tokens, &within, &digest])
+                    .await?
+            }
+            None => {
+                let stmt = client.prepare_cached(RESERVE).await?;
+                client.query_one(&stmt, &[&user, &pool, &est_tokens, &within]).await?
+            }
+        };
         let allocation = Allocation {
             remaining_today: row.get(10),
             allocated_today: row.get(11),
@@ -381,6 +393,7 @@ impl Db {
             user: r.get(1),
             pools: r.get(2),
             expires_at: r.get(3),
+            sha256: *token_sha256,
         }))
     }
 
@@ -587,4 +600,14 @@ pub struct TokenGrant {
     /// The pools it reaches, if bound to some.
     pub pools: Option<Vec<String>>,
     pub expires_at: Option<SystemTime>,
+    /// The token's SHA-256: reservations name it so that its limits apply.
+    pub sha256: [u8; 32],
+}
+
+/// What a caller may reach and what it counts against: an API token's pools (None: any the
+/// worker's role may use) and the token's SHA-256 (None: a service token, no token limits).
+#[derive(Clone, Debug, Default)]
+pub struct Reach {
+    pub pools: Option<Vec<String>>,
+    pub token_sha256: Option<[u8; 32]>,
 }

@@ -23,6 +23,7 @@ use futures_util::stream::{BoxStream, Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use tracing::{info, warn};
 
+use crate::db::Reach;
 use crate::db::{Allocation, Db, DbError, Refusal, Reserved, Settlement};
 use crate::gateway::metrics::{Metrics, RecentFailures};
 use crate::protocol::conversation::{CarryError, Conversation, Usage};
@@ -93,8 +94,8 @@ pub struct ChatJob {
     pub user: String,
     pub pool: String,
     /// The pools the caller may reach (an API token's), if limited: the fallback chain skips
-    /// the others.
-    pub within: Option<Vec<String>>,
+    /// the others; and the token whose limits the request counts against.
+    pub reach: Reach,
     pub request: Inbound,
     pub stream: bool,
     pub deadline: Instant,
@@ -107,7 +108,7 @@ pub struct ChatJob {
 pub struct EmbedJob {
     pub user: String,
     pub pool: String,
-    pub within: Option<Vec<String>>,
+    pub reach: Reach,
     pub request: EmbeddingsRequest,
     pub deadline: Instant,
     pub capacity_wait: Duration,
@@ -117,7 +118,7 @@ pub struct EmbedJob {
 pub struct ImagesJob {
     pub user: String,
     pub pool: String,
-    pub within: Option<Vec<String>>,
+    pub reach: Reach,
     pub request: ImagesRequest,
     /// Output tokens each image is reserved with (the most the pool's models bill for it).
     pub tokens_per_image: i64,
@@ -138,7 +139,7 @@ pub struct ImagesAnswer {
 struct Plan<'a> {
     user: &'a str,
     pool: &'a str,
-    within: Option<&'a [String]>,
+    reach: &'a Reach,
     /// Tokens reserved per attempt, and the prompt's part of them (settled when a call's usage
     /// is not known).
     est: i64,
@@ -414,14 +415,14 @@ impl Gateway {
     async fn reserve(
         &self,
         user: &str,
-        (pool, within): (&str, Option<&[String]>),
+        (pool, reach): (&str, &Reach),
         est: i64,
         deadline: Instant,
         capacity_wait: Duration,
         waited: &mut Duration,
     ) -> Result<Result<crate::db::Grant, Refusal>, Failure> {
         loop {
-            match self.db.reserve(user, pool, est, within).await {
+            match self.db.reserve(user, pool, est, reach).await {
                 Ok(Reserved::Granted(g)) => return Ok(Ok(g)),
                 Ok(Reserved::Refused(r)) => {
                     if r.code == "POOL_EXHAUSTED" {
@@ -447,7 +448,7 @@ impl Gateway {
         let plan = Plan {
             user: &job.user,
             pool: &job.pool,
-            within: job.within.as_deref(),
+            reach: &job.reach,
             est: job.request.estimate_tokens(self.settings.default_max_tokens),
             prompt_est: job.request.estimate_prompt_tokens(),
             deadline: job.deadline,
@@ -556,7 +557,7 @@ impl Gateway {
         let plan = Plan {
             user: &job.user,
             pool: &job.pool,
-            within: job.within.as_deref(),
+            reach: &job.reach,
             est: job.request.estimate_tokens(),
             prompt_est: job.request.estimate_tokens(),
             deadline: job.deadline,
@@ -599,7 +600,7 @@ impl Gateway {
         let plan = Plan {
             user: &job.user,
             pool: &job.pool,
-            within: job.within.as_deref(),
+            reach: &job.reach,
             est: job.request.estimate_prompt_tokens() + job.tokens_per_image,
             prompt_est: job.request.estimate_prompt_tokens(),
             deadline: job.deadline,
@@ -740,7 +741,7 @@ impl Gateway {
             let grant = match self
                 .reserve(
                     plan.user,
-                    (plan.pool, plan.within),
+                    (plan.pool, plan.reach),
                     plan.est,
                     plan.deadline,
                     plan.capacity_wait,
@@ -1093,7 +1094,7 @@ impl Gateway {
             let grant = match self
                 .reserve(
                     &job.user,
-                    (&job.pool, job.within.as_deref()),
+                    (&job.pool, &job.reach),
                     0,
                     job.deadline,
                     job.capacity_wait,
@@ -1259,7 +1260,7 @@ pub(crate) fn without_url(e: &reqwest::Error) -> String {
 pub struct ProxyJob {
     pub user: String,
     pub pool: String,
-    pub within: Option<Vec<String>>,
+    pub reach: Reach,
     pub method: reqwest::Method,
     pub path: String,
     pub query: Option<String>,

@@ -306,7 +306,7 @@ async fn carry_out(gateway: &Gateway, settings: &Settings, c: Claimed) {
             let job = ChatJob {
                 user: c.user_id.clone(),
                 pool: c.pool.clone(),
-                within: None,
+                reach: crate::db::Reach::default(),
                 request: Inbound::Chat(request),
                 stream: false,
                 deadline: Instant::now() + budget,

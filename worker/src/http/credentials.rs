@@ -83,11 +83,14 @@ impl Principal {
 
     /// Whether the request may reach `pool` (the database still checks the worker's role).
     /// The pools a request may reach, when its token limits them (a fallback chain skips the
-    /// others).
-    pub fn pools(&self) -> Option<Vec<String>> {
+    /// others), and the token whose limits it counts against.
+    pub fn reach(&self) -> crate::db::Reach {
         match self {
-            Principal::Token(t) => t.pools.clone(),
-            _ => None,
+            Principal::Token(t) => crate::db::Reach {
+                pools: t.pools.clone(),
+                token_sha256: Some(t.sha256),
+            },
+            _ => crate::db::Reach::default(),
         }
     }
 
@@ -326,6 +329,7 @@ mod tests {
             user: user.map(str::to_string),
             pools: pools.map(|p| p.iter().map(|s| s.to_string()).collect()),
             expires_at: None,
+            sha256: [7; 32],
         }))
     }
 

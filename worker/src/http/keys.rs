@@ -513,7 +513,7 @@ const OWN_KEYS: &str =
 async fn list_own_keys(State(ep): State<Arc<Endpoint>>, Extension(principal): Extension<Principal>) -> Response {
     admin(ep, |ep| async move {
         let user = token_user(&principal)?;
-        let pools = principal.pools();
+        let pools = principal.reach().pools;
         rows_json(&ep, OWN_KEYS, &[&user, &pools], false).await
     })
     .await
@@ -528,7 +528,7 @@ async fn remove_own_key(
     admin(ep, |ep| async move {
         let user = token_user(&principal)?;
         let key_id = key_number(&key_id)?;
-        let pools = principal.pools();
+        let pools = principal.reach().pools;
         let theirs = rows_json(
             &ep,
             "SELECT count(*) AS n FROM keypool_keys WHERE key_id = $1 AND owner = $2

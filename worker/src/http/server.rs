@@ -950,7 +950,7 @@ async fn chat_answer(ep: &Endpoint, principal: &Principal, request: Inbound, use
     let job = ChatJob {
         user,
         pool: pool.clone(),
-        within: principal.pools(),
+        reach: principal.reach(),
         request,
         stream,
         deadline: Instant::now() + ep.request_deadline,
@@ -1004,7 +1004,7 @@ async fn images(
     let job = ImagesJob {
         user,
         pool: pool.clone(),
-        within: principal.pools(),
+        reach: principal.reach(),
         request,
         tokens_per_image,
         deadline: Instant::now() + ep.request_deadline,
@@ -1056,7 +1056,7 @@ async fn embeddings(
     let job = EmbedJob {
         user,
         pool: pool.clone(),
-        within: principal.pools(),
+        reach: principal.reach(),
         request,
         deadline: Instant::now() + ep.request_deadline,
         capacity_wait: ep.capacity_wait,
@@ -1127,7 +1127,7 @@ async fn proxy_answer(
     let job = ProxyJob {
         user,
         pool: pool.clone(),
-        within: principal.pools(),
+        reach: principal.reach(),
         method,
         path,
         query: uri.query().map(str::to_string),
