@@ -2,8 +2,10 @@
 # 1, 8 and 32 clients, measured in the same run on a private cluster, and their ratios, for
 # members (users assigned to the pool's keys, who reserve on their own key first) and for
 # guests (user ids nobody signed up: seed 000's users), each measured right after SELECT 1.
+# Guests are measured a second time in a pool with minute_share 0.8 (the same keys' limits), where
+# each reservation also counts the user's minute.
 # Bars: reserve TPS >= 0.5 x SELECT 1 TPS at 32 clients (issue 2, members); the same for guests
-# in the simple protocol (issue 28).
+# in the simple protocol, and with minute_share within 5 % of that (issue 28).
 #
 # Usage: bench/reserve.sh                          (BENCH_SECONDS=15 per measurement by default)
 #        BENCH_MEMBERS=1000000 bench/reserve.sh    (members assigned first with keypool_backfill;
@@ -21,7 +23,9 @@ ensure_setup
 install_extension release
 # Default pg_keypool settings: the member cache holds the users who reserve (bench/members.sh
 # measures a set larger than the cache).
-cluster_start bench "$PORT" "max_connections = 200"
+# The minute_share pool's 100,000 guests are each granted about every 2 s: room for them all in
+# the caller table (~650 bytes each), so that every reservation counts its user's minute.
+cluster_start bench "$PORT" "max_connections = 200" "pg_keypool.max_callers = 262144"
 trap 'cluster_stop bench' EXIT
 dir="$(cluster_dir bench)"
 
@@ -31,6 +35,10 @@ cluster_psql bench "$PORT" -q -d bench -v ON_ERROR_STOP=1 <<'SQL' >/dev/null
 CREATE EXTENSION pg_keypool;
 SELECT keypool_create_pool('bench');
 SELECT keypool_add_key('bench', 'openai', 'sk-bench-key-' || i || '-000000000', 'gpt-4o-mini',
+                       rpm => 2000000000, rpd => 2000000000, tpm => 1000000000000, tpd => 1000000000000)
+  FROM generate_series(1, 15) i;
+SELECT keypool_create_pool('fair', minute_share => 0.8);
+SELECT keypool_add_key('fair', 'openai', 'sk-fair-key-' || i || '-0000000000', 'gpt-4o-mini',
                        rpm => 2000000000, rpd => 2000000000, tpm => 1000000000000, tpd => 1000000000000)
   FROM generate_series(1, 15) i;
 SQL
@@ -57,6 +65,10 @@ for who in member guest; do
     printf '\\set u random(1, %s)\nSELECT keypool_reserve('"'"'%s-:u'"'"', '"'"'bench'"'"');\n' "$n" "$who" > "$work/$who-simple.sql"
     printf '\\set u random(1, %s)\nSELECT keypool_reserve('"'"'%s-'"'"' || :u, '"'"'bench'"'"');\n' "$n" "$who" > "$work/$who-prepared.sql"
 done
+# Guests again, in the pool with minute_share.
+for mode in simple prepared; do
+    sed "s/'bench'/'fair'/" "$work/guest-$mode.sql" > "$work/fair-$mode.sql"
+done
 tps() { # tps MODE SCRIPT CLIENTS
     as_postgres pgbench -n -h "$dir/sock" -p "$PORT" -U postgres -M "$1" -c "$3" -j 2 -T "$SECONDS_EACH" -f "$2" bench 2>/dev/null |
         awk '/^tps = / { printf "%d", $3 }'
@@ -68,15 +80,17 @@ SECONDS_EACH=3 tps simple "$work/guest-simple.sql" 8 >/dev/null || true
 declare -A base res
 for mode in simple prepared; do
     for c in "${CLIENTS[@]}"; do
-        say "$mode protocol, $c clients: SELECT 1, then keypool_reserve for members, then for guests"
+        say "$mode protocol, $c clients: SELECT 1, then keypool_reserve for members, for guests, for guests with minute_share"
         base[$mode,$c]=$(tps "$mode" "$work/select1.sql" "$c")
         res[member,$mode,$c]=$(tps "$mode" "$work/member-$mode.sql" "$c")
         res[guest,$mode,$c]=$(tps "$mode" "$work/guest-$mode.sql" "$c")
+        res[fair,$mode,$c]=$(tps "$mode" "$work/fair-$mode.sql" "$c")
     done
 done
 evicted=$(cluster_psql bench "$PORT" -d bench -Atc "SELECT reservations_expired_early FROM keypool_status()")
 members=$(cluster_psql bench "$PORT" -d bench -Atc "SELECT members FROM keypool_pool_stats WHERE pool = 'bench'")
 granted=$(cluster_psql bench "$PORT" -d bench -Atc "SELECT sum(requests_today) FROM keypool_scopes")
+untracked=$(cluster_psql bench "$PORT" -d bench -Atc "SELECT callers_untracked FROM keypool_status()")
 ratio() { awk -v r="${res[$1,$2,$3]}" -v b="${base[$2,$3]}" 'BEGIN { printf "%.2f", (b > 0 ? r / b : 0) }'; }
 out="$REPO/bench/results"
 mkdir -p "$out"
@@ -84,15 +98,15 @@ report="$out/reserve-$(date -u +%Y%m%dT%H%M%SZ).md"
 {
     echo "pgbench -j 2, ${SECONDS_EACH} s per run, synchronous_commit on, $(nproc) cores; 15 keys; random members out of $members assigned (backfill took $backfill_s s), random guests out of $GUESTS"
     echo
-    echo "| protocol | clients | SELECT 1 TPS | reserve, members | ratio | reserve, guests | ratio |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
+    echo "| protocol | clients | SELECT 1 TPS | reserve, members | ratio | reserve, guests | ratio | guests, minute_share 0.8 | ratio |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     for mode in simple prepared; do
         for c in "${CLIENTS[@]}"; do
-            echo "| $mode | $c | ${base[$mode,$c]} | ${res[member,$mode,$c]} | $(ratio member "$mode" "$c") | ${res[guest,$mode,$c]} | $(ratio guest "$mode" "$c") |"
+            echo "| $mode | $c | ${base[$mode,$c]} | ${res[member,$mode,$c]} | $(ratio member "$mode" "$c") | ${res[guest,$mode,$c]} | $(ratio guest "$mode" "$c") | ${res[fair,$mode,$c]} | $(ratio fair "$mode" "$c") |"
         done
     done
     echo
-    echo "Reservations granted in the run: $granted (never settled; $evicted expired early when the ring wrapped)."
+    echo "Reservations granted in the run: $granted (never settled; $evicted expired early when the ring wrapped); in the minute_share pool, $untracked served without a caller entry (pg_keypool.max_callers = 262144)."
 } | tee "$report"
 
 failed=0
@@ -109,4 +123,11 @@ bar() { # bar WHO MODE
 bar member simple
 bar member prepared
 bar guest simple
+share=$(awk -v f="${res[fair,simple,32]}" -v g="${res[guest,simple,32]}" 'BEGIN { printf "%.3f", (g > 0 ? f / g : 0) }')
+if awk -v x="$share" 'BEGIN { exit !(x >= 0.95) }'; then
+    say "bar met: guests with minute_share at 32 clients (simple) are $share x guests without (>= 0.95)"
+else
+    say "bar NOT met: guests with minute_share at 32 clients (simple) are $share x guests without (< 0.95)"
+    failed=1
+fi
 exit "$failed"

@@ -9,6 +9,8 @@
 # Usage: bench/trust.sh   (BENCH_SECONDS=10 per measurement, BENCH_ROUNDS=5 rounds)
 #        BENCH_BASE=<commit> bench/trust.sh   compares with that commit of the current release
 #        instead (same SQL version), e.g. the commit before a change to the hot path.
+#        BENCH_MEMBERS=100000 bench/trust.sh  assigns that many other users to the pool first
+#        (keypool_backfill), so that the reserving users are guests of a populated member table.
 # Throughput on a shared 2-core machine drifts by tens of percent within minutes, so each
 # reserve measurement is bracketed by two of `SELECT 1` (their mean is its baseline), and the
 # builds alternate round by round.
@@ -21,6 +23,7 @@ ROUNDS="${BENCH_ROUNDS:-5}"
 PORT="${KEYPOOL_BENCH_PORT:-54341}"
 CLIENTS=32
 USERS=100000
+MEMBERS="${BENCH_MEMBERS:-0}"
 OLD_COMMIT="${BENCH_BASE:-8be9991}"
 LIBDIR="$("$PG_CONFIG" --pkglibdir)"
 version="$(grep -m1 '^version' "$REPO/Cargo.toml" | cut -d'"' -f2)"
@@ -95,8 +98,12 @@ SELECT keypool_add_key('bench', 'openai', 'sk-bench-key-' || i || '-000000000', 
                        rpm => 2000000000, rpd => 2000000000, tpm => 1000000000000, tpd => 1000000000000)
   FROM generate_series(1, 15) i;
 CREATE ROLE bench_app LOGIN;
-GRANT EXECUTE ON FUNCTION keypool_reserve TO bench_app;
+GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]) TO bench_app;
 $grant
+CREATE TABLE bench_members (id text PRIMARY KEY);
+INSERT INTO bench_members SELECT 'member-' || i FROM generate_series(1, $MEMBERS) i;
+SET client_min_messages = warning;
+SELECT keypool_backfill('bench_members', 'id', 'bench') WHERE $MEMBERS > 0;
 SQL
     SECONDS_EACH=3 tps prepared "$work/reserve-prepared.sql" >/dev/null || true
     # The extension's own work per call, without the client round trip: 300,000 reservations in
@@ -137,7 +144,7 @@ report="$out/trust-$(date -u +%Y%m%dT%H%M%SZ).md"
 {
     echo "pgbench -j 2, $CLIENTS clients, ${SECONDS_EACH} s per run, $ROUNDS rounds alternating $old_label (commit $OLD_COMMIT) and $version;"
     echo "SELECT 1 is the mean of the runs just before and after the reserve run;"
-    echo "synchronous_commit on, $(nproc) cores; reservations by an application role, random users out of $USERS; 15 keys"
+    echo "synchronous_commit on, $(nproc) cores; reservations by an application role, random users out of $USERS (guests; $MEMBERS other users assigned as members); 15 keys"
     echo
     echo "| round | protocol | $old_label SELECT 1 | $old_label reserve | $old_label ratio | $version SELECT 1 | $version reserve | $version ratio |"
     echo "|---:|---|---:|---:|---:|---:|---:|---:|"

@@ -92,7 +92,7 @@ SET client_min_messages = warning;
 DROP ROLE IF EXISTS demo_app;
 RESET client_min_messages;
 CREATE ROLE demo_app;
-GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_reserve(text, text, bigint, text[], bytea), keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_reserve(text, text, bigint, text[], bytea), keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint),
     keypool_release(bigint) TO demo_app;
 SELECT keypool_grant('image', 'demo_app', 'use');
 SELECT pool, grantee, privilege, granted_by FROM keypool_grants;

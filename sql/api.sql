@@ -21,10 +21,11 @@ CREATE TYPE keypool_reservation AS (
     warning_level  text,
     granted_at     timestamptz,
     pool           text,
-    budget_held    numeric
+    budget_held    numeric,
+    minute_remaining bigint
 );
 COMMENT ON TYPE keypool_reservation IS
-    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, when the grant was charged, the pool that served, and what it holds of a spend budget';
+    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, when the grant was charged, the pool that served, what it holds of a spend budget, and what is left of the caller''s minute';
 
 CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_tokens bigint DEFAULT 0,
                                 within text[] DEFAULT NULL)
@@ -45,6 +46,7 @@ LANGUAGE c VOLATILE PARALLEL UNSAFE;
 ALTER FUNCTION keypool.scope_state() ROWS 100;
 ALTER FUNCTION keypool.key_state() ROWS 100;
 ALTER FUNCTION keypool.key_load() ROWS 10;
+ALTER FUNCTION keypool.scope_provider_state() ROWS 10;
 ALTER FUNCTION keypool.pool_state() ROWS 10;
 ALTER FUNCTION keypool.routing_state() ROWS 10;
 
@@ -101,11 +103,15 @@ SELECT s.id AS scope_id,
        ss.day_resets_at,
        ss.cooling_until,
        coalesce(s.disabled_reason, ss.cooling_reason) AS reason,
-       (SELECT count(*) FROM keypool.key k WHERE k.scope_id = s.id AND k.removed_at IS NULL) AS keys
+       (SELECT count(*) FROM keypool.key k WHERE k.scope_id = s.id AND k.removed_at IS NULL) AS keys,
+       sp.requests_left AS provider_requests_left,
+       sp.tokens_left AS provider_tokens_left,
+       sp.held_until AS held_to_provider_until
   FROM keypool.scope s
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
+  LEFT JOIN keypool.scope_provider_state() sp ON sp.scope_id = s.id
  WHERE keypool.scope_readable(s.id);
-COMMENT ON VIEW keypool_scopes IS 'Every quota scope: its limits, requests and tokens this minute and today, cooldown';
+COMMENT ON VIEW keypool_scopes IS 'Every quota scope: its limits, requests and tokens this minute and today, cooldown, and what its provider reported when less than that';
 
 -- Hourly usage history per key (flushed every pg_keypool.flush_interval).
 CREATE VIEW keypool_usage WITH (security_barrier) AS
@@ -303,6 +309,16 @@ SELECT 'key:' || k.key_id,
   FROM keypool_keys k
  WHERE k.state <> 'active'
 UNION ALL
+SELECT 'scope:' || s.scope_id || ':limit_mismatch', 'limit_mismatch', 'warning',
+       (SELECT min(k.pool) FROM keypool_keys k WHERE k.scope_id = s.scope_id), NULL, s.scope_id, NULL,
+       format('account %s (%s%s): its provider reports %s until %s UTC, less than pg_keypool counts; someone else may use the key, or its limits are set too high',
+              coalesce(s.account, (SELECT min(k.label) FROM keypool_keys k WHERE k.scope_id = s.scope_id)),
+              s.provider, coalesce(' ' || s.model, ''),
+              concat_ws(' and ', s.provider_requests_left || ' requests left', s.provider_tokens_left || ' tokens left'),
+              to_char(s.held_to_provider_until AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
+  FROM keypool_scopes s
+ WHERE s.held_to_provider_until IS NOT NULL AND (s.rpm IS NOT NULL OR s.tpm IS NOT NULL)
+UNION ALL
 SELECT 'pool:' || p.pool || ':no_usable_key', 'pool_without_usable_key', 'critical', p.pool, NULL, NULL, NULL,
        format('pool %s has no usable key (%s cooling, %s disabled)', p.pool, p.keys_cooling, p.keys_disabled)
   FROM keypool_pool_stats p
@@ -328,7 +344,7 @@ SELECT 'worker:' || w.id, 'worker_silent', 'warning', NULL, NULL, NULL, w.id,
   FROM @extschema@.keypool_workers w, setting
  WHERE w.stopped_at IS NULL AND w.last_seen < now() - setting.silence;
 COMMENT ON VIEW keypool_alerts IS
-    'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys, overcommitted or near their budget, silent workers';
+    'What needs attention: accounts near a limit or held to a smaller figure their provider reported, cooling or disabled keys, pools without usable keys, overcommitted or near their budget, silent workers';
 
 
 -- Who may use, read or administer which pool: the grants on the pools this role administers,
@@ -476,8 +492,8 @@ COMMENT ON FUNCTION keypool_add_key(text, text, text, text, text, integer, integ
     'Adds a key to a pool (idempotent per secret); keys with the same account share its limits; owner: a user''s own key; max_concurrent: most reservations open at once; returns the key id';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[]) IS
     'Reserves one request and est_tokens on a key with room now, in the pool or down its fallback chain (only pools in within, when given); refusals are rows (POOL_EXHAUSTED, NO_KEYS, QUOTA_EXCEEDED)';
-COMMENT ON FUNCTION keypool_settle(bigint, integer, bigint, bigint, bigint, text) IS
-    'Records a provider call''s outcome: settles tokens to the actual count, cools, disables or trips keys; returns the outcome class';
+COMMENT ON FUNCTION keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint) IS
+    'Records a provider call''s outcome: settles tokens to the actual count, cools, disables or trips keys, holds an account to the room its provider reports; returns the outcome class';
 COMMENT ON FUNCTION keypool_classify(integer, text) IS
     'The outcome class keypool_settle would record for an HTTP status and provider error code (changes nothing)';
 COMMENT ON FUNCTION keypool_release(bigint) IS
@@ -518,6 +534,10 @@ COMMENT ON FUNCTION keypool_alter_api_token(bigint, integer, bigint, integer, in
     'Changes an API token''s limits: rpm, tpm, rpd, max_concurrent (NULL: unchanged, 0: none)';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[], bytea) IS
     'keypool_reserve for a caller holding an API token (its SHA-256): the token''s limits apply too, across every worker';
+COMMENT ON FUNCTION keypool_recheck_due(interval, integer) IS
+    'For workers: keys a provider''s answer disabled whose check is due (after, then when the last check said), with what a check needs; claimed for 5 minutes';
+COMMENT ON FUNCTION keypool_recheck_result(bigint, boolean, text, interval) IS
+    'For workers: what the provider said of a rechecked key: accepted enables it (and its account) again, otherwise it is checked again after next_check';
 COMMENT ON FUNCTION keypool_revoke_api_token(bigint) IS
     'Revokes an API token (every worker refuses it within seconds)';
 COMMENT ON FUNCTION keypool_authenticate_api_token(text) IS
@@ -558,6 +578,7 @@ COMMENT ON FUNCTION keypool_check_alerts() IS
     'Records alerts raised and cleared since the last check as events (NOTIFY keypool_events); returns how many were raised';
 COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of the scopes this role may read (for keypool_scopes)';
 COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of the keys this role may read (for keypool_keys)';
+COMMENT ON FUNCTION keypool.scope_provider_state() IS 'Internal: what providers reported of the scopes this role may read, when less than their windows count (for keypool_scopes)';
 COMMENT ON FUNCTION keypool.key_load() IS 'Internal: reservations open now on the keys with a max_concurrent this role may read (for keypool_keys)';
 COMMENT ON FUNCTION keypool.note_config_change() IS 'Internal: marks configuration caches stale (trigger helper)';
 COMMENT ON FUNCTION keypool.config_changed() IS 'Internal: trigger on the configuration tables';
@@ -580,7 +601,7 @@ REVOKE ALL ON FUNCTION
     keypool.pool_state(),
     keypool_add_key(text, text, text, text, text, integer, integer, bigint, bigint, text, text, integer, integer, text, integer),
     keypool_reserve(text, text, bigint, text[]),
-    keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+    keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint),
     keypool_release(bigint),
     keypool_classify(integer, text),
     keypool_alter_key(bigint, integer, integer),
@@ -606,6 +627,8 @@ REVOKE ALL ON FUNCTION
     keypool_rotate_master_key(),
     keypool_create_api_token(text, text, text[], timestamptz, integer, bigint, integer, integer),
     keypool_revoke_api_token(bigint),
+    keypool_recheck_due(interval, integer),
+    keypool_recheck_result(bigint, boolean, text, interval),
     keypool_alter_api_token(bigint, integer, bigint, integer, integer),
     keypool_reserve(text, text, bigint, text[], bytea),
     keypool_authenticate_api_token(text),
@@ -627,7 +650,7 @@ REVOKE ALL ON FUNCTION
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
 -- Answers only about the pools the calling role may read (so keypool_pool_stats needs no new grant).
-GRANT EXECUTE ON FUNCTION keypool.routing_state(), keypool.key_load() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION keypool.routing_state(), keypool.key_load(), keypool.scope_provider_state() TO PUBLIC;
 REVOKE ALL ON keypool_keys, keypool_scopes, keypool_usage, keypool_events, keypool_members, keypool_pool_stats,
     keypool_key_stats, keypool_prices, keypool_alerts, keypool_health, keypool_requests, keypool_workers,
     keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

@@ -133,6 +133,10 @@ CREATE TABLE keypool.key (
     disabled_at     timestamptz,
     -- Who disabled it: the provider's answer (401, API_KEY_INVALID ...), or an operator.
     disabled_by     text CHECK (disabled_by IN ('provider', 'operator')),
+    -- Checks of a key a provider's answer disabled (recheck.rs): how many said no, and when the
+    -- next is due (NULL: the first, a worker's KEYPOOL_RECHECK_AFTER after the disabling).
+    rechecks        integer NOT NULL DEFAULT 0,
+    recheck_at      timestamptz,
     -- Removed keys keep their history; they take no traffic and no users.
     removed_at      timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),

@@ -174,6 +174,8 @@ ALTER TABLE keypool.pool ADD COLUMN minute_share double precision CHECK (minute_
     ADD COLUMN user_rpm integer CHECK (user_rpm > 0),
     ADD COLUMN user_tpm bigint CHECK (user_tpm > 0),
     ADD COLUMN user_max_concurrent integer CHECK (user_max_concurrent > 0);
+-- Keys a provider disabled are checked again (issue 28).
+ALTER TABLE keypool.key ADD COLUMN rechecks integer NOT NULL DEFAULT 0, ADD COLUMN recheck_at timestamptz;
 -- Most reservations a key may have open at once (issue 28).
 ALTER TABLE keypool.key ADD COLUMN max_concurrent integer CHECK (max_concurrent > 0);
 ALTER TABLE keypool.pool ADD COLUMN fallback_on_quota boolean NOT NULL DEFAULT false,
@@ -245,6 +247,16 @@ CREATE  FUNCTION "keypool_set_fallbacks"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_set_fallbacks_wrapper';
+CREATE  FUNCTION keypool."scope_provider_state"() RETURNS TABLE (
+	"scope_id" bigint,  /* i64 */
+	"requests_left" bigint,  /* Option < i64 > */
+	"tokens_left" bigint,  /* Option < i64 > */
+	"held_until" timestamp with time zone  /* Option < TimestampWithTimeZone > */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'scope_provider_state_wrapper';
+ALTER FUNCTION keypool.scope_provider_state() ROWS 10;
 CREATE  FUNCTION keypool."key_load"() RETURNS TABLE (
 	"key_id" bigint,  /* i64 */
 	"open_reservations" INT  /* i32 */
@@ -301,6 +313,29 @@ CREATE  FUNCTION "keypool_alter_api_token"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_alter_api_token_wrapper';
+CREATE  FUNCTION "keypool_recheck_due"(
+	"after" interval, /* Option < Interval > */
+	"max_n" INT DEFAULT 10 /* Option < i32 > */
+) RETURNS TABLE (
+	"key_id" bigint,  /* i64 */
+	"provider" TEXT,  /* String */
+	"model" TEXT,  /* Option < String > */
+	"base_url" TEXT,  /* String */
+	"secret" TEXT,  /* Option < String > */
+	"rechecks" INT  /* i32 */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_recheck_due_wrapper';
+CREATE  FUNCTION "keypool_recheck_result"(
+	"key_id" bigint, /* Option < i64 > */
+	"accepted" bool, /* Option < bool > */
+	"detail" TEXT DEFAULT NULL, /* Option < & str > */
+	"next_check" interval DEFAULT NULL /* Option < Interval > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_recheck_result_wrapper';
 CREATE  FUNCTION "keypool_revoke_api_token"(
 	"id" bigint /* Option < i64 > */
 ) RETURNS void
@@ -449,8 +484,9 @@ ALTER TYPE keypool_reservation ADD ATTRIBUTE granted_at timestamptz;
 ALTER TYPE keypool_reservation ADD ATTRIBUTE pool text;
 -- ... and what it holds of a spend budget (issue 25: the worker caps the output at it).
 ALTER TYPE keypool_reservation ADD ATTRIBUTE budget_held numeric;
+ALTER TYPE keypool_reservation ADD ATTRIBUTE minute_remaining bigint;
 COMMENT ON TYPE keypool_reservation IS
-    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, when the grant was charged, the pool that served, and what it holds of a spend budget';
+    'Result of keypool_reserve: a granted key (with its secret) or a refusal, the user''s share today, when the grant was charged, the pool that served, what it holds of a spend budget, and what is left of the caller''s minute';
 DROP FUNCTION keypool_reserve(text, text, bigint);
 CREATE FUNCTION keypool_reserve(user_id text, pool text DEFAULT 'default', est_tokens bigint DEFAULT 0,
                                 within text[] DEFAULT NULL)
@@ -485,6 +521,25 @@ CREATE  FUNCTION "keypool_add_key"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'keypool_add_key_wrapper';
+-- keypool_settle takes what the provider reported of its limits (issue 28).
+DROP FUNCTION keypool_settle(bigint, integer, bigint, bigint, bigint, text);
+CREATE  FUNCTION "keypool_settle"(
+	"reservation_id" bigint, /* Option < i64 > */
+	"status" INT, /* Option < i32 > */
+	"prompt_tokens" bigint DEFAULT 0, /* Option < i64 > */
+	"completion_tokens" bigint DEFAULT 0, /* Option < i64 > */
+	"retry_after_ms" bigint DEFAULT NULL, /* Option < i64 > */
+	"error_code" TEXT DEFAULT NULL, /* Option < & str > */
+	"remaining_requests" bigint DEFAULT NULL, /* Option < i64 > */
+	"requests_reset_ms" bigint DEFAULT NULL, /* Option < i64 > */
+	"remaining_tokens" bigint DEFAULT NULL, /* Option < i64 > */
+	"tokens_reset_ms" bigint DEFAULT NULL /* Option < i64 > */
+) RETURNS TEXT /* String */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'keypool_settle_wrapper';
+COMMENT ON FUNCTION keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint) IS
+    'Records a provider call''s outcome: settles tokens to the actual count, cools, disables or trips keys, holds an account to the room its provider reports; returns the outcome class';
 -- keypool_create_pool takes a minute share (issue 28).
 DROP FUNCTION keypool_create_pool(text, text, integer, interval, boolean, text);
 CREATE  FUNCTION "keypool_create_pool"(
@@ -846,11 +901,15 @@ SELECT s.id AS scope_id,
        ss.day_resets_at,
        ss.cooling_until,
        coalesce(s.disabled_reason, ss.cooling_reason) AS reason,
-       (SELECT count(*) FROM keypool.key k WHERE k.scope_id = s.id AND k.removed_at IS NULL) AS keys
+       (SELECT count(*) FROM keypool.key k WHERE k.scope_id = s.id AND k.removed_at IS NULL) AS keys,
+       sp.requests_left AS provider_requests_left,
+       sp.tokens_left AS provider_tokens_left,
+       sp.held_until AS held_to_provider_until
   FROM keypool.scope s
   LEFT JOIN keypool.scope_state() ss ON ss.scope_id = s.id
+  LEFT JOIN keypool.scope_provider_state() sp ON sp.scope_id = s.id
  WHERE keypool.scope_readable(s.id);
-COMMENT ON VIEW keypool_scopes IS 'Every quota scope: its limits, requests and tokens this minute and today, cooldown';
+COMMENT ON VIEW keypool_scopes IS 'Every quota scope: its limits, requests and tokens this minute and today, cooldown, and what its provider reported when less than that';
 
 CREATE OR REPLACE VIEW keypool_usage WITH (security_barrier) AS
 SELECT u.hour,
@@ -1018,6 +1077,16 @@ SELECT 'key:' || k.key_id,
   FROM keypool_keys k
  WHERE k.state <> 'active'
 UNION ALL
+SELECT 'scope:' || s.scope_id || ':limit_mismatch', 'limit_mismatch', 'warning',
+       (SELECT min(k.pool) FROM keypool_keys k WHERE k.scope_id = s.scope_id), NULL, s.scope_id, NULL,
+       format('account %s (%s%s): its provider reports %s until %s UTC, less than pg_keypool counts; someone else may use the key, or its limits are set too high',
+              coalesce(s.account, (SELECT min(k.label) FROM keypool_keys k WHERE k.scope_id = s.scope_id)),
+              s.provider, coalesce(' ' || s.model, ''),
+              concat_ws(' and ', s.provider_requests_left || ' requests left', s.provider_tokens_left || ' tokens left'),
+              to_char(s.held_to_provider_until AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
+  FROM keypool_scopes s
+ WHERE s.held_to_provider_until IS NOT NULL AND (s.rpm IS NOT NULL OR s.tpm IS NOT NULL)
+UNION ALL
 SELECT 'pool:' || p.pool || ':no_usable_key', 'pool_without_usable_key', 'critical', p.pool, NULL, NULL, NULL,
        format('pool %s has no usable key (%s cooling, %s disabled)', p.pool, p.keys_cooling, p.keys_disabled)
   FROM keypool_pool_stats p
@@ -1043,7 +1112,7 @@ SELECT 'worker:' || w.id, 'worker_silent', 'warning', NULL, NULL, NULL, w.id,
   FROM @extschema@.keypool_workers w, setting
  WHERE w.stopped_at IS NULL AND w.last_seen < now() - setting.silence;
 COMMENT ON VIEW keypool_alerts IS
-    'What needs attention: accounts near a limit, cooling or disabled keys, pools without usable keys, overcommitted or near their budget, silent workers';
+    'What needs attention: accounts near a limit or held to a smaller figure their provider reported, cooling or disabled keys, pools without usable keys, overcommitted or near their budget, silent workers';
 
 CREATE VIEW keypool_queue_depth WITH (security_barrier) AS
 SELECT r.pool, r.status, count(*) AS requests, min(r.not_before) AS oldest_due
@@ -1186,6 +1255,10 @@ COMMENT ON FUNCTION keypool_alter_api_token(bigint, integer, bigint, integer, in
     'Changes an API token''s limits: rpm, tpm, rpd, max_concurrent (NULL: unchanged, 0: none)';
 COMMENT ON FUNCTION keypool_reserve(text, text, bigint, text[], bytea) IS
     'keypool_reserve for a caller holding an API token (its SHA-256): the token''s limits apply too, across every worker';
+COMMENT ON FUNCTION keypool_recheck_due(interval, integer) IS
+    'For workers: keys a provider''s answer disabled whose check is due (after, then when the last check said), with what a check needs; claimed for 5 minutes';
+COMMENT ON FUNCTION keypool_recheck_result(bigint, boolean, text, interval) IS
+    'For workers: what the provider said of a rechecked key: accepted enables it (and its account) again, otherwise it is checked again after next_check';
 COMMENT ON FUNCTION keypool_revoke_api_token(bigint) IS
     'Revokes an API token (every worker refuses it within seconds)';
 COMMENT ON FUNCTION keypool_authenticate_api_token(text) IS
@@ -1226,6 +1299,7 @@ COMMENT ON FUNCTION keypool_check_alerts() IS
     'Records alerts raised and cleared since the last check as events (NOTIFY keypool_events); returns how many were raised';
 COMMENT ON FUNCTION keypool.scope_state() IS 'Internal: live window usage of the scopes this role may read (for keypool_scopes)';
 COMMENT ON FUNCTION keypool.key_state() IS 'Internal: live circuit breaker state of the keys this role may read (for keypool_keys)';
+COMMENT ON FUNCTION keypool.scope_provider_state() IS 'Internal: what providers reported of the scopes this role may read, when less than their windows count (for keypool_scopes)';
 COMMENT ON FUNCTION keypool.key_load() IS 'Internal: reservations open now on the keys with a max_concurrent this role may read (for keypool_keys)';
 COMMENT ON FUNCTION keypool.member_memory() IS 'Internal: the shared-memory member cache (for keypool_member_memory)';
 COMMENT ON FUNCTION keypool.enqueue(regrole, text, text, jsonb, interval, integer) IS
@@ -1244,12 +1318,15 @@ COMMENT ON FUNCTION keypool.notify_event() IS 'Internal: announces every event''
 -- Privileges: the new functions and views are closed like the rest; the filters the views use
 -- answer only about the calling role.
 REVOKE ALL ON FUNCTION
+    keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint),
     keypool_create_pool(text, text, integer, interval, boolean, text, double precision),
     keypool_grant(text, regrole, text),
     keypool_revoke(text, regrole, text),
     keypool_rotate_master_key(),
     keypool_create_api_token(text, text, text[], timestamptz, integer, bigint, integer, integer),
     keypool_revoke_api_token(bigint),
+    keypool_recheck_due(interval, integer),
+    keypool_recheck_result(bigint, boolean, text, interval),
     keypool_alter_api_token(bigint, integer, bigint, integer, integer),
     keypool_reserve(text, text, bigint, text[], bytea),
     keypool_authenticate_api_token(text),
@@ -1274,5 +1351,5 @@ REVOKE ALL ON FUNCTION
     keypool.check_alerts()
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keypool.allowed(bigint, text), keypool.scope_readable(bigint), keypool.acts_for(oid) TO PUBLIC;
-GRANT EXECUTE ON FUNCTION keypool.routing_state(), keypool.key_load() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION keypool.routing_state(), keypool.key_load(), keypool.scope_provider_state() TO PUBLIC;
 REVOKE ALL ON keypool_queue_depth, keypool_grants, keypool_master_keys, keypool_member_memory, keypool_api_tokens FROM PUBLIC;

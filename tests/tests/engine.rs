@@ -428,7 +428,7 @@ async fn roles_with_readme_grants_can_reserve_but_never_read_the_secrets() {
              SELECT keypool_add_key('roles', 'openai', 'sk-roles-key-00000001');
              CREATE ROLE app_{suffix} LOGIN;
              GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]),
-                                       keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+                                       keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint),
                                        keypool_release(bigint) TO app_{suffix};
              CREATE ROLE ops_{suffix} LOGIN;
              GRANT SELECT ON keypool_keys, keypool_scopes, keypool_usage, keypool_events TO ops_{suffix};

@@ -341,7 +341,7 @@ async fn a_role_with_use_on_one_pool_reaches_nothing_else() {
         &format!(
             "CREATE ROLE {app} LOGIN; CREATE ROLE {other} LOGIN;
              GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]),
-                 keypool_settle(bigint, integer, bigint, bigint, bigint, text), keypool_release(bigint)
+                 keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint), keypool_release(bigint)
                TO {app}, {other};
              SELECT keypool_create_pool('a'); SELECT keypool_create_pool('b');
              SELECT keypool_add_key('a', 'openai', 'sk-pool-a-secret-0000000001');

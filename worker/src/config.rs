@@ -146,6 +146,11 @@ pub struct ServeArgs {
     /// Interval between heartbeats.
     #[arg(long, env = "KEYPOOL_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = duration::parse)]
     pub heartbeat_interval: Duration,
+    /// How long after a provider's answer disabled a key (or its account) the worker first
+    /// checks it again with the provider; later checks wait twice as long each time, up to a
+    /// day. A key the provider accepts is enabled again.
+    #[arg(long, env = "KEYPOOL_RECHECK_AFTER", default_value = "10m", value_parser = duration::parse)]
+    pub recheck_after: Duration,
     /// On SIGTERM: how long in-flight work may finish before it is released.
     #[arg(long, env = "KEYPOOL_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration::parse)]
     pub shutdown_grace: Duration,
@@ -290,6 +295,9 @@ impl ServeArgs {
             if self.queue_poll < Duration::from_millis(100) {
                 return Err("--queue-poll must be at least 100ms".into());
             }
+        }
+        if self.recheck_after < Duration::from_secs(1) {
+            return Err("--recheck-after must be at least 1s".into());
         }
         if self.heartbeat_interval < Duration::from_millis(100) {
             return Err("--heartbeat-interval must be at least 100ms".into());

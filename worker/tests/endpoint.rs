@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use keypool_tests::{shared, TestDb};
+use keypool_tests::{one, shared, TestDb};
 use serde_json::{json, Value};
 
 async fn keys_state(db: &TestDb<'_>, pool: &str) -> Vec<(String, String, String)> {
@@ -377,7 +377,9 @@ async fn refusals_become_429_with_retry_after_and_allocation_headers() {
 
     // One request a minute per user: the user's second waits for their minute, with the
     // wait; others are served; the official clients may retry it.
-    assert_eq!(w.chat(chat_body("fair", "user-1", "hi", 3)).await.status(), 200);
+    let r = w.chat(chat_body("fair", "user-1", "hi", 3)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-keypool-remaining-minute").as_deref(), Some("0"));
     let r = w.chat(chat_body("fair", "user-1", "hi", 3)).await;
     assert_eq!(r.status(), 429);
     let retry: u64 = header(&r, "retry-after")
@@ -627,4 +629,147 @@ async fn sigterm_lets_requests_in_flight_finish() {
     assert_eq!(in_flight.await.expect("task").expect("answer"), 200);
     assert!(w.log().contains("stopped served=1"), "{}", w.log());
     eventually(&db, "SELECT served FROM keypool_workers WHERE id = 'term'", "1").await;
+}
+
+/// Events of `kind` in `pool`, oldest first: (key label, reason).
+async fn events(db: &TestDb<'_>, pool: &str, kind: &str) -> Vec<(String, String)> {
+    db.client
+        .query(
+            "SELECT coalesce(label, ''), coalesce(reason, '') FROM keypool_events WHERE pool = $1 AND kind = $2 ORDER BY id",
+            &[&pool, &kind],
+        )
+        .await
+        .expect("events")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Waits until `cond` holds of the pool's keys (label, state, reason), for at most 30 s.
+async fn keys_until(db: &TestDb<'_>, pool: &str, what: &str, cond: impl Fn(&[(String, String, String)]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let keys = keys_state(db, pool).await;
+        if cond(&keys) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {keys:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_the_provider_disabled_is_checked_again_and_enabled_when_accepted() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    let flaky = "sk-recheck-flaky-0001719";
+    let parked = "sk-recheck-parked-001726";
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('rechecked');
+             SELECT keypool_add_key('rechecked', 'openai', '{flaky}', 'gpt-4o-mini', base_url => '{u}/v1');
+             SELECT keypool_add_key('rechecked', 'openai', '{parked}', 'gpt-4o-mini', base_url => '{u}/v1');
+             SELECT keypool_disable_key(key_id, 'parked by an operator') FROM keypool_keys WHERE pool = 'rechecked' AND key_id = (SELECT max(key_id) FROM keypool_keys WHERE pool = 'rechecked');",
+            u = mock.url
+        ),
+    )
+    .await;
+    // The provider rejects the key (a revoked key, say): the request fails, the key is disabled.
+    mock.fault("recheck-flaky", "401", None, None).await;
+    let w = Worker::start(&conninfo(&db), "recheck", &["--no-queue", "--recheck-after", "1s"]).await;
+    let r = w.chat(chat_body("rechecked", "u1", "hello", 3)).await;
+    assert_ne!(r.status(), 200);
+    keys_until(&db, "rechecked", "the rejected key is disabled", |k| {
+        k[0].1 == "disabled"
+    })
+    .await;
+    // Checked again a second later: still rejected, it stays disabled (and says when next).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while events(&db, "rechecked", "key_rechecked").await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recheck within 30 s:\n{}",
+            w.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let first = events(&db, "rechecked", "key_rechecked").await;
+    assert!(first[0].1.starts_with("still rejected"), "{first:?}");
+    assert!(first[0].1.contains("next check in 2 s"), "{first:?}");
+    assert_eq!(keys_state(&db, "rechecked").await[0].1, "disabled");
+    // The provider takes the key again: enabled with no operator action, and it serves.
+    mock.clear_faults().await;
+    keys_until(&db, "rechecked", "the key is enabled again", |k| k[0].1 == "active").await;
+    let last = events(&db, "rechecked", "key_rechecked").await;
+    assert!(last.last().is_some_and(|e| e.1.starts_with("accepted")), "{last:?}");
+    assert_eq!(w.chat(chat_body("rechecked", "u2", "hello", 3)).await.status(), 200);
+    // The key an operator disabled was never checked, and stays disabled.
+    let keys = keys_state(&db, "rechecked").await;
+    assert_eq!(keys[1].1, "disabled");
+    assert_eq!(mock.calls_with(parked).await, 0);
+    assert!(!w.log().contains(flaky));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_reporting_less_room_than_we_count_holds_the_key_to_its_figure() {
+    let db = shared().fresh_db().await;
+    let mock = Mock::start(&[]);
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('leaked');
+             SELECT keypool_add_key('leaked', 'openai', 'sk-leaked-counter-001977', 'gpt-4o-mini', rpm => 100, base_url => '{u}/v1');",
+            u = mock.url
+        ),
+    )
+    .await;
+    let w = Worker::start(&conninfo(&db), "counters", &["--no-queue"]).await;
+    // Someone else uses the key: OpenAI says no request is left for 20 s.
+    mock.ratelimit_headers(&[
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-reset-requests", "20s"),
+        ("x-ratelimit-remaining-tokens", "149000"),
+        ("x-ratelimit-reset-tokens", "6ms"),
+    ])
+    .await;
+    assert_eq!(w.chat(chat_body("leaked", "u1", "hello", 3)).await.status(), 200);
+    // The settlement of that answer (in the background) holds the key's account: the next
+    // request is refused, though the extension's own count (1 of 100 this minute) has room.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refused = loop {
+        let r = w.chat(chat_body("leaked", "u2", "hello", 3)).await;
+        if r.status() == 429 {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "never held: {}", r.status());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let retry: u64 = header(&refused, "retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((15..=20).contains(&retry), "{retry}");
+    let v: Value = refused.json().await.expect("JSON");
+    assert_eq!(v["error"]["code"], "POOL_EXHAUSTED");
+    let row = db
+        .client
+        .query_one(
+            "SELECT requests_this_minute, provider_requests_left, held_to_provider_until > now() + interval '10 s'
+               FROM keypool_scopes s JOIN keypool_keys k USING (scope_id) WHERE k.pool = 'leaked'",
+            &[],
+        )
+        .await
+        .expect("keypool_scopes");
+    assert!(row.get::<_, i64>(0) < 100);
+    assert_eq!(row.get::<_, Option<i64>>(1), Some(0));
+    assert_eq!(row.get::<_, Option<bool>>(2), Some(true));
+    let alert: String = one(
+        &db.client,
+        "SELECT message FROM keypool_alerts WHERE kind = 'limit_mismatch'",
+    )
+    .await;
+    assert!(alert.contains("0 requests left"), "{alert}");
+    assert_eq!(events(&db, "leaked", "limit_mismatch").await.len(), 1);
+    // What the mock saw: only the one request that was served.
+    assert_eq!(mock.stats().await["requests"], 1);
 }

@@ -955,11 +955,12 @@ async fn the_admin_api_runs_with_only_the_documented_grants() {
                                        keypool_now(), keypool_usage_report(date, date) TO {ops};
              GRANT USAGE ON SCHEMA keypool TO {ops};
              GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_reserve(text, text, bigint, text[], bytea),
-                 keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+                 keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint),
                  keypool_release(bigint), keypool_models(), keypool_claim_requests(text, integer, interval),
                  keypool_complete_request(bigint, text, text, jsonb, text, timestamptz), keypool_queue_wake_at(),
                  keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint),
-                 keypool_worker_stopped(text), keypool_authenticate_api_token_sha256(bytea), keypool_classify(integer, text)
+                 keypool_worker_stopped(text), keypool_authenticate_api_token_sha256(bytea), keypool_classify(integer, text),
+                 keypool_recheck_due(interval, integer), keypool_recheck_result(bigint, boolean, text, interval)
                TO {worker};
              GRANT {ops} TO {worker};
              GRANT SELECT ON keypool_requests, keypool_workers, keypool_queue_depth TO {worker};

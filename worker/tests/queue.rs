@@ -376,7 +376,7 @@ async fn a_worker_runs_with_only_the_documented_grants() {
              DROP ROLE IF EXISTS {worker_role}; DROP ROLE IF EXISTS {app_role};
              CREATE ROLE {worker_role} LOGIN; CREATE ROLE {app_role} LOGIN;
              GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_reserve(text, text, bigint, text[], bytea),
-                 keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+                 keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint),
                  keypool_release(bigint), keypool_models(), keypool_claim_requests(text, integer, interval),
                  keypool_complete_request(bigint, text, text, jsonb, text, timestamptz), keypool_queue_wake_at(),
                  keypool_worker_heartbeat(text, text, text, integer, timestamptz, bigint, bigint, bigint),

@@ -65,7 +65,7 @@ fn positive<T: Into<i64> + Copy>(name: &str, v: Option<T>) -> Option<i64> {
 }
 
 /// Runs `f` inside SPI as the extension's owner.
-fn as_owner<R>(owner: pgrx::pg_sys::Oid, f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> R) -> R {
+pub(crate) fn as_owner<R>(owner: pgrx::pg_sys::Oid, f: impl FnOnce(&mut pgrx::spi::SpiClient<'_>) -> R) -> R {
     privilege::spi_as_owner(owner, f)
 }
 
@@ -73,7 +73,7 @@ fn as_owner<R>(owner: pgrx::pg_sys::Oid, f: impl FnOnce(&mut pgrx::spi::SpiClien
 ///
 /// No row limit is passed on purpose: with one, the executor stops an `UPDATE ... RETURNING`
 /// before its statement-level AFTER triggers fire, and those keep every backend's cache fresh.
-fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+pub(crate) fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(
     client: &mut pgrx::spi::SpiClient<'_>,
     sql: &str,
     args: &[DatumWithOid<'_>],
@@ -940,7 +940,8 @@ fn keypool_enable_key(key_id: Option<i64>) {
 pub fn enable_key(owner: pgrx::pg_sys::Oid, key_id: i64) {
     let (pool_id, scope_id) = as_owner(owner, |client| {
         let table = errors::spi(client.update(
-            "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL, disabled_by = NULL
+            "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL, disabled_by = NULL,
+                                    rechecks = 0, recheck_at = NULL
               WHERE id = $1 AND removed_at IS NULL RETURNING pool_id, scope_id",
             None,
             &[key_id.into()],
@@ -991,12 +992,25 @@ pub fn record_outcome_event(cfg: &Config, kind: &str, key_id: i64, scope_id: Opt
     });
 }
 
+/// Records what happened to a key (its pool is found from the key).
+pub fn record_key_event(owner: pgrx::pg_sys::Oid, kind: &str, key_id: i64, reason: &str) {
+    as_owner(owner, |client| {
+        let pool_id: Option<i64> = one(
+            client,
+            "SELECT pool_id FROM keypool.key WHERE id = $1",
+            &[key_id.into()],
+        );
+        record_event(client, kind, pool_id, Some(key_id), None, Some(reason))
+    });
+}
+
 /// Disables a key because its provider rejected it (settle.rs).
 pub fn disable_key_after_error(cfg: &Config, key_id: i64, reason: &str) {
     as_owner(cfg.extension_owner, |client| {
         let pool_id: Option<i64> = one(
             client,
-            "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3, disabled_by = 'provider'
+            "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3, disabled_by = 'provider',
+                                    rechecks = 0, recheck_at = NULL
                   WHERE id = $1 AND disabled_reason IS NULL RETURNING pool_id",
             &[key_id.into(), reason.into(), now_ts().into()],
         );
@@ -1016,6 +1030,12 @@ pub fn disable_scope_after_error(cfg: &Config, scope_id: i64, reason: &str) {
             &[scope_id.into(), reason.into(), now_ts().into()],
         );
         if changed.is_some() {
+            // Its keys are checked again from now on (recheck.rs).
+            errors::spi(client.update(
+                "UPDATE keypool.key SET rechecks = 0, recheck_at = NULL WHERE scope_id = $1",
+                None,
+                &[scope_id.into()],
+            ));
             record_event(client, "scope_disabled", None, None, Some(scope_id), Some(reason));
         }
     });

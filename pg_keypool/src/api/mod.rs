@@ -7,6 +7,7 @@ pub mod grants;
 pub mod membership;
 pub mod operations;
 pub mod queue;
+pub mod recheck;
 pub mod reserve;
 pub mod reset;
 pub mod secrets;

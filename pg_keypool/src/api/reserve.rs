@@ -61,6 +61,8 @@ pub enum Answer {
         allocation: Allocation,
         /// What it holds of the pool's spend budget (millionths), when one applies.
         held: Option<u64>,
+        /// Requests the caller may still make this minute (user's and API token's limits).
+        minute_left: Option<u64>,
     },
     Refused {
         refusal: Refusal,
@@ -82,6 +84,14 @@ struct Share {
     caller: Option<Counted>,
     /// Where it was counted against the caller's API token, if it has limits.
     token: Option<Counted>,
+}
+
+impl Share {
+    /// Requests the caller may still make this minute: the smaller of what the user's and the
+    /// API token's limits leave.
+    fn minute_left(&self) -> Option<u64> {
+        [self.caller, self.token].iter().flatten().filter_map(|c| c.left).min()
+    }
 }
 
 /// A slot this backend cached was bound to another row meanwhile: reload and try again.
@@ -239,6 +249,7 @@ fn reserve_own(
                     granted_at_ms,
                     allocation,
                     held,
+                    minute_left: share.minute_left(),
                 };
                 return (cfg, Some(answer));
             }
@@ -445,6 +456,7 @@ fn reserve_in(
                         granted_at_ms,
                         allocation,
                         held,
+                        minute_left: share.minute_left(),
                     },
                 );
             }
@@ -673,9 +685,20 @@ fn try_key(
                 return Ok(Err(Wait::Ms(wait)));
             }
         }
+        // The provider said it has less room than the windows count (settle.rs): held to that.
+        if let Some(wait) = scope_slot.provider.wait(now, tokens) {
+            drop(windows);
+            if trial {
+                breaker::abandon_trial(key_slot);
+            }
+            return Ok(Err(Wait::Ms(wait)));
+        }
         let charged = windows.try_charge(now, tokens, |t| calendar::day_bounds(scope.tz, t));
-        if let (Ok(charge), Some(_)) = (&charged, key.max_concurrent) {
-            key_slot.open.add(charge.at_ms, lease);
+        if let Ok(charge) = &charged {
+            scope_slot.provider.spend(now, tokens);
+            if key.max_concurrent.is_some() {
+                key_slot.open.add(charge.at_ms, lease);
+            }
         }
         charged
     };
@@ -747,7 +770,7 @@ fn try_key(
 }
 
 /// The result row, in the column order of the `keypool_reservation` type.
-fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 16] {
+fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 17] {
     let share = |a: &Allocation| {
         [
             a.remaining().map_or(Value::Null, |r| Value::Int8(r as i64)),
@@ -763,6 +786,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 16] {
             granted_at_ms,
             allocation,
             held,
+            minute_left,
         } => {
             let k = &cfg.keys[*key];
             let served = cfg.pools.get(*pool).map_or(Value::Null, |p| Value::Text(&p.name));
@@ -785,6 +809,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 16] {
                 Value::Int8(clock::timestamptz_datum(*granted_at_ms)),
                 served,
                 held.map_or(Value::Null, |micros| Value::Datum(money_datum(micros))),
+                minute_left.map_or(Value::Null, |n| Value::Int8(n.min(i64::MAX as u64) as i64)),
             ]
         }
         Answer::Refused {
@@ -807,6 +832,7 @@ fn result_row<'a>(cfg: &'a Config, answer: &'a Answer) -> [Value<'a>; 16] {
                 remaining,
                 allocated,
                 warning,
+                Value::Null,
                 Value::Null,
                 Value::Null,
                 Value::Null,

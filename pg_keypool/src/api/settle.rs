@@ -26,6 +26,7 @@ use crate::settings;
 use crate::state::breaker;
 use crate::state::callers::TOKEN_SLOT;
 use crate::state::clock;
+use crate::state::provider_hold::Report;
 use crate::state::reservation::{
     self, Closed, NotOpen, Record, FLAG_BORROWED, FLAG_CALLER_OPEN, FLAG_CONCURRENT, FLAG_TOKEN_OPEN, FLAG_TRIAL,
 };
@@ -165,8 +166,73 @@ fn outcome_counter(o: Outcome) -> Counter {
     }
 }
 
+/// A provider's report of one measure (`remaining_*` and `*_reset_ms` of `keypool_settle`):
+/// both or neither.
+fn provider_report(what: &str, remaining: Option<i64>, reset_ms: Option<i64>) -> Option<(i64, i64)> {
+    match (remaining, reset_ms) {
+        (None, None) => None,
+        (Some(left), Some(ms)) if left >= 0 && (0..=MAX_RETRY_AFTER_MS).contains(&ms) => Some((left, ms)),
+        _ => errors::invalid(format!(
+            "remaining_{what} and {what}_reset_ms go together: a count >= 0 and milliseconds between 0 and {MAX_RETRY_AFTER_MS}"
+        ))
+        .raise(),
+    }
+}
+
+/// Holds the reservation's scope to what its provider reported when that is less room than
+/// its windows count (provider_hold.rs); a hold that begins is an event (`limit_mismatch`).
+fn held_to_provider(sh: &Shared, cfg: &Config, r: &Record, reported: (Report, Report), now: i64) {
+    let slot = sh.scope(r.scope_slot);
+    let began = {
+        let w = slot.lock();
+        if !w.tag().is(cfg.owner, r.scope_id) {
+            return;
+        }
+        let (requests, tokens, _, _) = w.usage(now);
+        let room = |limit: u64, used: u64| match limit {
+            0 => i64::MAX,
+            l => l.saturating_sub(used).min(i64::MAX as u64) as i64,
+        };
+        let ours = (room(w.limits.rpm, requests), room(w.limits.tpm, tokens));
+        // Without a configured limit the provider's figure is simply obeyed; a mismatch is a
+        // configured limit the provider contradicts.
+        let configured = (reported.0.is_some() && w.limits.rpm > 0) || (reported.1.is_some() && w.limits.tpm > 0);
+        (slot.provider.report(now, reported, ours) && configured && slot.provider.note(now)).then_some(ours)
+    };
+    if let Some(ours) = began {
+        let said = |what: &str, report: Report, ours: i64| {
+            report.map(|(left, ms)| {
+                let counted = if ours == i64::MAX {
+                    "no limit".to_string()
+                } else {
+                    ours.to_string()
+                };
+                format!(
+                    "{left} {what} left for {} s (pg_keypool counts {counted})",
+                    (ms + 999) / 1000
+                )
+            })
+        };
+        let what = [said("requests", reported.0, ours.0), said("tokens", reported.1, ours.1)]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ");
+        admin::record_outcome_event(
+            cfg,
+            "limit_mismatch",
+            r.key_id,
+            Some(r.scope_id),
+            &format!(
+                "the provider reports {what}: held to its figure until it resets; someone else may use the key, or its limits are set too high"
+            ),
+        );
+    }
+}
+
 /// `keypool_settle`: records the outcome of the provider call made under a reservation and
 /// returns the outcome class.
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn keypool_settle(
     reservation_id: Option<i64>,
@@ -175,8 +241,16 @@ fn keypool_settle(
     completion_tokens: default!(Option<i64>, 0),
     retry_after_ms: default!(Option<i64>, "NULL"),
     error_code: default!(Option<&str>, "NULL"),
+    remaining_requests: default!(Option<i64>, "NULL"),
+    requests_reset_ms: default!(Option<i64>, "NULL"),
+    remaining_tokens: default!(Option<i64>, "NULL"),
+    tokens_reset_ms: default!(Option<i64>, "NULL"),
 ) -> String {
     let sh = shmem::shared();
+    let reported = (
+        provider_report("requests", remaining_requests, requests_reset_ms),
+        provider_report("tokens", remaining_tokens, tokens_reset_ms),
+    );
     let Some(status) = status else {
         errors::null_argument("status").raise()
     };
@@ -222,6 +296,9 @@ fn keypool_settle(
     let change = (0, actual - r.est_tokens);
     minute::settle(sh, r.pool_slot, &r.caller, r.flags & FLAG_CALLER_OPEN != 0, change, now);
     minute::settle(sh, TOKEN_SLOT, &r.token, r.flags & FLAG_TOKEN_OPEN != 0, change, now);
+    if reported.0.is_some() || reported.1.is_some() {
+        held_to_provider(sh, &cfg, &r, reported, now);
+    }
     if r.hold.held() {
         // The true cost replaces the estimate (the estimate stays when the price is gone).
         let cost = cfg

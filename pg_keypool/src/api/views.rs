@@ -212,6 +212,47 @@ mod keypool {
         TableIterator::new(rows)
     }
 
+    /// What providers reported of the scopes this role may read, when less than their windows
+    /// count (provider_hold.rs): what is left of each measure and until when the hold lasts.
+    /// Open to every role, like the views' filters: it answers only about those scopes.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[allow(clippy::type_complexity)]
+    fn scope_provider_state() -> TableIterator<
+        'static,
+        (
+            name!(scope_id, i64),
+            name!(requests_left, Option<i64>),
+            name!(tokens_left, Option<i64>),
+            name!(held_until, Ts),
+        ),
+    > {
+        let _path = crate::catalog::privilege::pin_search_path();
+        let sh = shmem::shared();
+        let cfg = config::current();
+        let caller = crate::catalog::privilege::caller();
+        let now = clock::now_ms();
+        let rows: Vec<_> = cfg
+            .scopes
+            .iter()
+            .filter(|scope| crate::engine::access::may_read_scope(&cfg, caller, scope.id))
+            .filter_map(|scope| {
+                let slot = sh.scope(scope.slot);
+                if !slot.tag.is(cfg.owner, scope.id) {
+                    return None;
+                }
+                let (requests, tokens) = slot.provider.snapshot(now);
+                let until = requests.iter().chain(tokens.iter()).map(|&(_, until)| until).max()?;
+                Some((
+                    scope.id,
+                    requests.map(|(left, _)| left),
+                    tokens.map(|(left, _)| left),
+                    Some(clock::to_timestamptz(until)),
+                ))
+            })
+            .collect();
+        TableIterator::new(rows)
+    }
+
     /// Reservations open right now on each key with a `max_concurrent`, of the keys this role
     /// may read (open to every role, like the views' filters: it answers only about those).
     #[pg_extern(volatile, parallel_unsafe)]

@@ -26,6 +26,9 @@ pub struct Counted {
     pub tokens: u64,
     /// Whether it counts as open until settled or released.
     pub open: bool,
+    /// Requests the caller may still make this minute, by their fixed caps and share (None: no
+    /// such limit).
+    pub left: Option<u64>,
 }
 
 /// Checks one request of `tokens` by the user `hash` against the pool's limits on their minute
@@ -45,14 +48,21 @@ pub fn take(sh: &Shared, pool: &Pool, hash: u64, tokens: u64, now_ms: i64) -> Re
             c.log.expire(now_ms);
             slot.active.asked(c.asked_ms, now_ms);
             c.asked_ms = now_ms;
+            let active = slot.active.count(now_ms).max(1);
+            // The pool's minute matters only past the fair share: its lock is shared by all.
+            let pool_used = if minute::past_fair(&c.log, &limits, &pool.minute_capacity, active, tokens) {
+                slot.minute.with(|log| {
+                    log.expire(now_ms);
+                    (log.requests(), log.tokens())
+                })
+            } else {
+                (0, 0)
+            };
             let ask = Ask {
                 now_ms,
                 tokens,
-                active: slot.active.count(now_ms).max(1),
-                pool_used: slot.minute.with(|log| {
-                    log.expire(now_ms);
-                    (log.requests(), log.tokens())
-                }),
+                active,
+                pool_used,
                 open: match limits.max_concurrent {
                     0 => 0,
                     _ => c.open.open(now_ms, lease),
@@ -77,7 +87,18 @@ pub fn take(sh: &Shared, pool: &Pool, hash: u64, tokens: u64, now_ms: i64) -> Re
         },
     };
     slot.minute.with(|log| log.charge(now_ms, 1, tokens));
-    Ok(Some(count(&stripe, i, hash, tokens, limits.max_concurrent > 0, now_ms)))
+    let cap = [
+        limits.rpm,
+        minute::share_of(pool.minute_capacity.requests, limits.share_milli),
+    ];
+    Ok(Some(count(
+        &stripe,
+        i,
+        hash,
+        tokens,
+        (limits.max_concurrent > 0, cap),
+        now_ms,
+    )))
 }
 
 /// The hash of an API token's entry.
@@ -136,20 +157,34 @@ pub fn take_token(
             }
         },
     };
+    let caps = [token.limits.rpm, 0];
     Ok(Some(count(
         &stripe,
         i,
         hash,
         tokens,
-        token.limits.max_concurrent > 0,
+        (token.limits.max_concurrent > 0, caps),
         now_ms,
     )))
 }
 
-/// Counts a request in entry `i`.
-fn count(stripe: &callers::CallerStripe<'_>, i: usize, hash: u64, tokens: u64, open: bool, now_ms: i64) -> Counted {
+/// Counts a request in entry `i`; `caps`: the caller's request limits of the minute (0: none).
+fn count(
+    stripe: &callers::CallerStripe<'_>,
+    i: usize,
+    hash: u64,
+    tokens: u64,
+    (open, caps): (bool, [u64; 2]),
+    now_ms: i64,
+) -> Counted {
     let c = stripe.at(i);
     c.log.charge(now_ms, 1, tokens);
+    let used = c.log.requests();
+    let left = caps
+        .iter()
+        .filter(|&&cap| cap > 0)
+        .map(|&cap| cap.saturating_sub(used))
+        .min();
     let today = callers::utc_day(now_ms);
     if c.day != today {
         c.day = today;
@@ -167,6 +202,7 @@ fn count(stripe: &callers::CallerStripe<'_>, i: usize, hash: u64, tokens: u64, o
         },
         tokens,
         open,
+        left,
     }
 }
 

@@ -55,7 +55,8 @@ pub struct Ask {
     pub tokens: u64,
     /// Users asking now, this one included (at least 1).
     pub active: u64,
-    /// What the pool's users took of the minute (requests, tokens), this user included.
+    /// What the pool's users took of the minute (requests, tokens), this user included; needed
+    /// only when the user is [`past_fair`] (otherwise anything).
     pub pool_used: (u64, u64),
     /// The user's reservations open now.
     pub open: u32,
@@ -114,6 +115,14 @@ pub fn wait(log: &CallerLog, limits: &UserLimits, capacity: &Capacity, ask: &Ask
         wait = Some(wait.map_or(CONCURRENCY_RETRY_MS, |x| x.max(CONCURRENCY_RETRY_MS)));
     }
     wait
+}
+
+/// Whether one more request of `tokens` would take the user past their fair share of either
+/// measure (only then does the pool's use of the minute matter, [`wait`]).
+pub fn past_fair(log: &CallerLog, limits: &UserLimits, capacity: &Capacity, active: u64, tokens: u64) -> bool {
+    let past = |cap: u64, used: u64, more: u64| cap > 0 && used.saturating_add(more) > fair_of(cap, active);
+    limits.share_milli > 0
+        && (past(capacity.requests, log.requests(), 1) || past(capacity.tokens, log.tokens(), tokens))
 }
 
 /// Whether taking `more` of one measure (capacity, the user's use, the pool's use, more) would
@@ -216,8 +225,10 @@ mod tests {
             wait(&heavy, &limits, &capacity, &ask(now, 2, 170)),
             Some(WINDOW_MS - 1_000)
         );
-        // The light one is below its fair share: it goes on.
+        // The light one is below its fair share: it goes on (and needs no look at the pool).
         assert_eq!(wait(&light, &limits, &capacity, &ask(now, 2, 170)), None);
+        assert!(!past_fair(&light, &limits, &capacity, 2, 0));
+        assert!(past_fair(&heavy, &limits, &capacity, 2, 0));
         // Once the light user has what it takes (113), the rest flows to the heavy one.
         let mut satisfied = CallerLog::default();
         satisfied.charge(T, 113, 0);

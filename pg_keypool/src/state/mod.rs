@@ -8,6 +8,7 @@ pub mod lock;
 pub mod members;
 pub mod open_count;
 pub mod persist;
+pub mod provider_hold;
 pub mod registry;
 pub mod reservation;
 pub mod shmem;

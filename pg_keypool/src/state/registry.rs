@@ -46,6 +46,7 @@ impl Slot for ScopeSlot {
         self.cooling_until_ms.store(0, Ordering::Release);
         self.cooling_reason.store(0, Ordering::Release);
         self.caught_up_epoch.store(0, Ordering::Release);
+        self.provider.reset();
     }
 }
 

@@ -11,6 +11,7 @@ use crate::policy::shares::PoolShares;
 use crate::policy::window::{MinuteLog, ScopeWindows};
 use crate::state::lock::{Lock, LockGuard};
 use crate::state::open_count::OpenCount;
+use crate::state::provider_hold::ProviderHold;
 
 /// Databases that may have their own settable clock at once (tests).
 pub const MAX_CLOCKS: usize = 64;
@@ -126,6 +127,8 @@ pub struct ScopeSlot {
     pub cooling_reason: AtomicU32,
     /// The `Header::stale_epoch` this scope last caught up with (failover.rs).
     pub caught_up_epoch: AtomicU32,
+    /// What the provider reported of its room, when less than the windows count.
+    pub provider: ProviderHold,
     windows: UnsafeCell<ScopeWindows>,
 }
 

@@ -11,7 +11,7 @@ CREATE ROLE regress_kp_star;
 CREATE ROLE regress_kp_member IN ROLE regress_kp_app;
 
 -- EXECUTE on the functions is the first gate (README, "Roles"); the privileges on pools the second.
-GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_settle(bigint, integer, bigint, bigint, bigint, text),
+GRANT EXECUTE ON FUNCTION keypool_reserve(text, text, bigint, text[]), keypool_settle(bigint, integer, bigint, bigint, bigint, text, bigint, bigint, bigint, bigint),
     keypool_release(bigint), keypool_allocation(text, text), keypool_can_request(text, text), keypool_assign(text, text),
     keypool_submit(text, text, jsonb, interval, integer), keypool_result(bigint), keypool_models(),
     keypool_claim_requests(text, integer, interval), keypool_complete_request(bigint, text, text, jsonb, text, timestamptz),

@@ -1,6 +1,7 @@
-//! `keypool-worker serve`: the HTTP endpoint and the queue consumer, heartbeats, and a graceful
-//! shutdown on SIGTERM or Ctrl-C (stop taking work, let what is in flight finish within the
-//! grace period, return the rest, flush settlements, last heartbeat).
+//! `keypool-worker serve`: the HTTP endpoint and the queue consumer, heartbeats, rechecks of
+//! disabled keys, and a graceful shutdown on SIGTERM or Ctrl-C (stop taking work, let what is
+//! in flight finish within the grace period, return the rest, flush settlements, last
+//! heartbeat).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -107,6 +108,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         })
     };
 
+    let rechecks = tokio::spawn(gateway::recheck::run(
+        db.clone(),
+        gateway.http.clone(),
+        args.recheck_after,
+        stop_rx.clone(),
+    ));
+
     let http = if args.no_http {
         None
     } else {
@@ -186,6 +194,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(args.shutdown_grace + Duration::from_secs(10), c).await;
     }
     beats.abort();
+    rechecks.abort();
     if tokio::time::timeout(Duration::from_secs(10), db.flush_settlements())
         .await
         .is_err()

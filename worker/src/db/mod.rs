@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 
 use crate::config::DbArgs;
 use crate::protocol::openai::Usage;
+use crate::providers::counters::Counters;
 use crate::providers::KeyRef;
 
 /// The pg_keypool version this worker speaks to.
@@ -98,6 +99,8 @@ pub struct Allocation {
     pub remaining_today: Option<i64>,
     pub allocated_today: Option<i64>,
     pub warning_level: Option<String>,
+    /// Requests the caller may still make this minute, when their pool or token limits it.
+    pub minute_remaining: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -136,6 +139,8 @@ pub struct Settlement {
     pub usage: Usage,
     pub retry_after_ms: Option<i64>,
     pub error_code: Option<String>,
+    /// What the provider's answer said of the key's own limits (providers/counters.rs).
+    pub counters: Counters,
 }
 
 enum SettleMsg {
@@ -145,18 +150,21 @@ enum SettleMsg {
 
 const RESERVE: &str = "SELECT granted, reservation_id, key_id, provider, model, base_url, secret, error, \
                        retry_after_ms, key_label, remaining_today, allocated_today, warning_level, \
-                       (extract(epoch FROM granted_at) * 1000)::bigint, pool, budget_held IS NOT NULL \
+                       (extract(epoch FROM granted_at) * 1000)::bigint, pool, budget_held IS NOT NULL, \
+                       minute_remaining \
                        FROM keypool_reserve($1, $2, $3, $4)";
 /// The same for a caller with an API token: the token's limits apply too (it is named by its
 /// SHA-256, as when it was authenticated).
 const RESERVE_AS_TOKEN: &str = "SELECT granted, reservation_id, key_id, provider, model, base_url, secret, error, \
                        retry_after_ms, key_label, remaining_today, allocated_today, warning_level, \
-                       (extract(epoch FROM granted_at) * 1000)::bigint, pool, budget_held IS NOT NULL \
+                       (extract(epoch FROM granted_at) * 1000)::bigint, pool, budget_held IS NOT NULL, \
+                       minute_remaining \
                        FROM keypool_reserve($1, $2, $3, $4, $5)";
-const SETTLE: &str = "SELECT keypool_settle($1, $2, $3, $4, $5, $6)";
-const SETTLE_MANY: &str = "SELECT keypool_settle(r, s, p, c, ra, e) \
-                           FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[]) \
-                           AS t(r, s, p, c, ra, e)";
+const SETTLE: &str = "SELECT keypool_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+const SETTLE_MANY: &str = "SELECT keypool_settle(r, s, p, c, ra, e, rr, rrs, rt, rts) \
+                           FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[], \
+                                       $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) \
+                           AS t(r, s, p, c, ra, e, rr, rrs, rt, rts)";
 const RELEASE: &str = "SELECT keypool_release($1)";
 /// Tokens are looked up by their SHA-256: a bind parameter may reach the server log.
 const AUTHENTICATE: &str = "SELECT token_id, user_id, pools, expires_at FROM keypool_authenticate_api_token_sha256($1)";
@@ -282,6 +290,7 @@ impl Db {
             remaining_today: row.get(10),
             allocated_today: row.get(11),
             warning_level: row.get(12),
+            minute_remaining: row.get(16),
         };
         let granted: Option<bool> = row.get(0);
         if granted == Some(true) {
@@ -321,21 +330,7 @@ impl Db {
     /// Settles now and returns the outcome class (`success`, `rate_limited`, `key_invalid` ...).
     pub async fn settle(&self, s: &Settlement) -> Result<String, DbError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(SETTLE).await?;
-        let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &s.reservation_id,
-                    &s.status,
-                    &s.usage.prompt_tokens,
-                    &s.usage.completion_tokens,
-                    &s.retry_after_ms,
-                    &s.error_code,
-                ],
-            )
-            .await?;
-        Ok(row.get(0))
+        Ok(settle_on(&client, s).await?.get(0))
     }
 
     /// Settles in the background, batched with other settlements; for answers whose outcome
@@ -395,6 +390,52 @@ impl Db {
             expires_at: r.get(3),
             sha256: *token_sha256,
         }))
+    }
+
+    /// Keys a provider disabled whose check is due (gateway/recheck.rs), claimed for this
+    /// worker, with how many checks already said no.
+    pub async fn recheck_due(&self, after: Duration, max_n: i32) -> Result<Vec<(KeyRef, i32)>, DbError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT key_id, provider, model, base_url, secret, rechecks
+                   FROM keypool_recheck_due($1::bigint * interval '1 millisecond', $2)",
+            )
+            .await?;
+        let after_ms = after.as_millis().min(i64::MAX as u128) as i64;
+        let rows = client.query(&stmt, &[&after_ms, &max_n]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let id: i64 = r.get(0);
+                let key = KeyRef {
+                    id,
+                    provider: r.get(1),
+                    model: r.get(2),
+                    base_url: r.get(3),
+                    secret: r.get::<_, Option<String>>(4).unwrap_or_default(),
+                    label: format!("key {id}"),
+                };
+                (key, r.get(5))
+            })
+            .collect())
+    }
+
+    /// Records a recheck: accepted enables the key again; otherwise it is checked after `next`.
+    pub async fn recheck_result(
+        &self,
+        key_id: i64,
+        accepted: bool,
+        detail: &str,
+        next: Duration,
+    ) -> Result<(), DbError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT keypool_recheck_result($1, $2, $3, $4::bigint * interval '1 millisecond')")
+            .await?;
+        let next_ms = next.as_millis().min(i64::MAX as u128) as i64;
+        client.execute(&stmt, &[&key_id, &accepted, &detail, &next_ms]).await?;
+        Ok(())
     }
 
     /// `secret` sealed to the database for `context` (keypool-transport): what the worker
@@ -557,21 +598,7 @@ async fn send_batch(pool: &Pool, batch: &[Settlement]) {
 async fn try_batch(pool: &Pool, batch: &[Settlement]) -> Result<(), DbError> {
     let client = pool.get().await?;
     if batch.len() == 1 {
-        let stmt = client.prepare_cached(SETTLE).await?;
-        let s = &batch[0];
-        client
-            .query_one(
-                &stmt,
-                &[
-                    &s.reservation_id,
-                    &s.status,
-                    &s.usage.prompt_tokens,
-                    &s.usage.completion_tokens,
-                    &s.retry_after_ms,
-                    &s.error_code,
-                ],
-            )
-            .await?;
+        settle_on(&client, &batch[0]).await?;
         return Ok(());
     }
     let stmt = client.prepare_cached(SETTLE_MANY).await?;
@@ -581,10 +608,50 @@ async fn try_batch(pool: &Pool, batch: &[Settlement]) -> Result<(), DbError> {
     let completions: Vec<i64> = batch.iter().map(|s| s.usage.completion_tokens).collect();
     let retries: Vec<Option<i64>> = batch.iter().map(|s| s.retry_after_ms).collect();
     let codes: Vec<Option<&str>> = batch.iter().map(|s| s.error_code.as_deref()).collect();
+    let requests_left: Vec<Option<i64>> = batch.iter().map(|s| s.counters.requests.map(|r| r.remaining)).collect();
+    let requests_reset: Vec<Option<i64>> = batch.iter().map(|s| s.counters.requests.map(|r| r.reset_ms)).collect();
+    let tokens_left: Vec<Option<i64>> = batch.iter().map(|s| s.counters.tokens.map(|r| r.remaining)).collect();
+    let tokens_reset: Vec<Option<i64>> = batch.iter().map(|s| s.counters.tokens.map(|r| r.reset_ms)).collect();
     client
-        .query(&stmt, &[&ids, &statuses, &prompts, &completions, &retries, &codes])
+        .query(
+            &stmt,
+            &[
+                &ids,
+                &statuses,
+                &prompts,
+                &completions,
+                &retries,
+                &codes,
+                &requests_left,
+                &requests_reset,
+                &tokens_left,
+                &tokens_reset,
+            ],
+        )
         .await?;
     Ok(())
+}
+
+/// `keypool_settle` of one settlement.
+async fn settle_on(client: &Object, s: &Settlement) -> Result<tokio_postgres::Row, DbError> {
+    let stmt = client.prepare_cached(SETTLE).await?;
+    Ok(client
+        .query_one(
+            &stmt,
+            &[
+                &s.reservation_id,
+                &s.status,
+                &s.usage.prompt_tokens,
+                &s.usage.completion_tokens,
+                &s.retry_after_ms,
+                &s.error_code,
+                &s.counters.requests.map(|r| r.remaining),
+                &s.counters.requests.map(|r| r.reset_ms),
+                &s.counters.tokens.map(|r| r.remaining),
+                &s.counters.tokens.map(|r| r.reset_ms),
+            ],
+        )
+        .await?)
 }
 
 async fn settle_one(pool: &Pool, s: &Settlement) -> Result<(), DbError> {

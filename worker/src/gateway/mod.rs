@@ -10,6 +10,7 @@
 
 pub mod metrics;
 pub mod queue;
+pub mod recheck;
 pub mod validate;
 
 use std::collections::VecDeque;
@@ -32,6 +33,7 @@ use crate::protocol::openai::images::{self, ImagesRequest};
 use crate::protocol::openai::{self, EmbeddingsRequest};
 use crate::protocol::sse;
 use crate::protocol::stream::Translate;
+use crate::providers::counters::{self, Counters};
 use crate::providers::{self, KeyRef, ProviderError, Wire};
 
 /// Counters reported in heartbeats.
@@ -193,7 +195,7 @@ pub enum Failure {
     /// The extension refused: QUOTA_EXCEEDED, POOL_EXHAUSTED, NO_KEYS. `after` says what the
     /// earlier attempts ran into, if there were any.
     Refused {
-        refusal: Refusal,
+        refusal: Box<Refusal>,
         attempts: u32,
         after: Option<String>,
     },
@@ -345,6 +347,8 @@ struct Held {
     db: Db,
     reservation_id: i64,
     usage: Usage,
+    /// What the provider's answer said of the key's own limits.
+    counters: Counters,
     armed: bool,
 }
 
@@ -363,6 +367,7 @@ impl Drop for Held {
                 usage: self.usage,
                 retry_after_ms: None,
                 error_code: Some("client_closed_request".into()),
+                counters: self.counters,
             });
         }
     }
@@ -752,7 +757,7 @@ impl Gateway {
                 Ok(g) => g,
                 Err(refusal) => {
                     return Err(Failure::Refused {
-                        refusal,
+                        refusal: Box::new(refusal),
                         attempts,
                         after: last.map(|l| l.0),
                     })
@@ -777,6 +782,7 @@ impl Gateway {
                 db: self.db.clone(),
                 reservation_id: grant.reservation_id,
                 usage: Usage::new(plan.prompt_est, plan.est - plan.prompt_est),
+                counters: Counters::default(),
                 armed: true,
             };
             let call_timeout = self.settings.provider_timeout.min(remaining(plan.deadline));
@@ -799,7 +805,7 @@ impl Gateway {
                     };
                     held.disarm();
                     let outcome = self
-                        .settle_now(grant.reservation_id, 0, usage, None, None)
+                        .settle_now(grant.reservation_id, 0, usage, None, None, Counters::default())
                         .await
                         .map_err(|e| Failure::from_db(e, plan.pool))?;
                     self.metrics.provider_call(&served_pool, &key.provider, class, took);
@@ -813,6 +819,7 @@ impl Gateway {
                 }
             };
             let status = response.status().as_u16();
+            held.counters = counters::read(&key.provider, response.headers(), std::time::SystemTime::now());
             if response.status().is_success() {
                 self.metrics.provider_call(&served_pool, &key.provider, "success", took);
                 let served = Served {
@@ -848,7 +855,7 @@ impl Gateway {
             // leaves no reservation open.
             held.usage = Usage::default();
             let outcome = self
-                .settle_error(grant.reservation_id, &key, status, &error)
+                .settle_error(grant.reservation_id, &key, (status, held.counters), &error)
                 .await
                 .map_err(|e| Failure::from_db(e, plan.pool))?;
             held.disarm();
@@ -915,6 +922,7 @@ impl Gateway {
                         usage: held.usage,
                         retry_after_ms: None,
                         error_code: None,
+                        counters: held.counters,
                     })
                     .await;
                 held.disarm();
@@ -949,6 +957,7 @@ impl Gateway {
                 usage,
                 retry_after_ms: None,
                 error_code: None,
+                counters: held.counters,
             })
             .await;
         held.disarm();
@@ -975,7 +984,7 @@ impl Gateway {
         &self,
         reservation_id: i64,
         key: &KeyRef,
-        status: u16,
+        (status, counters): (u16, Counters),
         error: &ProviderError,
     ) -> Result<String, DbError> {
         // A model the caller chose (the key names none): what the provider says of that model
@@ -992,6 +1001,7 @@ impl Gateway {
                 Usage::default(),
                 error.retry_after_ms,
                 Some(format!("{KEY_UNCHECKED}{code}")),
+                counters,
             )
             .await?;
         if outcome != NEEDS_KEY_CHECK {
@@ -1033,6 +1043,7 @@ impl Gateway {
             Usage::default(),
             error.retry_after_ms,
             Some(settled_code),
+            counters,
         )
         .await
     }
@@ -1044,6 +1055,7 @@ impl Gateway {
         usage: Usage,
         retry_after_ms: Option<i64>,
         error_code: Option<String>,
+        counters: Counters,
     ) -> Result<String, DbError> {
         self.db
             .settle(&Settlement {
@@ -1052,6 +1064,7 @@ impl Gateway {
                 usage,
                 retry_after_ms,
                 error_code: error_code.map(|c| c.chars().take(200).collect()),
+                counters,
             })
             .await
     }
@@ -1105,7 +1118,7 @@ impl Gateway {
                 Ok(g) => g,
                 Err(refusal) => {
                     return Err(Failure::Refused {
-                        refusal,
+                        refusal: Box::new(refusal),
                         attempts,
                         after: last.map(|l| l.0),
                     })
@@ -1125,6 +1138,7 @@ impl Gateway {
                 db: self.db.clone(),
                 reservation_id: grant.reservation_id,
                 usage: Usage::default(),
+                counters: Counters::default(),
                 armed: true,
             };
             let call_timeout = self.settings.provider_timeout.min(remaining(job.deadline));
@@ -1161,9 +1175,16 @@ impl Gateway {
                         Ok(Ok(_)) => unreachable!(),
                     };
                     held.disarm();
-                    self.settle_now(grant.reservation_id, 0, Usage::default(), None, None)
-                        .await
-                        .map_err(|e| Failure::from_db(e, &job.pool))?;
+                    self.settle_now(
+                        grant.reservation_id,
+                        0,
+                        Usage::default(),
+                        None,
+                        None,
+                        Counters::default(),
+                    )
+                    .await
+                    .map_err(|e| Failure::from_db(e, &job.pool))?;
                     self.metrics
                         .provider_call(&served_pool, &key.provider, class, sent_at.elapsed());
                     last = Some((format!("key {} ({}): {why}", key.id, key.label), None));
@@ -1187,6 +1208,7 @@ impl Gateway {
                     usage,
                     error.as_ref().and_then(|e| e.retry_after_ms),
                     Some(code),
+                    counters::read(&key.provider, &headers, std::time::SystemTime::now()),
                 )
                 .await
                 .map_err(|e| Failure::from_db(e, &job.pool))?;
@@ -1383,6 +1405,7 @@ impl Relay {
             usage,
             retry_after_ms: None,
             error_code: None,
+            counters: self.held.counters,
         });
         if status == 200 {
             self.log.stats.served.fetch_add(1, Ordering::Relaxed);

@@ -362,6 +362,9 @@ fn allocation_headers(headers: &mut HeaderMap, a: &Allocation) {
     if let Some(w) = &a.warning_level {
         set(headers, "x-keypool-warning", w);
     }
+    if let Some(m) = a.minute_remaining {
+        set(headers, "x-keypool-remaining-minute", m);
+    }
 }
 
 fn served_headers(headers: &mut HeaderMap, s: &Served) {

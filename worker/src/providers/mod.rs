@@ -11,6 +11,7 @@
 //!   query parameter
 
 pub mod anthropic;
+pub mod counters;
 pub mod gemini;
 pub mod http;
 pub mod openai_style;

@@ -89,6 +89,22 @@ impl Mock {
         assert!(r.status().is_success());
     }
 
+    /// Every answer from now on carries these rate-limit headers (a provider's report of the
+    /// key's own limits).
+    pub async fn ratelimit_headers(&self, headers: &[(&str, &str)]) {
+        let body: serde_json::Map<String, Value> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
+        let r = http()
+            .post(format!("{}/_mock/ratelimit", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("mock ratelimit");
+        assert!(r.status().is_success());
+    }
+
     /// Waits until the mock has received `n` requests (counted when they arrive).
     pub async fn wait_for_requests(&self, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(20);

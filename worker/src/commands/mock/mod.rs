@@ -27,6 +27,8 @@
 //!   "times": <n, default unlimited>, "retry_after_s": <seconds, default 30>,
 //!   "location": "<URL a redirect points to>", "path": "<part of the path it applies to>"}`
 //! - `DELETE /_mock/faults`, `POST /_mock/reset` (faults and counters)
+//! - `POST /_mock/ratelimit {"x-ratelimit-remaining-requests": "0", ...}`: headers every answer
+//!   carries from now on (a provider's report of the key's own limits); `DELETE` stops it
 //! - `GET /_mock/stats`: requests in total and per key (masked), `GET /_mock/requests`: the last
 //!   100 requests (path, wire, masked key, body)
 //!
@@ -164,6 +166,9 @@ struct Mock {
     /// With `--issued-keys-only`: the keys this provider issued (`--issue`, `POST /_mock/keys`);
     /// any other key is rejected as a real provider rejects a key it never issued.
     issued: Option<Mutex<std::collections::HashSet<String>>>,
+    /// Headers every model answer carries (`POST /_mock/ratelimit`): a provider's report of the
+    /// key's own limits, such as `x-ratelimit-remaining-requests`.
+    ratelimit: Mutex<Vec<(String, String)>>,
 }
 
 type Shared = Arc<Mock>;
@@ -626,6 +631,7 @@ pub fn router(args: &MockArgs) -> Router {
         by_key: Mutex::new(HashMap::new()),
         recent: Mutex::new(VecDeque::new()),
         keyless: args.keyless,
+        ratelimit: Mutex::new(Vec::new()),
         issued: args
             .issued_keys_only
             .then(|| Mutex::new(args.issue.iter().cloned().collect())),
@@ -658,7 +664,52 @@ pub fn router(args: &MockArgs) -> Router {
         .route("/_mock/stats", get(stats))
         .route("/_mock/requests", get(recent))
         .route("/_mock/keys", post(issue_key))
+        .route("/_mock/ratelimit", post(set_ratelimit).delete(clear_ratelimit))
+        .layer(axum::middleware::map_response_with_state(
+            mock.clone(),
+            ratelimit_headers,
+        ))
         .with_state(mock)
+}
+
+/// `POST /_mock/ratelimit {"<header>": "<value>", ...}`: every model answer from now on
+/// carries these headers (a provider's report of the key's limits); `DELETE` stops it.
+async fn set_ratelimit(State(mock): State<Shared>, Json(h): Json<HashMap<String, String>>) -> Response {
+    let valid = h.iter().all(|(k, v)| {
+        k.starts_with("x-ratelimit-") || k.starts_with("anthropic-ratelimit-")
+    } && axum::http::HeaderValue::from_str(v).is_ok());
+    if !valid {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "only x-ratelimit-* and anthropic-ratelimit-* headers with valid values"})),
+        )
+            .into_response();
+    }
+    if let Ok(mut r) = mock.ratelimit.lock() {
+        *r = h.into_iter().collect();
+    }
+    Json(json!({"ok": true})).into_response()
+}
+
+async fn clear_ratelimit(State(mock): State<Shared>) -> Response {
+    if let Ok(mut r) = mock.ratelimit.lock() {
+        r.clear();
+    }
+    Json(json!({"ok": true})).into_response()
+}
+
+/// Adds the configured rate-limit headers to the answers of model routes.
+async fn ratelimit_headers(State(mock): State<Shared>, mut response: Response) -> Response {
+    let pairs = mock.ratelimit.lock().map(|r| r.clone()).unwrap_or_default();
+    for (k, v) in pairs {
+        if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::from_bytes(k.as_bytes()),
+            axum::http::HeaderValue::from_str(&v),
+        ) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
 }
 
 pub async fn run(args: MockArgs) -> anyhow::Result<()> {
