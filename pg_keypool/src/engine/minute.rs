@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::catalog::api_tokens::TokenLimits;
 use crate::catalog::model::Pool;
 use crate::policy::minute::{self, Ask, Capacity};
+use crate::policy::shares::WEIGHT_SCALE;
 use crate::settings;
 use crate::state::callers::{self, CallerMark, TOKEN_SLOT};
 use crate::state::members;
@@ -41,51 +42,59 @@ pub fn take(sh: &Shared, pool: &Pool, hash: u64, tokens: u64, now_ms: i64) -> Re
     }
     let slot = sh.pool(pool.slot);
     let lease = settings::lease_ms();
-    let stripe = sh.callers.stripe(hash);
-    let i = match stripe.find(hash, pool.slot) {
-        Some(i) => {
-            let c = stripe.at(i);
-            c.log.expire(now_ms);
-            slot.active.asked(c.asked_ms, now_ms);
-            c.asked_ms = now_ms;
-            let active = slot.active.count(now_ms).max(1);
-            // The pool's minute matters only past the fair share: its lock is shared by all.
-            let pool_used = if minute::past_fair(&c.log, &limits, &pool.minute_capacity, active, tokens) {
-                slot.minute.with(|log| {
-                    log.expire(now_ms);
-                    (log.requests(), log.tokens())
-                })
-            } else {
-                (0, 0)
-            };
-            let ask = Ask {
-                now_ms,
-                tokens,
-                active,
-                pool_used,
-                open: match limits.max_concurrent {
-                    0 => 0,
-                    _ => c.open.open(now_ms, lease),
-                },
-            };
-            if let Some(wait) = minute::wait(&c.log, &limits, &pool.minute_capacity, &ask) {
-                return Err(wait);
-            }
-            i
-        }
-        // Nothing in their minute yet: every limit lets one request through.
-        None => match stripe.find_or_insert(hash, pool.slot, now_ms, lease) {
-            Some(i) => {
-                stripe.at(i).asked_ms = now_ms;
-                slot.active.asked(0, now_ms);
-                i
-            }
-            None => {
+    let mut stripe = sh.callers.stripe(hash);
+    let (i, fresh) = match stripe.find(hash, pool.slot) {
+        Some(i) => (i, false),
+        None => {
+            // A new entry holds the user's weight, read from the member cache (whose stripe
+            // lock is this one: released first) and the pool's weight classes.
+            drop(stripe);
+            let weight = weight_of(sh, pool, hash);
+            stripe = sh.callers.stripe(hash);
+            let Some(i) = stripe.find_or_insert(hash, pool.slot, now_ms, lease) else {
                 sh.callers.untracked.fetch_add(1, Relaxed);
                 return Ok(None);
+            };
+            let c = stripe.at(i);
+            // Made now, or by another backend while this one read the weight.
+            let fresh = c.asked_ms == 0;
+            if fresh {
+                c.weight = weight;
             }
-        },
+            (i, fresh)
+        }
     };
+    let c = stripe.at(i);
+    c.log.expire(now_ms);
+    slot.active.asked(c.asked_ms, now_ms, c.weight);
+    c.asked_ms = now_ms;
+    if !fresh {
+        // A user new to the minute has nothing in it: every limit lets one request through.
+        let weights = (u64::from(c.weight.max(1)), slot.active.weight(now_ms));
+        // The pool's minute matters only past the fair share: its lock is shared by all.
+        let pool_used = if minute::past_fair(&c.log, &limits, &pool.minute_capacity, weights, tokens) {
+            slot.minute.with(|log| {
+                log.expire(now_ms);
+                (log.requests(), log.tokens())
+            })
+        } else {
+            (0, 0)
+        };
+        let ask = Ask {
+            now_ms,
+            tokens,
+            weight: weights.0,
+            active_weight: weights.1,
+            pool_used,
+            open: match limits.max_concurrent {
+                0 => 0,
+                _ => c.open.open(now_ms, lease),
+            },
+        };
+        if let Some(wait) = minute::wait(&c.log, &limits, &pool.minute_capacity, &ask) {
+            return Err(wait);
+        }
+    }
     slot.minute.with(|log| log.charge(now_ms, 1, tokens));
     let cap = [
         limits.rpm,
@@ -99,6 +108,23 @@ pub fn take(sh: &Shared, pool: &Pool, hash: u64, tokens: u64, now_ms: i64) -> Re
         (limits.max_concurrent > 0, cap),
         now_ms,
     )))
+}
+
+/// A user's weight in the pool's fair shares, in thousandths: a member's (their weight class),
+/// a guest's 1.
+fn weight_of(sh: &Shared, pool: &Pool, hash: u64) -> u32 {
+    let class = {
+        let stripe = sh.members.stripe(hash);
+        stripe.find(hash, pool.slot).and_then(|i| {
+            let m = stripe.at(i);
+            m.is_member().then_some(m.class)
+        })
+    };
+    let milli = match class {
+        Some(class) => sh.pool(pool.slot).lock().classes[class as usize].weight_milli,
+        None => WEIGHT_SCALE,
+    };
+    milli.clamp(1, u32::MAX as i64) as u32
 }
 
 /// The hash of an API token's entry.
@@ -129,7 +155,8 @@ pub fn take_token(
             let ask = Ask {
                 now_ms,
                 tokens,
-                active: 1,
+                weight: WEIGHT_SCALE as u64,
+                active_weight: WEIGHT_SCALE as u64,
                 pool_used: (0, 0),
                 open: match token.limits.max_concurrent {
                     0 => 0,

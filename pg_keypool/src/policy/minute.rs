@@ -4,9 +4,10 @@
 //! - `user_rpm` / `user_tpm`: fixed caps per user.
 //! - `minute_share` f: no user takes more than f of the pool's requests (and tokens) per
 //!   minute, so room is always left for a newcomer.
-//! - Fairness while several users keep asking (max-min): a user's fair share is the pool's
-//!   capacity of the minute over the users asking now (who asked in the last 10 s, this one
-//!   included). Up to it a user is never held back by the others; beyond it only by room the
+//! - Fairness while several users keep asking (weighted max-min): a user's fair share is the
+//!   pool's capacity of the minute times their weight (as in the daily share: a member's weight,
+//!   1 for a guest) over the weights of the users asking now (who asked in the last 10 s, this
+//!   one included). Up to it a user is never held back by the others; beyond it only by room the
 //!   others may still claim: a user past their fair share is granted only while the minute's
 //!   free room exceeds what the other users asking still lack of theirs (counted from the whole
 //!   pool's use, which errs towards the user asking). What a user does not ask for flows to the
@@ -53,8 +54,10 @@ pub struct Capacity {
 pub struct Ask {
     pub now_ms: i64,
     pub tokens: u64,
-    /// Users asking now, this one included (at least 1).
-    pub active: u64,
+    /// This user's weight, in thousandths (as `keypool_set_user_weight` gives it; a guest 1000).
+    pub weight: u64,
+    /// The weights of the users asking now, this one included.
+    pub active_weight: u64,
     /// What the pool's users took of the minute (requests, tokens), this user included; needed
     /// only when the user is [`past_fair`] (otherwise anything).
     pub pool_used: (u64, u64),
@@ -70,12 +73,14 @@ pub fn share_of(capacity: u64, share_milli: u64) -> u64 {
     (capacity.saturating_mul(share_milli) / SHARE_SCALE).max(1)
 }
 
-/// The fair share of one measure among `active` users (0: no cap).
-pub fn fair_of(capacity: u64, active: u64) -> u64 {
+/// The fair share of one measure of a user of `weight` among users asking with `active_weight`
+/// (0: no cap).
+pub fn fair_of(capacity: u64, weight: u64, active_weight: u64) -> u64 {
     if capacity == 0 {
         return 0;
     }
-    capacity.div_ceil(active.max(1))
+    let (w, total) = (weight.max(1) as u128, active_weight.max(weight).max(1) as u128);
+    (capacity as u128 * w).div_ceil(total).min(u64::MAX as u128) as u64
 }
 
 /// How long until the request fits the user's limits, or `None` when it fits now. `log` must
@@ -103,12 +108,16 @@ pub fn wait(log: &CallerLog, limits: &UserLimits, capacity: &Capacity, ask: &Ask
         // Past the fair share only into room no other active user may still claim.
         let requests = (capacity.requests, log.requests(), ask.pool_used.0, 1);
         let tokens = (capacity.tokens, log.tokens(), ask.pool_used.1, ask.tokens);
-        if beyond_fair(requests, ask.active) || beyond_fair(tokens, ask.active) {
-            let (rpm, tpm) = (
-                fair_of(capacity.requests, ask.active),
-                fair_of(capacity.tokens, ask.active),
-            );
-            note(log.wait_for(ask.now_ms, 1, ask.tokens, rpm, tpm));
+        let weights = (ask.weight, ask.active_weight);
+        if beyond_fair(requests, weights) || beyond_fair(tokens, weights) {
+            let fair = |c: u64| fair_of(c, ask.weight, ask.active_weight);
+            note(log.wait_for(
+                ask.now_ms,
+                1,
+                ask.tokens,
+                fair(capacity.requests),
+                fair(capacity.tokens),
+            ));
         }
     }
     if limits.max_concurrent > 0 && ask.open >= limits.max_concurrent {
@@ -119,26 +128,32 @@ pub fn wait(log: &CallerLog, limits: &UserLimits, capacity: &Capacity, ask: &Ask
 
 /// Whether one more request of `tokens` would take the user past their fair share of either
 /// measure (only then does the pool's use of the minute matter, [`wait`]).
-pub fn past_fair(log: &CallerLog, limits: &UserLimits, capacity: &Capacity, active: u64, tokens: u64) -> bool {
-    let past = |cap: u64, used: u64, more: u64| cap > 0 && used.saturating_add(more) > fair_of(cap, active);
+pub fn past_fair(
+    log: &CallerLog,
+    limits: &UserLimits,
+    capacity: &Capacity,
+    (weight, active_weight): (u64, u64),
+    tokens: u64,
+) -> bool {
+    let past =
+        |cap: u64, used: u64, more: u64| cap > 0 && used.saturating_add(more) > fair_of(cap, weight, active_weight);
     limits.share_milli > 0
         && (past(capacity.requests, log.requests(), 1) || past(capacity.tokens, log.tokens(), tokens))
 }
 
 /// Whether taking `more` of one measure (capacity, the user's use, the pool's use, more) would
-/// put the user past their fair share into room the other active users may still claim.
-fn beyond_fair((capacity, used, pool_used, more): (u64, u64, u64, u64), active: u64) -> bool {
-    if capacity == 0 {
+/// put a user of `weight` (among users asking with `active_weight`) past their fair share into
+/// room the other users asking may still claim.
+fn beyond_fair((capacity, used, pool_used, more): (u64, u64, u64, u64), (weight, active_weight): (u64, u64)) -> bool {
+    if capacity == 0 || used.saturating_add(more) <= fair_of(capacity, weight, active_weight) {
         return false;
     }
-    let fair = fair_of(capacity, active);
-    if used.saturating_add(more) <= fair {
-        return false;
-    }
-    let others_used = pool_used.saturating_sub(used);
-    let others_lack = fair
-        .saturating_mul(active.saturating_sub(1))
-        .saturating_sub(others_used);
+    // What the others' fair shares add up to, less what they used.
+    let others = match active_weight.saturating_sub(weight) {
+        0 => 0,
+        w => fair_of(capacity, w, active_weight),
+    };
+    let others_lack = others.saturating_sub(pool_used.saturating_sub(used));
     let free = capacity.saturating_sub(pool_used);
     free < more.saturating_add(others_lack)
 }
@@ -154,11 +169,13 @@ mod tests {
 
     const T: i64 = 1_700_000_000_000;
 
+    /// An ask by a user of weight 1 among `active` users of weight 1.
     fn ask(now_ms: i64, active: u64, pool_used: u64) -> Ask {
         Ask {
             now_ms,
             tokens: 0,
-            active,
+            weight: 1_000,
+            active_weight: active * 1_000,
             pool_used: (pool_used, 0),
             open: 0,
         }
@@ -227,8 +244,8 @@ mod tests {
         );
         // The light one is below its fair share: it goes on (and needs no look at the pool).
         assert_eq!(wait(&light, &limits, &capacity, &ask(now, 2, 170)), None);
-        assert!(!past_fair(&light, &limits, &capacity, 2, 0));
-        assert!(past_fair(&heavy, &limits, &capacity, 2, 0));
+        assert!(!past_fair(&light, &limits, &capacity, (1_000, 2_000), 0));
+        assert!(past_fair(&heavy, &limits, &capacity, (1_000, 2_000), 0));
         // Once the light user has what it takes (113), the rest flows to the heavy one.
         let mut satisfied = CallerLog::default();
         satisfied.charge(T, 113, 0);
@@ -279,9 +296,56 @@ mod tests {
     #[test]
     fn shares_of_an_unlimited_pool_limit_nothing() {
         assert_eq!(share_of(0, 800), 0);
-        assert_eq!(fair_of(0, 3), 0);
+        assert_eq!(fair_of(0, 1_000, 3_000), 0);
         assert_eq!(share_of(225, 800), 180);
         assert_eq!(share_of(1, 10), 1);
-        assert_eq!(fair_of(225, 2), 113);
+        assert_eq!(fair_of(225, 1_000, 2_000), 113);
+        // Weighted like the daily share: a pro user of weight 5 beside a free one.
+        assert_eq!(fair_of(240, 5_000, 6_000), 200);
+        assert_eq!(fair_of(240, 1_000, 6_000), 40);
+    }
+
+    #[test]
+    fn a_heavier_user_is_held_back_later() {
+        let capacity = Capacity {
+            requests: 240,
+            tokens: 0,
+        };
+        let limits = share(1_000);
+        let now = T + 1_000;
+        let mut pro = CallerLog::default();
+        pro.charge(T, 150, 0);
+        let mut free = CallerLog::default();
+        free.charge(T, 30, 0);
+        // Both asking, fair shares of 200 (the pro user, weight 5) and 40 (the free one): the
+        // pro user at 150 goes on.
+        let pro_ask = Ask {
+            weight: 5_000,
+            active_weight: 6_000,
+            ..ask(now, 2, 180)
+        };
+        assert_eq!(wait(&pro, &limits, &capacity, &pro_ask), None);
+        let mut free_more = CallerLog::default();
+        free_more.charge(T, 41, 0);
+        let free_ask = Ask {
+            weight: 1_000,
+            active_weight: 6_000,
+            ..ask(now, 2, 191)
+        };
+        // The free user past its 40 would take room the pro user still lacks (49 left, 50
+        // lacking): it waits; at 30 it goes on.
+        assert_eq!(wait(&free_more, &limits, &capacity, &free_ask), Some(WINDOW_MS - 1_000));
+        assert_eq!(
+            wait(
+                &free,
+                &limits,
+                &capacity,
+                &Ask {
+                    pool_used: (180, 0),
+                    ..free_ask
+                }
+            ),
+            None
+        );
     }
 }

@@ -67,6 +67,9 @@ pub struct Caller {
     pub pool_gen: u32,
     /// When the user last asked, granted or not (0: not in memory).
     pub asked_ms: i64,
+    /// The user's weight in the pool's fair shares, in thousandths (read when the entry was
+    /// made).
+    pub weight: u32,
     /// Grants of the last minute: one request each, and their tokens.
     pub log: CallerLog,
     /// Reservations open now (for `user_max_concurrent`).
@@ -188,6 +191,7 @@ impl CallerStripe<'_> {
         c.pool_slot = pool_slot;
         c.pool_gen = gen;
         c.asked_ms = 0;
+        c.weight = 0;
         c.log = CallerLog::default();
         c.open.reset();
         c.day = 0;

@@ -1,6 +1,7 @@
 //! Pool members in shared memory: a cache of the members active recently (who is assigned to
 //! which key, their weight class, the day they were last active, what they used of their share
-//! today), and of the guests of the day. `keypool.member` is the truth; a member the cache does
+//! today), of the guests of the day, and of the guests of pools without shares (an entry that
+//! only says the user is not a member, so that their reservations do not read the table again). `keypool.member` is the truth; a member the cache does
 //! not hold is read from it on their first reservation (member_cache.rs) and evicted again when
 //! room is short. Each pool's aggregates (members per weight class and day of last activity,
 //! shares.rs) and each key's count of members (shmem.rs) count every member, cached or not.

@@ -286,9 +286,9 @@ pub const ACTIVE_MS: i64 = 10_000;
 /// Buckets of a pool's count of active callers: one per second, and one more.
 const ACTIVE_BUCKETS: usize = (ACTIVE_MS / 1000) as usize + 1;
 
-/// A pool's count of callers who asked in the last [`ACTIVE_MS`] (callers.rs): bucket
-/// `s % ACTIVE_BUCKETS` counts the callers whose latest ask was in second `s` (packed as
-/// second << 32 | count), moved along as each asks again.
+/// A pool's callers who asked in the last [`ACTIVE_MS`] (callers.rs), by their weights: bucket
+/// `s % ACTIVE_BUCKETS` sums the weights of the callers whose latest ask was in second `s`
+/// (packed as second << 32 | sum), moved along as each asks again.
 #[repr(C)]
 pub struct ActiveCallers {
     buckets: [AtomicU64; ACTIVE_BUCKETS],
@@ -307,17 +307,19 @@ fn pack(second: u64, count: u64) -> u64 {
 }
 
 impl ActiveCallers {
-    /// A caller whose previous ask was at `before_ms` (0: not in memory) asks at `now_ms`.
-    pub fn asked(&self, before_ms: i64, now_ms: i64) {
+    /// A caller of `weight` whose previous ask was at `before_ms` (0: not in memory) asks at
+    /// `now_ms`.
+    pub fn asked(&self, before_ms: i64, now_ms: i64, weight: u32) {
         let now_s = (now_ms.max(0) / 1000) as u64;
+        let w = i64::from(weight.max(1));
         if before_ms > 0 && now_ms - before_ms < ACTIVE_MS {
             let before_s = (before_ms / 1000) as u64;
             if before_s == now_s {
                 return;
             }
-            self.change(before_s, -1);
+            self.change(before_s, -w);
         }
-        self.change(now_s, 1);
+        self.change(now_s, w);
     }
 
     fn change(&self, second: u64, delta: i64) {
@@ -341,8 +343,8 @@ impl ActiveCallers {
         }
     }
 
-    /// Callers who asked in the last [`ACTIVE_MS`].
-    pub fn count(&self, now_ms: i64) -> u64 {
+    /// The weights of the callers who asked in the last [`ACTIVE_MS`].
+    pub fn weight(&self, now_ms: i64) -> u64 {
         let now_s = (now_ms.max(0) / 1000) as u64;
         let oldest = now_s.saturating_sub((ACTIVE_MS / 1000) as u64);
         self.buckets
@@ -733,22 +735,22 @@ mod tests {
     #[test]
     fn an_active_caller_counts_once_while_they_keep_asking_and_leaves_after_a_pause() {
         let a = ActiveCallers::default();
-        a.asked(0, T);
-        assert_eq!(a.count(T), 1);
-        a.asked(T, T + 500);
-        a.asked(T + 500, T + 5_000);
-        a.asked(T + 5_000, T + 9_000);
-        assert_eq!(a.count(T + 9_000), 1);
-        a.asked(0, T + 9_500);
-        assert_eq!(a.count(T + 9_500), 2);
-        assert_eq!(a.count(T + 9_500 + ACTIVE_MS + 1_000), 0);
+        a.asked(0, T, 1_000);
+        assert_eq!(a.weight(T), 1_000);
+        a.asked(T, T + 500, 1_000);
+        a.asked(T + 500, T + 5_000, 1_000);
+        a.asked(T + 5_000, T + 9_000, 1_000);
+        assert_eq!(a.weight(T + 9_000), 1_000);
+        a.asked(0, T + 9_500, 5_000);
+        assert_eq!(a.weight(T + 9_500), 6_000);
+        assert_eq!(a.weight(T + 9_500 + ACTIVE_MS + 1_000), 0);
     }
 
     #[test]
     fn a_caller_back_after_a_pause_counts_once() {
         let a = ActiveCallers::default();
-        a.asked(0, T);
-        a.asked(T, T + 30_000);
-        assert_eq!(a.count(T + 30_000), 1);
+        a.asked(0, T, 1_000);
+        a.asked(T, T + 30_000, 1_000);
+        assert_eq!(a.weight(T + 30_000), 1_000);
     }
 }

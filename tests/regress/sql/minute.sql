@@ -55,6 +55,26 @@ SELECT keypool_set_clock('2030-11-05 12:03:30+00');
 SELECT count(*) FILTER (WHERE (keypool_reserve('user-a', 's000')).granted) AS granted
   FROM generate_series(1, 200);
 
+-- Weighted like the daily share: a pro user (weight 5) and a free guest, both asking every
+-- 100 ms for a minute, in a pool of 240 a minute: 200 and 40.
+SELECT keypool_create_pool('weighted', minute_share => 1) > 0 AS created;
+SELECT count(keypool_add_key('weighted', 'openai', 'sk-weighted-minute-' || lpad(i::text, 10, '0'), rpm => 15))
+  FROM generate_series(1, 16) i;
+SELECT keypool_set_user_weight('pro', 'weighted', 5);
+SELECT keypool_set_clock('2030-11-05 12:10:00+00');
+CREATE TEMP TABLE tier_asks (who text, granted boolean);
+DO $$
+BEGIN
+    FOR step IN 1..600 LOOP
+        PERFORM keypool_set_clock('2030-11-05 12:10:00+00'::timestamptz + step * interval '100 ms');
+        INSERT INTO tier_asks
+        SELECT who, (keypool_reserve(who, 'weighted')).granted
+          FROM unnest(ARRAY['pro', 'free']) WITH ORDINALITY AS t(who, n) ORDER BY n;
+    END LOOP;
+END
+$$;
+SELECT who, count(*) FILTER (WHERE granted) AS granted FROM tier_asks GROUP BY who ORDER BY who DESC;
+
 -- Fixed caps per user: user_rpm, user_tpm and user_max_concurrent.
 SELECT keypool_create_pool('capped') > 0 AS created;
 SELECT keypool_add_key('capped', 'openai', 'sk-capped-minute-key-00001', rpm => 1000, tpm => 1000000) > 0 AS added;

@@ -341,6 +341,16 @@ impl KeyChecks {
     }
 }
 
+/// What an answer's headers say of the key's own limits; for a model the caller chose (the key
+/// names none), held a minute at most.
+fn reported_counters(key: &KeyRef, headers: &reqwest::header::HeaderMap) -> Counters {
+    let counters = counters::read(&key.provider, headers, std::time::SystemTime::now());
+    match key.model {
+        Some(_) => counters,
+        None => counters.at_most(counters::CALLER_MODEL_MAX_MS),
+    }
+}
+
 /// A reservation whose call went out; settled as "the caller went away" (HTTP 499, no penalty
 /// for the key) if nothing else settles it, e.g. when the app disconnects mid-call.
 struct Held {
@@ -819,7 +829,7 @@ impl Gateway {
                 }
             };
             let status = response.status().as_u16();
-            held.counters = counters::read(&key.provider, response.headers(), std::time::SystemTime::now());
+            held.counters = reported_counters(&key, response.headers());
             if response.status().is_success() {
                 self.metrics.provider_call(&served_pool, &key.provider, "success", took);
                 let served = Served {
@@ -1208,7 +1218,7 @@ impl Gateway {
                     usage,
                     error.as_ref().and_then(|e| e.retry_after_ms),
                     Some(code),
-                    counters::read(&key.provider, &headers, std::time::SystemTime::now()),
+                    reported_counters(&key, &headers),
                 )
                 .await
                 .map_err(|e| Failure::from_db(e, &job.pool))?;
