@@ -772,4 +772,26 @@ async fn a_provider_reporting_less_room_than_we_count_holds_the_key_to_its_figur
     assert_eq!(events(&db, "leaked", "limit_mismatch").await.len(), 1);
     // What the mock saw: only the one request that was served.
     assert_eq!(mock.stats().await["requests"], 1);
+
+    // A key that names no model: the caller chose the model, and what the provider says of that
+    // model's limits is no verdict on the account: nothing is held.
+    exec(
+        &db,
+        &format!(
+            "SELECT keypool_create_pool('anymodel');
+             SELECT keypool_add_key('anymodel', 'openai', 'sk-any-model-key-0002011', rpm => 100, base_url => '{u}/v1');",
+            u = mock.url
+        ),
+    )
+    .await;
+    for user in ["u1", "u2", "u3"] {
+        let r = w.chat(json!({"model": "anymodel", "user": user, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})).await;
+        assert_eq!(r.status(), 200, "{user}");
+    }
+    let held: Option<i64> = one(
+        &db.client,
+        "SELECT max(provider_requests_left) FROM keypool_scopes s JOIN keypool_keys k USING (scope_id) WHERE k.pool = 'anymodel'",
+    )
+    .await;
+    assert_eq!(held, None);
 }

@@ -936,13 +936,25 @@ fn keypool_enable_key(key_id: Option<i64>) {
     enable_key(grants.owner, key_id);
 }
 
-/// Enables a key (and its account) and closes its breaker; the caller's right was checked.
+/// Enables a key (and its account) and closes its breaker; the caller's right was checked. An
+/// operator's enabling starts the key's rechecks over (recheck.rs).
 pub fn enable_key(owner: pgrx::pg_sys::Oid, key_id: i64) {
+    enable(owner, key_id, "rechecks = 0");
+}
+
+/// Enables a key a recheck found accepted, counting the round (recheck.rs).
+pub fn enable_key_after_check(owner: pgrx::pg_sys::Oid, key_id: i64) {
+    enable(owner, key_id, "rechecks = rechecks + 1");
+}
+
+fn enable(owner: pgrx::pg_sys::Oid, key_id: i64, rechecks: &str) {
     let (pool_id, scope_id) = as_owner(owner, |client| {
         let table = errors::spi(client.update(
-            "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL, disabled_by = NULL,
-                                    rechecks = 0, recheck_at = NULL
-              WHERE id = $1 AND removed_at IS NULL RETURNING pool_id, scope_id",
+            &format!(
+                "UPDATE keypool.key SET disabled_reason = NULL, disabled_at = NULL, disabled_by = NULL,
+                                        {rechecks}, recheck_at = NULL
+                  WHERE id = $1 AND removed_at IS NULL RETURNING pool_id, scope_id"
+            ),
             None,
             &[key_id.into()],
         ));
@@ -1010,7 +1022,7 @@ pub fn disable_key_after_error(cfg: &Config, key_id: i64, reason: &str) {
         let pool_id: Option<i64> = one(
             client,
             "UPDATE keypool.key SET disabled_reason = $2, disabled_at = $3, disabled_by = 'provider',
-                                    rechecks = 0, recheck_at = NULL
+                                    recheck_at = NULL
                   WHERE id = $1 AND disabled_reason IS NULL RETURNING pool_id",
             &[key_id.into(), reason.into(), now_ts().into()],
         );
@@ -1032,7 +1044,7 @@ pub fn disable_scope_after_error(cfg: &Config, scope_id: i64, reason: &str) {
         if changed.is_some() {
             // Its keys are checked again from now on (recheck.rs).
             errors::spi(client.update(
-                "UPDATE keypool.key SET rechecks = 0, recheck_at = NULL WHERE scope_id = $1",
+                "UPDATE keypool.key SET recheck_at = NULL WHERE scope_id = $1",
                 None,
                 &[scope_id.into()],
             ));

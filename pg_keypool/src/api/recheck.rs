@@ -76,8 +76,13 @@ fn keypool_recheck_due(
                         AND (k.disabled_by = 'provider' OR s.disabled_by = 'provider')
                         AND k.disabled_by IS DISTINCT FROM 'operator'
                         AND s.disabled_by IS DISTINCT FROM 'operator'
+                        -- First `after` the disabling, twice as long for each earlier round (an
+                        -- account that keeps failing again after a check), up to a day.
                         AND coalesce(k.recheck_at,
-                                     greatest(k.disabled_at, s.disabled_at) + $2 * interval '1 millisecond') <= now()
+                                     greatest(k.disabled_at, s.disabled_at)
+                                       + least(interval '1 day',
+                                               $2 * interval '1 millisecond' * power(2, least(k.rechecks, 20))))
+                            <= now()
                       ORDER BY k.id
                       LIMIT $3
                         FOR UPDATE OF k SKIP LOCKED
@@ -138,14 +143,18 @@ fn keypool_recheck_result(
     let detail: String = detail.unwrap_or("").chars().take(MAX_DETAIL).collect();
     let grants = access::grants();
     access::key_pool(&grants, key_id, Privilege::Use);
-    // Only a key a provider's answer disabled: an operator's decision is not the worker's to undo.
+    // Only a key a provider's answer disabled, and that keypool_recheck_due handed out (its claim
+    // is live): an operator's decision is not the worker's to undo.
     let still_disabled = admin::as_owner(grants.owner, |client| {
         admin::one::<bool>(
             client,
-            "SELECT true FROM keypool.key k JOIN keypool.scope s ON s.id = k.scope_id
+            &format!(
+                "SELECT true FROM keypool.key k JOIN keypool.scope s ON s.id = k.scope_id
               WHERE k.id = $1 AND k.removed_at IS NULL
+                AND k.recheck_at > now() AND k.recheck_at <= now() + interval '{CLAIM}'
                 AND (k.disabled_by = 'provider' OR s.disabled_by = 'provider')
-                AND k.disabled_by IS DISTINCT FROM 'operator' AND s.disabled_by IS DISTINCT FROM 'operator'",
+                AND k.disabled_by IS DISTINCT FROM 'operator' AND s.disabled_by IS DISTINCT FROM 'operator'"
+            ),
             &[key_id.into()],
         )
         .unwrap_or(false)
@@ -154,7 +163,9 @@ fn keypool_recheck_result(
         return;
     }
     if accepted {
-        admin::enable_key(grants.owner, key_id);
+        // Enabled, with the round counted: an account that fails again at once (a model list
+        // answers while billing is still out) waits twice as long before its next check.
+        admin::enable_key_after_check(grants.owner, key_id);
         admin::record_key_event(
             grants.owner,
             "key_rechecked",

@@ -94,6 +94,21 @@ impl Share {
     }
 }
 
+/// What an API token's limits counted for a call: given back when dropped unless a grant kept
+/// it (`counted` taken), so that a refusal or an error raised on the way gives it back.
+struct TokenHeld<'a> {
+    sh: &'a Shared,
+    counted: Option<Counted>,
+}
+
+impl Drop for TokenHeld<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.counted.take() {
+            minute::give_back(self.sh, TOKEN_SLOT, &c, clock::now_ms());
+        }
+    }
+}
+
 /// A slot this backend cached was bound to another row meanwhile: reload and try again.
 struct Rebound;
 
@@ -121,7 +136,8 @@ pub fn reserve(
         // The caller (an API token) may not reach this pool: as if the role could not use it.
         access::denied_pool(pool_name, Privilege::Use);
     }
-    // The API token's limits, across pools and workers, before any pool is tried.
+    // The API token's limits, across pools and workers, before any pool is tried; what they
+    // counted is given back unless a grant keeps it (also when an error ends the call).
     let token = match token {
         None => None,
         Some(digest) => {
@@ -144,10 +160,12 @@ pub fn reserve(
             }
         }
     };
+    let mut held = TokenHeld { sh, counted: token };
     let (cfg, answer, too_big) = reserve_chain(sh, cfg, (pool_name, within), user, est_tokens, token);
-    if let (Answer::Refused { .. }, Some(counted)) = (&answer, &token) {
-        minute::give_back(sh, TOKEN_SLOT, counted, clock::now_ms());
+    if let Answer::Granted { .. } = answer {
+        held.counted = None;
     }
+    drop(held);
     if too_big {
         too_large(est_tokens, pool_name);
     }
@@ -430,13 +448,13 @@ fn reserve_in(
         token,
     };
     // Gives back what the share, budget and minute hold when no key is granted.
-    let give_back = |sh: &Shared, cfg: &Config, share: &Share, allocation: &mut Allocation| {
+    let give_back = |sh: &Shared, share: &Share, allocation: &mut Allocation| {
         give_back_ticket(sh, share.pool_slot, &share.ticket, allocation);
         if let Some((_, h)) = &share.hold {
             budgets::adjust(sh, share.pool_slot, h, -(h.amount as i64));
         }
-        if let (Some(counted), Some(pool)) = (&share.caller, cfg.pools.iter().find(|p| p.slot == share.pool_slot)) {
-            minute::give_back(sh, pool.slot, counted, clock::now_ms());
+        if let Some(counted) = &share.caller {
+            minute::give_back(sh, share.pool_slot, counted, clock::now_ms());
         }
     };
     for _ in 0..3 {
@@ -461,7 +479,7 @@ fn reserve_in(
                 );
             }
             Ok(Err((refusal, retry_after_ms))) => {
-                give_back(sh, &cfg, &share, &mut allocation);
+                give_back(sh, &share, &mut allocation);
                 return (
                     cfg,
                     Answer::Refused {
@@ -477,7 +495,7 @@ fn reserve_in(
             }
         }
     }
-    give_back(sh, &cfg, &share, &mut allocation);
+    give_back(sh, &share, &mut allocation);
     errors::error(
         Code::ERRCODE_INTERNAL_ERROR,
         "pg_keypool: shared-memory slots kept moving during a reservation",

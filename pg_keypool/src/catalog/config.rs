@@ -124,7 +124,8 @@ fn load(sh: &Shared, generation: u64, fit: Fit<'_>) -> Config {
             let pools: Vec<PoolRow> = fresh_rows(
                 c"SELECT id, name, min_share, active_days, borrowing, timezone, fallback_on_quota,
                          budget_micros, budget_per_user_micros, budget_period, default_cost_micros, owner_fallback,
-                         coalesce(round(minute_share * 1000), 0)::bigint, coalesce(user_rpm, 0)::bigint,
+                         CASE WHEN minute_share IS NULL THEN 0 ELSE greatest(1, ceil(minute_share * 1000))::bigint END,
+                         coalesce(user_rpm, 0)::bigint,
                          coalesce(user_tpm, 0), coalesce(user_max_concurrent, 0)
                     FROM keypool.pool ORDER BY id",
                 |r| PoolRow {

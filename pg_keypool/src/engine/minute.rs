@@ -105,7 +105,7 @@ pub fn take(sh: &Shared, pool: &Pool, hash: u64, tokens: u64, now_ms: i64) -> Re
         i,
         hash,
         tokens,
-        (limits.max_concurrent > 0, cap),
+        (limits.max_concurrent > 0, cap, false),
         now_ms,
     )))
 }
@@ -190,18 +190,19 @@ pub fn take_token(
         i,
         hash,
         tokens,
-        (token.limits.max_concurrent > 0, caps),
+        (token.limits.max_concurrent > 0, caps, token.rpd > 0),
         now_ms,
     )))
 }
 
-/// Counts a request in entry `i`; `caps`: the caller's request limits of the minute (0: none).
+/// Counts a request in entry `i`; `caps`: the caller's request limits of the minute (0: none);
+/// `per_day`: a token with an `rpd` (its day is counted too).
 fn count(
     stripe: &callers::CallerStripe<'_>,
     i: usize,
     hash: u64,
     tokens: u64,
-    (open, caps): (bool, [u64; 2]),
+    (open, caps, per_day): (bool, [u64; 2], bool),
     now_ms: i64,
 ) -> Counted {
     let c = stripe.at(i);
@@ -212,12 +213,15 @@ fn count(
         .filter(|&&cap| cap > 0)
         .map(|&cap| cap.saturating_sub(used))
         .min();
-    let today = callers::utc_day(now_ms);
-    if c.day != today {
-        c.day = today;
-        c.day_requests = 0;
+    if per_day {
+        // Only a token with an `rpd` counts its day (and keeps its entry for the day).
+        let today = callers::utc_day(now_ms);
+        if c.day != today {
+            c.day = today;
+            c.day_requests = 0;
+        }
+        c.day_requests += 1;
     }
-    c.day_requests += 1;
     if open {
         c.open.add(now_ms, settings::lease_ms());
     }

@@ -86,7 +86,8 @@ impl Caller {
         self.log.is_empty()
             && self.open.open(now_ms, lease_ms) == 0
             && now_ms - self.asked_ms >= WINDOW_MS
-            && (self.day_requests == 0 || self.day != utc_day(now_ms))
+            // An API token's requests of the day (its `rpd`) keep its entry for the day.
+            && (self.pool_slot != TOKEN_SLOT || self.day_requests == 0 || self.day != utc_day(now_ms))
     }
 }
 
@@ -197,5 +198,38 @@ impl CallerStripe<'_> {
         c.day = 0;
         c.day_requests = 0;
         Some(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: i64 = 1_800_000_000_000;
+    const LEASE: i64 = 600_000;
+
+    #[test]
+    fn a_users_entry_is_free_a_minute_after_its_last_request_a_tokens_day_keeps_it() {
+        let mut user = Caller {
+            hash: 7,
+            pool_slot: 0,
+            asked_ms: T,
+            ..Default::default()
+        };
+        user.log.charge(T, 1, 10);
+        assert!(!user.idle(T + 59_999, LEASE));
+        assert!(user.idle(T + WINDOW_MS, LEASE));
+        // An API token with an `rpd` keeps its day's count (and entry) until the UTC day ends.
+        let mut token = Caller {
+            hash: 8,
+            pool_slot: TOKEN_SLOT,
+            asked_ms: T,
+            day: utc_day(T),
+            day_requests: 3,
+            ..Default::default()
+        };
+        token.log.charge(T, 1, 10);
+        assert!(!token.idle(T + WINDOW_MS, LEASE));
+        assert!(token.idle(utc_day_end(T) + WINDOW_MS, LEASE));
     }
 }

@@ -312,8 +312,9 @@ impl ActiveCallers {
     pub fn asked(&self, before_ms: i64, now_ms: i64, weight: u32) {
         let now_s = (now_ms.max(0) / 1000) as u64;
         let w = i64::from(weight.max(1));
-        if before_ms > 0 && now_ms - before_ms < ACTIVE_MS {
-            let before_s = (before_ms / 1000) as u64;
+        let before_s = (before_ms.max(0) / 1000) as u64;
+        // Still counted where `weight()` looks (the same whole seconds): moved, not added.
+        if before_ms > 0 && before_s + (ACTIVE_MS / 1000) as u64 >= now_s {
             if before_s == now_s {
                 return;
             }

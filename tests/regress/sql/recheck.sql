@@ -26,6 +26,12 @@ SELECT account, reason FROM keypool_scopes WHERE account = 'broke-co';
 SELECT k.label, e.reason FROM keypool_events e JOIN keypool_keys k USING (key_id)
  WHERE e.kind = 'key_rechecked' ORDER BY e.id;
 SELECT rechecks, recheck_at > now() + interval '59 minutes' AS next_in_an_hour FROM keypool.key WHERE id = :invalid;
+-- The accepted round counts too: should billing fail again at once, the next check waits twice
+-- as long (the back-off is not started over by the provider's answer).
+SELECT rechecks FROM keypool.key WHERE id = :billing;
+-- A result without a live claim (the key was not handed out) changes nothing.
+SELECT keypool_recheck_result(:invalid, true, 'HTTP 200');
+SELECT state FROM keypool_keys WHERE key_id = :invalid;
 -- A result for a key an operator disabled changes nothing.
 SELECT keypool_recheck_result(:parked, true, 'HTTP 200');
 SELECT label, state FROM keypool_keys WHERE key_id = :parked;

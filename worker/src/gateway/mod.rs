@@ -341,13 +341,14 @@ impl KeyChecks {
     }
 }
 
-/// What an answer's headers say of the key's own limits; for a model the caller chose (the key
-/// names none), held a minute at most.
+/// What an answer's headers say of the key's own limits, for a key that names its model. For a
+/// model the caller chose (the key names none) they are that model's limits, not the account's:
+/// not passed on, so that no caller can hold a shared account by picking a model with tiny
+/// limits.
 fn reported_counters(key: &KeyRef, headers: &reqwest::header::HeaderMap) -> Counters {
-    let counters = counters::read(&key.provider, headers, std::time::SystemTime::now());
     match key.model {
-        Some(_) => counters,
-        None => counters.at_most(counters::CALLER_MODEL_MAX_MS),
+        Some(_) => counters::read(&key.provider, headers, std::time::SystemTime::now()),
+        None => Counters::default(),
     }
 }
 

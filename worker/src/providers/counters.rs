@@ -28,26 +28,7 @@ impl Counters {
     pub fn is_empty(&self) -> bool {
         self.requests.is_none() && self.tokens.is_none()
     }
-
-    /// The same, holding at most `max_ms`: a provider's figures for a model the caller chose
-    /// (the key names none) are that model's, and may not hold the account for long.
-    pub fn at_most(self, max_ms: i64) -> Counters {
-        let cap = |r: Option<Remaining>| {
-            r.map(|r| Remaining {
-                reset_ms: r.reset_ms.min(max_ms),
-                ..r
-            })
-        };
-        Counters {
-            requests: cap(self.requests),
-            tokens: cap(self.tokens),
-        }
-    }
 }
-
-/// The longest a provider's figures for a model the caller chose hold an account (the
-/// extension's default cooldown).
-pub const CALLER_MODEL_MAX_MS: i64 = 60_000;
 
 /// Longest reset a provider's figure is believed for (a day).
 const MAX_RESET_MS: i64 = 86_400_000;
@@ -188,22 +169,6 @@ mod tests {
             })
         );
         assert_eq!(c.tokens, None);
-        // Figures for a model the caller chose hold a minute at most.
-        let held = read(
-            "openai",
-            &headers(&[
-                ("x-ratelimit-remaining-requests", "0"),
-                ("x-ratelimit-reset-requests", "6h"),
-            ]),
-            now,
-        );
-        assert_eq!(
-            held.at_most(CALLER_MODEL_MAX_MS).requests,
-            Some(Remaining {
-                remaining: 0,
-                reset_ms: 60_000
-            })
-        );
         // Gemini sends none; nonsense is ignored.
         assert!(read("gemini", &h, now).is_empty());
         let h = headers(&[
