@@ -61,31 +61,21 @@ async fn a_burst_from_sixteen_connections_takes_at_most_its_share_of_the_minute(
     assert!(b);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_never_holds_more_reservations_open_than_user_max_concurrent() {
-    let db = keypool_tests::shared().fresh_db().await;
-    let c = &db.client;
-    exec(
-        c,
-        "SELECT keypool_create_pool('agents');
-         SELECT keypool_add_key('agents', 'openai', 'sk-agents-key-' || i || '-0000000000', rpm => 100000)
-           FROM generate_series(1, 4) i;
-         SELECT keypool_alter_pool('agents', user_max_concurrent => 2);",
-    )
-    .await;
+/// 32 callers on their own connections, each reserving 20 times with `sql` (`$1`: the caller's
+/// number, `$2`: the round; answering granted, reservation_id, error) and settling at once: how
+/// many were granted, and the most held open at once (counted after the grant, taken back before
+/// the settle: never more than the extension holds open).
+async fn most_open(db: &keypool_tests::TestDb<'_>, sql: String) -> (i64, i64) {
     let open = Arc::new((AtomicI64::new(0), AtomicI64::new(0)));
     let mut tasks = Vec::new();
-    for _ in 0..32 {
+    for caller in 0..32i32 {
         let client = db.connect().await;
-        let open = Arc::clone(&open);
+        let (open, sql) = (Arc::clone(&open), sql.clone());
         tasks.push(tokio::spawn(async move {
-            let mut granted = 0;
-            for _ in 0..20 {
+            let mut granted = 0i64;
+            for round in 0..20i32 {
                 let row = client
-                    .query_one(
-                        "SELECT granted, reservation_id, error FROM keypool_reserve('one-agent', 'agents')",
-                        &[],
-                    )
+                    .query_one(&sql, &[&caller, &round])
                     .await
                     .expect("keypool_reserve");
                 if !row.get::<_, bool>(0) {
@@ -93,8 +83,6 @@ async fn a_user_never_holds_more_reservations_open_than_user_max_concurrent() {
                     continue;
                 }
                 granted += 1;
-                // Counted after the grant, taken back before the settle: never more than the
-                // extension holds open.
                 let held = open.0.fetch_add(1, Ordering::SeqCst) + 1;
                 open.1.fetch_max(held, Ordering::SeqCst);
                 client.execute("SELECT pg_sleep(0.002)", &[]).await.expect("sleep");
@@ -112,7 +100,29 @@ async fn a_user_never_holds_more_reservations_open_than_user_max_concurrent() {
     for t in tasks {
         granted += t.await.expect("a caller failed");
     }
-    let most = open.1.load(Ordering::SeqCst);
+    (granted, open.1.load(Ordering::SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_never_holds_more_reservations_open_than_user_max_concurrent() {
+    let db = keypool_tests::shared().fresh_db().await;
+    let c = &db.client;
+    exec(
+        c,
+        "SELECT keypool_create_pool('agents');
+         SELECT keypool_add_key('agents', 'openai', 'sk-agents-key-' || i || '-0000000000', rpm => 100000)
+           FROM generate_series(1, 4) i;
+         SELECT keypool_alter_pool('agents', user_max_concurrent => 2);",
+    )
+    .await;
+    // One user, whatever the caller and round.
+    let (granted, most) = most_open(
+        &db,
+        "SELECT granted, reservation_id, error
+           FROM keypool_reserve(CASE WHEN $1::int >= 0 AND $2::int >= 0 THEN 'one-agent' END, 'agents')"
+            .to_string(),
+    )
+    .await;
     assert!(most <= 2, "{most} open at once");
     assert!(granted > 2, "{granted} granted");
     // Another user is not held back by the first.
@@ -139,46 +149,17 @@ async fn an_api_token_never_holds_more_reservations_open_than_its_max_concurrent
     )
     .await;
     let token: String = one(c, "SELECT keypool_create_api_token('agent', max_concurrent => 2)").await;
-    let open = Arc::new((AtomicI64::new(0), AtomicI64::new(0)));
-    let mut tasks = Vec::new();
-    for caller in 0..32 {
-        let client = db.connect().await;
-        let (open, token) = (Arc::clone(&open), token.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut granted = 0;
-            let pool = if caller % 2 == 0 { "agents" } else { "more" };
-            for round in 0..20 {
-                let row = client
-                    .query_one(
-                        "SELECT granted, reservation_id, error
-                           FROM keypool_reserve($1, $2, 10, NULL, sha256(convert_to($3, 'UTF8')))",
-                        &[&format!("user-{caller}-{round}"), &pool, &token],
-                    )
-                    .await
-                    .expect("keypool_reserve");
-                if !row.get::<_, bool>(0) {
-                    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("USER_RATE_LIMITED"));
-                    continue;
-                }
-                granted += 1;
-                let held = open.0.fetch_add(1, Ordering::SeqCst) + 1;
-                open.1.fetch_max(held, Ordering::SeqCst);
-                client.execute("SELECT pg_sleep(0.002)", &[]).await.expect("sleep");
-                open.0.fetch_sub(1, Ordering::SeqCst);
-                let id: i64 = row.get(1);
-                client
-                    .query_one("SELECT keypool_settle($1, 200, 1, 1)", &[&id])
-                    .await
-                    .expect("settle");
-            }
-            granted
-        }));
-    }
-    let mut granted = 0;
-    for t in tasks {
-        granted += t.await.expect("a caller failed");
-    }
-    let most = open.1.load(Ordering::SeqCst);
+    // Another user each time, in two pools: one token.
+    let (granted, most) = most_open(
+        &db,
+        format!(
+            "SELECT granted, reservation_id, error
+               FROM keypool_reserve('user-' || $1::int || '-' || $2::int,
+                                    CASE WHEN $1::int % 2 = 0 THEN 'agents' ELSE 'more' END,
+                                    10, NULL, sha256(convert_to('{token}', 'UTF8')))"
+        ),
+    )
+    .await;
     assert!(
         most <= 2,
         "{most} open at once for one token, across two pools and 32 users"
