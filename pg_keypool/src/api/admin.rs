@@ -51,7 +51,7 @@ fn optional<'a>(name: &str, v: Option<&'a str>, max: usize) -> Option<&'a str> {
     v.map(|s| required(name, Some(s), max))
 }
 
-fn positive<T: Into<i64> + Copy>(name: &str, v: Option<T>) -> Option<i64> {
+pub(crate) fn positive<T: Into<i64> + Copy>(name: &str, v: Option<T>) -> Option<i64> {
     let v = v.map(Into::into);
     if let Some(n) = v {
         if n <= 0 {
@@ -162,7 +162,7 @@ fn check_minute_share(f: Option<f64>, off_at_zero: bool) -> Option<Option<f64>> 
 }
 
 /// A per-user cap of `keypool_alter_pool`: positive, 0 for none (`Some(None)`), NULL unchanged.
-fn check_cap(name: &str, v: Option<i64>) -> Option<Option<i64>> {
+pub(crate) fn check_cap(name: &str, v: Option<i64>) -> Option<Option<i64>> {
     match v {
         None => None,
         Some(0) => Some(None),
@@ -849,21 +849,21 @@ fn keypool_alter_key(
         errors::null_argument("key_id").raise()
     };
     let priority = check_priority(priority);
-    if let Some(n) = max_concurrent.filter(|&n| n < 0) {
-        errors::invalid(format!(
-            "max_concurrent must be a positive number, or 0 for no limit; not {n}"
-        ))
-        .raise();
-    }
+    let max_concurrent = check_cap("max_concurrent", max_concurrent.map(i64::from));
     let grants = access::grants();
     access::key_pool(&grants, key_id, Privilege::Admin);
     as_owner(grants.owner, |client| {
         let found: Option<i64> = one(
             client,
             "UPDATE keypool.key SET priority = coalesce($2, priority),
-                    max_concurrent = CASE WHEN $3::integer IS NULL THEN max_concurrent ELSE nullif($3, 0) END
+                    max_concurrent = CASE WHEN $3 THEN $4::integer ELSE max_concurrent END
               WHERE id = $1 AND removed_at IS NULL RETURNING pool_id",
-            &[key_id.into(), priority.into(), max_concurrent.into()],
+            &[
+                key_id.into(),
+                priority.into(),
+                max_concurrent.is_some().into(),
+                max_concurrent.flatten().into(),
+            ],
         );
         let Some(pool_id) = found else {
             errors::undefined(format!("key {key_id} does not exist")).raise()
@@ -871,8 +871,8 @@ fn keypool_alter_key(
         let change = [
             priority.map(|p| format!("priority {p}")),
             max_concurrent.map(|n| match n {
-                0 => "max_concurrent none".to_string(),
-                n => format!("max_concurrent {n}"),
+                None => "max_concurrent none".to_string(),
+                Some(n) => format!("max_concurrent {n}"),
             }),
         ]
         .into_iter()

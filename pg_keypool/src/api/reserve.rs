@@ -35,6 +35,7 @@ use crate::engine::minute::{self, Counted};
 use crate::engine::quota::{self, Allocation, Take, Ticket};
 use crate::errors::{self, Code};
 use crate::policy::calendar;
+use crate::policy::minute::CONCURRENCY_RETRY_MS;
 use crate::policy::money::Budget;
 use crate::policy::refusal::Refusal;
 use crate::policy::window::Wait;
@@ -654,10 +655,6 @@ fn readiness(sh: &Shared, cfg: &Config, key: &Key, now: i64, lease: i64) -> Read
         None => Readiness::Ready,
     }
 }
-
-/// The longest a caller refused only because keys are at their `max_concurrent` is told to
-/// wait: any open reservation may be settled at any moment.
-const CONCURRENCY_RETRY_MS: i64 = 1_000;
 
 /// Tries to charge one request to `key`'s scope and open a reservation: the reservation id and
 /// what it holds of a budget, or how long until the scope has room.

@@ -13,6 +13,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::api::admin::{check_cap, positive};
 use crate::catalog::grants::Privilege;
 use crate::catalog::privilege;
 use crate::engine::access::{self};
@@ -56,25 +57,6 @@ pub fn digest(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
 
-/// A token limit argument: positive; with `none_at_zero`, 0 removes it (`Some(None)`); NULL:
-/// none given.
-fn check_limit(name: &str, v: Option<i64>, none_at_zero: bool) -> Option<Option<i64>> {
-    match v {
-        None => None,
-        Some(0) if none_at_zero => Some(None),
-        Some(n) if n > 0 => Some(Some(n)),
-        Some(n) => errors::invalid(format!(
-            "{name} must be a positive number{}; not {n}",
-            if none_at_zero {
-                ", or 0 for none"
-            } else {
-                ", or NULL for none"
-            }
-        ))
-        .raise(),
-    }
-}
-
 /// `keypool_create_api_token(label, user_id, pools, expires_at, rpm, tpm, rpd, max_concurrent)`:
 /// a new token, returned once; its limits hold across every worker (tokens.rs `limits_of`).
 /// Needs `admin` on every pool it lists (on every pool, `'*'`, for a token bound to none).
@@ -91,10 +73,10 @@ fn keypool_create_api_token(
     max_concurrent: default!(Option<i32>, "NULL"),
 ) -> String {
     let _path = privilege::pin_search_path();
-    let rpm = check_limit("rpm", rpm.map(i64::from), false).flatten();
-    let tpm = check_limit("tpm", tpm, false).flatten();
-    let rpd = check_limit("rpd", rpd.map(i64::from), false).flatten();
-    let max_concurrent = check_limit("max_concurrent", max_concurrent.map(i64::from), false).flatten();
+    let rpm = positive("rpm", rpm);
+    let tpm = positive("tpm", tpm);
+    let rpd = positive("rpd", rpd);
+    let max_concurrent = positive("max_concurrent", max_concurrent);
     let Some(label) = label else {
         errors::null_argument("label").raise()
     };
@@ -209,10 +191,10 @@ fn keypool_alter_api_token(
         errors::null_argument("id").raise()
     };
     let limits = [
-        check_limit("rpm", rpm.map(i64::from), true),
-        check_limit("tpm", tpm, true),
-        check_limit("rpd", rpd.map(i64::from), true),
-        check_limit("max_concurrent", max_concurrent.map(i64::from), true),
+        check_cap("rpm", rpm.map(i64::from)),
+        check_cap("tpm", tpm),
+        check_cap("rpd", rpd.map(i64::from)),
+        check_cap("max_concurrent", max_concurrent.map(i64::from)),
     ];
     let grants = access::grants();
     let caller = privilege::caller();
