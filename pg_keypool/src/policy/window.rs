@@ -10,8 +10,9 @@
 //! window is exact: no double burst across a minute boundary, and the retry time we report is the
 //! exact millisecond at which enough old charges leave the window.
 //!
-//! The log is bounded ([`LOG_CAPACITY`] entries). When it is full, the two adjacent entries that
-//! are closest in time are merged and the merged entry takes the *later* timestamp. A charge then
+//! The log is bounded ([`LOG_CAPACITY`] entries). When it is full, a charge in the newest entry's
+//! bucket joins that entry (which takes the charge's time); otherwise the two adjacent entries
+//! closest in time within a bucket are merged and the merged entry takes the *later* timestamp. A charge then
 //! stays in the window slightly longer than it needs to, never shorter, so the bound degrades
 //! towards refusing a little early and never towards over-granting.
 
@@ -211,6 +212,18 @@ impl<const N: usize> Log<N> {
             }
         }
         if self.len as usize == N {
+            // A full log under load: the newest entry, when in the same bucket as this charge,
+            // takes it (moved later within its bucket, as a merge would); the search for the
+            // closest pair runs at most once per bucket.
+            let last = self.slot(N - 1);
+            let bucket = Self::MERGE_BUCKET_MS;
+            if self.entries[last].at_ms.div_euclid(bucket) == now_ms.div_euclid(bucket) {
+                let e = &mut self.entries[last];
+                e.at_ms = now_ms;
+                e.requests += requests;
+                e.tokens += tokens;
+                return;
+            }
             self.merge_closest_pair();
         }
         let at = self.slot(self.len as usize);
@@ -840,6 +853,34 @@ mod tests {
     fn day_of(now_ms: i64) -> (i64, i64) {
         let start = now_ms.div_euclid(86_400_000) * 86_400_000;
         (start, start + 86_400_000)
+    }
+
+    #[test]
+    fn a_full_log_folds_charges_of_the_newest_bucket_into_its_newest_entry() {
+        // 64 charges a second apart fill the log; the next ones, in the newest entry's
+        // one-second bucket, join that entry (recorded at their own, later time) and leave the
+        // older entries alone.
+        let mut log = MinuteLog::default();
+        let base = T0 - T0 % 1_000;
+        for i in 0..LOG_CAPACITY as i64 {
+            log.charge(base + i * 1_000, 1, 10);
+        }
+        let newest = base + (LOG_CAPACITY as i64 - 1) * 1_000;
+        log.charge(newest + 300, 2, 20);
+        log.charge(newest + 900, 1, 5);
+        assert_eq!(log.len(), LOG_CAPACITY);
+        assert_eq!(log.newest_ms(), Some(newest + 900));
+        assert_eq!((log.requests(), log.tokens()), (LOG_CAPACITY as u64 + 3, 640 + 25));
+        // The oldest entry still leaves the window on time; the newest one a minute after the
+        // last charge it holds.
+        log.expire(base + WINDOW_MS);
+        assert_eq!(log.requests(), LOG_CAPACITY as u64 + 2);
+        log.expire(newest + 900 + WINDOW_MS - 1);
+        assert_eq!((log.requests(), log.tokens()), (4, 35));
+        // A charge of a new bucket is an entry of its own.
+        log.charge(newest + 1_000, 1, 1);
+        assert_eq!(log.newest_ms(), Some(newest + 1_000));
+        assert_eq!(log.len(), 2);
     }
 
     #[test]
