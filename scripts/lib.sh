@@ -4,12 +4,25 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PG_BIN=/usr/lib/postgresql/15/bin
+# The PostgreSQL majors pg_keypool supports; the first is the one the whole suite runs on.
+PG_MAJORS=(15 18)
+# The major a script works with (KEYPOOL_PG): 15 from Debian 12's packages; 18 built from
+# Debian's source package (sid's) into PG_BUILD_ROOT, by ensure_postgres.
+PG_MAJOR="${KEYPOOL_PG:-15}"
+PG_BUILD_ROOT="${KEYPOOL_PG_BUILD_ROOT:-/opt/pg_keypool-postgresql}"
+pg_bin_of() {
+    if [[ "$1" == 15 ]]; then echo /usr/lib/postgresql/15/bin; else echo "$PG_BUILD_ROOT/$1/bin"; fi
+}
+PG_BIN="$(pg_bin_of "$PG_MAJOR")"
 PG_CONFIG="$PG_BIN/pg_config"
+export KEYPOOL_PG_BIN="$PG_BIN"
 PGRX_VERSION=0.18.0
 # Private clusters live outside the checkout so that the postgres user can reach them wherever
-# the checkout is; one directory per checkout.
+# the checkout is; one directory per checkout (and per major other than 15).
 CLUSTER_ROOT="${KEYPOOL_CLUSTER_ROOT:-/tmp/pg_keypool-$(printf '%s' "$REPO" | md5sum | cut -c1-8)}"
+if [[ "$PG_MAJOR" != 15 && "$CLUSTER_ROOT" != *-pg"$PG_MAJOR" ]]; then
+    CLUSTER_ROOT="$CLUSTER_ROOT-pg$PG_MAJOR"
+fi
 export KEYPOOL_CLUSTER_ROOT="$CLUSTER_ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 
@@ -43,10 +56,62 @@ ensure_cargo_pgrx() {
         say "installing cargo-pgrx $PGRX_VERSION (about 6 minutes, once per machine)"
         cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
     fi
-    if ! grep -q '^pg15' "$HOME/.pgrx/config.toml" 2>/dev/null; then
-        say "cargo pgrx init --pg15"
-        cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+    # pgrx knows every major built here (cargo pgrx init writes only the ones it is given).
+    local m args=() missing=0
+    for m in "${PG_MAJORS[@]}"; do
+        [[ -x "$(pg_bin_of "$m")/pg_config" ]] || continue
+        args+=(--pg"$m" "$(pg_bin_of "$m")/pg_config")
+        grep -q "^pg$m = " "$HOME/.pgrx/config.toml" 2>/dev/null || missing=1
+    done
+    if ((missing)); then
+        say "cargo pgrx init ${args[*]}"
+        cargo pgrx init "${args[@]}" >/dev/null
     fi
+}
+
+# ensure_postgres MAJOR: PostgreSQL MAJOR's server, client and server headers. 15 is Debian 12's
+# own (ensure_packages); 18 is built once per machine from Debian's source package (postgresql-18
+# of sid, with Debian's patches) into PG_BUILD_ROOT/18. (trixie's postgresql-17 source package
+# cannot be fetched here, only its binary packages: 17 is for a Debian 13 root, not built here.)
+ensure_postgres() {
+    local major="$1" prefix="$PG_BUILD_ROOT/$1" suite
+    [[ "$major" == 15 || -f "$prefix/.built" ]] && return 0
+    case "$major" in
+        18) suite=sid ;;
+        *) echo "PostgreSQL $major cannot be built on this machine (15 is Debian 12's, 18 is built)" >&2; return 1 ;;
+    esac
+    say "building PostgreSQL $major from Debian's source package (postgresql-$major of $suite; about 10 minutes, once per machine)"
+    local sources=/etc/apt/sources.list.d/pg_keypool-sources.sources
+    if ! grep -q "$suite" "$sources" 2>/dev/null; then
+        printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$suite" >"$sources"
+        apt-get update -qq
+    fi
+    local p missing=()
+    for p in dpkg-dev build-essential bison flex libicu-dev zlib1g-dev libreadline-dev libssl-dev perl; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    local work src
+    work="$(mktemp -d)"
+    (cd "$work" && apt-get source -qq "postgresql-$major/$suite" >/dev/null 2>&1)
+    src="$(find "$work" -maxdepth 1 -type d -name "postgresql-$major-*" | head -1)"
+    if [[ -z "$src" ]]; then
+        echo "could not fetch Debian's source package postgresql-$major/$suite" >&2
+        return 1
+    fi
+    # Built where it runs (its programs find its libpq there); marked when complete, so that a
+    # build broken off is started again next time.
+    rm -rf "$prefix"
+    (
+        cd "$src"
+        ./configure -q --prefix="$prefix" --with-icu --with-openssl --with-readline >"$work/configure.log" 2>&1
+        make -s -j"$(nproc)" >"$work/make.log" 2>&1
+        make -s install >>"$work/make.log" 2>&1
+    ) || { tail -30 "$work"/*.log >&2; return 1; }
+    rm -rf "$work"
+    touch "$prefix/.built"
 }
 
 # A virtualenv with the official OpenAI client, for the test that drives the worker with it.
@@ -67,6 +132,7 @@ ensure_python_client() {
 
 ensure_setup() {
     ensure_packages
+    ensure_postgres "$PG_MAJOR"
     ensure_cargo_pgrx
     install -d -m 755 "$CLUSTER_ROOT"
 }
@@ -81,7 +147,12 @@ install_extension() {
     say "building and installing pg_keypool ($profile)"
     local args=(--pg-config "$PG_CONFIG")
     [[ "$profile" == release ]] && args+=(--release)
-    (cd "$REPO/pg_keypool" && cargo pgrx install "${args[@]}" >/dev/null)
+    # Each major other than 15 builds in its own target directory (pgrx's bindings differ).
+    if [[ "$PG_MAJOR" == 15 ]]; then
+        (cd "$REPO/pg_keypool" && cargo pgrx install "${args[@]}" >/dev/null)
+    else
+        (cd "$REPO/pg_keypool" && CARGO_TARGET_DIR="$REPO/target/pg$PG_MAJOR" cargo pgrx install "${args[@]}" >/dev/null)
+    fi
     # cargo pgrx installs the current install script and the upgrade scripts; the frozen install
     # scripts of earlier releases are for CREATE EXTENSION ... VERSION (the upgrade tests).
     local f

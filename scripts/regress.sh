@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Runs the pg_regress suite (tests/regress) against a private preloaded cluster.
 # Needs the extension installed (scripts/test.sh does that). Usage: scripts/regress.sh [test ...]
+# (KEYPOOL_PG=18 scripts/regress.sh: against PostgreSQL 18, scripts/test-major.sh)
 . "$(dirname "$0")/lib.sh"
 
 PORT="${KEYPOOL_REGRESS_PORT:-54331}"
-PG_REGRESS=/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress
+PG_REGRESS="$(dirname "$("$PG_CONFIG" --pgxs)")/../test/regress/pg_regress"
 dir="$(cluster_dir regress)"
 
+# A new cluster each time: nothing an earlier run left (a database of a test broken off) counts.
+cluster_stop regress
+rm -rf "$dir/data"
 cluster_start regress "$PORT" "pg_keypool.flush_interval = '1h'"
 trap 'cluster_stop regress' EXIT
 

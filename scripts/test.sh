@@ -2,7 +2,8 @@
 # The whole test suite: formatting and lints, unit tests and #[pg_test]s, the pg_regress suite,
 # and the integration tests against private clusters (the extension's, and the worker's against
 # the mock provider, the official OpenAI Python client and headless Chromium for the dashboard),
-# and last the Debian packages (built, installed with dpkg, tested, removed).
+# the version-sensitive tests on the other PostgreSQL majors (scripts/test-major.sh), and last the
+# Debian packages (built, installed with dpkg, tested, removed).
 # Sets up the machine first if needed.
 . "$(dirname "$0")/lib.sh"
 
@@ -29,6 +30,13 @@ say "integration tests (engine over tokio-postgres; worker against the mock prov
 ensure_python_client
 ensure_browser
 cargo test --workspace --exclude pg_keypool
+
+# The other majors: pg_regress and the version-sensitive integration tests (builds PostgreSQL 18
+# from Debian's source package once per machine).
+for major in "${PG_MAJORS[@]:1}"; do
+    say "PostgreSQL $major: scripts/test-major.sh"
+    KEYPOOL_PG="$major" "$REPO/scripts/test-major.sh"
+done
 
 say "the Debian packages, installed as a user installs them (scripts/test-packages.sh)"
 "$REPO/scripts/test-packages.sh"

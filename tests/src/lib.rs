@@ -18,7 +18,11 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The PostgreSQL binaries the clusters run: `KEYPOOL_PG_BIN` (scripts/lib.sh sets it for the
+/// major under test), else Debian's PostgreSQL 15.
+pub fn pg_bin() -> String {
+    std::env::var("KEYPOOL_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string())
+}
 
 pub fn cluster_root() -> PathBuf {
     std::env::var_os("KEYPOOL_CLUSTER_ROOT")
@@ -83,7 +87,7 @@ impl Cluster {
         check(
             "initdb",
             as_postgres(
-                &format!("{PG_BIN}/initdb"),
+                &format!("{}/initdb", pg_bin()),
                 &[
                     "-D",
                     path(&data),
@@ -141,7 +145,7 @@ impl Cluster {
         let data = self.dir.join("data");
         let mut all = vec!["-D", path(&data)];
         all.extend_from_slice(args);
-        check("pg_ctl", as_postgres(&format!("{PG_BIN}/pg_ctl"), &all));
+        check("pg_ctl", as_postgres(&format!("{}/pg_ctl", pg_bin()), &all));
     }
 
     /// A clean restart (fast shutdown, then start).
@@ -171,7 +175,7 @@ impl Cluster {
     /// `pg_dump` of database `db` (plain SQL), as the postgres user.
     pub fn pg_dump(&self, db: &str) -> String {
         let out = as_postgres(
-            &format!("{PG_BIN}/pg_dump"),
+            &format!("{}/pg_dump", pg_bin()),
             &[
                 "-h",
                 "127.0.0.1",
@@ -202,7 +206,7 @@ impl Cluster {
                 .expect("chown"),
         );
         let out = as_postgres(
-            &format!("{PG_BIN}/psql"),
+            &format!("{}/psql", pg_bin()),
             &[
                 "-X",
                 "-q",
@@ -228,7 +232,7 @@ impl Cluster {
         if self.dir.join("data").join("postmaster.pid").exists() {
             let data = self.dir.join("data");
             let _ = as_postgres(
-                &format!("{PG_BIN}/pg_ctl"),
+                &format!("{}/pg_ctl", pg_bin()),
                 &["-D", path(&data), "stop", "-m", "fast", "-w", "-t", "60"],
             );
         }
@@ -291,7 +295,7 @@ impl Cluster {
         check(
             "pg_basebackup",
             as_postgres(
-                &format!("{PG_BIN}/pg_basebackup"),
+                &format!("{}/pg_basebackup", pg_bin()),
                 &[
                     "-h",
                     "127.0.0.1",
@@ -496,7 +500,7 @@ impl TestDb<'_> {
 impl Drop for TestDb<'_> {
     fn drop(&mut self) {
         // Dropping happens outside the test's runtime: use a synchronous psql call.
-        let _ = Command::new(format!("{PG_BIN}/psql"))
+        let _ = Command::new(format!("{}/psql", pg_bin()))
             .args([
                 "-X",
                 "-q",

@@ -1,12 +1,34 @@
 //! Upgrades: an installation of 0.1.0 (the frozen install script, data as 0.1.0 stored it)
-//! becomes the current version with `ALTER EXTENSION pg_keypool UPDATE`: its objects are then
-//! exactly those of a fresh install, its data is all there, and its plaintext secrets are sealed.
+//! goes through every later frozen release (pg_keypool/sql/pg_keypool--<version>.sql) to the
+//! current version with `ALTER EXTENSION pg_keypool UPDATE [TO ...]`: after each step its objects
+//! are exactly those of a fresh install of that version, and at the end its data is all there
+//! and its plaintext secrets are sealed. Each release frozen later joins the loop by itself, so
+//! every change of the SQL objects needs its upgrade script.
 
 use keypool_tests::{exec, one, shared};
 use tokio_postgres::Client;
 
 /// Lines describing every object of the extension (see the file).
 const CATALOG: &str = include_str!("../sql/extension_catalog.sql");
+
+/// The frozen releases, oldest first: the install scripts in pg_keypool/sql/.
+fn frozen_releases() -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../pg_keypool/sql");
+    let mut versions: Vec<Vec<u32>> = std::fs::read_dir(dir)
+        .expect("read pg_keypool/sql")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let version = name.strip_prefix("pg_keypool--")?.strip_suffix(".sql")?;
+            // Upgrade scripts (from--to) are not releases.
+            (!version.contains("--")).then(|| version.split('.').map(|p| p.parse().unwrap_or(0)).collect())
+        })
+        .collect();
+    versions.sort();
+    versions
+        .iter()
+        .map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>().join("."))
+        .collect()
+}
 
 async fn catalog(client: &Client) -> Vec<String> {
     client
@@ -74,21 +96,38 @@ async fn an_installation_of_0_1_0_upgrades_with_everything_kept_and_its_secrets_
     assert!(e.message().contains("version 0.1.0"), "{e:?}");
     assert_eq!(e.hint(), Some("ALTER EXTENSION pg_keypool UPDATE;"));
 
-    exec(&c, "ALTER EXTENSION pg_keypool UPDATE").await;
-    let version: String = one(&c, "SELECT extversion FROM pg_extension WHERE extname = 'pg_keypool'").await;
-    assert_eq!(version, env!("CARGO_PKG_VERSION"));
-
-    // Exactly the objects of a fresh install: tables, columns, constraints, indexes, triggers,
-    // sequences, functions (bodies, settings, comments), views, privileges, dumped tables.
-    let f = cluster.connect(&fresh).await;
-    exec(&f, "CREATE EXTENSION pg_keypool").await;
-    let (upgraded, installed) = (catalog(&c).await, catalog(&f).await);
-    let missing: Vec<&String> = installed.iter().filter(|l| !upgraded.contains(l)).collect();
-    let extra: Vec<&String> = upgraded.iter().filter(|l| !installed.contains(l)).collect();
+    // Every frozen release after 0.1.0, then the current version.
+    let releases = frozen_releases();
+    assert_eq!(releases.first().map(String::as_str), Some("0.1.0"), "{releases:?}");
+    let current = env!("CARGO_PKG_VERSION").to_string();
     assert!(
-        missing.is_empty() && extra.is_empty(),
-        "the upgrade differs from a fresh install.\nmissing: {missing:#?}\nextra: {extra:#?}"
+        !releases.contains(&current),
+        "{current} is frozen: the crate's version must move on"
     );
+    let steps: Vec<String> = releases[1..].iter().cloned().chain([current.clone()]).collect();
+    let f = cluster.connect(&fresh).await;
+    for version in &steps {
+        if version == &current {
+            exec(&c, "ALTER EXTENSION pg_keypool UPDATE").await;
+        } else {
+            // Not the library's version: it refuses to run them until the last step.
+            exec(&c, &format!("ALTER EXTENSION pg_keypool UPDATE TO '{version}'")).await;
+        }
+        let now: String = one(&c, "SELECT extversion FROM pg_extension WHERE extname = 'pg_keypool'").await;
+        assert_eq!(&now, version);
+        // Exactly the objects of a fresh install of that version: tables, columns, constraints,
+        // indexes, triggers, sequences, functions (bodies, settings, comments), views,
+        // privileges, dumped tables.
+        exec(&f, "DROP EXTENSION IF EXISTS pg_keypool CASCADE").await;
+        exec(&f, &format!("CREATE EXTENSION pg_keypool VERSION '{version}'")).await;
+        let (upgraded, installed) = (catalog(&c).await, catalog(&f).await);
+        let missing: Vec<&String> = installed.iter().filter(|l| !upgraded.contains(l)).collect();
+        let extra: Vec<&String> = upgraded.iter().filter(|l| !installed.contains(l)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "the upgrade to {version} differs from a fresh install of it.\nmissing: {missing:#?}\nextra: {extra:#?}"
+        );
+    }
 
     // The data is all there; secrets are sealed, labels new, the plaintext gone.
     let labels: Vec<String> = c

@@ -246,7 +246,10 @@ async fn the_worker_warns_about_a_version_mismatch_and_refuses_a_database_withou
     );
     let log = text(&out);
     assert!(
-        log.contains("the database has pg_keypool 0.0.1 but this worker was built for 0.2.0"),
+        log.contains(&format!(
+            "the database has pg_keypool 0.0.1 but this worker was built for {}",
+            env!("CARGO_PKG_VERSION")
+        )),
         "{log}"
     );
     assert_eq!(out.status.code(), Some(1), "{log}");

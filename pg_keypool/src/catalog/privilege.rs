@@ -112,16 +112,21 @@ pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The extension's owner, as recorded in pg_extension. Refuses when the extension is not
 /// installed here, or its SQL objects are of another version than the library (an upgrade whose
-/// `ALTER EXTENSION pg_keypool UPDATE` has not run yet).
+/// `ALTER EXTENSION pg_keypool UPDATE` has not run yet), except within pg_keypool's own
+/// update scripts: an update through several releases runs the earlier ones' scripts with this
+/// library.
 pub fn extension_owner() -> pg_sys::Oid {
     // Read as the caller, but never through a caller's look-alike of `=`.
     let _path = pin_search_path();
-    let row = Spi::get_two::<pg_sys::Oid, String>(
-        "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'",
+    let row = Spi::get_three::<pg_sys::Oid, pg_sys::Oid, String>(
+        "SELECT oid, extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_keypool'",
     );
+    // SAFETY: backend-local globals, set by CREATE/ALTER EXTENSION while a script runs.
+    let updating = |ext: pg_sys::Oid| unsafe { pg_sys::creating_extension && pg_sys::CurrentExtensionObject == ext };
     match row {
-        Ok((Some(oid), Some(version))) if version == LIBRARY_VERSION => oid,
-        Ok((Some(_), Some(version))) => errors::error(
+        Ok((Some(_), Some(owner), Some(version))) if version == LIBRARY_VERSION => owner,
+        Ok((Some(ext), Some(owner), Some(_))) if updating(ext) => owner,
+        Ok((Some(_), Some(_), Some(version))) => errors::error(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
                 "pg_keypool's SQL objects in this database are version {version}, its library is {LIBRARY_VERSION}"

@@ -1,0 +1,4 @@
+-- pg_keypool 0.2.0 -> 0.3.0: PostgreSQL 17 and 18 beside 15, major upgrades (issue 29).
+--
+-- The SQL objects of 0.3.0 are those of 0.2.0: this update only records the new version, which
+-- the library checks before it works with a database's objects. Frozen once 0.3.0 is released.
