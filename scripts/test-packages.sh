@@ -42,7 +42,8 @@ has() {
 
 say "what the packages hold"
 for f in "$pkglibdir/pg_keypool.so" "$extdir/pg_keypool.control" "$extdir/pg_keypool--$version.sql" \
-    "$extdir/pg_keypool--0.1.0.sql" "$extdir/pg_keypool--0.1.0--$version.sql" \
+    "$extdir/pg_keypool--0.1.0.sql" "$extdir/pg_keypool--0.1.0--0.2.0.sql" \
+    "$extdir/pg_keypool--0.2.0.sql" "$extdir/pg_keypool--0.2.0--$version.sql" \
     "/usr/share/doc/$EXT/README.Debian"; do
     has "$EXT_DEB" "$f"
 done
