@@ -88,7 +88,7 @@ pub fn take(sh: &Shared, pool: &Pool, hash: u64, tokens: u64, now_ms: i64) -> Re
             pool_used,
             open: match limits.max_concurrent {
                 0 => 0,
-                _ => c.open.open(now_ms, lease),
+                _ => stripe.open_at(i).open(now_ms, lease),
             },
         };
         if let Some(wait) = minute::wait(&c.log, &limits, &pool.minute_capacity, &ask) {
@@ -160,7 +160,7 @@ pub fn take_token(
                 pool_used: (0, 0),
                 open: match token.limits.max_concurrent {
                     0 => 0,
-                    _ => c.open.open(now_ms, lease),
+                    _ => stripe.open_at(i).open(now_ms, lease),
                 },
             };
             let mut wait = minute::wait(&c.log, &token.limits, &Capacity::default(), &ask);
@@ -223,7 +223,7 @@ fn count(
         c.day_requests += 1;
     }
     if open {
-        c.open.add(now_ms, settings::lease_ms());
+        stripe.open_at(i).add(now_ms, settings::lease_ms());
     }
     Counted {
         mark: CallerMark {
@@ -268,7 +268,7 @@ pub fn settle(sh: &Shared, slot: u32, mark: &CallerMark, counted_open: bool, cha
         c.day_requests = c.day_requests.saturating_sub(requests.unsigned_abs());
     }
     if counted_open {
-        c.open.remove(mark.at_ms, settings::lease_ms());
+        stripe.open_at(i).remove(mark.at_ms, settings::lease_ms());
     }
 }
 
@@ -305,7 +305,7 @@ pub fn standing(sh: &Shared, pool: &Pool, hash: u64, now_ms: i64) -> Option<Stan
         Some(i) => {
             let c = stripe.at(i);
             c.log.expire(now_ms);
-            (c.log.requests(), c.log.tokens(), c.open.open(now_ms, lease))
+            (c.log.requests(), c.log.tokens(), stripe.open_at(i).open(now_ms, lease))
         }
         None => (0, 0, 0),
     };

@@ -21,12 +21,13 @@ pub const WINDOW_MS: i64 = 60_000;
 
 /// Entries kept per minute log of a scope before adjacent entries are merged.
 pub const LOG_CAPACITY: usize = 64;
-/// Entries kept per minute log of a caller (a user of a pool, state/callers.rs).
-pub const CALLER_LOG_CAPACITY: usize = 16;
+/// Entries kept per minute log of a caller (a user of a pool, state/callers.rs): few, since
+/// every user granted in a minute holds one (merged within 7.5 s).
+pub const CALLER_LOG_CAPACITY: usize = 12;
 
 /// Adjacent entries of a log of `n` entries are merged only within one bucket of this width
 /// (see `Log::merge_closest_pair`): a window holds at most `n - 3` buckets (61 of a second for
-/// 64 entries, 13 of five seconds for 16), fewer than the log's entries.
+/// 64 entries, 9 of 7.5 seconds for 12), fewer than the log's entries.
 const fn merge_bucket_ms(n: usize) -> i64 {
     let buckets = n as i64 - 4;
     (WINDOW_MS + buckets - 1) / buckets
@@ -48,11 +49,16 @@ impl Limits {
     }
 }
 
+/// What was charged at one time: 16 bytes, so that a caller's log is small (the caller table
+/// holds one per user granted in the last minute, touched at random).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Entry {
-    at_ms: i64,
-    requests: u64,
+    /// Milliseconds after the log's `base_ms`.
+    at: u32,
+    /// Saturates (as a whole minute of one scope never holds 2^32 requests); the log's sums
+    /// then stay above what the entries hold until the log is empty: too much, never too little.
+    requests: u32,
     tokens: u64,
 }
 
@@ -62,6 +68,9 @@ struct Entry {
 pub struct Log<const N: usize> {
     head: u32,
     len: u32,
+    /// The time entries count from: set when the log is empty, moved on before an entry would
+    /// lie 2^32 ms (49 days) after it.
+    base_ms: i64,
     sum_requests: u64,
     sum_tokens: u64,
     entries: [Entry; N],
@@ -77,6 +86,7 @@ impl<const N: usize> Default for Log<N> {
         Log {
             head: 0,
             len: 0,
+            base_ms: 0,
             sum_requests: 0,
             sum_tokens: 0,
             entries: [Entry::default(); N],
@@ -122,6 +132,33 @@ impl<const N: usize> Log<N> {
         &self.entries[self.slot(i)]
     }
 
+    /// When entry `i` was charged.
+    fn at_ms(&self, i: usize) -> i64 {
+        self.base_ms + i64::from(self.get(i).at)
+    }
+
+    /// The offset of `at_ms` from the base, moving the base on if need be; `at_ms` is not
+    /// earlier than any entry.
+    fn offset_of(&mut self, at_ms: i64) -> u32 {
+        if self.len == 0 {
+            self.base_ms = at_ms;
+        } else if at_ms - self.base_ms > i64::from(u32::MAX) {
+            // Entries older than a minute no longer count; those left lie within a minute of
+            // `at_ms`, so they fit after the oldest becomes the base.
+            self.expire(at_ms);
+            let shift = match self.len {
+                0 => at_ms - self.base_ms,
+                _ => i64::from(self.get(0).at),
+            };
+            self.base_ms += shift;
+            for i in 0..self.len as usize {
+                let s = self.slot(i);
+                self.entries[s].at -= shift as u32;
+            }
+        }
+        (at_ms - self.base_ms) as u32
+    }
+
     pub fn requests(&self) -> u64 {
         self.sum_requests
     }
@@ -140,20 +177,25 @@ impl<const N: usize> Log<N> {
 
     /// When the newest charge in the log was made.
     pub fn newest_ms(&self) -> Option<i64> {
-        (self.len > 0).then(|| self.get(self.len as usize - 1).at_ms)
+        (self.len > 0).then(|| self.at_ms(self.len as usize - 1))
     }
 
     /// Drops the entries that have left the window at `now_ms`.
     pub fn expire(&mut self, now_ms: i64) {
         while self.len > 0 {
-            let e = *self.get(0);
-            if e.at_ms + WINDOW_MS > now_ms {
+            if self.at_ms(0) + WINDOW_MS > now_ms {
                 break;
             }
-            self.sum_requests -= e.requests;
-            self.sum_tokens -= e.tokens;
+            let e = *self.get(0);
+            self.sum_requests = self.sum_requests.saturating_sub(u64::from(e.requests));
+            self.sum_tokens = self.sum_tokens.saturating_sub(e.tokens);
             self.head = ((self.head as usize + 1) % N) as u32;
             self.len -= 1;
+        }
+        if self.len == 0 {
+            // What saturated entries could not hold is gone with them.
+            self.sum_requests = 0;
+            self.sum_tokens = 0;
         }
     }
 
@@ -165,7 +207,7 @@ impl<const N: usize> Log<N> {
             let w = if requests > rpm {
                 Wait::Never
             } else {
-                self.wait_to_free(now_ms, self.sum_requests + requests - rpm, |e| e.requests)
+                self.wait_to_free(now_ms, self.sum_requests + requests - rpm, |e| u64::from(e.requests))
             };
             wait = Some(w);
         }
@@ -183,17 +225,16 @@ impl<const N: usize> Log<N> {
     fn wait_to_free(&self, now_ms: i64, needed: u64, amount: impl Fn(&Entry) -> u64) -> Wait {
         let mut freed = 0u64;
         for i in 0..self.len as usize {
-            let e = self.get(i);
-            freed += amount(e);
+            freed += amount(self.get(i));
             if freed >= needed {
-                return Wait::Ms((e.at_ms + WINDOW_MS - now_ms).max(1));
+                return Wait::Ms((self.at_ms(i) + WINDOW_MS - now_ms).max(1));
             }
         }
-        // Only reachable when the charges were adjusted below what they once were; the whole
-        // window frees up with its newest entry.
+        // Only reachable when the charges were adjusted below what they once were (or entries
+        // saturated); the whole window frees up with its newest entry.
         match self.len {
             0 => Wait::Ms(1),
-            n => Wait::Ms((self.get(n as usize - 1).at_ms + WINDOW_MS - now_ms).max(1)),
+            n => Wait::Ms((self.at_ms(n as usize - 1) + WINDOW_MS - now_ms).max(1)),
         }
     }
 
@@ -201,38 +242,43 @@ impl<const N: usize> Log<N> {
     /// a charge older than the newest entry is recorded at the newest entry's time (later, so
     /// conservative).
     pub fn charge(&mut self, now_ms: i64, requests: u64, tokens: u64) {
-        self.sum_requests += requests;
-        self.sum_tokens += tokens;
-        if self.len > 0 {
+        let requests32 = u32::try_from(requests).unwrap_or(u32::MAX);
+        if self.len > 0 && self.newest_ms().is_some_and(|newest| newest >= now_ms) {
             let last = self.slot(self.len as usize - 1);
-            if self.entries[last].at_ms >= now_ms {
-                self.entries[last].requests += requests;
-                self.entries[last].tokens += tokens;
-                return;
-            }
-        }
-        if self.len as usize == N {
+            self.add_to(last, requests32, tokens);
+        } else if self.len as usize == N
+            && self.at_ms(N - 1).div_euclid(Self::MERGE_BUCKET_MS) == now_ms.div_euclid(Self::MERGE_BUCKET_MS)
+        {
             // A full log under load: the newest entry, when in the same bucket as this charge,
             // takes it (moved later within its bucket, as a merge would); the search for the
             // closest pair runs at most once per bucket.
-            let last = self.slot(N - 1);
-            let bucket = Self::MERGE_BUCKET_MS;
-            if self.entries[last].at_ms.div_euclid(bucket) == now_ms.div_euclid(bucket) {
-                let e = &mut self.entries[last];
-                e.at_ms = now_ms;
-                e.requests += requests;
-                e.tokens += tokens;
-                return;
+            let at = self.offset_of(now_ms);
+            // Still the newest entry: it is within a bucket of `now_ms`, so it did not expire.
+            let last = self.slot(self.len as usize - 1);
+            self.entries[last].at = at;
+            self.add_to(last, requests32, tokens);
+        } else {
+            if self.len as usize == N {
+                self.merge_closest_pair();
             }
-            self.merge_closest_pair();
+            let at = self.offset_of(now_ms);
+            let s = self.slot(self.len as usize);
+            self.entries[s] = Entry {
+                at,
+                requests: requests32,
+                tokens,
+            };
+            self.len += 1;
         }
-        let at = self.slot(self.len as usize);
-        self.entries[at] = Entry {
-            at_ms: now_ms,
-            requests,
-            tokens,
-        };
-        self.len += 1;
+        // After the entry: moving the base may expire entries (and their sums).
+        self.sum_requests = self.sum_requests.saturating_add(requests);
+        self.sum_tokens = self.sum_tokens.saturating_add(tokens);
+    }
+
+    fn add_to(&mut self, slot: usize, requests: u32, tokens: u64) {
+        let e = &mut self.entries[slot];
+        e.requests = e.requests.saturating_add(requests);
+        e.tokens = e.tokens.saturating_add(tokens);
     }
 
     /// Merges the two adjacent entries closest in time within one `MERGE_BUCKET_MS` bucket; the
@@ -250,7 +296,7 @@ impl<const N: usize> Log<N> {
         let mut closest = 0usize;
         let mut closest_gap = i64::MAX;
         for i in 0..n - 1 {
-            let (a, b) = (self.get(i).at_ms, self.get(i + 1).at_ms);
+            let (a, b) = (self.at_ms(i), self.at_ms(i + 1));
             let gap = b - a;
             if gap < closest_gap {
                 closest_gap = gap;
@@ -264,8 +310,8 @@ impl<const N: usize> Log<N> {
         }
         let best = best.unwrap_or(closest);
         let (a, b) = (self.slot(best), self.slot(best + 1));
-        self.entries[b].requests += self.entries[a].requests;
-        self.entries[b].tokens += self.entries[a].tokens;
+        let (requests, tokens) = (self.entries[a].requests, self.entries[a].tokens);
+        self.add_to(b, requests, tokens);
         // Shift the entries before `best` one place towards the newer end, then drop the head.
         for i in (0..best).rev() {
             let (from, to) = (self.slot(i), self.slot(i + 1));
@@ -283,16 +329,16 @@ impl<const N: usize> Log<N> {
         if at_ms + WINDOW_MS <= now_ms {
             return;
         }
-        let Some(i) = (0..self.len as usize).find(|&i| self.get(i).at_ms >= at_ms) else {
+        let Some(i) = (0..self.len as usize).find(|&i| self.at_ms(i) >= at_ms) else {
             return;
         };
         let s = self.slot(i);
         let e = &mut self.entries[s];
-        let new_req = add_signed(e.requests, requests);
+        let new_req = add_signed(u64::from(e.requests), requests).min(u64::from(u32::MAX));
         let new_tok = add_signed(e.tokens, tokens);
-        self.sum_requests = self.sum_requests - e.requests + new_req;
-        self.sum_tokens = self.sum_tokens - e.tokens + new_tok;
-        e.requests = new_req;
+        self.sum_requests = add_signed(self.sum_requests, new_req as i64 - i64::from(e.requests));
+        self.sum_tokens = self.sum_tokens.saturating_sub(e.tokens).saturating_add(new_tok);
+        e.requests = new_req as u32;
         e.tokens = new_tok;
     }
 
@@ -578,8 +624,8 @@ pub mod codec {
             put_u32(out, self.minute.len);
             for i in 0..self.minute.len as usize {
                 let e = self.minute.get(i);
-                put_i64(out, e.at_ms);
-                put_u64(out, e.requests);
+                put_i64(out, self.minute.at_ms(i));
+                put_u64(out, u64::from(e.requests));
                 put_u64(out, e.tokens);
             }
             let d = self.day;
@@ -726,6 +772,36 @@ mod tests {
         // minute frees in 59 s, but the day frees only at midnight (29 s) - both must hold:
         // the later one wins.
         assert_eq!(w.try_charge(end - 29_000, 0, fixed_day), Err(Wait::Ms(59_000)));
+    }
+
+    #[test]
+    fn a_log_busy_for_months_keeps_exact_times() {
+        // Entries are offsets from a base in 32 bits: a log never empty for longer than 49 days
+        // (a busy scope) moves its base on and still reports exact waits.
+        let mut w = windows(3, 0, 0, 0);
+        let mut t = T0;
+        let end = T0 + 60 * 86_400_000;
+        while t < end {
+            assert!(w.try_charge(t, 0, fixed_day).is_ok());
+            t += 30_000;
+        }
+        assert!(w.try_charge(t, 0, fixed_day).is_ok());
+        assert!(w.try_charge(t + 1, 0, fixed_day).is_ok());
+        // The charge at t - 30 s is the oldest still counting: it leaves at t + 30 s.
+        assert_eq!(w.try_charge(t + 2, 0, fixed_day), Err(Wait::Ms(30_000 - 2)));
+        assert_eq!(w.minute.newest_ms(), Some(t + 1));
+    }
+
+    #[test]
+    fn an_entry_that_saturates_counts_too_much_never_too_little() {
+        let mut log = CallerLog::default();
+        log.charge(T0, u64::from(u32::MAX), 0);
+        log.charge(T0, 10, 0);
+        assert_eq!(log.requests(), u64::from(u32::MAX) + 10);
+        log.adjust(T0 + 1, T0, -5, 0);
+        assert!(log.requests() >= u64::from(u32::MAX));
+        log.expire(T0 + WINDOW_MS);
+        assert_eq!((log.requests(), log.tokens(), log.len()), (0, 0, 0));
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! home. When every entry of a window is live the user is served untracked (counted in
 //! `keypool_status`): the keys' own limits still hold, only the per-user ones do not.
 //!
+//! An entry is small (264 bytes: the table is touched at random, one entry per user granted
+//! in the minute); the open count of pools and tokens that limit concurrency lives in a table
+//! beside it at the same index, touched only by them.
+//!
 //! Each pool slot also counts its *active* callers (those who asked in the last ten seconds,
 //! slots.rs), in one-second buckets moved along as each asks again, so that a fair share of
 //! the minute is the pool's capacity over that count (policy/minute.rs).
@@ -70,21 +74,21 @@ pub struct Caller {
     /// The user's weight in the pool's fair shares, in thousandths (read when the entry was
     /// made).
     pub weight: u32,
-    /// Grants of the last minute: one request each, and their tokens.
-    pub log: CallerLog,
-    /// Reservations open now (for `user_max_concurrent`).
-    pub open: OpenCount,
     /// An API token's requests of the UTC day `day` (for its `rpd`).
     pub day: i32,
     pub day_requests: u64,
+    /// Grants of the last minute: one request each, and their tokens.
+    pub log: CallerLog,
 }
 
+const _: () = assert!(std::mem::size_of::<Caller>() <= 264);
+
 impl Caller {
-    /// Whether the entry holds nothing that still counts at `now_ms`.
-    fn idle(&mut self, now_ms: i64, lease_ms: i64) -> bool {
+    /// Whether the entry holds nothing that still counts at `now_ms` (`open`: its open count).
+    fn idle(&mut self, open: &OpenCount, now_ms: i64, lease_ms: i64) -> bool {
         self.log.expire(now_ms);
         self.log.is_empty()
-            && self.open.open(now_ms, lease_ms) == 0
+            && open.open(now_ms, lease_ms) == 0
             && now_ms - self.asked_ms >= WINDOW_MS
             // An API token's requests of the day (its `rpd`) keep its entry for the day.
             && (self.pool_slot != TOKEN_SLOT || self.day_requests == 0 || self.day != utc_day(now_ms))
@@ -99,6 +103,9 @@ pub struct CallerTable {
     pub pools: &'static [PoolSlot],
     pub locks: &'static [Lock],
     pub cells: &'static [CallerCell],
+    /// Each entry's reservations open now (for `user_max_concurrent` and a token's
+    /// `max_concurrent`), at the entry's index.
+    pub opens: &'static [OpenCount],
     /// Grants made without an entry (every entry of the window was live).
     pub untracked: &'static AtomicU64,
 }
@@ -108,6 +115,7 @@ pub struct CallerStripe<'a> {
     _guard: LockGuard<'a>,
     pools: &'static [PoolSlot],
     cells: &'a [CallerCell],
+    opens: &'a [OpenCount],
     first: usize,
 }
 
@@ -121,6 +129,7 @@ impl CallerTable {
             _guard: self.locks[s].exclusive(),
             pools: self.pools,
             cells: &self.cells[s * per..(s + 1) * per],
+            opens: &self.opens[s * per..(s + 1) * per],
             first: s * per,
         }
     }
@@ -131,6 +140,11 @@ impl CallerStripe<'_> {
     pub fn at(&self, i: usize) -> &mut Caller {
         // SAFETY: the stripe lock is held for the lifetime of `self`.
         unsafe { &mut *self.cells[i].0.get() }
+    }
+
+    /// The open count of the entry at stripe position `i` (changed under the stripe lock).
+    pub fn open_at(&self, i: usize) -> &OpenCount {
+        &self.opens[i]
     }
 
     /// The absolute index of stripe position `i` (what reservations remember).
@@ -185,7 +199,7 @@ impl CallerStripe<'_> {
         let gen = self.gen_of(pool_slot)?;
         let i = self.positions(hash).find(|&i| {
             let c = self.at(i);
-            c.hash == 0 || self.gen_of(c.pool_slot) != Some(c.pool_gen) || c.idle(now_ms, lease_ms)
+            c.hash == 0 || self.gen_of(c.pool_slot) != Some(c.pool_gen) || c.idle(&self.opens[i], now_ms, lease_ms)
         })?;
         let c = self.at(i);
         c.hash = hash;
@@ -194,7 +208,7 @@ impl CallerStripe<'_> {
         c.asked_ms = 0;
         c.weight = 0;
         c.log = CallerLog::default();
-        c.open.reset();
+        self.opens[i].reset();
         c.day = 0;
         c.day_requests = 0;
         Some(i)
@@ -217,8 +231,11 @@ mod tests {
             ..Default::default()
         };
         user.log.charge(T, 1, 10);
-        assert!(!user.idle(T + 59_999, LEASE));
-        assert!(user.idle(T + WINDOW_MS, LEASE));
+        let open = OpenCount::default();
+        assert!(!user.idle(&open, T + 59_999, LEASE));
+        assert!(user.idle(&open, T + WINDOW_MS, LEASE));
+        open.add(T + 30_000, LEASE);
+        assert!(!user.idle(&open, T + WINDOW_MS, LEASE), "a reservation still open keeps the entry");
         // An API token with an `rpd` keeps its day's count (and entry) until the UTC day ends.
         let mut token = Caller {
             hash: 8,
@@ -229,7 +246,8 @@ mod tests {
             ..Default::default()
         };
         token.log.charge(T, 1, 10);
-        assert!(!token.idle(T + WINDOW_MS, LEASE));
-        assert!(token.idle(utc_day_end(T) + WINDOW_MS, LEASE));
+        let none = OpenCount::default();
+        assert!(!token.idle(&none, T + WINDOW_MS, LEASE));
+        assert!(token.idle(&none, utc_day_end(T) + WINDOW_MS, LEASE));
     }
 }

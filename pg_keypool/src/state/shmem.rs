@@ -6,7 +6,7 @@
 //! ```text
 //! [Header][ScopeSlot; max_scopes][KeySlot; max_keys][PoolSlot; max_pools][ReservationSlot; max_reservations]
 //! [Lock; STRIPES][StripeStats; STRIPES][MemberCell; max_members][TreeCell; 8 * max_keys]
-//! [CallerCell; max_callers]
+//! [CallerCell; max_callers][OpenCount; max_callers]
 //! ```
 //!
 //! Slots are bound to database rows by a [`Tag`] (database, extension instance, row id); see
@@ -23,6 +23,7 @@ use crate::policy::shares::PoolShares;
 use crate::settings;
 use crate::state::callers::{CallerCell, CallerTable};
 use crate::state::lock::Lock;
+use crate::state::open_count::OpenCount;
 use crate::state::members::{MemberCell, MemberTable, StripeStats, STRIPES};
 use crate::state::slots::{Header, KeySlot, PoolSlot, ReservationSlot, ScopeSlot, TreeCell};
 
@@ -84,12 +85,12 @@ impl Capacities {
     }
 
     /// Byte offsets of the parts, and the total size.
-    fn layout(&self) -> ([usize; 10], usize) {
+    fn layout(&self) -> ([usize; 11], usize) {
         fn align(n: usize) -> usize {
             n.div_ceil(64) * 64
         }
         let mut at = 0;
-        let mut offsets = [0; 10];
+        let mut offsets = [0; 11];
         let sizes = [
             std::mem::size_of::<Header>(),
             std::mem::size_of::<ScopeSlot>() * self.scopes,
@@ -101,6 +102,7 @@ impl Capacities {
             std::mem::size_of::<MemberCell>() * self.members,
             std::mem::size_of::<TreeCell>() * self.tree_cells(),
             std::mem::size_of::<CallerCell>() * self.callers,
+            std::mem::size_of::<OpenCount>() * self.callers,
         ];
         for (i, size) in sizes.iter().enumerate() {
             offsets[i] = at;
@@ -151,6 +153,7 @@ pub unsafe fn attach() -> bool {
                 pools: std::slice::from_raw_parts(base.add(offsets[3]) as *const PoolSlot, caps.pools),
                 locks: std::slice::from_raw_parts(base.add(offsets[5]) as *const Lock, STRIPES),
                 cells: std::slice::from_raw_parts(base.add(offsets[9]) as *const CallerCell, caps.callers),
+                opens: std::slice::from_raw_parts(base.add(offsets[10]) as *const OpenCount, caps.callers),
                 untracked: &(*(base.add(offsets[0]) as *const Header)).callers_untracked,
             },
         };
