@@ -25,7 +25,7 @@ install_extension release
 # Default pg_keypool settings: the member cache holds the users who reserve (bench/members.sh
 # measures a set larger than the cache).
 # The minute_share pool's 100,000 guests are each granted about every 2 s: room for them all in
-# the caller table (~650 bytes each), so that every reservation counts its user's minute.
+# the caller table (~460 bytes each), so that every reservation counts its user's minute.
 cluster_start bench "$PORT" "max_connections = 200" "pg_keypool.max_callers = 262144"
 trap 'cluster_stop bench' EXIT
 dir="$(cluster_dir bench)"

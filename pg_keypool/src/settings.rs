@@ -103,7 +103,7 @@ fn define_sizes() {
         c"pg_keypool.max_callers",
         c"Entries for users of pools with limits per user and minute, granted within the last minute.",
         c"Only pools with minute_share, user_rpm, user_tpm or user_max_concurrent use them (about \
-          650 bytes each; the default takes 10 MiB). A user granted when every entry near theirs \
+          460 bytes each; the default takes 7 MiB). A user granted when every entry near theirs \
           is live is served by the keys' limits alone, and counted in keypool_status. Needs a \
           restart.",
         &MAX_CALLERS,

@@ -164,7 +164,7 @@ pub fn take_token(
                 },
             };
             let mut wait = minute::wait(&c.log, &token.limits, &Capacity::default(), &ask);
-            if token.rpd > 0 && c.day == callers::utc_day(now_ms) && c.day_requests >= token.rpd {
+            if token.rpd > 0 && c.day == callers::utc_day(now_ms) && u64::from(c.day_requests) >= token.rpd {
                 let rest_of_day = (callers::utc_day_end(now_ms) - now_ms).max(1);
                 wait = Some(wait.map_or(rest_of_day, |w| w.max(rest_of_day)));
             }
@@ -198,7 +198,7 @@ pub fn take_token(
 /// Counts a request in entry `i`; `caps`: the caller's request limits of the minute (0: none);
 /// `per_day`: a token with an `rpd` (its day is counted too).
 fn count(
-    stripe: &callers::CallerStripe<'_>,
+    stripe: &callers::StripeEntries<'_>,
     i: usize,
     hash: u64,
     tokens: u64,
@@ -220,7 +220,7 @@ fn count(
             c.day = today;
             c.day_requests = 0;
         }
-        c.day_requests += 1;
+        c.day_requests = c.day_requests.saturating_add(1);
     }
     if open {
         stripe.open_at(i).add(now_ms, settings::lease_ms());
@@ -265,7 +265,9 @@ pub fn settle(sh: &Shared, slot: u32, mark: &CallerMark, counted_open: bool, cha
         c.log.adjust(now_ms, mark.at_ms, requests, tokens);
     }
     if requests < 0 && c.day == callers::utc_day(mark.at_ms) {
-        c.day_requests = c.day_requests.saturating_sub(requests.unsigned_abs());
+        c.day_requests = c
+            .day_requests
+            .saturating_sub(u32::try_from(requests.unsigned_abs()).unwrap_or(u32::MAX));
     }
     if counted_open {
         stripe.open_at(i).remove(mark.at_ms, settings::lease_ms());

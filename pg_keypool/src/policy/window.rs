@@ -22,14 +22,15 @@ pub const WINDOW_MS: i64 = 60_000;
 /// Entries kept per minute log of a scope before adjacent entries are merged.
 pub const LOG_CAPACITY: usize = 64;
 /// Entries kept per minute log of a caller (a user of a pool, state/callers.rs): few, since
-/// every user granted in a minute holds one (merged within 7.5 s).
-pub const CALLER_LOG_CAPACITY: usize = 12;
+/// every user granted in a minute holds one (merged within 8.6 s).
+pub const CALLER_LOG_CAPACITY: usize = 11;
 
 /// Adjacent entries of a log of `n` entries are merged only within one bucket of this width
 /// (see `Log::merge_closest_pair`): a window holds at most `n - 3` buckets (61 of a second for
-/// 64 entries, 9 of 7.5 seconds for 12), fewer than the log's entries.
+/// 64 entries, 8 of 8.6 seconds for 11), fewer than the log's entries.
 const fn merge_bucket_ms(n: usize) -> i64 {
     let buckets = n as i64 - 4;
+    assert!(n <= u16::MAX as usize);
     (WINDOW_MS + buckets - 1) / buckets
 }
 
@@ -66,8 +67,8 @@ struct Entry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Log<const N: usize> {
-    head: u32,
-    len: u32,
+    head: u16,
+    len: u16,
     /// The time entries count from: set when the log is empty, moved on before an entry would
     /// lie 2^32 ms (49 days) after it.
     base_ms: i64,
@@ -78,7 +79,7 @@ pub struct Log<const N: usize> {
 
 /// A scope's log.
 pub type MinuteLog = Log<LOG_CAPACITY>;
-/// A caller's log: fewer entries, merged within five seconds.
+/// A caller's log: fewer entries, merged within 8.6 seconds.
 pub type CallerLog = Log<CALLER_LOG_CAPACITY>;
 
 impl<const N: usize> Default for Log<N> {
@@ -189,7 +190,7 @@ impl<const N: usize> Log<N> {
             let e = *self.get(0);
             self.sum_requests = self.sum_requests.saturating_sub(u64::from(e.requests));
             self.sum_tokens = self.sum_tokens.saturating_sub(e.tokens);
-            self.head = ((self.head as usize + 1) % N) as u32;
+            self.head = ((self.head as usize + 1) % N) as u16;
             self.len -= 1;
         }
         if self.len == 0 {
@@ -317,7 +318,7 @@ impl<const N: usize> Log<N> {
             let (from, to) = (self.slot(i), self.slot(i + 1));
             self.entries[to] = self.entries[from];
         }
-        self.head = ((self.head as usize + 1) % N) as u32;
+        self.head = ((self.head as usize + 1) % N) as u16;
         self.len -= 1;
     }
 
@@ -621,7 +622,7 @@ pub mod codec {
             for v in [l.rpm, l.rpd, l.tpm, l.tpd, self.generation] {
                 put_u64(out, v);
             }
-            put_u32(out, self.minute.len);
+            put_u32(out, u32::from(self.minute.len));
             for i in 0..self.minute.len as usize {
                 let e = self.minute.get(i);
                 put_i64(out, self.minute.at_ms(i));

@@ -6,7 +6,7 @@
 //! ```text
 //! [Header][ScopeSlot; max_scopes][KeySlot; max_keys][PoolSlot; max_pools][ReservationSlot; max_reservations]
 //! [Lock; STRIPES][StripeStats; STRIPES][MemberCell; max_members][TreeCell; 8 * max_keys]
-//! [CallerCell; max_callers][OpenCount; max_callers]
+//! [CallerCell; max_callers][OpenCount; max_callers][IndexCell; max_callers][UsedWord; ...]
 //! ```
 //!
 //! Slots are bound to database rows by a [`Tag`] (database, extension instance, row id); see
@@ -21,10 +21,10 @@ use pgrx::pg_sys;
 use crate::errors;
 use crate::policy::shares::PoolShares;
 use crate::settings;
-use crate::state::callers::{CallerCell, CallerTable};
+use crate::state::callers::{self, CallerCell, CallerTable, IndexCell, UsedWord};
 use crate::state::lock::Lock;
-use crate::state::open_count::OpenCount;
 use crate::state::members::{MemberCell, MemberTable, StripeStats, STRIPES};
+use crate::state::open_count::OpenCount;
 use crate::state::slots::{Header, KeySlot, PoolSlot, ReservationSlot, ScopeSlot, TreeCell};
 
 const MAGIC: u64 = 0x4b45_5950_4f4f_4c01;
@@ -85,12 +85,17 @@ impl Capacities {
     }
 
     /// Byte offsets of the parts, and the total size.
-    fn layout(&self) -> ([usize; 11], usize) {
+    /// Words of the callers' in-use bitmaps.
+    fn used_words(&self) -> usize {
+        callers::used_words(self.callers / STRIPES) * STRIPES
+    }
+
+    fn layout(&self) -> ([usize; 13], usize) {
         fn align(n: usize) -> usize {
             n.div_ceil(64) * 64
         }
         let mut at = 0;
-        let mut offsets = [0; 11];
+        let mut offsets = [0; 13];
         let sizes = [
             std::mem::size_of::<Header>(),
             std::mem::size_of::<ScopeSlot>() * self.scopes,
@@ -103,6 +108,8 @@ impl Capacities {
             std::mem::size_of::<TreeCell>() * self.tree_cells(),
             std::mem::size_of::<CallerCell>() * self.callers,
             std::mem::size_of::<OpenCount>() * self.callers,
+            std::mem::size_of::<IndexCell>() * self.callers,
+            std::mem::size_of::<UsedWord>() * self.used_words(),
         ];
         for (i, size) in sizes.iter().enumerate() {
             offsets[i] = at;
@@ -154,6 +161,8 @@ pub unsafe fn attach() -> bool {
                 locks: std::slice::from_raw_parts(base.add(offsets[5]) as *const Lock, STRIPES),
                 cells: std::slice::from_raw_parts(base.add(offsets[9]) as *const CallerCell, caps.callers),
                 opens: std::slice::from_raw_parts(base.add(offsets[10]) as *const OpenCount, caps.callers),
+                index: std::slice::from_raw_parts(base.add(offsets[11]) as *const IndexCell, caps.callers),
+                used: std::slice::from_raw_parts(base.add(offsets[12]) as *const UsedWord, caps.used_words()),
                 untracked: &(*(base.add(offsets[0]) as *const Header)).callers_untracked,
             },
         };
