@@ -1,9 +1,11 @@
 # The two commands README opens with, and a few more.
-.PHONY: demo test package test-packages bench bench-members bench-worker bench-trust bench-record bench-litellm bench-peers soak stop
+.PHONY: demo test docs package test-packages bench bench-members bench-worker bench-trust bench-record bench-litellm bench-peers soak stop
 demo:
 	scripts/demo.sh
 test:
 	scripts/test.sh
+docs:
+	scripts/docs.sh
 package:
 	scripts/package.sh
 test-packages:

@@ -7,11 +7,16 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The PostgreSQL majors pg_keypool supports; the first is the one the whole suite runs on.
 PG_MAJORS=(15 18)
 # The major a script works with (KEYPOOL_PG): 15 from Debian 12's packages; 18 built from
-# Debian's source package (sid's) into PG_BUILD_ROOT, by ensure_postgres.
+# Debian's source package (sid's) into PG_BUILD_ROOT, by ensure_postgres; 17 is Debian 13's own,
+# in a Debian 13 root (scripts/test-debian13.sh), where a script runs with KEYPOOL_SYSTEM_READY.
 PG_MAJOR="${KEYPOOL_PG:-15}"
 PG_BUILD_ROOT="${KEYPOOL_PG_BUILD_ROOT:-/opt/pg_keypool-postgresql}"
 pg_bin_of() {
-    if [[ "$1" == 15 ]]; then echo /usr/lib/postgresql/15/bin; else echo "$PG_BUILD_ROOT/$1/bin"; fi
+    if [[ "$1" == 15 || -x "/usr/lib/postgresql/$1/bin/pg_config" ]]; then
+        echo "/usr/lib/postgresql/$1/bin"
+    else
+        echo "$PG_BUILD_ROOT/$1/bin"
+    fi
 }
 PG_BIN="$(pg_bin_of "$PG_MAJOR")"
 PG_CONFIG="$PG_BIN/pg_config"
@@ -57,8 +62,9 @@ ensure_cargo_pgrx() {
         cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
     fi
     # pgrx knows every major built here (cargo pgrx init writes only the ones it is given).
-    local m args=() missing=0
-    for m in "${PG_MAJORS[@]}"; do
+    local m args=() missing=0 majors=("${PG_MAJORS[@]}")
+    [[ " ${majors[*]} " == *" $PG_MAJOR "* ]] || majors+=("$PG_MAJOR")
+    for m in "${majors[@]}"; do
         [[ -x "$(pg_bin_of "$m")/pg_config" ]] || continue
         args+=(--pg"$m" "$(pg_bin_of "$m")/pg_config")
         grep -q "^pg$m = " "$HOME/.pgrx/config.toml" 2>/dev/null || missing=1
@@ -131,8 +137,11 @@ ensure_python_client() {
 }
 
 ensure_setup() {
-    ensure_packages
-    ensure_postgres "$PG_MAJOR"
+    # In the Debian 13 root its packages were installed when it was made.
+    if [[ -z "${KEYPOOL_SYSTEM_READY:-}" ]]; then
+        ensure_packages
+        ensure_postgres "$PG_MAJOR"
+    fi
     ensure_cargo_pgrx
     install -d -m 755 "$CLUSTER_ROOT"
 }

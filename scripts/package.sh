@@ -29,7 +29,12 @@ ext_pkg="postgresql-$pg_major-pg-keypool"
 say "cargo pgrx package (release)"
 stage="$OUT/stage-$ext_pkg"
 rm -rf "$stage"
-(cd "$REPO/pg_keypool" && cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$stage" >/dev/null)
+if [[ "$pg_major" == 15 ]]; then
+    (cd "$REPO/pg_keypool" && cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$stage" >/dev/null)
+else
+    (cd "$REPO/pg_keypool" && CARGO_TARGET_DIR="$REPO/target/pg$pg_major" \
+        cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$stage" >/dev/null)
+fi
 # The frozen install scripts of earlier releases and every upgrade script.
 for f in "$REPO"/pg_keypool/sql/pg_keypool--*.sql; do
     install -D -m 644 "$f" "$stage$sharedir/extension/$(basename "$f")"
@@ -38,7 +43,9 @@ for f in "$stage$pkglibdir/pg_keypool.so" "$stage$sharedir/extension/pg_keypool.
     "$stage$sharedir/extension/pg_keypool--$version.sql"; do
     [[ -f "$f" ]] || { echo "cargo pgrx package did not produce $f" >&2; exit 1; }
 done
-install -D -m 644 "$REPO/ops/debian/$ext_pkg/README.Debian" "$stage$(docdir "$ext_pkg")/README.Debian"
+install -d -m 755 "$stage$(docdir "$ext_pkg")"
+sed "s/@MAJOR@/$pg_major/g" "$REPO/ops/debian/postgresql-pg-keypool/README.Debian" >"$stage$(docdir "$ext_pkg")/README.Debian"
+chmod 644 "$stage$(docdir "$ext_pkg")/README.Debian"
 install -D -m 644 "$REPO/README.md" "$stage$(docdir "$ext_pkg")/README.md"
 install -D -m 644 "$REPO/ops/debian/copyright" "$stage$(docdir "$ext_pkg")/copyright"
 strip --strip-unneeded "$stage$pkglibdir/pg_keypool.so"
@@ -63,6 +70,12 @@ dpkg-deb --root-owner-group -Zxz --build "$stage" "$OUT/${ext_pkg}_${version}_${
 rm -rf "$stage"
 
 # --- the worker ---------------------------------------------------------------------------------
+# One package for Debian 12 and 13 (built on 12: it needs only its libc); KEYPOOL_PACKAGE=extension
+# builds the extension's alone (the Debian 13 root does).
+if [[ "${KEYPOOL_PACKAGE:-all}" == extension ]]; then
+    ls -1 "$OUT/${ext_pkg}_${version}_${arch}.deb"
+    exit 0
+fi
 say "cargo deb -p keypool-worker"
 (cd "$REPO" && cargo build --release -q -p keypool-worker)
 {

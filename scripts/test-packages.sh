@@ -54,10 +54,10 @@ for f in /usr/bin/keypool-worker /lib/systemd/system/keypool-worker.service /etc
     /usr/share/doc/keypool-worker/keypool-worker.help.txt; do
     has "$WORKER_DEB" "$f"
 done
-# Every worker setting README lists is in the environment file, commented.
+# Every worker setting the book lists (docs/src/worker.md) is in the environment file, commented.
 env_file="$(mktemp -d)/env"
 dpkg-deb --fsys-tarfile "$WORKER_DEB" | tar -xO ./etc/keypool-worker/env >"$env_file"
-for s in $(sed -n '/^| `--database-url`/,/^$/p' "$REPO/README.md" | grep -o 'KEYPOOL_[A-Z_]*' | sort -u); do
+for s in $(sed -n '/^| `--database-url`/,/^$/p' "$REPO/docs/src/worker.md" | grep -o 'KEYPOOL_[A-Z_]*' | sort -u); do
     grep -q "^#$s=" "$env_file" || fail "the environment file does not list $s"
 done
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting and lints, unit tests and #[pg_test]s, the pg_regress suite,
-# and the integration tests against private clusters (the extension's, and the worker's against
+# the examples of the docs, the book, and the integration tests against private clusters (the extension's, and the worker's against
 # the mock provider, the official OpenAI Python client and headless Chromium for the dashboard),
 # the version-sensitive tests on the other PostgreSQL majors (scripts/test-major.sh), and last the
 # Debian packages (built, installed with dpkg, tested, removed).
@@ -25,6 +25,10 @@ install_extension debug
 
 say "pg_regress"
 "$REPO/scripts/regress.sh"
+
+say "the examples of README.md and the book (scripts/test-docs.sh), and the book itself (make docs)"
+"$REPO/scripts/test-docs.sh"
+"$REPO/scripts/docs.sh"
 
 say "integration tests (engine over tokio-postgres; worker against the mock provider)"
 ensure_python_client

@@ -482,7 +482,7 @@ async fn roles_with_readme_grants_can_reserve_but_never_read_the_secrets() {
         .unwrap()
         .get(0);
     assert_eq!(used, 1);
-    // README's ops grants open every stats view and the usage report.
+    // The book's ops grants (Privileges) open every stats view and the usage report.
     for sql in [
         "SELECT count(*) FROM keypool_key_stats",
         "SELECT count(*) FROM keypool_pool_stats",

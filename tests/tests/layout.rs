@@ -1,4 +1,4 @@
-//! The source layout README's *Layout* describes, checked on every run: no import circles among
+//! The source layout the book's Development page describes, checked on every run: no import circles among
 //! the files of either crate, no source folder over 15 files, and each crate's layers importing
 //! only from the layers below them.
 //!

@@ -146,7 +146,7 @@ CREATE AGGREGATE {schema}.sum(bigint) (SFUNC = {schema}.sum_step, STYPE = numeri
     )
 }
 
-/// Every entry point README lets an application, an operator, a worker or a pool administrator
+/// Every entry point the book (Privileges) lets an application, an operator, a worker or a pool administrator
 /// be granted, called once (or more) by the attacker with its own search path in force.
 const ENTRY_POINTS: &[&str] = &[
     "SELECT keypool_create_pool('attack2', min_share => 1)",
@@ -214,7 +214,7 @@ async fn look_alikes_planted_by_a_caller_never_run_with_the_owners_rights() {
     let cluster = shared();
     let db = cluster.fresh_db().await;
     let attacker = format!("{}_attacker", db.name);
-    // The attacker: a login role with every grant README describes, administrator of every
+    // The attacker: a login role with every grant the book describes, administrator of every
     // pool, owner of a schema of its own and allowed to create in public.
     exec(
         &db.client,

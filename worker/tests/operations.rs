@@ -934,7 +934,7 @@ fn metrics_in(expr: &str) -> Vec<(String, Vec<String>)> {
     out
 }
 
-/// README's *Roles* grants for the admin API are enough: a worker role with the worker grants,
+/// The book's Privileges grants for the admin API are enough: a worker role with the worker grants,
 /// membership in an ops role and the listed extra grants serves metrics, the admin and user APIs
 /// and the dashboard's actions.
 #[tokio::test(flavor = "multi_thread")]

@@ -360,7 +360,7 @@ async fn sigterm_finishes_requests_in_flight_or_returns_them() {
     wait_for_status(&db, "done", 2, Duration::from_secs(20)).await;
 }
 
-/// README's *Roles* grants are all a worker needs: a role with nothing else serves HTTP and the
+/// The book's Privileges grants are all a worker needs: a role with nothing else serves HTTP and the
 /// queue, settles, and reports heartbeats; an app role with keypool_submit and keypool_result
 /// enqueues and reads answers.
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,12 @@
 //!   limits allowed from the record's time until now (`ScopeWindows::catch_up`), and its minute
 //!   window is full for one minute from now. Scopes created after the end of recovery are new
 //!   and need nothing.
+//! - **No state file** (a data directory whose tables were copied in by `pg_upgrade` or a
+//!   restore, or a new one): the launcher ends this "recovery" as the server starts, so only
+//!   scopes that came with the tables catch up, and only if a record came with them; the cluster
+//!   that wrote the record has stopped, so nothing is assumed of the time since: today's recorded
+//!   use counts, and the minute is full only if the record is recent enough for its grants to
+//!   still be in it (`ScopeWindows::apply_record`).
 //!
 //! The record only raises counts: a catch-up that runs twice (two backends at once, or again
 //! after a crash soon after promotion) costs at most another minute's worth.
@@ -30,6 +36,7 @@ use crate::errors;
 use crate::policy::calendar;
 use crate::policy::window::DayWindow;
 use crate::state::clock;
+use crate::state::persist::Origin;
 use crate::state::shmem::Shared;
 use crate::state::slots::Owner;
 
@@ -105,12 +112,13 @@ pub fn catch_up(sh: &Shared, owner: Owner, scopes: &[Scope]) {
     );
     let rows: std::collections::HashMap<i64, _> = rows.into_iter().collect();
     let now = clock::now_ms();
+    let copied = Origin::from_u32(sh.header.restored.load(Ordering::Acquire)) == Origin::Empty;
     for scope in behind {
         let slot = sh.scope(scope.slot);
         let Some(&(created, day, cooling, snapshot)) = rows.get(&scope.id) else {
             continue;
         };
-        if created < ended {
+        if created < ended && !(copied && snapshot.is_none()) {
             // The last point the primary's use of this scope is known at: its record, or, for a
             // scope the record does not know yet, its creation (nothing used then).
             let (recorded, at) = match (day, snapshot) {
@@ -122,7 +130,13 @@ pub fn catch_up(sh: &Shared, owner: Owner, scopes: &[Scope]) {
             if !w.tag().is(owner, scope.id) {
                 continue;
             }
-            w.catch_up(recorded, at, now, |t| calendar::day_bounds(scope.tz, t));
+            let bounds = |t| calendar::day_bounds(scope.tz, t);
+            if copied {
+                // The cluster that wrote the record has stopped: nothing was used since.
+                w.apply_record(recorded, at, i64::from(crate::settings::FLUSH_INTERVAL_MS.get()), now, bounds);
+            } else {
+                w.catch_up(recorded, at, now, bounds);
+            }
             drop(w);
             if let Some(until) = cooling {
                 slot.cool_until(until, crate::state::slots::CoolingReason::RateLimited);

@@ -571,6 +571,30 @@ impl ScopeWindows {
     }
 }
 
+impl ScopeWindows {
+    /// Tables copied from a cluster that has stopped (pg_upgrade, a restored dump): the day is
+    /// at least what it recorded at `recorded_at_ms`, and while a grant it made before it
+    /// stopped may still be in a rolling minute (its last record is less than a minute and
+    /// `unrecorded_ms`, the time between records, old), the minute window is full.
+    pub fn apply_record(
+        &mut self,
+        recorded: DayWindow,
+        recorded_at_ms: i64,
+        unrecorded_ms: i64,
+        now_ms: i64,
+        bounds: impl Fn(i64) -> (i64, i64),
+    ) {
+        let mut known = recorded;
+        known.roll(now_ms, &bounds);
+        self.day.roll(now_ms, &bounds);
+        self.day.requests = self.day.requests.max(known.requests);
+        self.day.tokens = self.day.tokens.max(known.tokens);
+        if now_ms - recorded_at_ms < WINDOW_MS + unrecorded_ms.max(0) {
+            self.minute.fill_to(now_ms, self.limits.rpm, self.limits.tpm);
+        }
+    }
+}
+
 /// Little-endian encoding of window state for the state file (persist.rs).
 pub mod codec {
     use super::*;
@@ -773,6 +797,35 @@ mod tests {
         // minute frees in 59 s, but the day frees only at midnight (29 s) - both must hold:
         // the later one wins.
         assert_eq!(w.try_charge(end - 29_000, 0, fixed_day), Err(Wait::Ms(59_000)));
+    }
+
+    #[test]
+    fn a_record_copied_from_a_stopped_cluster_keeps_the_day_and_a_recent_minute() {
+        let (start, end) = fixed_day(T0);
+        let recorded = DayWindow {
+            start_ms: start,
+            end_ms: end,
+            requests: 40,
+            tokens: 4_000,
+            ..Default::default()
+        };
+        // Ten minutes of pg_upgrade: today's 40 count, the minute is free.
+        let mut w = windows(15, 200, 0, 0);
+        w.apply_record(recorded, T0, 10_000, T0 + 600_000, fixed_day);
+        assert_eq!(w.usage(T0 + 600_000), (0, 0, 40, 4_000));
+        assert!(w.try_charge(T0 + 600_000, 0, fixed_day).is_ok());
+        // Twenty seconds after the record: grants of the last minute may still count.
+        let mut w = windows(15, 200, 0, 0);
+        w.apply_record(recorded, T0, 10_000, T0 + 20_000, fixed_day);
+        assert!(w.try_charge(T0 + 20_000, 0, fixed_day).is_err());
+        assert_eq!(w.usage(T0 + 20_000).2, 40);
+        // A record of an earlier day counts nothing today; a day-only scope keeps its day.
+        let mut w = windows(0, 200, 0, 0);
+        w.apply_record(recorded, T0, 10_000, end + 1, fixed_day);
+        assert_eq!(w.usage(end + 1).2, 0);
+        let mut w = windows(0, 200, 0, 0);
+        w.apply_record(recorded, T0, 10_000, T0 + 600_000, fixed_day);
+        assert_eq!(w.usage(T0 + 600_000).2, 40);
     }
 
     #[test]

@@ -89,7 +89,7 @@ impl Origin {
 
     pub fn describe(self) -> &'static str {
         match self {
-            Origin::Empty => "empty state",
+            Origin::Empty => "empty state (no state file; usage recorded in the tables applied)",
             Origin::Clean => "saved state (clean shutdown)",
             Origin::Crash => "saved state (after a crash; unknown usage assumed)",
             Origin::Recovery => {
@@ -625,7 +625,13 @@ pub fn restore_at_startup() {
     }
     let bytes = match fs::read(path()) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A new data directory, or one whose tables were copied in (pg_upgrade, a restored
+            // dump): what the tables recorded of today is applied when the launcher starts,
+            // before this server grants anything (failover.rs).
+            sh.header.stale_pending.store(1, Ordering::Release);
+            return;
+        }
         Err(e) => {
             warning!("pg_keypool: could not read {FILE}: {e}; rate windows start empty");
             return;

@@ -27,7 +27,7 @@ pub(crate) fn from_db(e: DbError) -> Response {
         message.push_str(h);
     }
     if code == "insufficient_privilege" {
-        message.push_str(" (the worker's role needs the grants README's Roles section lists for the admin API)");
+        message.push_str(" (the worker's role needs the grants the book's Privileges page lists for the admin API)");
     }
     problem(status, &message, code)
 }
