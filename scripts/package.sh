@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# make package: the two Debian packages, into target/debian/:
+# make package: the Debian packages, into target/debian/:
 #   postgresql-15-pg-keypool_<version>_amd64.deb  the library, control file and every SQL script
 #       (the current install script from `cargo pgrx package`, the frozen install scripts of
 #       earlier releases, the upgrade scripts) at the paths pg_config reports; README.Debian
 #   keypool-worker_<version>_amd64.deb  (cargo-deb) the binary, keypool-worker.service, the
 #       environment file /etc/keypool-worker/env, its --help as documentation
+#   postgresql-18-pg-keypool_<version>_amd64.deb  the same for PostgreSQL 18 (built against
+#       PostgreSQL 18 built here; for apt.postgresql.org's postgresql-18)
+#   postgresql-17-pg-keypool_<version>_amd64.deb  the same for Debian 13's PostgreSQL 17, built in a
+#       Debian 13 root (scripts/test-debian13.sh package)
+# KEYPOOL_PG=N KEYPOOL_PACKAGE=extension: the extension's package for major N alone.
 # Versions come from the crates. Sets up what it needs; a fresh clone is enough.
 . "$(dirname "$0")/lib.sh"
 
@@ -87,6 +92,12 @@ say "cargo deb -p keypool-worker"
     done
 } >"$REPO/target/release/keypool-worker.help.txt"
 (cd "$REPO" && cargo deb -p keypool-worker --no-build --output "$OUT/keypool-worker_${version}_${arch}.deb" >/dev/null)
+
+# The other majors' packages (make package).
+if [[ "${KEYPOOL_PACKAGE:-all}" == all ]]; then
+    KEYPOOL_PG=18 KEYPOOL_PACKAGE=extension "$REPO/scripts/package.sh"
+    KEYPOOL_PACKAGE=15-and-worker "$REPO/scripts/test-debian13.sh" package
+fi
 
 say "built:"
 ls -1 "$OUT"/*_"$version"_"$arch".deb

@@ -22,7 +22,7 @@ for p in systemd adduser; do
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" >/dev/null
     fi
 done
-"$REPO/scripts/package.sh"
+KEYPOOL_PACKAGE=15-and-worker "$REPO/scripts/package.sh"
 version="$(crate_version)"
 arch="$(dpkg --print-architecture)"
 EXT=postgresql-15-pg-keypool

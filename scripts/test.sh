@@ -42,6 +42,9 @@ for major in "${PG_MAJORS[@]:1}"; do
     KEYPOOL_PG="$major" "$REPO/scripts/test-major.sh"
 done
 
+say "Debian 13 and its PostgreSQL 17: the package, pg_regress, pg_upgrade from 15 (scripts/test-debian13.sh)"
+"$REPO/scripts/test-debian13.sh"
+
 say "the Debian packages, installed as a user installs them (scripts/test-packages.sh)"
 "$REPO/scripts/test-packages.sh"
 

@@ -58,6 +58,14 @@ fn path() -> PathBuf {
     PathBuf::from(dir.to_string_lossy().into_owned()).join(FILE)
 }
 
+/// Whether this server runs for `pg_upgrade` (`-b`): it grants nothing, and a state file it
+/// wrote would say "clean and empty" to the upgraded cluster, which must instead apply the usage
+/// recorded in the tables it brought (failover.rs).
+fn in_binary_upgrade() -> bool {
+    // SAFETY: a plain global PostgreSQL sets once at start.
+    unsafe { pg_sys::IsBinaryUpgrade }
+}
+
 /// How this run's state began (`Header::restored`, keypool_status().started_from).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -562,6 +570,9 @@ fn recovery_files_present() -> bool {
 
 /// Saves the current state (launcher, or `keypool_save_state()` in a backend).
 pub fn save(sh: &Shared) -> std::io::Result<()> {
+    if in_binary_upgrade() {
+        return Ok(());
+    }
     let now = clock::real_now_ms();
     write_file(&encode(sh, this_server(), false, true, now, 0))?;
     sh.header.state_saved_ms.store(now, Ordering::Release);
@@ -573,6 +584,9 @@ pub fn save_at_shutdown() {
     let Some(sh) = shmem::try_shared() else {
         return;
     };
+    if in_binary_upgrade() {
+        return;
+    }
     let Some(control) = read_control() else {
         log!("pg_keypool: could not read pg_control; {FILE} is left as it was");
         return;
