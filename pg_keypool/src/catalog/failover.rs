@@ -133,7 +133,13 @@ pub fn catch_up(sh: &Shared, owner: Owner, scopes: &[Scope]) {
             let bounds = |t| calendar::day_bounds(scope.tz, t);
             if copied {
                 // The cluster that wrote the record has stopped: nothing was used since.
-                w.apply_record(recorded, at, i64::from(crate::settings::FLUSH_INTERVAL_MS.get()), now, bounds);
+                w.apply_record(
+                    recorded,
+                    at,
+                    i64::from(crate::settings::FLUSH_INTERVAL_MS.get()),
+                    now,
+                    bounds,
+                );
             } else {
                 w.catch_up(recorded, at, now, bounds);
             }
