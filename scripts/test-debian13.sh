@@ -11,7 +11,9 @@
 #   4. pg_upgrade from PostgreSQL 15 (Debian 12's own binaries and our Debian 12 package, unpacked
 #      into the root) to 17 of a database with pools, sealed secrets, members, a budget, an API
 #      token and history: refused with a message naming the keyring until it is copied, then the
-#      same secrets and key ids for the same members, today's use kept, reservations go on.
+#      same secrets and key ids for the same members, today's use kept, reservations go on;
+#   5. then pg_upgrade of that cluster from 17 to PostgreSQL 18 (built on this machine, mounted
+#      in), checked the same way.
 # make test runs it after the other majors. Usage: scripts/test-debian13.sh
 #        scripts/test-debian13.sh package    (step 1's package alone: make package)
 . "$(dirname "$0")/lib.sh"
@@ -58,7 +60,13 @@ if [[ "$MODE" != inside-* ]]; then
         for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount "${mounts[$i]}" 2>/dev/null || umount -l "${mounts[$i]}"; done
     }
     trap unmount EXIT
-    for m in /proc /dev /dev/pts "$HOME/.cargo" "$HOME/.rustup" "$REPO"; do
+    # PostgreSQL 18 built here, with this tree's extension (test-major.sh installs it), for
+    # pg_upgrade 17 -> 18 in the root.
+    if [[ -f "$PG_BUILD_ROOT/18/.built" && ! -f "$PG_BUILD_ROOT/18/lib/pg_keypool.so" ]]; then
+        (export KEYPOOL_PG=18 && . "$REPO/scripts/lib.sh" && install_extension debug)
+    fi
+    for m in /proc /dev /dev/pts "$HOME/.cargo" "$HOME/.rustup" "$REPO" "$PG_BUILD_ROOT"; do
+        [[ -d "$m" ]] || continue
         mkdir -p "$ROOT$m"
         mount --bind "$m" "$ROOT$m"
         mounts+=("$ROOT$m")
@@ -112,8 +120,9 @@ OLD=/usr/lib/postgresql/15/bin NEW=/usr/lib/postgresql/17/bin
 up="$CLUSTER_ROOT/upgrade"
 rm -rf "$up"
 install -d -o postgres -g postgres -m 700 "$up"
-trap 'for d in old new; do [[ -f "$up/$d/postmaster.pid" ]] && as_postgres "${BIN[$d]}/pg_ctl" -D "$up/$d" -m fast -w stop >/dev/null 2>&1; done' EXIT
-declare -A BIN=([old]="$OLD" [new]="$NEW")
+NEW18="$PG_BUILD_ROOT/18/bin"
+trap 'for d in old new n18; do [[ -f "$up/$d/postmaster.pid" ]] && as_postgres "${BIN[$d]}/pg_ctl" -D "$up/$d" -m fast -w stop >/dev/null 2>&1; done' EXIT
+declare -A BIN=([old]="$OLD" [new]="$NEW" [n18]="$NEW18")
 conf() { # conf DIR PORT
     printf "port = %s\nlisten_addresses = ''\nunix_socket_directories = '%s'\nshared_preload_libraries = 'pg_keypool'\n" \
         "$2" "$up" | as_postgres tee -a "$1/postgresql.conf" >/dev/null
@@ -170,4 +179,31 @@ used_after="$(sql 54316 -c "SELECT sum(requests_today) FROM keypool_scopes")"
 [[ "$(sql 54316 -c "SELECT count(*) FROM keypool_api_tokens")" == "$tokens_before" ]]
 [[ "$(sql 54316 -c "SELECT count(*) FROM keypool_members WHERE pool = 'chat'")" == 40 ]]
 say "after pg_upgrade 15 -> 17: 40 members reserve the same key ids and secrets, today's use $used_before -> $used_after (40 more)"
-say "Debian 13 with PostgreSQL 17: the package installs and works, pg_regress passes, pg_upgrade from 15 keeps everything"
+
+# --- pg_upgrade 17 -> 18 ------------------------------------------------------------------------
+if [[ -x "$NEW18/pg_upgrade" && -f "$PG_BUILD_ROOT/18/lib/pg_keypool.so" ]]; then
+    say "pg_upgrade of that cluster from PostgreSQL 17 to 18"
+    sql 54316 -c "SELECT keypool_flush()" >/dev/null
+    used17="$(sql 54316 -c "SELECT sum(requests_today) FROM keypool_scopes")"
+    as_postgres "$NEW/pg_ctl" -D "$up/new" -m fast -w stop >/dev/null
+    # 18 checksums data by default; the 17 cluster was made without.
+    as_postgres "$NEW18/initdb" -D "$up/n18" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
+        --no-data-checksums >/dev/null
+    conf "$up/n18" 54318
+    (cd "$up" && as_postgres "$NEW18/pg_upgrade" -b "$NEW" -B "$NEW18" -d "$up/new" -D "$up/n18" \
+        -p 54316 -P 54318 -s "$up" >"$up/pg_upgrade-18.log" 2>&1) || { tail -30 "$up/pg_upgrade-18.log" >&2; exit 1; }
+    install -m 600 -o postgres -g postgres "$up/new/pg_keypool.keyring" "$up/n18/pg_keypool.keyring"
+    as_postgres "$NEW18/pg_ctl" -D "$up/n18" -l "$up/n18.log" -w start >/dev/null
+    after18="$(sql 54318 <<'SQL'
+SELECT string_agg(u.id || ' ' || r.key_id || ' ' || r.secret || ' ' || u.key_group, E'\n' ORDER BY u.id)
+  FROM users u, LATERAL keypool_reserve(u.id, 'chat', 10) r;
+SQL
+)"
+    [[ "$before" == "$after18" ]] || { diff <(echo "$before") <(echo "$after18") >&2; echo "members' keys or secrets changed on 18" >&2; exit 1; }
+    used18="$(sql 54318 -c "SELECT sum(requests_today) FROM keypool_scopes")"
+    (( used18 >= used17 + 40 )) || { echo "today's use forgotten on 18: $used17 before, $used18 after 40 more" >&2; exit 1; }
+    say "after pg_upgrade 17 -> 18 ($(sql 54318 -c 'SHOW server_version')): the same key ids and secrets, today's use $used17 -> $used18"
+else
+    say "PostgreSQL 18 is not built on this machine (or has no pg_keypool): pg_upgrade 17 -> 18 not run"
+fi
+say "Debian 13 with PostgreSQL 17: the package installs and works, pg_regress passes, pg_upgrade 15 -> 17 -> 18 keeps everything"

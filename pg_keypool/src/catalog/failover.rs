@@ -112,7 +112,7 @@ pub fn catch_up(sh: &Shared, owner: Owner, scopes: &[Scope]) {
     );
     let rows: std::collections::HashMap<i64, _> = rows.into_iter().collect();
     let now = clock::now_ms();
-    let copied = Origin::from_u32(sh.header.restored.load(Ordering::Acquire)) == Origin::Empty;
+    let copied = Origin::from_u32(sh.header.restored.load(Ordering::Acquire)) == Origin::NoFile;
     for scope in behind {
         let slot = sh.scope(scope.slot);
         let Some(&(created, day, cooling, snapshot)) = rows.get(&scope.id) else {

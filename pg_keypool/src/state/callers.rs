@@ -64,7 +64,7 @@ impl CallerMark {
     }
 }
 
-/// Four cache lines: the first holds everything but the log's entries.
+/// Four cache lines: the first holds the entry's own fields and the log's head, length and base.
 #[repr(C, align(64))]
 #[derive(Default)]
 pub struct Caller {

@@ -81,6 +81,9 @@ pub enum Origin {
     /// A file of another timeline (a promotion since it was written): loaded as after a crash,
     /// and recorded usage is applied at first use.
     OtherTimeline = 5,
+    /// No state file, and no recovery: a new data directory, or tables copied in by pg_upgrade
+    /// or a restore from a cluster that has stopped; their recorded usage is applied at start.
+    NoFile = 6,
 }
 
 impl Origin {
@@ -91,13 +94,15 @@ impl Origin {
             3 => Origin::Recovery,
             4 => Origin::OtherSystem,
             5 => Origin::OtherTimeline,
+            6 => Origin::NoFile,
             _ => Origin::Empty,
         }
     }
 
     pub fn describe(self) -> &'static str {
         match self {
-            Origin::Empty => "empty state (no state file; usage recorded in the tables applied)",
+            Origin::Empty => "empty state",
+            Origin::NoFile => "no state file (usage recorded in the tables applied)",
             Origin::Clean => "saved state (clean shutdown)",
             Origin::Crash => "saved state (after a crash; unknown usage assumed)",
             Origin::Recovery => {
@@ -630,6 +635,11 @@ pub fn restore_at_startup() {
     let Some(sh) = shmem::try_shared() else {
         return;
     };
+    if in_binary_upgrade() {
+        // pg_upgrade's runs of the old and the new server grant nothing: the old cluster's
+        // file stays as its last clean shutdown left it, and the new one gets none.
+        return;
+    }
     let control = read_control();
     let recovering = recovery_files_present() || control.as_ref().is_some_and(|c| c.in_recovery);
     if recovering {
@@ -642,8 +652,12 @@ pub fn restore_at_startup() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // A new data directory, or one whose tables were copied in (pg_upgrade, a restored
             // dump): what the tables recorded of today is applied when the launcher starts,
-            // before this server grants anything (failover.rs).
+            // before this server grants anything (failover.rs). A standby or restored backup
+            // without a file catches up as any recovery does.
             sh.header.stale_pending.store(1, Ordering::Release);
+            if !recovering {
+                sh.header.restored.store(Origin::NoFile as u32, Ordering::Release);
+            }
             return;
         }
         Err(e) => {
