@@ -7,7 +7,8 @@
 #      keypool-worker package built on Debian 12;
 #   2. a cluster of Debian 13's PostgreSQL 17 that preloads the installed library:
 #      CREATE EXTENSION, a pool, a key, a granted reservation;
-#   3. the pg_regress suite on PostgreSQL 17 (scripts/regress.sh);
+#   3. the pg_regress suite on PostgreSQL 17 (scripts/regress.sh), and the integration tests of
+#      what differs by major (restart, state file, keyring, failover, upgrade), as on 18;
 #   4. pg_upgrade from PostgreSQL 15 (Debian 12's own binaries and our Debian 12 package, unpacked
 #      into the root) to 17 of a database with pools, sealed secrets, members, a budget, an API
 #      token and history: refused with a message naming the keyring until it is copied, then the
@@ -113,6 +114,10 @@ cluster_stop deb13
 
 say "pg_regress on PostgreSQL 17"
 "$REPO/scripts/regress.sh"
+
+say "PostgreSQL 17: integration tests (restart, state file, keyring, failover, upgrade) against the installed package"
+(cd "$REPO" && CARGO_TARGET_DIR="$REPO/target/debian13" \
+    cargo test -q -p keypool-tests --test restart --test keyring --test failover --test upgrade)
 
 # --- pg_upgrade 15 -> 17 ------------------------------------------------------------------------
 say "pg_upgrade from PostgreSQL 15 to 17, with pools, sealed secrets, members, a budget, a token and history"
