@@ -13,8 +13,9 @@
 #      into the root) to 17 of a database with pools, sealed secrets, members, a budget, an API
 #      token and history: refused with a message naming the keyring until it is copied, then the
 #      same secrets and key ids for the same members, today's use kept, reservations go on;
-#   5. then pg_upgrade of the same 15 cluster to PostgreSQL 18 (built on this machine, mounted
-#      in), checked the same way (from 17 it cannot: see below).
+# Not to 18: the PostgreSQL 18 that can be built here (sid's 18.6) does not know the column option
+# (pg_attver) that Debian 12's 15.20 and Debian 13's 17.12 write on every column, so its
+# pg_upgrade from either fails for any database (docs/src/upgrades.md).
 # make test runs it after the other majors. Usage: scripts/test-debian13.sh
 #        scripts/test-debian13.sh package    (step 1's package alone: make package)
 . "$(dirname "$0")/lib.sh"
@@ -61,13 +62,7 @@ if [[ "$MODE" != inside-* ]]; then
         for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount "${mounts[$i]}" 2>/dev/null || umount -l "${mounts[$i]}"; done
     }
     trap unmount EXIT
-    # PostgreSQL 18 built here, with this tree's extension (test-major.sh installs it), for
-    # pg_upgrade 17 -> 18 in the root.
-    if [[ -f "$PG_BUILD_ROOT/18/.built" && ! -f "$PG_BUILD_ROOT/18/lib/pg_keypool.so" ]]; then
-        (export KEYPOOL_PG=18 && . "$REPO/scripts/lib.sh" && install_extension debug)
-    fi
-    for m in /proc /dev /dev/pts "$HOME/.cargo" "$HOME/.rustup" "$REPO" "$PG_BUILD_ROOT"; do
-        [[ -d "$m" ]] || continue
+    for m in /proc /dev /dev/pts "$HOME/.cargo" "$HOME/.rustup" "$REPO"; do
         mkdir -p "$ROOT$m"
         mount --bind "$m" "$ROOT$m"
         mounts+=("$ROOT$m")
@@ -125,9 +120,8 @@ OLD=/usr/lib/postgresql/15/bin NEW=/usr/lib/postgresql/17/bin
 up="$CLUSTER_ROOT/upgrade"
 rm -rf "$up"
 install -d -o postgres -g postgres -m 700 "$up"
-NEW18="$PG_BUILD_ROOT/18/bin"
-trap 'for d in old new n18; do [[ -f "$up/$d/postmaster.pid" ]] && as_postgres "${BIN[$d]}/pg_ctl" -D "$up/$d" -m fast -w stop >/dev/null 2>&1; done' EXIT
-declare -A BIN=([old]="$OLD" [new]="$NEW" [n18]="$NEW18")
+trap 'for d in old new; do [[ -f "$up/$d/postmaster.pid" ]] && as_postgres "${BIN[$d]}/pg_ctl" -D "$up/$d" -m fast -w stop >/dev/null 2>&1; done' EXIT
+declare -A BIN=([old]="$OLD" [new]="$NEW")
 conf() { # conf DIR PORT
     printf "port = %s\nlisten_addresses = ''\nunix_socket_directories = '%s'\nshared_preload_libraries = 'pg_keypool'\n" \
         "$2" "$up" | as_postgres tee -a "$1/postgresql.conf" >/dev/null
@@ -185,31 +179,4 @@ used_after="$(sql 54316 -c "SELECT sum(requests_today) FROM keypool_scopes")"
 [[ "$(sql 54316 -c "SELECT count(*) FROM keypool_members WHERE pool = 'chat'")" == 40 ]]
 say "after pg_upgrade 15 -> 17: 40 members reserve the same key ids and secrets, today's use $used_before -> $used_after (40 more)"
 
-# --- pg_upgrade 15 -> 18 ------------------------------------------------------------------------
-# From the same 15 cluster (pg_upgrade copied it and left it as it was) to PostgreSQL 18 built on
-# this machine. Not from 17: Debian 13's 17.12 writes a column option (pg_attver) on every column
-# that PostgreSQL 18.6 does not know, so its pg_upgrade from that 17 fails for any database.
-if [[ -x "$NEW18/pg_upgrade" && -f "$PG_BUILD_ROOT/18/lib/pg_keypool.so" ]]; then
-    say "pg_upgrade of the PostgreSQL 15 cluster to 18"
-    as_postgres "$NEW/pg_ctl" -D "$up/new" -m fast -w stop >/dev/null
-    # 18 checksums data by default; the 15 cluster was made without.
-    as_postgres "$NEW18/initdb" -D "$up/n18" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
-        --no-data-checksums >/dev/null
-    conf "$up/n18" 54318
-    (cd "$up" && as_postgres "$NEW18/pg_upgrade" -b "$OLD" -B "$NEW18" -d "$up/old" -D "$up/n18" \
-        -p 54315 -P 54318 -s "$up" >"$up/pg_upgrade-18.log" 2>&1) || { tail -30 "$up/pg_upgrade-18.log" >&2; exit 1; }
-    install -m 600 -o postgres -g postgres "$up/old/pg_keypool.keyring" "$up/n18/pg_keypool.keyring"
-    as_postgres "$NEW18/pg_ctl" -D "$up/n18" -l "$up/n18.log" -w start >/dev/null
-    after18="$(sql 54318 <<'SQL'
-SELECT string_agg(u.id || ' ' || r.key_id || ' ' || r.secret || ' ' || u.key_group, E'\n' ORDER BY u.id)
-  FROM users u, LATERAL keypool_reserve(u.id, 'chat', 10) r;
-SQL
-)"
-    [[ "$before" == "$after18" ]] || { diff <(echo "$before") <(echo "$after18") >&2; echo "members' keys or secrets changed on 18" >&2; exit 1; }
-    used18="$(sql 54318 -c "SELECT sum(requests_today) FROM keypool_scopes")"
-    (( used18 >= used_before + 40 )) || { echo "today's use forgotten on 18: $used_before before, $used18 after 40 more" >&2; exit 1; }
-    say "after pg_upgrade 15 -> 18 ($(sql 54318 -c 'SHOW server_version')): the same key ids and secrets, today's use $used_before -> $used18"
-else
-    say "PostgreSQL 18 is not built on this machine (or has no pg_keypool): pg_upgrade 15 -> 18 not run"
-fi
-say "Debian 13 with PostgreSQL 17: the package installs and works, pg_regress and the integration tests pass, pg_upgrade 15 -> 17 and 15 -> 18 keep everything"
+say "Debian 13 with PostgreSQL 17: the package installs and works, pg_regress and the integration tests pass, pg_upgrade 15 -> 17 keeps everything"
