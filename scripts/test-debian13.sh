@@ -78,6 +78,8 @@ fi
 
 # --- inside the Debian 13 root ------------------------------------------------------------------
 say "in $(. /etc/os-release && echo "$PRETTY_NAME"): building postgresql-17-pg-keypool"
+# pgrx here knows this root's PostgreSQL 17 only (a major the host has is not in the root).
+rm -f "$HOME/.pgrx/config.toml"
 KEYPOOL_PACKAGE=extension "$REPO/scripts/package.sh"
 [[ "$MODE" == inside-package ]] && exit 0
 version="$(crate_version)"
