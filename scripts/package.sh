@@ -40,6 +40,17 @@ else
     (cd "$REPO/pg_keypool" && CARGO_TARGET_DIR="$REPO/target/pg$pg_major" \
         cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$stage" >/dev/null)
 fi
+# A PostgreSQL built here (18, under /opt) has its own prefix: the package puts the files where
+# Debian's and apt.postgresql.org's packages of that major look for them.
+debian_lib="/usr/lib/postgresql/$pg_major/lib" debian_share="/usr/share/postgresql/$pg_major"
+if [[ "$pkglibdir" != "$debian_lib" ]]; then
+    install -d "$stage$debian_lib" "$stage$debian_share"
+    mv "$stage$pkglibdir"/* "$stage$debian_lib/"
+    mv "$stage$sharedir/extension" "$stage$debian_share/"
+    rm -rf "${stage:?}/${pkglibdir#/}" "${stage:?}/${sharedir#/}"
+    find "$stage" -depth -type d -empty -delete
+    pkglibdir="$debian_lib" sharedir="$debian_share"
+fi
 # The frozen install scripts of earlier releases and every upgrade script.
 for f in "$REPO"/pg_keypool/sql/pg_keypool--*.sql; do
     install -D -m 644 "$f" "$stage$sharedir/extension/$(basename "$f")"
