@@ -71,8 +71,8 @@ def main():
     os.makedirs(out, exist_ok=True)
     for n, page in enumerate(pages(src, extra)):
         path = page if page in extra else os.path.join(src, page)
-        stem = f"{n:02d}-" + os.path.basename(page) if page in extra else f"{n:02d}-" + page
-        stem = stem.replace("/", "-")[: -len(".md")]
+        name = os.path.basename(page) if page in extra else page
+        stem = f"{n:02d}-" + name.replace("/", "-")[: -len(".md")]
         sql, sh, skipped = [], [], 0
         for kind, line, text in blocks(path):
             where = f"{page}:{line}"

@@ -68,7 +68,7 @@ if [[ "$MODE" != inside-* ]]; then
         mounts+=("$ROOT$m")
     done
     cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
-    say "Debian 13 root: $(cat "$ROOT/etc/debian_version"), $("$ROOT/usr/lib/postgresql/17/bin/postgres" --version 2>/dev/null || chroot "$ROOT" /usr/lib/postgresql/17/bin/postgres --version)"
+    say "Debian 13 root: $(cat "$ROOT/etc/debian_version"), $(chroot "$ROOT" /usr/lib/postgresql/17/bin/postgres --version)"
     chroot "$ROOT" /usr/bin/env -i HOME="$HOME" PATH="$HOME/.cargo/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
         LANG=C.UTF-8 KEYPOOL_PG=17 KEYPOOL_SYSTEM_READY=1 KEYPOOL_CLUSTER_ROOT=/tmp/pg_keypool-debian13 \
         KEYPOOL_WORKER_DEB="$worker_deb" \
@@ -177,8 +177,10 @@ SQL
 [[ "$before" == "$after" ]] || { diff <(echo "$before") <(echo "$after") >&2; echo "members' keys or secrets changed" >&2; exit 1; }
 used_after="$(sql 54316 -c "SELECT sum(requests_today) FROM keypool_scopes")"
 (( used_after >= used_before + 40 )) || { echo "today's use forgotten: $used_before before, $used_after after 40 more" >&2; exit 1; }
-[[ "$(sql 54316 -c "SELECT count(*) FROM keypool_api_tokens")" == "$tokens_before" ]]
-[[ "$(sql 54316 -c "SELECT count(*) FROM keypool_members WHERE pool = 'chat'")" == 40 ]]
+[[ "$(sql 54316 -c "SELECT count(*) FROM keypool_api_tokens")" == "$tokens_before" ]] ||
+    { echo "API tokens lost in the upgrade" >&2; exit 1; }
+[[ "$(sql 54316 -c "SELECT count(*) FROM keypool_members WHERE pool = 'chat'")" == 40 ]] ||
+    { echo "members lost in the upgrade" >&2; exit 1; }
 say "after pg_upgrade 15 -> 17: 40 members reserve the same key ids and secrets, today's use $used_before -> $used_after (40 more)"
 
 say "Debian 13 with PostgreSQL 17: the package installs and works, pg_regress and the integration tests pass, pg_upgrade 15 -> 17 keeps everything"

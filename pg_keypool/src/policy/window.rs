@@ -244,7 +244,7 @@ impl<const N: usize> Log<N> {
     /// conservative).
     pub fn charge(&mut self, now_ms: i64, requests: u64, tokens: u64) {
         let requests32 = u32::try_from(requests).unwrap_or(u32::MAX);
-        if self.len > 0 && self.newest_ms().is_some_and(|newest| newest >= now_ms) {
+        if self.newest_ms().is_some_and(|newest| newest >= now_ms) {
             let last = self.slot(self.len as usize - 1);
             self.add_to(last, requests32, tokens);
         } else if self.len as usize == N
